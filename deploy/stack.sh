@@ -1,0 +1,271 @@
+#!/usr/bin/env bash
+# The local stack without Docker: Apache Kafka 4.x (one KRaft node, broker and controller in
+# one JVM, jars from Maven Central), Redis and PostgreSQL from Debian's packages, all bound to
+# 127.0.0.1. Idempotent: a service that already answers is reused, a second `up` changes
+# nothing.
+#
+#   deploy/stack.sh up       install what is missing, start what is not running, wait
+#   deploy/stack.sh down     stop what this script started
+#   deploy/stack.sh status   say what answers and where the logs are
+#   deploy/stack.sh deps     only install build and runtime packages (apt-get, mvn, pip)
+#
+# Settings (environment): PRESENCE_STACK_DIR (state and logs, default ~/.cache/presence/stack),
+# KAFKA_VERSION (default 4.1.0), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
+# REDIS_PORT (6379), PG_PORT (5432), PG_DATA (default /var/lib/presence/postgres: the
+# postgres user must be able to reach it, which rules out root's home).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CACHE="${PRESENCE_CACHE_DIR:-$HOME/.cache/presence}"
+STACK_DIR="${PRESENCE_STACK_DIR:-$CACHE/stack}"
+KAFKA_VERSION="${KAFKA_VERSION:-4.1.0}"
+KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
+KAFKA_PORT="${KAFKA_PORT:-9092}"
+KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+REDIS_PORT="${REDIS_PORT:-6379}"
+PG_PORT="${PG_PORT:-5432}"
+PG_DATA="${PG_DATA:-/var/lib/presence/postgres}"
+PG_USER=presence
+PG_PASSWORD=presence
+PG_DB=presence
+VENV="$CACHE/venv"
+
+say() { printf '[stack] %s\n' "$*"; }
+die() { printf '[stack] error: %s\n' "$*" >&2; exit 1; }
+
+port_open() { (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null; }
+
+# wait_for <seconds> <what> <log> <command...>: polls a readiness check with a deadline and
+# names the log to read when the service does not come up.
+wait_for() {
+  local secs="$1" what="$2" log="$3"; shift 3
+  local deadline=$((SECONDS + secs))
+  until "$@" >/dev/null 2>&1; do
+    if ((SECONDS >= deadline)); then
+      [[ -f "$log" ]] && tail -n 30 "$log" >&2
+      die "$what did not become ready within ${secs}s; read $log"
+    fi
+    sleep 0.5
+  done
+}
+
+as_root() {
+  if [[ $(id -u) -eq 0 ]]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+    die "need root to run '$*': run this script as root or install the packages yourself"
+  fi
+}
+
+APT_UPDATED=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  ((${#missing[@]} == 0)) && return 0
+  say "installing ${missing[*]} (apt-get)"
+  if ((APT_UPDATED == 0)); then as_root apt-get update -qq; APT_UPDATED=1; fi
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+pg_bin() {
+  local d
+  d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1)
+  [[ -n "$d" ]] || die "PostgreSQL binaries not found under /usr/lib/postgresql"
+  echo "$d"
+}
+
+deps() {
+  # Build: librdkafka is compiled from source by rdkafka-sys (cmake), with OpenSSL for TLS/SASL.
+  apt_install cmake pkg-config libssl-dev zlib1g-dev libcurl4-openssl-dev build-essential curl \
+    redis-server redis-tools postgresql postgresql-client
+  kafka_jars
+  python_env
+}
+
+kafka_jars() {
+  if [[ -f "$KAFKA_LIBS/.complete" ]]; then return 0; fi
+  command -v mvn >/dev/null || apt_install maven
+  say "resolving Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_LIBS"
+  mkdir -p "$KAFKA_LIBS"
+  mvn -q -B -f "$ROOT/deploy/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" \
+    || die "mvn could not resolve Kafka $KAFKA_VERSION; check network access to Maven Central"
+  touch "$KAFKA_LIBS/.complete"
+}
+
+python_env() {
+  # Python's Avro library for the cross-implementation codec test.
+  if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import fastavro' 2>/dev/null; then return 0; fi
+  say "creating $VENV with fastavro"
+  python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
+  "$VENV/bin/pip" install -q -r "$ROOT/deploy/python-requirements.txt"
+}
+
+kafka_ready() {
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka/tools-log4j2.properties" \
+    org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list
+}
+
+kafka_up() {
+  if port_open "$KAFKA_PORT"; then say "kafka: reusing what answers on 127.0.0.1:$KAFKA_PORT"; return 0; fi
+  kafka_jars
+  local dir="$STACK_DIR/kafka"
+  mkdir -p "$dir/data"
+  cat >"$dir/server.properties" <<EOF
+# Written by deploy/stack.sh: one node, broker and controller in one JVM (KRaft).
+process.roles=broker,controller
+node.id=1
+controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
+listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+controller.listener.names=CONTROLLER
+inter.broker.listener.name=PLAINTEXT
+listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
+log.dirs=$dir/data
+# Transactions and consumer groups on a single node.
+offsets.topic.replication.factor=1
+offsets.topic.num.partitions=8
+transaction.state.log.replication.factor=1
+transaction.state.log.min.isr=1
+transaction.state.log.num.partitions=8
+min.insync.replicas=1
+default.replication.factor=1
+share.coordinator.state.topic.replication.factor=1
+share.coordinator.state.topic.min.isr=1
+group.initial.rebalance.delay.ms=0
+# Topics are created by 'presence topics' only, so a typo never makes a topic.
+auto.create.topics.enable=false
+num.partitions=1
+# Compaction that really happens on a small local topic.
+log.cleaner.backoff.ms=1000
+EOF
+  cat >"$dir/log4j2.properties" <<EOF
+status = warn
+appender.file.type = File
+appender.file.name = file
+appender.file.fileName = $dir/server.log
+appender.file.layout.type = PatternLayout
+appender.file.layout.pattern = [%d] %p %m (%c)%n
+rootLogger.level = info
+rootLogger.appenderRef.file.ref = file
+logger.kafka.name = kafka
+logger.kafka.level = info
+logger.controller.name = org.apache.kafka.controller
+logger.controller.level = warn
+EOF
+  cat >"$dir/tools-log4j2.properties" <<EOF
+status = error
+rootLogger.level = error
+EOF
+  if [[ ! -f "$dir/data/meta.properties" ]]; then
+    local cluster_id
+    cluster_id=$(java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$dir/tools-log4j2.properties" kafka.tools.StorageTool random-uuid 2>/dev/null)
+    say "kafka: formatting $dir/data (cluster $cluster_id)"
+    java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$dir/tools-log4j2.properties" \
+      kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
+      || { cat "$dir/format.log" >&2; die "kafka storage format failed; see $dir/format.log"; }
+  fi
+  say "kafka: starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (log $dir/server.log)"
+  setsid nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+    -Dlog4j2.configurationFile="$dir/log4j2.properties" \
+    -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 </dev/null &
+  echo $! >"$dir/kafka.pid"
+  wait_for 120 "kafka on 127.0.0.1:$KAFKA_PORT" "$dir/server.log" port_open "$KAFKA_PORT"
+  wait_for 120 "kafka metadata" "$dir/server.log" kafka_ready
+}
+
+redis_up() {
+  if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+    say "redis: reusing what answers on 127.0.0.1:$REDIS_PORT"; return 0
+  fi
+  command -v redis-server >/dev/null || apt_install redis-server redis-tools
+  local dir="$STACK_DIR/redis"
+  mkdir -p "$dir"
+  say "redis: starting on 127.0.0.1:$REDIS_PORT (log $dir/redis.log)"
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --dir "$dir" \
+    --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" --save "" --appendonly no
+  wait_for 30 "redis on 127.0.0.1:$REDIS_PORT" "$dir/redis.log" \
+    bash -c "redis-cli -h 127.0.0.1 -p $REDIS_PORT ping | grep -q PONG"
+}
+
+pg_url() { echo "postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"; }
+
+pg_up() {
+  [[ -d /usr/lib/postgresql ]] || apt_install postgresql postgresql-client
+  local bin; bin=$(pg_bin)
+  if "$bin/pg_isready" -q -h 127.0.0.1 -p "$PG_PORT"; then
+    say "postgres: reusing what answers on 127.0.0.1:$PG_PORT"
+  else
+    if [[ ! -f "$PG_DATA/PG_VERSION" ]]; then
+      say "postgres: initialising $PG_DATA"
+      as_root mkdir -p "$PG_DATA"
+      as_root chown postgres:postgres "$PG_DATA"
+      as_root chmod 700 "$PG_DATA"
+      as_root runuser -u postgres -- "$bin/initdb" -D "$PG_DATA" -U postgres \
+        --auth-local=trust --auth-host=scram-sha-256 >/dev/null
+    fi
+    say "postgres: starting on 127.0.0.1:$PG_PORT (log $PG_DATA/server.log)"
+    as_root runuser -u postgres -- "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DATA -c max_connections=200" start >/dev/null \
+      || die "postgres did not start; read $PG_DATA/server.log"
+  fi
+  if ! psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then
+    [[ -S "$PG_DATA/.s.PGSQL.$PG_PORT" ]] || die "postgres on $PG_PORT does not accept $(pg_url | sed 's/:[^:@]*@/:***@/') and was not started by this script; create role '$PG_USER' and database '$PG_DB' there, or set PG_PORT to a free port"
+    say "postgres: creating role $PG_USER and database $PG_DB"
+    as_root runuser -u postgres -- psql -h "$PG_DATA" -p "$PG_PORT" -qAt -v ON_ERROR_STOP=1 <<EOF >/dev/null
+DO \$\$ BEGIN
+  IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = '$PG_USER') THEN
+    CREATE ROLE $PG_USER LOGIN PASSWORD '$PG_PASSWORD';
+  END IF;
+END \$\$;
+SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DB')\gexec
+EOF
+  fi
+}
+
+up() {
+  mkdir -p "$STACK_DIR"
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  deps
+  kafka_up
+  redis_up
+  pg_up
+  status
+}
+
+down() {
+  local dir="$STACK_DIR/kafka"
+  if [[ -f "$dir/kafka.pid" ]] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
+    say "kafka: stopping"
+    kill "$(cat "$dir/kafka.pid")"
+    local deadline=$((SECONDS + 60))
+    while kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+    rm -f "$dir/kafka.pid"
+  fi
+  if [[ -f "$STACK_DIR/redis/redis.pid" ]]; then
+    say "redis: stopping"
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    rm -f "$STACK_DIR/redis/redis.pid"
+  fi
+  if [[ -f "$PG_DATA/postmaster.pid" ]]; then
+    say "postgres: stopping"
+    as_root runuser -u postgres -- "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null || true
+  fi
+}
+
+status() {
+  local ok=0
+  if port_open "$KAFKA_PORT"; then say "kafka     up    KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT   log $STACK_DIR/kafka/server.log"; else say "kafka     DOWN"; ok=1; fi
+  if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then say "redis     up    REDIS_URL=redis://127.0.0.1:$REDIS_PORT   log $STACK_DIR/redis/redis.log"; else say "redis     DOWN"; ok=1; fi
+  if psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then say "postgres  up    DATABASE_URL=$(pg_url | sed 's/:[^:@]*@/:***@/')   log $PG_DATA/server.log"; else say "postgres  DOWN"; ok=1; fi
+  say "kafka jars: $KAFKA_LIBS"
+  return $ok
+}
+
+case "${1:-up}" in
+  up) up ;;
+  down) down ;;
+  status) status ;;
+  deps) mkdir -p "$STACK_DIR"; deps ;;
+  kafka-libs) echo "$KAFKA_LIBS" ;;
+  venv-python) echo "$VENV/bin/python" ;;
+  *) die "unknown command '$1': use up, down, status or deps" ;;
+esac

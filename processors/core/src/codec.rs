@@ -1,0 +1,379 @@
+//! Avro records in single-object encoding: `C3 01`, the writer schema's 8-byte little-endian
+//! CRC-64-AVRO fingerprint, then the Avro binary body. Any Avro library decodes them with the
+//! `.avsc` files in `schemas/` alone.
+//!
+//! The hot path encodes and decodes the current schema version by hand, straight into the
+//! record type (apache-avro's generic `Value` path is several times slower). Bytes written
+//! with an older released version (`schemas/history/`) are resolved against the current
+//! schema by apache-avro and then read by the same hand-written reader, so there is exactly
+//! one decoder per record type. Nothing here panics on input: every failure is a
+//! [`CodecError`].
+
+use std::collections::HashMap;
+use std::sync::OnceLock;
+
+use apache_avro::Schema;
+
+/// The two marker bytes that open every single-object-encoded record.
+pub const MARKER: [u8; 2] = [0xC3, 0x01];
+const HEADER_LEN: usize = 10;
+
+/// Ids (session, user, facility, region) are at most this many bytes.
+pub const MAX_ID_BYTES: usize = 128;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    #[error("record of {len} bytes is shorter than the 10-byte single-object header; the producer must use Avro single-object encoding")]
+    TooShort { len: usize },
+    #[error("record starts with {found:02x?}, not the single-object marker c3 01; the producer must use Avro single-object encoding")]
+    BadMarker { found: [u8; 2] },
+    #[error("{record}: unknown schema fingerprint {fingerprint:016x}; encode with a schema from schemas/ (or add the new version to schemas/history/)")]
+    UnknownSchema { record: &'static str, fingerprint: u64 },
+    #[error("{record}: malformed Avro body: {detail}")]
+    Malformed { record: &'static str, detail: String },
+    #[error("{record}.{field}: {rule}")]
+    InvalidField { record: &'static str, field: &'static str, rule: String },
+}
+
+impl CodecError {
+    /// A stable, low-cardinality code for metric labels and dead-letter headers.
+    pub fn code(&self) -> &'static str {
+        match self {
+            CodecError::TooShort { .. } => "too_short",
+            CodecError::BadMarker { .. } => "bad_marker",
+            CodecError::UnknownSchema { .. } => "unknown_schema",
+            CodecError::Malformed { .. } => "malformed",
+            CodecError::InvalidField { .. } => "invalid_field",
+        }
+    }
+}
+
+/// A record type with a schema in `schemas/` and a hand-written body codec for its current
+/// version.
+pub trait AvroRecord: Sized {
+    /// Record name used in errors, e.g. `Heartbeat`.
+    const NAME: &'static str;
+    /// The current schema (`schemas/<name>.avsc`).
+    const SCHEMA: &'static str;
+    /// Every released version, oldest first; the last one is the current schema.
+    const HISTORY: &'static [&'static str];
+
+    /// Appends the Avro binary body for the current schema.
+    fn write_body(&self, out: &mut Vec<u8>);
+    /// Reads a body written with the current schema; the reader checks for trailing bytes.
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError>;
+    /// Field rules beyond the schema (lengths, ranges). Empty by default.
+    fn validate(&self) -> Result<(), CodecError> {
+        Ok(())
+    }
+}
+
+/// The parsed schemas and fingerprints of one record type, built once per process.
+pub struct Codec {
+    record: &'static str,
+    current: Schema,
+    fingerprint: u64,
+    older: HashMap<u64, Schema>,
+}
+
+impl Codec {
+    fn build<T: AvroRecord>() -> Codec {
+        Self::with_history::<T>(T::HISTORY)
+    }
+
+    fn with_history<T: AvroRecord>(history: &[&str]) -> Codec {
+        // The schemas are compiled into the binary and covered by tests, so a parse failure
+        // here is a build defect, not an input error.
+        let current = Schema::parse_str(T::SCHEMA).unwrap_or_else(|e| panic!("schemas/{}: {e}", T::NAME));
+        let fingerprint = fingerprint_of(&current);
+        let mut older = HashMap::new();
+        for text in history {
+            let s = Schema::parse_str(text).unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
+            let fp = fingerprint_of(&s);
+            if fp != fingerprint {
+                older.insert(fp, s);
+            }
+        }
+        Codec { record: T::NAME, current, fingerprint, older }
+    }
+
+    pub fn schema(&self) -> &Schema {
+        &self.current
+    }
+
+    pub fn fingerprint(&self) -> u64 {
+        self.fingerprint
+    }
+}
+
+/// The codec of `T`, parsed on first use.
+pub fn codec<T: AvroRecord + 'static>() -> &'static Codec {
+    static CODECS: OnceLock<std::sync::Mutex<HashMap<&'static str, &'static Codec>>> = OnceLock::new();
+    let map = CODECS.get_or_init(Default::default);
+    let mut guard = map.lock().unwrap_or_else(|p| p.into_inner());
+    guard.entry(T::NAME).or_insert_with(|| Box::leak(Box::new(Codec::build::<T>())))
+}
+
+/// Encodes `value` (single-object encoding) into `out`, which is cleared first so that hot
+/// paths can reuse one buffer.
+pub fn encode_into<T: AvroRecord + 'static>(value: &T, out: &mut Vec<u8>) {
+    out.clear();
+    out.extend_from_slice(&MARKER);
+    out.extend_from_slice(&codec::<T>().fingerprint.to_le_bytes());
+    value.write_body(out);
+}
+
+pub fn encode<T: AvroRecord + 'static>(value: &T) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    encode_into(value, &mut out);
+    out
+}
+
+/// Decodes and validates one single-object-encoded record of type `T`.
+pub fn decode<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<T, CodecError> {
+    decode_with(codec::<T>(), bytes)
+}
+
+fn decode_with<T: AvroRecord>(c: &Codec, bytes: &[u8]) -> Result<T, CodecError> {
+    if bytes.len() < HEADER_LEN {
+        return Err(CodecError::TooShort { len: bytes.len() });
+    }
+    if bytes[..2] != MARKER {
+        return Err(CodecError::BadMarker { found: [bytes[0], bytes[1]] });
+    }
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&bytes[2..HEADER_LEN]);
+    let fp = u64::from_le_bytes(fp);
+    let body = &bytes[HEADER_LEN..];
+    let value = if fp == c.fingerprint {
+        read_all::<T>(body)?
+    } else if let Some(writer) = c.older.get(&fp) {
+        let resolved = resolve_old(c, writer, body)?;
+        read_all::<T>(&resolved)?
+    } else {
+        return Err(CodecError::UnknownSchema { record: c.record, fingerprint: fp });
+    };
+    value.validate()?;
+    Ok(value)
+}
+
+fn read_all<T: AvroRecord>(body: &[u8]) -> Result<T, CodecError> {
+    let mut r = BodyReader { buf: body, pos: 0, record: T::NAME };
+    let v = T::read_body(&mut r)?;
+    if r.pos != body.len() {
+        return Err(r.malformed(format!("{} trailing bytes after the record", body.len() - r.pos)));
+    }
+    Ok(v)
+}
+
+/// An old version's body, resolved to the current schema and re-encoded with it.
+fn resolve_old(c: &Codec, writer: &Schema, mut body: &[u8]) -> Result<Vec<u8>, CodecError> {
+    let malformed = |e: apache_avro::Error| CodecError::Malformed { record: c.record, detail: e.to_string() };
+    let value = apache_avro::from_avro_datum(writer, &mut body, Some(&c.current)).map_err(malformed)?;
+    if !body.is_empty() {
+        return Err(CodecError::Malformed { record: c.record, detail: format!("{} trailing bytes after the record", body.len()) });
+    }
+    apache_avro::to_avro_datum(&c.current, value).map_err(malformed)
+}
+
+/// CRC-64-AVRO (the Avro specification's Rabin fingerprint) of a schema's Parsing
+/// Canonical Form.
+pub fn fingerprint_of(schema: &Schema) -> u64 {
+    crc64_avro(schema.canonical_form().as_bytes())
+}
+
+pub fn crc64_avro(data: &[u8]) -> u64 {
+    const EMPTY: u64 = 0xc15d_213a_a4d7_a795;
+    static TABLE: OnceLock<[u64; 256]> = OnceLock::new();
+    let table = TABLE.get_or_init(|| {
+        let mut t = [0u64; 256];
+        for (i, slot) in t.iter_mut().enumerate() {
+            let mut fp = i as u64;
+            for _ in 0..8 {
+                fp = (fp >> 1) ^ (EMPTY & (fp & 1).wrapping_neg());
+            }
+            *slot = fp;
+        }
+        t
+    });
+    data.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ table[((fp ^ b as u64) & 0xff) as usize])
+}
+
+// ---- Avro binary primitives -------------------------------------------------------------
+
+pub fn write_long(out: &mut Vec<u8>, v: i64) {
+    let mut n = ((v << 1) ^ (v >> 63)) as u64;
+    while n >= 0x80 {
+        out.push((n as u8) | 0x80);
+        n >>= 7;
+    }
+    out.push(n as u8);
+}
+
+pub fn write_str(out: &mut Vec<u8>, s: &str) {
+    write_long(out, s.len() as i64);
+    out.extend_from_slice(s.as_bytes());
+}
+
+/// A cursor over one record body. Every read checks bounds.
+pub struct BodyReader<'a> {
+    buf: &'a [u8],
+    pos: usize,
+    record: &'static str,
+}
+
+impl<'a> BodyReader<'a> {
+    fn malformed(&self, detail: String) -> CodecError {
+        CodecError::Malformed { record: self.record, detail }
+    }
+
+    pub fn read_long(&mut self, field: &str) -> Result<i64, CodecError> {
+        let mut n: u64 = 0;
+        let mut shift = 0u32;
+        loop {
+            let Some(&b) = self.buf.get(self.pos) else {
+                return Err(self.malformed(format!("{field}: truncated varint at byte {}", self.pos)));
+            };
+            self.pos += 1;
+            if shift == 63 && b > 1 {
+                return Err(self.malformed(format!("{field}: varint longer than 64 bits")));
+            }
+            n |= ((b & 0x7f) as u64) << shift;
+            if b & 0x80 == 0 {
+                return Ok(((n >> 1) as i64) ^ -((n & 1) as i64));
+            }
+            shift += 7;
+        }
+    }
+
+    pub fn read_int(&mut self, field: &str) -> Result<i32, CodecError> {
+        let v = self.read_long(field)?;
+        i32::try_from(v).map_err(|_| self.malformed(format!("{field}: {v} does not fit an Avro int")))
+    }
+
+    pub fn read_str(&mut self, field: &str) -> Result<&'a str, CodecError> {
+        let len = self.read_long(field)?;
+        let len = usize::try_from(len).map_err(|_| self.malformed(format!("{field}: negative string length {len}")))?;
+        let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
+            self.malformed(format!("{field}: string of {len} bytes runs past the end of the record"))
+        })?;
+        let bytes = &self.buf[self.pos..end];
+        self.pos = end;
+        std::str::from_utf8(bytes).map_err(|_| self.malformed(format!("{field}: not valid UTF-8")))
+    }
+
+    pub fn read_string(&mut self, field: &str) -> Result<String, CodecError> {
+        self.read_str(field).map(str::to_owned)
+    }
+
+    /// An enum's symbol index, checked against the number of symbols.
+    pub fn read_enum(&mut self, field: &str, symbols: usize) -> Result<usize, CodecError> {
+        let i = self.read_long(field)?;
+        usize::try_from(i)
+            .ok()
+            .filter(|&i| i < symbols)
+            .ok_or_else(|| self.malformed(format!("{field}: enum index {i} out of range 0..{symbols}")))
+    }
+
+    /// `["null", long]`.
+    pub fn read_optional_long(&mut self, field: &str) -> Result<Option<i64>, CodecError> {
+        match self.read_long(field)? {
+            0 => Ok(None),
+            1 => self.read_long(field).map(Some),
+            i => Err(self.malformed(format!("{field}: union branch {i} out of range 0..2"))),
+        }
+    }
+}
+
+pub fn write_optional_long(out: &mut Vec<u8>, v: Option<i64>) {
+    match v {
+        None => write_long(out, 0),
+        Some(v) => {
+            write_long(out, 1);
+            write_long(out, v);
+        }
+    }
+}
+
+/// The rule every id follows: 1 to 128 bytes, no control characters.
+pub fn check_id(record: &'static str, field: &'static str, value: &str) -> Result<(), CodecError> {
+    let rule = if value.is_empty() {
+        "must not be empty".to_string()
+    } else if value.len() > MAX_ID_BYTES {
+        format!("is {} bytes; at most {MAX_ID_BYTES} are allowed", value.len())
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters".to_string()
+    } else {
+        return Ok(());
+    };
+    Err(CodecError::InvalidField { record, field, rule })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crc64_matches_apache_avro_rabin() {
+        for text in ["\"int\"", "\"string\"", crate::records::Heartbeat::SCHEMA, crate::records::FacilityStatus::SCHEMA] {
+            let schema = Schema::parse_str(text).unwrap();
+            let theirs = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
+            assert_eq!(fingerprint_of(&schema).to_le_bytes().to_vec(), theirs, "{text}");
+        }
+    }
+
+    /// Bytes of an older version go through schema resolution: a Heartbeat written before
+    /// `client_sent_at` existed decodes with that field's default.
+    #[test]
+    fn an_older_version_is_resolved_to_the_current_schema() {
+        use crate::records::Heartbeat;
+        let v0 = Heartbeat::SCHEMA.replace(
+            r#"{"name": "client_sent_at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}], "default": null,"#,
+            r#"{"name": "unused_doc_holder", "type": "null", "default": null,"#,
+        );
+        assert_ne!(v0, Heartbeat::SCHEMA, "the test must really change the schema");
+        let writer = Schema::parse_str(&v0).unwrap();
+        let codec = Codec::with_history::<Heartbeat>(&[&v0, Heartbeat::SCHEMA]);
+        let mut body = Vec::new();
+        for s in ["s", "u", "f", "r"] {
+            write_str(&mut body, s);
+        }
+        write_long(&mut body, 1); // END
+        let mut bytes = MARKER.to_vec();
+        bytes.extend_from_slice(&fingerprint_of(&writer).to_le_bytes());
+        bytes.extend_from_slice(&body);
+        let h: Heartbeat = decode_with(&codec, &bytes).unwrap();
+        assert_eq!(h.kind, crate::records::HeartbeatKind::End);
+        assert_eq!(h.client_sent_at, None);
+        // Without the old version registered, the same bytes are an unknown schema.
+        assert_eq!(decode_with::<Heartbeat>(&Codec::build::<Heartbeat>(), &bytes).unwrap_err().code(), "unknown_schema");
+    }
+
+    #[test]
+    fn varints_round_trip_at_the_edges() {
+        for v in [0i64, -1, 1, 63, -64, 64, i32::MAX as i64, i32::MIN as i64, i64::MAX, i64::MIN] {
+            let mut out = Vec::new();
+            write_long(&mut out, v);
+            let mut r = BodyReader { buf: &out, pos: 0, record: "t" };
+            assert_eq!(r.read_long("x").unwrap(), v);
+            assert_eq!(r.pos, out.len());
+        }
+    }
+
+    #[test]
+    fn overlong_varint_is_an_error() {
+        let bytes = [0xffu8; 11];
+        let mut r = BodyReader { buf: &bytes, pos: 0, record: "t" };
+        assert!(matches!(r.read_long("x"), Err(CodecError::Malformed { .. })));
+    }
+
+    #[test]
+    fn ids_follow_the_rule() {
+        assert!(check_id("R", "f", "abc").is_ok());
+        assert!(check_id("R", "f", "").is_err());
+        assert!(check_id("R", "f", &"x".repeat(129)).is_err());
+        assert!(check_id("R", "f", &"x".repeat(128)).is_ok());
+        let e = check_id("R", "f", "a\nb").unwrap_err();
+        assert_eq!(e.to_string(), "R.f: must not contain control characters");
+    }
+}

@@ -1,0 +1,630 @@
+//! One typed configuration for every process.
+//!
+//! Sources, later ones winning: built-in defaults (the `Default` impls below, the only place
+//! defaults live), then a TOML file (`--config FILE` or `PRESENCE_CONFIG`), then environment
+//! variables (`KAFKA_BROKERS`, `REDIS_URL`, `DATABASE_URL`, `PRESENCE_<SECTION>__<KEY>` and
+//! `KAFKA_PROPERTY_<NAME>` for librdkafka pass-through). Unknown keys are rejected, and every
+//! invalid setting is reported at once, each with what to change.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// A value that must never reach a log line: `Debug` and `Display` print a redacted form.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Self {
+        Secret(value.into())
+    }
+
+    /// The real value, for the one place that hands it to a client library.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// For URLs: the URL with its password replaced by `***`; anything else: `***`.
+    pub fn redacted(&self) -> String {
+        match url::Url::parse(&self.0) {
+            Ok(mut url) if url.has_host() => {
+                if url.password().is_some() {
+                    let _ = url.set_password(Some("***"));
+                }
+                url.to_string()
+            }
+            _ => "***".to_string(),
+        }
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Secret({})", self.redacted())
+    }
+}
+
+impl fmt::Display for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub kafka: KafkaConfig,
+    pub topics: TopicsConfig,
+    pub redis: RedisConfig,
+    pub database: DatabaseConfig,
+    pub processor: ProcessorConfig,
+    pub gateway: GatewayConfig,
+    pub notifier: NotifierConfig,
+    pub sink: SinkConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct KafkaConfig {
+    /// Comma-separated `host:port` list. Default `127.0.0.1:9092`, the local stack.
+    pub brokers: String,
+    /// Prefix of every client id, so broker logs and quotas can tell our clients apart.
+    pub client_id: String,
+    /// librdkafka settings passed through unchanged (SASL, TLS, tuning), e.g.
+    /// `"security.protocol" = "SASL_SSL"`. Values are treated as secrets in logs.
+    pub properties: BTreeMap<String, Secret>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: "127.0.0.1:9092".into(),
+            client_id: "presence".into(),
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TopicsConfig {
+    pub heartbeats: String,
+    pub facility_status: String,
+    pub dead_letters: String,
+    /// Every internal topic (repartition, changelogs) starts with this, so operators can
+    /// tell them apart. Default `presence.internal.`.
+    pub internal_prefix: String,
+    /// Default 12. More partitions allow more processor instances; changing it on a live
+    /// topic moves sessions between partitions, so it is fixed once created.
+    pub heartbeats_partitions: i32,
+    /// How long raw heartbeats are kept. Default 24 h: enough to replay a day's outage.
+    #[serde(with = "humantime_serde")]
+    pub heartbeats_retention: Duration,
+    /// Partitions of `facility-status` and of the facility-keyed internal topics. Default 6.
+    pub facility_partitions: i32,
+    /// Default 1, the local single node. Use 3 on a real cluster.
+    pub replication_factor: i32,
+    /// How long a dead letter is kept. Default 7 days.
+    #[serde(with = "humantime_serde")]
+    pub dead_letters_retention: Duration,
+    /// Longest time a record of a compacted topic stays in the active segment, uncompacted.
+    /// Default 10 min, so compaction really happens on small topics.
+    #[serde(with = "humantime_serde")]
+    pub compacted_segment: Duration,
+}
+
+impl Default for TopicsConfig {
+    fn default() -> Self {
+        TopicsConfig {
+            heartbeats: "heartbeats".into(),
+            facility_status: "facility-status".into(),
+            dead_letters: "heartbeats.dlq".into(),
+            internal_prefix: "presence.internal.".into(),
+            heartbeats_partitions: 12,
+            heartbeats_retention: Duration::from_secs(24 * 3600),
+            facility_partitions: 6,
+            replication_factor: 1,
+            dead_letters_retention: Duration::from_secs(7 * 24 * 3600),
+            compacted_segment: Duration::from_secs(600),
+        }
+    }
+}
+
+impl TopicsConfig {
+    /// Session transitions re-keyed by facility: stage 1 writes, stage 2 reads.
+    pub fn session_transitions(&self) -> String {
+        format!("{}session-transitions", self.internal_prefix)
+    }
+    /// Stage 1 state (open sessions), compacted, keyed by session id.
+    pub fn sessions_changelog(&self) -> String {
+        format!("{}sessions-changelog", self.internal_prefix)
+    }
+    /// Stage 2 state (open-session counts, last status, seq), compacted, keyed by facility.
+    pub fn facilities_changelog(&self) -> String {
+        format!("{}facilities-changelog", self.internal_prefix)
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Default `redis://127.0.0.1:6379`.
+    pub url: Secret,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: Secret::new("redis://127.0.0.1:6379") }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Default the local stack's `postgres://presence:presence@127.0.0.1:5432/presence`.
+    pub url: Secret,
+    /// Schema that holds the sink's tables. Default `presence`.
+    pub schema: String,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig {
+            url: Secret::new("postgres://presence:presence@127.0.0.1:5432/presence"),
+            schema: "presence".into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProcessorConfig {
+    /// Sessions close this long after their last beat. Default 90 s, three missed beats.
+    #[serde(with = "humantime_serde")]
+    pub session_timeout: Duration,
+    /// OFFLINE is held back this long and dropped if a session reopens meanwhile.
+    /// Default 0 (off).
+    #[serde(with = "humantime_serde")]
+    pub flap_hold: Duration,
+    /// How often the open transaction is committed. Default 100 ms: the latency floor.
+    #[serde(with = "humantime_serde")]
+    pub commit_interval: Duration,
+    /// Consumer group shared by all processor instances. Default `presence-processor`.
+    pub group_id: String,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served. Default 127.0.0.1:9101.
+    pub ops_listen: SocketAddr,
+}
+
+impl Default for ProcessorConfig {
+    fn default() -> Self {
+        ProcessorConfig {
+            session_timeout: Duration::from_secs(90),
+            flap_hold: Duration::ZERO,
+            commit_interval: Duration::from_millis(100),
+            group_id: "presence-processor".into(),
+            ops_listen: ([127, 0, 0, 1], 9101).into(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GatewayConfig {
+    /// The public HTTP port (heartbeats, streams, dashboard, and ops endpoints). Default
+    /// 127.0.0.1:8080.
+    pub listen: SocketAddr,
+}
+
+impl Default for GatewayConfig {
+    fn default() -> Self {
+        GatewayConfig { listen: ([127, 0, 0, 1], 8080).into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifierConfig {
+    /// Default `presence-notifier`.
+    pub group_id: String,
+    /// Default 127.0.0.1:9102.
+    pub ops_listen: SocketAddr,
+}
+
+impl Default for NotifierConfig {
+    fn default() -> Self {
+        NotifierConfig { group_id: "presence-notifier".into(), ops_listen: ([127, 0, 0, 1], 9102).into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SinkConfig {
+    /// Default `presence-sink`.
+    pub group_id: String,
+    /// Default 127.0.0.1:9103.
+    pub ops_listen: SocketAddr,
+}
+
+impl Default for SinkConfig {
+    fn default() -> Self {
+        SinkConfig { group_id: "presence-sink".into(), ops_listen: ([127, 0, 0, 1], 9103).into() }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// `text` for people, `json` for log pipelines. Default `text`.
+    pub log_format: LogFormat,
+    /// A `tracing` filter, e.g. `info,presence_processor=debug`. Default `info`.
+    pub log_filter: String,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { log_format: LogFormat::Text, log_filter: "info".into() }
+    }
+}
+
+/// Every problem found in a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}; pass an existing file with --config or PRESENCE_CONFIG")]
+    Read { path: String, source: std::io::Error },
+    #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
+    Invalid(Vec<String>),
+}
+
+/// librdkafka settings that presence sets itself; setting them by pass-through would break a
+/// guarantee (exactly-once, ordering) or conflict with a typed setting.
+const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
+    ("bootstrap.servers", "set kafka.brokers or KAFKA_BROKERS instead"),
+    ("metadata.broker.list", "set kafka.brokers or KAFKA_BROKERS instead"),
+    ("client.id", "set kafka.client_id instead"),
+    ("group.id", "set <process>.group_id instead"),
+    ("transactional.id", "presence derives transactional ids itself"),
+    ("enable.idempotence", "presence always enables idempotence where it produces"),
+    ("enable.auto.commit", "presence commits offsets itself, after the work is durable"),
+    ("enable.auto.offset.store", "presence stores offsets itself"),
+    ("isolation.level", "presence always reads read_committed"),
+    ("acks", "presence always produces with acks=all"),
+];
+
+impl Config {
+    /// Defaults, then `path` (if any), then the process environment; validated.
+    pub fn load(path: Option<&Path>) -> Result<Config, ConfigError> {
+        let vars: Vec<(String, String)> = std::env::vars().collect();
+        Self::load_from(path, &vars)
+    }
+
+    /// As [`Config::load`], with the environment passed in (tests).
+    pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
+        let mut doc = match path {
+            Some(p) => {
+                let text = std::fs::read_to_string(p)
+                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                text.parse::<toml::Table>().map_err(|e| {
+                    ConfigError::Invalid(vec![format!("{}: not valid TOML: {}", p.display(), e.message())])
+                })?
+            }
+            None => toml::Table::new(),
+        };
+        let mut errors = Vec::new();
+        apply_env(&mut doc, env, &mut errors);
+        let config: Config = match toml::Value::Table(doc).try_into() {
+            Ok(c) => c,
+            Err(e) => {
+                errors.push(describe_toml_error(&e));
+                return Err(ConfigError::Invalid(errors));
+            }
+        };
+        errors.extend(config.problems());
+        if errors.is_empty() {
+            Ok(config)
+        } else {
+            Err(ConfigError::Invalid(errors))
+        }
+    }
+
+    /// Every rule the typed fields cannot express; empty when the config is usable.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.kafka.brokers.split(',').all(|b| b.trim().is_empty()) {
+            p.push("kafka.brokers is empty: set KAFKA_BROKERS to host:port[,host:port]".into());
+        }
+        for broker in self.kafka.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
+            let ok = broker.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                p.push(format!("kafka.brokers entry '{broker}' is not host:port: write it as e.g. 127.0.0.1:9092"));
+            }
+        }
+        for (key, why) in MANAGED_KAFKA_PROPERTIES {
+            if self.kafka.properties.contains_key(*key) {
+                p.push(format!("kafka.properties.\"{key}\" cannot be passed through: {why}"));
+            }
+        }
+        if let Err(e) = crate::kafka::check_properties(&self.kafka) {
+            p.push(e);
+        }
+        for (name, url, schemes) in [
+            ("redis.url (REDIS_URL)", &self.redis.url, &["redis", "rediss"][..]),
+            ("database.url (DATABASE_URL)", &self.database.url, &["postgres", "postgresql"][..]),
+        ] {
+            match url::Url::parse(url.expose()) {
+                Ok(u) if schemes.contains(&u.scheme()) => {}
+                Ok(u) => p.push(format!("{name} has scheme '{}': use {}://", u.scheme(), schemes[0])),
+                Err(e) => p.push(format!("{name} '{}' is not a URL ({e}): use {}://host:port", url.redacted(), schemes[0])),
+            }
+        }
+        if !is_identifier(&self.database.schema) {
+            p.push(format!(
+                "database.schema '{}' must be a lowercase SQL identifier (a-z, 0-9, _; not starting with a digit)",
+                self.database.schema
+            ));
+        }
+        let t = &self.topics;
+        for (key, name) in [
+            ("topics.heartbeats", &t.heartbeats),
+            ("topics.facility_status", &t.facility_status),
+            ("topics.dead_letters", &t.dead_letters),
+        ] {
+            if let Some(why) = invalid_topic_name(name) {
+                p.push(format!("{key} '{name}' {why}"));
+            }
+            if name.starts_with(&t.internal_prefix) {
+                p.push(format!("{key} '{name}' starts with the internal prefix '{}': choose another name", t.internal_prefix));
+            }
+        }
+        if let Some(why) = invalid_topic_name(&format!("{}x", t.internal_prefix)) {
+            p.push(format!("topics.internal_prefix '{}' {why}", t.internal_prefix));
+        }
+        if t.heartbeats == t.facility_status || t.heartbeats == t.dead_letters || t.facility_status == t.dead_letters {
+            p.push("topics.heartbeats, topics.facility_status and topics.dead_letters must be three different topics".into());
+        }
+        for (key, n) in [("topics.heartbeats_partitions", t.heartbeats_partitions), ("topics.facility_partitions", t.facility_partitions)] {
+            if !(1..=10_000).contains(&n) {
+                p.push(format!("{key} = {n}: use a partition count from 1 to 10000"));
+            }
+        }
+        if !(1..=16).contains(&t.replication_factor) {
+            p.push(format!("topics.replication_factor = {}: use 1 (local) or 3 (a real cluster)", t.replication_factor));
+        }
+        for (key, d) in [
+            ("topics.heartbeats_retention", t.heartbeats_retention),
+            ("topics.dead_letters_retention", t.dead_letters_retention),
+            ("topics.compacted_segment", t.compacted_segment),
+        ] {
+            if d < Duration::from_secs(1) {
+                p.push(format!("{key} = {d:?}: use at least 1s"));
+            }
+        }
+        let pr = &self.processor;
+        if pr.session_timeout < Duration::from_millis(500) {
+            p.push(format!("processor.session_timeout = {:?}: use at least 500ms (default 90s)", pr.session_timeout));
+        }
+        if pr.flap_hold >= pr.session_timeout && !pr.flap_hold.is_zero() {
+            p.push(format!(
+                "processor.flap_hold = {:?} is not shorter than processor.session_timeout = {:?}: a hold that long hides real outages; use 0 (off) or less than the timeout",
+                pr.flap_hold, pr.session_timeout
+            ));
+        }
+        if pr.commit_interval < Duration::from_millis(10) || pr.commit_interval > Duration::from_secs(10) {
+            p.push(format!("processor.commit_interval = {:?}: use 10ms to 10s (default 100ms)", pr.commit_interval));
+        }
+        for (key, g) in [
+            ("processor.group_id", &pr.group_id),
+            ("notifier.group_id", &self.notifier.group_id),
+            ("sink.group_id", &self.sink.group_id),
+        ] {
+            if g.trim().is_empty() {
+                p.push(format!("{key} is empty: name the consumer group"));
+            }
+        }
+        if self.notifier.group_id == self.sink.group_id {
+            p.push("notifier.group_id and sink.group_id are equal: they must be two groups so that a slow database never delays browsers".into());
+        }
+        let mut ports: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        for (key, addr) in [
+            ("gateway.listen", self.gateway.listen),
+            ("processor.ops_listen", pr.ops_listen),
+            ("notifier.ops_listen", self.notifier.ops_listen),
+            ("sink.ops_listen", self.sink.ops_listen),
+        ] {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some(other) = ports.insert(addr, key) {
+                p.push(format!("{key} and {other} are both {addr}: give each process its own port"));
+            }
+        }
+        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_filter) {
+            p.push(format!("telemetry.log_filter '{}' is not a valid filter ({e}): e.g. 'info' or 'info,presence_processor=debug'", self.telemetry.log_filter));
+        }
+        p
+    }
+}
+
+fn is_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && !s.as_bytes()[0].is_ascii_digit()
+        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+}
+
+/// Kafka's own rule for topic names.
+fn invalid_topic_name(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty: name the topic")
+    } else if name.len() > 249 {
+        Some("is longer than 249 characters")
+    } else if name == "." || name == ".." {
+        Some("is not a valid topic name")
+    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+        Some("has characters Kafka does not allow: use a-z, A-Z, 0-9, '.', '_' and '-'")
+    } else {
+        None
+    }
+}
+
+/// Environment overrides. The three well-known names, `KAFKA_PROPERTY_<NAME>` (underscores
+/// become dots: `KAFKA_PROPERTY_SASL_MECHANISM` is `sasl.mechanism`) and the generic
+/// `PRESENCE_<SECTION>__<KEY>` (`PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s`).
+fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<String>) {
+    fn set(doc: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
+        let entry = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        if let toml::Value::Table(t) = entry {
+            t.insert(key.to_string(), value);
+        }
+    }
+    for (name, value) in env {
+        match name.as_str() {
+            "KAFKA_BROKERS" => set(doc, "kafka", "brokers", toml::Value::String(value.clone())),
+            "REDIS_URL" => set(doc, "redis", "url", toml::Value::String(value.clone())),
+            "DATABASE_URL" => set(doc, "database", "url", toml::Value::String(value.clone())),
+            "PRESENCE_CONFIG" => {}
+            _ => {
+                if let Some(prop) = name.strip_prefix("KAFKA_PROPERTY_") {
+                    let key = prop.to_ascii_lowercase().replace('_', ".");
+                    let kafka = doc.entry("kafka".to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    if let toml::Value::Table(k) = kafka {
+                        let props = k.entry("properties".to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                        if let toml::Value::Table(pt) = props {
+                            pt.insert(key, toml::Value::String(value.clone()));
+                        }
+                    }
+                } else if let Some(rest) = name.strip_prefix("PRESENCE_") {
+                    let Some((section, key)) = rest.split_once("__") else {
+                        errors.push(format!(
+                            "environment variable {name} is not of the form PRESENCE_<SECTION>__<KEY> (two underscores), e.g. PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s"
+                        ));
+                        continue;
+                    };
+                    set(doc, &section.to_ascii_lowercase(), &key.to_ascii_lowercase(), env_value(value));
+                }
+            }
+        }
+    }
+}
+
+/// An environment string as the TOML value it most likely means: numbers stay numbers so
+/// that `PRESENCE_TOPICS__HEARTBEATS_PARTITIONS=24` fills an integer field.
+fn env_value(value: &str) -> toml::Value {
+    if let Ok(i) = value.parse::<i64>() {
+        return toml::Value::Integer(i);
+    }
+    match value {
+        "true" => toml::Value::Boolean(true),
+        "false" => toml::Value::Boolean(false),
+        _ => toml::Value::String(value.to_string()),
+    }
+}
+
+fn describe_toml_error(e: &toml::de::Error) -> String {
+    format!("{}: check the key's spelling and type against the README's configuration table", e.message().trim())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    fn problems_of(pairs: &[(&str, &str)]) -> Vec<String> {
+        match Config::load_from(None, &env(pairs)) {
+            Ok(_) => vec![],
+            Err(ConfigError::Invalid(p)) => p,
+            Err(e) => panic!("unexpected {e}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::load_from(None, &[]).expect("defaults must validate");
+        assert_eq!(c.processor.session_timeout, Duration::from_secs(90));
+        assert_eq!(c.topics.heartbeats_partitions, 12);
+        assert_eq!(c.topics.session_transitions(), "presence.internal.session-transitions");
+    }
+
+    #[test]
+    fn environment_overrides_file() {
+        let dir = std::env::temp_dir().join(format!("presence-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[kafka]\nbrokers = \"file:1\"\n[processor]\nsession_timeout = \"30s\"\n").unwrap();
+        let c = Config::load_from(
+            Some(&path),
+            &env(&[
+                ("KAFKA_BROKERS", "env:2"),
+                ("PRESENCE_TOPICS__HEARTBEATS_PARTITIONS", "24"),
+                ("KAFKA_PROPERTY_SECURITY_PROTOCOL", "ssl"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.kafka.brokers, "env:2");
+        assert_eq!(c.processor.session_timeout, Duration::from_secs(30));
+        assert_eq!(c.topics.heartbeats_partitions, 24);
+        assert_eq!(c.kafka.properties["security.protocol"].expose(), "ssl");
+    }
+
+    #[test]
+    fn unknown_keys_are_rejected_with_their_name() {
+        let p = problems_of(&[("PRESENCE_PROCESSOR__SESION_TIMEOUT", "5s")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("sesion_timeout"), "{p:?}");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let p = problems_of(&[
+            ("KAFKA_BROKERS", "nohostport"),
+            ("REDIS_URL", "http://x"),
+            ("PRESENCE_PROCESSOR__SESSION_TIMEOUT", "10ms"),
+            ("KAFKA_PROPERTY_ENABLE_AUTO_COMMIT", "true"),
+        ]);
+        assert_eq!(p.len(), 4, "{p:#?}");
+        assert!(p.iter().any(|m| m.contains("nohostport") && m.contains("127.0.0.1:9092")));
+        assert!(p.iter().any(|m| m.contains("redis.url") && m.contains("redis://")));
+        assert!(p.iter().any(|m| m.contains("session_timeout")));
+        assert!(p.iter().any(|m| m.contains("enable.auto.commit") && m.contains("commits offsets itself")));
+    }
+
+    #[test]
+    fn unknown_librdkafka_property_is_rejected() {
+        let p = problems_of(&[("KAFKA_PROPERTY_SASL_MECHANISMZ", "PLAIN")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("sasl.mechanismz"), "{p:?}");
+    }
+
+    #[test]
+    fn conflicting_settings_are_rejected() {
+        let p = problems_of(&[("PRESENCE_SINK__GROUP_ID", "presence-notifier")]);
+        assert!(p.iter().any(|m| m.contains("two groups")), "{p:?}");
+        let p = problems_of(&[("PRESENCE_SINK__OPS_LISTEN", "127.0.0.1:9102")]);
+        assert!(p.iter().any(|m| m.contains("own port")), "{p:?}");
+    }
+
+    #[test]
+    fn secrets_never_print() {
+        let s = Secret::new("postgres://user:hunter2@db:5432/presence");
+        let shown = format!("{s} {s:?}");
+        assert!(!shown.contains("hunter2"), "{shown}");
+        assert!(shown.contains("user:***@db"), "{shown}");
+        let c = Config::load_from(None, &env(&[("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2")])).unwrap();
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}

@@ -1,0 +1,61 @@
+//! Kafka client builders: every client starts from the same base (brokers, client id,
+//! pass-through properties) and adds only what its role needs.
+
+use std::time::Duration;
+
+use rdkafka::admin::AdminClient;
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::error::KafkaError;
+
+use crate::config::KafkaConfig;
+
+/// The settings every client shares. `role` ends up in the client id (`presence-gateway`).
+pub fn base_config(k: &KafkaConfig, role: &str) -> ClientConfig {
+    let mut c = ClientConfig::new();
+    c.set("bootstrap.servers", &k.brokers);
+    c.set("client.id", format!("{}-{role}", k.client_id));
+    for (key, value) in &k.properties {
+        c.set(key, value.expose());
+    }
+    c
+}
+
+/// Asks librdkafka whether it knows every pass-through property and accepts its value,
+/// without connecting. The message names the key but never the value (it may be a password).
+pub fn check_properties(k: &KafkaConfig) -> Result<(), String> {
+    match base_config(k, "check").create_native_config() {
+        Ok(_) => Ok(()),
+        Err(KafkaError::ClientConfig(_, desc, key, _value)) => Err(format!(
+            "kafka.properties.\"{key}\" is rejected by librdkafka ({desc}); see librdkafka's CONFIGURATION.md for valid keys and values"
+        )),
+        Err(e) => Err(format!("kafka.properties are rejected by librdkafka: {}", e.rdkafka_error_code().map(|c| c.to_string()).unwrap_or_default())),
+    }
+}
+
+/// A producer that never loses or duplicates a record it was asked to send: idempotent,
+/// acks=all. For the gateway and the load generator.
+pub fn idempotent_producer_config(k: &KafkaConfig, role: &str) -> ClientConfig {
+    let mut c = base_config(k, role);
+    c.set("enable.idempotence", "true").set("acks", "all").set("compression.type", "lz4");
+    c
+}
+
+/// A consumer that sees only committed records and never commits by itself.
+pub fn consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -> ClientConfig {
+    let mut c = base_config(k, role);
+    c.set("group.id", group_id)
+        .set("isolation.level", "read_committed")
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("partition.assignment.strategy", "cooperative-sticky");
+    c
+}
+
+pub fn admin_client(k: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+    base_config(k, "admin").create()
+}
+
+/// How long admin and metadata calls may take before we say the cluster is unreachable.
+pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);

@@ -1,0 +1,370 @@
+//! The public records (`schemas/*.avsc`) as Rust types, with their hand-written body codecs
+//! and field rules.
+
+use serde::{Deserialize, Serialize};
+
+use crate::codec::{
+    check_id, write_long, write_optional_long, write_str, AvroRecord, BodyReader, CodecError,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum HeartbeatKind {
+    /// Sent every 30 s while the user is logged in.
+    Beat,
+    /// Sent on logout or page unload: closes the session at once.
+    End,
+}
+
+/// A sign of life of one session. Its event time is the Kafka record timestamp, not a field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub session_id: String,
+    pub user_id: String,
+    pub facility_id: String,
+    pub region_id: String,
+    pub kind: HeartbeatKind,
+    /// The client's clock in ms since the epoch, for diagnostics only.
+    pub client_sent_at: Option<i64>,
+}
+
+impl AvroRecord for Heartbeat {
+    const NAME: &'static str = "Heartbeat";
+    const SCHEMA: &'static str = include_str!("../../../schemas/heartbeat.avsc");
+    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/heartbeat/v1.avsc")];
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        write_str(out, &self.session_id);
+        write_str(out, &self.user_id);
+        write_str(out, &self.facility_id);
+        write_str(out, &self.region_id);
+        write_long(out, matches!(self.kind, HeartbeatKind::End) as i64);
+        write_optional_long(out, self.client_sent_at);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(Heartbeat {
+            session_id: r.read_string("session_id")?,
+            user_id: r.read_string("user_id")?,
+            facility_id: r.read_string("facility_id")?,
+            region_id: r.read_string("region_id")?,
+            kind: if r.read_enum("kind", 2)? == 0 { HeartbeatKind::Beat } else { HeartbeatKind::End },
+            client_sent_at: r.read_optional_long("client_sent_at")?,
+        })
+    }
+
+    fn validate(&self) -> Result<(), CodecError> {
+        check_id(Self::NAME, "session_id", &self.session_id)?;
+        check_id(Self::NAME, "user_id", &self.user_id)?;
+        check_id(Self::NAME, "facility_id", &self.facility_id)?;
+        check_id(Self::NAME, "region_id", &self.region_id)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "UPPERCASE")]
+pub enum Status {
+    Online,
+    Offline,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Online => "ONLINE",
+            Status::Offline => "OFFLINE",
+        }
+    }
+}
+
+/// One ONLINE/OFFLINE transition; the value of `facility-status`, keyed by facility id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FacilityStatus {
+    pub facility_id: String,
+    pub region_id: String,
+    pub status: Status,
+    pub open_sessions: i32,
+    /// Event time of the transition, ms since the epoch.
+    pub since: i64,
+    /// 1 for a facility's first transition, then +1 per transition.
+    pub seq: i64,
+    /// Wall-clock ms when the processor emitted it.
+    pub emitted_at: i64,
+}
+
+impl AvroRecord for FacilityStatus {
+    const NAME: &'static str = "FacilityStatus";
+    const SCHEMA: &'static str = include_str!("../../../schemas/facility_status.avsc");
+    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/facility_status/v1.avsc")];
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        write_str(out, &self.facility_id);
+        write_str(out, &self.region_id);
+        write_long(out, matches!(self.status, Status::Offline) as i64);
+        write_long(out, self.open_sessions as i64);
+        write_long(out, self.since);
+        write_long(out, self.seq);
+        write_long(out, self.emitted_at);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(FacilityStatus {
+            facility_id: r.read_string("facility_id")?,
+            region_id: r.read_string("region_id")?,
+            status: if r.read_enum("status", 2)? == 0 { Status::Online } else { Status::Offline },
+            open_sessions: r.read_int("open_sessions")?,
+            since: r.read_long("since")?,
+            seq: r.read_long("seq")?,
+            emitted_at: r.read_long("emitted_at")?,
+        })
+    }
+
+    fn validate(&self) -> Result<(), CodecError> {
+        check_id(Self::NAME, "facility_id", &self.facility_id)?;
+        check_id(Self::NAME, "region_id", &self.region_id)?;
+        let invalid = |field, rule: &str| Err(CodecError::InvalidField { record: Self::NAME, field, rule: rule.into() });
+        if self.seq < 1 {
+            return invalid("seq", "must be at least 1");
+        }
+        match self.status {
+            Status::Online if self.open_sessions < 1 => invalid("open_sessions", "must be at least 1 when ONLINE"),
+            Status::Offline if self.open_sessions != 0 => invalid("open_sessions", "must be 0 when OFFLINE"),
+            _ => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::codec::{codec, decode, encode, fingerprint_of, MARKER};
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+    use apache_avro::types::Value;
+    use apache_avro::Schema;
+    use proptest::prelude::*;
+
+    fn beat() -> Heartbeat {
+        Heartbeat {
+            session_id: "s-1".into(),
+            user_id: "u-1".into(),
+            facility_id: "f-1".into(),
+            region_id: "r-1".into(),
+            kind: HeartbeatKind::Beat,
+            client_sent_at: Some(1_700_000_000_123),
+        }
+    }
+
+    fn status() -> FacilityStatus {
+        FacilityStatus {
+            facility_id: "f-1".into(),
+            region_id: "r-1".into(),
+            status: Status::Online,
+            open_sessions: 3,
+            since: 1_700_000_000_000,
+            seq: 7,
+            emitted_at: 1_700_000_000_050,
+        }
+    }
+
+    /// The reference implementation's bytes for the same heartbeat.
+    fn generic_heartbeat_bytes(h: &Heartbeat) -> Vec<u8> {
+        let schema = codec::<Heartbeat>().schema();
+        let value = Value::Record(vec![
+            ("session_id".into(), Value::String(h.session_id.clone())),
+            ("user_id".into(), Value::String(h.user_id.clone())),
+            ("facility_id".into(), Value::String(h.facility_id.clone())),
+            ("region_id".into(), Value::String(h.region_id.clone())),
+            ("kind".into(), Value::Enum(matches!(h.kind, HeartbeatKind::End) as u32, format!("{:?}", h.kind).to_uppercase())),
+            (
+                "client_sent_at".into(),
+                match h.client_sent_at {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(t) => Value::Union(1, Box::new(Value::TimestampMillis(t))),
+                },
+            ),
+        ]);
+        let mut w = apache_avro::GenericSingleObjectWriter::new_with_capacity(schema, 128).unwrap();
+        let mut out = Vec::new();
+        w.write_value(value, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn heartbeat_bytes_equal_the_reference_implementation() {
+        for h in [beat(), Heartbeat { kind: HeartbeatKind::End, client_sent_at: None, ..beat() }] {
+            assert_eq!(encode(&h), generic_heartbeat_bytes(&h));
+            assert_eq!(decode::<Heartbeat>(&generic_heartbeat_bytes(&h)).unwrap(), h);
+        }
+    }
+
+    #[test]
+    fn facility_status_round_trips_and_matches_generic_decode() {
+        let s = status();
+        let bytes = encode(&s);
+        assert_eq!(decode::<FacilityStatus>(&bytes).unwrap(), s);
+        let schema = codec::<FacilityStatus>().schema();
+        let v = apache_avro::from_avro_datum(schema, &mut &bytes[10..], None).unwrap();
+        let Value::Record(fields) = v else { panic!("not a record") };
+        assert_eq!(fields[2].1, Value::Enum(0, "ONLINE".into()));
+        assert_eq!(fields[5].1, Value::Long(7));
+    }
+
+    #[test]
+    fn header_errors_are_typed() {
+        let bytes = encode(&beat());
+        assert_eq!(decode::<Heartbeat>(&bytes[..5]), Err(CodecError::TooShort { len: 5 }));
+        let mut bad = bytes.clone();
+        bad[0] = 0;
+        assert!(matches!(decode::<Heartbeat>(&bad), Err(CodecError::BadMarker { .. })));
+        let mut other = bytes.clone();
+        other[2] ^= 0xff;
+        let e = decode::<Heartbeat>(&other).unwrap_err();
+        assert_eq!(e.code(), "unknown_schema");
+        // A FacilityStatus is not a Heartbeat: its fingerprint is unknown to the heartbeat codec.
+        assert_eq!(decode::<Heartbeat>(&encode(&status())).unwrap_err().code(), "unknown_schema");
+    }
+
+    #[test]
+    fn body_errors_are_typed() {
+        let bytes = encode(&beat());
+        let truncated = &bytes[..bytes.len() - 2];
+        assert_eq!(decode::<Heartbeat>(truncated).unwrap_err().code(), "malformed");
+        let mut trailing = bytes.clone();
+        trailing.push(0);
+        let e = decode::<Heartbeat>(&trailing).unwrap_err();
+        assert!(e.to_string().contains("trailing"), "{e}");
+        let mut bad_enum = encode(&Heartbeat { client_sent_at: None, ..beat() });
+        let kind_at = bad_enum.len() - 2;
+        bad_enum[kind_at] = 4; // zigzag 2: a third symbol that does not exist
+        assert!(decode::<Heartbeat>(&bad_enum).unwrap_err().to_string().contains("enum index 2"));
+        let mut bad_utf8 = encode(&beat());
+        bad_utf8[11] = 0xff; // first byte of session_id
+        assert!(decode::<Heartbeat>(&bad_utf8).unwrap_err().to_string().contains("UTF-8"));
+    }
+
+    #[test]
+    fn field_rules_are_enforced_on_decode() {
+        let h = Heartbeat { facility_id: String::new(), ..beat() };
+        let e = decode::<Heartbeat>(&encode(&h)).unwrap_err();
+        assert_eq!(e.to_string(), "Heartbeat.facility_id: must not be empty");
+        let s = FacilityStatus { open_sessions: 0, ..status() };
+        assert_eq!(decode::<FacilityStatus>(&encode(&s)).unwrap_err().code(), "invalid_field");
+    }
+
+    proptest! {
+        #[test]
+        fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let mut bytes = MARKER.to_vec();
+            bytes.extend_from_slice(&codec::<Heartbeat>().fingerprint().to_le_bytes());
+            bytes.extend_from_slice(&body);
+            let _ = decode::<Heartbeat>(&bytes);
+            let _ = decode::<FacilityStatus>(&body);
+        }
+
+        #[test]
+        fn any_valid_heartbeat_round_trips(s in "[a-z0-9-]{1,40}", f in "[^\\p{Cc}]{1,30}", end in any::<bool>(), t in any::<Option<i64>>()) {
+            let h = Heartbeat { session_id: s.clone(), user_id: s, facility_id: f.clone(), region_id: f,
+                kind: if end { HeartbeatKind::End } else { HeartbeatKind::Beat }, client_sent_at: t };
+            prop_assert_eq!(decode::<Heartbeat>(&encode(&h)).unwrap(), h);
+        }
+    }
+
+    fn history_dir(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/history").join(name)
+    }
+
+    /// Every file in schemas/history/<name>/ is registered in HISTORY, in version order, and
+    /// the current schema is the newest version: a schema change without a new version file
+    /// fails here.
+    fn check_history<T: AvroRecord + 'static>(dir: &str) {
+        let mut files: Vec<_> = std::fs::read_dir(history_dir(dir)).unwrap().map(|e| e.unwrap().path()).collect();
+        files.sort_by_key(|p| p.file_stem().unwrap().to_string_lossy().trim_start_matches('v').parse::<u32>().unwrap());
+        let on_disk: Vec<String> = files.iter().map(|p| std::fs::read_to_string(p).unwrap()).collect();
+        assert_eq!(on_disk, T::HISTORY.iter().map(|s| s.to_string()).collect::<Vec<_>>(), "schemas/history/{dir} and HISTORY differ");
+        let current = Schema::parse_str(T::SCHEMA).unwrap();
+        let newest = Schema::parse_str(T::HISTORY.last().unwrap()).unwrap();
+        assert_eq!(current.canonical_form(), newest.canonical_form(), "schemas/{dir}.avsc changed without a new schemas/history/{dir}/vN.avsc");
+        // FULL_TRANSITIVE: every pair of versions can read each other's data.
+        let all: Vec<Schema> = T::HISTORY.iter().map(|s| Schema::parse_str(s).unwrap()).collect();
+        for (i, a) in all.iter().enumerate() {
+            for (j, b) in all.iter().enumerate() {
+                assert!(SchemaCompatibility::can_read(a, b).is_ok(), "{dir} v{} data is unreadable with v{}", i + 1, j + 1);
+            }
+        }
+    }
+
+    #[test]
+    fn schema_history_is_complete_and_full_transitive() {
+        check_history::<Heartbeat>("heartbeat");
+        check_history::<FacilityStatus>("facility_status");
+    }
+
+    /// A record written with every released version decodes with the current reader.
+    #[test]
+    fn every_released_version_still_decodes() {
+        for text in Heartbeat::HISTORY {
+            let writer = Schema::parse_str(text).unwrap();
+            let bytes = single_object(&writer, &sample_value(&writer));
+            let h = decode::<Heartbeat>(&bytes).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(h.session_id, "sample");
+        }
+        for text in FacilityStatus::HISTORY {
+            let writer = Schema::parse_str(text).unwrap();
+            let bytes = single_object(&writer, &sample_value(&writer));
+            let s = decode::<FacilityStatus>(&bytes).unwrap_or_else(|e| panic!("{e}"));
+            assert_eq!(s.facility_id, "sample");
+        }
+    }
+
+    /// The compatibility check rejects what FULL_TRANSITIVE forbids, so the test above can fail.
+    #[test]
+    fn an_incompatible_evolution_is_caught() {
+        let v1 = Schema::parse_str(FacilityStatus::SCHEMA).unwrap();
+        let without_default = FacilityStatus::SCHEMA.replacen(
+            "\"fields\": [",
+            "\"fields\": [{\"name\": \"added\", \"type\": \"string\"},",
+            1,
+        );
+        let v2 = Schema::parse_str(&without_default).unwrap();
+        assert!(SchemaCompatibility::can_read(&v1, &v2).is_err(), "a field without default must not be readable from old data");
+        let with_default = FacilityStatus::SCHEMA.replacen(
+            "\"fields\": [",
+            "\"fields\": [{\"name\": \"added\", \"type\": \"string\", \"default\": \"\"},",
+            1,
+        );
+        let v2 = Schema::parse_str(&with_default).unwrap();
+        assert!(SchemaCompatibility::can_read(&v1, &v2).is_ok());
+        assert!(SchemaCompatibility::can_read(&v2, &v1).is_ok());
+        // And an old-version record of such an evolution would decode through resolution:
+        assert_ne!(fingerprint_of(&v1), fingerprint_of(&v2));
+    }
+
+    /// A value of the given (record) schema with recognisable contents: "sample" strings,
+    /// the first enum symbol, 1 for numbers (positive, so field rules hold), null unions.
+    fn sample_value(schema: &Schema) -> Value {
+        use apache_avro::schema::{RecordSchema, UnionSchema};
+        match schema {
+            Schema::Record(RecordSchema { fields, .. }) => Value::Record(
+                fields.iter().map(|f| (f.name.clone(), sample_value(&f.schema))).collect(),
+            ),
+            Schema::String => Value::String("sample".into()),
+            Schema::Enum(e) => Value::Enum(0, e.symbols[0].clone()),
+            Schema::Int => Value::Int(1),
+            Schema::Long => Value::Long(1),
+            Schema::TimestampMillis => Value::TimestampMillis(1),
+            Schema::Union(u) => {
+                let u: &UnionSchema = u;
+                Value::Union(0, Box::new(sample_value(&u.variants()[0])))
+            }
+            Schema::Null => Value::Null,
+            other => panic!("sample_value: extend for {other:?}"),
+        }
+    }
+
+    fn single_object(schema: &Schema, value: &Value) -> Vec<u8> {
+        let mut w = apache_avro::GenericSingleObjectWriter::new_with_capacity(schema, 128).unwrap();
+        let mut out = Vec::new();
+        w.write_value_ref(value, &mut out).unwrap();
+        out
+    }
+}
