@@ -1,1 +1,100 @@
-fn main() {}
+//! `presence`: one binary, one subcommand per process, so one image runs anywhere.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use presence_core::config::ConfigError;
+use presence_core::{telemetry, topics, Config, Shutdown};
+
+#[derive(Parser)]
+#[command(name = "presence", version, about = "Real-time facility presence on Kafka")]
+struct Cli {
+    /// TOML configuration file; environment variables override it (see README).
+    #[arg(long, global = true, env = "PRESENCE_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// HTTP ingestion of heartbeats, live region streams and the dashboard.
+    Gateway,
+    /// Session windows to facility transitions, exactly-once.
+    Processor,
+    /// facility-status to Redis: current status and region channels.
+    Notifier,
+    /// facility-status to PostgreSQL: current status and history.
+    Sink,
+    /// Create or verify every topic; exits 1 if one exists with wrong settings.
+    Topics,
+    /// Simulated facilities full of users sending heartbeats.
+    Loadgen,
+    /// Validate the configuration and print it with secrets redacted.
+    CheckConfig,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(cli.config.as_deref()) {
+        Ok(c) => c,
+        Err(e @ ConfigError::Invalid(_)) | Err(e @ ConfigError::Read { .. }) => {
+            eprintln!("presence: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init_logging(&config.telemetry);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("presence: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(run(cli.command, config));
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("presence: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig => {
+            let shown = toml::to_string_pretty(&redacted(&config))?;
+            println!("# configuration is valid\n{shown}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Topics => {
+            let report = topics::ensure(&config).await?;
+            print!("{report}");
+            if report.is_ok() {
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!("presence topics: some topics exist with wrong settings; apply the fixes above, then run again");
+                Ok(ExitCode::FAILURE)
+            }
+        }
+        Command::Gateway => presence_gateway::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
+        Command::Processor => presence_processor::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
+        Command::Notifier => presence_notifier::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
+        Command::Sink => presence_sink::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
+        Command::Loadgen => anyhow::bail!("presence loadgen is not built yet (issue #4)"),
+    }
+}
+
+/// The config with every secret replaced by its redacted form, for printing.
+fn redacted(c: &Config) -> Config {
+    let mut c = c.clone();
+    c.redis.url = presence_core::Secret::new(c.redis.url.redacted());
+    c.database.url = presence_core::Secret::new(c.database.url.redacted());
+    for v in c.kafka.properties.values_mut() {
+        *v = presence_core::Secret::new("***");
+    }
+    c
+}

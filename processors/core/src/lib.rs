@@ -20,6 +20,8 @@ pub mod records;
 pub mod shutdown;
 pub mod telemetry;
 pub mod topics;
+#[cfg(feature = "testkit")]
+pub mod testkit;
 
 pub use config::{Config, Secret};
 pub use shutdown::Shutdown;

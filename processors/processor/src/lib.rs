@@ -1,1 +1,7 @@
+//! `presence processor`: not built yet (issue #3).
 
+use presence_core::{Config, Shutdown};
+
+pub async fn run(_config: Config, _shutdown: Shutdown) -> anyhow::Result<()> {
+    anyhow::bail!("presence processor is not built yet (issue #3); the other subcommands work")
+}

@@ -1,0 +1,50 @@
+# presence: the two commands that matter are `make up` and `make test` (see README.md).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+STACK := bash deploy/stack.sh
+PRESENCE := target/release/presence
+
+# Where the stack script keeps Kafka's jars and the Python with fastavro; tests read these.
+export PRESENCE_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
+export PRESENCE_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
+
+.PHONY: help up down stack stack-down status build topics test unit bench
+
+help:
+	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
+	@echo "make test    everything CI runs (starts the stack if needed)"
+	@echo "make down    stop the pipeline and the stack"
+	@echo "make stack | stack-down | status | build | topics | unit | bench"
+
+stack:
+	@$(STACK) up
+
+stack-down:
+	@$(STACK) down
+
+status:
+	@$(STACK) status; bash deploy/run.sh status
+
+build:
+	cargo build --release --locked -p presence
+
+topics: build
+	$(PRESENCE) topics
+
+up: stack build
+	$(PRESENCE) topics
+	@bash deploy/run.sh start
+
+down:
+	@bash deploy/run.sh stop
+	@$(STACK) down
+
+# Unit tests only: no services needed.
+unit:
+	cargo test --workspace --locked --lib --bins
+
+test: stack
+	cargo test --workspace --locked
+
+bench:
+	cargo bench --workspace --locked
