@@ -289,6 +289,17 @@ impl<'a> BodyReader<'a> {
             .ok_or_else(|| self.malformed(format!("{field}: enum index {i} out of range 0..{symbols}")))
     }
 
+    pub fn read_bool(&mut self, field: &str) -> Result<bool, CodecError> {
+        match self.buf.get(self.pos) {
+            Some(&b @ (0 | 1)) => {
+                self.pos += 1;
+                Ok(b == 1)
+            }
+            Some(&b) => Err(self.malformed(format!("{field}: boolean byte {b} is neither 0 nor 1"))),
+            None => Err(self.malformed(format!("{field}: truncated boolean"))),
+        }
+    }
+
     /// `["null", long]`.
     pub fn read_optional_long(&mut self, field: &str) -> Result<Option<i64>, CodecError> {
         match self.read_long(field)? {
@@ -307,6 +318,44 @@ pub fn write_optional_long(out: &mut Vec<u8>, v: Option<i64>) {
             write_long(out, v);
         }
     }
+}
+
+pub fn write_bool(out: &mut Vec<u8>, v: bool) {
+    out.push(v as u8);
+}
+
+/// Checks a record type's schema history (for tests): every file in
+/// `schemas/history/<dir>/` is registered in `HISTORY` in version order, the current schema
+/// is the newest version (a schema change without a new version file fails), and every pair
+/// of versions can read each other's data (FULL_TRANSITIVE).
+pub fn verify_history<T: AvroRecord>(history_dir: &std::path::Path) -> Result<(), String> {
+    use apache_avro::schema_compatibility::SchemaCompatibility;
+    let version = |p: &std::path::Path| -> u32 {
+        p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.trim_start_matches('v').parse().ok()).unwrap_or(u32::MAX)
+    };
+    let mut files: Vec<_> = std::fs::read_dir(history_dir)
+        .map_err(|e| format!("{}: {e}", history_dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .collect();
+    files.sort_by_key(|p| version(p));
+    let on_disk: Vec<String> = files.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect();
+    if on_disk.iter().map(String::as_str).ne(T::HISTORY.iter().copied()) {
+        return Err(format!("{} and {}::HISTORY differ: register every vN.avsc, oldest first", history_dir.display(), T::NAME));
+    }
+    let parse = |s: &str| Schema::parse_str(s).map_err(|e| format!("{}: {e}", T::NAME));
+    let current = parse(T::SCHEMA)?;
+    let all = T::HISTORY.iter().map(|s| parse(s)).collect::<Result<Vec<_>, _>>()?;
+    let newest = all.last().ok_or_else(|| format!("{}: empty history", T::NAME))?;
+    if canonical_form(&current) != canonical_form(newest) {
+        return Err(format!("{}: the current schema changed without a new version in {}", T::NAME, history_dir.display()));
+    }
+    for (i, a) in all.iter().enumerate() {
+        for (j, b) in all.iter().enumerate() {
+            SchemaCompatibility::can_read(a, b)
+                .map_err(|e| format!("{}: v{} data is unreadable with v{}: {e}", T::NAME, i + 1, j + 1))?;
+        }
+    }
+    Ok(())
 }
 
 /// The rule every id follows: 1 to 128 bytes, no control characters.

@@ -1,4 +1,8 @@
-//! `presence processor`: not built yet (issue #3).
+//! `presence processor`.
+
+pub mod records;
+pub mod facilities;
+pub mod sessions;
 
 use presence_core::{Config, Shutdown};
 

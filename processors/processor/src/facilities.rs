@@ -1,0 +1,419 @@
+//! Stage 2, pure: open-session counts per facility of one `session-transitions` partition,
+//! and the ONLINE/OFFLINE transitions they make.
+//!
+//! Events from the stage-1 partitions interleave in this partition in whatever order the
+//! tasks committed. To make the output independent of that order (and so identical after a
+//! crash and replay), events wait in a buffer and are applied in `(at, source partition,
+//! source seq)` order once every source's watermark has passed their `at`. A source's
+//! events are skipped when their seq is not above the last one applied, so replaying the
+//! partition from an earlier offset applies nothing twice.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeSet, BinaryHeap};
+
+use hashbrown::HashMap;
+use presence_core::records::{FacilityStatus, Status};
+
+use crate::records::{FacilityState, SessionEvent, SessionEventKind};
+
+pub trait FacilityOutput {
+    /// A transition for `facility-status`.
+    fn status(&mut self, status: FacilityStatus);
+    /// Changelog: the facility's state after this transaction.
+    fn put_facility(&mut self, state: FacilityState);
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+struct Pending {
+    at: i64,
+    source: i32,
+    seq: i64,
+    offset: i64,
+    opened: bool,
+    facility_id: String,
+    region_id: String,
+}
+
+/// What was applied, for metrics: latency from each transition's event time to emission.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Released {
+    pub applied: usize,
+    pub duplicates: usize,
+    pub transitions: usize,
+}
+
+pub struct FacilityTask {
+    partition: i32,
+    hold: i64,
+    facilities: HashMap<String, FacilityState>,
+    /// Per source partition: the last seq applied, and the highest watermark seen.
+    applied: Vec<i64>,
+    watermarks: Vec<i64>,
+    buffer: BinaryHeap<Reverse<Pending>>,
+    /// Flap hold: (when OFFLINE is due, facility).
+    timers: BTreeSet<(i64, String)>,
+    dirty: hashbrown::HashSet<String>,
+    online: usize,
+    /// Counts going below zero: a stage-1 defect, reported in metrics.
+    pub negative_counts: u64,
+}
+
+impl FacilityTask {
+    /// `sources`: the number of heartbeats partitions (every one sends watermarks).
+    /// `hold_ms`: flap damping; 0 emits OFFLINE at once.
+    pub fn new(partition: i32, sources: usize, hold_ms: i64) -> FacilityTask {
+        FacilityTask {
+            partition,
+            hold: hold_ms,
+            facilities: HashMap::new(),
+            applied: vec![0; sources],
+            watermarks: vec![i64::MIN; sources],
+            buffer: BinaryHeap::new(),
+            timers: BTreeSet::new(),
+            dirty: Default::default(),
+            online: 0,
+            negative_counts: 0,
+        }
+    }
+
+    pub fn partition(&self) -> i32 {
+        self.partition
+    }
+
+    pub fn online_facilities(&self) -> usize {
+        self.online
+    }
+
+    pub fn buffered(&self) -> usize {
+        self.buffer.len()
+    }
+
+    /// The low watermark over all sources: events before it are final.
+    pub fn watermark(&self) -> i64 {
+        self.watermarks.iter().copied().min().unwrap_or(i64::MIN)
+    }
+
+    /// Restore: a facility from the changelog.
+    pub fn restore_facility(&mut self, state: FacilityState) {
+        if let Some(since) = state.pending_offline_since {
+            self.timers.insert((since + self.hold, state.facility_id.clone()));
+        }
+        if state.online {
+            self.online += 1;
+        }
+        self.facilities.insert(state.facility_id.clone(), state);
+    }
+
+    /// Restore: the last applied seq per source, as committed with the offsets.
+    pub fn set_applied(&mut self, applied: &[i64]) {
+        for (slot, &seq) in self.applied.iter_mut().zip(applied) {
+            *slot = seq;
+        }
+    }
+
+    pub fn applied(&self) -> &[i64] {
+        &self.applied
+    }
+
+    /// The offset to commit for this partition: the first event not applied yet, so a
+    /// restart re-reads everything still in the buffer.
+    pub fn commit_offset(&self, next_offset: i64) -> i64 {
+        self.buffer.iter().map(|p| p.0.offset).min().map_or(next_offset, |o| o.min(next_offset))
+    }
+
+    /// Takes one record of the partition at `offset`; applies whatever became final.
+    pub fn on_event(&mut self, offset: i64, event: SessionEvent, now: i64, out: &mut impl FacilityOutput) -> Result<Released, String> {
+        let source = usize::try_from(event.source_partition)
+            .ok()
+            .filter(|&s| s < self.watermarks.len())
+            .ok_or_else(|| format!("source partition {} outside 0..{}: topics.heartbeats_partitions must match the heartbeats topic", event.source_partition, self.watermarks.len()))?;
+        match event.kind {
+            SessionEventKind::Watermark => {
+                self.watermarks[source] = self.watermarks[source].max(event.at);
+            }
+            SessionEventKind::Opened | SessionEventKind::Closed => {
+                if event.source_seq <= self.applied[source] {
+                    return Ok(Released { duplicates: 1, ..Default::default() });
+                }
+                self.buffer.push(Reverse(Pending {
+                    at: event.at,
+                    source: event.source_partition,
+                    seq: event.source_seq,
+                    offset,
+                    opened: event.kind == SessionEventKind::Opened,
+                    facility_id: event.facility_id,
+                    region_id: event.region_id,
+                }));
+            }
+        }
+        Ok(self.release(now, out))
+    }
+
+    /// Applies, in order, every buffered event and due flap timer before the watermark.
+    pub fn release(&mut self, now: i64, out: &mut impl FacilityOutput) -> Released {
+        let w = self.watermark();
+        let mut r = Released::default();
+        while let Some(Reverse(top)) = self.buffer.peek() {
+            if top.at >= w {
+                break;
+            }
+            let Some(Reverse(p)) = self.buffer.pop() else { break };
+            r.transitions += self.fire_timers(p.at, now, out);
+            let source = p.source as usize;
+            if p.seq <= self.applied[source] {
+                r.duplicates += 1;
+                continue;
+            }
+            self.applied[source] = p.seq;
+            r.applied += 1;
+            r.transitions += self.apply(&p, now, out);
+        }
+        if w > i64::MIN {
+            r.transitions += self.fire_timers(w - 1, now, out);
+        }
+        r
+    }
+
+    /// Fires flap timers due at or before `t`.
+    fn fire_timers(&mut self, t: i64, now: i64, out: &mut impl FacilityOutput) -> usize {
+        let mut fired = 0;
+        while let Some((due, _)) = self.timers.first() {
+            if *due > t {
+                break;
+            }
+            let Some((_, facility)) = self.timers.pop_first() else { break };
+            let Some(state) = self.facilities.get_mut(&facility) else { continue };
+            let Some(since) = state.pending_offline_since.take() else { continue };
+            state.online = false;
+            state.seq += 1;
+            state.since = since;
+            self.online -= 1;
+            out.status(status_of(state, now));
+            self.dirty.insert(facility);
+            fired += 1;
+        }
+        fired
+    }
+
+    fn apply(&mut self, p: &Pending, now: i64, out: &mut impl FacilityOutput) -> usize {
+        let state = self.facilities.entry_ref(p.facility_id.as_str()).or_insert_with(|| FacilityState {
+            facility_id: p.facility_id.clone(),
+            region_id: p.region_id.clone(),
+            open_sessions: 0,
+            online: false,
+            seq: 0,
+            since: p.at,
+            pending_offline_since: None,
+        });
+        if p.opened {
+            state.region_id.clone_from(&p.region_id);
+        }
+        let mut transitions = 0;
+        if p.opened {
+            state.open_sessions += 1;
+            if state.open_sessions == 1 {
+                if let Some(since) = state.pending_offline_since.take() {
+                    // Reopened within the hold: the OFFLINE never happened.
+                    self.timers.remove(&(since + self.hold, p.facility_id.clone()));
+                } else if !state.online {
+                    state.online = true;
+                    state.seq += 1;
+                    state.since = p.at;
+                    self.online += 1;
+                    out.status(status_of(state, now));
+                    transitions += 1;
+                }
+            }
+        } else {
+            if state.open_sessions == 0 {
+                self.negative_counts += 1;
+                return 0;
+            }
+            state.open_sessions -= 1;
+            if state.open_sessions == 0 && state.online {
+                if self.hold > 0 {
+                    state.pending_offline_since = Some(p.at);
+                    self.timers.insert((p.at + self.hold, p.facility_id.clone()));
+                } else {
+                    state.online = false;
+                    state.seq += 1;
+                    state.since = p.at;
+                    self.online -= 1;
+                    out.status(status_of(state, now));
+                    transitions += 1;
+                }
+            }
+        }
+        if !self.dirty.contains(p.facility_id.as_str()) {
+            self.dirty.insert(p.facility_id.clone());
+        }
+        transitions
+    }
+
+    /// Writes every facility changed since the last flush to the changelog (once each,
+    /// however often it changed): called just before each commit.
+    pub fn flush_changelog(&mut self, out: &mut impl FacilityOutput) -> usize {
+        let n = self.dirty.len();
+        for f in self.dirty.drain() {
+            if let Some(state) = self.facilities.get(&f) {
+                out.put_facility(state.clone());
+            }
+        }
+        n
+    }
+}
+
+fn status_of(state: &FacilityState, now: i64) -> FacilityStatus {
+    FacilityStatus {
+        facility_id: state.facility_id.clone(),
+        region_id: state.region_id.clone(),
+        status: if state.online { Status::Online } else { Status::Offline },
+        open_sessions: state.open_sessions,
+        since: state.since,
+        seq: state.seq,
+        emitted_at: now,
+    }
+}
+
+#[derive(Default, Debug)]
+pub struct Collected {
+    pub statuses: Vec<FacilityStatus>,
+    pub states: Vec<FacilityState>,
+}
+
+impl FacilityOutput for Collected {
+    fn status(&mut self, status: FacilityStatus) {
+        self.statuses.push(status);
+    }
+    fn put_facility(&mut self, state: FacilityState) {
+        self.states.push(state);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ev(kind: SessionEventKind, src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
+        SessionEvent { kind, source_partition: src, source_seq: seq, at, facility_id: f.into(), region_id: "r".into() }
+    }
+    fn open(src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
+        ev(SessionEventKind::Opened, src, seq, at, f)
+    }
+    fn close(src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
+        ev(SessionEventKind::Closed, src, seq, at, f)
+    }
+    fn wm(src: i32, at: i64) -> SessionEvent {
+        ev(SessionEventKind::Watermark, src, 0, at, "")
+    }
+    fn summary(c: &Collected) -> Vec<(String, Status, i64, i64, i32)> {
+        c.statuses.iter().map(|s| (s.facility_id.clone(), s.status, s.since, s.seq, s.open_sessions)).collect()
+    }
+
+    #[test]
+    fn emits_only_on_flips_with_seq_counting_up() {
+        let mut t = FacilityTask::new(0, 1, 0);
+        let mut out = Collected::default();
+        for (o, e) in [open(0, 1, 10, "f"), open(0, 2, 20, "f"), close(0, 3, 30, "f"), close(0, 4, 40, "f"), open(0, 5, 50, "f"), wm(0, 100)].into_iter().enumerate() {
+            t.on_event(o as i64, e, 999, &mut out).unwrap();
+        }
+        assert_eq!(
+            summary(&out),
+            vec![("f".into(), Status::Online, 10, 1, 1), ("f".into(), Status::Offline, 40, 2, 0), ("f".into(), Status::Online, 50, 3, 1)]
+        );
+        assert_eq!(t.online_facilities(), 1);
+    }
+
+    #[test]
+    fn nothing_is_applied_before_every_source_passed_it() {
+        let mut t = FacilityTask::new(0, 2, 0);
+        let mut out = Collected::default();
+        t.on_event(0, open(0, 1, 10, "f"), 0, &mut out).unwrap();
+        t.on_event(1, wm(0, 100), 0, &mut out).unwrap();
+        assert!(out.statuses.is_empty(), "source 1 has not spoken yet");
+        assert_eq!(t.commit_offset(2), 0, "the buffered event must be re-read after a crash");
+        t.on_event(2, wm(1, 10), 0, &mut out).unwrap();
+        assert!(out.statuses.is_empty(), "release is strictly before the watermark");
+        t.on_event(3, wm(1, 11), 0, &mut out).unwrap();
+        assert_eq!(out.statuses.len(), 1);
+        assert_eq!(t.commit_offset(4), 4);
+    }
+
+    /// The hand-over case that flaps without ordering: one session closes on source 0 after
+    /// another opened on source 1, but source 0's close arrives first.
+    #[test]
+    fn interleaving_across_sources_does_not_flap() {
+        let run = |order: &[SessionEvent]| {
+            let mut t = FacilityTask::new(0, 2, 0);
+            let mut out = Collected::default();
+            t.on_event(0, open(0, 1, 10, "f"), 0, &mut out).unwrap();
+            for (i, e) in order.iter().enumerate() {
+                t.on_event(i as i64 + 1, e.clone(), 0, &mut out).unwrap();
+            }
+            t.on_event(99, wm(0, 1000), 0, &mut out).unwrap();
+            t.on_event(100, wm(1, 1000), 0, &mut out).unwrap();
+            summary(&out)
+        };
+        let a = run(&[close(0, 2, 100, "f"), open(1, 1, 90, "f")]);
+        let b = run(&[open(1, 1, 90, "f"), close(0, 2, 100, "f")]);
+        assert_eq!(a, b);
+        assert_eq!(a, vec![("f".into(), Status::Online, 10, 1, 1)], "never went offline");
+    }
+
+    #[test]
+    fn replayed_events_are_skipped_by_seq() {
+        let mut t = FacilityTask::new(0, 1, 0);
+        let mut out = Collected::default();
+        t.on_event(0, open(0, 1, 10, "f"), 0, &mut out).unwrap();
+        t.on_event(1, wm(0, 20), 0, &mut out).unwrap();
+        let applied = t.applied().to_vec();
+        let mut restored = FacilityTask::new(0, 1, 0);
+        restored.set_applied(&applied);
+        for s in std::mem::take(&mut out.states) {
+            restored.restore_facility(s);
+        }
+        t.flush_changelog(&mut out);
+        for s in out.states.drain(..) {
+            restored.restore_facility(s);
+        }
+        let mut again = Collected::default();
+        let r = restored.on_event(0, open(0, 1, 10, "f"), 0, &mut again).unwrap();
+        assert_eq!(r.duplicates, 1);
+        restored.on_event(1, wm(0, 20), 0, &mut again).unwrap();
+        assert!(again.statuses.is_empty());
+        assert_eq!(restored.online_facilities(), 1);
+    }
+
+    #[test]
+    fn flap_hold_drops_a_short_offline_and_delays_a_real_one() {
+        let mut t = FacilityTask::new(0, 1, 5_000);
+        let mut out = Collected::default();
+        let events = [open(0, 1, 0, "f"), close(0, 2, 1_000, "f"), open(0, 3, 3_000, "f"), close(0, 4, 10_000, "f"), wm(0, 14_999)];
+        for (o, e) in events.into_iter().enumerate() {
+            t.on_event(o as i64, e, 0, &mut out).unwrap();
+        }
+        assert_eq!(summary(&out), vec![("f".into(), Status::Online, 0, 1, 1)], "reopened within the hold; the second hold not over yet");
+        t.on_event(9, wm(0, 15_001), 0, &mut out).unwrap();
+        assert_eq!(summary(&out)[1], ("f".into(), Status::Offline, 10_000, 2, 0), "since is when it really went offline");
+    }
+
+    #[test]
+    fn changelog_writes_each_changed_facility_once_per_flush() {
+        let mut t = FacilityTask::new(0, 1, 0);
+        let mut out = Collected::default();
+        for (o, e) in [open(0, 1, 1, "a"), open(0, 2, 2, "a"), open(0, 3, 3, "b"), wm(0, 10)].into_iter().enumerate() {
+            t.on_event(o as i64, e, 0, &mut out).unwrap();
+        }
+        assert_eq!(t.flush_changelog(&mut out), 2);
+        assert_eq!(t.flush_changelog(&mut out), 0);
+        let a = out.states.iter().find(|s| s.facility_id == "a").unwrap();
+        assert_eq!(a.open_sessions, 2);
+    }
+
+    #[test]
+    fn an_unknown_source_is_an_error_not_a_panic() {
+        let mut t = FacilityTask::new(0, 2, 0);
+        let e = t.on_event(0, open(5, 1, 1, "f"), 0, &mut Collected::default()).unwrap_err();
+        assert!(e.contains("heartbeats_partitions"), "{e}");
+    }
+}

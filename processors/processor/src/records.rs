@@ -1,0 +1,160 @@
+//! The processor's internal records (`schemas/internal/*.avsc`): what stage 1 tells stage 2,
+//! and what each stage's changelog holds.
+
+use presence_core::codec::{
+    write_bool, write_long, write_optional_long, write_str, AvroRecord, BodyReader, CodecError,
+};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SessionEventKind {
+    Opened,
+    Closed,
+    Watermark,
+}
+
+/// Stage 1 → stage 2.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionEvent {
+    pub kind: SessionEventKind,
+    pub source_partition: i32,
+    pub source_seq: i64,
+    pub at: i64,
+    pub facility_id: String,
+    pub region_id: String,
+}
+
+impl AvroRecord for SessionEvent {
+    const NAME: &'static str = "SessionEvent";
+    const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_event.avsc");
+    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/session_event/v1.avsc")];
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        let kind = match self.kind {
+            SessionEventKind::Opened => 0,
+            SessionEventKind::Closed => 1,
+            SessionEventKind::Watermark => 2,
+        };
+        write_long(out, kind);
+        write_long(out, self.source_partition as i64);
+        write_long(out, self.source_seq);
+        write_long(out, self.at);
+        write_str(out, &self.facility_id);
+        write_str(out, &self.region_id);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(SessionEvent {
+            kind: match r.read_enum("kind", 3)? {
+                0 => SessionEventKind::Opened,
+                1 => SessionEventKind::Closed,
+                _ => SessionEventKind::Watermark,
+            },
+            source_partition: r.read_int("source_partition")?,
+            source_seq: r.read_long("source_seq")?,
+            at: r.read_long("at")?,
+            facility_id: r.read_string("facility_id")?,
+            region_id: r.read_string("region_id")?,
+        })
+    }
+}
+
+/// Stage-1 changelog value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub session_id: String,
+    pub facility_id: String,
+    pub region_id: String,
+    pub last_seen: i64,
+    pub open_offset: i64,
+}
+
+impl AvroRecord for SessionState {
+    const NAME: &'static str = "SessionState";
+    const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
+    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/session_state/v1.avsc")];
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        write_str(out, &self.session_id);
+        write_str(out, &self.facility_id);
+        write_str(out, &self.region_id);
+        write_long(out, self.last_seen);
+        write_long(out, self.open_offset);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(SessionState {
+            session_id: r.read_string("session_id")?,
+            facility_id: r.read_string("facility_id")?,
+            region_id: r.read_string("region_id")?,
+            last_seen: r.read_long("last_seen")?,
+            open_offset: r.read_long("open_offset")?,
+        })
+    }
+}
+
+/// Stage-2 changelog value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FacilityState {
+    pub facility_id: String,
+    pub region_id: String,
+    pub open_sessions: i32,
+    pub online: bool,
+    pub seq: i64,
+    pub since: i64,
+    pub pending_offline_since: Option<i64>,
+}
+
+impl AvroRecord for FacilityState {
+    const NAME: &'static str = "FacilityState";
+    const SCHEMA: &'static str = include_str!("../../../schemas/internal/facility_state.avsc");
+    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/facility_state/v1.avsc")];
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        write_str(out, &self.facility_id);
+        write_str(out, &self.region_id);
+        write_long(out, self.open_sessions as i64);
+        write_bool(out, self.online);
+        write_long(out, self.seq);
+        write_long(out, self.since);
+        write_optional_long(out, self.pending_offline_since);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(FacilityState {
+            facility_id: r.read_string("facility_id")?,
+            region_id: r.read_string("region_id")?,
+            open_sessions: r.read_int("open_sessions")?,
+            online: r.read_bool("online")?,
+            seq: r.read_long("seq")?,
+            since: r.read_long("since")?,
+            pending_offline_since: r.read_optional_long("pending_offline_since")?,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use presence_core::codec::{decode, encode, verify_history};
+
+    fn history(name: &str) -> std::path::PathBuf {
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/history").join(name)
+    }
+
+    #[test]
+    fn internal_schemas_keep_their_history() {
+        verify_history::<SessionEvent>(&history("session_event")).unwrap();
+        verify_history::<SessionState>(&history("session_state")).unwrap();
+        verify_history::<FacilityState>(&history("facility_state")).unwrap();
+    }
+
+    #[test]
+    fn internal_records_round_trip() {
+        let e = SessionEvent { kind: SessionEventKind::Watermark, source_partition: 3, source_seq: 9, at: 5, facility_id: String::new(), region_id: String::new() };
+        assert_eq!(decode::<SessionEvent>(&encode(&e)).unwrap(), e);
+        let s = SessionState { session_id: "s".into(), facility_id: "f".into(), region_id: "r".into(), last_seen: 7, open_offset: 42 };
+        assert_eq!(decode::<SessionState>(&encode(&s)).unwrap(), s);
+        let f = FacilityState { facility_id: "f".into(), region_id: "r".into(), open_sessions: 2, online: true, seq: 3, since: 1, pending_offline_since: Some(4) };
+        assert_eq!(decode::<FacilityState>(&encode(&f)).unwrap(), f);
+    }
+}
