@@ -157,6 +157,29 @@ fn decode_with<T: AvroRecord>(c: &Codec, bytes: &[u8]) -> Result<T, CodecError> 
     Ok(value)
 }
 
+/// For zero-copy readers of hot records: the body if `bytes` carries the current version
+/// of `T`, `None` if an older released version (decode it with [`decode`]), an error for
+/// anything else.
+pub fn current_body<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<Option<&[u8]>, CodecError> {
+    let c = codec::<T>();
+    if bytes.len() < HEADER_LEN {
+        return Err(CodecError::TooShort { len: bytes.len() });
+    }
+    if bytes[..2] != MARKER {
+        return Err(CodecError::BadMarker { found: [bytes[0], bytes[1]] });
+    }
+    let mut fp = [0u8; 8];
+    fp.copy_from_slice(&bytes[2..HEADER_LEN]);
+    let fp = u64::from_le_bytes(fp);
+    if fp == c.fingerprint {
+        Ok(Some(&bytes[HEADER_LEN..]))
+    } else if c.older.contains_key(&fp) {
+        Ok(None)
+    } else {
+        Err(CodecError::UnknownSchema { record: c.record, fingerprint: fp })
+    }
+}
+
 fn read_all<T: AvroRecord>(body: &[u8]) -> Result<T, CodecError> {
     let mut r = BodyReader { buf: body, pos: 0, record: T::NAME };
     let v = T::read_body(&mut r)?;
@@ -237,6 +260,19 @@ pub struct BodyReader<'a> {
 }
 
 impl<'a> BodyReader<'a> {
+    pub fn new(buf: &'a [u8], record: &'static str) -> BodyReader<'a> {
+        BodyReader { buf, pos: 0, record }
+    }
+
+    /// Fails unless every byte was read.
+    pub fn finish(&self) -> Result<(), CodecError> {
+        if self.pos == self.buf.len() {
+            Ok(())
+        } else {
+            Err(self.malformed(format!("{} trailing bytes after the record", self.buf.len() - self.pos)))
+        }
+    }
+
     fn malformed(&self, detail: String) -> CodecError {
         CodecError::Malformed { record: self.record, detail }
     }

@@ -195,8 +195,17 @@ pub struct ProcessorConfig {
     /// How often the open transaction is committed. Default 100 ms: the latency floor.
     #[serde(with = "humantime_serde")]
     pub commit_interval: Duration,
-    /// Consumer group shared by all processor instances. Default `presence-processor`.
+    /// Consumer group prefix shared by all processor instances: stage 1 joins
+    /// `<group_id>.sessions`, stage 2 `<group_id>.facilities`. Default `presence-processor`.
     pub group_id: String,
+    /// Names this instance's transactional producers (`<group_id>.<stage>.<instance_id>`):
+    /// a restarted instance with the same id aborts its predecessor's open transaction at
+    /// once. Unique per running instance. Default: the host name.
+    pub instance_id: String,
+    /// A heartbeat stamped further ahead of the processor's clock than this goes to the
+    /// dead-letter topic, so one bad clock cannot expire a partition's sessions. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub max_clock_skew: Duration,
     /// Where `/metrics`, `/healthz` and `/readyz` are served. Default 127.0.0.1:9101.
     pub ops_listen: SocketAddr,
 }
@@ -208,6 +217,8 @@ impl Default for ProcessorConfig {
             flap_hold: Duration::ZERO,
             commit_interval: Duration::from_millis(100),
             group_id: "presence-processor".into(),
+            instance_id: String::new(),
+            max_clock_skew: Duration::from_secs(60),
             ops_listen: ([127, 0, 0, 1], 9101).into(),
         }
     }
@@ -423,6 +434,12 @@ impl Config {
         }
         if pr.commit_interval < Duration::from_millis(10) || pr.commit_interval > Duration::from_secs(10) {
             p.push(format!("processor.commit_interval = {:?}: use 10ms to 10s (default 100ms)", pr.commit_interval));
+        }
+        if pr.max_clock_skew < Duration::from_secs(1) {
+            p.push(format!("processor.max_clock_skew = {:?}: use at least 1s (default 60s)", pr.max_clock_skew));
+        }
+        if !pr.instance_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+            p.push(format!("processor.instance_id '{}' may only contain a-z, A-Z, 0-9, '-', '_' and '.'", pr.instance_id));
         }
         for (key, g) in [
             ("processor.group_id", &pr.group_id),

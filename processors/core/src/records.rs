@@ -61,6 +61,53 @@ impl AvroRecord for Heartbeat {
     }
 }
 
+/// A heartbeat borrowed from its bytes: the processor's hot path, no allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HeartbeatRef<'a> {
+    pub session_id: &'a str,
+    pub user_id: &'a str,
+    pub facility_id: &'a str,
+    pub region_id: &'a str,
+    pub kind: HeartbeatKind,
+    pub client_sent_at: Option<i64>,
+}
+
+impl<'a> HeartbeatRef<'a> {
+    /// Decodes and validates bytes of the current schema version without copying; `None`
+    /// for an older released version, which [`crate::codec::decode`] resolves.
+    pub fn decode(bytes: &'a [u8]) -> Result<Option<HeartbeatRef<'a>>, CodecError> {
+        let Some(body) = crate::codec::current_body::<Heartbeat>(bytes)? else { return Ok(None) };
+        let mut r = BodyReader::new(body, Heartbeat::NAME);
+        let h = HeartbeatRef {
+            session_id: r.read_str("session_id")?,
+            user_id: r.read_str("user_id")?,
+            facility_id: r.read_str("facility_id")?,
+            region_id: r.read_str("region_id")?,
+            kind: if r.read_enum("kind", 2)? == 0 { HeartbeatKind::Beat } else { HeartbeatKind::End },
+            client_sent_at: r.read_optional_long("client_sent_at")?,
+        };
+        r.finish()?;
+        check_id(Heartbeat::NAME, "session_id", h.session_id)?;
+        check_id(Heartbeat::NAME, "user_id", h.user_id)?;
+        check_id(Heartbeat::NAME, "facility_id", h.facility_id)?;
+        check_id(Heartbeat::NAME, "region_id", h.region_id)?;
+        Ok(Some(h))
+    }
+}
+
+impl Heartbeat {
+    pub fn as_ref(&self) -> HeartbeatRef<'_> {
+        HeartbeatRef {
+            session_id: &self.session_id,
+            user_id: &self.user_id,
+            facility_id: &self.facility_id,
+            region_id: &self.region_id,
+            kind: self.kind,
+            client_sent_at: self.client_sent_at,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "UPPERCASE")]
 pub enum Status {
@@ -244,6 +291,19 @@ mod tests {
         let mut bad_utf8 = encode(&beat());
         bad_utf8[11] = 0xff; // first byte of session_id
         assert!(decode::<Heartbeat>(&bad_utf8).unwrap_err().to_string().contains("UTF-8"));
+    }
+
+    #[test]
+    fn the_borrowed_reader_agrees_with_the_owned_one() {
+        for h in [beat(), Heartbeat { kind: HeartbeatKind::End, client_sent_at: None, ..beat() }] {
+            let bytes = encode(&h);
+            assert_eq!(HeartbeatRef::decode(&bytes).unwrap(), Some(h.as_ref()));
+        }
+        let bad = encode(&Heartbeat { region_id: "a\u{7}".into(), ..beat() });
+        assert_eq!(HeartbeatRef::decode(&bad).unwrap_err().code(), "invalid_field");
+        let mut trailing = encode(&beat());
+        trailing.push(1);
+        assert_eq!(HeartbeatRef::decode(&trailing).unwrap_err().code(), "malformed");
     }
 
     #[test]

@@ -1,11 +1,116 @@
-//! `presence processor`.
+//! `presence processor`: heartbeats in, exact facility transitions out, exactly-once.
+//!
+//! # Layout
+//!
+//! - [`sessions`]: stage 1's rules, pure: open sessions of one `heartbeats` partition, their
+//!   expiry by stream time, and the session events they emit.
+//! - [`facilities`]: stage 2's rules, pure: open-session counts per facility, applied in
+//!   event-time order across sources, and the ONLINE/OFFLINE transitions they make.
+//! - [`records`]: the internal Avro records between and behind the stages.
+//! - [`stage1`], [`stage2`]: each stage's Kafka edge (decode, dead letters, changelog,
+//!   restore, checkpoints in the offset metadata).
+//! - [`runner`]: the transactional consume-process-produce loop both stages run in,
+//!   with rebalance handling and librdkafka's error classes; [`restore`]: reading a
+//!   partition back.
+//! - [`metrics`]: every metric the processor exports.
+//!
+//! Data flow: `heartbeats` → stage 1 → `<prefix>session-transitions` (keyed by facility,
+//! plus watermarks to every partition) → stage 2 → `facility-status`. Each stage is its own
+//! consumer group with its own transactional producer, so each scales over its partitions.
 
-pub mod records;
 pub mod facilities;
+pub mod metrics;
+pub mod records;
+pub mod restore;
+pub mod runner;
 pub mod sessions;
+pub mod stage1;
+pub mod stage2;
 
+use std::time::Duration;
+
+use anyhow::Context;
+use presence_core::kafka::{admin_client, ADMIN_TIMEOUT};
+use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
+use prometheus::Registry;
 
-pub async fn run(_config: Config, _shutdown: Shutdown) -> anyhow::Result<()> {
-    anyhow::bail!("presence processor is not built yet (issue #3); the other subcommands work")
+fn leak(s: String) -> &'static str {
+    Box::leak(s.into_boxed_str())
+}
+
+/// Partition counts of the topics the stages are wired by, read from the broker.
+fn partitions_of(config: &Config, topic: &str) -> anyhow::Result<i32> {
+    let admin = admin_client(&config.kafka)?;
+    let md = admin
+        .inner()
+        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+        .with_context(|| format!("cannot reach Kafka at {}; start it (make stack) or set KAFKA_BROKERS", config.kafka.brokers))?;
+    let t = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty());
+    t.map(|t| t.partitions().len() as i32)
+        .ok_or_else(|| anyhow::anyhow!("topic {topic} does not exist; create the topics with `presence topics`"))
+}
+
+/// Runs both stages until `shutdown`, serving `/metrics`, `/healthz`, `/readyz` on
+/// `processor.ops_listen`. Returns the ops address once serving, through `on_ready` (tests).
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    run_with(config, shutdown, |_| {}).await
+}
+
+pub async fn run_with(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+    let t = &config.topics;
+    let sources = partitions_of(&config, &t.heartbeats)?;
+    let transition_partitions = partitions_of(&config, &t.session_transitions())?;
+    if sources != t.heartbeats_partitions {
+        tracing::warn!(topic = %t.heartbeats, actual = sources, configured = t.heartbeats_partitions, "heartbeats has another partition count than configured; using the topic's");
+    }
+    let registry = Registry::new();
+    let health = Health::new(&registry);
+    let metrics = metrics::Metrics::new(&registry);
+    let (addr, ops) = serve_ops(config.processor.ops_listen, registry, health.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, "processor ops endpoints listening");
+    on_ready(addr);
+
+    let timeout = config.processor.session_timeout.as_millis() as i64;
+    let stage1 = stage1::SessionsStage::new(
+        stage1::Topics {
+            heartbeats: leak(t.heartbeats.clone()),
+            transitions: leak(t.session_transitions()),
+            changelog: leak(t.sessions_changelog()),
+            dead_letters: leak(t.dead_letters.clone()),
+            transition_partitions,
+        },
+        timeout,
+        config.processor.max_clock_skew.as_millis() as i64,
+    );
+    let stage2 = stage2::FacilitiesStage::new(
+        stage2::Topics {
+            transitions: leak(t.session_transitions()),
+            status: leak(t.facility_status.clone()),
+            changelog: leak(t.facilities_changelog()),
+            dead_letters: leak(t.dead_letters.clone()),
+        },
+        sources as usize,
+        config.processor.flap_hold.as_millis() as i64,
+    );
+    let (c1, m1, h1, s1) = (config.clone(), metrics.clone(), health.clone(), shutdown.clone());
+    let one = tokio::task::spawn_blocking(move || runner::run_stage(&c1, stage1, m1, h1, "sessions", s1));
+    let (c2, m2, h2, s2) = (config.clone(), metrics, health, shutdown.clone());
+    let two = tokio::task::spawn_blocking(move || runner::run_stage(&c2, stage2, m2, h2, "facilities", s2));
+    let (r1, r2) = tokio::join!(
+        async {
+            let r = one.await;
+            shutdown.trigger();
+            r
+        },
+        async {
+            let r = two.await;
+            shutdown.trigger();
+            r
+        }
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
+    r1.context("stage 1 thread")?.context("stage 1 (sessions)")?;
+    r2.context("stage 2 thread")?.context("stage 2 (facilities)")?;
+    Ok(())
 }

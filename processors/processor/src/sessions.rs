@@ -268,13 +268,23 @@ impl SessionTask {
         }
     }
 
-    /// Restore: a session from the changelog.
+    /// Restore: a changelog record (the session opened or moved), applied in log order.
     pub fn restore_session(&mut self, key: SessionKey, state: &SessionState) {
-        if self.table.find(key[0], |&i| self.slots[i as usize].key == key).is_some() {
-            return;
-        }
         let facility = self.intern(&state.facility_id, &state.region_id);
-        self.insert(key, facility, state.last_seen);
+        match self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() {
+            Some(i) => {
+                self.slots[i as usize].facility = facility;
+                self.touch(i, state.last_seen);
+            }
+            None => self.insert(key, facility, state.last_seen),
+        }
+    }
+
+    /// Restore: a changelog tombstone (the session closed).
+    pub fn restore_delete(&mut self, key: SessionKey) {
+        if let Some(i) = self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() {
+            self.remove(i);
+        }
     }
 
     /// Restore: a beat re-read from the heartbeats after the session's open offset raises its

@@ -1,0 +1,75 @@
+//! Reading a partition from a given offset to its end: how both stages rebuild state from
+//! their changelogs, and how stage 1 re-reads the recent heartbeats that refresh
+//! last-seen times (it never writes a changelog record per beat).
+
+use std::time::{Duration, Instant};
+
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// How long a restore may see no progress before it gives up (and is retried).
+const STALL: Duration = Duration::from_secs(60);
+
+/// Calls `f` for each record of `topic`/`partition` from `from` up to `until` (exclusive)
+/// or, without `until`, to the partition's end (read_committed). Returns the record count.
+pub fn read_partition(
+    config: &ClientConfig,
+    topic: &str,
+    partition: i32,
+    from: Offset,
+    until: Option<i64>,
+    mut f: impl FnMut(&BorrowedMessage<'_>),
+) -> anyhow::Result<u64> {
+    let consumer: BaseConsumer = config.create()?;
+    let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
+    let end = until.map_or(high, |u| u.min(high));
+    let start = match from {
+        Offset::Offset(o) => o.max(low),
+        _ => low,
+    };
+    if start >= end {
+        return Ok(0);
+    }
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
+    consumer.assign(&tpl)?;
+    let mut n = 0u64;
+    let mut progress = Instant::now();
+    loop {
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                if m.offset() >= end {
+                    break;
+                }
+                f(&m);
+                n += 1;
+                progress = Instant::now();
+                if m.offset() + 1 >= end {
+                    break;
+                }
+            }
+            Some(Err(KafkaError::PartitionEOF(_))) => break,
+            Some(Err(e)) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
+            None if progress.elapsed() > STALL => {
+                anyhow::bail!("reading {topic}/{partition} made no progress for {} s (an open transaction of a dead instance?)", STALL.as_secs())
+            }
+            None => {}
+        }
+    }
+    Ok(n)
+}
+
+/// The first offset of `topic`/`partition` whose timestamp is at or after `ts`, if any.
+pub fn offset_for_time(config: &ClientConfig, topic: &str, partition: i32, ts: i64) -> anyhow::Result<Option<i64>> {
+    let consumer: BaseConsumer = config.create()?;
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, Offset::Offset(ts.max(0)))?;
+    let found = consumer.offsets_for_times(tpl, Duration::from_secs(30))?;
+    Ok(found.elements().first().and_then(|e| match e.offset() {
+        Offset::Offset(o) => Some(o),
+        _ => None,
+    }))
+}

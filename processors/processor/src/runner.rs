@@ -1,0 +1,539 @@
+//! The Kafka edge both stages share: one consumer-group member and one transactional
+//! producer per stage, on a thread of their own, around a [`Stage`] that knows nothing
+//! about transactions.
+//!
+//! Every transaction holds the stage's output records, its changelog writes and its input
+//! offsets (with the stage's clock in the offset metadata), so all of them become visible
+//! together or not at all. Partitions are restored (changelog, then whatever the stage
+//! needs) inside the rebalance callback, before the consumer fetches them, and the consumer
+//! then starts exactly at the committed offsets the state belongs to. Errors follow
+//! librdkafka's transactional rules: retriable calls are retried; abortable errors abort the
+//! transaction, rebuild every assigned partition's state from its changelog and seek back
+//! to the committed offsets; fatal ones (a fenced producer) also rebuild the producer.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use presence_core::config::Config;
+use presence_core::kafka::{base_config, consumer_config};
+use presence_core::telemetry::Health;
+use presence_core::Shutdown;
+use rdkafka::client::ClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::statistics::Statistics;
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::types::RDKafkaRespErr;
+
+use crate::metrics::Metrics;
+
+/// One record of the open transaction.
+pub struct Out {
+    pub topic: &'static str,
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+/// What the stage's rebuild of a partition needs from Kafka.
+pub struct RestoreIo<'a> {
+    pub config: &'a ClientConfig,
+}
+
+/// A stage's logic as the runner drives it. All methods run on the runner's thread.
+pub trait Stage: Send + 'static {
+    /// `sessions` or `facilities`: metric label, group and transactional-id suffix.
+    const NAME: &'static str;
+    fn input_topic(&self) -> &'static str;
+    /// Rebuilds `partition`'s state. `committed` is the committed input offset and its
+    /// metadata, if any; returns the offset to start consuming at.
+    fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset>;
+    fn revoke(&mut self, partition: i32);
+    fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
+    /// The partition has no more records for now.
+    fn on_eof(&mut self, partition: i32);
+    /// Wall-clock work (expiry on caught-up partitions).
+    fn on_tick(&mut self, now: i64, out: &mut Vec<Out>);
+    /// Just before a commit: watermarks, changelog flushes.
+    fn before_commit(&mut self, now: i64, out: &mut Vec<Out>);
+    /// The offset to commit for `partition` and the metadata to store with it.
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String);
+    /// When `on_tick` next has something to do (ms since the epoch).
+    fn next_wakeup(&self) -> Option<i64>;
+    /// Whether to commit even when nothing was consumed (stage 1: watermarks).
+    fn commits_when_idle(&self) -> bool;
+    /// Publishes per-transaction tallies and gauges.
+    fn publish(&mut self, metrics: &Metrics);
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+}
+
+struct Shared<S: Stage> {
+    stage: S,
+    producer: BaseProducer,
+    producer_config: ClientConfig,
+    restore_config: ClientConfig,
+    txn_open: bool,
+    txn_started: Instant,
+    consumed_since_commit: bool,
+    /// Next offset per assigned partition (committed, or one past the last consumed).
+    positions: HashMap<i32, i64>,
+    assigned: BTreeSet<i32>,
+    needs_rewind: bool,
+    metrics: Metrics,
+    health: Health,
+    health_name: &'static str,
+    topic: &'static str,
+}
+
+struct StageContext<S: Stage> {
+    shared: Arc<Mutex<Shared<S>>>,
+    metrics: Metrics,
+}
+
+fn lock<S: Stage>(m: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl<S: Stage> ClientContext for StageContext<S> {
+    fn stats(&self, statistics: Statistics) {
+        for topic in statistics.topics.values() {
+            for (p, part) in &topic.partitions {
+                if *p >= 0 && part.consumer_lag >= 0 {
+                    self.metrics.consumer_lag.with_label_values(&[S::NAME, &p.to_string()]).set(part.consumer_lag);
+                }
+            }
+        }
+    }
+}
+
+impl<S: Stage> ConsumerContext for StageContext<S> {
+    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+        let mut g = lock(&self.shared);
+        match err {
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
+                // Nothing may be in flight while partitions restore: a long restore must not
+                // hold a transaction open.
+                g.finish_transaction(consumer);
+                let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                tracing::info!(stage = S::NAME, ?partitions, "partitions assigned; restoring state");
+                match g.restore(consumer, &partitions) {
+                    Ok(starts) => {
+                        for (p, start) in starts {
+                            if let Err(e) = tpl.set_partition_offset(g.topic, p, start) {
+                                tracing::error!(stage = S::NAME, partition = p, error = %e, "cannot set the start offset");
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(stage = S::NAME, error = %e, "restore failed; will retry");
+                        g.health.set_unready(g.health_name, format!("restore failed: {e}"));
+                        g.needs_rewind = true;
+                    }
+                }
+                g.assigned.extend(partitions);
+                if let Err(e) = consumer.incremental_assign(tpl) {
+                    tracing::error!(stage = S::NAME, error = %e, "incremental assign failed");
+                }
+            }
+            RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS => {
+                let lost = consumer.assignment_lost();
+                if lost {
+                    // Another member may own them already: nothing of ours may commit.
+                    g.abort("partitions_lost");
+                    g.needs_rewind = true;
+                } else {
+                    g.finish_transaction(consumer);
+                }
+                for e in tpl.elements() {
+                    g.stage.revoke(e.partition());
+                    g.assigned.remove(&e.partition());
+                    g.positions.remove(&e.partition());
+                    self.metrics.consumer_lag.with_label_values(&[S::NAME, &e.partition().to_string()]).set(0);
+                }
+                tracing::info!(stage = S::NAME, lost, partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions revoked");
+                if let Err(e) = consumer.incremental_unassign(tpl) {
+                    tracing::error!(stage = S::NAME, error = %e, "incremental unassign failed");
+                }
+            }
+            other => {
+                tracing::error!(stage = S::NAME, error = ?other, "rebalance error");
+            }
+        }
+    }
+}
+
+/// Why a transaction step failed, in librdkafka's classes.
+enum TxnFailure {
+    /// Abort, rewind, go on.
+    Abortable(String),
+    /// The producer is unusable (fenced or fatal): rebuild it, then rewind.
+    Fatal(String),
+}
+
+fn classify(e: KafkaError) -> Result<bool, TxnFailure> {
+    // Ok(true): retry the same call.
+    match &e {
+        KafkaError::Transaction(t) if t.is_fatal() => Err(TxnFailure::Fatal(t.to_string())),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => Err(TxnFailure::Abortable(t.to_string())),
+        KafkaError::Transaction(t) if t.is_retriable() => Ok(true),
+        _ => Err(TxnFailure::Abortable(e.to_string())),
+    }
+}
+
+impl<S: Stage> Shared<S> {
+    fn begin(&mut self) {
+        if self.txn_open {
+            return;
+        }
+        match self.producer.begin_transaction() {
+            Ok(()) => {
+                self.txn_open = true;
+                self.txn_started = Instant::now();
+            }
+            Err(e) => {
+                tracing::error!(stage = S::NAME, error = %e, "begin_transaction failed; rebuilding the producer");
+                self.rebuild_producer();
+            }
+        }
+    }
+
+    fn send(&mut self, out: &mut Vec<Out>) {
+        if out.is_empty() {
+            return;
+        }
+        self.begin();
+        for o in out.drain(..) {
+            let mut record = BaseRecord::<[u8], [u8]>::to(o.topic);
+            if let Some(k) = &o.key {
+                record = record.key(&k[..]);
+            }
+            if let Some(v) = &o.value {
+                record = record.payload(&v[..]);
+            }
+            if let Some(p) = o.partition {
+                record = record.partition(p);
+            }
+            if let Some(h) = o.headers {
+                record = record.headers(h);
+            }
+            let mut record = record;
+            loop {
+                match self.producer.send(record) {
+                    Ok(()) => break,
+                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        record = r;
+                        self.producer.poll(Duration::from_millis(10));
+                    }
+                    Err((e, _)) => {
+                        // The transaction cannot hold this record: it must not commit.
+                        tracing::error!(stage = S::NAME, topic = o.topic, error = %e, "produce failed; aborting the transaction");
+                        self.abort("produce_failed");
+                        self.needs_rewind = true;
+                        return;
+                    }
+                }
+            }
+        }
+        self.producer.poll(Duration::ZERO);
+    }
+
+    /// Commits the open transaction; on failure aborts it and schedules a rewind.
+    fn finish_transaction(&mut self, consumer: &BaseConsumer<StageContext<S>>) {
+        if !self.txn_open && !(self.consumed_since_commit || (self.stage.commits_when_idle() && !self.assigned.is_empty())) {
+            return;
+        }
+        if self.needs_rewind {
+            self.abort("rewind_pending");
+            return;
+        }
+        let started = Instant::now();
+        let mut out = Vec::new();
+        self.stage.before_commit(now_ms(), &mut out);
+        self.send(&mut out);
+        if self.needs_rewind {
+            return;
+        }
+        self.begin();
+        let mut tpl = TopicPartitionList::new();
+        for &p in &self.assigned {
+            if let Some(&next) = self.positions.get(&p) {
+                let (offset, metadata) = self.stage.commit_point(p, next);
+                if tpl.add_partition_offset(self.topic, p, Offset::Offset(offset)).is_ok() {
+                    if let Some(mut e) = tpl.find_partition(self.topic, p) {
+                        let _ = e.set_metadata(metadata);
+                    }
+                }
+            }
+        }
+        let result = self.commit_with_retries(consumer, &tpl);
+        match result {
+            Ok(()) => {
+                self.txn_open = false;
+                self.consumed_since_commit = false;
+                self.metrics.commit_seconds.with_label_values(&[S::NAME]).observe(started.elapsed().as_secs_f64());
+                self.stage.publish(&self.metrics);
+                self.health.set_ready(self.health_name);
+            }
+            Err(TxnFailure::Abortable(reason)) => {
+                tracing::warn!(stage = S::NAME, %reason, "transaction failed; aborting and rewinding to the committed offsets");
+                self.abort("abortable");
+                self.needs_rewind = true;
+            }
+            Err(TxnFailure::Fatal(reason)) => {
+                tracing::error!(stage = S::NAME, %reason, "producer failed fatally (fenced?); rebuilding it and rewinding");
+                self.metrics.aborts.with_label_values(&[S::NAME, "fatal"]).inc();
+                self.rebuild_producer();
+                self.needs_rewind = true;
+            }
+        }
+    }
+
+    fn commit_with_retries(&mut self, consumer: &BaseConsumer<StageContext<S>>, tpl: &TopicPartitionList) -> Result<(), TxnFailure> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let timeout = Duration::from_secs(10);
+        if tpl.count() > 0 {
+            let cgm = consumer.group_metadata().ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
+            loop {
+                match self.producer.send_offsets_to_transaction(tpl, &cgm, timeout) {
+                    Ok(()) => break,
+                    Err(e) => {
+                        if classify(e)? && Instant::now() < deadline {
+                            self.health.set_unready(self.health_name, "Kafka does not answer transaction calls; retrying");
+                            continue;
+                        }
+                        return Err(TxnFailure::Abortable("send_offsets_to_transaction kept failing".into()));
+                    }
+                }
+            }
+        }
+        loop {
+            match self.producer.commit_transaction(timeout) {
+                Ok(()) => return Ok(()),
+                Err(e) => {
+                    if classify(e)? && Instant::now() < deadline {
+                        self.health.set_unready(self.health_name, "Kafka does not answer transaction calls; retrying");
+                        continue;
+                    }
+                    return Err(TxnFailure::Abortable("commit_transaction kept failing".into()));
+                }
+            }
+        }
+    }
+
+    fn abort(&mut self, reason: &'static str) {
+        if !self.txn_open {
+            return;
+        }
+        self.metrics.aborts.with_label_values(&[S::NAME, reason]).inc();
+        if let Err(e) = self.producer.abort_transaction(Duration::from_secs(10)) {
+            tracing::error!(stage = S::NAME, error = %e, "abort_transaction failed; rebuilding the producer");
+            self.rebuild_producer();
+        }
+        self.txn_open = false;
+        self.consumed_since_commit = false;
+    }
+
+    fn rebuild_producer(&mut self) {
+        self.txn_open = false;
+        loop {
+            match create_producer(&self.producer_config) {
+                Ok(p) => {
+                    self.producer = p;
+                    return;
+                }
+                Err(e) => {
+                    self.health.set_unready(self.health_name, format!("cannot initialise the transactional producer: {e}"));
+                    tracing::error!(stage = S::NAME, error = %e, "cannot initialise the transactional producer; retrying in 1 s");
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+            }
+        }
+    }
+
+    /// Restores `partitions` from their changelogs and committed offsets; returns where
+    /// each one starts.
+    fn restore(&mut self, consumer: &BaseConsumer<StageContext<S>>, partitions: &[i32]) -> anyhow::Result<Vec<(i32, Offset)>> {
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(self.topic, p);
+        }
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
+        let io = RestoreIo { config: &self.restore_config };
+        let mut starts = Vec::new();
+        for e in committed.elements() {
+            let p = e.partition();
+            let c = match e.offset() {
+                Offset::Offset(o) => Some((o, e.metadata().to_string())),
+                _ => None,
+            };
+            let started = Instant::now();
+            let start = self.stage.restore(p, c, &io)?;
+            self.metrics.restore_seconds.with_label_values(&[S::NAME]).observe(started.elapsed().as_secs_f64());
+            tracing::info!(stage = S::NAME, partition = p, ?start, seconds = started.elapsed().as_secs_f64(), "partition restored");
+            if let Offset::Offset(o) = start {
+                self.positions.insert(p, o);
+            }
+            starts.push((p, start));
+        }
+        Ok(starts)
+    }
+
+    /// After an abort: every assigned partition back to its committed state.
+    fn rewind(&mut self, consumer: &BaseConsumer<StageContext<S>>) -> anyhow::Result<()> {
+        let partitions: Vec<i32> = self.assigned.iter().copied().collect();
+        for &p in &partitions {
+            self.stage.revoke(p);
+            self.positions.remove(&p);
+        }
+        let starts = self.restore(consumer, &partitions)?;
+        let mut tpl = TopicPartitionList::new();
+        for (p, start) in starts {
+            tpl.add_partition_offset(self.topic, p, start)?;
+        }
+        if tpl.count() > 0 {
+            consumer.seek_partitions(tpl, Duration::from_secs(10))?;
+        }
+        self.needs_rewind = false;
+        tracing::info!(stage = S::NAME, ?partitions, "rewound to the committed offsets");
+        Ok(())
+    }
+}
+
+fn create_producer(config: &ClientConfig) -> anyhow::Result<BaseProducer> {
+    let producer: BaseProducer = config.create()?;
+    producer.init_transactions(Duration::from_secs(30))?;
+    Ok(producer)
+}
+
+/// Runs `stage` until `shutdown`: blocks the calling thread.
+pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: Health, health_name: &'static str, shutdown: Shutdown) -> anyhow::Result<()> {
+    let pc = &config.processor;
+    let instance = if pc.instance_id.is_empty() { presence_core::kafka::hostname() } else { pc.instance_id.clone() };
+    let group = format!("{}.{}", pc.group_id, S::NAME);
+    let mut producer_config = base_config(&config.kafka, &format!("processor-{}", S::NAME));
+    producer_config
+        .set("transactional.id", format!("{group}.{instance}"))
+        // A crashed instance's open transaction blocks read_committed readers until it times out.
+        .set("transaction.timeout.ms", "10000")
+        .set("linger.ms", "5")
+        .set("compression.type", "lz4");
+    let mut restore_config = consumer_config(&config.kafka, &format!("processor-{}-restore", S::NAME), &format!("{group}.restore"));
+    restore_config.set("enable.partition.eof", "true").set("fetch.wait.max.ms", "10");
+    let topic = stage.input_topic();
+    let producer = create_producer(&producer_config).map_err(|e| {
+        anyhow::anyhow!("cannot start the {} stage's transactional producer at {}: {e}; is Kafka up (make stack) and KAFKA_BROKERS right?", S::NAME, config.kafka.brokers)
+    })?;
+    health.register(health_name);
+    let shared = Arc::new(Mutex::new(Shared {
+        stage,
+        producer,
+        producer_config,
+        restore_config,
+        txn_open: false,
+        txn_started: Instant::now(),
+        consumed_since_commit: false,
+        positions: HashMap::new(),
+        assigned: BTreeSet::new(),
+        needs_rewind: false,
+        metrics: metrics.clone(),
+        health: health.clone(),
+        health_name,
+        topic,
+    }));
+    let mut cc = consumer_config(&config.kafka, &format!("processor-{}", S::NAME), &group);
+    cc.set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("statistics.interval.ms", "5000")
+        .set("session.timeout.ms", "10000")
+        .set("heartbeat.interval.ms", "1000");
+    let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext { shared: shared.clone(), metrics: metrics.clone() })?;
+    consumer.subscribe(&[topic])?;
+    let commit_interval = pc.commit_interval;
+    let mut out = Vec::new();
+    let mut rewind_backoff = Duration::from_millis(100);
+    health.set_ready(health_name);
+    tracing::info!(stage = S::NAME, %group, topic, "stage running");
+    while !shutdown.is_triggered() {
+        let timeout = {
+            let g = lock(&shared);
+            let mut t = Duration::from_millis(50);
+            if let Some(wake) = g.stage.next_wakeup() {
+                t = t.min(Duration::from_millis((wake - now_ms()).clamp(0, 50) as u64));
+            }
+            if g.txn_open {
+                t = t.min(commit_interval.saturating_sub(g.txn_started.elapsed()));
+            }
+            t
+        };
+        let polled = consumer.poll(timeout);
+        let mut g = lock(&shared);
+        let now = now_ms();
+        match polled {
+            Some(Ok(m)) if !g.needs_rewind => {
+                if g.assigned.contains(&m.partition()) {
+                    g.begin();
+                    g.stage.on_message(&m, now, &mut out);
+                    g.positions.insert(m.partition(), m.offset() + 1);
+                    g.consumed_since_commit = true;
+                }
+            }
+            Some(Ok(_)) => {}
+            Some(Err(KafkaError::PartitionEOF(p))) => g.stage.on_eof(p),
+            Some(Err(e)) => {
+                tracing::warn!(stage = S::NAME, error = %e, "consumer error");
+                g.health.set_unready(health_name, format!("consumer error: {e}"));
+            }
+            None => {}
+        }
+        if !g.needs_rewind {
+            g.stage.on_tick(now, &mut out);
+            g.send(&mut out);
+        }
+        let due = g.txn_open && g.txn_started.elapsed() >= commit_interval;
+        let idle_due = !g.txn_open && g.stage.commits_when_idle() && !g.assigned.is_empty() && g.txn_started.elapsed() >= commit_interval;
+        if (due || idle_due) && !g.needs_rewind {
+            if idle_due {
+                g.begin();
+            }
+            g.finish_transaction(&consumer);
+        }
+        if g.needs_rewind {
+            g.abort("rewind");
+            out.clear();
+            match g.rewind(&consumer) {
+                Ok(()) => {
+                    rewind_backoff = Duration::from_millis(100);
+                    g.health.set_ready(health_name);
+                }
+                Err(e) => {
+                    tracing::error!(stage = S::NAME, error = %e, backoff_ms = rewind_backoff.as_millis() as u64, "rewind failed; retrying");
+                    g.health.set_unready(health_name, format!("cannot restore state: {e}"));
+                    drop(g);
+                    std::thread::sleep(rewind_backoff);
+                    rewind_backoff = (rewind_backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+    tracing::info!(stage = S::NAME, "shutting down: committing the open transaction");
+    {
+        let mut g = lock(&shared);
+        if !g.needs_rewind {
+            g.finish_transaction(&consumer);
+        } else {
+            g.abort("shutdown");
+        }
+    }
+    consumer.unsubscribe();
+    // Let the revoke callback run (it commits nothing more: the transaction is closed).
+    let _ = consumer.poll(Duration::from_millis(100));
+    Ok(())
+}

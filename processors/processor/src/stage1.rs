@@ -1,0 +1,290 @@
+//! Stage 1's Kafka edge: `heartbeats` in; session events, the sessions changelog and dead
+//! letters out. The rules live in [`crate::sessions`].
+
+use std::collections::{HashMap, HashSet};
+
+use presence_core::codec::{decode, encode, encode_into};
+use presence_core::kafka::dead_letter_headers;
+use presence_core::records::{Heartbeat, HeartbeatKind, HeartbeatRef};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::Offset;
+use serde::{Deserialize, Serialize};
+
+use crate::metrics::{Counts, Metrics};
+use crate::records::{SessionEvent, SessionState};
+use crate::restore::{offset_for_time, read_partition};
+use crate::runner::{Out, RestoreIo, Stage};
+use crate::sessions::{key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey, SessionOutput, SessionTask};
+
+pub struct Topics {
+    pub heartbeats: &'static str,
+    pub transitions: &'static str,
+    pub changelog: &'static str,
+    pub dead_letters: &'static str,
+    /// Partitions of the transitions topic: each gets every watermark.
+    pub transition_partitions: i32,
+}
+
+/// Stored with each committed heartbeats offset: the partition's clock at that point.
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    /// Stream time, ms.
+    t: i64,
+    /// Next source_seq.
+    s: i64,
+}
+
+pub struct SessionsStage {
+    topics: Topics,
+    timeout: i64,
+    max_future: i64,
+    tasks: HashMap<i32, SessionTask>,
+    caught_up: HashSet<i32>,
+    counts: Counts,
+    expiry_delays: Vec<f64>,
+    buf: Vec<u8>,
+}
+
+impl SessionsStage {
+    pub fn new(topics: Topics, timeout_ms: i64, max_future_ms: i64) -> SessionsStage {
+        SessionsStage {
+            topics,
+            timeout: timeout_ms,
+            max_future: max_future_ms,
+            tasks: HashMap::new(),
+            caught_up: HashSet::new(),
+            counts: Counts::default(),
+            expiry_delays: Vec::new(),
+            buf: Vec::with_capacity(128),
+        }
+    }
+
+    fn dead_letter(&mut self, m: &BorrowedMessage<'_>, code: &'static str, message: &str, out: &mut Vec<Out>) {
+        self.counts.dead_letters.push(code);
+        tracing::debug!(partition = m.partition(), offset = m.offset(), code, message, "heartbeat to the dead-letter topic");
+        out.push(Out {
+            topic: self.topics.dead_letters,
+            partition: None,
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: Some(dead_letter_headers(code, message, self.topics.heartbeats, m.partition(), m.offset(), m.timestamp().to_millis())),
+        });
+    }
+}
+
+/// Turns stage-1 outputs into records of the open transaction.
+struct Emitter<'a> {
+    topics: &'a Topics,
+    partition: i32,
+    out: &'a mut Vec<Out>,
+    buf: &'a mut Vec<u8>,
+}
+
+impl SessionOutput for Emitter<'_> {
+    fn event(&mut self, event: SessionEvent) {
+        encode_into(&event, self.buf);
+        self.out.push(Out {
+            topic: self.topics.transitions,
+            partition: None,
+            key: Some(event.facility_id.into_bytes()),
+            value: Some(self.buf.clone()),
+            headers: None,
+        });
+    }
+    fn put_session(&mut self, key: SessionKey, state: SessionState) {
+        self.out.push(Out {
+            topic: self.topics.changelog,
+            partition: Some(self.partition),
+            key: Some(key_bytes(&key).to_vec()),
+            value: Some(encode(&state)),
+            headers: None,
+        });
+    }
+    fn delete_session(&mut self, key: SessionKey) {
+        self.out.push(Out { topic: self.topics.changelog, partition: Some(self.partition), key: Some(key_bytes(&key).to_vec()), value: None, headers: None });
+    }
+}
+
+impl Stage for SessionsStage {
+    const NAME: &'static str = "sessions";
+
+    fn input_topic(&self) -> &'static str {
+        self.topics.heartbeats
+    }
+
+    fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset> {
+        let mut task = SessionTask::new(partition, self.timeout, self.max_future);
+        let mut open_offsets: hashbrown::HashMap<SessionKey, i64> = hashbrown::HashMap::new();
+        let mut bad = 0u64;
+        read_partition(io.config, self.topics.changelog, partition, Offset::Beginning, None, |m| {
+            let Some(key) = m.key().and_then(key_from_bytes) else {
+                bad += 1;
+                return;
+            };
+            match m.payload().map(decode::<SessionState>) {
+                None => {
+                    task.restore_delete(key);
+                    open_offsets.remove(&key);
+                }
+                Some(Ok(state)) => {
+                    task.restore_session(key, &state);
+                    open_offsets.insert(key, state.open_offset);
+                }
+                Some(Err(_)) => bad += 1,
+            }
+        })?;
+        if bad > 0 {
+            tracing::error!(partition, bad, topic = self.topics.changelog, "changelog records that do not decode were skipped");
+        }
+        let start = match committed {
+            Some((offset, metadata)) => {
+                match serde_json::from_str::<Checkpoint>(&metadata) {
+                    Ok(c) => {
+                        task.set_clock(c.t, c.s);
+                        // Beats after a session's open raised its last-seen without a
+                        // changelog write; the ones that matter are younger than the
+                        // timeout at the checkpoint, so re-read just those.
+                        if let Some(from) = offset_for_time(io.config, self.topics.heartbeats, partition, c.t.saturating_sub(self.timeout + 1_000))? {
+                            read_partition(io.config, self.topics.heartbeats, partition, Offset::Offset(from), Some(offset), |m| {
+                                let (Some(ts), Some(payload)) = (m.timestamp().to_millis(), m.payload()) else { return };
+                                let owned;
+                                let beat = match HeartbeatRef::decode(payload) {
+                                    Ok(Some(b)) => b,
+                                    Ok(None) => match decode::<Heartbeat>(payload) {
+                                        Ok(h) => {
+                                            owned = h;
+                                            owned.as_ref()
+                                        }
+                                        Err(_) => return,
+                                    },
+                                    Err(_) => return,
+                                };
+                                if beat.kind != HeartbeatKind::Beat {
+                                    return;
+                                }
+                                let key = session_key(beat.session_id);
+                                if open_offsets.get(&key).is_some_and(|&o| m.offset() > o) {
+                                    task.refresh_last_seen(key, beat.facility_id, ts);
+                                }
+                            })?;
+                        }
+                    }
+                    Err(e) => tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint; starting the clock afresh"),
+                }
+                Offset::Offset(offset)
+            }
+            None => Offset::Beginning,
+        };
+        tracing::info!(partition, open_sessions = task.open_sessions(), "sessions restored");
+        self.caught_up.remove(&partition);
+        self.tasks.insert(partition, task);
+        Ok(start)
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.tasks.remove(&partition);
+        self.caught_up.remove(&partition);
+    }
+
+    fn on_message(&mut self, m: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>) {
+        let partition = m.partition();
+        self.caught_up.remove(&partition);
+        let Some(payload) = m.payload() else {
+            return self.dead_letter(m, "missing_value", "record has no value; send an Avro Heartbeat", out);
+        };
+        let owned;
+        let beat = match HeartbeatRef::decode(payload) {
+            Ok(Some(b)) => b,
+            Ok(None) => match decode::<Heartbeat>(payload) {
+                Ok(h) => {
+                    owned = h;
+                    owned.as_ref()
+                }
+                Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
+            },
+            Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
+        };
+        if m.key() != Some(beat.session_id.as_bytes()) {
+            return self.dead_letter(m, "key_mismatch", "the record key must be the session id, so that a session stays on one partition", out);
+        }
+        let Some(ts) = m.timestamp().to_millis() else {
+            return self.dead_letter(m, "missing_timestamp", "record has no timestamp; the event time is the record timestamp", out);
+        };
+        let Some(task) = self.tasks.get_mut(&partition) else { return };
+        let mut emitter = Emitter { topics: &self.topics, partition, out, buf: &mut self.buf };
+        let b = Beat { session_id: beat.session_id, facility_id: beat.facility_id, region_id: beat.region_id, kind: beat.kind };
+        match task.on_heartbeat(m.offset(), ts, &b, now, &mut emitter) {
+            Ok(applied) => {
+                let i = match applied {
+                    Applied::Opened => 0,
+                    Applied::Extended => 1,
+                    Applied::Moved => 2,
+                    Applied::Closed => 3,
+                    Applied::IgnoredEnd => 4,
+                    Applied::IgnoredLate => 5,
+                };
+                self.counts.heartbeats[i] += 1;
+            }
+            Err(rejected) => self.dead_letter(m, rejected.code, &rejected.message, out),
+        }
+    }
+
+    fn on_eof(&mut self, partition: i32) {
+        self.caught_up.insert(partition);
+    }
+
+    fn on_tick(&mut self, now: i64, out: &mut Vec<Out>) {
+        for p in &self.caught_up {
+            let Some(task) = self.tasks.get_mut(p) else { continue };
+            let first = out.len();
+            let mut emitter = Emitter { topics: &self.topics, partition: *p, out, buf: &mut self.buf };
+            task.advance_to(now, &mut emitter);
+            for o in &out[first..] {
+                if o.topic == self.topics.transitions {
+                    if let Some(Ok(e)) = o.value.as_deref().map(decode::<SessionEvent>) {
+                        self.expiry_delays.push((now - e.at) as f64 / 1000.0);
+                    }
+                }
+            }
+        }
+    }
+
+    fn before_commit(&mut self, _now: i64, out: &mut Vec<Out>) {
+        for task in self.tasks.values() {
+            let wm = task.watermark();
+            if wm.at == i64::MIN {
+                continue;
+            }
+            let bytes = encode(&wm);
+            for q in 0..self.topics.transition_partitions {
+                out.push(Out { topic: self.topics.transitions, partition: Some(q), key: None, value: Some(bytes.clone()), headers: None });
+            }
+        }
+    }
+
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String) {
+        let meta = self
+            .tasks
+            .get(&partition)
+            .map(|t| serde_json::to_string(&Checkpoint { t: t.stream_time(), s: t.next_seq() }).unwrap_or_default())
+            .unwrap_or_default();
+        (next_offset, meta)
+    }
+
+    fn next_wakeup(&self) -> Option<i64> {
+        self.caught_up.iter().filter_map(|p| self.tasks.get(p)?.next_expiry()).min()
+    }
+
+    fn commits_when_idle(&self) -> bool {
+        true
+    }
+
+    fn publish(&mut self, metrics: &Metrics) {
+        self.counts.publish(metrics);
+        for d in self.expiry_delays.drain(..) {
+            metrics.expiry_delay.observe(d.max(0.0));
+        }
+        metrics.open_sessions.set(self.tasks.values().map(|t| t.open_sessions() as i64).sum());
+        metrics.state_bytes.set(self.tasks.values().map(|t| t.heap_bytes() as i64).sum());
+    }
+}

@@ -1,0 +1,190 @@
+//! Stage 2's Kafka edge: session events in; `facility-status` and the facilities changelog
+//! out. The rules live in [`crate::facilities`].
+
+use std::collections::HashMap;
+
+use presence_core::codec::{decode, encode};
+use presence_core::kafka::dead_letter_headers;
+use presence_core::records::{FacilityStatus, Status};
+use rdkafka::message::{BorrowedMessage, Message};
+use rdkafka::topic_partition_list::Offset;
+use serde::{Deserialize, Serialize};
+
+use crate::facilities::{FacilityOutput, FacilityTask};
+use crate::metrics::{Counts, Metrics};
+use crate::records::{FacilityState, SessionEvent};
+use crate::restore::read_partition;
+use crate::runner::{Out, RestoreIo, Stage};
+
+pub struct Topics {
+    pub transitions: &'static str,
+    pub status: &'static str,
+    pub changelog: &'static str,
+    pub dead_letters: &'static str,
+}
+
+/// Stored with each committed transitions offset: the last seq applied per source.
+#[derive(Serialize, Deserialize)]
+struct Checkpoint {
+    a: Vec<i64>,
+}
+
+pub struct FacilitiesStage {
+    topics: Topics,
+    sources: usize,
+    hold: i64,
+    tasks: HashMap<i32, FacilityTask>,
+    counts: Counts,
+    latencies: Vec<f64>,
+}
+
+impl FacilitiesStage {
+    pub fn new(topics: Topics, sources: usize, hold_ms: i64) -> FacilitiesStage {
+        FacilitiesStage { topics, sources, hold: hold_ms, tasks: HashMap::new(), counts: Counts::default(), latencies: Vec::new() }
+    }
+
+    fn dead_letter(&mut self, m: &BorrowedMessage<'_>, code: &'static str, message: &str, out: &mut Vec<Out>) {
+        self.counts.dead_letters.push(code);
+        tracing::error!(partition = m.partition(), offset = m.offset(), code, message, "internal session event to the dead-letter topic");
+        out.push(Out {
+            topic: self.topics.dead_letters,
+            partition: None,
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: Some(dead_letter_headers(code, message, self.topics.transitions, m.partition(), m.offset(), m.timestamp().to_millis())),
+        });
+    }
+}
+
+struct Emitter<'a> {
+    topics: &'a Topics,
+    partition: i32,
+    out: &'a mut Vec<Out>,
+    counts: &'a mut Counts,
+    latencies: &'a mut Vec<f64>,
+}
+
+impl FacilityOutput for Emitter<'_> {
+    fn status(&mut self, status: FacilityStatus) {
+        match status.status {
+            Status::Online => self.counts.online += 1,
+            Status::Offline => self.counts.offline += 1,
+        }
+        self.latencies.push((status.emitted_at - status.since) as f64 / 1000.0);
+        self.out.push(Out {
+            topic: self.topics.status,
+            partition: None,
+            key: Some(status.facility_id.clone().into_bytes()),
+            value: Some(encode(&status)),
+            headers: None,
+        });
+    }
+    fn put_facility(&mut self, state: FacilityState) {
+        self.out.push(Out {
+            topic: self.topics.changelog,
+            partition: Some(self.partition),
+            key: Some(state.facility_id.clone().into_bytes()),
+            value: Some(encode(&state)),
+            headers: None,
+        });
+    }
+}
+
+impl Stage for FacilitiesStage {
+    const NAME: &'static str = "facilities";
+
+    fn input_topic(&self) -> &'static str {
+        self.topics.transitions
+    }
+
+    fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset> {
+        let mut task = FacilityTask::new(partition, self.sources, self.hold);
+        let mut latest: HashMap<String, FacilityState> = HashMap::new();
+        let mut bad = 0u64;
+        read_partition(io.config, self.topics.changelog, partition, Offset::Beginning, None, |m| match m.payload().map(decode::<FacilityState>) {
+            Some(Ok(state)) => {
+                latest.insert(state.facility_id.clone(), state);
+            }
+            Some(Err(_)) => bad += 1,
+            None => {
+                if let Some(k) = m.key() {
+                    latest.remove(String::from_utf8_lossy(k).as_ref());
+                }
+            }
+        })?;
+        if bad > 0 {
+            tracing::error!(partition, bad, topic = self.topics.changelog, "changelog records that do not decode were skipped");
+        }
+        for state in latest.into_values() {
+            task.restore_facility(state);
+        }
+        let start = match committed {
+            Some((offset, metadata)) => {
+                match serde_json::from_str::<Checkpoint>(&metadata) {
+                    Ok(c) => task.set_applied(&c.a),
+                    Err(e) => tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint"),
+                }
+                Offset::Offset(offset)
+            }
+            None => Offset::Beginning,
+        };
+        tracing::info!(partition, online = task.online_facilities(), "facilities restored");
+        self.tasks.insert(partition, task);
+        Ok(start)
+    }
+
+    fn revoke(&mut self, partition: i32) {
+        self.tasks.remove(&partition);
+    }
+
+    fn on_message(&mut self, m: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>) {
+        let Some(payload) = m.payload() else {
+            return self.dead_letter(m, "missing_value", "session event without a value", out);
+        };
+        let event = match decode::<SessionEvent>(payload) {
+            Ok(e) => e,
+            Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
+        };
+        let partition = m.partition();
+        let Some(task) = self.tasks.get_mut(&partition) else { return };
+        let mut emitter = Emitter { topics: &self.topics, partition, out, counts: &mut self.counts, latencies: &mut self.latencies };
+        if let Err(message) = task.on_event(m.offset(), event, now, &mut emitter) {
+            self.dead_letter(m, "unknown_source", &message, out);
+        }
+    }
+
+    fn on_eof(&mut self, _partition: i32) {}
+
+    fn on_tick(&mut self, _now: i64, _out: &mut Vec<Out>) {}
+
+    fn before_commit(&mut self, _now: i64, out: &mut Vec<Out>) {
+        for (p, task) in self.tasks.iter_mut() {
+            let mut emitter = Emitter { topics: &self.topics, partition: *p, out, counts: &mut self.counts, latencies: &mut self.latencies };
+            task.flush_changelog(&mut emitter);
+        }
+    }
+
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String) {
+        match self.tasks.get(&partition) {
+            Some(t) => (t.commit_offset(next_offset), serde_json::to_string(&Checkpoint { a: t.applied().to_vec() }).unwrap_or_default()),
+            None => (next_offset, String::new()),
+        }
+    }
+
+    fn next_wakeup(&self) -> Option<i64> {
+        None
+    }
+
+    fn commits_when_idle(&self) -> bool {
+        false
+    }
+
+    fn publish(&mut self, metrics: &Metrics) {
+        self.counts.publish(metrics);
+        for l in self.latencies.drain(..) {
+            metrics.transition_latency.observe(l.max(0.0));
+        }
+        metrics.online_facilities.set(self.tasks.values().map(|t| t.online_facilities() as i64).sum());
+        metrics.buffered_events.set(self.tasks.values().map(|t| t.buffered() as i64).sum());
+    }
+}
