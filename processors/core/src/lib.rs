@@ -8,6 +8,7 @@
 //! - [`kafka`]: client builders (idempotent producer, read-committed consumer, admin).
 //! - [`topics`]: provisioning and verification of every topic (`presence topics`).
 //! - [`telemetry`]: logging, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
+//! - [`sim`]: the seeded simulation of users (load generator) and its reference model.
 //! - [`shutdown`]: one token tripped by SIGTERM that every task watches.
 //!
 //! Data never flows through this crate: processors use it to talk to Kafka, never to each
@@ -18,6 +19,7 @@ pub mod config;
 pub mod kafka;
 pub mod records;
 pub mod shutdown;
+pub mod sim;
 pub mod telemetry;
 pub mod topics;
 #[cfg(feature = "testkit")]

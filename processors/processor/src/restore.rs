@@ -4,14 +4,26 @@
 
 use std::time::{Duration, Instant};
 
+use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// How long a restore may see no progress before it gives up (and is retried).
 const STALL: Duration = Duration::from_secs(60);
+
+/// A context that keeps the end-of-partition notices out of the logs.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn error(&self, error: KafkaError, reason: &str) {
+        crate::runner::log_client_error("restore", error, reason);
+    }
+}
+
+impl ConsumerContext for Quiet {}
 
 /// Calls `f` for each record of `topic`/`partition` from `from` up to `until` (exclusive)
 /// or, without `until`, to the partition's end (read_committed). Returns the record count.
@@ -23,7 +35,7 @@ pub fn read_partition(
     until: Option<i64>,
     mut f: impl FnMut(&BorrowedMessage<'_>),
 ) -> anyhow::Result<u64> {
-    let consumer: BaseConsumer = config.create()?;
+    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
     let end = until.map_or(high, |u| u.min(high));
     let start = match from {

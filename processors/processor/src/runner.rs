@@ -103,6 +103,10 @@ fn lock<S: Stage>(m: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
 }
 
 impl<S: Stage> ClientContext for StageContext<S> {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(S::NAME, error, reason);
+    }
+
     fn stats(&self, statistics: Statistics) {
         for topic in statistics.topics.values() {
             for (p, part) in &topic.partitions {
@@ -168,6 +172,14 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
             }
         }
     }
+}
+
+/// librdkafka's error events, minus the end-of-partition notices we ask for on purpose.
+pub fn log_client_error(stage: &str, error: KafkaError, reason: &str) {
+    if matches!(error, KafkaError::PartitionEOF(_)) || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+        return;
+    }
+    tracing::warn!(stage, error = %error, reason, "Kafka client error");
 }
 
 /// Why a transaction step failed, in librdkafka's classes.
@@ -303,7 +315,10 @@ impl<S: Stage> Shared<S> {
             let cgm = consumer.group_metadata().ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
             loop {
                 match self.producer.send_offsets_to_transaction(tpl, &cgm, timeout) {
-                    Ok(()) => break,
+                    Ok(()) => {
+                        crash_point_after_offsets();
+                        break;
+                    }
                     Err(e) => {
                         if classify(e)? && Instant::now() < deadline {
                             self.health.set_unready(self.health_name, "Kafka does not answer transaction calls; retrying");
@@ -404,6 +419,22 @@ impl<S: Stage> Shared<S> {
         self.needs_rewind = false;
         tracing::info!(stage = S::NAME, ?partitions, "rewound to the committed offsets");
         Ok(())
+    }
+}
+
+/// Tests of exactly-once set `PRESENCE_CRASH_AFTER_OFFSETS=N` to kill the process (as
+/// kill -9 would) right after the Nth `send_offsets_to_transaction`, before the commit:
+/// the worst instant for a crash. Never set in production.
+fn crash_point_after_offsets() {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
+    static N: AtomicU64 = AtomicU64::new(0);
+    let at = AT.get_or_init(|| std::env::var("PRESENCE_CRASH_AFTER_OFFSETS").ok().and_then(|v| v.parse().ok()));
+    if let Some(at) = at {
+        if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
+            eprintln!("PRESENCE_CRASH_AFTER_OFFSETS={at}: aborting between send_offsets_to_transaction and commit_transaction");
+            std::process::abort();
+        }
     }
 }
 

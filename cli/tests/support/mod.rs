@@ -1,0 +1,206 @@
+//! End-to-end helpers: isolated topics on the real broker, heartbeats produced with chosen
+//! timestamps, the real `presence` binary as a child process, and `facility-status` read
+//! back with read_committed.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use presence_core::codec::{decode, encode};
+use presence_core::config::Config;
+use presence_core::kafka::{base_config, consumer_config, idempotent_producer_config};
+use presence_core::records::FacilityStatus;
+use presence_core::sim::{Expected, SimRecord};
+use presence_core::testkit::isolated_config;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+/// Heavy end-to-end tests share two cores: one at a time.
+pub static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+pub fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A fresh set of topics with a short session timeout (≡ 5 mod 10 ms, see sim::generate).
+pub async fn setup(timeout_ms: u64) -> Config {
+    let mut c = isolated_config();
+    c.processor.session_timeout = Duration::from_millis(timeout_ms);
+    let report = presence_core::topics::ensure(&c).await.expect("topics");
+    assert!(report.is_ok(), "{report}");
+    c
+}
+
+/// The environment that points the `presence` binary at `c`'s topics and groups.
+pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
+    let t = &c.topics;
+    vec![
+        ("KAFKA_BROKERS".into(), c.kafka.brokers.clone()),
+        ("PRESENCE_TOPICS__HEARTBEATS".into(), t.heartbeats.clone()),
+        ("PRESENCE_TOPICS__FACILITY_STATUS".into(), t.facility_status.clone()),
+        ("PRESENCE_TOPICS__DEAD_LETTERS".into(), t.dead_letters.clone()),
+        ("PRESENCE_TOPICS__INTERNAL_PREFIX".into(), t.internal_prefix.clone()),
+        ("PRESENCE_TOPICS__HEARTBEATS_PARTITIONS".into(), t.heartbeats_partitions.to_string()),
+        ("PRESENCE_TOPICS__FACILITY_PARTITIONS".into(), t.facility_partitions.to_string()),
+        ("PRESENCE_PROCESSOR__SESSION_TIMEOUT".into(), format!("{}ms", c.processor.session_timeout.as_millis())),
+        ("PRESENCE_PROCESSOR__FLAP_HOLD".into(), format!("{}ms", c.processor.flap_hold.as_millis())),
+        ("PRESENCE_PROCESSOR__GROUP_ID".into(), c.processor.group_id.clone()),
+        ("PRESENCE_PROCESSOR__INSTANCE_ID".into(), instance.into()),
+        ("PRESENCE_PROCESSOR__OPS_LISTEN".into(), "127.0.0.1:0".into()),
+        ("PRESENCE_NOTIFIER__GROUP_ID".into(), c.notifier.group_id.clone()),
+        ("PRESENCE_SINK__GROUP_ID".into(), c.sink.group_id.clone()),
+        ("PRESENCE_TELEMETRY__LOG_FILTER".into(), "warn,presence_processor=info".into()),
+    ]
+}
+
+pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Child {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
+    cmd.arg("processor").env_clear().envs(env_of(c, instance)).stdin(Stdio::null());
+    if let Ok(path) = std::env::var("PATH") {
+        cmd.env("PATH", path);
+    }
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd.spawn().expect("spawn presence processor")
+}
+
+/// kill -9.
+pub fn kill9(child: &mut Child) {
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// SIGTERM, then wait for a clean exit.
+pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    child.wait().expect("wait")
+}
+
+pub async fn produce(c: &Config, records: &[SimRecord]) {
+    let mut pc = idempotent_producer_config(&c.kafka, "test-producer");
+    pc.set("linger.ms", "20").set("queue.buffering.max.messages", "1000000");
+    let producer: FutureProducer = pc.create().expect("producer");
+    let mut pending = Vec::with_capacity(records.len());
+    for r in records {
+        let bytes = encode(&r.heartbeat);
+        let mut rec = FutureRecord::to(&c.topics.heartbeats).key(r.heartbeat.session_id.as_bytes()).payload(&bytes).timestamp(r.ts);
+        loop {
+            match producer.send_result(rec) {
+                Ok(f) => {
+                    pending.push(f);
+                    break;
+                }
+                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                    rec = back;
+                    producer.poll(Duration::from_millis(10));
+                }
+                Err((e, _)) => panic!("produce: {e}"),
+            }
+        }
+    }
+    for f in pending {
+        f.await.expect("delivery future").expect("delivered");
+    }
+    producer.flush(Duration::from_secs(30)).expect("flush");
+}
+
+/// A read_committed reader of `facility-status` from the beginning.
+pub struct StatusReader {
+    consumer: BaseConsumer,
+    pub seen: Vec<FacilityStatus>,
+}
+
+impl StatusReader {
+    pub fn new(c: &Config) -> StatusReader {
+        let consumer: BaseConsumer = consumer_config(&c.kafka, "test-reader", &format!("{}-reader", c.processor.group_id)).create().expect("consumer");
+        let md = consumer.fetch_metadata(Some(&c.topics.facility_status), Duration::from_secs(10)).expect("metadata");
+        let mut tpl = TopicPartitionList::new();
+        for p in md.topics()[0].partitions() {
+            tpl.add_partition_offset(&c.topics.facility_status, p.id(), Offset::Beginning).unwrap();
+        }
+        consumer.assign(&tpl).expect("assign");
+        StatusReader { consumer, seen: Vec::new() }
+    }
+
+    /// Reads until `done(seen)` or `limit` passes; returns whether `done` held.
+    pub fn read_until(&mut self, limit: Duration, mut done: impl FnMut(&[FacilityStatus]) -> bool) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if done(&self.seen) {
+                return true;
+            }
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                let s = decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes");
+                assert_eq!(m.key(), Some(s.facility_id.as_bytes()), "keyed by facility");
+                self.seen.push(s);
+            }
+        }
+        done(&self.seen)
+    }
+
+    /// Everything committed so far (reads until 1 s without a record).
+    pub fn drain(&mut self) {
+        let mut quiet = Instant::now();
+        while quiet.elapsed() < Duration::from_secs(1) {
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                self.seen.push(decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes"));
+                quiet = Instant::now();
+            }
+        }
+    }
+}
+
+pub fn as_expected(seen: &[FacilityStatus]) -> Vec<Expected> {
+    let mut v: Vec<Expected> = seen
+        .iter()
+        .map(|s| Expected {
+            facility_id: s.facility_id.clone(),
+            seq: s.seq,
+            status: s.status,
+            since: s.since,
+            open_sessions: s.open_sessions,
+            region_id: s.region_id.clone(),
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// A readable account of how two transition lists differ (first few differences).
+pub fn diff(expected: &[Expected], got: &[Expected]) -> String {
+    let by = |v: &[Expected]| {
+        let mut m: HashMap<(String, i64), Expected> = HashMap::new();
+        for e in v {
+            m.insert((e.facility_id.clone(), e.seq), e.clone());
+        }
+        m
+    };
+    let (e, g) = (by(expected), by(got));
+    let mut lines = vec![format!("expected {} transitions, got {}", expected.len(), got.len())];
+    let mut keys: Vec<_> = e.keys().chain(g.keys()).cloned().collect();
+    keys.sort();
+    keys.dedup();
+    for k in keys {
+        if e.get(&k) != g.get(&k) {
+            lines.push(format!("{k:?}: expected {:?}, got {:?}", e.get(&k), g.get(&k)));
+        }
+        if lines.len() > 12 {
+            break;
+        }
+    }
+    lines.join("\n")
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+}
+
+pub fn admin_config(c: &Config) -> rdkafka::config::ClientConfig {
+    base_config(&c.kafka, "test-admin")
+}
