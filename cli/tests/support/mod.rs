@@ -54,7 +54,7 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
         ("PRESENCE_PROCESSOR__OPS_LISTEN".into(), "127.0.0.1:0".into()),
         ("PRESENCE_NOTIFIER__GROUP_ID".into(), c.notifier.group_id.clone()),
         ("PRESENCE_SINK__GROUP_ID".into(), c.sink.group_id.clone()),
-        ("PRESENCE_TELEMETRY__LOG_FILTER".into(), "warn,presence_processor=info".into()),
+        ("PRESENCE_TELEMETRY__LOG_FILTER".into(), "warn".into()),
     ]
 }
 

@@ -24,7 +24,11 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
-use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+
+/// Delivery reports are served by the producer's own thread, which transactional flushes,
+/// commits and aborts rely on.
+type TxnProducer = ThreadedProducer<DefaultProducerContext>;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -77,7 +81,7 @@ pub fn now_ms() -> i64 {
 
 struct Shared<S: Stage> {
     stage: S,
-    producer: BaseProducer,
+    producer: TxnProducer,
     producer_config: ClientConfig,
     restore_config: ClientConfig,
     txn_open: bool,
@@ -241,8 +245,9 @@ impl<S: Stage> Shared<S> {
                 match self.producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                        // The local queue is full: wait for deliveries to free it.
                         record = r;
-                        self.producer.poll(Duration::from_millis(10));
+                        std::thread::sleep(Duration::from_millis(2));
                     }
                     Err((e, _)) => {
                         // The transaction cannot hold this record: it must not commit.
@@ -254,7 +259,6 @@ impl<S: Stage> Shared<S> {
                 }
             }
         }
-        self.producer.poll(Duration::ZERO);
     }
 
     /// Commits the open transaction; on failure aborts it and schedules a rewind.
@@ -422,24 +426,24 @@ impl<S: Stage> Shared<S> {
     }
 }
 
-/// Tests of exactly-once set `PRESENCE_CRASH_AFTER_OFFSETS=N` to kill the process (as
+/// Tests of exactly-once set `FAILPOINT_CRASH_AFTER_OFFSETS=N` to kill the process (as
 /// kill -9 would) right after the Nth `send_offsets_to_transaction`, before the commit:
 /// the worst instant for a crash. Never set in production.
 fn crash_point_after_offsets() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     static N: AtomicU64 = AtomicU64::new(0);
-    let at = AT.get_or_init(|| std::env::var("PRESENCE_CRASH_AFTER_OFFSETS").ok().and_then(|v| v.parse().ok()));
+    let at = AT.get_or_init(|| std::env::var("FAILPOINT_CRASH_AFTER_OFFSETS").ok().and_then(|v| v.parse().ok()));
     if let Some(at) = at {
         if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
-            eprintln!("PRESENCE_CRASH_AFTER_OFFSETS={at}: aborting between send_offsets_to_transaction and commit_transaction");
+            eprintln!("FAILPOINT_CRASH_AFTER_OFFSETS={at}: aborting between send_offsets_to_transaction and commit_transaction");
             std::process::abort();
         }
     }
 }
 
-fn create_producer(config: &ClientConfig) -> anyhow::Result<BaseProducer> {
-    let producer: BaseProducer = config.create()?;
+fn create_producer(config: &ClientConfig) -> anyhow::Result<TxnProducer> {
+    let producer: TxnProducer = config.create()?;
     producer.init_transactions(Duration::from_secs(30))?;
     Ok(producer)
 }
@@ -480,7 +484,10 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         topic,
     }));
     let mut cc = consumer_config(&config.kafka, &format!("processor-{}", S::NAME), &group);
-    cc.set("enable.partition.eof", "true")
+    // Static membership: a restarted instance takes its partitions back at once instead of
+    // waiting for the group to notice that its predecessor is gone.
+    cc.set("group.instance.id", format!("{}.{instance}", S::NAME))
+        .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
         .set("statistics.interval.ms", "5000")
         .set("session.timeout.ms", "10000")
