@@ -58,6 +58,10 @@ pub trait AvroRecord: Sized {
     /// Every released version, oldest first; the last one is the current schema.
     const HISTORY: &'static [&'static str];
 
+    /// Where this type's parsed [`Codec`] lives: a `static` per type (see
+    /// [`codec_cell!`](crate::codec_cell)), so the hot path takes no lock.
+    fn codec_cell() -> &'static OnceLock<Codec>;
+
     /// Appends the Avro binary body for the current schema.
     fn write_body(&self, out: &mut Vec<u8>);
     /// Reads a body written with the current schema; the reader checks for trailing bytes.
@@ -108,10 +112,18 @@ impl Codec {
 
 /// The codec of `T`, parsed on first use.
 pub fn codec<T: AvroRecord + 'static>() -> &'static Codec {
-    static CODECS: OnceLock<std::sync::Mutex<HashMap<&'static str, &'static Codec>>> = OnceLock::new();
-    let map = CODECS.get_or_init(Default::default);
-    let mut guard = map.lock().unwrap_or_else(|p| p.into_inner());
-    guard.entry(T::NAME).or_insert_with(|| Box::leak(Box::new(Codec::build::<T>())))
+    T::codec_cell().get_or_init(Codec::build::<T>)
+}
+
+/// Implements [`AvroRecord::codec_cell`] with a `static` of its own.
+#[macro_export]
+macro_rules! codec_cell {
+    () => {
+        fn codec_cell() -> &'static ::std::sync::OnceLock<$crate::codec::Codec> {
+            static CELL: ::std::sync::OnceLock<$crate::codec::Codec> = ::std::sync::OnceLock::new();
+            &CELL
+        }
+    };
 }
 
 /// Encodes `value` (single-object encoding) into `out`, which is cleared first so that hot
@@ -394,13 +406,22 @@ pub fn verify_history<T: AvroRecord>(history_dir: &std::path::Path) -> Result<()
     Ok(())
 }
 
+/// Control characters (C0, DEL, C1), with a byte-wise fast path for ASCII ids.
+fn has_control(value: &str) -> bool {
+    if value.is_ascii() {
+        value.bytes().any(|b| b < 0x20 || b == 0x7f)
+    } else {
+        value.chars().any(char::is_control)
+    }
+}
+
 /// The rule every id follows: 1 to 128 bytes, no control characters.
 pub fn check_id(record: &'static str, field: &'static str, value: &str) -> Result<(), CodecError> {
     let rule = if value.is_empty() {
         "must not be empty".to_string()
     } else if value.len() > MAX_ID_BYTES {
         format!("is {} bytes; at most {MAX_ID_BYTES} are allowed", value.len())
-    } else if value.chars().any(char::is_control) {
+    } else if has_control(value) {
         "must not contain control characters".to_string()
     } else {
         return Ok(());
@@ -481,6 +502,9 @@ mod tests {
         assert!(check_id("R", "f", "").is_err());
         assert!(check_id("R", "f", &"x".repeat(129)).is_err());
         assert!(check_id("R", "f", &"x".repeat(128)).is_ok());
+        assert!(check_id("R", "f", "caf\u{e9}").is_ok());
+        assert!(check_id("R", "f", "a\u{85}b").is_err(), "C1 controls count too");
+        assert!(check_id("R", "f", "a\u{7f}").is_err());
         let e = check_id("R", "f", "a\nb").unwrap_err();
         assert_eq!(e.to_string(), "R.f: must not contain control characters");
     }

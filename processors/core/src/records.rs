@@ -33,6 +33,8 @@ impl AvroRecord for Heartbeat {
     const SCHEMA: &'static str = include_str!("../../../schemas/heartbeat.avsc");
     const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/heartbeat/v1.avsc")];
 
+    crate::codec_cell!();
+
     fn write_body(&self, out: &mut Vec<u8>) {
         write_str(out, &self.session_id);
         write_str(out, &self.user_id);
@@ -143,6 +145,8 @@ impl AvroRecord for FacilityStatus {
     const NAME: &'static str = "FacilityStatus";
     const SCHEMA: &'static str = include_str!("../../../schemas/facility_status.avsc");
     const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/facility_status/v1.avsc")];
+
+    crate::codec_cell!();
 
     fn write_body(&self, out: &mut Vec<u8>) {
         write_str(out, &self.facility_id);

@@ -28,6 +28,8 @@ impl AvroRecord for SessionEvent {
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_event.avsc");
     const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/session_event/v1.avsc")];
 
+    presence_core::codec_cell!();
+
     fn write_body(&self, out: &mut Vec<u8>) {
         let kind = match self.kind {
             SessionEventKind::Opened => 0,
@@ -73,6 +75,8 @@ impl AvroRecord for SessionState {
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
     const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/session_state/v1.avsc")];
 
+    presence_core::codec_cell!();
+
     fn write_body(&self, out: &mut Vec<u8>) {
         write_str(out, &self.session_id);
         write_str(out, &self.facility_id);
@@ -108,6 +112,8 @@ impl AvroRecord for FacilityState {
     const NAME: &'static str = "FacilityState";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/facility_state.avsc");
     const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/facility_state/v1.avsc")];
+
+    presence_core::codec_cell!();
 
     fn write_body(&self, out: &mut Vec<u8>) {
         write_str(out, &self.facility_id);
