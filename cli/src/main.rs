@@ -33,6 +33,32 @@ enum Command {
     Loadgen,
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
+    /// Benchmarks against the configured broker, on topics of their own.
+    #[command(subcommand)]
+    Bench(Bench),
+}
+
+#[derive(Subcommand)]
+enum Bench {
+    /// Restore time of one partition's open sessions (changelog + timeout window).
+    Restore {
+        #[arg(long, default_value_t = 1_000_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// Processor throughput against a plain consumer's ceiling on the same topic.
+    Throughput {
+        #[arg(long, default_value_t = 2_000_000)]
+        heartbeats: usize,
+    },
+    /// Heartbeat-to-facility-status latency at a steady rate.
+    Latency {
+        #[arg(long, default_value_t = 20_000)]
+        rate: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -84,6 +110,15 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Processor => presence_processor::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
         Command::Notifier => presence_notifier::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
         Command::Sink => presence_sink::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
+        Command::Bench(b) => {
+            let report = match b {
+                Bench::Restore { sessions, runs } => presence_processor::bench::restore(&config, sessions, runs).await?,
+                Bench::Throughput { heartbeats } => presence_processor::bench::throughput(&config, heartbeats).await?,
+                Bench::Latency { rate, seconds } => presence_processor::bench::latency(&config, rate, seconds).await?,
+            };
+            println!("{report}");
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Loadgen => anyhow::bail!("presence loadgen is not built yet (issue #4)"),
     }
 }

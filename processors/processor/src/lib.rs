@@ -12,12 +12,13 @@
 //! - [`runner`]: the transactional consume-process-produce loop both stages run in,
 //!   with rebalance handling and librdkafka's error classes; [`restore`]: reading a
 //!   partition back.
-//! - [`metrics`]: every metric the processor exports.
+//! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`.
 //!
 //! Data flow: `heartbeats` → stage 1 → `<prefix>session-transitions` (keyed by facility,
 //! plus watermarks to every partition) → stage 2 → `facility-status`. Each stage is its own
 //! consumer group with its own transactional producer, so each scales over its partitions.
 
+pub mod bench;
 pub mod facilities;
 pub mod metrics;
 pub mod records;

@@ -58,7 +58,9 @@ pub fn read_partition(
                 }
                 f(&m);
                 n += 1;
-                progress = Instant::now();
+                if n % 4096 == 0 {
+                    progress = Instant::now();
+                }
                 if m.offset() + 1 >= end {
                     break;
                 }

@@ -461,7 +461,13 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         .set("linger.ms", "5")
         .set("compression.type", "lz4");
     let mut restore_config = consumer_config(&config.kafka, &format!("processor-{}-restore", S::NAME), &format!("{group}.restore"));
-    restore_config.set("enable.partition.eof", "true").set("fetch.wait.max.ms", "10");
+    // Restore reads whole partitions as fast as the broker serves them: big fetches.
+    restore_config
+        .set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("fetch.max.bytes", "67108864")
+        .set("queued.min.messages", "1000000");
     let topic = stage.input_topic();
     let producer = create_producer(&producer_config).map_err(|e| {
         anyhow::anyhow!("cannot start the {} stage's transactional producer at {}: {e}; is Kafka up (make stack) and KAFKA_BROKERS right?", S::NAME, config.kafka.brokers)
@@ -489,6 +495,8 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
     cc.set("group.instance.id", format!("{}.{instance}", S::NAME))
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "4194304")
+        .set("fetch.max.bytes", "67108864")
         .set("statistics.interval.ms", "5000")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");

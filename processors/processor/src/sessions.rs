@@ -26,6 +26,11 @@ pub fn session_key(session_id: &str) -> SessionKey {
     [h as u64, (h >> 64) as u64]
 }
 
+/// A facility id's 64-bit hash, for comparing facilities without keeping the strings.
+pub fn facility_hash(facility_id: &str) -> u64 {
+    xxhash_rust::xxh3::xxh3_64(facility_id.as_bytes())
+}
+
 pub fn key_bytes(key: &SessionKey) -> [u8; 16] {
     let mut b = [0u8; 16];
     b[..8].copy_from_slice(&key[0].to_le_bytes());
@@ -108,6 +113,9 @@ pub struct SessionTask {
     head: u32,
     tail: u32,
     open: usize,
+    /// While restoring: each slot's open offset (from the changelog), so that the re-read
+    /// beats apply only after it. Empty otherwise.
+    restore_offsets: Vec<i64>,
 }
 
 impl SessionTask {
@@ -129,6 +137,7 @@ impl SessionTask {
             head: NIL,
             tail: NIL,
             open: 0,
+            restore_offsets: Vec::new(),
         }
     }
 
@@ -271,13 +280,24 @@ impl SessionTask {
     /// Restore: a changelog record (the session opened or moved), applied in log order.
     pub fn restore_session(&mut self, key: SessionKey, state: &SessionState) {
         let facility = self.intern(&state.facility_id, &state.region_id);
-        match self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() {
+        let i = match self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() {
             Some(i) => {
                 self.slots[i as usize].facility = facility;
                 self.touch(i, state.last_seen);
+                i
             }
             None => self.insert(key, facility, state.last_seen),
+        };
+        let i = i as usize;
+        if self.restore_offsets.len() <= i {
+            self.restore_offsets.resize(i + 1, i64::MAX);
         }
+        self.restore_offsets[i] = state.open_offset;
+    }
+
+    /// Restore is over: the open offsets are not needed any more.
+    pub fn finish_restore(&mut self) {
+        self.restore_offsets = Vec::new();
     }
 
     /// Restore: a changelog tombstone (the session closed).
@@ -287,12 +307,22 @@ impl SessionTask {
         }
     }
 
-    /// Restore: a beat re-read from the heartbeats after the session's open offset raises its
-    /// last-seen exactly as it did when first processed.
-    pub fn refresh_last_seen(&mut self, key: SessionKey, facility_id: &str, ts: i64) {
+    /// Restore: a beat at `offset`, re-read from the heartbeats, raises its session's
+    /// last-seen exactly as it did when first processed: if it came after the session's open
+    /// (or move) and names the same facility.
+    pub fn refresh_last_seen(&mut self, key: SessionKey, facility_id: &str, ts: i64, offset: i64) {
+        self.refresh_last_seen_hashed(key, facility_hash(facility_id), ts, offset)
+    }
+
+    /// As [`Self::refresh_last_seen`], with the facility given by [`facility_hash`], so that
+    /// the beats can be read on another thread while the changelog restores.
+    pub fn refresh_last_seen_hashed(&mut self, key: SessionKey, facility: u64, ts: i64, offset: i64) {
         let Some(i) = self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() else { return };
+        if self.restore_offsets.get(i as usize).is_none_or(|&open| offset <= open) {
+            return;
+        }
         let slot = self.slots[i as usize];
-        if ts > slot.last_seen && self.facilities[slot.facility as usize].0.as_ref() == facility_id {
+        if ts > slot.last_seen && facility_hash(&self.facilities[slot.facility as usize].0) == facility {
             self.touch(i, ts);
         }
     }
@@ -322,7 +352,7 @@ impl SessionTask {
         i
     }
 
-    fn insert(&mut self, key: SessionKey, facility: u32, last_seen: i64) {
+    fn insert(&mut self, key: SessionKey, facility: u32, last_seen: i64) -> u32 {
         let slot = Slot { key, last_seen, facility, prev: NIL, next: NIL };
         let i = if self.free != NIL {
             let i = self.free;
@@ -337,6 +367,7 @@ impl SessionTask {
         self.table.insert_unique(key[0], i, |&j| slots[j as usize].key[0]);
         self.link_sorted(i);
         self.open += 1;
+        i
     }
 
     fn remove(&mut self, i: u32) {
@@ -551,8 +582,10 @@ mod tests {
         let mut restored = SessionTask::new(0, T, 60_000);
         restored.restore_session(key, &state);
         restored.set_clock(live.stream_time(), live.next_seq());
-        restored.refresh_last_seen(key, "f", 31_000);
-        restored.refresh_last_seen(key, "other", 40_000); // another facility: not this session's beat
+        restored.refresh_last_seen(key, "f", 45_000, 0); // the opening beat's offset or before: not after the open
+        restored.refresh_last_seen(key, "f", 31_000, 1);
+        restored.refresh_last_seen(key, "other", 40_000, 2); // another facility: not this session's beat
+        restored.finish_restore();
         assert_eq!(restored.next_expiry(), live.next_expiry());
     }
 

@@ -14,7 +14,7 @@ use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
 use crate::restore::{offset_for_time, read_partition};
 use crate::runner::{Out, RestoreIo, Stage};
-use crate::sessions::{key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey, SessionOutput, SessionTask};
+use crate::sessions::{facility_hash, key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey, SessionOutput, SessionTask};
 
 pub struct Topics {
     pub heartbeats: &'static str,
@@ -59,6 +59,11 @@ impl SessionsStage {
         }
     }
 
+    /// Open sessions over every partition this stage holds.
+    pub fn open_sessions(&self) -> usize {
+        self.tasks.values().map(SessionTask::open_sessions).sum()
+    }
+
     fn dead_letter(&mut self, m: &BorrowedMessage<'_>, code: &'static str, message: &str, out: &mut Vec<Out>) {
         self.counts.dead_letters.push(code);
         tracing::debug!(partition = m.partition(), offset = m.offset(), code, message, "heartbeat to the dead-letter topic");
@@ -70,6 +75,33 @@ impl SessionsStage {
             headers: Some(dead_letter_headers(code, message, self.topics.heartbeats, m.partition(), m.offset(), m.timestamp().to_millis())),
         });
     }
+}
+
+/// A beat re-read for restore, reduced to what refreshing a last-seen needs.
+struct WindowBeat {
+    key: SessionKey,
+    facility: u64,
+    ts: i64,
+    offset: i64,
+}
+
+fn window_beat(m: &BorrowedMessage<'_>) -> Option<WindowBeat> {
+    let ts = m.timestamp().to_millis()?;
+    let payload = m.payload()?;
+    let owned;
+    let beat = match HeartbeatRef::decode(payload) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            owned = decode::<Heartbeat>(payload).ok()?;
+            owned.as_ref()
+        }
+        Err(_) => return None,
+    };
+    // What the live path refused (dead letters) or what does not extend: not a refresh.
+    if beat.kind != HeartbeatKind::Beat || m.key() != Some(beat.session_id.as_bytes()) {
+        return None;
+    }
+    Some(WindowBeat { key: session_key(beat.session_id), facility: facility_hash(beat.facility_id), ts, offset: m.offset() })
 }
 
 /// Turns stage-1 outputs into records of the open transaction.
@@ -113,69 +145,72 @@ impl Stage for SessionsStage {
     }
 
     fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset> {
+        let started = std::time::Instant::now();
+        let checkpoint = match &committed {
+            Some((_, metadata)) => match serde_json::from_str::<Checkpoint>(metadata) {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint; starting the clock afresh");
+                    None
+                }
+            },
+            None => None,
+        };
+        // Beats after a session's open raised its last-seen without a changelog write; the
+        // ones that matter are younger than the timeout at the checkpoint. They are re-read on
+        // a second thread while the changelog restores, then applied.
+        let window = match (&committed, &checkpoint) {
+            (Some((offset, _)), Some(c)) => offset_for_time(io.config, self.topics.heartbeats, partition, c.t.saturating_sub(self.timeout + 1_000))?
+                .map(|from| (from, *offset)),
+            _ => None,
+        };
         let mut task = SessionTask::new(partition, self.timeout, self.max_future);
-        let mut open_offsets: hashbrown::HashMap<SessionKey, i64> = hashbrown::HashMap::new();
         let mut bad = 0u64;
-        read_partition(io.config, self.topics.changelog, partition, Offset::Beginning, None, |m| {
-            let Some(key) = m.key().and_then(key_from_bytes) else {
-                bad += 1;
-                return;
-            };
-            match m.payload().map(decode::<SessionState>) {
-                None => {
-                    task.restore_delete(key);
-                    open_offsets.remove(&key);
+        let (changelog_records, window_beats) = std::thread::scope(|scope| -> anyhow::Result<(u64, Vec<WindowBeat>)> {
+            let heartbeats = self.topics.heartbeats;
+            let reader = scope.spawn(move || -> anyhow::Result<Vec<WindowBeat>> {
+                let Some((from, until)) = window else { return Ok(Vec::new()) };
+                let mut beats = Vec::with_capacity((until - from).clamp(0, 1 << 24) as usize);
+                read_partition(io.config, heartbeats, partition, Offset::Offset(from), Some(until), |m| {
+                    if let Some(b) = window_beat(m) {
+                        beats.push(b);
+                    }
+                })?;
+                Ok(beats)
+            });
+            let n = read_partition(io.config, self.topics.changelog, partition, Offset::Beginning, None, |m| {
+                let Some(key) = m.key().and_then(key_from_bytes) else {
+                    bad += 1;
+                    return;
+                };
+                match m.payload().map(decode::<SessionState>) {
+                    None => task.restore_delete(key),
+                    Some(Ok(state)) => task.restore_session(key, &state),
+                    Some(Err(_)) => bad += 1,
                 }
-                Some(Ok(state)) => {
-                    task.restore_session(key, &state);
-                    open_offsets.insert(key, state.open_offset);
-                }
-                Some(Err(_)) => bad += 1,
-            }
+            })?;
+            let beats = reader.join().map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
+            Ok((n, beats))
         })?;
         if bad > 0 {
             tracing::error!(partition, bad, topic = self.topics.changelog, "changelog records that do not decode were skipped");
         }
-        let start = match committed {
-            Some((offset, metadata)) => {
-                match serde_json::from_str::<Checkpoint>(&metadata) {
-                    Ok(c) => {
-                        task.set_clock(c.t, c.s);
-                        // Beats after a session's open raised its last-seen without a
-                        // changelog write; the ones that matter are younger than the
-                        // timeout at the checkpoint, so re-read just those.
-                        if let Some(from) = offset_for_time(io.config, self.topics.heartbeats, partition, c.t.saturating_sub(self.timeout + 1_000))? {
-                            read_partition(io.config, self.topics.heartbeats, partition, Offset::Offset(from), Some(offset), |m| {
-                                let (Some(ts), Some(payload)) = (m.timestamp().to_millis(), m.payload()) else { return };
-                                let owned;
-                                let beat = match HeartbeatRef::decode(payload) {
-                                    Ok(Some(b)) => b,
-                                    Ok(None) => match decode::<Heartbeat>(payload) {
-                                        Ok(h) => {
-                                            owned = h;
-                                            owned.as_ref()
-                                        }
-                                        Err(_) => return,
-                                    },
-                                    Err(_) => return,
-                                };
-                                if beat.kind != HeartbeatKind::Beat {
-                                    return;
-                                }
-                                let key = session_key(beat.session_id);
-                                if open_offsets.get(&key).is_some_and(|&o| m.offset() > o) {
-                                    task.refresh_last_seen(key, beat.facility_id, ts);
-                                }
-                            })?;
-                        }
-                    }
-                    Err(e) => tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint; starting the clock afresh"),
-                }
-                Offset::Offset(offset)
-            }
-            None => Offset::Beginning,
-        };
-        tracing::info!(partition, open_sessions = task.open_sessions(), "sessions restored");
+        for b in &window_beats {
+            task.refresh_last_seen_hashed(b.key, b.facility, b.ts, b.offset);
+        }
+        task.finish_restore();
+        if let Some(c) = &checkpoint {
+            task.set_clock(c.t, c.s);
+        }
+        let start = committed.map_or(Offset::Beginning, |(offset, _)| Offset::Offset(offset));
+        tracing::info!(
+            partition,
+            open_sessions = task.open_sessions(),
+            changelog_records,
+            window_beats = window_beats.len(),
+            seconds = started.elapsed().as_secs_f64(),
+            "sessions restored"
+        );
         self.caught_up.remove(&partition);
         self.tasks.insert(partition, task);
         Ok(start)
