@@ -15,6 +15,9 @@ pub fn base_config(k: &KafkaConfig, role: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", &k.brokers);
     c.set("client.id", format!("{}-{role}", k.client_id));
+    // Small requests (transaction commits, offset commits) must not wait for Nagle's
+    // algorithm; Kafka's own clients disable it too.
+    c.set("socket.nagle.disable", "true");
     for (key, value) in &k.properties {
         c.set(key, value.expose());
     }

@@ -71,6 +71,10 @@ pub trait Stage: Send + 'static {
     fn next_wakeup(&self) -> Option<i64>;
     /// Whether to commit even when nothing was consumed (stage 1: watermarks).
     fn commits_when_idle(&self) -> bool;
+    /// Whether some partition is replaying a backlog. Commits are synchronous, so while
+    /// replaying the runner commits ten times less often (at most once a second): latency
+    /// does not matter for records that are already late, throughput does.
+    fn backlogged(&self) -> bool;
     /// Publishes per-transaction tallies and gauges.
     fn publish(&mut self, metrics: &Metrics);
 }
@@ -289,12 +293,14 @@ impl<S: Stage> Shared<S> {
                 }
             }
         }
+        let before_commit = started.elapsed();
         let result = self.commit_with_retries(consumer, &tpl);
         match result {
             Ok(()) => {
                 self.txn_open = false;
                 self.consumed_since_commit = false;
                 self.metrics.commit_seconds.with_label_values(&[S::NAME]).observe(started.elapsed().as_secs_f64());
+                tracing::debug!(stage = S::NAME, ms = started.elapsed().as_millis() as u64, before_ms = before_commit.as_millis() as u64, partitions = tpl.count(), "committed");
                 self.stage.publish(&self.metrics);
                 self.health.set_ready(self.health_name);
             }
@@ -318,8 +324,10 @@ impl<S: Stage> Shared<S> {
         if tpl.count() > 0 {
             let cgm = consumer.group_metadata().ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
             loop {
+                let t = Instant::now();
                 match self.producer.send_offsets_to_transaction(tpl, &cgm, timeout) {
                     Ok(()) => {
+                        tracing::debug!(stage = S::NAME, ms = t.elapsed().as_millis() as u64, "offsets sent");
                         crash_point_after_offsets();
                         break;
                     }
@@ -459,6 +467,11 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         // A crashed instance's open transaction blocks read_committed readers until it times out.
         .set("transaction.timeout.ms", "10000")
         .set("linger.ms", "5")
+        // Right after a commit the coordinator answers CONCURRENT_TRANSACTIONS until the
+        // markers are written; librdkafka retries after retry.backoff.ms (default 100 ms),
+        // which would add 100 ms to every commit.
+        .set("retry.backoff.ms", "5")
+        .set("retry.backoff.max.ms", "100")
         .set("compression.type", "lz4");
     let mut restore_config = consumer_config(&config.kafka, &format!("processor-{}-restore", S::NAME), &format!("{group}.restore"));
     // Restore reads whole partitions as fast as the broker serves them: big fetches.
@@ -502,12 +515,14 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         .set("heartbeat.interval.ms", "1000");
     let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext { shared: shared.clone(), metrics: metrics.clone() })?;
     consumer.subscribe(&[topic])?;
-    let commit_interval = pc.commit_interval;
+    let base_interval = pc.commit_interval;
+    let backlog_interval = (base_interval * 10).min(Duration::from_secs(1)).max(base_interval);
     let mut out = Vec::new();
     let mut rewind_backoff = Duration::from_millis(100);
     health.set_ready(health_name);
     tracing::info!(stage = S::NAME, %group, topic, "stage running");
     while !shutdown.is_triggered() {
+        let commit_interval = if lock(&shared).stage.backlogged() { backlog_interval } else { base_interval };
         let timeout = {
             let g = lock(&shared);
             let mut t = Duration::from_millis(50);
@@ -519,26 +534,37 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
             }
             t
         };
-        let polled = consumer.poll(timeout);
-        let mut g = lock(&shared);
-        let now = now_ms();
-        match polled {
-            Some(Ok(m)) if !g.needs_rewind => {
-                if g.assigned.contains(&m.partition()) {
-                    g.begin();
-                    g.stage.on_message(&m, now, &mut out);
-                    g.positions.insert(m.partition(), m.offset() + 1);
-                    g.consumed_since_commit = true;
+        // Drain what is ready in one burst: the clock, ticks and commit checks run once per
+        // burst, not per record. Outputs are handed to the producer after every record, since
+        // a rebalance inside the next poll may commit the transaction.
+        let mut wait = timeout;
+        for _ in 0..1024 {
+            let Some(polled) = consumer.poll(wait) else { break };
+            wait = Duration::ZERO;
+            let mut g = lock(&shared);
+            match polled {
+                Ok(m) if !g.needs_rewind => {
+                    if g.assigned.contains(&m.partition()) {
+                        g.begin();
+                        g.stage.on_message(&m, now_ms(), &mut out);
+                        g.positions.insert(m.partition(), m.offset() + 1);
+                        g.consumed_since_commit = true;
+                        g.send(&mut out);
+                    }
+                }
+                Ok(_) => {}
+                Err(KafkaError::PartitionEOF(p)) => g.stage.on_eof(p),
+                Err(e) => {
+                    tracing::warn!(stage = S::NAME, error = %e, "consumer error");
+                    g.health.set_unready(health_name, format!("consumer error: {e}"));
                 }
             }
-            Some(Ok(_)) => {}
-            Some(Err(KafkaError::PartitionEOF(p))) => g.stage.on_eof(p),
-            Some(Err(e)) => {
-                tracing::warn!(stage = S::NAME, error = %e, "consumer error");
-                g.health.set_unready(health_name, format!("consumer error: {e}"));
+            if g.txn_open && g.txn_started.elapsed() >= commit_interval {
+                break;
             }
-            None => {}
         }
+        let mut g = lock(&shared);
+        let now = now_ms();
         if !g.needs_rewind {
             g.stage.on_tick(now, &mut out);
             g.send(&mut out);

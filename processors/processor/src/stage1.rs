@@ -40,6 +40,8 @@ pub struct SessionsStage {
     max_future: i64,
     tasks: HashMap<i32, SessionTask>,
     caught_up: HashSet<i32>,
+    /// Each partition's latest record timestamp (for the commit cadence).
+    latest_record: HashMap<i32, i64>,
     counts: Counts,
     expiry_delays: Vec<f64>,
     buf: Vec<u8>,
@@ -53,6 +55,7 @@ impl SessionsStage {
             max_future: max_future_ms,
             tasks: HashMap::new(),
             caught_up: HashSet::new(),
+            latest_record: HashMap::new(),
             counts: Counts::default(),
             expiry_delays: Vec::new(),
             buf: Vec::with_capacity(128),
@@ -219,6 +222,7 @@ impl Stage for SessionsStage {
     fn revoke(&mut self, partition: i32) {
         self.tasks.remove(&partition);
         self.caught_up.remove(&partition);
+        self.latest_record.remove(&partition);
     }
 
     fn on_message(&mut self, m: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>) {
@@ -245,6 +249,7 @@ impl Stage for SessionsStage {
         let Some(ts) = m.timestamp().to_millis() else {
             return self.dead_letter(m, "missing_timestamp", "record has no timestamp; the event time is the record timestamp", out);
         };
+        self.latest_record.insert(partition, ts);
         let Some(task) = self.tasks.get_mut(&partition) else { return };
         let mut emitter = Emitter { topics: &self.topics, partition, out, buf: &mut self.buf };
         let b = Beat { session_id: beat.session_id, facility_id: beat.facility_id, region_id: beat.region_id, kind: beat.kind };
@@ -312,6 +317,13 @@ impl Stage for SessionsStage {
 
     fn commits_when_idle(&self) -> bool {
         true
+    }
+
+    fn backlogged(&self) -> bool {
+        // Live records are stamped on receipt, so they are fresh; a partition whose latest
+        // record is more than a second old, and that has not reached its end, is replaying.
+        let now = crate::runner::now_ms();
+        self.tasks.keys().any(|p| !self.caught_up.contains(p) && self.latest_record.get(p).is_none_or(|&ts| now - ts > 1_000))
     }
 
     fn publish(&mut self, metrics: &Metrics) {

@@ -179,6 +179,10 @@ impl Stage for FacilitiesStage {
         false
     }
 
+    fn backlogged(&self) -> bool {
+        false
+    }
+
     fn publish(&mut self, metrics: &Metrics) {
         self.counts.publish(metrics);
         for l in self.latencies.drain(..) {
