@@ -5,8 +5,8 @@ STACK := bash deploy/stack.sh
 PRESENCE := target/release/presence
 
 # Where the stack script keeps Kafka's jars and the Python with fastavro; tests read these.
-export PRESENCE_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
-export PRESENCE_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
+export PRESENCE_TEST_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
+export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 
 .PHONY: help up down stack stack-down status build topics test unit bench
 
@@ -46,5 +46,10 @@ unit:
 test: stack
 	cargo test --workspace --locked
 
-bench:
-	cargo bench --workspace --locked
+# Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of
+# their own (restore, end-to-end throughput against a plain consumer, latency).
+bench: stack build
+	cargo bench --locked -p presence-processor --bench stage1
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench restore --sessions 1000000
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench throughput --heartbeats 4000000
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench latency --rate 20000 --seconds 30

@@ -496,6 +496,9 @@ fn invalid_topic_name(name: &str) -> Option<&'static str> {
     }
 }
 
+/// The file's sections, for recognising misspelt environment overrides.
+const SECTIONS: &[&str] = &["kafka", "topics", "redis", "database", "processor", "gateway", "notifier", "sink", "telemetry"];
+
 /// Environment overrides. The three well-known names, `KAFKA_PROPERTY_<NAME>` (underscores
 /// become dots: `KAFKA_PROPERTY_SASL_MECHANISM` is `sasl.mechanism`) and the generic
 /// `PRESENCE_<SECTION>__<KEY>` (`PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s`).
@@ -523,13 +526,15 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<S
                         }
                     }
                 } else if let Some(rest) = name.strip_prefix("PRESENCE_") {
-                    let Some((section, key)) = rest.split_once("__") else {
-                        errors.push(format!(
-                            "environment variable {name} is not of the form PRESENCE_<SECTION>__<KEY> (two underscores), e.g. PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s"
-                        ));
-                        continue;
-                    };
-                    set(doc, &section.to_ascii_lowercase(), &key.to_ascii_lowercase(), env_value(value));
+                    match rest.split_once("__") {
+                        Some((section, key)) => set(doc, &section.to_ascii_lowercase(), &key.to_ascii_lowercase(), env_value(value)),
+                        // PRESENCE_PROCESSOR_SESSION_TIMEOUT: meant as a setting, one underscore short.
+                        None if SECTIONS.iter().any(|s| rest.to_ascii_lowercase().starts_with(&format!("{s}_"))) => errors.push(format!(
+                            "environment variable {name} names a setting with one underscore between section and key; write PRESENCE_<SECTION>__<KEY>, e.g. PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s"
+                        )),
+                        // Other PRESENCE_* variables (PRESENCE_CONFIG, tooling) are not settings.
+                        None => {}
+                    }
                 }
             }
         }
@@ -603,6 +608,13 @@ mod tests {
         let p = problems_of(&[("PRESENCE_PROCESSOR__SESION_TIMEOUT", "5s")]);
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(p[0].contains("sesion_timeout"), "{p:?}");
+    }
+
+    #[test]
+    fn a_setting_with_one_underscore_is_an_error_but_other_presence_variables_are_not() {
+        let p = problems_of(&[("PRESENCE_PROCESSOR_SESSION_TIMEOUT", "5s"), ("PRESENCE_TEST_PYTHON", "/usr/bin/python3")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("PRESENCE_PROCESSOR_SESSION_TIMEOUT") && p[0].contains("PRESENCE_<SECTION>__<KEY>"), "{p:?}");
     }
 
     #[test]

@@ -44,12 +44,12 @@ fn cache_dir() -> PathBuf {
 
 /// Apache Kafka's jars (for its command-line tools, our external client).
 pub fn kafka_libs() -> PathBuf {
-    std::env::var_os("PRESENCE_KAFKA_LIBS").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("kafka-4.1.0/libs"))
+    std::env::var_os("PRESENCE_TEST_KAFKA_LIBS").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("kafka-4.1.0/libs"))
 }
 
 /// The Python with fastavro installed by `deploy/stack.sh`.
 pub fn python() -> PathBuf {
-    std::env::var_os("PRESENCE_PYTHON").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("venv/bin/python"))
+    std::env::var_os("PRESENCE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("venv/bin/python"))
 }
 
 /// The repository root, for scripts and schemas.
