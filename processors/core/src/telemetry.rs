@@ -20,7 +20,13 @@ use crate::shutdown::Shutdown;
 pub fn init_logging(c: &TelemetryConfig) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(&c.log_filter));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_target(true);
+    use std::io::IsTerminal;
+    // Colours only on a terminal: log files and collectors get plain text.
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(true)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal());
     let _ = match c.log_format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Text => builder.try_init(),
