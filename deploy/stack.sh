@@ -58,7 +58,10 @@ as_root() {
 APT_UPDATED=0
 apt_install() {
   local missing=()
-  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  # "install ok installed" only: a removed package keeps a dpkg entry (config files).
+  for pkg in "$@"; do
+    [[ "$(dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null)" == "install ok installed" ]] || missing+=("$pkg")
+  done
   ((${#missing[@]} == 0)) && return 0
   say "installing ${missing[*]} (apt-get)"
   if ((APT_UPDATED == 0)); then as_root apt-get update -qq; APT_UPDATED=1; fi

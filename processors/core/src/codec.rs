@@ -147,48 +147,50 @@ pub fn decode<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<T, CodecError> {
 }
 
 fn decode_with<T: AvroRecord>(c: &Codec, bytes: &[u8]) -> Result<T, CodecError> {
-    if bytes.len() < HEADER_LEN {
-        return Err(CodecError::TooShort { len: bytes.len() });
-    }
-    if bytes[..2] != MARKER {
-        return Err(CodecError::BadMarker { found: [bytes[0], bytes[1]] });
-    }
-    let mut fp = [0u8; 8];
-    fp.copy_from_slice(&bytes[2..HEADER_LEN]);
-    let fp = u64::from_le_bytes(fp);
-    let body = &bytes[HEADER_LEN..];
-    let value = if fp == c.fingerprint {
-        read_all::<T>(body)?
-    } else if let Some(writer) = c.older.get(&fp) {
-        let resolved = resolve_old(c, writer, body)?;
-        read_all::<T>(&resolved)?
-    } else {
-        return Err(CodecError::UnknownSchema { record: c.record, fingerprint: fp });
+    let value = match c.split(bytes)? {
+        Body::Current(body) => read_all::<T>(body)?,
+        Body::Older(writer, body) => read_all::<T>(&resolve_old(c, writer, body)?)?,
     };
     value.validate()?;
     Ok(value)
+}
+
+/// A record body and the schema version it was written with.
+enum Body<'a> {
+    Current(&'a [u8]),
+    Older(&'a Schema, &'a [u8]),
+}
+
+impl Codec {
+    /// Checks the single-object header and finds the writer's schema version.
+    fn split<'a>(&'a self, bytes: &'a [u8]) -> Result<Body<'a>, CodecError> {
+        if bytes.len() < HEADER_LEN {
+            return Err(CodecError::TooShort { len: bytes.len() });
+        }
+        if bytes[..2] != MARKER {
+            return Err(CodecError::BadMarker { found: [bytes[0], bytes[1]] });
+        }
+        let mut fp = [0u8; 8];
+        fp.copy_from_slice(&bytes[2..HEADER_LEN]);
+        let fp = u64::from_le_bytes(fp);
+        let body = &bytes[HEADER_LEN..];
+        if fp == self.fingerprint {
+            Ok(Body::Current(body))
+        } else if let Some(writer) = self.older.get(&fp) {
+            Ok(Body::Older(writer, body))
+        } else {
+            Err(CodecError::UnknownSchema { record: self.record, fingerprint: fp })
+        }
+    }
 }
 
 /// For zero-copy readers of hot records: the body if `bytes` carries the current version
 /// of `T`, `None` if an older released version (decode it with [`decode`]), an error for
 /// anything else.
 pub fn current_body<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<Option<&[u8]>, CodecError> {
-    let c = codec::<T>();
-    if bytes.len() < HEADER_LEN {
-        return Err(CodecError::TooShort { len: bytes.len() });
-    }
-    if bytes[..2] != MARKER {
-        return Err(CodecError::BadMarker { found: [bytes[0], bytes[1]] });
-    }
-    let mut fp = [0u8; 8];
-    fp.copy_from_slice(&bytes[2..HEADER_LEN]);
-    let fp = u64::from_le_bytes(fp);
-    if fp == c.fingerprint {
-        Ok(Some(&bytes[HEADER_LEN..]))
-    } else if c.older.contains_key(&fp) {
-        Ok(None)
-    } else {
-        Err(CodecError::UnknownSchema { record: c.record, fingerprint: fp })
+    match codec::<T>().split(bytes)? {
+        Body::Current(body) => Ok(Some(body)),
+        Body::Older(..) => Ok(None),
     }
 }
 

@@ -44,6 +44,19 @@ pub struct Out {
     pub headers: Option<OwnedHeaders>,
 }
 
+impl Out {
+    /// `m` as a dead letter: original key and bytes, headers saying what and where.
+    pub fn dead_letter(topic: &'static str, source_topic: &str, m: &BorrowedMessage<'_>, code: &str, message: &str) -> Out {
+        Out {
+            topic,
+            partition: None,
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: Some(presence_core::kafka::dead_letter_headers(code, message, source_topic, m.partition(), m.offset(), m.timestamp().to_millis())),
+        }
+    }
+}
+
 /// What the stage's rebuild of a partition needs from Kafka.
 pub struct RestoreIo<'a> {
     pub config: &'a ClientConfig,

@@ -4,7 +4,6 @@
 use std::collections::HashMap;
 
 use presence_core::codec::{decode, encode};
-use presence_core::kafka::dead_letter_headers;
 use presence_core::records::{FacilityStatus, Status};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
@@ -46,13 +45,7 @@ impl FacilitiesStage {
     fn dead_letter(&mut self, m: &BorrowedMessage<'_>, code: &'static str, message: &str, out: &mut Vec<Out>) {
         self.counts.dead_letters.push(code);
         tracing::error!(partition = m.partition(), offset = m.offset(), code, message, "internal session event to the dead-letter topic");
-        out.push(Out {
-            topic: self.topics.dead_letters,
-            partition: None,
-            key: m.key().map(<[u8]>::to_vec),
-            value: m.payload().map(<[u8]>::to_vec),
-            headers: Some(dead_letter_headers(code, message, self.topics.transitions, m.partition(), m.offset(), m.timestamp().to_millis())),
-        });
+        out.push(Out::dead_letter(self.topics.dead_letters, self.topics.transitions, m, code, message));
     }
 }
 
