@@ -11,20 +11,32 @@ use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
 
+/// Fresh topics holding a generated log of 2,000 sessions over 100 facilities (an hour ago,
+/// so everything is a replay), the transitions the oracle expects, and a reader.
+async fn case(seed: u64) -> (presence_core::config::Config, Vec<presence_core::sim::Expected>, StatusReader) {
+    let c = setup(TIMEOUT_MS).await;
+    let log = generate(&SimConfig::compressed(seed, 2_000, 100, now_ms() - 3_600_000));
+    let expected = oracle(&log, TIMEOUT_MS as i64);
+    produce(&c, &log).await;
+    let reader = StatusReader::new(&c);
+    (c, expected, reader)
+}
+
+/// Reads until every expected transition arrived (or two minutes), then asserts equality.
+fn finish(mut reader: StatusReader, expected: &[presence_core::sim::Expected], mut last: std::process::Child) {
+    let done = reader.read_until(Duration::from_secs(180), |s| s.len() >= expected.len());
+    reader.drain();
+    kill9(&mut last);
+    let got = as_expected(&reader.seen);
+    assert!(done && got == expected, "{}", diff(expected, &got));
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn output_equals_the_oracle() {
     let _one = serial();
-    let c = setup(TIMEOUT_MS).await;
-    let log = generate(&SimConfig::compressed(11, 2_000, 100, now_ms() - 3_600_000));
-    let expected = oracle(&log, TIMEOUT_MS as i64);
-    produce(&c, &log).await;
-    let mut p = spawn_processor(&c, "a", &[]);
-    let mut reader = StatusReader::new(&c);
-    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
-    reader.drain();
-    kill9(&mut p);
-    let got = as_expected(&reader.seen);
-    assert!(done && got == expected, "{}", diff(&expected, &got));
+    let (c, expected, reader) = case(11).await;
+    let p = spawn_processor(&c, "a", &[]);
+    finish(reader, &expected, p);
 }
 
 /// kill -9 at random instants, and once exactly between send_offsets_to_transaction and
@@ -33,11 +45,7 @@ async fn output_equals_the_oracle() {
 async fn kill_9_at_any_instant_changes_nothing() {
     use rand::{Rng, SeedableRng};
     let _one = serial();
-    let c = setup(TIMEOUT_MS).await;
-    let log = generate(&SimConfig::compressed(12, 2_000, 100, now_ms() - 3_600_000));
-    let expected = oracle(&log, TIMEOUT_MS as i64);
-    produce(&c, &log).await;
-    let mut reader = StatusReader::new(&c);
+    let (c, expected, mut reader) = case(12).await;
     // The worst instant first: offsets sent, transaction not committed.
     for crash_at in ["3", "8"] {
         let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
@@ -54,12 +62,8 @@ async fn kill_9_at_any_instant_changes_nothing() {
         std::thread::sleep(Duration::from_millis(rng.gen_range(0..1_500)));
         kill9(&mut p);
     }
-    let mut p = spawn_processor(&c, "a", &[]);
-    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
-    reader.drain();
-    kill9(&mut p);
-    let got = as_expected(&reader.seen);
-    assert!(done && got == expected, "{}", diff(&expected, &got));
+    let p = spawn_processor(&c, "a", &[]);
+    finish(reader, &expected, p);
 }
 
 /// Two instances split the partitions; one is killed mid-run and the other takes its
@@ -67,18 +71,10 @@ async fn kill_9_at_any_instant_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_one_killed() {
     let _one = serial();
-    let c = setup(TIMEOUT_MS).await;
-    let log = generate(&SimConfig::compressed(13, 2_000, 100, now_ms() - 3_600_000));
-    let expected = oracle(&log, TIMEOUT_MS as i64);
-    produce(&c, &log).await;
-    let mut reader = StatusReader::new(&c);
-    let mut a = spawn_processor(&c, "a", &[]);
+    let (c, expected, mut reader) = case(13).await;
+    let a = spawn_processor(&c, "a", &[]);
     let mut b = spawn_processor(&c, "b", &[]);
     reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len() / 4);
     kill9(&mut b);
-    let done = reader.read_until(Duration::from_secs(180), |s| s.len() >= expected.len());
-    reader.drain();
-    kill9(&mut a);
-    let got = as_expected(&reader.seen);
-    assert!(done && got == expected, "{}", diff(&expected, &got));
+    finish(reader, &expected, a);
 }

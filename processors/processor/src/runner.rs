@@ -88,6 +88,10 @@ pub trait Stage: Send + 'static {
     /// replaying the runner commits ten times less often (at most once a second): latency
     /// does not matter for records that are already late, throughput does.
     fn backlogged(&self) -> bool;
+    /// Whether the open transaction holds something a user waits for (a session event, a
+    /// facility transition): then it commits after a tenth of the commit interval instead
+    /// of the whole interval.
+    fn urgent(&self) -> bool;
     /// Publishes per-transaction tallies and gauges.
     fn publish(&mut self, metrics: &Metrics);
 }
@@ -354,6 +358,13 @@ impl<S: Stage> Shared<S> {
                 }
             }
         }
+        // rdkafka's commit_transaction flushes by polling in steps of up to 100 ms, and with a
+        // threaded producer the delivery reports go to the producer's own thread, so each
+        // commit would wait a full step. Wait for the deliveries here instead.
+        let flush_deadline = Instant::now() + timeout;
+        while self.producer.in_flight_count() > 0 && Instant::now() < flush_deadline {
+            std::thread::sleep(Duration::from_micros(200));
+        }
         loop {
             match self.producer.commit_transaction(timeout) {
                 Ok(()) => return Ok(()),
@@ -543,7 +554,8 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
                 t = t.min(Duration::from_millis((wake - now_ms()).clamp(0, 50) as u64));
             }
             if g.txn_open {
-                t = t.min(commit_interval.saturating_sub(g.txn_started.elapsed()));
+                let interval = if g.stage.urgent() { commit_interval / 10 } else { commit_interval };
+                t = t.min(interval.saturating_sub(g.txn_started.elapsed()));
             }
             t
         };
@@ -572,7 +584,7 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
                     g.health.set_unready(health_name, format!("consumer error: {e}"));
                 }
             }
-            if g.txn_open && g.txn_started.elapsed() >= commit_interval {
+            if g.txn_open && (g.txn_started.elapsed() >= commit_interval || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10)) {
                 break;
             }
         }
@@ -582,7 +594,7 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
             g.stage.on_tick(now, &mut out);
             g.send(&mut out);
         }
-        let due = g.txn_open && g.txn_started.elapsed() >= commit_interval;
+        let due = g.txn_open && (g.txn_started.elapsed() >= commit_interval || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10));
         let idle_due = !g.txn_open && g.stage.commits_when_idle() && !g.assigned.is_empty() && g.txn_started.elapsed() >= commit_interval;
         if (due || idle_due) && !g.needs_rewind {
             if idle_due {

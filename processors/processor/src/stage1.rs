@@ -42,6 +42,8 @@ pub struct SessionsStage {
     /// Each partition's latest record timestamp (for the commit cadence).
     latest_record: HashMap<i32, i64>,
     counts: Counts,
+    /// Session events were emitted in the open transaction.
+    events_pending: bool,
     expiry_delays: Vec<f64>,
     buf: Vec<u8>,
 }
@@ -56,6 +58,7 @@ impl SessionsStage {
             caught_up: HashSet::new(),
             latest_record: HashMap::new(),
             counts: Counts::default(),
+            events_pending: false,
             expiry_delays: Vec::new(),
             buf: Vec::with_capacity(128),
         }
@@ -248,6 +251,7 @@ impl Stage for SessionsStage {
         let b = Beat { session_id: beat.session_id, facility_id: beat.facility_id, region_id: beat.region_id, kind: beat.kind };
         match task.on_heartbeat(m.offset(), ts, &b, now, &mut emitter) {
             Ok(applied) => {
+                self.events_pending |= matches!(applied, Applied::Opened | Applied::Moved | Applied::Closed);
                 let i = match applied {
                     Applied::Opened => 0,
                     Applied::Extended => 1,
@@ -271,7 +275,9 @@ impl Stage for SessionsStage {
             let Some(task) = self.tasks.get_mut(p) else { continue };
             let first = out.len();
             let mut emitter = Emitter { topics: &self.topics, partition: *p, out, buf: &mut self.buf };
-            task.advance_to(now, &mut emitter);
+            if task.advance_to(now, &mut emitter) > 0 {
+                self.events_pending = true;
+            }
             for o in &out[first..] {
                 if o.topic == self.topics.transitions {
                     if let Some(Ok(e)) = o.value.as_deref().map(decode::<SessionEvent>) {
@@ -312,6 +318,10 @@ impl Stage for SessionsStage {
         true
     }
 
+    fn urgent(&self) -> bool {
+        self.events_pending
+    }
+
     fn backlogged(&self) -> bool {
         // Live records are stamped on receipt, so they are fresh; a partition whose latest
         // record is more than a second old, and that has not reached its end, is replaying.
@@ -320,6 +330,7 @@ impl Stage for SessionsStage {
     }
 
     fn publish(&mut self, metrics: &Metrics) {
+        self.events_pending = false;
         self.counts.publish(metrics);
         for d in self.expiry_delays.drain(..) {
             metrics.expiry_delay.observe(d.max(0.0));

@@ -176,6 +176,10 @@ impl Stage for FacilitiesStage {
         false
     }
 
+    fn urgent(&self) -> bool {
+        !self.latencies.is_empty()
+    }
+
     fn publish(&mut self, metrics: &Metrics) {
         self.counts.publish(metrics);
         for l in self.latencies.drain(..) {
