@@ -45,21 +45,11 @@ impl AvroRecord for Heartbeat {
     }
 
     fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
-        Ok(Heartbeat {
-            session_id: r.read_string("session_id")?,
-            user_id: r.read_string("user_id")?,
-            facility_id: r.read_string("facility_id")?,
-            region_id: r.read_string("region_id")?,
-            kind: if r.read_enum("kind", 2)? == 0 { HeartbeatKind::Beat } else { HeartbeatKind::End },
-            client_sent_at: r.read_optional_long("client_sent_at")?,
-        })
+        HeartbeatRef::read(r).map(|h| h.to_owned())
     }
 
     fn validate(&self) -> Result<(), CodecError> {
-        check_id(Self::NAME, "session_id", &self.session_id)?;
-        check_id(Self::NAME, "user_id", &self.user_id)?;
-        check_id(Self::NAME, "facility_id", &self.facility_id)?;
-        check_id(Self::NAME, "region_id", &self.region_id)
+        self.as_ref().validate()
     }
 }
 
@@ -80,20 +70,41 @@ impl<'a> HeartbeatRef<'a> {
     pub fn decode(bytes: &'a [u8]) -> Result<Option<HeartbeatRef<'a>>, CodecError> {
         let Some(body) = crate::codec::current_body::<Heartbeat>(bytes)? else { return Ok(None) };
         let mut r = BodyReader::new(body, Heartbeat::NAME);
-        let h = HeartbeatRef {
+        let h = Self::read(&mut r)?;
+        r.finish()?;
+        h.validate()?;
+        Ok(Some(h))
+    }
+
+    /// The body of the current schema version, field by field.
+    fn read(r: &mut BodyReader<'a>) -> Result<HeartbeatRef<'a>, CodecError> {
+        Ok(HeartbeatRef {
             session_id: r.read_str("session_id")?,
             user_id: r.read_str("user_id")?,
             facility_id: r.read_str("facility_id")?,
             region_id: r.read_str("region_id")?,
             kind: if r.read_enum("kind", 2)? == 0 { HeartbeatKind::Beat } else { HeartbeatKind::End },
             client_sent_at: r.read_optional_long("client_sent_at")?,
-        };
-        r.finish()?;
-        check_id(Heartbeat::NAME, "session_id", h.session_id)?;
-        check_id(Heartbeat::NAME, "user_id", h.user_id)?;
-        check_id(Heartbeat::NAME, "facility_id", h.facility_id)?;
-        check_id(Heartbeat::NAME, "region_id", h.region_id)?;
-        Ok(Some(h))
+        })
+    }
+
+    /// Every id is 1 to 128 bytes without control characters.
+    pub fn validate(&self) -> Result<(), CodecError> {
+        check_id(Heartbeat::NAME, "session_id", self.session_id)?;
+        check_id(Heartbeat::NAME, "user_id", self.user_id)?;
+        check_id(Heartbeat::NAME, "facility_id", self.facility_id)?;
+        check_id(Heartbeat::NAME, "region_id", self.region_id)
+    }
+
+    pub fn to_owned(&self) -> Heartbeat {
+        Heartbeat {
+            session_id: self.session_id.to_string(),
+            user_id: self.user_id.to_string(),
+            facility_id: self.facility_id.to_string(),
+            region_id: self.region_id.to_string(),
+            kind: self.kind,
+            client_sent_at: self.client_sent_at,
+        }
     }
 }
 
