@@ -34,6 +34,14 @@ topics: build
 up: stack build
 	$(PRESENCE) topics
 	@bash deploy/run.sh start
+	@echo
+	@echo "presence is running. Where to look:"
+	@echo "  processor metrics   curl -s http://127.0.0.1:9101/metrics | grep ^presence_"
+	@echo "  processor health    curl -s http://127.0.0.1:9101/readyz"
+	@echo "  demo load           tail -f .run/loadgen.log   (50 facilities x 4 users, a beat every 30 s)"
+	@echo "  transitions         java -cp '$(PRESENCE_TEST_KAFKA_LIBS)/*' org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server 127.0.0.1:9092 --topic facility-status --from-beginning --property print.key=true --isolation-level read_committed"
+	@echo "  logs                .run/*.log; the stack's logs: make status"
+	@echo "  stop                make down"
 
 down:
 	@bash deploy/run.sh stop

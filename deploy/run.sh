@@ -9,8 +9,9 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="$ROOT/.run"
 BIN="${PRESENCE_BIN:-$ROOT/target/release/presence}"
-# name:ops-port:arguments
-DEFAULT_PROCESSES="processor:9101"
+# name:ops-port ("-": no ops endpoint to wait for). The demo load is gentle: 50 facilities
+# of 4 users, a beat every 30 s each.
+DEFAULT_PROCESSES="processor:9101 loadgen:-"
 PROCESSES="${PRESENCE_PROCESSES:-$DEFAULT_PROCESSES}"
 
 say() { printf '[run] %s\n' "$*"; }
@@ -23,12 +24,13 @@ start() {
     if [[ -f "$pidfile" ]] && kill -0 "$(cat "$pidfile")" 2>/dev/null; then
       say "$name: already running (pid $(cat "$pidfile"))"; continue
     fi
-    say "$name: starting (log $RUN/$name.log, metrics http://127.0.0.1:$port/metrics)"
+    if [[ "$port" == "-" ]]; then say "$name: starting (log $RUN/$name.log)"; else say "$name: starting (log $RUN/$name.log, metrics http://127.0.0.1:$port/metrics)"; fi
     setsid nohup "$BIN" "$name" >>"$RUN/$name.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
   done
   for entry in $PROCESSES; do
     local name="${entry%%:*}" port="${entry#*:}" deadline=$((SECONDS + 60))
+    [[ "$port" == "-" ]] && { kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null && say "$name: running" || { tail -n 20 "$RUN/$name.log" >&2; say "$name exited; read $RUN/$name.log"; exit 1; }; continue; }
     until curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; do
       if ! kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then
         tail -n 20 "$RUN/$name.log" >&2; say "$name exited; read $RUN/$name.log"; exit 1
@@ -62,6 +64,10 @@ stop() {
 status() {
   for entry in $PROCESSES; do
     local name="${entry%%:*}" port="${entry#*:}"
+    if [[ "$port" == "-" ]]; then
+      if [[ -f "$RUN/$name.pid" ]] && kill -0 "$(cat "$RUN/$name.pid")" 2>/dev/null; then say "$name  running"; else say "$name  not running"; fi
+      continue
+    fi
     if curl -fs "http://127.0.0.1:$port/readyz" >/dev/null 2>&1; then say "$name  ready  http://127.0.0.1:$port/metrics"; else say "$name  not ready"; fi
   done
 }

@@ -8,7 +8,11 @@ use presence_core::config::ConfigError;
 use presence_core::{telemetry, topics, Config, Shutdown};
 
 #[derive(Parser)]
-#[command(name = "presence", version, about = "Real-time facility presence on Kafka")]
+#[command(
+    name = "presence",
+    version,
+    about = "Real-time facility presence on Kafka"
+)]
 struct Cli {
     /// TOML configuration file; environment variables override it (see README).
     #[arg(long, global = true, env = "PRESENCE_CONFIG")]
@@ -29,13 +33,36 @@ enum Command {
     Sink,
     /// Create or verify every topic; exits 1 if one exists with wrong settings.
     Topics,
-    /// Simulated facilities full of users sending heartbeats.
-    Loadgen,
+    /// Simulated facilities full of users sending heartbeats (straight to Kafka).
+    Loadgen(LoadgenArgs),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
     /// Benchmarks against the configured broker, on topics of their own.
     #[command(subcommand)]
     Bench(Bench),
+}
+
+#[derive(clap::Args)]
+struct LoadgenArgs {
+    #[arg(long, default_value_t = 50)]
+    facilities: usize,
+    #[arg(long, default_value_t = 5)]
+    regions: usize,
+    #[arg(long, default_value_t = 4)]
+    users_per_facility: usize,
+    /// Seconds between a user's beats (browsers: 30).
+    #[arg(long, default_value_t = 30.0)]
+    beat_seconds: f64,
+    /// Mean seconds a user stays logged in, and logged out between sessions.
+    #[arg(long, default_value_t = 600.0)]
+    mean_session_seconds: f64,
+    #[arg(long, default_value_t = 300.0)]
+    mean_offline_seconds: f64,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Stop after this many seconds (default: until SIGTERM).
+    #[arg(long)]
+    duration_seconds: Option<f64>,
 }
 
 #[derive(Subcommand)]
@@ -71,7 +98,10 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init_logging(&config.telemetry);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(r) => r,
         Err(e) => {
             eprintln!("presence: cannot start the async runtime: {e}");
@@ -106,20 +136,57 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::FAILURE)
             }
         }
-        Command::Gateway => presence_gateway::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
-        Command::Processor => presence_processor::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
-        Command::Notifier => presence_notifier::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
-        Command::Sink => presence_sink::run(config, Shutdown::on_signals()).await.map(|_| ExitCode::SUCCESS),
+        Command::Gateway => presence_gateway::run(config, Shutdown::on_signals())
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Processor => presence_processor::run(config, Shutdown::on_signals())
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Notifier => presence_notifier::run(config, Shutdown::on_signals())
+            .await
+            .map(|_| ExitCode::SUCCESS),
+        Command::Sink => presence_sink::run(config, Shutdown::on_signals())
+            .await
+            .map(|_| ExitCode::SUCCESS),
         Command::Bench(b) => {
             let report = match b {
-                Bench::Restore { sessions, runs } => presence_processor::bench::restore(&config, sessions, runs).await?,
-                Bench::Throughput { heartbeats } => presence_processor::bench::throughput(&config, heartbeats).await?,
-                Bench::Latency { rate, seconds } => presence_processor::bench::latency(&config, rate, seconds).await?,
+                Bench::Restore { sessions, runs } => {
+                    presence_processor::bench::restore(&config, sessions, runs).await?
+                }
+                Bench::Throughput { heartbeats } => {
+                    presence_processor::bench::throughput(&config, heartbeats).await?
+                }
+                Bench::Latency { rate, seconds } => {
+                    presence_processor::bench::latency(&config, rate, seconds).await?
+                }
             };
             println!("{report}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Loadgen => anyhow::bail!("presence loadgen is not built yet (issue #4)"),
+        Command::Loadgen(a) => {
+            let options = presence_loadgen::Options {
+                facilities: a.facilities,
+                regions: a.regions,
+                users_per_facility: a.users_per_facility,
+                beat_interval: std::time::Duration::from_secs_f64(a.beat_seconds.max(0.01)),
+                mean_session: std::time::Duration::from_secs_f64(a.mean_session_seconds.max(0.01)),
+                mean_offline: std::time::Duration::from_secs_f64(a.mean_offline_seconds.max(0.01)),
+                seed: a.seed,
+                duration: a.duration_seconds.map(std::time::Duration::from_secs_f64),
+                ..Default::default()
+            };
+            let shutdown = Shutdown::on_signals();
+            let summary = tokio::task::spawn_blocking(move || {
+                presence_loadgen::run_kafka(&config, &options, &shutdown)
+            })
+            .await??;
+            println!("{summary:?}");
+            Ok(if summary.failed == 0 {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
     }
 }
 

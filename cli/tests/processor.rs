@@ -13,9 +13,20 @@ const TIMEOUT_MS: u64 = 3_005;
 
 /// Fresh topics holding a generated log of 2,000 sessions over 100 facilities (an hour ago,
 /// so everything is a replay), the transitions the oracle expects, and a reader.
-async fn case(seed: u64) -> (presence_core::config::Config, Vec<presence_core::sim::Expected>, StatusReader) {
+async fn case(
+    seed: u64,
+) -> (
+    presence_core::config::Config,
+    Vec<presence_core::sim::Expected>,
+    StatusReader,
+) {
     let c = setup(TIMEOUT_MS).await;
-    let log = generate(&SimConfig::compressed(seed, 2_000, 100, now_ms() - 3_600_000));
+    let log = generate(&SimConfig::compressed(
+        seed,
+        2_000,
+        100,
+        now_ms() - 3_600_000,
+    ));
     let expected = oracle(&log, TIMEOUT_MS as i64);
     produce(&c, &log).await;
     let reader = StatusReader::new(&c);
@@ -23,7 +34,11 @@ async fn case(seed: u64) -> (presence_core::config::Config, Vec<presence_core::s
 }
 
 /// Reads until every expected transition arrived (or two minutes), then asserts equality.
-fn finish(mut reader: StatusReader, expected: &[presence_core::sim::Expected], mut last: std::process::Child) {
+fn finish(
+    mut reader: StatusReader,
+    expected: &[presence_core::sim::Expected],
+    mut last: std::process::Child,
+) {
     let done = reader.read_until(Duration::from_secs(180), |s| s.len() >= expected.len());
     reader.drain();
     kill9(&mut last);
@@ -51,7 +66,11 @@ async fn kill_9_at_any_instant_changes_nothing() {
         let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
         let status = p.wait().expect("wait");
         use std::os::unix::process::ExitStatusExt;
-        assert_eq!(status.signal(), Some(6), "the crash point must have aborted the process: {status:?}");
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "the crash point must have aborted the process: {status:?}"
+        );
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     for _ in 0..4 {

@@ -31,7 +31,10 @@ fn beat(session: &str, facility: &str, kind: HeartbeatKind, ts: i64) -> SimRecor
     }
 }
 
-fn statuses_of<'a>(seen: &'a [presence_core::records::FacilityStatus], facility: &str) -> Vec<&'a presence_core::records::FacilityStatus> {
+fn statuses_of<'a>(
+    seen: &'a [presence_core::records::FacilityStatus],
+    facility: &str,
+) -> Vec<&'a presence_core::records::FacilityStatus> {
     seen.iter().filter(|s| s.facility_id == facility).collect()
 }
 
@@ -44,10 +47,24 @@ async fn restart_after_downtime_never_flaps() {
     let c = setup(TIMEOUT_MS as u64).await;
     let mut reader = StatusReader::new(&c);
     let mut p = spawn_processor(&c, "a", &[]);
-    produce(&c, &[beat("keeper", "K", HeartbeatKind::Beat, now_ms()), beat("stopper", "S", HeartbeatKind::Beat, now_ms())]).await;
+    produce(
+        &c,
+        &[
+            beat("keeper", "K", HeartbeatKind::Beat, now_ms()),
+            beat("stopper", "S", HeartbeatKind::Beat, now_ms()),
+        ],
+    )
+    .await;
     let stopper_last = now_ms();
-    produce(&c, &[beat("stopper", "S", HeartbeatKind::Beat, stopper_last)]).await;
-    assert!(reader.read_until(Duration::from_secs(60), |s| s.len() >= 2), "both facilities online first");
+    produce(
+        &c,
+        &[beat("stopper", "S", HeartbeatKind::Beat, stopper_last)],
+    )
+    .await;
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= 2),
+        "both facilities online first"
+    );
     kill9(&mut p);
     // Downtime of 2.5 timeouts; the keeper beats every 300 ms throughout (a load, in real time).
     let mut keeper_last = now_ms();
@@ -64,15 +81,35 @@ async fn restart_after_downtime_never_flaps() {
         produce(&c, &[beat("keeper", "K", HeartbeatKind::Beat, keeper_last)]).await;
         std::thread::sleep(Duration::from_millis(300));
     }
-    assert!(reader.read_until(Duration::from_secs(60), |s| s.len() >= 4), "both facilities offline at the end: {:?}", reader.seen);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= 4),
+        "both facilities offline at the end: {:?}",
+        reader.seen
+    );
     reader.drain();
     terminate(&mut p);
     let k = statuses_of(&reader.seen, "K");
     let s = statuses_of(&reader.seen, "S");
-    assert_eq!(k.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(), vec![(Status::Online, 1), (Status::Offline, 2)], "{k:?}");
-    assert_eq!(k[1].since, keeper_last + TIMEOUT_MS, "the keeper went offline only after its last beat");
-    assert_eq!(s.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(), vec![(Status::Online, 1), (Status::Offline, 2)], "{s:?}");
-    assert_eq!(s[1].since, stopper_last + TIMEOUT_MS, "the stopper went offline once, at its deadline");
+    assert_eq!(
+        k.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(),
+        vec![(Status::Online, 1), (Status::Offline, 2)],
+        "{k:?}"
+    );
+    assert_eq!(
+        k[1].since,
+        keeper_last + TIMEOUT_MS,
+        "the keeper went offline only after its last beat"
+    );
+    assert_eq!(
+        s.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(),
+        vec![(Status::Online, 1), (Status::Offline, 2)],
+        "{s:?}"
+    );
+    assert_eq!(
+        s[1].since,
+        stopper_last + TIMEOUT_MS,
+        "the stopper went offline once, at its deadline"
+    );
 }
 
 /// A session on a partition that then receives nothing at all still expires on time.
@@ -93,7 +130,10 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     assert_eq!(i[1].status, Status::Offline);
     assert_eq!(i[1].since, ts + TIMEOUT_MS);
     let late = i[1].emitted_at - (ts + TIMEOUT_MS);
-    assert!((0..=250).contains(&late), "OFFLINE emitted {late} ms after the deadline");
+    assert!(
+        (0..=250).contains(&late),
+        "OFFLINE emitted {late} ms after the deadline"
+    );
 }
 
 /// Undecodable or invalid heartbeats go to the dead-letter topic with headers that say what
@@ -102,7 +142,9 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
 async fn bad_records_go_to_the_dead_letter_topic() {
     let _one = serial();
     let c = setup(TIMEOUT_MS as u64).await;
-    let producer: FutureProducer = idempotent_producer_config(&c.kafka, "test").create().unwrap();
+    let producer: FutureProducer = idempotent_producer_config(&c.kafka, "test")
+        .create()
+        .unwrap();
     let good = encode(&beat("s1", "G", HeartbeatKind::Beat, 0).heartbeat);
     let now = now_ms();
     let sends: Vec<(&str, Vec<u8>, i64)> = vec![
@@ -113,18 +155,35 @@ async fn bad_records_go_to_the_dead_letter_topic() {
     ];
     for (key, value, ts) in &sends {
         producer
-            .send(FutureRecord::to(&c.topics.heartbeats).key(key.as_bytes()).payload(value).timestamp(*ts).partition(0), Duration::from_secs(10))
+            .send(
+                FutureRecord::to(&c.topics.heartbeats)
+                    .key(key.as_bytes())
+                    .payload(value)
+                    .timestamp(*ts)
+                    .partition(0),
+                Duration::from_secs(10),
+            )
             .await
             .map_err(|(e, _)| e)
             .unwrap();
     }
     let mut reader = StatusReader::new(&c);
     let mut p = spawn_processor(&c, "a", &[]);
-    assert!(reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()), "the good record after the bad ones is processed");
-    let dlq: BaseConsumer = consumer_config(&c.kafka, "test-dlq", &format!("{}-dlq", c.processor.group_id)).create().unwrap();
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
+        "the good record after the bad ones is processed"
+    );
+    let dlq: BaseConsumer = consumer_config(
+        &c.kafka,
+        "test-dlq",
+        &format!("{}-dlq", c.processor.group_id),
+    )
+    .create()
+    .unwrap();
     let mut tpl = TopicPartitionList::new();
     for part in 0..c.topics.heartbeats_partitions {
-        tpl.add_partition_offset(&c.topics.dead_letters, part, Offset::Beginning).unwrap();
+        tpl.add_partition_offset(&c.topics.dead_letters, part, Offset::Beginning)
+            .unwrap();
     }
     dlq.assign(&tpl).unwrap();
     let mut letters = Vec::new();
@@ -132,14 +191,35 @@ async fn bad_records_go_to_the_dead_letter_topic() {
     while letters.len() < 3 && std::time::Instant::now() < deadline {
         if let Some(Ok(m)) = dlq.poll(Duration::from_millis(100)) {
             let h = m.headers().expect("dead letters carry headers");
-            let get = |k: &str| h.iter().find(|x| x.key == k).and_then(|x| x.value).map(|v| String::from_utf8_lossy(v).into_owned());
-            letters.push((get("presence.error.code").unwrap(), get("presence.source.offset").unwrap(), get("presence.source.topic").unwrap(), m.payload().map(<[u8]>::to_vec)));
+            let get = |k: &str| {
+                h.iter()
+                    .find(|x| x.key == k)
+                    .and_then(|x| x.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            };
+            letters.push((
+                get("presence.error.code").unwrap(),
+                get("presence.source.offset").unwrap(),
+                get("presence.source.topic").unwrap(),
+                m.payload().map(<[u8]>::to_vec),
+            ));
         }
     }
     terminate(&mut p);
     let codes: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();
-    assert_eq!(codes, vec!["bad_marker", "key_mismatch", "timestamp_in_future"], "{letters:?}");
-    assert_eq!(letters.iter().map(|l| l.1.as_str()).collect::<Vec<_>>(), vec!["0", "1", "2"]);
+    assert_eq!(
+        codes,
+        vec!["bad_marker", "key_mismatch", "timestamp_in_future"],
+        "{letters:?}"
+    );
+    assert_eq!(
+        letters.iter().map(|l| l.1.as_str()).collect::<Vec<_>>(),
+        vec!["0", "1", "2"]
+    );
     assert!(letters.iter().all(|l| l.2 == c.topics.heartbeats));
-    assert_eq!(letters[0].3.as_deref(), Some(&b"not avro at all"[..]), "original bytes kept");
+    assert_eq!(
+        letters[0].3.as_deref(),
+        Some(&b"not avro at all"[..]),
+        "original bytes kept"
+    );
 }

@@ -42,17 +42,47 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
     vec![
         ("KAFKA_BROKERS".into(), c.kafka.brokers.clone()),
         ("PRESENCE_TOPICS__HEARTBEATS".into(), t.heartbeats.clone()),
-        ("PRESENCE_TOPICS__FACILITY_STATUS".into(), t.facility_status.clone()),
-        ("PRESENCE_TOPICS__DEAD_LETTERS".into(), t.dead_letters.clone()),
-        ("PRESENCE_TOPICS__INTERNAL_PREFIX".into(), t.internal_prefix.clone()),
-        ("PRESENCE_TOPICS__HEARTBEATS_PARTITIONS".into(), t.heartbeats_partitions.to_string()),
-        ("PRESENCE_TOPICS__FACILITY_PARTITIONS".into(), t.facility_partitions.to_string()),
-        ("PRESENCE_PROCESSOR__SESSION_TIMEOUT".into(), format!("{}ms", c.processor.session_timeout.as_millis())),
-        ("PRESENCE_PROCESSOR__FLAP_HOLD".into(), format!("{}ms", c.processor.flap_hold.as_millis())),
-        ("PRESENCE_PROCESSOR__GROUP_ID".into(), c.processor.group_id.clone()),
+        (
+            "PRESENCE_TOPICS__FACILITY_STATUS".into(),
+            t.facility_status.clone(),
+        ),
+        (
+            "PRESENCE_TOPICS__DEAD_LETTERS".into(),
+            t.dead_letters.clone(),
+        ),
+        (
+            "PRESENCE_TOPICS__INTERNAL_PREFIX".into(),
+            t.internal_prefix.clone(),
+        ),
+        (
+            "PRESENCE_TOPICS__HEARTBEATS_PARTITIONS".into(),
+            t.heartbeats_partitions.to_string(),
+        ),
+        (
+            "PRESENCE_TOPICS__FACILITY_PARTITIONS".into(),
+            t.facility_partitions.to_string(),
+        ),
+        (
+            "PRESENCE_PROCESSOR__SESSION_TIMEOUT".into(),
+            format!("{}ms", c.processor.session_timeout.as_millis()),
+        ),
+        (
+            "PRESENCE_PROCESSOR__FLAP_HOLD".into(),
+            format!("{}ms", c.processor.flap_hold.as_millis()),
+        ),
+        (
+            "PRESENCE_PROCESSOR__GROUP_ID".into(),
+            c.processor.group_id.clone(),
+        ),
         ("PRESENCE_PROCESSOR__INSTANCE_ID".into(), instance.into()),
-        ("PRESENCE_PROCESSOR__OPS_LISTEN".into(), "127.0.0.1:0".into()),
-        ("PRESENCE_NOTIFIER__GROUP_ID".into(), c.notifier.group_id.clone()),
+        (
+            "PRESENCE_PROCESSOR__OPS_LISTEN".into(),
+            "127.0.0.1:0".into(),
+        ),
+        (
+            "PRESENCE_NOTIFIER__GROUP_ID".into(),
+            c.notifier.group_id.clone(),
+        ),
         ("PRESENCE_SINK__GROUP_ID".into(), c.sink.group_id.clone()),
         ("PRESENCE_TELEMETRY__LOG_FILTER".into(), "warn".into()),
     ]
@@ -60,7 +90,10 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
 
 pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Child {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
-    cmd.arg("processor").env_clear().envs(env_of(c, instance)).stdin(Stdio::null());
+    cmd.arg("processor")
+        .env_clear()
+        .envs(env_of(c, instance))
+        .stdin(Stdio::null());
     if let Ok(path) = std::env::var("PATH") {
         cmd.env("PATH", path);
     }
@@ -78,25 +111,35 @@ pub fn kill9(child: &mut Child) {
 
 /// SIGTERM, then wait for a clean exit.
 pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
     child.wait().expect("wait")
 }
 
 pub async fn produce(c: &Config, records: &[SimRecord]) {
     let mut pc = idempotent_producer_config(&c.kafka, "test-producer");
-    pc.set("linger.ms", "20").set("queue.buffering.max.messages", "1000000");
+    pc.set("linger.ms", "20")
+        .set("queue.buffering.max.messages", "1000000");
     let producer: FutureProducer = pc.create().expect("producer");
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
         let bytes = encode(&r.heartbeat);
-        let mut rec = FutureRecord::to(&c.topics.heartbeats).key(r.heartbeat.session_id.as_bytes()).payload(&bytes).timestamp(r.ts);
+        let mut rec = FutureRecord::to(&c.topics.heartbeats)
+            .key(r.heartbeat.session_id.as_bytes())
+            .payload(&bytes)
+            .timestamp(r.ts);
         loop {
             match producer.send_result(rec) {
                 Ok(f) => {
                     pending.push(f);
                     break;
                 }
-                Err((KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull), back)) => {
+                Err((
+                    KafkaError::MessageProduction(rdkafka::types::RDKafkaErrorCode::QueueFull),
+                    back,
+                )) => {
                     rec = back;
                     producer.poll(Duration::from_millis(10));
                 }
@@ -118,18 +161,34 @@ pub struct StatusReader {
 
 impl StatusReader {
     pub fn new(c: &Config) -> StatusReader {
-        let consumer: BaseConsumer = consumer_config(&c.kafka, "test-reader", &format!("{}-reader", c.processor.group_id)).create().expect("consumer");
-        let md = consumer.fetch_metadata(Some(&c.topics.facility_status), Duration::from_secs(10)).expect("metadata");
+        let consumer: BaseConsumer = consumer_config(
+            &c.kafka,
+            "test-reader",
+            &format!("{}-reader", c.processor.group_id),
+        )
+        .create()
+        .expect("consumer");
+        let md = consumer
+            .fetch_metadata(Some(&c.topics.facility_status), Duration::from_secs(10))
+            .expect("metadata");
         let mut tpl = TopicPartitionList::new();
         for p in md.topics()[0].partitions() {
-            tpl.add_partition_offset(&c.topics.facility_status, p.id(), Offset::Beginning).unwrap();
+            tpl.add_partition_offset(&c.topics.facility_status, p.id(), Offset::Beginning)
+                .unwrap();
         }
         consumer.assign(&tpl).expect("assign");
-        StatusReader { consumer, seen: Vec::new() }
+        StatusReader {
+            consumer,
+            seen: Vec::new(),
+        }
     }
 
     /// Reads until `done(seen)` or `limit` passes; returns whether `done` held.
-    pub fn read_until(&mut self, limit: Duration, mut done: impl FnMut(&[FacilityStatus]) -> bool) -> bool {
+    pub fn read_until(
+        &mut self,
+        limit: Duration,
+        mut done: impl FnMut(&[FacilityStatus]) -> bool,
+    ) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
             if done(&self.seen) {
@@ -149,7 +208,8 @@ impl StatusReader {
         let mut quiet = Instant::now();
         while quiet.elapsed() < Duration::from_secs(1) {
             if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
-                self.seen.push(decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes"));
+                self.seen
+                    .push(decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes"));
                 quiet = Instant::now();
             }
         }
@@ -182,13 +242,21 @@ pub fn diff(expected: &[Expected], got: &[Expected]) -> String {
         m
     };
     let (e, g) = (by(expected), by(got));
-    let mut lines = vec![format!("expected {} transitions, got {}", expected.len(), got.len())];
+    let mut lines = vec![format!(
+        "expected {} transitions, got {}",
+        expected.len(),
+        got.len()
+    )];
     let mut keys: Vec<_> = e.keys().chain(g.keys()).cloned().collect();
     keys.sort();
     keys.dedup();
     for k in keys {
         if e.get(&k) != g.get(&k) {
-            lines.push(format!("{k:?}: expected {:?}, got {:?}", e.get(&k), g.get(&k)));
+            lines.push(format!(
+                "{k:?}: expected {:?}, got {:?}",
+                e.get(&k),
+                g.get(&k)
+            ));
         }
         if lines.len() > 12 {
             break;
@@ -198,7 +266,10 @@ pub fn diff(expected: &[Expected], got: &[Expected]) -> String {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as i64
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
 }
 
 pub fn admin_config(c: &Config) -> rdkafka::config::ClientConfig {

@@ -28,11 +28,21 @@ pub enum CodecError {
     #[error("record starts with {found:02x?}, not the single-object marker c3 01; the producer must use Avro single-object encoding")]
     BadMarker { found: [u8; 2] },
     #[error("{record}: unknown schema fingerprint {fingerprint:016x}; encode with a schema from schemas/ (or add the new version to schemas/history/)")]
-    UnknownSchema { record: &'static str, fingerprint: u64 },
+    UnknownSchema {
+        record: &'static str,
+        fingerprint: u64,
+    },
     #[error("{record}: malformed Avro body: {detail}")]
-    Malformed { record: &'static str, detail: String },
+    Malformed {
+        record: &'static str,
+        detail: String,
+    },
     #[error("{record}.{field}: {rule}")]
-    InvalidField { record: &'static str, field: &'static str, rule: String },
+    InvalidField {
+        record: &'static str,
+        field: &'static str,
+        rule: String,
+    },
 }
 
 impl CodecError {
@@ -88,17 +98,24 @@ impl Codec {
     fn with_history<T: AvroRecord>(history: &[&str]) -> Codec {
         // The schemas are compiled into the binary and covered by tests, so a parse failure
         // here is a build defect, not an input error.
-        let current = Schema::parse_str(T::SCHEMA).unwrap_or_else(|e| panic!("schemas/{}: {e}", T::NAME));
+        let current =
+            Schema::parse_str(T::SCHEMA).unwrap_or_else(|e| panic!("schemas/{}: {e}", T::NAME));
         let fingerprint = fingerprint_of(&current);
         let mut older = HashMap::new();
         for text in history {
-            let s = Schema::parse_str(text).unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
+            let s = Schema::parse_str(text)
+                .unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
             let fp = fingerprint_of(&s);
             if fp != fingerprint {
                 older.insert(fp, s);
             }
         }
-        Codec { record: T::NAME, current, fingerprint, older }
+        Codec {
+            record: T::NAME,
+            current,
+            fingerprint,
+            older,
+        }
     }
 
     pub fn schema(&self) -> &Schema {
@@ -168,7 +185,9 @@ impl Codec {
             return Err(CodecError::TooShort { len: bytes.len() });
         }
         if bytes[..2] != MARKER {
-            return Err(CodecError::BadMarker { found: [bytes[0], bytes[1]] });
+            return Err(CodecError::BadMarker {
+                found: [bytes[0], bytes[1]],
+            });
         }
         let mut fp = [0u8; 8];
         fp.copy_from_slice(&bytes[2..HEADER_LEN]);
@@ -179,7 +198,10 @@ impl Codec {
         } else if let Some(writer) = self.older.get(&fp) {
             Ok(Body::Older(writer, body))
         } else {
-            Err(CodecError::UnknownSchema { record: self.record, fingerprint: fp })
+            Err(CodecError::UnknownSchema {
+                record: self.record,
+                fingerprint: fp,
+            })
         }
     }
 }
@@ -195,20 +217,34 @@ pub fn current_body<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<Option<&[u8
 }
 
 fn read_all<T: AvroRecord>(body: &[u8]) -> Result<T, CodecError> {
-    let mut r = BodyReader { buf: body, pos: 0, record: T::NAME };
+    let mut r = BodyReader {
+        buf: body,
+        pos: 0,
+        record: T::NAME,
+    };
     let v = T::read_body(&mut r)?;
     if r.pos != body.len() {
-        return Err(r.malformed(format!("{} trailing bytes after the record", body.len() - r.pos)));
+        return Err(r.malformed(format!(
+            "{} trailing bytes after the record",
+            body.len() - r.pos
+        )));
     }
     Ok(v)
 }
 
 /// An old version's body, resolved to the current schema and re-encoded with it.
 fn resolve_old(c: &Codec, writer: &Schema, mut body: &[u8]) -> Result<Vec<u8>, CodecError> {
-    let malformed = |e: apache_avro::Error| CodecError::Malformed { record: c.record, detail: e.to_string() };
-    let value = apache_avro::from_avro_datum(writer, &mut body, Some(&c.current)).map_err(malformed)?;
+    let malformed = |e: apache_avro::Error| CodecError::Malformed {
+        record: c.record,
+        detail: e.to_string(),
+    };
+    let value =
+        apache_avro::from_avro_datum(writer, &mut body, Some(&c.current)).map_err(malformed)?;
     if !body.is_empty() {
-        return Err(CodecError::Malformed { record: c.record, detail: format!("{} trailing bytes after the record", body.len()) });
+        return Err(CodecError::Malformed {
+            record: c.record,
+            detail: format!("{} trailing bytes after the record", body.len()),
+        });
     }
     apache_avro::to_avro_datum(&c.current, value).map_err(malformed)
 }
@@ -227,7 +263,9 @@ pub fn fingerprint_of(schema: &Schema) -> u64 {
 /// here. The Python cross-implementation test pins this down.
 pub fn canonical_form(schema: &Schema) -> String {
     let mut form = schema.canonical_form();
-    for p in ["null", "boolean", "int", "long", "float", "double", "bytes", "string"] {
+    for p in [
+        "null", "boolean", "int", "long", "float", "double", "bytes", "string",
+    ] {
         form = form.replace(&format!("{{\"type\":\"{p}\"}}"), &format!("\"{p}\""));
     }
     form
@@ -247,7 +285,9 @@ pub fn crc64_avro(data: &[u8]) -> u64 {
         }
         t
     });
-    data.iter().fold(EMPTY, |fp, &b| (fp >> 8) ^ table[((fp ^ b as u64) & 0xff) as usize])
+    data.iter().fold(EMPTY, |fp, &b| {
+        (fp >> 8) ^ table[((fp ^ b as u64) & 0xff) as usize]
+    })
 }
 
 // ---- Avro binary primitives -------------------------------------------------------------
@@ -275,7 +315,11 @@ pub struct BodyReader<'a> {
 
 impl<'a> BodyReader<'a> {
     pub fn new(buf: &'a [u8], record: &'static str) -> BodyReader<'a> {
-        BodyReader { buf, pos: 0, record }
+        BodyReader {
+            buf,
+            pos: 0,
+            record,
+        }
     }
 
     /// Fails unless every byte was read.
@@ -283,12 +327,18 @@ impl<'a> BodyReader<'a> {
         if self.pos == self.buf.len() {
             Ok(())
         } else {
-            Err(self.malformed(format!("{} trailing bytes after the record", self.buf.len() - self.pos)))
+            Err(self.malformed(format!(
+                "{} trailing bytes after the record",
+                self.buf.len() - self.pos
+            )))
         }
     }
 
     fn malformed(&self, detail: String) -> CodecError {
-        CodecError::Malformed { record: self.record, detail }
+        CodecError::Malformed {
+            record: self.record,
+            detail,
+        }
     }
 
     pub fn read_long(&mut self, field: &str) -> Result<i64, CodecError> {
@@ -296,7 +346,9 @@ impl<'a> BodyReader<'a> {
         let mut shift = 0u32;
         loop {
             let Some(&b) = self.buf.get(self.pos) else {
-                return Err(self.malformed(format!("{field}: truncated varint at byte {}", self.pos)));
+                return Err(
+                    self.malformed(format!("{field}: truncated varint at byte {}", self.pos))
+                );
             };
             self.pos += 1;
             if shift == 63 && b > 1 {
@@ -312,15 +364,23 @@ impl<'a> BodyReader<'a> {
 
     pub fn read_int(&mut self, field: &str) -> Result<i32, CodecError> {
         let v = self.read_long(field)?;
-        i32::try_from(v).map_err(|_| self.malformed(format!("{field}: {v} does not fit an Avro int")))
+        i32::try_from(v)
+            .map_err(|_| self.malformed(format!("{field}: {v} does not fit an Avro int")))
     }
 
     pub fn read_str(&mut self, field: &str) -> Result<&'a str, CodecError> {
         let len = self.read_long(field)?;
-        let len = usize::try_from(len).map_err(|_| self.malformed(format!("{field}: negative string length {len}")))?;
-        let end = self.pos.checked_add(len).filter(|&e| e <= self.buf.len()).ok_or_else(|| {
-            self.malformed(format!("{field}: string of {len} bytes runs past the end of the record"))
-        })?;
+        let len = usize::try_from(len)
+            .map_err(|_| self.malformed(format!("{field}: negative string length {len}")))?;
+        let end = self
+            .pos
+            .checked_add(len)
+            .filter(|&e| e <= self.buf.len())
+            .ok_or_else(|| {
+                self.malformed(format!(
+                    "{field}: string of {len} bytes runs past the end of the record"
+                ))
+            })?;
         let bytes = &self.buf[self.pos..end];
         self.pos = end;
         std::str::from_utf8(bytes).map_err(|_| self.malformed(format!("{field}: not valid UTF-8")))
@@ -336,7 +396,9 @@ impl<'a> BodyReader<'a> {
         usize::try_from(i)
             .ok()
             .filter(|&i| i < symbols)
-            .ok_or_else(|| self.malformed(format!("{field}: enum index {i} out of range 0..{symbols}")))
+            .ok_or_else(|| {
+                self.malformed(format!("{field}: enum index {i} out of range 0..{symbols}"))
+            })
     }
 
     pub fn read_bool(&mut self, field: &str) -> Result<bool, CodecError> {
@@ -345,7 +407,9 @@ impl<'a> BodyReader<'a> {
                 self.pos += 1;
                 Ok(b == 1)
             }
-            Some(&b) => Err(self.malformed(format!("{field}: boolean byte {b} is neither 0 nor 1"))),
+            Some(&b) => {
+                Err(self.malformed(format!("{field}: boolean byte {b} is neither 0 nor 1")))
+            }
             None => Err(self.malformed(format!("{field}: truncated boolean"))),
         }
     }
@@ -381,28 +445,57 @@ pub fn write_bool(out: &mut Vec<u8>, v: bool) {
 pub fn verify_history<T: AvroRecord>(history_dir: &std::path::Path) -> Result<(), String> {
     use apache_avro::schema_compatibility::SchemaCompatibility;
     let version = |p: &std::path::Path| -> u32 {
-        p.file_stem().and_then(|s| s.to_str()).and_then(|s| s.trim_start_matches('v').parse().ok()).unwrap_or(u32::MAX)
+        p.file_stem()
+            .and_then(|s| s.to_str())
+            .and_then(|s| s.trim_start_matches('v').parse().ok())
+            .unwrap_or(u32::MAX)
     };
     let mut files: Vec<_> = std::fs::read_dir(history_dir)
         .map_err(|e| format!("{}: {e}", history_dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .collect();
     files.sort_by_key(|p| version(p));
-    let on_disk: Vec<String> = files.iter().map(|p| std::fs::read_to_string(p).unwrap_or_default()).collect();
-    if on_disk.iter().map(String::as_str).ne(T::HISTORY.iter().copied()) {
-        return Err(format!("{} and {}::HISTORY differ: register every vN.avsc, oldest first", history_dir.display(), T::NAME));
+    let on_disk: Vec<String> = files
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+        .collect();
+    if on_disk
+        .iter()
+        .map(String::as_str)
+        .ne(T::HISTORY.iter().copied())
+    {
+        return Err(format!(
+            "{} and {}::HISTORY differ: register every vN.avsc, oldest first",
+            history_dir.display(),
+            T::NAME
+        ));
     }
     let parse = |s: &str| Schema::parse_str(s).map_err(|e| format!("{}: {e}", T::NAME));
     let current = parse(T::SCHEMA)?;
-    let all = T::HISTORY.iter().map(|s| parse(s)).collect::<Result<Vec<_>, _>>()?;
-    let newest = all.last().ok_or_else(|| format!("{}: empty history", T::NAME))?;
+    let all = T::HISTORY
+        .iter()
+        .map(|s| parse(s))
+        .collect::<Result<Vec<_>, _>>()?;
+    let newest = all
+        .last()
+        .ok_or_else(|| format!("{}: empty history", T::NAME))?;
     if canonical_form(&current) != canonical_form(newest) {
-        return Err(format!("{}: the current schema changed without a new version in {}", T::NAME, history_dir.display()));
+        return Err(format!(
+            "{}: the current schema changed without a new version in {}",
+            T::NAME,
+            history_dir.display()
+        ));
     }
     for (i, a) in all.iter().enumerate() {
         for (j, b) in all.iter().enumerate() {
-            SchemaCompatibility::can_read(a, b)
-                .map_err(|e| format!("{}: v{} data is unreadable with v{}: {e}", T::NAME, i + 1, j + 1))?;
+            SchemaCompatibility::can_read(a, b).map_err(|e| {
+                format!(
+                    "{}: v{} data is unreadable with v{}: {e}",
+                    T::NAME,
+                    i + 1,
+                    j + 1
+                )
+            })?;
         }
     }
     Ok(())
@@ -422,13 +515,20 @@ pub fn check_id(record: &'static str, field: &'static str, value: &str) -> Resul
     let rule = if value.is_empty() {
         "must not be empty".to_string()
     } else if value.len() > MAX_ID_BYTES {
-        format!("is {} bytes; at most {MAX_ID_BYTES} are allowed", value.len())
+        format!(
+            "is {} bytes; at most {MAX_ID_BYTES} are allowed",
+            value.len()
+        )
     } else if has_control(value) {
         "must not contain control characters".to_string()
     } else {
         return Ok(());
     };
-    Err(CodecError::InvalidField { record, field, rule })
+    Err(CodecError::InvalidField {
+        record,
+        field,
+        rule,
+    })
 }
 
 #[cfg(test)]
@@ -441,7 +541,11 @@ mod tests {
         for text in ["\"int\"", "\"string\"", no_logical_types] {
             let schema = Schema::parse_str(text).unwrap();
             let theirs = schema.fingerprint::<apache_avro::rabin::Rabin>().bytes;
-            assert_eq!(fingerprint_of(&schema).to_le_bytes().to_vec(), theirs, "{text}");
+            assert_eq!(
+                fingerprint_of(&schema).to_le_bytes().to_vec(),
+                theirs,
+                "{text}"
+            );
         }
     }
 
@@ -454,7 +558,11 @@ mod tests {
             r#"{"name": "client_sent_at", "type": ["null", {"type": "long", "logicalType": "timestamp-millis"}], "default": null,"#,
             r#"{"name": "unused_doc_holder", "type": "null", "default": null,"#,
         );
-        assert_ne!(v0, Heartbeat::SCHEMA, "the test must really change the schema");
+        assert_ne!(
+            v0,
+            Heartbeat::SCHEMA,
+            "the test must really change the schema"
+        );
         let writer = Schema::parse_str(&v0).unwrap();
         let codec = Codec::with_history::<Heartbeat>(&[&v0, Heartbeat::SCHEMA]);
         let mut body = Vec::new();
@@ -469,23 +577,49 @@ mod tests {
         assert_eq!(h.kind, crate::records::HeartbeatKind::End);
         assert_eq!(h.client_sent_at, None);
         // Without the old version registered, the same bytes are an unknown schema.
-        assert_eq!(decode_with::<Heartbeat>(&Codec::build::<Heartbeat>(), &bytes).unwrap_err().code(), "unknown_schema");
+        assert_eq!(
+            decode_with::<Heartbeat>(&Codec::build::<Heartbeat>(), &bytes)
+                .unwrap_err()
+                .code(),
+            "unknown_schema"
+        );
     }
 
     #[test]
     fn logical_types_are_canonicalised_as_their_primitive() {
         let s = Schema::parse_str(r#"{"type":"record","name":"R","fields":[{"name":"t","type":{"type":"long","logicalType":"timestamp-millis"}}]}"#).unwrap();
-        assert_eq!(canonical_form(&s), r#"{"name":"R","type":"record","fields":[{"name":"t","type":"long"}]}"#);
+        assert_eq!(
+            canonical_form(&s),
+            r#"{"name":"R","type":"record","fields":[{"name":"t","type":"long"}]}"#
+        );
         // fastavro's CRC-64-AVRO of "int", as the little-endian bytes single-object encoding uses.
-        assert_eq!(fingerprint_of(&Schema::parse_str("\"int\"").unwrap()).to_le_bytes(), [0x8f, 0x5c, 0x39, 0x3f, 0x1a, 0xd5, 0x75, 0x72]);
+        assert_eq!(
+            fingerprint_of(&Schema::parse_str("\"int\"").unwrap()).to_le_bytes(),
+            [0x8f, 0x5c, 0x39, 0x3f, 0x1a, 0xd5, 0x75, 0x72]
+        );
     }
 
     #[test]
     fn varints_round_trip_at_the_edges() {
-        for v in [0i64, -1, 1, 63, -64, 64, i32::MAX as i64, i32::MIN as i64, i64::MAX, i64::MIN] {
+        for v in [
+            0i64,
+            -1,
+            1,
+            63,
+            -64,
+            64,
+            i32::MAX as i64,
+            i32::MIN as i64,
+            i64::MAX,
+            i64::MIN,
+        ] {
             let mut out = Vec::new();
             write_long(&mut out, v);
-            let mut r = BodyReader { buf: &out, pos: 0, record: "t" };
+            let mut r = BodyReader {
+                buf: &out,
+                pos: 0,
+                record: "t",
+            };
             assert_eq!(r.read_long("x").unwrap(), v);
             assert_eq!(r.pos, out.len());
         }
@@ -494,8 +628,15 @@ mod tests {
     #[test]
     fn overlong_varint_is_an_error() {
         let bytes = [0xffu8; 11];
-        let mut r = BodyReader { buf: &bytes, pos: 0, record: "t" };
-        assert!(matches!(r.read_long("x"), Err(CodecError::Malformed { .. })));
+        let mut r = BodyReader {
+            buf: &bytes,
+            pos: 0,
+            record: "t",
+        };
+        assert!(matches!(
+            r.read_long("x"),
+            Err(CodecError::Malformed { .. })
+        ));
     }
 
     #[test]
@@ -505,7 +646,10 @@ mod tests {
         assert!(check_id("R", "f", &"x".repeat(129)).is_err());
         assert!(check_id("R", "f", &"x".repeat(128)).is_ok());
         assert!(check_id("R", "f", "caf\u{e9}").is_ok());
-        assert!(check_id("R", "f", "a\u{85}b").is_err(), "C1 controls count too");
+        assert!(
+            check_id("R", "f", "a\u{85}b").is_err(),
+            "C1 controls count too"
+        );
         assert!(check_id("R", "f", "a\u{7f}").is_err());
         let e = check_id("R", "f", "a\nb").unwrap_err();
         assert_eq!(e.to_string(), "R.f: must not contain control characters");

@@ -160,7 +160,9 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { url: Secret::new("redis://127.0.0.1:6379") }
+        RedisConfig {
+            url: Secret::new("redis://127.0.0.1:6379"),
+        }
     }
 }
 
@@ -234,7 +236,9 @@ pub struct GatewayConfig {
 
 impl Default for GatewayConfig {
     fn default() -> Self {
-        GatewayConfig { listen: ([127, 0, 0, 1], 8080).into() }
+        GatewayConfig {
+            listen: ([127, 0, 0, 1], 8080).into(),
+        }
     }
 }
 
@@ -249,7 +253,10 @@ pub struct NotifierConfig {
 
 impl Default for NotifierConfig {
     fn default() -> Self {
-        NotifierConfig { group_id: "presence-notifier".into(), ops_listen: ([127, 0, 0, 1], 9102).into() }
+        NotifierConfig {
+            group_id: "presence-notifier".into(),
+            ops_listen: ([127, 0, 0, 1], 9102).into(),
+        }
     }
 }
 
@@ -264,7 +271,10 @@ pub struct SinkConfig {
 
 impl Default for SinkConfig {
     fn default() -> Self {
-        SinkConfig { group_id: "presence-sink".into(), ops_listen: ([127, 0, 0, 1], 9103).into() }
+        SinkConfig {
+            group_id: "presence-sink".into(),
+            ops_listen: ([127, 0, 0, 1], 9103).into(),
+        }
     }
 }
 
@@ -286,7 +296,10 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { log_format: LogFormat::Text, log_filter: "info".into() }
+        TelemetryConfig {
+            log_format: LogFormat::Text,
+            log_filter: "info".into(),
+        }
     }
 }
 
@@ -294,7 +307,10 @@ impl Default for TelemetryConfig {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error("cannot read config file {path}: {source}; pass an existing file with --config or PRESENCE_CONFIG")]
-    Read { path: String, source: std::io::Error },
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
     #[error("invalid configuration:\n  - {}", .0.join("\n  - "))]
     Invalid(Vec<String>),
 }
@@ -302,13 +318,28 @@ pub enum ConfigError {
 /// librdkafka settings that presence sets itself; setting them by pass-through would break a
 /// guarantee (exactly-once, ordering) or conflict with a typed setting.
 const MANAGED_KAFKA_PROPERTIES: &[(&str, &str)] = &[
-    ("bootstrap.servers", "set kafka.brokers or KAFKA_BROKERS instead"),
-    ("metadata.broker.list", "set kafka.brokers or KAFKA_BROKERS instead"),
+    (
+        "bootstrap.servers",
+        "set kafka.brokers or KAFKA_BROKERS instead",
+    ),
+    (
+        "metadata.broker.list",
+        "set kafka.brokers or KAFKA_BROKERS instead",
+    ),
     ("client.id", "set kafka.client_id instead"),
     ("group.id", "set <process>.group_id instead"),
-    ("transactional.id", "presence derives transactional ids itself"),
-    ("enable.idempotence", "presence always enables idempotence where it produces"),
-    ("enable.auto.commit", "presence commits offsets itself, after the work is durable"),
+    (
+        "transactional.id",
+        "presence derives transactional ids itself",
+    ),
+    (
+        "enable.idempotence",
+        "presence always enables idempotence where it produces",
+    ),
+    (
+        "enable.auto.commit",
+        "presence commits offsets itself, after the work is durable",
+    ),
     ("enable.auto.offset.store", "presence stores offsets itself"),
     ("isolation.level", "presence always reads read_committed"),
     ("acks", "presence always produces with acks=all"),
@@ -325,10 +356,16 @@ impl Config {
     pub fn load_from(path: Option<&Path>, env: &[(String, String)]) -> Result<Config, ConfigError> {
         let mut doc = match path {
             Some(p) => {
-                let text = std::fs::read_to_string(p)
-                    .map_err(|source| ConfigError::Read { path: p.display().to_string(), source })?;
+                let text = std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+                    path: p.display().to_string(),
+                    source,
+                })?;
                 text.parse::<toml::Table>().map_err(|e| {
-                    ConfigError::Invalid(vec![format!("{}: not valid TOML: {}", p.display(), e.message())])
+                    ConfigError::Invalid(vec![format!(
+                        "{}: not valid TOML: {}",
+                        p.display(),
+                        e.message()
+                    )])
                 })?
             }
             None => toml::Table::new(),
@@ -356,28 +393,54 @@ impl Config {
         if self.kafka.brokers.split(',').all(|b| b.trim().is_empty()) {
             p.push("kafka.brokers is empty: set KAFKA_BROKERS to host:port[,host:port]".into());
         }
-        for broker in self.kafka.brokers.split(',').map(str::trim).filter(|b| !b.is_empty()) {
-            let ok = broker.rsplit_once(':').is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+        for broker in self
+            .kafka
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        {
+            let ok = broker
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
             if !ok {
                 p.push(format!("kafka.brokers entry '{broker}' is not host:port: write it as e.g. 127.0.0.1:9092"));
             }
         }
         for (key, why) in MANAGED_KAFKA_PROPERTIES {
             if self.kafka.properties.contains_key(*key) {
-                p.push(format!("kafka.properties.\"{key}\" cannot be passed through: {why}"));
+                p.push(format!(
+                    "kafka.properties.\"{key}\" cannot be passed through: {why}"
+                ));
             }
         }
         if let Err(e) = crate::kafka::check_properties(&self.kafka) {
             p.push(e);
         }
         for (name, url, schemes) in [
-            ("redis.url (REDIS_URL)", &self.redis.url, &["redis", "rediss"][..]),
-            ("database.url (DATABASE_URL)", &self.database.url, &["postgres", "postgresql"][..]),
+            (
+                "redis.url (REDIS_URL)",
+                &self.redis.url,
+                &["redis", "rediss"][..],
+            ),
+            (
+                "database.url (DATABASE_URL)",
+                &self.database.url,
+                &["postgres", "postgresql"][..],
+            ),
         ] {
             match url::Url::parse(url.expose()) {
                 Ok(u) if schemes.contains(&u.scheme()) => {}
-                Ok(u) => p.push(format!("{name} has scheme '{}': use {}://", u.scheme(), schemes[0])),
-                Err(e) => p.push(format!("{name} '{}' is not a URL ({e}): use {}://host:port", url.redacted(), schemes[0])),
+                Ok(u) => p.push(format!(
+                    "{name} has scheme '{}': use {}://",
+                    u.scheme(),
+                    schemes[0]
+                )),
+                Err(e) => p.push(format!(
+                    "{name} '{}' is not a URL ({e}): use {}://host:port",
+                    url.redacted(),
+                    schemes[0]
+                )),
             }
         }
         if !is_identifier(&self.database.schema) {
@@ -396,22 +459,39 @@ impl Config {
                 p.push(format!("{key} '{name}' {why}"));
             }
             if name.starts_with(&t.internal_prefix) {
-                p.push(format!("{key} '{name}' starts with the internal prefix '{}': choose another name", t.internal_prefix));
+                p.push(format!(
+                    "{key} '{name}' starts with the internal prefix '{}': choose another name",
+                    t.internal_prefix
+                ));
             }
         }
         if let Some(why) = invalid_topic_name(&format!("{}x", t.internal_prefix)) {
-            p.push(format!("topics.internal_prefix '{}' {why}", t.internal_prefix));
+            p.push(format!(
+                "topics.internal_prefix '{}' {why}",
+                t.internal_prefix
+            ));
         }
-        if t.heartbeats == t.facility_status || t.heartbeats == t.dead_letters || t.facility_status == t.dead_letters {
+        if t.heartbeats == t.facility_status
+            || t.heartbeats == t.dead_letters
+            || t.facility_status == t.dead_letters
+        {
             p.push("topics.heartbeats, topics.facility_status and topics.dead_letters must be three different topics".into());
         }
-        for (key, n) in [("topics.heartbeats_partitions", t.heartbeats_partitions), ("topics.facility_partitions", t.facility_partitions)] {
+        for (key, n) in [
+            ("topics.heartbeats_partitions", t.heartbeats_partitions),
+            ("topics.facility_partitions", t.facility_partitions),
+        ] {
             if !(1..=10_000).contains(&n) {
-                p.push(format!("{key} = {n}: use a partition count from 1 to 10000"));
+                p.push(format!(
+                    "{key} = {n}: use a partition count from 1 to 10000"
+                ));
             }
         }
         if !(1..=16).contains(&t.replication_factor) {
-            p.push(format!("topics.replication_factor = {}: use 1 (local) or 3 (a real cluster)", t.replication_factor));
+            p.push(format!(
+                "topics.replication_factor = {}: use 1 (local) or 3 (a real cluster)",
+                t.replication_factor
+            ));
         }
         for (key, d) in [
             ("topics.heartbeats_retention", t.heartbeats_retention),
@@ -424,7 +504,10 @@ impl Config {
         }
         let pr = &self.processor;
         if pr.session_timeout < Duration::from_millis(500) {
-            p.push(format!("processor.session_timeout = {:?}: use at least 500ms (default 90s)", pr.session_timeout));
+            p.push(format!(
+                "processor.session_timeout = {:?}: use at least 500ms (default 90s)",
+                pr.session_timeout
+            ));
         }
         if pr.flap_hold >= pr.session_timeout && !pr.flap_hold.is_zero() {
             p.push(format!(
@@ -432,14 +515,29 @@ impl Config {
                 pr.flap_hold, pr.session_timeout
             ));
         }
-        if pr.commit_interval < Duration::from_millis(10) || pr.commit_interval > Duration::from_secs(10) {
-            p.push(format!("processor.commit_interval = {:?}: use 10ms to 10s (default 100ms)", pr.commit_interval));
+        if pr.commit_interval < Duration::from_millis(10)
+            || pr.commit_interval > Duration::from_secs(10)
+        {
+            p.push(format!(
+                "processor.commit_interval = {:?}: use 10ms to 10s (default 100ms)",
+                pr.commit_interval
+            ));
         }
         if pr.max_clock_skew < Duration::from_secs(1) {
-            p.push(format!("processor.max_clock_skew = {:?}: use at least 1s (default 60s)", pr.max_clock_skew));
+            p.push(format!(
+                "processor.max_clock_skew = {:?}: use at least 1s (default 60s)",
+                pr.max_clock_skew
+            ));
         }
-        if !pr.instance_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
-            p.push(format!("processor.instance_id '{}' may only contain a-z, A-Z, 0-9, '-', '_' and '.'", pr.instance_id));
+        if !pr
+            .instance_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            p.push(format!(
+                "processor.instance_id '{}' may only contain a-z, A-Z, 0-9, '-', '_' and '.'",
+                pr.instance_id
+            ));
         }
         for (key, g) in [
             ("processor.group_id", &pr.group_id),
@@ -464,7 +562,9 @@ impl Config {
                 continue;
             }
             if let Some(other) = ports.insert(addr, key) {
-                p.push(format!("{key} and {other} are both {addr}: give each process its own port"));
+                p.push(format!(
+                    "{key} and {other} are both {addr}: give each process its own port"
+                ));
             }
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_filter) {
@@ -478,7 +578,8 @@ fn is_identifier(s: &str) -> bool {
     !s.is_empty()
         && s.len() <= 63
         && !s.as_bytes()[0].is_ascii_digit()
-        && s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// Kafka's own rule for topic names.
@@ -489,7 +590,10 @@ fn invalid_topic_name(name: &str) -> Option<&'static str> {
         Some("is longer than 249 characters")
     } else if name == "." || name == ".." {
         Some("is not a valid topic name")
-    } else if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-') {
+    } else if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'_' || b == b'-')
+    {
         Some("has characters Kafka does not allow: use a-z, A-Z, 0-9, '.', '_' and '-'")
     } else {
         None
@@ -497,14 +601,26 @@ fn invalid_topic_name(name: &str) -> Option<&'static str> {
 }
 
 /// The file's sections, for recognising misspelt environment overrides.
-const SECTIONS: &[&str] = &["kafka", "topics", "redis", "database", "processor", "gateway", "notifier", "sink", "telemetry"];
+const SECTIONS: &[&str] = &[
+    "kafka",
+    "topics",
+    "redis",
+    "database",
+    "processor",
+    "gateway",
+    "notifier",
+    "sink",
+    "telemetry",
+];
 
 /// Environment overrides. The three well-known names, `KAFKA_PROPERTY_<NAME>` (underscores
 /// become dots: `KAFKA_PROPERTY_SASL_MECHANISM` is `sasl.mechanism`) and the generic
 /// `PRESENCE_<SECTION>__<KEY>` (`PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s`).
 fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<String>) {
     fn set(doc: &mut toml::Table, section: &str, key: &str, value: toml::Value) {
-        let entry = doc.entry(section.to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        let entry = doc
+            .entry(section.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
         if let toml::Value::Table(t) = entry {
             t.insert(key.to_string(), value);
         }
@@ -518,9 +634,13 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<S
             _ => {
                 if let Some(prop) = name.strip_prefix("KAFKA_PROPERTY_") {
                     let key = prop.to_ascii_lowercase().replace('_', ".");
-                    let kafka = doc.entry("kafka".to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                    let kafka = doc
+                        .entry("kafka".to_string())
+                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
                     if let toml::Value::Table(k) = kafka {
-                        let props = k.entry("properties".to_string()).or_insert_with(|| toml::Value::Table(toml::Table::new()));
+                        let props = k
+                            .entry("properties".to_string())
+                            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
                         if let toml::Value::Table(pt) = props {
                             pt.insert(key, toml::Value::String(value.clone()));
                         }
@@ -555,7 +675,10 @@ fn env_value(value: &str) -> toml::Value {
 }
 
 fn describe_toml_error(e: &toml::de::Error) -> String {
-    format!("{}: check the key's spelling and type against the README's configuration table", e.message().trim())
+    format!(
+        "{}: check the key's spelling and type against the README's configuration table",
+        e.message().trim()
+    )
 }
 
 #[cfg(test)]
@@ -563,7 +686,10 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     fn problems_of(pairs: &[(&str, &str)]) -> Vec<String> {
@@ -579,7 +705,10 @@ mod tests {
         let c = Config::load_from(None, &[]).expect("defaults must validate");
         assert_eq!(c.processor.session_timeout, Duration::from_secs(90));
         assert_eq!(c.topics.heartbeats_partitions, 12);
-        assert_eq!(c.topics.session_transitions(), "presence.internal.session-transitions");
+        assert_eq!(
+            c.topics.session_transitions(),
+            "presence.internal.session-transitions"
+        );
     }
 
     #[test]
@@ -587,7 +716,11 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("presence-config-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(&path, "[kafka]\nbrokers = \"file:1\"\n[processor]\nsession_timeout = \"30s\"\n").unwrap();
+        std::fs::write(
+            &path,
+            "[kafka]\nbrokers = \"file:1\"\n[processor]\nsession_timeout = \"30s\"\n",
+        )
+        .unwrap();
         let c = Config::load_from(
             Some(&path),
             &env(&[
@@ -612,9 +745,16 @@ mod tests {
 
     #[test]
     fn a_setting_with_one_underscore_is_an_error_but_other_presence_variables_are_not() {
-        let p = problems_of(&[("PRESENCE_PROCESSOR_SESSION_TIMEOUT", "5s"), ("PRESENCE_TEST_PYTHON", "/usr/bin/python3")]);
+        let p = problems_of(&[
+            ("PRESENCE_PROCESSOR_SESSION_TIMEOUT", "5s"),
+            ("PRESENCE_TEST_PYTHON", "/usr/bin/python3"),
+        ]);
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].contains("PRESENCE_PROCESSOR_SESSION_TIMEOUT") && p[0].contains("PRESENCE_<SECTION>__<KEY>"), "{p:?}");
+        assert!(
+            p[0].contains("PRESENCE_PROCESSOR_SESSION_TIMEOUT")
+                && p[0].contains("PRESENCE_<SECTION>__<KEY>"),
+            "{p:?}"
+        );
     }
 
     #[test]
@@ -626,10 +766,16 @@ mod tests {
             ("KAFKA_PROPERTY_ENABLE_AUTO_COMMIT", "true"),
         ]);
         assert_eq!(p.len(), 4, "{p:#?}");
-        assert!(p.iter().any(|m| m.contains("nohostport") && m.contains("127.0.0.1:9092")));
-        assert!(p.iter().any(|m| m.contains("redis.url") && m.contains("redis://")));
+        assert!(p
+            .iter()
+            .any(|m| m.contains("nohostport") && m.contains("127.0.0.1:9092")));
+        assert!(p
+            .iter()
+            .any(|m| m.contains("redis.url") && m.contains("redis://")));
         assert!(p.iter().any(|m| m.contains("session_timeout")));
-        assert!(p.iter().any(|m| m.contains("enable.auto.commit") && m.contains("commits offsets itself")));
+        assert!(p
+            .iter()
+            .any(|m| m.contains("enable.auto.commit") && m.contains("commits offsets itself")));
     }
 
     #[test]
@@ -653,7 +799,8 @@ mod tests {
         let shown = format!("{s} {s:?}");
         assert!(!shown.contains("hunter2"), "{shown}");
         assert!(shown.contains("user:***@db"), "{shown}");
-        let c = Config::load_from(None, &env(&[("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2")])).unwrap();
+        let c =
+            Config::load_from(None, &env(&[("KAFKA_PROPERTY_SASL_PASSWORD", "hunter2")])).unwrap();
         assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

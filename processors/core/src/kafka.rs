@@ -40,7 +40,9 @@ pub fn check_properties(k: &KafkaConfig) -> Result<(), String> {
 /// acks=all. For the gateway and the load generator.
 pub fn idempotent_producer_config(k: &KafkaConfig, role: &str) -> ClientConfig {
     let mut c = base_config(k, role);
-    c.set("enable.idempotence", "true").set("acks", "all").set("compression.type", "lz4");
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("compression.type", "lz4");
     c
 }
 
@@ -65,18 +67,43 @@ pub const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// Headers of a dead letter: what was wrong and where the record came from. Codes are the
 /// small fixed set of `CodecError::code()` and the processors' own rejections.
-pub fn dead_letter_headers(code: &str, message: &str, topic: &str, partition: i32, offset: i64, timestamp: Option<i64>) -> rdkafka::message::OwnedHeaders {
+pub fn dead_letter_headers(
+    code: &str,
+    message: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    timestamp: Option<i64>,
+) -> rdkafka::message::OwnedHeaders {
     use rdkafka::message::{Header, OwnedHeaders};
     let partition = partition.to_string();
     let offset = offset.to_string();
     let ts = timestamp.map(|t| t.to_string()).unwrap_or_default();
     OwnedHeaders::new_with_capacity(6)
-        .insert(Header { key: "presence.error.code", value: Some(code) })
-        .insert(Header { key: "presence.error.message", value: Some(message) })
-        .insert(Header { key: "presence.source.topic", value: Some(topic) })
-        .insert(Header { key: "presence.source.partition", value: Some(&partition) })
-        .insert(Header { key: "presence.source.offset", value: Some(&offset) })
-        .insert(Header { key: "presence.source.timestamp", value: Some(&ts) })
+        .insert(Header {
+            key: "presence.error.code",
+            value: Some(code),
+        })
+        .insert(Header {
+            key: "presence.error.message",
+            value: Some(message),
+        })
+        .insert(Header {
+            key: "presence.source.topic",
+            value: Some(topic),
+        })
+        .insert(Header {
+            key: "presence.source.partition",
+            value: Some(&partition),
+        })
+        .insert(Header {
+            key: "presence.source.offset",
+            value: Some(&offset),
+        })
+        .insert(Header {
+            key: "presence.source.timestamp",
+            value: Some(&ts),
+        })
 }
 
 /// The machine's host name, for default instance ids.
@@ -84,7 +111,11 @@ pub fn hostname() -> String {
     std::env::var("HOSTNAME")
         .ok()
         .filter(|h| !h.is_empty())
-        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .or_else(|| {
+            std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_string())
+        })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "presence".into())
 }

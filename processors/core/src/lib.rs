@@ -21,9 +21,9 @@ pub mod records;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;
-pub mod topics;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod topics;
 
 pub use config::{Config, Secret};
 pub use shutdown::Shutdown;

@@ -31,7 +31,8 @@ pub struct Heartbeat {
 impl AvroRecord for Heartbeat {
     const NAME: &'static str = "Heartbeat";
     const SCHEMA: &'static str = include_str!("../../../schemas/heartbeat.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/heartbeat/v1.avsc")];
+    const HISTORY: &'static [&'static str] =
+        &[include_str!("../../../schemas/history/heartbeat/v1.avsc")];
 
     crate::codec_cell!();
 
@@ -68,7 +69,9 @@ impl<'a> HeartbeatRef<'a> {
     /// Decodes and validates bytes of the current schema version without copying; `None`
     /// for an older released version, which [`crate::codec::decode`] resolves.
     pub fn decode(bytes: &'a [u8]) -> Result<Option<HeartbeatRef<'a>>, CodecError> {
-        let Some(body) = crate::codec::current_body::<Heartbeat>(bytes)? else { return Ok(None) };
+        let Some(body) = crate::codec::current_body::<Heartbeat>(bytes)? else {
+            return Ok(None);
+        };
         let mut r = BodyReader::new(body, Heartbeat::NAME);
         let h = Self::read(&mut r)?;
         r.finish()?;
@@ -83,7 +86,11 @@ impl<'a> HeartbeatRef<'a> {
             user_id: r.read_str("user_id")?,
             facility_id: r.read_str("facility_id")?,
             region_id: r.read_str("region_id")?,
-            kind: if r.read_enum("kind", 2)? == 0 { HeartbeatKind::Beat } else { HeartbeatKind::End },
+            kind: if r.read_enum("kind", 2)? == 0 {
+                HeartbeatKind::Beat
+            } else {
+                HeartbeatKind::End
+            },
             client_sent_at: r.read_optional_long("client_sent_at")?,
         })
     }
@@ -155,7 +162,9 @@ pub struct FacilityStatus {
 impl AvroRecord for FacilityStatus {
     const NAME: &'static str = "FacilityStatus";
     const SCHEMA: &'static str = include_str!("../../../schemas/facility_status.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/facility_status/v1.avsc")];
+    const HISTORY: &'static [&'static str] = &[include_str!(
+        "../../../schemas/history/facility_status/v1.avsc"
+    )];
 
     crate::codec_cell!();
 
@@ -173,7 +182,11 @@ impl AvroRecord for FacilityStatus {
         Ok(FacilityStatus {
             facility_id: r.read_string("facility_id")?,
             region_id: r.read_string("region_id")?,
-            status: if r.read_enum("status", 2)? == 0 { Status::Online } else { Status::Offline },
+            status: if r.read_enum("status", 2)? == 0 {
+                Status::Online
+            } else {
+                Status::Offline
+            },
             open_sessions: r.read_int("open_sessions")?,
             since: r.read_long("since")?,
             seq: r.read_long("seq")?,
@@ -184,13 +197,23 @@ impl AvroRecord for FacilityStatus {
     fn validate(&self) -> Result<(), CodecError> {
         check_id(Self::NAME, "facility_id", &self.facility_id)?;
         check_id(Self::NAME, "region_id", &self.region_id)?;
-        let invalid = |field, rule: &str| Err(CodecError::InvalidField { record: Self::NAME, field, rule: rule.into() });
+        let invalid = |field, rule: &str| {
+            Err(CodecError::InvalidField {
+                record: Self::NAME,
+                field,
+                rule: rule.into(),
+            })
+        };
         if self.seq < 1 {
             return invalid("seq", "must be at least 1");
         }
         match self.status {
-            Status::Online if self.open_sessions < 1 => invalid("open_sessions", "must be at least 1 when ONLINE"),
-            Status::Offline if self.open_sessions != 0 => invalid("open_sessions", "must be 0 when OFFLINE"),
+            Status::Online if self.open_sessions < 1 => {
+                invalid("open_sessions", "must be at least 1 when ONLINE")
+            }
+            Status::Offline if self.open_sessions != 0 => {
+                invalid("open_sessions", "must be 0 when OFFLINE")
+            }
             _ => Ok(()),
         }
     }
@@ -236,7 +259,13 @@ mod tests {
             ("user_id".into(), Value::String(h.user_id.clone())),
             ("facility_id".into(), Value::String(h.facility_id.clone())),
             ("region_id".into(), Value::String(h.region_id.clone())),
-            ("kind".into(), Value::Enum(matches!(h.kind, HeartbeatKind::End) as u32, format!("{:?}", h.kind).to_uppercase())),
+            (
+                "kind".into(),
+                Value::Enum(
+                    matches!(h.kind, HeartbeatKind::End) as u32,
+                    format!("{:?}", h.kind).to_uppercase(),
+                ),
+            ),
             (
                 "client_sent_at".into(),
                 match h.client_sent_at {
@@ -255,7 +284,14 @@ mod tests {
     fn heartbeat_bytes_equal_the_reference_implementation() {
         // Bodies only: apache-avro's header carries its own fingerprint, which differs from
         // the specification's for logical types (see codec::canonical_form).
-        for h in [beat(), Heartbeat { kind: HeartbeatKind::End, client_sent_at: None, ..beat() }] {
+        for h in [
+            beat(),
+            Heartbeat {
+                kind: HeartbeatKind::End,
+                client_sent_at: None,
+                ..beat()
+            },
+        ] {
             let theirs = generic_heartbeat_bytes(&h);
             let ours = encode(&h);
             assert_eq!(ours[10..], theirs[10..]);
@@ -270,7 +306,9 @@ mod tests {
         assert_eq!(decode::<FacilityStatus>(&bytes).unwrap(), s);
         let schema = codec::<FacilityStatus>().schema();
         let v = apache_avro::from_avro_datum(schema, &mut &bytes[10..], None).unwrap();
-        let Value::Record(fields) = v else { panic!("not a record") };
+        let Value::Record(fields) = v else {
+            panic!("not a record")
+        };
         assert_eq!(fields[2].1, Value::Enum(0, "ONLINE".into()));
         assert_eq!(fields[5].1, Value::Long(7));
     }
@@ -278,56 +316,102 @@ mod tests {
     #[test]
     fn header_errors_are_typed() {
         let bytes = encode(&beat());
-        assert_eq!(decode::<Heartbeat>(&bytes[..5]), Err(CodecError::TooShort { len: 5 }));
+        assert_eq!(
+            decode::<Heartbeat>(&bytes[..5]),
+            Err(CodecError::TooShort { len: 5 })
+        );
         let mut bad = bytes.clone();
         bad[0] = 0;
-        assert!(matches!(decode::<Heartbeat>(&bad), Err(CodecError::BadMarker { .. })));
+        assert!(matches!(
+            decode::<Heartbeat>(&bad),
+            Err(CodecError::BadMarker { .. })
+        ));
         let mut other = bytes.clone();
         other[2] ^= 0xff;
         let e = decode::<Heartbeat>(&other).unwrap_err();
         assert_eq!(e.code(), "unknown_schema");
         // A FacilityStatus is not a Heartbeat: its fingerprint is unknown to the heartbeat codec.
-        assert_eq!(decode::<Heartbeat>(&encode(&status())).unwrap_err().code(), "unknown_schema");
+        assert_eq!(
+            decode::<Heartbeat>(&encode(&status())).unwrap_err().code(),
+            "unknown_schema"
+        );
     }
 
     #[test]
     fn body_errors_are_typed() {
         let bytes = encode(&beat());
         let truncated = &bytes[..bytes.len() - 2];
-        assert_eq!(decode::<Heartbeat>(truncated).unwrap_err().code(), "malformed");
+        assert_eq!(
+            decode::<Heartbeat>(truncated).unwrap_err().code(),
+            "malformed"
+        );
         let mut trailing = bytes.clone();
         trailing.push(0);
         let e = decode::<Heartbeat>(&trailing).unwrap_err();
         assert!(e.to_string().contains("trailing"), "{e}");
-        let mut bad_enum = encode(&Heartbeat { client_sent_at: None, ..beat() });
+        let mut bad_enum = encode(&Heartbeat {
+            client_sent_at: None,
+            ..beat()
+        });
         let kind_at = bad_enum.len() - 2;
         bad_enum[kind_at] = 4; // zigzag 2: a third symbol that does not exist
-        assert!(decode::<Heartbeat>(&bad_enum).unwrap_err().to_string().contains("enum index 2"));
+        assert!(decode::<Heartbeat>(&bad_enum)
+            .unwrap_err()
+            .to_string()
+            .contains("enum index 2"));
         let mut bad_utf8 = encode(&beat());
         bad_utf8[11] = 0xff; // first byte of session_id
-        assert!(decode::<Heartbeat>(&bad_utf8).unwrap_err().to_string().contains("UTF-8"));
+        assert!(decode::<Heartbeat>(&bad_utf8)
+            .unwrap_err()
+            .to_string()
+            .contains("UTF-8"));
     }
 
     #[test]
     fn the_borrowed_reader_agrees_with_the_owned_one() {
-        for h in [beat(), Heartbeat { kind: HeartbeatKind::End, client_sent_at: None, ..beat() }] {
+        for h in [
+            beat(),
+            Heartbeat {
+                kind: HeartbeatKind::End,
+                client_sent_at: None,
+                ..beat()
+            },
+        ] {
             let bytes = encode(&h);
             assert_eq!(HeartbeatRef::decode(&bytes).unwrap(), Some(h.as_ref()));
         }
-        let bad = encode(&Heartbeat { region_id: "a\u{7}".into(), ..beat() });
-        assert_eq!(HeartbeatRef::decode(&bad).unwrap_err().code(), "invalid_field");
+        let bad = encode(&Heartbeat {
+            region_id: "a\u{7}".into(),
+            ..beat()
+        });
+        assert_eq!(
+            HeartbeatRef::decode(&bad).unwrap_err().code(),
+            "invalid_field"
+        );
         let mut trailing = encode(&beat());
         trailing.push(1);
-        assert_eq!(HeartbeatRef::decode(&trailing).unwrap_err().code(), "malformed");
+        assert_eq!(
+            HeartbeatRef::decode(&trailing).unwrap_err().code(),
+            "malformed"
+        );
     }
 
     #[test]
     fn field_rules_are_enforced_on_decode() {
-        let h = Heartbeat { facility_id: String::new(), ..beat() };
+        let h = Heartbeat {
+            facility_id: String::new(),
+            ..beat()
+        };
         let e = decode::<Heartbeat>(&encode(&h)).unwrap_err();
         assert_eq!(e.to_string(), "Heartbeat.facility_id: must not be empty");
-        let s = FacilityStatus { open_sessions: 0, ..status() };
-        assert_eq!(decode::<FacilityStatus>(&encode(&s)).unwrap_err().code(), "invalid_field");
+        let s = FacilityStatus {
+            open_sessions: 0,
+            ..status()
+        };
+        assert_eq!(
+            decode::<FacilityStatus>(&encode(&s)).unwrap_err().code(),
+            "invalid_field"
+        );
     }
 
     proptest! {
@@ -349,7 +433,9 @@ mod tests {
     }
 
     fn history_dir(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/history").join(name)
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../schemas/history")
+            .join(name)
     }
 
     #[test]
@@ -385,7 +471,10 @@ mod tests {
             1,
         );
         let v2 = Schema::parse_str(&without_default).unwrap();
-        assert!(SchemaCompatibility::can_read(&v1, &v2).is_err(), "a field without default must not be readable from old data");
+        assert!(
+            SchemaCompatibility::can_read(&v1, &v2).is_err(),
+            "a field without default must not be readable from old data"
+        );
         let with_default = FacilityStatus::SCHEMA.replacen(
             "\"fields\": [",
             "\"fields\": [{\"name\": \"added\", \"type\": \"string\", \"default\": \"\"},",
@@ -404,7 +493,10 @@ mod tests {
         use apache_avro::schema::{RecordSchema, UnionSchema};
         match schema {
             Schema::Record(RecordSchema { fields, .. }) => Value::Record(
-                fields.iter().map(|f| (f.name.clone(), sample_value(&f.schema))).collect(),
+                fields
+                    .iter()
+                    .map(|f| (f.name.clone(), sample_value(&f.schema)))
+                    .collect(),
             ),
             Schema::String => Value::String("sample".into()),
             Schema::Enum(e) => Value::Enum(0, e.symbols[0].clone()),

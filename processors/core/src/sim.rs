@@ -80,7 +80,9 @@ pub fn generate(c: &SimConfig) -> Vec<SimRecord> {
         let mut facility = rng.gen_range(0..c.facilities.max(1));
         let start = c.start_ms + rng.gen_range(0..c.span_ms.max(1));
         let lifetime = rng.gen_range(c.lifetime_ms.0..=c.lifetime_ms.1);
-        let moves_at = rng.gen_bool(c.move_probability).then(|| start + lifetime / 2);
+        let moves_at = rng
+            .gen_bool(c.move_probability)
+            .then(|| start + lifetime / 2);
         let ends = rng.gen_bool(c.end_probability);
         let mut t = start;
         let mut moved = false;
@@ -91,11 +93,29 @@ pub fn generate(c: &SimConfig) -> Vec<SimRecord> {
                     moved = true;
                 }
             }
-            out.push(SimRecord { ts: t, heartbeat: beat(&session_id, &user_id, facility, c.regions, HeartbeatKind::Beat) });
+            out.push(SimRecord {
+                ts: t,
+                heartbeat: beat(
+                    &session_id,
+                    &user_id,
+                    facility,
+                    c.regions,
+                    HeartbeatKind::Beat,
+                ),
+            });
             t += c.beat_ms + rng.gen_range(-c.jitter_ms..=c.jitter_ms);
         }
         if ends {
-            out.push(SimRecord { ts: t.min(start + lifetime), heartbeat: beat(&session_id, &user_id, facility, c.regions, HeartbeatKind::End) });
+            out.push(SimRecord {
+                ts: t.min(start + lifetime),
+                heartbeat: beat(
+                    &session_id,
+                    &user_id,
+                    facility,
+                    c.regions,
+                    HeartbeatKind::End,
+                ),
+            });
         }
     }
     out.sort_by_key(|r| r.ts);
@@ -113,7 +133,13 @@ pub fn generate(c: &SimConfig) -> Vec<SimRecord> {
     out
 }
 
-fn beat(session: &str, user: &str, facility: usize, regions: usize, kind: HeartbeatKind) -> Heartbeat {
+fn beat(
+    session: &str,
+    user: &str,
+    facility: usize,
+    regions: usize,
+    kind: HeartbeatKind,
+) -> Heartbeat {
     Heartbeat {
         session_id: session.to_string(),
         user_id: user.to_string(),
@@ -184,7 +210,11 @@ pub fn oracle(records: &[SimRecord], timeout_ms: i64) -> Vec<Expected> {
             out.push(Expected {
                 facility_id: f,
                 seq: e.1,
-                status: if e.0 > 0 { Status::Online } else { Status::Offline },
+                status: if e.0 > 0 {
+                    Status::Online
+                } else {
+                    Status::Offline
+                },
                 since: at,
                 open_sessions: e.0,
                 region_id: region,
@@ -203,7 +233,10 @@ mod tests {
     fn same_seed_same_log() {
         let c = SimConfig::compressed(7, 50, 10, 1_000_000);
         assert_eq!(generate(&c), generate(&c));
-        let other = SimConfig { seed: 8, ..c.clone() };
+        let other = SimConfig {
+            seed: 8,
+            ..c.clone()
+        };
         assert_ne!(generate(&c), generate(&other));
     }
 
@@ -216,7 +249,10 @@ mod tests {
 
     #[test]
     fn oracle_on_a_hand_written_log() {
-        let b = |ts, s: &str, f: usize, kind| SimRecord { ts, heartbeat: beat(s, "u", f, 2, kind) };
+        let b = |ts, s: &str, f: usize, kind| SimRecord {
+            ts,
+            heartbeat: beat(s, "u", f, 2, kind),
+        };
         let log = vec![
             b(0, "a", 1, HeartbeatKind::Beat),
             b(1_000, "b", 1, HeartbeatKind::Beat),
@@ -224,7 +260,10 @@ mod tests {
             b(3_000, "b", 2, HeartbeatKind::Beat), // b moves: facility 1 goes offline
             b(20_000, "b", 2, HeartbeatKind::Beat), // after a silent gap: closed at 3_000 + 5_005, reopened
         ];
-        let got: Vec<(String, i64, Status, i64)> = oracle(&log, 5_005).into_iter().map(|e| (e.facility_id, e.seq, e.status, e.since)).collect();
+        let got: Vec<(String, i64, Status, i64)> = oracle(&log, 5_005)
+            .into_iter()
+            .map(|e| (e.facility_id, e.seq, e.status, e.since))
+            .collect();
         let f1 = facility_id(1);
         let f2 = facility_id(2);
         assert_eq!(

@@ -44,13 +44,19 @@ pub struct Health {
 impl Health {
     pub fn new(registry: &Registry) -> Health {
         let gauge = IntGaugeVec::new(
-            Opts::new("presence_dependency_up", "1 while the dependency answers, 0 while it does not"),
+            Opts::new(
+                "presence_dependency_up",
+                "1 while the dependency answers, 0 while it does not",
+            ),
             &["dependency"],
         )
         .expect("static metric definition");
         // Registering twice in one registry is a programming error; ignore for idempotence.
         let _ = registry.register(Box::new(gauge.clone()));
-        Health { inner: Arc::default(), gauge }
+        Health {
+            inner: Arc::default(),
+            gauge,
+        }
     }
 
     /// Registers `component` as not ready yet.
@@ -68,12 +74,21 @@ impl Health {
     }
 
     fn set(&self, component: &'static str, state: Result<(), String>) {
-        self.gauge.with_label_values(&[component]).set(state.is_ok() as i64);
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).insert(component, state);
+        self.gauge
+            .with_label_values(&[component])
+            .set(state.is_ok() as i64);
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(component, state);
     }
 
     pub fn is_ready(&self) -> bool {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).values().all(Result::is_ok)
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .all(Result::is_ok)
     }
 
     /// One line per component: `kafka: ok` or `kafka: <reason>`.
@@ -107,13 +122,26 @@ async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
     let mut buf = Vec::new();
     let encoder = TextEncoder::new();
     match encoder.encode(&s.registry.gather(), &mut buf) {
-        Ok(()) => (StatusCode::OK, [(header::CONTENT_TYPE, encoder.format_type().to_string())], buf).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("encoding metrics failed: {e}\n")).into_response(),
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_string())],
+            buf,
+        )
+            .into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("encoding metrics failed: {e}\n"),
+        )
+            .into_response(),
     }
 }
 
 async fn readyz(State(s): State<OpsState>) -> impl IntoResponse {
-    let code = if s.health.is_ready() { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if s.health.is_ready() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, s.health.describe())
 }
 
@@ -130,13 +158,22 @@ pub async fn serve_ops(
 
 /// Binds `addr` and serves `router` until `shutdown`, with a message that names the address
 /// when it is taken.
-pub async fn serve(addr: SocketAddr, router: Router, shutdown: Shutdown) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
+pub async fn serve(
+    addr: SocketAddr,
+    router: Router,
+    shutdown: Shutdown,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| {
-        std::io::Error::new(e.kind(), format!("cannot listen on {addr}: {e}; choose a free port in the configuration"))
+        std::io::Error::new(
+            e.kind(),
+            format!("cannot listen on {addr}: {e}; choose a free port in the configuration"),
+        )
     })?;
     let bound = listener.local_addr()?;
     let task = tokio::spawn(async move {
-        let result = axum::serve(listener, router).with_graceful_shutdown(async move { shutdown.wait().await }).await;
+        let result = axum::serve(listener, router)
+            .with_graceful_shutdown(async move { shutdown.wait().await })
+            .await;
         if let Err(e) = result {
             tracing::error!(error = %e, %bound, "HTTP server stopped");
         }
@@ -159,7 +196,10 @@ mod tests {
         assert!(!h.is_ready());
         h.set_ready("redis");
         assert!(h.is_ready());
-        h.set_unready("redis", "redis at redis://127.0.0.1:6379 refuses connections");
+        h.set_unready(
+            "redis",
+            "redis at redis://127.0.0.1:6379 refuses connections",
+        );
         assert!(!h.is_ready());
         assert!(h.describe().contains("redis: redis at"));
     }

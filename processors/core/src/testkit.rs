@@ -11,8 +11,15 @@ use crate::config::Config;
 pub fn unique(prefix: &str) -> String {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    format!("{prefix}-{}-{nanos}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!(
+        "{prefix}-{}-{nanos}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 /// The process environment's config (so `KAFKA_BROKERS` etc. point at the stack) with
@@ -30,7 +37,12 @@ pub fn isolated_config() -> Config {
     c.notifier.group_id = format!("{id}-notifier");
     c.sink.group_id = format!("{id}-sink");
     c.database.schema = id.replace('-', "_");
-    for addr in [&mut c.gateway.listen, &mut c.processor.ops_listen, &mut c.notifier.ops_listen, &mut c.sink.ops_listen] {
+    for addr in [
+        &mut c.gateway.listen,
+        &mut c.processor.ops_listen,
+        &mut c.notifier.ops_listen,
+        &mut c.sink.ops_listen,
+    ] {
         addr.set_port(0);
     }
     c
@@ -39,17 +51,23 @@ pub fn isolated_config() -> Config {
 fn cache_dir() -> PathBuf {
     std::env::var_os("PRESENCE_CACHE_DIR")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/presence"))
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").unwrap_or_default()).join(".cache/presence")
+        })
 }
 
 /// Apache Kafka's jars (for its command-line tools, our external client).
 pub fn kafka_libs() -> PathBuf {
-    std::env::var_os("PRESENCE_TEST_KAFKA_LIBS").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("kafka-4.1.0/libs"))
+    std::env::var_os("PRESENCE_TEST_KAFKA_LIBS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("kafka-4.1.0/libs"))
 }
 
 /// The Python with fastavro installed by `deploy/stack.sh`.
 pub fn python() -> PathBuf {
-    std::env::var_os("PRESENCE_TEST_PYTHON").map(PathBuf::from).unwrap_or_else(|| cache_dir().join("venv/bin/python"))
+    std::env::var_os("PRESENCE_TEST_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("venv/bin/python"))
 }
 
 /// The repository root, for scripts and schemas.

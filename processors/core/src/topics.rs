@@ -25,7 +25,12 @@ pub struct TopicSpec {
 /// Every topic presence uses, public and internal.
 pub fn specs(t: &TopicsConfig) -> Vec<TopicSpec> {
     let ms = |d: std::time::Duration| d.as_millis().to_string();
-    let delete = |retention: std::time::Duration| vec![("cleanup.policy", "delete".to_string()), ("retention.ms", ms(retention))];
+    let delete = |retention: std::time::Duration| {
+        vec![
+            ("cleanup.policy", "delete".to_string()),
+            ("retention.ms", ms(retention)),
+        ]
+    };
     // Compaction that really happens: segments roll at least every `compacted_segment`, and
     // the cleaner runs once 10% of the log is dirty (the broker default is 50%).
     let compact = || {
@@ -35,7 +40,13 @@ pub fn specs(t: &TopicsConfig) -> Vec<TopicSpec> {
             ("min.cleanable.dirty.ratio", "0.1".to_string()),
         ]
     };
-    let spec = |name: String, partitions, configs, role| TopicSpec { name, partitions, replication: t.replication_factor, configs, role };
+    let spec = |name: String, partitions, configs, role| TopicSpec {
+        name,
+        partitions,
+        replication: t.replication_factor,
+        configs,
+        role,
+    };
     vec![
         spec(t.heartbeats.clone(), t.heartbeats_partitions, delete(t.heartbeats_retention), "heartbeats, keyed by session id"),
         spec(t.facility_status.clone(), t.facility_partitions, compact(), "facility transitions; the latest record per facility is its status, so it must be compacted"),
@@ -61,7 +72,9 @@ pub struct Report {
 
 impl Report {
     pub fn is_ok(&self) -> bool {
-        self.topics.iter().all(|(_, o)| !matches!(o, Outcome::Wrong(_)))
+        self.topics
+            .iter()
+            .all(|(_, o)| !matches!(o, Outcome::Wrong(_)))
     }
 }
 
@@ -85,10 +98,17 @@ impl fmt::Display for Report {
 
 #[derive(Debug, thiserror::Error)]
 pub enum TopicsError {
-    #[error("cannot reach Kafka at {brokers} ({detail}); start it (make stack) or set KAFKA_BROKERS")]
+    #[error(
+        "cannot reach Kafka at {brokers} ({detail}); start it (make stack) or set KAFKA_BROKERS"
+    )]
     Unreachable { brokers: String, detail: String },
-    #[error("creating topic {topic} failed: {code}; check the broker log and the ACLs of this client")]
-    Create { topic: String, code: RDKafkaErrorCode },
+    #[error(
+        "creating topic {topic} failed: {code}; check the broker log and the ACLs of this client"
+    )]
+    Create {
+        topic: String,
+        code: RDKafkaErrorCode,
+    },
     #[error("reading the settings of topic {topic} failed: {detail}")]
     Describe { topic: String, detail: String },
 }
@@ -96,31 +116,62 @@ pub enum TopicsError {
 /// Creates missing topics and verifies existing ones against `specs(config)`.
 pub async fn ensure(config: &Config) -> Result<Report, TopicsError> {
     let brokers = config.kafka.brokers.clone();
-    let unreachable = |detail: String| TopicsError::Unreachable { brokers: brokers.clone(), detail };
+    let unreachable = |detail: String| TopicsError::Unreachable {
+        brokers: brokers.clone(),
+        detail,
+    };
     let admin = admin_client(&config.kafka).map_err(|e| unreachable(e.to_string()))?;
     // A one-shot blocking call at start-up; the admin client has no async metadata call.
-    let metadata = admin.inner().fetch_metadata(None, ADMIN_TIMEOUT).map_err(|e| unreachable(e.to_string()))?;
-    let existing: std::collections::HashMap<&str, i32> =
-        metadata.topics().iter().filter(|t| t.error().is_none()).map(|t| (t.name(), t.partitions().len() as i32)).collect();
-    let opts = AdminOptions::new().request_timeout(Some(ADMIN_TIMEOUT)).operation_timeout(Some(ADMIN_TIMEOUT));
+    let metadata = admin
+        .inner()
+        .fetch_metadata(None, ADMIN_TIMEOUT)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let existing: std::collections::HashMap<&str, i32> = metadata
+        .topics()
+        .iter()
+        .filter(|t| t.error().is_none())
+        .map(|t| (t.name(), t.partitions().len() as i32))
+        .collect();
+    let opts = AdminOptions::new()
+        .request_timeout(Some(ADMIN_TIMEOUT))
+        .operation_timeout(Some(ADMIN_TIMEOUT));
     let mut report = Report { topics: Vec::new() };
     for spec in specs(&config.topics) {
         let outcome = match existing.get(spec.name.as_str()) {
-            Some(&partitions) => Outcome::from_problems(verify(&admin, &opts, &spec, partitions, &brokers).await?),
+            Some(&partitions) => {
+                Outcome::from_problems(verify(&admin, &opts, &spec, partitions, &brokers).await?)
+            }
             None => {
-                let mut new = NewTopic::new(&spec.name, spec.partitions, TopicReplication::Fixed(spec.replication));
+                let mut new = NewTopic::new(
+                    &spec.name,
+                    spec.partitions,
+                    TopicReplication::Fixed(spec.replication),
+                );
                 for (k, v) in &spec.configs {
                     new = new.set(k, v);
                 }
-                let results = admin.create_topics([&new], &opts).await.map_err(|e| unreachable(e.to_string()))?;
+                let results = admin
+                    .create_topics([&new], &opts)
+                    .await
+                    .map_err(|e| unreachable(e.to_string()))?;
                 match results.into_iter().next() {
                     Some(Ok(_)) => Outcome::Created,
                     // Created meanwhile by another `presence topics`: verify it like any other.
-                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
-                        Outcome::from_problems(verify(&admin, &opts, &spec, spec.partitions, &brokers).await?)
+                    Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Outcome::from_problems(
+                        verify(&admin, &opts, &spec, spec.partitions, &brokers).await?,
+                    ),
+                    Some(Err((_, code))) => {
+                        return Err(TopicsError::Create {
+                            topic: spec.name.clone(),
+                            code,
+                        })
                     }
-                    Some(Err((_, code))) => return Err(TopicsError::Create { topic: spec.name.clone(), code }),
-                    None => return Err(TopicsError::Create { topic: spec.name.clone(), code: RDKafkaErrorCode::Unknown }),
+                    None => {
+                        return Err(TopicsError::Create {
+                            topic: spec.name.clone(),
+                            code: RDKafkaErrorCode::Unknown,
+                        })
+                    }
                 }
             }
         };
@@ -146,19 +197,34 @@ async fn verify(
     partitions: i32,
     brokers: &str,
 ) -> Result<Vec<String>, TopicsError> {
-    let describe_err = |detail: String| TopicsError::Describe { topic: spec.name.clone(), detail };
-    let results = admin.describe_configs([&ResourceSpecifier::Topic(&spec.name)], opts).await.map_err(|e| describe_err(e.to_string()))?;
+    let describe_err = |detail: String| TopicsError::Describe {
+        topic: spec.name.clone(),
+        detail,
+    };
+    let results = admin
+        .describe_configs([&ResourceSpecifier::Topic(&spec.name)], opts)
+        .await
+        .map_err(|e| describe_err(e.to_string()))?;
     let resource = match results.into_iter().next() {
         Some(Ok(r)) => r,
         Some(Err(code)) => return Err(describe_err(code.to_string())),
         None => return Err(describe_err("no answer".into())),
     };
-    let actual: Vec<(String, Option<String>)> = resource.entries.iter().map(|e| (e.name.clone(), e.value.clone())).collect();
+    let actual: Vec<(String, Option<String>)> = resource
+        .entries
+        .iter()
+        .map(|e| (e.name.clone(), e.value.clone()))
+        .collect();
     Ok(problems(spec, partitions, &actual, brokers))
 }
 
 /// What is wrong with an existing topic, each item with its fix. Pure, so it is unit-tested.
-pub fn problems(spec: &TopicSpec, partitions: i32, actual: &[(String, Option<String>)], brokers: &str) -> Vec<String> {
+pub fn problems(
+    spec: &TopicSpec,
+    partitions: i32,
+    actual: &[(String, Option<String>)],
+    brokers: &str,
+) -> Vec<String> {
     let mut out = Vec::new();
     if partitions != spec.partitions {
         out.push(format!(
@@ -168,7 +234,10 @@ pub fn problems(spec: &TopicSpec, partitions: i32, actual: &[(String, Option<Str
         ));
     }
     for (key, want) in &spec.configs {
-        let have = actual.iter().find(|(k, _)| k == key).and_then(|(_, v)| v.clone());
+        let have = actual
+            .iter()
+            .find(|(k, _)| k == key)
+            .and_then(|(_, v)| v.clone());
         if have.as_deref() != Some(want.as_str()) {
             out.push(format!(
                 "{key}={} but must be {want} ({}): run kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics --entity-name {} --add-config {key}={want}",
@@ -190,9 +259,16 @@ mod tests {
         let t = TopicsConfig::default();
         let s = specs(&t);
         assert_eq!(s.len(), 6);
-        assert_eq!(s.iter().filter(|s| s.name.starts_with(&t.internal_prefix)).count(), 3);
+        assert_eq!(
+            s.iter()
+                .filter(|s| s.name.starts_with(&t.internal_prefix))
+                .count(),
+            3
+        );
         let status = s.iter().find(|s| s.name == "facility-status").unwrap();
-        assert!(status.configs.contains(&("cleanup.policy", "compact".into())));
+        assert!(status
+            .configs
+            .contains(&("cleanup.policy", "compact".into())));
         // Stage-1 state is co-partitioned with its input.
         let sessions = s.iter().find(|s| s.name == t.sessions_changelog()).unwrap();
         assert_eq!(sessions.partitions, t.heartbeats_partitions);
@@ -201,16 +277,30 @@ mod tests {
     #[test]
     fn a_wrong_cleanup_policy_is_reported_with_its_fix() {
         let t = TopicsConfig::default();
-        let spec = specs(&t).into_iter().find(|s| s.name == "facility-status").unwrap();
+        let spec = specs(&t)
+            .into_iter()
+            .find(|s| s.name == "facility-status")
+            .unwrap();
         let actual = vec![
             ("cleanup.policy".to_string(), Some("delete".to_string())),
             ("segment.ms".to_string(), Some("600000".to_string())),
-            ("min.cleanable.dirty.ratio".to_string(), Some("0.1".to_string())),
+            (
+                "min.cleanable.dirty.ratio".to_string(),
+                Some("0.1".to_string()),
+            ),
         ];
         let p = problems(&spec, spec.partitions, &actual, "b:9092");
         assert_eq!(p.len(), 1, "{p:?}");
-        assert!(p[0].starts_with("cleanup.policy=delete but must be compact"), "{}", p[0]);
-        assert!(p[0].contains("--add-config cleanup.policy=compact"), "{}", p[0]);
+        assert!(
+            p[0].starts_with("cleanup.policy=delete but must be compact"),
+            "{}",
+            p[0]
+        );
+        assert!(
+            p[0].contains("--add-config cleanup.policy=compact"),
+            "{}",
+            p[0]
+        );
         let p = problems(&spec, spec.partitions + 1, &actual, "b:9092");
         assert_eq!(p.len(), 2);
         assert!(p[0].contains("partitions"));

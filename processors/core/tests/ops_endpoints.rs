@@ -14,22 +14,59 @@ async fn serves_metrics_health_and_readiness_then_stops() {
     let health = Health::new(&registry);
     health.register("kafka");
     let shutdown = Shutdown::new();
-    let (addr, task) = serve_ops(([127, 0, 0, 1], 0).into(), registry, health.clone(), shutdown.clone()).await.unwrap();
+    let (addr, task) = serve_ops(
+        ([127, 0, 0, 1], 0).into(),
+        registry,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await
+    .unwrap();
     let base = format!("http://{addr}");
     let http = reqwest::Client::new();
 
-    let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("presence_test_events_total 3"), "{metrics}");
-    assert!(metrics.contains("presence_dependency_up{dependency=\"kafka\"} 0"), "{metrics}");
-    assert_eq!(http.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
+    let metrics = http
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("presence_test_events_total 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("presence_dependency_up{dependency=\"kafka\"} 0"),
+        "{metrics}"
+    );
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     let not_ready = http.get(format!("{base}/readyz")).send().await.unwrap();
     assert_eq!(not_ready.status(), 503);
     assert!(not_ready.text().await.unwrap().contains("kafka: starting"));
     health.set_ready("kafka");
-    assert_eq!(http.get(format!("{base}/readyz")).send().await.unwrap().status(), 200);
+    assert_eq!(
+        http.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
 
     shutdown.trigger();
     task.await.unwrap();
-    assert!(http.get(format!("{base}/healthz")).send().await.is_err(), "server must be gone after shutdown");
+    assert!(
+        http.get(format!("{base}/healthz")).send().await.is_err(),
+        "server must be gone after shutdown"
+    );
 }

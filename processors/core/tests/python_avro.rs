@@ -20,15 +20,28 @@ fn fastavro(mode: &str, schema: &str, lines: &[Value]) -> Vec<Value> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}; run make stack (it installs fastavro)", python().display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; run make stack (it installs fastavro)",
+                python().display()
+            )
+        });
     let mut stdin = child.stdin.take().unwrap();
     for l in lines {
         writeln!(stdin, "{l}").unwrap();
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "avro_cross.py {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
-    String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+    assert!(
+        out.status.success(),
+        "avro_cross.py {mode} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
 }
 
 fn hex(bytes: &[u8]) -> String {
@@ -36,7 +49,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Vec<u8> {
-    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
 
 fn heartbeats() -> Vec<Heartbeat> {
@@ -101,7 +117,11 @@ fn facility_status_crosses_both_ways() {
     };
     let as_json = json!({"facility_id": "clinic-42", "region_id": "north", "status": "OFFLINE", "open_sessions": 0,
         "since": 1_764_300_000_000i64, "seq": 12, "emitted_at": 1_764_300_000_210i64});
-    let decoded = fastavro("decode", "facility_status.avsc", &[json!({"hex": hex(&encode(&s))})]);
+    let decoded = fastavro(
+        "decode",
+        "facility_status.avsc",
+        &[json!({"hex": hex(&encode(&s))})],
+    );
     assert_eq!(decoded, vec![as_json.clone()]);
     let written = fastavro("encode", "facility_status.avsc", &[as_json]);
     let bytes = unhex(written[0]["hex"].as_str().unwrap());

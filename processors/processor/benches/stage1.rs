@@ -76,7 +76,11 @@ fn workload() -> Vec<(i64, Vec<u8>)> {
     let mut t = 1_764_300_000_000i64;
     for i in 0..BEATS {
         let s = i % SESSIONS;
-        let kind = if i % 200 == 199 { HeartbeatKind::End } else { HeartbeatKind::Beat };
+        let kind = if i % 200 == 199 {
+            HeartbeatKind::End
+        } else {
+            HeartbeatKind::Beat
+        };
         out.push((t, encode(&heartbeat(s, kind))));
         t += step.max(1);
     }
@@ -94,8 +98,15 @@ fn stage1_rate(work: &[(i64, Vec<u8>)]) -> f64 {
     let wall = i64::MAX / 2;
     let started = Instant::now();
     for (offset, (ts, bytes)) in work.iter().enumerate() {
-        let Ok(Some(h)) = HeartbeatRef::decode(bytes) else { panic!("bench data must decode") };
-        let b = Beat { session_id: h.session_id, facility_id: h.facility_id, region_id: h.region_id, kind: h.kind };
+        let Ok(Some(h)) = HeartbeatRef::decode(bytes) else {
+            panic!("bench data must decode")
+        };
+        let b = Beat {
+            session_id: h.session_id,
+            facility_id: h.facility_id,
+            region_id: h.region_id,
+            kind: h.kind,
+        };
         let _ = task.on_heartbeat(offset as i64, *ts, &b, wall, &mut sink);
     }
     let secs = started.elapsed().as_secs_f64();
@@ -137,7 +148,12 @@ fn memory_per_session(n: usize) -> (f64, f64) {
         id.clear();
         let _ = write!(id, "6f1c2a0e-5b7d-4c8e-9a3f-{s:012}");
         let f = format!("facility-{:05}", s % FACILITIES);
-        let b = Beat { session_id: &id, facility_id: &f, region_id: "region-1", kind: HeartbeatKind::Beat };
+        let b = Beat {
+            session_id: &id,
+            facility_id: &f,
+            region_id: "region-1",
+            kind: HeartbeatKind::Beat,
+        };
         let _ = task.on_heartbeat(s as i64, 1_764_300_000_000, &b, i64::MAX / 2, &mut sink);
     }
     assert_eq!(task.open_sessions(), n);
@@ -159,7 +175,10 @@ fn main() {
         generic.push(generic_decode_rate(&work));
     }
     let (full, dec, generic) = (median(full), median(dec), median(generic));
-    println!("stage 1, decode + state machine, one core: {:>12.0} heartbeats/s (median of {RUNS})", full);
+    println!(
+        "stage 1, decode + state machine, one core: {:>12.0} heartbeats/s (median of {RUNS})",
+        full
+    );
     println!("baseline: our decoder alone:                {:>12.0} heartbeats/s  (stage 1 = {:.2}x of it)", dec, full / dec);
     println!("baseline: apache-avro generic Value decode: {:>12.0} heartbeats/s  (our decoder = {:.1}x of it)", generic, dec / generic);
     for n in [100_000, 1_000_000] {

@@ -11,8 +11,15 @@ fn main() -> anyhow::Result<()> {
     let c = Config::load(None)?;
     presence_core::telemetry::init_logging(&c.telemetry);
     let mut pc = base_config(&c.kafka, "txn-probe");
-    pc.set("transactional.id", format!("txn-probe-{}", std::process::id())).set("linger.ms", "0");
-    for (k, v) in std::env::args().skip(1).filter_map(|a| a.split_once('=').map(|(k, v)| (k.to_string(), v.to_string()))) {
+    pc.set(
+        "transactional.id",
+        format!("txn-probe-{}", std::process::id()),
+    )
+    .set("linger.ms", "0");
+    for (k, v) in std::env::args().skip(1).filter_map(|a| {
+        a.split_once('=')
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+    }) {
         pc.set(k, v);
     }
     let p: ThreadedProducer<DefaultProducerContext> = pc.create()?;
@@ -23,7 +30,12 @@ fn main() -> anyhow::Result<()> {
         for _ in 0..20 {
             p.begin_transaction()?;
             if with_record {
-                p.send(BaseRecord::<[u8], [u8]>::to(&topic).key(&b"probe"[..]).payload(&b"x"[..])).map_err(|(e, _)| e)?;
+                p.send(
+                    BaseRecord::<[u8], [u8]>::to(&topic)
+                        .key(&b"probe"[..])
+                        .payload(&b"x"[..]),
+                )
+                .map_err(|(e, _)| e)?;
             }
             let t = Instant::now();
             while p.in_flight_count() > 0 {
@@ -33,7 +45,10 @@ fn main() -> anyhow::Result<()> {
             times.push(t.elapsed().as_millis());
         }
         times.sort();
-        println!("with_record={with_record}: commit ms median {} max {}", times[10], times[19]);
+        println!(
+            "with_record={with_record}: commit ms median {} max {}",
+            times[10], times[19]
+        );
     }
     Ok(())
 }

@@ -23,7 +23,11 @@ use crate::runner::{now_ms, RestoreIo, Stage};
 use crate::sessions::{key_bytes, session_key};
 
 /// The config with fresh topic and group names, provisioned.
-pub async fn isolated(base: &Config, tag: &str, heartbeats_partitions: i32) -> anyhow::Result<Config> {
+pub async fn isolated(
+    base: &Config,
+    tag: &str,
+    heartbeats_partitions: i32,
+) -> anyhow::Result<Config> {
     let mut c = base.clone();
     let id = format!("bench-{tag}-{}", now_ms());
     c.topics.heartbeats = format!("{id}-heartbeats");
@@ -41,11 +45,16 @@ pub async fn isolated(base: &Config, tag: &str, heartbeats_partitions: i32) -> a
 
 fn producer(c: &Config) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
     let mut pc = idempotent_producer_config(&c.kafka, "bench");
-    pc.set("linger.ms", "20").set("batch.size", "1000000").set("queue.buffering.max.messages", "2000000");
+    pc.set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("queue.buffering.max.messages", "2000000");
     Ok(pc.create()?)
 }
 
-fn send(p: &ThreadedProducer<DefaultProducerContext>, mut r: BaseRecord<'_, [u8], [u8]>) -> anyhow::Result<()> {
+fn send(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    mut r: BaseRecord<'_, [u8], [u8]>,
+) -> anyhow::Result<()> {
     loop {
         match p.send(r) {
             Ok(()) => return Ok(()),
@@ -98,21 +107,48 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
             let h = beat(s, s % facilities, HeartbeatKind::Beat);
             let bytes = encode(&h);
             let ts = t0 + round as i64 * (timeout / 3) + (s as i64 * 10 / sessions as i64);
-            send(&p, BaseRecord::to(&c.topics.heartbeats).key(h.session_id.as_bytes()).payload(&bytes[..]).timestamp(ts).partition(0))?;
+            send(
+                &p,
+                BaseRecord::to(&c.topics.heartbeats)
+                    .key(h.session_id.as_bytes())
+                    .payload(&bytes[..])
+                    .timestamp(ts)
+                    .partition(0),
+            )?;
         }
     }
     for s in 0..sessions {
         let h = beat(s, s % facilities, HeartbeatKind::Beat);
-        let state = SessionState { session_id: h.session_id.clone(), facility_id: h.facility_id, region_id: h.region_id, last_seen: t0, open_offset: s as i64 };
+        let state = SessionState {
+            session_id: h.session_id.clone(),
+            facility_id: h.facility_id,
+            region_id: h.region_id,
+            last_seen: t0,
+            open_offset: s as i64,
+        };
         let key = key_bytes(&session_key(&h.session_id));
         let bytes = encode(&state);
-        send(&p, BaseRecord::to(&changelog).key(&key[..]).payload(&bytes[..]).partition(0))?;
+        send(
+            &p,
+            BaseRecord::to(&changelog)
+                .key(&key[..])
+                .payload(&bytes[..])
+                .partition(0),
+        )?;
     }
     p.flush(Duration::from_secs(120))?;
     let written = started.elapsed();
     let end = 3 * sessions as i64;
-    let checkpoint = format!("{{\"t\":{},\"s\":{}}}", t0 + 2 * (timeout / 3) + 10, sessions + 1);
-    let mut io_config = consumer_config(&c.kafka, "bench-restore", &format!("{}.restore", c.processor.group_id));
+    let checkpoint = format!(
+        "{{\"t\":{},\"s\":{}}}",
+        t0 + 2 * (timeout / 3) + 10,
+        sessions + 1
+    );
+    let mut io_config = consumer_config(
+        &c.kafka,
+        "bench-restore",
+        &format!("{}.restore", c.processor.group_id),
+    );
     io_config
         .set("enable.partition.eof", "true")
         .set("fetch.wait.max.ms", "10")
@@ -144,7 +180,10 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
         times.push(started.elapsed().as_secs_f64());
         open = stage.open_sessions();
     }
-    anyhow::ensure!(open == sessions, "restored {open} sessions, expected {sessions}");
+    anyhow::ensure!(
+        open == sessions,
+        "restored {open} sessions, expected {sessions}"
+    );
     Ok(format!(
         "restore of {sessions} open sessions (changelog {sessions} records + {} heartbeats re-read from the timeout window), one partition: \
          median {:.2} s over {runs} runs (min {:.2} s); writing the test data took {:.1} s",
@@ -169,7 +208,13 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
         let h = beat(s, s % facilities, HeartbeatKind::Beat);
         let bytes = encode(&h);
         let ts = t0 + i as i64 * 30_000 / sessions as i64;
-        send(&p, BaseRecord::to(&c.topics.heartbeats).key(h.session_id.as_bytes()).payload(&bytes[..]).timestamp(ts))?;
+        send(
+            &p,
+            BaseRecord::to(&c.topics.heartbeats)
+                .key(h.session_id.as_bytes())
+                .payload(&bytes[..])
+                .timestamp(ts),
+        )?;
     }
     p.flush(Duration::from_secs(300))?;
     let ends = end_offsets(&c, &c.topics.heartbeats)?;
@@ -179,11 +224,15 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
     let mut ceilings = Vec::new();
     for run in 0..3 {
         // The same fetch settings as the processor's consumers.
-        let consumer: BaseConsumer = consumer_config(&c.kafka, "bench-ceiling", &format!("{}-ceiling-{run}", c.processor.group_id))
-            .set("fetch.wait.max.ms", "10")
-            .set("max.partition.fetch.bytes", "4194304")
-            .set("fetch.max.bytes", "67108864")
-            .create()?;
+        let consumer: BaseConsumer = consumer_config(
+            &c.kafka,
+            "bench-ceiling",
+            &format!("{}-ceiling-{run}", c.processor.group_id),
+        )
+        .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "4194304")
+        .set("fetch.max.bytes", "67108864")
+        .create()?;
         let mut tpl = TopicPartitionList::new();
         for p in ends.keys() {
             tpl.add_partition_offset(&c.topics.heartbeats, *p, Offset::Beginning)?;
@@ -196,7 +245,10 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
                 bytes += m.payload().map_or(0, <[u8]>::len);
                 n += 1;
             }
-            anyhow::ensure!(started.elapsed() < Duration::from_secs(300), "ceiling consumer stalled");
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(300),
+                "ceiling consumer stalled"
+            );
         }
         std::hint::black_box(bytes);
         ceilings.push(total as f64 / started.elapsed().as_secs_f64());
@@ -221,7 +273,10 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
         if done >= total {
             break Instant::now();
         }
-        anyhow::ensure!(Instant::now() < deadline, "processor did not finish in 600 s ({done}/{total})");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "processor did not finish in 600 s ({done}/{total})"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     shutdown.trigger();
@@ -249,7 +304,11 @@ fn end_offsets(c: &Config, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
     Ok(out)
 }
 
-fn committed_total(watcher: &BaseConsumer, topic: &str, ends: &HashMap<i32, i64>) -> anyhow::Result<i64> {
+fn committed_total(
+    watcher: &BaseConsumer,
+    topic: &str,
+    ends: &HashMap<i32, i64>,
+) -> anyhow::Result<i64> {
     let mut tpl = TopicPartitionList::new();
     for p in ends.keys() {
         tpl.add_partition(topic, *p);
@@ -276,20 +335,34 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
     let proc_task = tokio::spawn(async move { crate::run(pc, s2).await });
     // A downstream consumer tuned for latency: with read_committed, a fetch that finds no
     // committed data waits fetch.wait.max.ms (default 500 ms) before it looks again.
-    let reader: BaseConsumer =
-        consumer_config(&c.kafka, "bench-latency", &format!("{}-reader", c.processor.group_id)).set("fetch.wait.max.ms", "10").create()?;
+    let reader: BaseConsumer = consumer_config(
+        &c.kafka,
+        "bench-latency",
+        &format!("{}-reader", c.processor.group_id),
+    )
+    .set("fetch.wait.max.ms", "10")
+    .create()?;
     reader.subscribe(&[&c.topics.facility_status])?;
     // Wait for the processor: one probe round trip.
     let p = producer(&c)?;
     let warm = beat(usize::MAX / 2, 999_999, HeartbeatKind::Beat);
     let bytes = encode(&warm);
-    send(&p, BaseRecord::to(&c.topics.heartbeats).key(warm.session_id.as_bytes()).payload(&bytes[..]).timestamp(now_ms()))?;
+    send(
+        &p,
+        BaseRecord::to(&c.topics.heartbeats)
+            .key(warm.session_id.as_bytes())
+            .payload(&bytes[..])
+            .timestamp(now_ms()),
+    )?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(Ok(_)) = reader.poll(Duration::from_millis(100)) {
             break;
         }
-        anyhow::ensure!(Instant::now() < deadline, "processor did not answer in 60 s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "processor did not answer in 60 s"
+        );
     }
     let load = {
         let c = c.clone();
@@ -316,7 +389,13 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
                         beat(s, s % facilities, HeartbeatKind::Beat)
                     };
                     let bytes = encode(&h);
-                    send(&p, BaseRecord::to(&c.topics.heartbeats).key(h.session_id.as_bytes()).payload(&bytes[..]).timestamp(now))?;
+                    send(
+                        &p,
+                        BaseRecord::to(&c.topics.heartbeats)
+                            .key(h.session_id.as_bytes())
+                            .payload(&bytes[..])
+                            .timestamp(now),
+                    )?;
                     sent += 1;
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -337,14 +416,22 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
             }
         }
     }
-    let (sent, probes) = load.join().map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let (sent, probes) = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     shutdown.trigger();
     proc_task.await??;
     reader.commit_consumer_state(CommitMode::Async).ok();
-    let mut lat: Vec<f64> = probes.iter().filter_map(|(f, sent_at)| arrivals.get(f).map(|(at, _)| (at - sent_at) as f64)).collect();
+    let mut lat: Vec<f64> = probes
+        .iter()
+        .filter_map(|(f, sent_at)| arrivals.get(f).map(|(at, _)| (at - sent_at) as f64))
+        .collect();
     lat.sort_by(|a, b| a.total_cmp(b));
     // The part before stage 2's commit: emitted_at - since (since = the beat's timestamp).
-    let mut emit: Vec<f64> = arrivals.values().map(|(_, s)| (s.emitted_at - s.since) as f64).collect();
+    let mut emit: Vec<f64> = arrivals
+        .values()
+        .map(|(_, s)| (s.emitted_at - s.since) as f64)
+        .collect();
     emit.sort_by(|a, b| a.total_cmp(b));
     let missing = probes.len() - lat.len();
     Ok(format!(

@@ -96,7 +96,8 @@ impl FacilityTask {
     /// Restore: a facility from the changelog.
     pub fn restore_facility(&mut self, state: FacilityState) {
         if let Some(since) = state.pending_offline_since {
-            self.timers.insert((since + self.hold, state.facility_id.clone()));
+            self.timers
+                .insert((since + self.hold, state.facility_id.clone()));
         }
         if state.online {
             self.online += 1;
@@ -118,11 +119,21 @@ impl FacilityTask {
     /// The offset to commit for this partition: the first event not applied yet, so a
     /// restart re-reads everything still in the buffer.
     pub fn commit_offset(&self, next_offset: i64) -> i64 {
-        self.buffer.iter().map(|p| p.0.offset).min().map_or(next_offset, |o| o.min(next_offset))
+        self.buffer
+            .iter()
+            .map(|p| p.0.offset)
+            .min()
+            .map_or(next_offset, |o| o.min(next_offset))
     }
 
     /// Takes one record of the partition at `offset`; applies whatever became final.
-    pub fn on_event(&mut self, offset: i64, event: SessionEvent, now: i64, out: &mut impl FacilityOutput) -> Result<Released, String> {
+    pub fn on_event(
+        &mut self,
+        offset: i64,
+        event: SessionEvent,
+        now: i64,
+        out: &mut impl FacilityOutput,
+    ) -> Result<Released, String> {
         let source = usize::try_from(event.source_partition)
             .ok()
             .filter(|&s| s < self.watermarks.len())
@@ -133,7 +144,10 @@ impl FacilityTask {
             }
             SessionEventKind::Opened | SessionEventKind::Closed => {
                 if event.source_seq <= self.applied[source] {
-                    return Ok(Released { duplicates: 1, ..Default::default() });
+                    return Ok(Released {
+                        duplicates: 1,
+                        ..Default::default()
+                    });
                 }
                 self.buffer.push(Reverse(Pending {
                     at: event.at,
@@ -157,7 +171,9 @@ impl FacilityTask {
             if top.at >= w {
                 break;
             }
-            let Some(Reverse(p)) = self.buffer.pop() else { break };
+            let Some(Reverse(p)) = self.buffer.pop() else {
+                break;
+            };
             r.transitions += self.fire_timers(p.at, now, out);
             let source = p.source as usize;
             if p.seq <= self.applied[source] {
@@ -181,9 +197,15 @@ impl FacilityTask {
             if *due > t {
                 break;
             }
-            let Some((_, facility)) = self.timers.pop_first() else { break };
-            let Some(state) = self.facilities.get_mut(&facility) else { continue };
-            let Some(since) = state.pending_offline_since.take() else { continue };
+            let Some((_, facility)) = self.timers.pop_first() else {
+                break;
+            };
+            let Some(state) = self.facilities.get_mut(&facility) else {
+                continue;
+            };
+            let Some(since) = state.pending_offline_since.take() else {
+                continue;
+            };
             state.online = false;
             state.seq += 1;
             state.since = since;
@@ -196,15 +218,18 @@ impl FacilityTask {
     }
 
     fn apply(&mut self, p: &Pending, now: i64, out: &mut impl FacilityOutput) -> usize {
-        let state = self.facilities.entry_ref(p.facility_id.as_str()).or_insert_with(|| FacilityState {
-            facility_id: p.facility_id.clone(),
-            region_id: p.region_id.clone(),
-            open_sessions: 0,
-            online: false,
-            seq: 0,
-            since: p.at,
-            pending_offline_since: None,
-        });
+        let state = self
+            .facilities
+            .entry_ref(p.facility_id.as_str())
+            .or_insert_with(|| FacilityState {
+                facility_id: p.facility_id.clone(),
+                region_id: p.region_id.clone(),
+                open_sessions: 0,
+                online: false,
+                seq: 0,
+                since: p.at,
+                pending_offline_since: None,
+            });
         if p.opened {
             state.region_id.clone_from(&p.region_id);
         }
@@ -214,7 +239,8 @@ impl FacilityTask {
             if state.open_sessions == 1 {
                 if let Some(since) = state.pending_offline_since.take() {
                     // Reopened within the hold: the OFFLINE never happened.
-                    self.timers.remove(&(since + self.hold, p.facility_id.clone()));
+                    self.timers
+                        .remove(&(since + self.hold, p.facility_id.clone()));
                 } else if !state.online {
                     state.online = true;
                     state.seq += 1;
@@ -233,7 +259,8 @@ impl FacilityTask {
             if state.open_sessions == 0 && state.online {
                 if self.hold > 0 {
                     state.pending_offline_since = Some(p.at);
-                    self.timers.insert((p.at + self.hold, p.facility_id.clone()));
+                    self.timers
+                        .insert((p.at + self.hold, p.facility_id.clone()));
                 } else {
                     state.online = false;
                     state.seq += 1;
@@ -267,7 +294,11 @@ fn status_of(state: &FacilityState, now: i64) -> FacilityStatus {
     FacilityStatus {
         facility_id: state.facility_id.clone(),
         region_id: state.region_id.clone(),
-        status: if state.online { Status::Online } else { Status::Offline },
+        status: if state.online {
+            Status::Online
+        } else {
+            Status::Offline
+        },
         open_sessions: state.open_sessions,
         since: state.since,
         seq: state.seq,
@@ -295,7 +326,14 @@ mod tests {
     use super::*;
 
     fn ev(kind: SessionEventKind, src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
-        SessionEvent { kind, source_partition: src, source_seq: seq, at, facility_id: f.into(), region_id: "r".into() }
+        SessionEvent {
+            kind,
+            source_partition: src,
+            source_seq: seq,
+            at,
+            facility_id: f.into(),
+            region_id: "r".into(),
+        }
     }
     fn open(src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
         ev(SessionEventKind::Opened, src, seq, at, f)
@@ -307,19 +345,44 @@ mod tests {
         ev(SessionEventKind::Watermark, src, 0, at, "")
     }
     fn summary(c: &Collected) -> Vec<(String, Status, i64, i64, i32)> {
-        c.statuses.iter().map(|s| (s.facility_id.clone(), s.status, s.since, s.seq, s.open_sessions)).collect()
+        c.statuses
+            .iter()
+            .map(|s| {
+                (
+                    s.facility_id.clone(),
+                    s.status,
+                    s.since,
+                    s.seq,
+                    s.open_sessions,
+                )
+            })
+            .collect()
     }
 
     #[test]
     fn emits_only_on_flips_with_seq_counting_up() {
         let mut t = FacilityTask::new(0, 1, 0);
         let mut out = Collected::default();
-        for (o, e) in [open(0, 1, 10, "f"), open(0, 2, 20, "f"), close(0, 3, 30, "f"), close(0, 4, 40, "f"), open(0, 5, 50, "f"), wm(0, 100)].into_iter().enumerate() {
+        for (o, e) in [
+            open(0, 1, 10, "f"),
+            open(0, 2, 20, "f"),
+            close(0, 3, 30, "f"),
+            close(0, 4, 40, "f"),
+            open(0, 5, 50, "f"),
+            wm(0, 100),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             t.on_event(o as i64, e, 999, &mut out).unwrap();
         }
         assert_eq!(
             summary(&out),
-            vec![("f".into(), Status::Online, 10, 1, 1), ("f".into(), Status::Offline, 40, 2, 0), ("f".into(), Status::Online, 50, 3, 1)]
+            vec![
+                ("f".into(), Status::Online, 10, 1, 1),
+                ("f".into(), Status::Offline, 40, 2, 0),
+                ("f".into(), Status::Online, 50, 3, 1)
+            ]
         );
         assert_eq!(t.online_facilities(), 1);
     }
@@ -331,9 +394,16 @@ mod tests {
         t.on_event(0, open(0, 1, 10, "f"), 0, &mut out).unwrap();
         t.on_event(1, wm(0, 100), 0, &mut out).unwrap();
         assert!(out.statuses.is_empty(), "source 1 has not spoken yet");
-        assert_eq!(t.commit_offset(2), 0, "the buffered event must be re-read after a crash");
+        assert_eq!(
+            t.commit_offset(2),
+            0,
+            "the buffered event must be re-read after a crash"
+        );
         t.on_event(2, wm(1, 10), 0, &mut out).unwrap();
-        assert!(out.statuses.is_empty(), "release is strictly before the watermark");
+        assert!(
+            out.statuses.is_empty(),
+            "release is strictly before the watermark"
+        );
         t.on_event(3, wm(1, 11), 0, &mut out).unwrap();
         assert_eq!(out.statuses.len(), 1);
         assert_eq!(t.commit_offset(4), 4);
@@ -357,7 +427,11 @@ mod tests {
         let a = run(&[close(0, 2, 100, "f"), open(1, 1, 90, "f")]);
         let b = run(&[open(1, 1, 90, "f"), close(0, 2, 100, "f")]);
         assert_eq!(a, b);
-        assert_eq!(a, vec![("f".into(), Status::Online, 10, 1, 1)], "never went offline");
+        assert_eq!(
+            a,
+            vec![("f".into(), Status::Online, 10, 1, 1)],
+            "never went offline"
+        );
     }
 
     #[test]
@@ -377,7 +451,9 @@ mod tests {
             restored.restore_facility(s);
         }
         let mut again = Collected::default();
-        let r = restored.on_event(0, open(0, 1, 10, "f"), 0, &mut again).unwrap();
+        let r = restored
+            .on_event(0, open(0, 1, 10, "f"), 0, &mut again)
+            .unwrap();
         assert_eq!(r.duplicates, 1);
         restored.on_event(1, wm(0, 20), 0, &mut again).unwrap();
         assert!(again.statuses.is_empty());
@@ -388,20 +464,42 @@ mod tests {
     fn flap_hold_drops_a_short_offline_and_delays_a_real_one() {
         let mut t = FacilityTask::new(0, 1, 5_000);
         let mut out = Collected::default();
-        let events = [open(0, 1, 0, "f"), close(0, 2, 1_000, "f"), open(0, 3, 3_000, "f"), close(0, 4, 10_000, "f"), wm(0, 14_999)];
+        let events = [
+            open(0, 1, 0, "f"),
+            close(0, 2, 1_000, "f"),
+            open(0, 3, 3_000, "f"),
+            close(0, 4, 10_000, "f"),
+            wm(0, 14_999),
+        ];
         for (o, e) in events.into_iter().enumerate() {
             t.on_event(o as i64, e, 0, &mut out).unwrap();
         }
-        assert_eq!(summary(&out), vec![("f".into(), Status::Online, 0, 1, 1)], "reopened within the hold; the second hold not over yet");
+        assert_eq!(
+            summary(&out),
+            vec![("f".into(), Status::Online, 0, 1, 1)],
+            "reopened within the hold; the second hold not over yet"
+        );
         t.on_event(9, wm(0, 15_001), 0, &mut out).unwrap();
-        assert_eq!(summary(&out)[1], ("f".into(), Status::Offline, 10_000, 2, 0), "since is when it really went offline");
+        assert_eq!(
+            summary(&out)[1],
+            ("f".into(), Status::Offline, 10_000, 2, 0),
+            "since is when it really went offline"
+        );
     }
 
     #[test]
     fn changelog_writes_each_changed_facility_once_per_flush() {
         let mut t = FacilityTask::new(0, 1, 0);
         let mut out = Collected::default();
-        for (o, e) in [open(0, 1, 1, "a"), open(0, 2, 2, "a"), open(0, 3, 3, "b"), wm(0, 10)].into_iter().enumerate() {
+        for (o, e) in [
+            open(0, 1, 1, "a"),
+            open(0, 2, 2, "a"),
+            open(0, 3, 3, "b"),
+            wm(0, 10),
+        ]
+        .into_iter()
+        .enumerate()
+        {
             t.on_event(o as i64, e, 0, &mut out).unwrap();
         }
         assert_eq!(t.flush_changelog(&mut out), 2);
@@ -413,7 +511,9 @@ mod tests {
     #[test]
     fn an_unknown_source_is_an_error_not_a_panic() {
         let mut t = FacilityTask::new(0, 2, 0);
-        let e = t.on_event(0, open(5, 1, 1, "f"), 0, &mut Collected::default()).unwrap_err();
+        let e = t
+            .on_event(0, open(5, 1, 1, "f"), 0, &mut Collected::default())
+            .unwrap_err();
         assert!(e.contains("heartbeats_partitions"), "{e}");
     }
 }

@@ -46,10 +46,19 @@ fn partitions_of(config: &Config, topic: &str) -> anyhow::Result<i32> {
     let md = admin
         .inner()
         .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
-        .with_context(|| format!("cannot reach Kafka at {}; start it (make stack) or set KAFKA_BROKERS", config.kafka.brokers))?;
-    let t = md.topics().first().filter(|t| t.error().is_none() && !t.partitions().is_empty());
-    t.map(|t| t.partitions().len() as i32)
-        .ok_or_else(|| anyhow::anyhow!("topic {topic} does not exist; create the topics with `presence topics`"))
+        .with_context(|| {
+            format!(
+                "cannot reach Kafka at {}; start it (make stack) or set KAFKA_BROKERS",
+                config.kafka.brokers
+            )
+        })?;
+    let t = md
+        .topics()
+        .first()
+        .filter(|t| t.error().is_none() && !t.partitions().is_empty());
+    t.map(|t| t.partitions().len() as i32).ok_or_else(|| {
+        anyhow::anyhow!("topic {topic} does not exist; create the topics with `presence topics`")
+    })
 }
 
 /// Runs both stages until `shutdown`, serving `/metrics`, `/healthz`, `/readyz` on
@@ -58,7 +67,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     run_with(config, shutdown, |_| {}).await
 }
 
-pub async fn run_with(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(std::net::SocketAddr)) -> anyhow::Result<()> {
+pub async fn run_with(
+    config: Config,
+    shutdown: Shutdown,
+    on_ready: impl FnOnce(std::net::SocketAddr),
+) -> anyhow::Result<()> {
     let t = &config.topics;
     let sources = partitions_of(&config, &t.heartbeats)?;
     let transition_partitions = partitions_of(&config, &t.session_transitions())?;
@@ -68,7 +81,13 @@ pub async fn run_with(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(
     let registry = Registry::new();
     let health = Health::new(&registry);
     let metrics = metrics::Metrics::new(&registry);
-    let (addr, ops) = serve_ops(config.processor.ops_listen, registry, health.clone(), shutdown.clone()).await?;
+    let (addr, ops) = serve_ops(
+        config.processor.ops_listen,
+        registry,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
     tracing::info!(%addr, "processor ops endpoints listening");
     on_ready(addr);
 
@@ -94,10 +113,18 @@ pub async fn run_with(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(
         sources as usize,
         config.processor.flap_hold.as_millis() as i64,
     );
-    let (c1, m1, h1, s1) = (config.clone(), metrics.clone(), health.clone(), shutdown.clone());
-    let one = tokio::task::spawn_blocking(move || runner::run_stage(&c1, stage1, m1, h1, "sessions", s1));
+    let (c1, m1, h1, s1) = (
+        config.clone(),
+        metrics.clone(),
+        health.clone(),
+        shutdown.clone(),
+    );
+    let one =
+        tokio::task::spawn_blocking(move || runner::run_stage(&c1, stage1, m1, h1, "sessions", s1));
     let (c2, m2, h2, s2) = (config.clone(), metrics, health, shutdown.clone());
-    let two = tokio::task::spawn_blocking(move || runner::run_stage(&c2, stage2, m2, h2, "facilities", s2));
+    let two = tokio::task::spawn_blocking(move || {
+        runner::run_stage(&c2, stage2, m2, h2, "facilities", s2)
+    });
     let (r1, r2) = tokio::join!(
         async {
             let r = one.await;
@@ -111,7 +138,9 @@ pub async fn run_with(config: Config, shutdown: Shutdown, on_ready: impl FnOnce(
         }
     );
     let _ = tokio::time::timeout(Duration::from_secs(5), ops).await;
-    r1.context("stage 1 thread")?.context("stage 1 (sessions)")?;
-    r2.context("stage 2 thread")?.context("stage 2 (facilities)")?;
+    r1.context("stage 1 thread")?
+        .context("stage 1 (sessions)")?;
+    r2.context("stage 2 thread")?
+        .context("stage 2 (facilities)")?;
     Ok(())
 }

@@ -1,7 +1,9 @@
 //! The processor's metrics, in one place. Hot paths count into plain integers
 //! ([`Counts`]) and publish here once per transaction.
 
-use prometheus::{Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry};
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -22,7 +24,9 @@ pub struct Metrics {
 }
 
 fn buckets() -> Vec<f64> {
-    vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
+    vec![
+        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    ]
 }
 
 impl Metrics {
@@ -101,7 +105,14 @@ pub struct Counts {
     pub offline: u64,
 }
 
-pub const OUTCOMES: [&str; 6] = ["opened", "extended", "moved", "closed", "ignored_end", "ignored_late"];
+pub const OUTCOMES: [&str; 6] = [
+    "opened",
+    "extended",
+    "moved",
+    "closed",
+    "ignored_end",
+    "ignored_late",
+];
 
 impl Counts {
     pub fn publish(&mut self, m: &Metrics) {
@@ -115,10 +126,14 @@ impl Counts {
             m.dead_letters.with_label_values(&[code]).inc();
         }
         if self.online > 0 {
-            m.transitions.with_label_values(&["ONLINE"]).inc_by(std::mem::take(&mut self.online));
+            m.transitions
+                .with_label_values(&["ONLINE"])
+                .inc_by(std::mem::take(&mut self.online));
         }
         if self.offline > 0 {
-            m.transitions.with_label_values(&["OFFLINE"]).inc_by(std::mem::take(&mut self.offline));
+            m.transitions
+                .with_label_values(&["OFFLINE"])
+                .inc_by(std::mem::take(&mut self.offline));
         }
     }
 }

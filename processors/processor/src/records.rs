@@ -26,7 +26,9 @@ pub struct SessionEvent {
 impl AvroRecord for SessionEvent {
     const NAME: &'static str = "SessionEvent";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_event.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/session_event/v1.avsc")];
+    const HISTORY: &'static [&'static str] = &[include_str!(
+        "../../../schemas/history/session_event/v1.avsc"
+    )];
 
     presence_core::codec_cell!();
 
@@ -73,7 +75,9 @@ pub struct SessionState {
 impl AvroRecord for SessionState {
     const NAME: &'static str = "SessionState";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/session_state/v1.avsc")];
+    const HISTORY: &'static [&'static str] = &[include_str!(
+        "../../../schemas/history/session_state/v1.avsc"
+    )];
 
     presence_core::codec_cell!();
 
@@ -111,7 +115,9 @@ pub struct FacilityState {
 impl AvroRecord for FacilityState {
     const NAME: &'static str = "FacilityState";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/facility_state.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!("../../../schemas/history/facility_state/v1.avsc")];
+    const HISTORY: &'static [&'static str] = &[include_str!(
+        "../../../schemas/history/facility_state/v1.avsc"
+    )];
 
     presence_core::codec_cell!();
 
@@ -144,7 +150,9 @@ mod tests {
     use presence_core::codec::{decode, encode, verify_history};
 
     fn history(name: &str) -> std::path::PathBuf {
-        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../schemas/history").join(name)
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../../schemas/history")
+            .join(name)
     }
 
     #[test]
@@ -156,11 +164,32 @@ mod tests {
 
     #[test]
     fn internal_records_round_trip() {
-        let e = SessionEvent { kind: SessionEventKind::Watermark, source_partition: 3, source_seq: 9, at: 5, facility_id: String::new(), region_id: String::new() };
+        let e = SessionEvent {
+            kind: SessionEventKind::Watermark,
+            source_partition: 3,
+            source_seq: 9,
+            at: 5,
+            facility_id: String::new(),
+            region_id: String::new(),
+        };
         assert_eq!(decode::<SessionEvent>(&encode(&e)).unwrap(), e);
-        let s = SessionState { session_id: "s".into(), facility_id: "f".into(), region_id: "r".into(), last_seen: 7, open_offset: 42 };
+        let s = SessionState {
+            session_id: "s".into(),
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            last_seen: 7,
+            open_offset: 42,
+        };
         assert_eq!(decode::<SessionState>(&encode(&s)).unwrap(), s);
-        let f = FacilityState { facility_id: "f".into(), region_id: "r".into(), open_sessions: 2, online: true, seq: 3, since: 1, pending_offline_since: Some(4) };
+        let f = FacilityState {
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            open_sessions: 2,
+            online: true,
+            seq: 3,
+            since: 1,
+            pending_offline_since: Some(4),
+        };
         assert_eq!(decode::<FacilityState>(&encode(&f)).unwrap(), f);
     }
 }

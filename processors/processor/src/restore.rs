@@ -77,7 +77,12 @@ pub fn read_partition(
 }
 
 /// The first offset of `topic`/`partition` whose timestamp is at or after `ts`, if any.
-pub fn offset_for_time(config: &ClientConfig, topic: &str, partition: i32, ts: i64) -> anyhow::Result<Option<i64>> {
+pub fn offset_for_time(
+    config: &ClientConfig,
+    topic: &str,
+    partition: i32,
+    ts: i64,
+) -> anyhow::Result<Option<i64>> {
     let consumer: BaseConsumer = config.create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(ts.max(0)))?;

@@ -46,13 +46,26 @@ pub struct Out {
 
 impl Out {
     /// `m` as a dead letter: original key and bytes, headers saying what and where.
-    pub fn dead_letter(topic: &'static str, source_topic: &str, m: &BorrowedMessage<'_>, code: &str, message: &str) -> Out {
+    pub fn dead_letter(
+        topic: &'static str,
+        source_topic: &str,
+        m: &BorrowedMessage<'_>,
+        code: &str,
+        message: &str,
+    ) -> Out {
         Out {
             topic,
             partition: None,
             key: m.key().map(<[u8]>::to_vec),
             value: m.payload().map(<[u8]>::to_vec),
-            headers: Some(presence_core::kafka::dead_letter_headers(code, message, source_topic, m.partition(), m.offset(), m.timestamp().to_millis())),
+            headers: Some(presence_core::kafka::dead_letter_headers(
+                code,
+                message,
+                source_topic,
+                m.partition(),
+                m.offset(),
+                m.timestamp().to_millis(),
+            )),
         }
     }
 }
@@ -69,7 +82,12 @@ pub trait Stage: Send + 'static {
     fn input_topic(&self) -> &'static str;
     /// Rebuilds `partition`'s state. `committed` is the committed input offset and its
     /// metadata, if any; returns the offset to start consuming at.
-    fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset>;
+    fn restore(
+        &mut self,
+        partition: i32,
+        committed: Option<(i64, String)>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<Offset>;
     fn revoke(&mut self, partition: i32);
     fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
     /// The partition has no more records for now.
@@ -97,7 +115,10 @@ pub trait Stage: Send + 'static {
 }
 
 pub fn now_ms() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i64).unwrap_or(0)
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
 }
 
 struct Shared<S: Stage> {
@@ -136,7 +157,10 @@ impl<S: Stage> ClientContext for StageContext<S> {
         for topic in statistics.topics.values() {
             for (p, part) in &topic.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics.consumer_lag.with_label_values(&[S::NAME, &p.to_string()]).set(part.consumer_lag);
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[S::NAME, &p.to_string()])
+                        .set(part.consumer_lag);
                 }
             }
         }
@@ -144,7 +168,12 @@ impl<S: Stage> ClientContext for StageContext<S> {
 }
 
 impl<S: Stage> ConsumerContext for StageContext<S> {
-    fn rebalance(&self, consumer: &BaseConsumer<Self>, err: RDKafkaRespErr, tpl: &mut TopicPartitionList) {
+    fn rebalance(
+        &self,
+        consumer: &BaseConsumer<Self>,
+        err: RDKafkaRespErr,
+        tpl: &mut TopicPartitionList,
+    ) {
         let mut g = lock(&self.shared);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
@@ -152,7 +181,11 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                 // hold a transaction open.
                 g.finish_transaction(consumer);
                 let partitions: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
-                tracing::info!(stage = S::NAME, ?partitions, "partitions assigned; restoring state");
+                tracing::info!(
+                    stage = S::NAME,
+                    ?partitions,
+                    "partitions assigned; restoring state"
+                );
                 match g.restore(consumer, &partitions) {
                     Ok(starts) => {
                         for (p, start) in starts {
@@ -163,7 +196,8 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                     }
                     Err(e) => {
                         tracing::error!(stage = S::NAME, error = %e, "restore failed; will retry");
-                        g.health.set_unready(g.health_name, format!("restore failed: {e}"));
+                        g.health
+                            .set_unready(g.health_name, format!("restore failed: {e}"));
                         g.needs_rewind = true;
                     }
                 }
@@ -185,7 +219,10 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                     g.stage.revoke(e.partition());
                     g.assigned.remove(&e.partition());
                     g.positions.remove(&e.partition());
-                    self.metrics.consumer_lag.with_label_values(&[S::NAME, &e.partition().to_string()]).set(0);
+                    self.metrics
+                        .consumer_lag
+                        .with_label_values(&[S::NAME, &e.partition().to_string()])
+                        .set(0);
                 }
                 tracing::info!(stage = S::NAME, lost, partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions revoked");
                 if let Err(e) = consumer.incremental_unassign(tpl) {
@@ -201,7 +238,9 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
 
 /// librdkafka's error events, minus the end-of-partition notices we ask for on purpose.
 pub fn log_client_error(stage: &str, error: KafkaError, reason: &str) {
-    if matches!(error, KafkaError::PartitionEOF(_)) || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF) {
+    if matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+    {
         return;
     }
     tracing::warn!(stage, error = %error, reason, "Kafka client error");
@@ -219,7 +258,9 @@ fn classify(e: KafkaError) -> Result<bool, TxnFailure> {
     // Ok(true): retry the same call.
     match &e {
         KafkaError::Transaction(t) if t.is_fatal() => Err(TxnFailure::Fatal(t.to_string())),
-        KafkaError::Transaction(t) if t.txn_requires_abort() => Err(TxnFailure::Abortable(t.to_string())),
+        KafkaError::Transaction(t) if t.txn_requires_abort() => {
+            Err(TxnFailure::Abortable(t.to_string()))
+        }
         KafkaError::Transaction(t) if t.is_retriable() => Ok(true),
         _ => Err(TxnFailure::Abortable(e.to_string())),
     }
@@ -284,7 +325,10 @@ impl<S: Stage> Shared<S> {
 
     /// Commits the open transaction; on failure aborts it and schedules a rewind.
     fn finish_transaction(&mut self, consumer: &BaseConsumer<StageContext<S>>) {
-        if !self.txn_open && !(self.consumed_since_commit || (self.stage.commits_when_idle() && !self.assigned.is_empty())) {
+        if !self.txn_open
+            && !(self.consumed_since_commit
+                || (self.stage.commits_when_idle() && !self.assigned.is_empty()))
+        {
             return;
         }
         if self.needs_rewind {
@@ -303,7 +347,10 @@ impl<S: Stage> Shared<S> {
         for &p in &self.assigned {
             if let Some(&next) = self.positions.get(&p) {
                 let (offset, metadata) = self.stage.commit_point(p, next);
-                if tpl.add_partition_offset(self.topic, p, Offset::Offset(offset)).is_ok() {
+                if tpl
+                    .add_partition_offset(self.topic, p, Offset::Offset(offset))
+                    .is_ok()
+                {
                     if let Some(mut e) = tpl.find_partition(self.topic, p) {
                         let _ = e.set_metadata(metadata);
                     }
@@ -316,8 +363,17 @@ impl<S: Stage> Shared<S> {
             Ok(()) => {
                 self.txn_open = false;
                 self.consumed_since_commit = false;
-                self.metrics.commit_seconds.with_label_values(&[S::NAME]).observe(started.elapsed().as_secs_f64());
-                tracing::debug!(stage = S::NAME, ms = started.elapsed().as_millis() as u64, before_ms = before_commit.as_millis() as u64, partitions = tpl.count(), "committed");
+                self.metrics
+                    .commit_seconds
+                    .with_label_values(&[S::NAME])
+                    .observe(started.elapsed().as_secs_f64());
+                tracing::debug!(
+                    stage = S::NAME,
+                    ms = started.elapsed().as_millis() as u64,
+                    before_ms = before_commit.as_millis() as u64,
+                    partitions = tpl.count(),
+                    "committed"
+                );
                 self.stage.publish(&self.metrics);
                 self.health.set_ready(self.health_name);
             }
@@ -328,32 +384,53 @@ impl<S: Stage> Shared<S> {
             }
             Err(TxnFailure::Fatal(reason)) => {
                 tracing::error!(stage = S::NAME, %reason, "producer failed fatally (fenced?); rebuilding it and rewinding");
-                self.metrics.aborts.with_label_values(&[S::NAME, "fatal"]).inc();
+                self.metrics
+                    .aborts
+                    .with_label_values(&[S::NAME, "fatal"])
+                    .inc();
                 self.rebuild_producer();
                 self.needs_rewind = true;
             }
         }
     }
 
-    fn commit_with_retries(&mut self, consumer: &BaseConsumer<StageContext<S>>, tpl: &TopicPartitionList) -> Result<(), TxnFailure> {
+    fn commit_with_retries(
+        &mut self,
+        consumer: &BaseConsumer<StageContext<S>>,
+        tpl: &TopicPartitionList,
+    ) -> Result<(), TxnFailure> {
         let deadline = Instant::now() + Duration::from_secs(30);
         let timeout = Duration::from_secs(10);
         if tpl.count() > 0 {
-            let cgm = consumer.group_metadata().ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
+            let cgm = consumer
+                .group_metadata()
+                .ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
             loop {
                 let t = Instant::now();
-                match self.producer.send_offsets_to_transaction(tpl, &cgm, timeout) {
+                match self
+                    .producer
+                    .send_offsets_to_transaction(tpl, &cgm, timeout)
+                {
                     Ok(()) => {
-                        tracing::debug!(stage = S::NAME, ms = t.elapsed().as_millis() as u64, "offsets sent");
+                        tracing::debug!(
+                            stage = S::NAME,
+                            ms = t.elapsed().as_millis() as u64,
+                            "offsets sent"
+                        );
                         crash_point_after_offsets();
                         break;
                     }
                     Err(e) => {
                         if classify(e)? && Instant::now() < deadline {
-                            self.health.set_unready(self.health_name, "Kafka does not answer transaction calls; retrying");
+                            self.health.set_unready(
+                                self.health_name,
+                                "Kafka does not answer transaction calls; retrying",
+                            );
                             continue;
                         }
-                        return Err(TxnFailure::Abortable("send_offsets_to_transaction kept failing".into()));
+                        return Err(TxnFailure::Abortable(
+                            "send_offsets_to_transaction kept failing".into(),
+                        ));
                     }
                 }
             }
@@ -370,10 +447,15 @@ impl<S: Stage> Shared<S> {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if classify(e)? && Instant::now() < deadline {
-                        self.health.set_unready(self.health_name, "Kafka does not answer transaction calls; retrying");
+                        self.health.set_unready(
+                            self.health_name,
+                            "Kafka does not answer transaction calls; retrying",
+                        );
                         continue;
                     }
-                    return Err(TxnFailure::Abortable("commit_transaction kept failing".into()));
+                    return Err(TxnFailure::Abortable(
+                        "commit_transaction kept failing".into(),
+                    ));
                 }
             }
         }
@@ -383,7 +465,10 @@ impl<S: Stage> Shared<S> {
         if !self.txn_open {
             return;
         }
-        self.metrics.aborts.with_label_values(&[S::NAME, reason]).inc();
+        self.metrics
+            .aborts
+            .with_label_values(&[S::NAME, reason])
+            .inc();
         if let Err(e) = self.producer.abort_transaction(Duration::from_secs(10)) {
             tracing::error!(stage = S::NAME, error = %e, "abort_transaction failed; rebuilding the producer");
             self.rebuild_producer();
@@ -401,7 +486,10 @@ impl<S: Stage> Shared<S> {
                     return;
                 }
                 Err(e) => {
-                    self.health.set_unready(self.health_name, format!("cannot initialise the transactional producer: {e}"));
+                    self.health.set_unready(
+                        self.health_name,
+                        format!("cannot initialise the transactional producer: {e}"),
+                    );
                     tracing::error!(stage = S::NAME, error = %e, "cannot initialise the transactional producer; retrying in 1 s");
                     std::thread::sleep(Duration::from_secs(1));
                 }
@@ -411,13 +499,19 @@ impl<S: Stage> Shared<S> {
 
     /// Restores `partitions` from their changelogs and committed offsets; returns where
     /// each one starts.
-    fn restore(&mut self, consumer: &BaseConsumer<StageContext<S>>, partitions: &[i32]) -> anyhow::Result<Vec<(i32, Offset)>> {
+    fn restore(
+        &mut self,
+        consumer: &BaseConsumer<StageContext<S>>,
+        partitions: &[i32],
+    ) -> anyhow::Result<Vec<(i32, Offset)>> {
         let mut tpl = TopicPartitionList::new();
         for &p in partitions {
             tpl.add_partition(self.topic, p);
         }
         let committed = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
-        let io = RestoreIo { config: &self.restore_config };
+        let io = RestoreIo {
+            config: &self.restore_config,
+        };
         let mut starts = Vec::new();
         for e in committed.elements() {
             let p = e.partition();
@@ -427,8 +521,17 @@ impl<S: Stage> Shared<S> {
             };
             let started = Instant::now();
             let start = self.stage.restore(p, c, &io)?;
-            self.metrics.restore_seconds.with_label_values(&[S::NAME]).observe(started.elapsed().as_secs_f64());
-            tracing::info!(stage = S::NAME, partition = p, ?start, seconds = started.elapsed().as_secs_f64(), "partition restored");
+            self.metrics
+                .restore_seconds
+                .with_label_values(&[S::NAME])
+                .observe(started.elapsed().as_secs_f64());
+            tracing::info!(
+                stage = S::NAME,
+                partition = p,
+                ?start,
+                seconds = started.elapsed().as_secs_f64(),
+                "partition restored"
+            );
             if let Offset::Offset(o) = start {
                 self.positions.insert(p, o);
             }
@@ -453,7 +556,11 @@ impl<S: Stage> Shared<S> {
             consumer.seek_partitions(tpl, Duration::from_secs(10))?;
         }
         self.needs_rewind = false;
-        tracing::info!(stage = S::NAME, ?partitions, "rewound to the committed offsets");
+        tracing::info!(
+            stage = S::NAME,
+            ?partitions,
+            "rewound to the committed offsets"
+        );
         Ok(())
     }
 }
@@ -465,7 +572,11 @@ fn crash_point_after_offsets() {
     use std::sync::atomic::{AtomicU64, Ordering};
     static AT: std::sync::OnceLock<Option<u64>> = std::sync::OnceLock::new();
     static N: AtomicU64 = AtomicU64::new(0);
-    let at = AT.get_or_init(|| std::env::var("FAILPOINT_CRASH_AFTER_OFFSETS").ok().and_then(|v| v.parse().ok()));
+    let at = AT.get_or_init(|| {
+        std::env::var("FAILPOINT_CRASH_AFTER_OFFSETS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+    });
     if let Some(at) = at {
         if N.fetch_add(1, Ordering::SeqCst) + 1 == *at {
             eprintln!("FAILPOINT_CRASH_AFTER_OFFSETS={at}: aborting between send_offsets_to_transaction and commit_transaction");
@@ -481,9 +592,20 @@ fn create_producer(config: &ClientConfig) -> anyhow::Result<TxnProducer> {
 }
 
 /// Runs `stage` until `shutdown`: blocks the calling thread.
-pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: Health, health_name: &'static str, shutdown: Shutdown) -> anyhow::Result<()> {
+pub fn run_stage<S: Stage>(
+    config: &Config,
+    stage: S,
+    metrics: Metrics,
+    health: Health,
+    health_name: &'static str,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let pc = &config.processor;
-    let instance = if pc.instance_id.is_empty() { presence_core::kafka::hostname() } else { pc.instance_id.clone() };
+    let instance = if pc.instance_id.is_empty() {
+        presence_core::kafka::hostname()
+    } else {
+        pc.instance_id.clone()
+    };
     let group = format!("{}.{}", pc.group_id, S::NAME);
     let mut producer_config = base_config(&config.kafka, &format!("processor-{}", S::NAME));
     producer_config
@@ -497,7 +619,11 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         .set("retry.backoff.ms", "5")
         .set("retry.backoff.max.ms", "100")
         .set("compression.type", "lz4");
-    let mut restore_config = consumer_config(&config.kafka, &format!("processor-{}-restore", S::NAME), &format!("{group}.restore"));
+    let mut restore_config = consumer_config(
+        &config.kafka,
+        &format!("processor-{}-restore", S::NAME),
+        &format!("{group}.restore"),
+    );
     // Restore reads whole partitions as fast as the broker serves them: big fetches.
     restore_config
         .set("enable.partition.eof", "true")
@@ -537,16 +663,25 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         .set("statistics.interval.ms", "5000")
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
-    let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext { shared: shared.clone(), metrics: metrics.clone() })?;
+    let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext {
+        shared: shared.clone(),
+        metrics: metrics.clone(),
+    })?;
     consumer.subscribe(&[topic])?;
     let base_interval = pc.commit_interval;
-    let backlog_interval = (base_interval * 10).min(Duration::from_secs(1)).max(base_interval);
+    let backlog_interval = (base_interval * 10)
+        .min(Duration::from_secs(1))
+        .max(base_interval);
     let mut out = Vec::new();
     let mut rewind_backoff = Duration::from_millis(100);
     health.set_ready(health_name);
     tracing::info!(stage = S::NAME, %group, topic, "stage running");
     while !shutdown.is_triggered() {
-        let commit_interval = if lock(&shared).stage.backlogged() { backlog_interval } else { base_interval };
+        let commit_interval = if lock(&shared).stage.backlogged() {
+            backlog_interval
+        } else {
+            base_interval
+        };
         let timeout = {
             let g = lock(&shared);
             let mut t = Duration::from_millis(50);
@@ -554,7 +689,11 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
                 t = t.min(Duration::from_millis((wake - now_ms()).clamp(0, 50) as u64));
             }
             if g.txn_open {
-                let interval = if g.stage.urgent() { commit_interval / 10 } else { commit_interval };
+                let interval = if g.stage.urgent() {
+                    commit_interval / 10
+                } else {
+                    commit_interval
+                };
                 t = t.min(interval.saturating_sub(g.txn_started.elapsed()));
             }
             t
@@ -564,7 +703,9 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
         // a rebalance inside the next poll may commit the transaction.
         let mut wait = timeout;
         for _ in 0..1024 {
-            let Some(polled) = consumer.poll(wait) else { break };
+            let Some(polled) = consumer.poll(wait) else {
+                break;
+            };
             wait = Duration::ZERO;
             let mut g = lock(&shared);
             match polled {
@@ -581,10 +722,14 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
                 Err(KafkaError::PartitionEOF(p)) => g.stage.on_eof(p),
                 Err(e) => {
                     tracing::warn!(stage = S::NAME, error = %e, "consumer error");
-                    g.health.set_unready(health_name, format!("consumer error: {e}"));
+                    g.health
+                        .set_unready(health_name, format!("consumer error: {e}"));
                 }
             }
-            if g.txn_open && (g.txn_started.elapsed() >= commit_interval || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10)) {
+            if g.txn_open
+                && (g.txn_started.elapsed() >= commit_interval
+                    || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10))
+            {
                 break;
             }
         }
@@ -594,8 +739,13 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
             g.stage.on_tick(now, &mut out);
             g.send(&mut out);
         }
-        let due = g.txn_open && (g.txn_started.elapsed() >= commit_interval || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10));
-        let idle_due = !g.txn_open && g.stage.commits_when_idle() && !g.assigned.is_empty() && g.txn_started.elapsed() >= commit_interval;
+        let due = g.txn_open
+            && (g.txn_started.elapsed() >= commit_interval
+                || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10));
+        let idle_due = !g.txn_open
+            && g.stage.commits_when_idle()
+            && !g.assigned.is_empty()
+            && g.txn_started.elapsed() >= commit_interval;
         if (due || idle_due) && !g.needs_rewind {
             if idle_due {
                 g.begin();
@@ -612,7 +762,8 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
                 }
                 Err(e) => {
                     tracing::error!(stage = S::NAME, error = %e, backoff_ms = rewind_backoff.as_millis() as u64, "rewind failed; retrying");
-                    g.health.set_unready(health_name, format!("cannot restore state: {e}"));
+                    g.health
+                        .set_unready(health_name, format!("cannot restore state: {e}"));
                     drop(g);
                     std::thread::sleep(rewind_backoff);
                     rewind_backoff = (rewind_backoff * 2).min(Duration::from_secs(5));
@@ -620,7 +771,10 @@ pub fn run_stage<S: Stage>(config: &Config, stage: S, metrics: Metrics, health: 
             }
         }
     }
-    tracing::info!(stage = S::NAME, "shutting down: committing the open transaction");
+    tracing::info!(
+        stage = S::NAME,
+        "shutting down: committing the open transaction"
+    );
     {
         let mut g = lock(&shared);
         if !g.needs_rewind {

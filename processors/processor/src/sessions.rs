@@ -172,7 +172,11 @@ impl SessionTask {
     pub fn heap_bytes(&self) -> usize {
         self.slots.capacity() * std::mem::size_of::<Slot>()
             + self.table.capacity() * (std::mem::size_of::<u32>() + 1)
-            + self.facilities.iter().map(|(f, r)| f.len() + r.len() + 32).sum::<usize>()
+            + self
+                .facilities
+                .iter()
+                .map(|(f, r)| f.len() + r.len() + 32)
+                .sum::<usize>()
             + self.facility_index.capacity() * 24
     }
 
@@ -199,7 +203,10 @@ impl SessionTask {
         self.advance_to(ts, out);
         let at = self.stream_time;
         let key = session_key(beat.session_id);
-        let found = self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied();
+        let found = self
+            .table
+            .find(key[0], |&i| self.slots[i as usize].key == key)
+            .copied();
         let Some(i) = found else {
             if beat.kind == HeartbeatKind::End {
                 return Ok(Applied::IgnoredEnd);
@@ -222,7 +229,9 @@ impl SessionTask {
                 out.delete_session(key);
                 Ok(Applied::Closed)
             }
-            HeartbeatKind::Beat if self.facilities[slot.facility as usize].0.as_ref() == beat.facility_id => {
+            HeartbeatKind::Beat
+                if self.facilities[slot.facility as usize].0.as_ref() == beat.facility_id =>
+            {
                 if ts > slot.last_seen {
                     self.touch(i, ts);
                 }
@@ -280,7 +289,11 @@ impl SessionTask {
     /// Restore: a changelog record (the session opened or moved), applied in log order.
     pub fn restore_session(&mut self, key: SessionKey, state: &SessionState) {
         let facility = self.intern(&state.facility_id, &state.region_id);
-        let i = match self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() {
+        let i = match self
+            .table
+            .find(key[0], |&i| self.slots[i as usize].key == key)
+            .copied()
+        {
             Some(i) => {
                 self.slots[i as usize].facility = facility;
                 self.touch(i, state.last_seen);
@@ -302,7 +315,11 @@ impl SessionTask {
 
     /// Restore: a changelog tombstone (the session closed).
     pub fn restore_delete(&mut self, key: SessionKey) {
-        if let Some(i) = self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() {
+        if let Some(i) = self
+            .table
+            .find(key[0], |&i| self.slots[i as usize].key == key)
+            .copied()
+        {
             self.remove(i);
         }
     }
@@ -316,25 +333,68 @@ impl SessionTask {
 
     /// As [`Self::refresh_last_seen`], with the facility given by [`facility_hash`], so that
     /// the beats can be read on another thread while the changelog restores.
-    pub fn refresh_last_seen_hashed(&mut self, key: SessionKey, facility: u64, ts: i64, offset: i64) {
-        let Some(i) = self.table.find(key[0], |&i| self.slots[i as usize].key == key).copied() else { return };
-        if self.restore_offsets.get(i as usize).is_none_or(|&open| offset <= open) {
+    pub fn refresh_last_seen_hashed(
+        &mut self,
+        key: SessionKey,
+        facility: u64,
+        ts: i64,
+        offset: i64,
+    ) {
+        let Some(i) = self
+            .table
+            .find(key[0], |&i| self.slots[i as usize].key == key)
+            .copied()
+        else {
+            return;
+        };
+        if self
+            .restore_offsets
+            .get(i as usize)
+            .is_none_or(|&open| offset <= open)
+        {
             return;
         }
         let slot = self.slots[i as usize];
-        if ts > slot.last_seen && facility_hash(&self.facilities[slot.facility as usize].0) == facility {
+        if ts > slot.last_seen
+            && facility_hash(&self.facilities[slot.facility as usize].0) == facility
+        {
             self.touch(i, ts);
         }
     }
 
-    fn state_of(&self, session_id: &str, facility: u32, last_seen: i64, open_offset: i64) -> SessionState {
+    fn state_of(
+        &self,
+        session_id: &str,
+        facility: u32,
+        last_seen: i64,
+        open_offset: i64,
+    ) -> SessionState {
         let (f, r) = &self.facilities[facility as usize];
-        SessionState { session_id: session_id.to_string(), facility_id: f.to_string(), region_id: r.to_string(), last_seen, open_offset }
+        SessionState {
+            session_id: session_id.to_string(),
+            facility_id: f.to_string(),
+            region_id: r.to_string(),
+            last_seen,
+            open_offset,
+        }
     }
 
-    fn emit(&mut self, kind: SessionEventKind, facility: u32, at: i64, out: &mut impl SessionOutput) {
+    fn emit(
+        &mut self,
+        kind: SessionEventKind,
+        facility: u32,
+        at: i64,
+        out: &mut impl SessionOutput,
+    ) {
         let (f, r) = &self.facilities[facility as usize];
-        out.event(SessionEvent { kind, source_partition: self.partition, source_seq: self.next_seq, at, facility_id: f.to_string(), region_id: r.to_string() });
+        out.event(SessionEvent {
+            kind,
+            source_partition: self.partition,
+            source_seq: self.next_seq,
+            at,
+            facility_id: f.to_string(),
+            region_id: r.to_string(),
+        });
         self.next_seq += 1;
     }
 
@@ -353,7 +413,13 @@ impl SessionTask {
     }
 
     fn insert(&mut self, key: SessionKey, facility: u32, last_seen: i64) -> u32 {
-        let slot = Slot { key, last_seen, facility, prev: NIL, next: NIL };
+        let slot = Slot {
+            key,
+            last_seen,
+            facility,
+            prev: NIL,
+            next: NIL,
+        };
         let i = if self.free != NIL {
             let i = self.free;
             self.free = self.slots[i as usize].next;
@@ -364,7 +430,8 @@ impl SessionTask {
             (self.slots.len() - 1) as u32
         };
         let slots = &self.slots;
-        self.table.insert_unique(key[0], i, |&j| slots[j as usize].key[0]);
+        self.table
+            .insert_unique(key[0], i, |&j| slots[j as usize].key[0]);
         self.link_sorted(i);
         self.open += 1;
         i
@@ -398,7 +465,11 @@ impl SessionTask {
         while after != NIL && self.slots[after as usize].last_seen > t {
             after = self.slots[after as usize].prev;
         }
-        let next = if after == NIL { self.head } else { self.slots[after as usize].next };
+        let next = if after == NIL {
+            self.head
+        } else {
+            self.slots[after as usize].next
+        };
         self.slots[i as usize].prev = after;
         self.slots[i as usize].next = next;
         if after == NIL {
@@ -457,13 +528,26 @@ mod tests {
     const WALL: i64 = i64::MAX / 2;
 
     fn beat<'a>(s: &'a str, f: &'a str) -> Beat<'a> {
-        Beat { session_id: s, facility_id: f, region_id: "r", kind: HeartbeatKind::Beat }
+        Beat {
+            session_id: s,
+            facility_id: f,
+            region_id: "r",
+            kind: HeartbeatKind::Beat,
+        }
     }
     fn end(s: &str) -> Beat<'_> {
-        Beat { session_id: s, facility_id: "f", region_id: "r", kind: HeartbeatKind::End }
+        Beat {
+            session_id: s,
+            facility_id: "f",
+            region_id: "r",
+            kind: HeartbeatKind::End,
+        }
     }
     fn kinds(c: &Collected) -> Vec<(SessionEventKind, String, i64)> {
-        c.events.iter().map(|e| (e.kind, e.facility_id.clone(), e.at)).collect()
+        c.events
+            .iter()
+            .map(|e| (e.kind, e.facility_id.clone(), e.at))
+            .collect()
     }
     use SessionEventKind::{Closed, Opened};
 
@@ -471,11 +555,24 @@ mod tests {
     fn first_beat_opens_and_beats_extend_without_output() {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        assert_eq!(t.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out), Ok(Applied::Opened));
-        assert_eq!(t.on_heartbeat(1, 31_000, &beat("s", "f"), WALL, &mut out), Ok(Applied::Extended));
-        assert_eq!(t.on_heartbeat(2, 61_000, &beat("s", "f"), WALL, &mut out), Ok(Applied::Extended));
+        assert_eq!(
+            t.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out),
+            Ok(Applied::Opened)
+        );
+        assert_eq!(
+            t.on_heartbeat(1, 31_000, &beat("s", "f"), WALL, &mut out),
+            Ok(Applied::Extended)
+        );
+        assert_eq!(
+            t.on_heartbeat(2, 61_000, &beat("s", "f"), WALL, &mut out),
+            Ok(Applied::Extended)
+        );
         assert_eq!(kinds(&out), vec![(Opened, "f".into(), 1_000)]);
-        assert_eq!(out.puts.len(), 1, "one changelog write per open, none per beat");
+        assert_eq!(
+            out.puts.len(),
+            1,
+            "one changelog write per open, none per beat"
+        );
         assert_eq!(t.open_sessions(), 1);
     }
 
@@ -483,9 +580,14 @@ mod tests {
     fn timeout_closes_at_the_deadline_not_when_noticed() {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        t.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out).unwrap();
+        t.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out)
+            .unwrap();
         assert_eq!(t.next_expiry(), Some(1_000 + T + 1));
-        assert_eq!(t.advance_to(1_000 + T, &mut out), 0, "exactly at the deadline it is still open");
+        assert_eq!(
+            t.advance_to(1_000 + T, &mut out),
+            0,
+            "exactly at the deadline it is still open"
+        );
         assert_eq!(t.advance_to(500_000, &mut out), 1);
         assert_eq!(kinds(&out)[1], (Closed, "f".into(), 1_000 + T));
         assert_eq!(out.deletes, vec![session_key("s")]);
@@ -496,8 +598,12 @@ mod tests {
     fn a_beat_at_the_deadline_keeps_the_session() {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        t.on_heartbeat(0, 0, &beat("s", "f"), WALL, &mut out).unwrap();
-        assert_eq!(t.on_heartbeat(1, T, &beat("s", "f"), WALL, &mut out), Ok(Applied::Extended));
+        t.on_heartbeat(0, 0, &beat("s", "f"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(
+            t.on_heartbeat(1, T, &beat("s", "f"), WALL, &mut out),
+            Ok(Applied::Extended)
+        );
         assert_eq!(out.events.len(), 1);
     }
 
@@ -505,12 +611,28 @@ mod tests {
     fn end_closes_at_once_and_stale_end_is_ignored() {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        t.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out).unwrap();
-        t.on_heartbeat(1, 5_000, &beat("s", "f"), WALL, &mut out).unwrap();
-        assert_eq!(t.on_heartbeat(2, 4_000, &end("s"), WALL, &mut out), Ok(Applied::IgnoredEnd), "older than the last beat");
-        assert_eq!(t.on_heartbeat(3, 6_000, &end("s"), WALL, &mut out), Ok(Applied::Closed));
-        assert_eq!(t.on_heartbeat(4, 7_000, &end("s"), WALL, &mut out), Ok(Applied::IgnoredEnd), "not open");
-        assert_eq!(kinds(&out), vec![(Opened, "f".into(), 1_000), (Closed, "f".into(), 6_000)]);
+        t.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out)
+            .unwrap();
+        t.on_heartbeat(1, 5_000, &beat("s", "f"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(
+            t.on_heartbeat(2, 4_000, &end("s"), WALL, &mut out),
+            Ok(Applied::IgnoredEnd),
+            "older than the last beat"
+        );
+        assert_eq!(
+            t.on_heartbeat(3, 6_000, &end("s"), WALL, &mut out),
+            Ok(Applied::Closed)
+        );
+        assert_eq!(
+            t.on_heartbeat(4, 7_000, &end("s"), WALL, &mut out),
+            Ok(Applied::IgnoredEnd),
+            "not open"
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![(Opened, "f".into(), 1_000), (Closed, "f".into(), 6_000)]
+        );
         assert_eq!(t.open_sessions(), 0);
     }
 
@@ -518,28 +640,54 @@ mod tests {
     fn a_move_closes_at_the_old_facility_and_opens_at_the_new() {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        t.on_heartbeat(0, 1_000, &beat("s", "a"), WALL, &mut out).unwrap();
-        assert_eq!(t.on_heartbeat(1, 2_000, &beat("s", "b"), WALL, &mut out), Ok(Applied::Moved));
-        assert_eq!(kinds(&out), vec![(Opened, "a".into(), 1_000), (Closed, "a".into(), 2_000), (Opened, "b".into(), 2_000)]);
+        t.on_heartbeat(0, 1_000, &beat("s", "a"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(
+            t.on_heartbeat(1, 2_000, &beat("s", "b"), WALL, &mut out),
+            Ok(Applied::Moved)
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (Opened, "a".into(), 1_000),
+                (Closed, "a".into(), 2_000),
+                (Opened, "b".into(), 2_000)
+            ]
+        );
         assert_eq!(out.puts.len(), 2);
         assert_eq!(out.puts[1].1.open_offset, 1);
         // An older beat naming the old facility does not move it back.
-        assert_eq!(t.on_heartbeat(2, 1_500, &beat("s", "a"), WALL, &mut out), Ok(Applied::IgnoredLate));
+        assert_eq!(
+            t.on_heartbeat(2, 1_500, &beat("s", "a"), WALL, &mut out),
+            Ok(Applied::IgnoredLate)
+        );
         t.advance_to(10_000_000, &mut out);
-        assert_eq!(kinds(&out).last().unwrap(), &(Closed, "b".into(), 2_000 + T));
+        assert_eq!(
+            kinds(&out).last().unwrap(),
+            &(Closed, "b".into(), 2_000 + T)
+        );
     }
 
     #[test]
     fn out_of_order_beats_keep_the_newest_last_seen() {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        t.on_heartbeat(0, 10_000, &beat("a", "f"), WALL, &mut out).unwrap();
-        t.on_heartbeat(1, 20_000, &beat("b", "f"), WALL, &mut out).unwrap();
+        t.on_heartbeat(0, 10_000, &beat("a", "f"), WALL, &mut out)
+            .unwrap();
+        t.on_heartbeat(1, 20_000, &beat("b", "f"), WALL, &mut out)
+            .unwrap();
         // a's late beat (older than b's) must not make a expire after b.
-        t.on_heartbeat(2, 15_000, &beat("a", "f"), WALL, &mut out).unwrap();
-        t.on_heartbeat(3, 12_000, &beat("a", "f"), WALL, &mut out).unwrap();
+        t.on_heartbeat(2, 15_000, &beat("a", "f"), WALL, &mut out)
+            .unwrap();
+        t.on_heartbeat(3, 12_000, &beat("a", "f"), WALL, &mut out)
+            .unwrap();
         t.advance_to(1_000_000, &mut out);
-        let closes: Vec<i64> = out.events.iter().filter(|e| e.kind == Closed).map(|e| e.at).collect();
+        let closes: Vec<i64> = out
+            .events
+            .iter()
+            .filter(|e| e.kind == Closed)
+            .map(|e| e.at)
+            .collect();
         assert_eq!(closes, vec![15_000 + T, 20_000 + T]);
     }
 
@@ -548,13 +696,24 @@ mod tests {
         let mut t = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
         let wall = 1_000_000;
-        let e = t.on_heartbeat(0, wall + 60_001, &beat("s", "f"), wall, &mut out).unwrap_err();
+        let e = t
+            .on_heartbeat(0, wall + 60_001, &beat("s", "f"), wall, &mut out)
+            .unwrap_err();
         assert_eq!(e.code, "timestamp_in_future");
-        assert_eq!(t.on_heartbeat(1, wall + 60_000, &beat("s", "f"), wall, &mut out), Ok(Applied::Opened));
+        assert_eq!(
+            t.on_heartbeat(1, wall + 60_000, &beat("s", "f"), wall, &mut out),
+            Ok(Applied::Opened)
+        );
         // Already older than the timeout on arrival: it cannot open anything.
-        assert_eq!(t.on_heartbeat(2, wall + 60_000 - T - 1, &beat("old", "f"), wall, &mut out), Ok(Applied::IgnoredLate));
+        assert_eq!(
+            t.on_heartbeat(2, wall + 60_000 - T - 1, &beat("old", "f"), wall, &mut out),
+            Ok(Applied::IgnoredLate)
+        );
         // Late but within the timeout: opens, stamped with the stream time.
-        assert_eq!(t.on_heartbeat(3, wall, &beat("late", "f"), wall, &mut out), Ok(Applied::Opened));
+        assert_eq!(
+            t.on_heartbeat(3, wall, &beat("late", "f"), wall, &mut out),
+            Ok(Applied::Opened)
+        );
         assert_eq!(out.events.last().unwrap().at, wall + 60_000);
     }
 
@@ -562,12 +721,19 @@ mod tests {
     fn event_times_never_go_backwards_and_seq_counts_up() {
         let mut t = SessionTask::new(3, T, 60_000);
         let mut out = Collected::default();
-        t.on_heartbeat(0, 1_000, &beat("a", "f"), WALL, &mut out).unwrap();
-        t.on_heartbeat(1, 50_000, &beat("b", "g"), WALL, &mut out).unwrap();
-        t.on_heartbeat(2, 200_000, &beat("c", "f"), WALL, &mut out).unwrap();
+        t.on_heartbeat(0, 1_000, &beat("a", "f"), WALL, &mut out)
+            .unwrap();
+        t.on_heartbeat(1, 50_000, &beat("b", "g"), WALL, &mut out)
+            .unwrap();
+        t.on_heartbeat(2, 200_000, &beat("c", "f"), WALL, &mut out)
+            .unwrap();
         let seqs: Vec<i64> = out.events.iter().map(|e| e.source_seq).collect();
         assert_eq!(seqs, (1..=seqs.len() as i64).collect::<Vec<_>>());
-        assert!(out.events.windows(2).all(|w| w[0].at <= w[1].at), "{:?}", kinds(&out));
+        assert!(
+            out.events.windows(2).all(|w| w[0].at <= w[1].at),
+            "{:?}",
+            kinds(&out)
+        );
         assert!(out.events.iter().all(|e| e.source_partition == 3));
         assert_eq!(t.watermark().at, 200_000);
     }
@@ -576,8 +742,10 @@ mod tests {
     fn restore_then_refresh_reproduces_last_seen() {
         let mut live = SessionTask::new(0, T, 60_000);
         let mut out = Collected::default();
-        live.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out).unwrap();
-        live.on_heartbeat(1, 31_000, &beat("s", "f"), WALL, &mut out).unwrap();
+        live.on_heartbeat(0, 1_000, &beat("s", "f"), WALL, &mut out)
+            .unwrap();
+        live.on_heartbeat(1, 31_000, &beat("s", "f"), WALL, &mut out)
+            .unwrap();
         let (key, state) = out.puts[0].clone();
         let mut restored = SessionTask::new(0, T, 60_000);
         restored.restore_session(key, &state);

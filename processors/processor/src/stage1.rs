@@ -13,7 +13,10 @@ use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
 use crate::restore::{offset_for_time, read_partition};
 use crate::runner::{Out, RestoreIo, Stage};
-use crate::sessions::{facility_hash, key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey, SessionOutput, SessionTask};
+use crate::sessions::{
+    facility_hash, key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey,
+    SessionOutput, SessionTask,
+};
 
 pub struct Topics {
     pub heartbeats: &'static str,
@@ -69,10 +72,28 @@ impl SessionsStage {
         self.tasks.values().map(SessionTask::open_sessions).sum()
     }
 
-    fn dead_letter(&mut self, m: &BorrowedMessage<'_>, code: &'static str, message: &str, out: &mut Vec<Out>) {
+    fn dead_letter(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        code: &'static str,
+        message: &str,
+        out: &mut Vec<Out>,
+    ) {
         self.counts.dead_letters.push(code);
-        tracing::debug!(partition = m.partition(), offset = m.offset(), code, message, "heartbeat to the dead-letter topic");
-        out.push(Out::dead_letter(self.topics.dead_letters, self.topics.heartbeats, m, code, message));
+        tracing::debug!(
+            partition = m.partition(),
+            offset = m.offset(),
+            code,
+            message,
+            "heartbeat to the dead-letter topic"
+        );
+        out.push(Out::dead_letter(
+            self.topics.dead_letters,
+            self.topics.heartbeats,
+            m,
+            code,
+            message,
+        ));
     }
 }
 
@@ -100,7 +121,12 @@ fn window_beat(m: &BorrowedMessage<'_>) -> Option<WindowBeat> {
     if beat.kind != HeartbeatKind::Beat || m.key() != Some(beat.session_id.as_bytes()) {
         return None;
     }
-    Some(WindowBeat { key: session_key(beat.session_id), facility: facility_hash(beat.facility_id), ts, offset: m.offset() })
+    Some(WindowBeat {
+        key: session_key(beat.session_id),
+        facility: facility_hash(beat.facility_id),
+        ts,
+        offset: m.offset(),
+    })
 }
 
 /// Turns stage-1 outputs into records of the open transaction.
@@ -132,7 +158,13 @@ impl SessionOutput for Emitter<'_> {
         });
     }
     fn delete_session(&mut self, key: SessionKey) {
-        self.out.push(Out { topic: self.topics.changelog, partition: Some(self.partition), key: Some(key_bytes(&key).to_vec()), value: None, headers: None });
+        self.out.push(Out {
+            topic: self.topics.changelog,
+            partition: Some(self.partition),
+            key: Some(key_bytes(&key).to_vec()),
+            value: None,
+            headers: None,
+        });
     }
 }
 
@@ -143,7 +175,12 @@ impl Stage for SessionsStage {
         self.topics.heartbeats
     }
 
-    fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset> {
+    fn restore(
+        &mut self,
+        partition: i32,
+        committed: Option<(i64, String)>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<Offset> {
         let started = std::time::Instant::now();
         let checkpoint = match &committed {
             Some((_, metadata)) => match serde_json::from_str::<Checkpoint>(metadata) {
@@ -159,40 +196,69 @@ impl Stage for SessionsStage {
         // ones that matter are younger than the timeout at the checkpoint. They are re-read on
         // a second thread while the changelog restores, then applied.
         let window = match (&committed, &checkpoint) {
-            (Some((offset, _)), Some(c)) => offset_for_time(io.config, self.topics.heartbeats, partition, c.t.saturating_sub(self.timeout + 1_000))?
-                .map(|from| (from, *offset)),
+            (Some((offset, _)), Some(c)) => offset_for_time(
+                io.config,
+                self.topics.heartbeats,
+                partition,
+                c.t.saturating_sub(self.timeout + 1_000),
+            )?
+            .map(|from| (from, *offset)),
             _ => None,
         };
         let mut task = SessionTask::new(partition, self.timeout, self.max_future);
         let mut bad = 0u64;
-        let (changelog_records, window_beats) = std::thread::scope(|scope| -> anyhow::Result<(u64, Vec<WindowBeat>)> {
-            let heartbeats = self.topics.heartbeats;
-            let reader = scope.spawn(move || -> anyhow::Result<Vec<WindowBeat>> {
-                let Some((from, until)) = window else { return Ok(Vec::new()) };
-                let mut beats = Vec::with_capacity((until - from).clamp(0, 1 << 24) as usize);
-                read_partition(io.config, heartbeats, partition, Offset::Offset(from), Some(until), |m| {
-                    if let Some(b) = window_beat(m) {
-                        beats.push(b);
-                    }
-                })?;
-                Ok(beats)
-            });
-            let n = read_partition(io.config, self.topics.changelog, partition, Offset::Beginning, None, |m| {
-                let Some(key) = m.key().and_then(key_from_bytes) else {
-                    bad += 1;
-                    return;
-                };
-                match m.payload().map(decode::<SessionState>) {
-                    None => task.restore_delete(key),
-                    Some(Ok(state)) => task.restore_session(key, &state),
-                    Some(Err(_)) => bad += 1,
-                }
+        let (changelog_records, window_beats) =
+            std::thread::scope(|scope| -> anyhow::Result<(u64, Vec<WindowBeat>)> {
+                let heartbeats = self.topics.heartbeats;
+                let reader = scope.spawn(move || -> anyhow::Result<Vec<WindowBeat>> {
+                    let Some((from, until)) = window else {
+                        return Ok(Vec::new());
+                    };
+                    let mut beats = Vec::with_capacity((until - from).clamp(0, 1 << 24) as usize);
+                    read_partition(
+                        io.config,
+                        heartbeats,
+                        partition,
+                        Offset::Offset(from),
+                        Some(until),
+                        |m| {
+                            if let Some(b) = window_beat(m) {
+                                beats.push(b);
+                            }
+                        },
+                    )?;
+                    Ok(beats)
+                });
+                let n = read_partition(
+                    io.config,
+                    self.topics.changelog,
+                    partition,
+                    Offset::Beginning,
+                    None,
+                    |m| {
+                        let Some(key) = m.key().and_then(key_from_bytes) else {
+                            bad += 1;
+                            return;
+                        };
+                        match m.payload().map(decode::<SessionState>) {
+                            None => task.restore_delete(key),
+                            Some(Ok(state)) => task.restore_session(key, &state),
+                            Some(Err(_)) => bad += 1,
+                        }
+                    },
+                )?;
+                let beats = reader
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
+                Ok((n, beats))
             })?;
-            let beats = reader.join().map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
-            Ok((n, beats))
-        })?;
         if bad > 0 {
-            tracing::error!(partition, bad, topic = self.topics.changelog, "changelog records that do not decode were skipped");
+            tracing::error!(
+                partition,
+                bad,
+                topic = self.topics.changelog,
+                "changelog records that do not decode were skipped"
+            );
         }
         for b in &window_beats {
             task.refresh_last_seen_hashed(b.key, b.facility, b.ts, b.offset);
@@ -225,7 +291,12 @@ impl Stage for SessionsStage {
         let partition = m.partition();
         self.caught_up.remove(&partition);
         let Some(payload) = m.payload() else {
-            return self.dead_letter(m, "missing_value", "record has no value; send an Avro Heartbeat", out);
+            return self.dead_letter(
+                m,
+                "missing_value",
+                "record has no value; send an Avro Heartbeat",
+                out,
+            );
         };
         let owned;
         let beat = match HeartbeatRef::decode(payload) {
@@ -240,18 +311,41 @@ impl Stage for SessionsStage {
             Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
         };
         if m.key() != Some(beat.session_id.as_bytes()) {
-            return self.dead_letter(m, "key_mismatch", "the record key must be the session id, so that a session stays on one partition", out);
+            return self.dead_letter(
+                m,
+                "key_mismatch",
+                "the record key must be the session id, so that a session stays on one partition",
+                out,
+            );
         }
         let Some(ts) = m.timestamp().to_millis() else {
-            return self.dead_letter(m, "missing_timestamp", "record has no timestamp; the event time is the record timestamp", out);
+            return self.dead_letter(
+                m,
+                "missing_timestamp",
+                "record has no timestamp; the event time is the record timestamp",
+                out,
+            );
         };
         self.latest_record.insert(partition, ts);
-        let Some(task) = self.tasks.get_mut(&partition) else { return };
-        let mut emitter = Emitter { topics: &self.topics, partition, out, buf: &mut self.buf };
-        let b = Beat { session_id: beat.session_id, facility_id: beat.facility_id, region_id: beat.region_id, kind: beat.kind };
+        let Some(task) = self.tasks.get_mut(&partition) else {
+            return;
+        };
+        let mut emitter = Emitter {
+            topics: &self.topics,
+            partition,
+            out,
+            buf: &mut self.buf,
+        };
+        let b = Beat {
+            session_id: beat.session_id,
+            facility_id: beat.facility_id,
+            region_id: beat.region_id,
+            kind: beat.kind,
+        };
         match task.on_heartbeat(m.offset(), ts, &b, now, &mut emitter) {
             Ok(applied) => {
-                self.events_pending |= matches!(applied, Applied::Opened | Applied::Moved | Applied::Closed);
+                self.events_pending |=
+                    matches!(applied, Applied::Opened | Applied::Moved | Applied::Closed);
                 let i = match applied {
                     Applied::Opened => 0,
                     Applied::Extended => 1,
@@ -272,9 +366,16 @@ impl Stage for SessionsStage {
 
     fn on_tick(&mut self, now: i64, out: &mut Vec<Out>) {
         for p in &self.caught_up {
-            let Some(task) = self.tasks.get_mut(p) else { continue };
+            let Some(task) = self.tasks.get_mut(p) else {
+                continue;
+            };
             let first = out.len();
-            let mut emitter = Emitter { topics: &self.topics, partition: *p, out, buf: &mut self.buf };
+            let mut emitter = Emitter {
+                topics: &self.topics,
+                partition: *p,
+                out,
+                buf: &mut self.buf,
+            };
             if task.advance_to(now, &mut emitter) > 0 {
                 self.events_pending = true;
             }
@@ -296,7 +397,13 @@ impl Stage for SessionsStage {
             }
             let bytes = encode(&wm);
             for q in 0..self.topics.transition_partitions {
-                out.push(Out { topic: self.topics.transitions, partition: Some(q), key: None, value: Some(bytes.clone()), headers: None });
+                out.push(Out {
+                    topic: self.topics.transitions,
+                    partition: Some(q),
+                    key: None,
+                    value: Some(bytes.clone()),
+                    headers: None,
+                });
             }
         }
     }
@@ -305,13 +412,22 @@ impl Stage for SessionsStage {
         let meta = self
             .tasks
             .get(&partition)
-            .map(|t| serde_json::to_string(&Checkpoint { t: t.stream_time(), s: t.next_seq() }).unwrap_or_default())
+            .map(|t| {
+                serde_json::to_string(&Checkpoint {
+                    t: t.stream_time(),
+                    s: t.next_seq(),
+                })
+                .unwrap_or_default()
+            })
             .unwrap_or_default();
         (next_offset, meta)
     }
 
     fn next_wakeup(&self) -> Option<i64> {
-        self.caught_up.iter().filter_map(|p| self.tasks.get(p)?.next_expiry()).min()
+        self.caught_up
+            .iter()
+            .filter_map(|p| self.tasks.get(p)?.next_expiry())
+            .min()
     }
 
     fn commits_when_idle(&self) -> bool {
@@ -326,7 +442,10 @@ impl Stage for SessionsStage {
         // Live records are stamped on receipt, so they are fresh; a partition whose latest
         // record is more than a second old, and that has not reached its end, is replaying.
         let now = crate::runner::now_ms();
-        self.tasks.keys().any(|p| !self.caught_up.contains(p) && self.latest_record.get(p).is_none_or(|&ts| now - ts > 1_000))
+        self.tasks.keys().any(|p| {
+            !self.caught_up.contains(p)
+                && self.latest_record.get(p).is_none_or(|&ts| now - ts > 1_000)
+        })
     }
 
     fn publish(&mut self, metrics: &Metrics) {
@@ -335,7 +454,11 @@ impl Stage for SessionsStage {
         for d in self.expiry_delays.drain(..) {
             metrics.expiry_delay.observe(d.max(0.0));
         }
-        metrics.open_sessions.set(self.tasks.values().map(|t| t.open_sessions() as i64).sum());
-        metrics.state_bytes.set(self.tasks.values().map(|t| t.heap_bytes() as i64).sum());
+        metrics
+            .open_sessions
+            .set(self.tasks.values().map(|t| t.open_sessions() as i64).sum());
+        metrics
+            .state_bytes
+            .set(self.tasks.values().map(|t| t.heap_bytes() as i64).sum());
     }
 }

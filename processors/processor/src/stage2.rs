@@ -39,13 +39,38 @@ pub struct FacilitiesStage {
 
 impl FacilitiesStage {
     pub fn new(topics: Topics, sources: usize, hold_ms: i64) -> FacilitiesStage {
-        FacilitiesStage { topics, sources, hold: hold_ms, tasks: HashMap::new(), counts: Counts::default(), latencies: Vec::new() }
+        FacilitiesStage {
+            topics,
+            sources,
+            hold: hold_ms,
+            tasks: HashMap::new(),
+            counts: Counts::default(),
+            latencies: Vec::new(),
+        }
     }
 
-    fn dead_letter(&mut self, m: &BorrowedMessage<'_>, code: &'static str, message: &str, out: &mut Vec<Out>) {
+    fn dead_letter(
+        &mut self,
+        m: &BorrowedMessage<'_>,
+        code: &'static str,
+        message: &str,
+        out: &mut Vec<Out>,
+    ) {
         self.counts.dead_letters.push(code);
-        tracing::error!(partition = m.partition(), offset = m.offset(), code, message, "internal session event to the dead-letter topic");
-        out.push(Out::dead_letter(self.topics.dead_letters, self.topics.transitions, m, code, message));
+        tracing::error!(
+            partition = m.partition(),
+            offset = m.offset(),
+            code,
+            message,
+            "internal session event to the dead-letter topic"
+        );
+        out.push(Out::dead_letter(
+            self.topics.dead_letters,
+            self.topics.transitions,
+            m,
+            code,
+            message,
+        ));
     }
 }
 
@@ -63,7 +88,8 @@ impl FacilityOutput for Emitter<'_> {
             Status::Online => self.counts.online += 1,
             Status::Offline => self.counts.offline += 1,
         }
-        self.latencies.push((status.emitted_at - status.since) as f64 / 1000.0);
+        self.latencies
+            .push((status.emitted_at - status.since) as f64 / 1000.0);
         self.out.push(Out {
             topic: self.topics.status,
             partition: None,
@@ -90,23 +116,40 @@ impl Stage for FacilitiesStage {
         self.topics.transitions
     }
 
-    fn restore(&mut self, partition: i32, committed: Option<(i64, String)>, io: &RestoreIo<'_>) -> anyhow::Result<Offset> {
+    fn restore(
+        &mut self,
+        partition: i32,
+        committed: Option<(i64, String)>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<Offset> {
         let mut task = FacilityTask::new(partition, self.sources, self.hold);
         let mut latest: HashMap<String, FacilityState> = HashMap::new();
         let mut bad = 0u64;
-        read_partition(io.config, self.topics.changelog, partition, Offset::Beginning, None, |m| match m.payload().map(decode::<FacilityState>) {
-            Some(Ok(state)) => {
-                latest.insert(state.facility_id.clone(), state);
-            }
-            Some(Err(_)) => bad += 1,
-            None => {
-                if let Some(k) = m.key() {
-                    latest.remove(String::from_utf8_lossy(k).as_ref());
+        read_partition(
+            io.config,
+            self.topics.changelog,
+            partition,
+            Offset::Beginning,
+            None,
+            |m| match m.payload().map(decode::<FacilityState>) {
+                Some(Ok(state)) => {
+                    latest.insert(state.facility_id.clone(), state);
                 }
-            }
-        })?;
+                Some(Err(_)) => bad += 1,
+                None => {
+                    if let Some(k) = m.key() {
+                        latest.remove(String::from_utf8_lossy(k).as_ref());
+                    }
+                }
+            },
+        )?;
         if bad > 0 {
-            tracing::error!(partition, bad, topic = self.topics.changelog, "changelog records that do not decode were skipped");
+            tracing::error!(
+                partition,
+                bad,
+                topic = self.topics.changelog,
+                "changelog records that do not decode were skipped"
+            );
         }
         for state in latest.into_values() {
             task.restore_facility(state);
@@ -115,13 +158,19 @@ impl Stage for FacilitiesStage {
             Some((offset, metadata)) => {
                 match serde_json::from_str::<Checkpoint>(&metadata) {
                     Ok(c) => task.set_applied(&c.a),
-                    Err(e) => tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint"),
+                    Err(e) => {
+                        tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint")
+                    }
                 }
                 Offset::Offset(offset)
             }
             None => Offset::Beginning,
         };
-        tracing::info!(partition, online = task.online_facilities(), "facilities restored");
+        tracing::info!(
+            partition,
+            online = task.online_facilities(),
+            "facilities restored"
+        );
         self.tasks.insert(partition, task);
         Ok(start)
     }
@@ -139,8 +188,16 @@ impl Stage for FacilitiesStage {
             Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
         };
         let partition = m.partition();
-        let Some(task) = self.tasks.get_mut(&partition) else { return };
-        let mut emitter = Emitter { topics: &self.topics, partition, out, counts: &mut self.counts, latencies: &mut self.latencies };
+        let Some(task) = self.tasks.get_mut(&partition) else {
+            return;
+        };
+        let mut emitter = Emitter {
+            topics: &self.topics,
+            partition,
+            out,
+            counts: &mut self.counts,
+            latencies: &mut self.latencies,
+        };
         if let Err(message) = task.on_event(m.offset(), event, now, &mut emitter) {
             self.dead_letter(m, "unknown_source", &message, out);
         }
@@ -152,14 +209,26 @@ impl Stage for FacilitiesStage {
 
     fn before_commit(&mut self, _now: i64, out: &mut Vec<Out>) {
         for (p, task) in self.tasks.iter_mut() {
-            let mut emitter = Emitter { topics: &self.topics, partition: *p, out, counts: &mut self.counts, latencies: &mut self.latencies };
+            let mut emitter = Emitter {
+                topics: &self.topics,
+                partition: *p,
+                out,
+                counts: &mut self.counts,
+                latencies: &mut self.latencies,
+            };
             task.flush_changelog(&mut emitter);
         }
     }
 
     fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String) {
         match self.tasks.get(&partition) {
-            Some(t) => (t.commit_offset(next_offset), serde_json::to_string(&Checkpoint { a: t.applied().to_vec() }).unwrap_or_default()),
+            Some(t) => (
+                t.commit_offset(next_offset),
+                serde_json::to_string(&Checkpoint {
+                    a: t.applied().to_vec(),
+                })
+                .unwrap_or_default(),
+            ),
             None => (next_offset, String::new()),
         }
     }
@@ -185,7 +254,14 @@ impl Stage for FacilitiesStage {
         for l in self.latencies.drain(..) {
             metrics.transition_latency.observe(l.max(0.0));
         }
-        metrics.online_facilities.set(self.tasks.values().map(|t| t.online_facilities() as i64).sum());
-        metrics.buffered_events.set(self.tasks.values().map(|t| t.buffered() as i64).sum());
+        metrics.online_facilities.set(
+            self.tasks
+                .values()
+                .map(|t| t.online_facilities() as i64)
+                .sum(),
+        );
+        metrics
+            .buffered_events
+            .set(self.tasks.values().map(|t| t.buffered() as i64).sum());
     }
 }
