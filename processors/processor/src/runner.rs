@@ -677,10 +677,13 @@ pub fn run_stage<S: Stage>(
     health.set_ready(health_name);
     tracing::info!(stage = S::NAME, %group, topic, "stage running");
     while !shutdown.is_triggered() {
-        let commit_interval = if lock(&shared).stage.backlogged() {
-            backlog_interval
-        } else {
+        // Replaying: long transactions for throughput. Live: `commit_interval`. Either is
+        // shortened to a tenth while the stage holds something a user waits for.
+        let live = !lock(&shared).stage.backlogged();
+        let commit_interval = if live {
             base_interval
+        } else {
+            backlog_interval
         };
         let timeout = {
             let g = lock(&shared);
@@ -728,7 +731,8 @@ pub fn run_stage<S: Stage>(
             }
             if g.txn_open
                 && (g.txn_started.elapsed() >= commit_interval
-                    || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10))
+                    || (g.stage.urgent()
+                        && g.txn_started.elapsed() >= commit_interval / 10))
             {
                 break;
             }
@@ -745,7 +749,8 @@ pub fn run_stage<S: Stage>(
         let idle_due = !g.txn_open
             && g.stage.commits_when_idle()
             && !g.assigned.is_empty()
-            && g.txn_started.elapsed() >= commit_interval;
+            && (g.txn_started.elapsed() >= commit_interval
+                || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10));
         if (due || idle_due) && !g.needs_rewind {
             if idle_due {
                 g.begin();

@@ -47,6 +47,8 @@ pub struct SessionsStage {
     counts: Counts,
     /// Session events were emitted in the open transaction.
     events_pending: bool,
+    /// When a transaction with session events last committed.
+    last_events: Option<std::time::Instant>,
     expiry_delays: Vec<f64>,
     buf: Vec<u8>,
 }
@@ -62,6 +64,7 @@ impl SessionsStage {
             latest_record: HashMap::new(),
             counts: Counts::default(),
             events_pending: false,
+            last_events: None,
             expiry_delays: Vec::new(),
             buf: Vec::with_capacity(128),
         }
@@ -435,7 +438,13 @@ impl Stage for SessionsStage {
     }
 
     fn urgent(&self) -> bool {
+        // Stage 2 releases an event once every source's watermark passed it, and the other
+        // partitions' watermarks may trail the event's at the first commit: keep commits
+        // quick for a moment after events, so those watermarks follow soon.
         self.events_pending
+            || self
+                .last_events
+                .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(50))
     }
 
     fn backlogged(&self) -> bool {
@@ -449,7 +458,9 @@ impl Stage for SessionsStage {
     }
 
     fn publish(&mut self, metrics: &Metrics) {
-        self.events_pending = false;
+        if std::mem::take(&mut self.events_pending) {
+            self.last_events = Some(std::time::Instant::now());
+        }
         self.counts.publish(metrics);
         for d in self.expiry_delays.drain(..) {
             metrics.expiry_delay.observe(d.max(0.0));
