@@ -79,6 +79,20 @@ impl<'a> HeartbeatRef<'a> {
         Ok(Some(h))
     }
 
+    /// Any released version: borrowed when it is the current one, otherwise resolved into
+    /// `slot` and borrowed from there.
+    pub fn decode_any(
+        bytes: &'a [u8],
+        slot: &'a mut Option<Heartbeat>,
+    ) -> Result<HeartbeatRef<'a>, CodecError> {
+        match Self::decode(bytes)? {
+            Some(h) => Ok(h),
+            None => Ok(slot
+                .insert(crate::codec::decode::<Heartbeat>(bytes)?)
+                .as_ref()),
+        }
+    }
+
     /// The body of the current schema version, field by field.
     fn read(r: &mut BodyReader<'a>) -> Result<HeartbeatRef<'a>, CodecError> {
         Ok(HeartbeatRef {

@@ -19,7 +19,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::records::SessionState;
-use crate::runner::{now_ms, RestoreIo, Stage};
+use crate::runner::{now_ms, Committed, RestoreIo, Stage};
 use crate::sessions::{key_bytes, session_key};
 
 /// The config with fresh topic and group names, provisioned.
@@ -139,41 +139,27 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     p.flush(Duration::from_secs(120))?;
     let written = started.elapsed();
     let end = 3 * sessions as i64;
-    let checkpoint = format!(
-        "{{\"t\":{},\"s\":{}}}",
-        t0 + 2 * (timeout / 3) + 10,
-        sessions + 1
-    );
-    let mut io_config = consumer_config(
+    let io_config = crate::restore::restore_config(
         &c.kafka,
         "bench-restore",
         &format!("{}.restore", c.processor.group_id),
     );
-    io_config
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.max.bytes", "67108864")
-        .set("queued.min.messages", "1000000");
+    let topics = crate::stage1::Topics::of(&c.topics, c.topics.facility_partitions);
     let mut times = Vec::new();
     let mut open = 0;
     for _ in 0..runs {
-        let mut stage = crate::stage1::SessionsStage::new(
-            crate::stage1::Topics {
-                heartbeats: Box::leak(c.topics.heartbeats.clone().into_boxed_str()),
-                transitions: Box::leak(c.topics.session_transitions().into_boxed_str()),
-                changelog: Box::leak(changelog.clone().into_boxed_str()),
-                dead_letters: Box::leak(c.topics.dead_letters.clone().into_boxed_str()),
-                transition_partitions: c.topics.facility_partitions,
-            },
-            timeout,
-            60_000,
-        );
+        let mut stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000);
         let started = Instant::now();
-        let cp = checkpoint.clone();
+        let committed = Committed {
+            offset: end,
+            checkpoint: Some(crate::stage1::Checkpoint {
+                t: t0 + 2 * (timeout / 3) + 10,
+                s: sessions as i64 + 1,
+            }),
+        };
         let cfg = io_config.clone();
         stage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            stage.restore(0, Some((end, cp)), &RestoreIo { config: &cfg })?;
+            stage.restore(0, Some(committed), &RestoreIo { config: &cfg })?;
             Ok(stage)
         })
         .await??;

@@ -36,7 +36,7 @@ use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
 use prometheus::Registry;
 
-fn leak(s: String) -> &'static str {
+pub(crate) fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
@@ -93,23 +93,12 @@ pub async fn run_with(
 
     let timeout = config.processor.session_timeout.as_millis() as i64;
     let stage1 = stage1::SessionsStage::new(
-        stage1::Topics {
-            heartbeats: leak(t.heartbeats.clone()),
-            transitions: leak(t.session_transitions()),
-            changelog: leak(t.sessions_changelog()),
-            dead_letters: leak(t.dead_letters.clone()),
-            transition_partitions,
-        },
+        stage1::Topics::of(t, transition_partitions),
         timeout,
         config.processor.max_clock_skew.as_millis() as i64,
     );
     let stage2 = stage2::FacilitiesStage::new(
-        stage2::Topics {
-            transitions: leak(t.session_transitions()),
-            status: leak(t.facility_status.clone()),
-            changelog: leak(t.facilities_changelog()),
-            dead_letters: leak(t.dead_letters.clone()),
-        },
+        stage2::Topics::of(t),
         sources as usize,
         config.processor.flap_hold.as_millis() as i64,
     );

@@ -33,6 +33,9 @@ use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
 
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
 use crate::metrics::Metrics;
 
 /// One record of the open transaction.
@@ -45,6 +48,22 @@ pub struct Out {
 }
 
 impl Out {
+    /// A record with no headers; `partition: None` leaves it to the key's partitioner.
+    pub fn record(
+        topic: &'static str,
+        partition: Option<i32>,
+        key: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+    ) -> Out {
+        Out {
+            topic,
+            partition,
+            key,
+            value,
+            headers: None,
+        }
+    }
+
     /// `m` as a dead letter: original key and bytes, headers saying what and where.
     pub fn dead_letter(
         topic: &'static str,
@@ -70,6 +89,13 @@ impl Out {
     }
 }
 
+/// A partition's committed offset and the stage's checkpoint stored with it (`None` when
+/// the metadata is not a checkpoint of this stage).
+pub struct Committed<C> {
+    pub offset: i64,
+    pub checkpoint: Option<C>,
+}
+
 /// What the stage's rebuild of a partition needs from Kafka.
 pub struct RestoreIo<'a> {
     pub config: &'a ClientConfig,
@@ -79,15 +105,18 @@ pub struct RestoreIo<'a> {
 pub trait Stage: Send + 'static {
     /// `sessions` or `facilities`: metric label, group and transactional-id suffix.
     const NAME: &'static str;
+    /// What the stage stores with each committed offset (as JSON in the offset metadata),
+    /// so that it commits atomically with the offset.
+    type Checkpoint: Serialize + DeserializeOwned;
     fn input_topic(&self) -> &'static str;
-    /// Rebuilds `partition`'s state. `committed` is the committed input offset and its
-    /// metadata, if any; returns the offset to start consuming at.
+    /// Rebuilds `partition`'s state for consuming from `committed` (or from the beginning
+    /// when nothing was committed).
     fn restore(
         &mut self,
         partition: i32,
-        committed: Option<(i64, String)>,
+        committed: Option<Committed<Self::Checkpoint>>,
         io: &RestoreIo<'_>,
-    ) -> anyhow::Result<Offset>;
+    ) -> anyhow::Result<()>;
     fn revoke(&mut self, partition: i32);
     fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
     /// The partition has no more records for now.
@@ -96,8 +125,8 @@ pub trait Stage: Send + 'static {
     fn on_tick(&mut self, now: i64, out: &mut Vec<Out>);
     /// Just before a commit: watermarks, changelog flushes.
     fn before_commit(&mut self, now: i64, out: &mut Vec<Out>);
-    /// The offset to commit for `partition` and the metadata to store with it.
-    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String);
+    /// The offset to commit for `partition` and the checkpoint to store with it.
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Self::Checkpoint>);
     /// When `on_tick` next has something to do (ms since the epoch).
     fn next_wakeup(&self) -> Option<i64>;
     /// Whether to commit even when nothing was consumed (stage 1: watermarks).
@@ -267,6 +296,18 @@ fn classify(e: KafkaError) -> Result<bool, TxnFailure> {
 }
 
 impl<S: Stage> Shared<S> {
+    /// How long until the open transaction (or, when none is open, the next idle one) is
+    /// due: `interval` after it began, a tenth of that while the stage holds something a
+    /// user waits for.
+    fn until_commit(&self, interval: Duration) -> Duration {
+        let interval = if self.stage.urgent() {
+            interval / 10
+        } else {
+            interval
+        };
+        interval.saturating_sub(self.txn_started.elapsed())
+    }
+
     fn begin(&mut self) {
         if self.txn_open {
             return;
@@ -346,7 +387,10 @@ impl<S: Stage> Shared<S> {
         let mut tpl = TopicPartitionList::new();
         for &p in &self.assigned {
             if let Some(&next) = self.positions.get(&p) {
-                let (offset, metadata) = self.stage.commit_point(p, next);
+                let (offset, checkpoint) = self.stage.commit_point(p, next);
+                let metadata = checkpoint
+                    .and_then(|c| serde_json::to_string(&c).ok())
+                    .unwrap_or_default();
                 if tpl
                     .add_partition_offset(self.topic, p, Offset::Offset(offset))
                     .is_ok()
@@ -405,35 +449,10 @@ impl<S: Stage> Shared<S> {
             let cgm = consumer
                 .group_metadata()
                 .ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
-            loop {
-                let t = Instant::now();
-                match self
-                    .producer
-                    .send_offsets_to_transaction(tpl, &cgm, timeout)
-                {
-                    Ok(()) => {
-                        tracing::debug!(
-                            stage = S::NAME,
-                            ms = t.elapsed().as_millis() as u64,
-                            "offsets sent"
-                        );
-                        crash_point_after_offsets();
-                        break;
-                    }
-                    Err(e) => {
-                        if classify(e)? && Instant::now() < deadline {
-                            self.health.set_unready(
-                                self.health_name,
-                                "Kafka does not answer transaction calls; retrying",
-                            );
-                            continue;
-                        }
-                        return Err(TxnFailure::Abortable(
-                            "send_offsets_to_transaction kept failing".into(),
-                        ));
-                    }
-                }
-            }
+            self.retrying("send_offsets_to_transaction", deadline, |p| {
+                p.send_offsets_to_transaction(tpl, &cgm, timeout)
+            })?;
+            crash_point_after_offsets();
         }
         // rdkafka's commit_transaction flushes by polling in steps of up to 100 ms, and with a
         // threaded producer the delivery reports go to the producer's own thread, so each
@@ -442,8 +461,21 @@ impl<S: Stage> Shared<S> {
         while self.producer.in_flight_count() > 0 && Instant::now() < flush_deadline {
             std::thread::sleep(Duration::from_micros(200));
         }
+        self.retrying("commit_transaction", deadline, |p| {
+            p.commit_transaction(timeout)
+        })
+    }
+
+    /// Runs one transaction step, repeating it while librdkafka calls its error retriable
+    /// and `deadline` has not passed; other errors are classified by [`classify`].
+    fn retrying(
+        &mut self,
+        what: &str,
+        deadline: Instant,
+        mut step: impl FnMut(&TxnProducer) -> rdkafka::error::KafkaResult<()>,
+    ) -> Result<(), TxnFailure> {
         loop {
-            match self.producer.commit_transaction(timeout) {
+            match step(&self.producer) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if classify(e)? && Instant::now() < deadline {
@@ -453,9 +485,7 @@ impl<S: Stage> Shared<S> {
                         );
                         continue;
                     }
-                    return Err(TxnFailure::Abortable(
-                        "commit_transaction kept failing".into(),
-                    ));
+                    return Err(TxnFailure::Abortable(format!("{what} kept failing")));
                 }
             }
         }
@@ -516,11 +546,23 @@ impl<S: Stage> Shared<S> {
         for e in committed.elements() {
             let p = e.partition();
             let c = match e.offset() {
-                Offset::Offset(o) => Some((o, e.metadata().to_string())),
+                Offset::Offset(offset) => Some(Committed {
+                    offset,
+                    checkpoint: match serde_json::from_str(e.metadata()) {
+                        Ok(c) => Some(c),
+                        Err(err) => {
+                            tracing::warn!(stage = S::NAME, partition = p, error = %err, "committed offset without a presence checkpoint; the stage starts its clock afresh");
+                            None
+                        }
+                    },
+                }),
                 _ => None,
             };
+            let start = c
+                .as_ref()
+                .map_or(Offset::Beginning, |c| Offset::Offset(c.offset));
             let started = Instant::now();
-            let start = self.stage.restore(p, c, &io)?;
+            self.stage.restore(p, c, &io)?;
             self.metrics
                 .restore_seconds
                 .with_label_values(&[S::NAME])
@@ -619,18 +661,11 @@ pub fn run_stage<S: Stage>(
         .set("retry.backoff.ms", "5")
         .set("retry.backoff.max.ms", "100")
         .set("compression.type", "lz4");
-    let mut restore_config = consumer_config(
+    let restore_config = crate::restore::restore_config(
         &config.kafka,
         &format!("processor-{}-restore", S::NAME),
         &format!("{group}.restore"),
     );
-    // Restore reads whole partitions as fast as the broker serves them: big fetches.
-    restore_config
-        .set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.max.bytes", "67108864")
-        .set("queued.min.messages", "1000000");
     let topic = stage.input_topic();
     let producer = create_producer(&producer_config).map_err(|e| {
         anyhow::anyhow!("cannot start the {} stage's transactional producer at {}: {e}; is Kafka up (make stack) and KAFKA_BROKERS right?", S::NAME, config.kafka.brokers)
@@ -677,29 +712,22 @@ pub fn run_stage<S: Stage>(
     health.set_ready(health_name);
     tracing::info!(stage = S::NAME, %group, topic, "stage running");
     while !shutdown.is_triggered() {
-        // Replaying: long transactions for throughput. Live: `commit_interval`. Either is
-        // shortened to a tenth while the stage holds something a user waits for.
-        let live = !lock(&shared).stage.backlogged();
-        let commit_interval = if live {
-            base_interval
-        } else {
-            backlog_interval
-        };
-        let timeout = {
+        // Replaying: long transactions for throughput. Live: `commit_interval`.
+        let (commit_interval, timeout) = {
             let g = lock(&shared);
+            let commit_interval = if g.stage.backlogged() {
+                backlog_interval
+            } else {
+                base_interval
+            };
             let mut t = Duration::from_millis(50);
             if let Some(wake) = g.stage.next_wakeup() {
                 t = t.min(Duration::from_millis((wake - now_ms()).clamp(0, 50) as u64));
             }
             if g.txn_open {
-                let interval = if g.stage.urgent() {
-                    commit_interval / 10
-                } else {
-                    commit_interval
-                };
-                t = t.min(interval.saturating_sub(g.txn_started.elapsed()));
+                t = t.min(g.until_commit(commit_interval));
             }
-            t
+            (commit_interval, t)
         };
         // Drain what is ready in one burst: the clock, ticks and commit checks run once per
         // burst, not per record. Outputs are handed to the producer after every record, since
@@ -729,11 +757,7 @@ pub fn run_stage<S: Stage>(
                         .set_unready(health_name, format!("consumer error: {e}"));
                 }
             }
-            if g.txn_open
-                && (g.txn_started.elapsed() >= commit_interval
-                    || (g.stage.urgent()
-                        && g.txn_started.elapsed() >= commit_interval / 10))
-            {
+            if g.txn_open && g.until_commit(commit_interval).is_zero() {
                 break;
             }
         }
@@ -743,14 +767,10 @@ pub fn run_stage<S: Stage>(
             g.stage.on_tick(now, &mut out);
             g.send(&mut out);
         }
-        let due = g.txn_open
-            && (g.txn_started.elapsed() >= commit_interval
-                || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10));
-        let idle_due = !g.txn_open
-            && g.stage.commits_when_idle()
-            && !g.assigned.is_empty()
-            && (g.txn_started.elapsed() >= commit_interval
-                || (g.stage.urgent() && g.txn_started.elapsed() >= commit_interval / 10));
+        let commit_due = g.until_commit(commit_interval).is_zero();
+        let due = g.txn_open && commit_due;
+        let idle_due =
+            !g.txn_open && g.stage.commits_when_idle() && !g.assigned.is_empty() && commit_due;
         if (due || idle_due) && !g.needs_rewind {
             if idle_due {
                 g.begin();

@@ -3,8 +3,8 @@
 
 use std::collections::{HashMap, HashSet};
 
-use presence_core::codec::{decode, encode, encode_into};
-use presence_core::records::{Heartbeat, HeartbeatKind, HeartbeatRef};
+use presence_core::codec::{decode, encode};
+use presence_core::records::{HeartbeatKind, HeartbeatRef};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
 use serde::{Deserialize, Serialize};
@@ -12,12 +12,13 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
 use crate::restore::{offset_for_time, read_partition};
-use crate::runner::{Out, RestoreIo, Stage};
+use crate::runner::{Committed, Out, RestoreIo, Stage};
 use crate::sessions::{
     facility_hash, key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey,
     SessionOutput, SessionTask,
 };
 
+#[derive(Clone, Copy)]
 pub struct Topics {
     pub heartbeats: &'static str,
     pub transitions: &'static str,
@@ -27,13 +28,27 @@ pub struct Topics {
     pub transition_partitions: i32,
 }
 
+impl Topics {
+    /// The topic names of `t`, kept for the life of the process (records name their topic
+    /// by `&'static str`).
+    pub fn of(t: &presence_core::config::TopicsConfig, transition_partitions: i32) -> Topics {
+        Topics {
+            heartbeats: crate::leak(t.heartbeats.clone()),
+            transitions: crate::leak(t.session_transitions()),
+            changelog: crate::leak(t.sessions_changelog()),
+            dead_letters: crate::leak(t.dead_letters.clone()),
+            transition_partitions,
+        }
+    }
+}
+
 /// Stored with each committed heartbeats offset: the partition's clock at that point.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
+pub struct Checkpoint {
     /// Stream time, ms.
-    t: i64,
+    pub t: i64,
     /// Next source_seq.
-    s: i64,
+    pub s: i64,
 }
 
 pub struct SessionsStage {
@@ -50,7 +65,6 @@ pub struct SessionsStage {
     /// When a transaction with session events last committed.
     last_events: Option<std::time::Instant>,
     expiry_delays: Vec<f64>,
-    buf: Vec<u8>,
 }
 
 impl SessionsStage {
@@ -66,7 +80,6 @@ impl SessionsStage {
             events_pending: false,
             last_events: None,
             expiry_delays: Vec::new(),
-            buf: Vec::with_capacity(128),
         }
     }
 
@@ -111,15 +124,8 @@ struct WindowBeat {
 fn window_beat(m: &BorrowedMessage<'_>) -> Option<WindowBeat> {
     let ts = m.timestamp().to_millis()?;
     let payload = m.payload()?;
-    let owned;
-    let beat = match HeartbeatRef::decode(payload) {
-        Ok(Some(b)) => b,
-        Ok(None) => {
-            owned = decode::<Heartbeat>(payload).ok()?;
-            owned.as_ref()
-        }
-        Err(_) => return None,
-    };
+    let mut slot = None;
+    let beat = HeartbeatRef::decode_any(payload, &mut slot).ok()?;
     // What the live path refused (dead letters) or what does not extend: not a refresh.
     if beat.kind != HeartbeatKind::Beat || m.key() != Some(beat.session_id.as_bytes()) {
         return None;
@@ -137,42 +143,46 @@ struct Emitter<'a> {
     topics: &'a Topics,
     partition: i32,
     out: &'a mut Vec<Out>,
-    buf: &'a mut Vec<u8>,
+    /// While expiring on the wall clock: the time now, and where each expiry's delay past
+    /// its deadline goes.
+    expiry_delays: Option<(i64, &'a mut Vec<f64>)>,
 }
 
 impl SessionOutput for Emitter<'_> {
     fn event(&mut self, event: SessionEvent) {
-        encode_into(&event, self.buf);
-        self.out.push(Out {
-            topic: self.topics.transitions,
-            partition: None,
-            key: Some(event.facility_id.into_bytes()),
-            value: Some(self.buf.clone()),
-            headers: None,
-        });
+        if let Some((now, delays)) = &mut self.expiry_delays {
+            delays.push((*now - event.at) as f64 / 1000.0);
+        }
+        let value = encode(&event);
+        self.out.push(Out::record(
+            self.topics.transitions,
+            None,
+            Some(event.facility_id.into_bytes()),
+            Some(value),
+        ));
     }
     fn put_session(&mut self, key: SessionKey, state: SessionState) {
-        self.out.push(Out {
-            topic: self.topics.changelog,
-            partition: Some(self.partition),
-            key: Some(key_bytes(&key).to_vec()),
-            value: Some(encode(&state)),
-            headers: None,
-        });
+        let (key, value) = (key_bytes(&key).to_vec(), encode(&state));
+        self.out.push(Out::record(
+            self.topics.changelog,
+            Some(self.partition),
+            Some(key),
+            Some(value),
+        ));
     }
     fn delete_session(&mut self, key: SessionKey) {
-        self.out.push(Out {
-            topic: self.topics.changelog,
-            partition: Some(self.partition),
-            key: Some(key_bytes(&key).to_vec()),
-            value: None,
-            headers: None,
-        });
+        self.out.push(Out::record(
+            self.topics.changelog,
+            Some(self.partition),
+            Some(key_bytes(&key).to_vec()),
+            None,
+        ));
     }
 }
 
 impl Stage for SessionsStage {
     const NAME: &'static str = "sessions";
+    type Checkpoint = Checkpoint;
 
     fn input_topic(&self) -> &'static str {
         self.topics.heartbeats
@@ -181,25 +191,18 @@ impl Stage for SessionsStage {
     fn restore(
         &mut self,
         partition: i32,
-        committed: Option<(i64, String)>,
+        committed: Option<Committed<Checkpoint>>,
         io: &RestoreIo<'_>,
-    ) -> anyhow::Result<Offset> {
+    ) -> anyhow::Result<()> {
         let started = std::time::Instant::now();
-        let checkpoint = match &committed {
-            Some((_, metadata)) => match serde_json::from_str::<Checkpoint>(metadata) {
-                Ok(c) => Some(c),
-                Err(e) => {
-                    tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint; starting the clock afresh");
-                    None
-                }
-            },
-            None => None,
-        };
         // Beats after a session's open raised its last-seen without a changelog write; the
         // ones that matter are younger than the timeout at the checkpoint. They are re-read on
         // a second thread while the changelog restores, then applied.
-        let window = match (&committed, &checkpoint) {
-            (Some((offset, _)), Some(c)) => offset_for_time(
+        let window = match &committed {
+            Some(Committed {
+                offset,
+                checkpoint: Some(c),
+            }) => offset_for_time(
                 io.config,
                 self.topics.heartbeats,
                 partition,
@@ -267,10 +270,9 @@ impl Stage for SessionsStage {
             task.refresh_last_seen_hashed(b.key, b.facility, b.ts, b.offset);
         }
         task.finish_restore();
-        if let Some(c) = &checkpoint {
+        if let Some(c) = committed.and_then(|c| c.checkpoint) {
             task.set_clock(c.t, c.s);
         }
-        let start = committed.map_or(Offset::Beginning, |(offset, _)| Offset::Offset(offset));
         tracing::info!(
             partition,
             open_sessions = task.open_sessions(),
@@ -281,7 +283,7 @@ impl Stage for SessionsStage {
         );
         self.caught_up.remove(&partition);
         self.tasks.insert(partition, task);
-        Ok(start)
+        Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
@@ -301,16 +303,9 @@ impl Stage for SessionsStage {
                 out,
             );
         };
-        let owned;
-        let beat = match HeartbeatRef::decode(payload) {
-            Ok(Some(b)) => b,
-            Ok(None) => match decode::<Heartbeat>(payload) {
-                Ok(h) => {
-                    owned = h;
-                    owned.as_ref()
-                }
-                Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
-            },
+        let mut slot = None;
+        let beat = match HeartbeatRef::decode_any(payload, &mut slot) {
+            Ok(b) => b,
             Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
         };
         if m.key() != Some(beat.session_id.as_bytes()) {
@@ -337,7 +332,7 @@ impl Stage for SessionsStage {
             topics: &self.topics,
             partition,
             out,
-            buf: &mut self.buf,
+            expiry_delays: None,
         };
         let b = Beat {
             session_id: beat.session_id,
@@ -372,22 +367,14 @@ impl Stage for SessionsStage {
             let Some(task) = self.tasks.get_mut(p) else {
                 continue;
             };
-            let first = out.len();
             let mut emitter = Emitter {
                 topics: &self.topics,
                 partition: *p,
                 out,
-                buf: &mut self.buf,
+                expiry_delays: Some((now, &mut self.expiry_delays)),
             };
             if task.advance_to(now, &mut emitter) > 0 {
                 self.events_pending = true;
-            }
-            for o in &out[first..] {
-                if o.topic == self.topics.transitions {
-                    if let Some(Ok(e)) = o.value.as_deref().map(decode::<SessionEvent>) {
-                        self.expiry_delays.push((now - e.at) as f64 / 1000.0);
-                    }
-                }
             }
         }
     }
@@ -400,30 +387,22 @@ impl Stage for SessionsStage {
             }
             let bytes = encode(&wm);
             for q in 0..self.topics.transition_partitions {
-                out.push(Out {
-                    topic: self.topics.transitions,
-                    partition: Some(q),
-                    key: None,
-                    value: Some(bytes.clone()),
-                    headers: None,
-                });
+                out.push(Out::record(
+                    self.topics.transitions,
+                    Some(q),
+                    None,
+                    Some(bytes.clone()),
+                ));
             }
         }
     }
 
-    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String) {
-        let meta = self
-            .tasks
-            .get(&partition)
-            .map(|t| {
-                serde_json::to_string(&Checkpoint {
-                    t: t.stream_time(),
-                    s: t.next_seq(),
-                })
-                .unwrap_or_default()
-            })
-            .unwrap_or_default();
-        (next_offset, meta)
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Checkpoint>) {
+        let checkpoint = self.tasks.get(&partition).map(|t| Checkpoint {
+            t: t.stream_time(),
+            s: t.next_seq(),
+        });
+        (next_offset, checkpoint)
     }
 
     fn next_wakeup(&self) -> Option<i64> {

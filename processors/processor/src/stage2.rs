@@ -13,7 +13,7 @@ use crate::facilities::{FacilityOutput, FacilityTask};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{FacilityState, SessionEvent};
 use crate::restore::read_partition;
-use crate::runner::{Out, RestoreIo, Stage};
+use crate::runner::{Committed, Out, RestoreIo, Stage};
 
 pub struct Topics {
     pub transitions: &'static str,
@@ -22,10 +22,23 @@ pub struct Topics {
     pub dead_letters: &'static str,
 }
 
+impl Topics {
+    /// The topic names of `t`, kept for the life of the process.
+    pub fn of(t: &presence_core::config::TopicsConfig) -> Topics {
+        Topics {
+            transitions: crate::leak(t.session_transitions()),
+            status: crate::leak(t.facility_status.clone()),
+            changelog: crate::leak(t.facilities_changelog()),
+            dead_letters: crate::leak(t.dead_letters.clone()),
+        }
+    }
+}
+
 /// Stored with each committed transitions offset: the last seq applied per source.
 #[derive(Serialize, Deserialize)]
-struct Checkpoint {
-    a: Vec<i64>,
+pub struct Checkpoint {
+    /// Per source partition, the last seq applied.
+    pub a: Vec<i64>,
 }
 
 pub struct FacilitiesStage {
@@ -90,27 +103,28 @@ impl FacilityOutput for Emitter<'_> {
         }
         self.latencies
             .push((status.emitted_at - status.since) as f64 / 1000.0);
-        self.out.push(Out {
-            topic: self.topics.status,
-            partition: None,
-            key: Some(status.facility_id.clone().into_bytes()),
-            value: Some(encode(&status)),
-            headers: None,
-        });
+        let value = encode(&status);
+        self.out.push(Out::record(
+            self.topics.status,
+            None,
+            Some(status.facility_id.into_bytes()),
+            Some(value),
+        ));
     }
     fn put_facility(&mut self, state: FacilityState) {
-        self.out.push(Out {
-            topic: self.topics.changelog,
-            partition: Some(self.partition),
-            key: Some(state.facility_id.clone().into_bytes()),
-            value: Some(encode(&state)),
-            headers: None,
-        });
+        let value = encode(&state);
+        self.out.push(Out::record(
+            self.topics.changelog,
+            Some(self.partition),
+            Some(state.facility_id.into_bytes()),
+            Some(value),
+        ));
     }
 }
 
 impl Stage for FacilitiesStage {
     const NAME: &'static str = "facilities";
+    type Checkpoint = Checkpoint;
 
     fn input_topic(&self) -> &'static str {
         self.topics.transitions
@@ -119,9 +133,9 @@ impl Stage for FacilitiesStage {
     fn restore(
         &mut self,
         partition: i32,
-        committed: Option<(i64, String)>,
+        committed: Option<Committed<Checkpoint>>,
         io: &RestoreIo<'_>,
-    ) -> anyhow::Result<Offset> {
+    ) -> anyhow::Result<()> {
         let mut task = FacilityTask::new(partition, self.sources, self.hold);
         let mut latest: HashMap<String, FacilityState> = HashMap::new();
         let mut bad = 0u64;
@@ -154,25 +168,16 @@ impl Stage for FacilitiesStage {
         for state in latest.into_values() {
             task.restore_facility(state);
         }
-        let start = match committed {
-            Some((offset, metadata)) => {
-                match serde_json::from_str::<Checkpoint>(&metadata) {
-                    Ok(c) => task.set_applied(&c.a),
-                    Err(e) => {
-                        tracing::warn!(partition, error = %e, "committed offset without a presence checkpoint")
-                    }
-                }
-                Offset::Offset(offset)
-            }
-            None => Offset::Beginning,
-        };
+        if let Some(c) = committed.and_then(|c| c.checkpoint) {
+            task.set_applied(&c.a);
+        }
         tracing::info!(
             partition,
             online = task.online_facilities(),
             "facilities restored"
         );
         self.tasks.insert(partition, task);
-        Ok(start)
+        Ok(())
     }
 
     fn revoke(&mut self, partition: i32) {
@@ -220,16 +225,15 @@ impl Stage for FacilitiesStage {
         }
     }
 
-    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, String) {
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Checkpoint>) {
         match self.tasks.get(&partition) {
             Some(t) => (
                 t.commit_offset(next_offset),
-                serde_json::to_string(&Checkpoint {
+                Some(Checkpoint {
                     a: t.applied().to_vec(),
-                })
-                .unwrap_or_default(),
+                }),
             ),
-            None => (next_offset, String::new()),
+            None => (next_offset, None),
         }
     }
 
