@@ -265,12 +265,7 @@ pub fn diff(expected: &[Expected], got: &[Expected]) -> String {
     lines.join("\n")
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as i64
-}
+pub use presence_core::now_ms;
 
 pub fn admin_config(c: &Config) -> rdkafka::config::ClientConfig {
     base_config(&c.kafka, "test-admin")

@@ -156,12 +156,19 @@ impl TopicsConfig {
 pub struct RedisConfig {
     /// Default `redis://127.0.0.1:6379`.
     pub url: Secret,
+    /// Every key and channel starts with `<key_prefix>:` (README, "Redis"). Default `presence`.
+    pub key_prefix: String,
+    /// Transitions kept per region for SSE clients that reconnect with `Last-Event-ID`;
+    /// a client further behind gets a fresh snapshot. Default 1000.
+    pub replay_events: usize,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: Secret::new("redis://127.0.0.1:6379"),
+            key_prefix: "presence".into(),
+            replay_events: 1000,
         }
     }
 }
@@ -232,14 +239,71 @@ pub struct GatewayConfig {
     /// The public HTTP port (heartbeats, streams, dashboard, and ops endpoints). Default
     /// 127.0.0.1:8080.
     pub listen: SocketAddr,
+    /// `none` (local use: ids come from the body) or `jwt` (HS256 tokens whose claims say
+    /// who the caller is). Default `none`.
+    pub auth: AuthMode,
+    /// The HS256 key tokens are signed with, at least 32 bytes. Required when `auth = "jwt"`.
+    pub jwt_secret: Secret,
+    /// Clock skew tolerated on a token's `exp`/`nbf`. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub jwt_leeway: Duration,
+    /// Browser origins that may call the API (`https://app.example.com`), comma-separated in
+    /// the environment; `*` allows any. Default: none (same-origin only).
+    #[serde(deserialize_with = "list_or_csv")]
+    pub cors_origins: Vec<String>,
+    /// Largest request body. Default 256 KiB.
+    pub max_body_bytes: usize,
+    /// Most heartbeats in one batch request. Default 500.
+    pub max_batch: usize,
+    /// How long a request waits for the broker's acknowledgement before it is answered 503.
+    /// Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub produce_timeout: Duration,
+    /// Records the producer may hold unacknowledged; beyond that requests get 503.
+    /// Default 200000.
+    pub max_in_flight: usize,
 }
 
 impl Default for GatewayConfig {
     fn default() -> Self {
         GatewayConfig {
             listen: ([127, 0, 0, 1], 8080).into(),
+            auth: AuthMode::None,
+            jwt_secret: Secret::default(),
+            jwt_leeway: Duration::from_secs(5),
+            cors_origins: Vec::new(),
+            max_body_bytes: 256 * 1024,
+            max_batch: 500,
+            produce_timeout: Duration::from_secs(5),
+            max_in_flight: 200_000,
         }
     }
+}
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum AuthMode {
+    None,
+    Jwt,
+}
+
+/// A list from TOML, or a comma-separated string from the environment.
+fn list_or_csv<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<String>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Either {
+        List(Vec<String>),
+        Csv(String),
+    }
+    Ok(match Either::deserialize(d)? {
+        Either::List(v) => v,
+        Either::Csv(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|x| !x.is_empty())
+            .map(String::from)
+            .collect(),
+    })
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -249,6 +313,8 @@ pub struct NotifierConfig {
     pub group_id: String,
     /// Default 127.0.0.1:9102.
     pub ops_listen: SocketAddr,
+    /// Transitions applied to Redis in one pipeline. Default 500.
+    pub batch_size: usize,
 }
 
 impl Default for NotifierConfig {
@@ -256,6 +322,7 @@ impl Default for NotifierConfig {
         NotifierConfig {
             group_id: "presence-notifier".into(),
             ops_listen: ([127, 0, 0, 1], 9102).into(),
+            batch_size: 500,
         }
     }
 }
@@ -267,6 +334,11 @@ pub struct SinkConfig {
     pub group_id: String,
     /// Default 127.0.0.1:9103.
     pub ops_listen: SocketAddr,
+    /// Transitions written to PostgreSQL in one transaction. Default 5000.
+    pub batch_size: usize,
+    /// How long a partial batch may wait for more transitions. Default 50 ms.
+    #[serde(with = "humantime_serde")]
+    pub batch_linger: Duration,
 }
 
 impl Default for SinkConfig {
@@ -274,6 +346,8 @@ impl Default for SinkConfig {
         SinkConfig {
             group_id: "presence-sink".into(),
             ops_listen: ([127, 0, 0, 1], 9103).into(),
+            batch_size: 5000,
+            batch_linger: Duration::from_millis(50),
         }
     }
 }
@@ -566,6 +640,40 @@ impl Config {
                     "{key} and {other} are both {addr}: give each process its own port"
                 ));
             }
+        }
+        let g = &self.gateway;
+        if g.auth == AuthMode::Jwt && g.jwt_secret.expose().len() < 32 {
+            p.push("gateway.auth = \"jwt\" needs gateway.jwt_secret (PRESENCE_GATEWAY__JWT_SECRET) of at least 32 bytes: generate one with `openssl rand -base64 48`".into());
+        }
+        if g.jwt_leeway > Duration::from_secs(300) {
+            p.push(format!("gateway.jwt_leeway = {:?}: tokens are short-lived, use at most 5m (default 5s)", g.jwt_leeway));
+        }
+        for origin in &g.cors_origins {
+            let ok = origin == "*" || url::Url::parse(origin).is_ok_and(|u| u.has_host() && u.path() == "/" && !origin.ends_with('/'));
+            if !ok {
+                p.push(format!("gateway.cors_origins entry '{origin}' is not an origin: write scheme://host[:port] without a path, or *"));
+            }
+        }
+        if !(1024..=64 * 1024 * 1024).contains(&g.max_body_bytes) {
+            p.push(format!("gateway.max_body_bytes = {}: use 1024 to 67108864 (default 262144)", g.max_body_bytes));
+        }
+        for (key, n, max) in [
+            ("gateway.max_batch", g.max_batch, 100_000),
+            ("gateway.max_in_flight", g.max_in_flight, 10_000_000),
+            ("notifier.batch_size", self.notifier.batch_size, 100_000),
+            ("sink.batch_size", self.sink.batch_size, 100_000),
+            ("redis.replay_events", self.redis.replay_events, 1_000_000),
+        ] {
+            if n == 0 || n > max {
+                p.push(format!("{key} = {n}: use 1 to {max}"));
+            }
+        }
+        if g.produce_timeout < Duration::from_millis(100) {
+            p.push(format!("gateway.produce_timeout = {:?}: use at least 100ms (default 5s)", g.produce_timeout));
+        }
+        let prefix = &self.redis.key_prefix;
+        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+            p.push(format!("redis.key_prefix '{prefix}' must be non-empty and use a-z, A-Z, 0-9, '-', '_' and '.'"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_filter) {
             p.push(format!("telemetry.log_filter '{}' is not a valid filter ({e}): e.g. 'info' or 'info,presence_processor=debug'", self.telemetry.log_filter));

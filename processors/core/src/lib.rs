@@ -6,6 +6,10 @@
 //! - [`codec`]: Avro single-object encoding with a hand-written fast path per record type;
 //!   [`records`]: the public records (`Heartbeat`, `FacilityStatus`).
 //! - [`kafka`]: client builders (idempotent producer, read-committed consumer, admin).
+//! - [`delivery`]: the Redis layout and transition JSON the notifier writes and the gateway
+//!   reads, and the names of the sink's tables.
+//! - [`downstream`]: the batch consumer loop of `facility-status` that the notifier and the
+//!   sink share (commit only after the store took the batch; retry with backoff).
 //! - [`topics`]: provisioning and verification of every topic (`presence topics`).
 //! - [`telemetry`]: logging, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
 //! - [`sim`]: the seeded simulation of users (load generator) and its reference model.
@@ -16,6 +20,8 @@
 
 pub mod codec;
 pub mod config;
+pub mod delivery;
+pub mod downstream;
 pub mod kafka;
 pub mod records;
 pub mod shutdown;
@@ -27,3 +33,11 @@ pub mod topics;
 
 pub use config::{Config, Secret};
 pub use shutdown::Shutdown;
+
+/// Wall-clock milliseconds since the Unix epoch (0 if the clock is before 1970).
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

@@ -37,6 +37,7 @@ pub fn isolated_config() -> Config {
     c.notifier.group_id = format!("{id}-notifier");
     c.sink.group_id = format!("{id}-sink");
     c.database.schema = id.replace('-', "_");
+    c.redis.key_prefix = id.clone();
     for addr in [
         &mut c.gateway.listen,
         &mut c.processor.ops_listen,

@@ -1,9 +1,103 @@
-//! `presence gateway`: not built yet (issue #4). The crate exists so the workspace shows the
-//! final shape: it depends only on `presence-core` and talks to the others through Kafka.
+//! `presence gateway`: the HTTP edge. Heartbeats come in and go to Kafka; transitions come
+//! back out of Redis (live streams, current state) and PostgreSQL (history) to browsers.
+//! It talks to the other processes only through Kafka, Redis and PostgreSQL.
+//!
+//! # Layout
+//!
+//! - [`ingest`]: the body of `POST /v1/heartbeats`, checked field by field (pure).
+//! - [`auth`]: `none` or HS256 tokens whose claims say who the caller is.
+//! - [`publish`]: the Kafka edge (202 only after the broker's acknowledgement).
+//! - [`store`] and [`history`]: the Redis and PostgreSQL read edges.
+//! - [`stream`]: region channels to Server-Sent Events, with gap detection.
+//! - [`http`]: routes, status codes and error bodies; the dashboard page.
+//! - [`metrics`]: every metric the gateway exports.
 
+pub mod auth;
+pub mod history;
+pub mod http;
+pub mod ingest;
+pub mod metrics;
+pub mod publish;
+pub mod store;
+pub mod stream;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use presence_core::delivery::{RedisKeys, Tables};
+use presence_core::telemetry::{self, Health};
 use presence_core::{Config, Shutdown};
+use prometheus::Registry;
+
+/// A running gateway: where it listens, and its server task.
+pub struct Running {
+    pub addr: SocketAddr,
+    pub server: tokio::task::JoinHandle<()>,
+    publisher: Arc<publish::Publisher>,
+}
+
+impl Running {
+    /// Waits for the server to stop (after `shutdown`), then for in-flight records.
+    pub async fn wait(self) {
+        let _ = self.server.await;
+        let publisher = self.publisher;
+        let _ = tokio::task::spawn_blocking(move || publisher.flush(Duration::from_secs(10))).await;
+    }
+}
+
+/// Starts the gateway on `config.gateway.listen` (port 0: any free port).
+pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
+    let registry = Registry::new();
+    let health = Health::new(&registry);
+    let metrics = metrics::Metrics::new(&registry);
+    let publisher = Arc::new(
+        publish::Publisher::new(&config, metrics.clone())
+            .context("cannot create the Kafka producer; check kafka.brokers and kafka.properties")?,
+    );
+    publisher.spawn_probe(health.clone(), Duration::from_secs(1), shutdown.clone());
+
+    let keys = RedisKeys::new(&config.redis.key_prefix);
+    let store = store::Store::new(config.redis.url.expose(), keys)
+        .with_context(|| format!("redis.url {} is not usable; set REDIS_URL to redis://host:port", config.redis.url))?;
+    let hub = stream::Hub::new(store.clone(), metrics.clone());
+    hub.spawn(config.redis.url.expose().to_string(), shutdown.clone());
+    spawn_redis_probe(store.clone(), health.clone(), shutdown.clone());
+
+    let history = history::HistoryReader::new(config.database.url.expose(), Tables::new(&config.database.schema));
+    let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics);
+    let router = http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));
+    let (addr, server) = telemetry::serve(config.gateway.listen, router, shutdown).await?;
+    tracing::info!(%addr, auth = ?config.gateway.auth, "gateway listening: POST /v1/heartbeats, GET /v1/regions/{{region}}/stream, dashboard at /");
+    Ok(Running {
+        addr,
+        server,
+        publisher,
+    })
+}
 
 /// Runs the gateway until `shutdown`.
-pub async fn run(_config: Config, _shutdown: Shutdown) -> anyhow::Result<()> {
-    anyhow::bail!("presence gateway is not built yet (issue #4); the other subcommands work")
+pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+    start(config, shutdown).await?.wait().await;
+    Ok(())
+}
+
+/// Readiness follows Redis too: streams and reads need it (heartbeats do not).
+fn spawn_redis_probe(store: store::Store, health: Health, shutdown: Shutdown) {
+    const COMPONENT: &str = "redis";
+    health.register(COMPONENT);
+    tokio::spawn(async move {
+        loop {
+            match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+                Ok(Ok(())) => health.set_ready(COMPONENT),
+                Ok(Err(e)) => health.set_unready(COMPONENT, format!("Redis is unreachable: {e}")),
+                Err(_) => health.set_unready(COMPONENT, "Redis did not answer PING within 2 s"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = shutdown.wait() => return,
+            }
+        }
+    });
 }

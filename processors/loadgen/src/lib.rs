@@ -11,14 +11,14 @@
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use presence_core::codec::encode;
 use presence_core::config::Config;
 use presence_core::kafka::idempotent_producer_config;
 use presence_core::records::{Heartbeat, HeartbeatKind};
 use presence_core::sim::{facility_id, region_of};
-use presence_core::Shutdown;
+use presence_core::{now_ms, Shutdown};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::error::KafkaError;
@@ -91,12 +91,6 @@ fn exp(rng: &mut StdRng, mean: Duration) -> Duration {
     mean.mul_f64(-u.ln()).min(mean * 10)
 }
 
-fn now_ms() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
 
 /// Runs the simulation against Kafka until `shutdown` or `options.duration`.
 pub fn run_kafka(

@@ -143,12 +143,7 @@ pub trait Stage: Send + 'static {
     fn publish(&mut self, metrics: &Metrics);
 }
 
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
-}
+pub use presence_core::now_ms;
 
 struct Shared<S: Stage> {
     stage: S,

@@ -1,0 +1,219 @@
+//! The consumer loop the notifier and the sink share: read `facility-status`
+//! (read_committed) in batches, hand each batch to a writer whose effects are idempotent
+//! (newer `seq` wins, history unique per facility and `seq`), and commit the offsets only
+//! after the writer took the batch. A writer that fails is retried with backoff, for as long
+//! as it takes, with the same batch: health and metrics say so meanwhile, nothing is skipped.
+//! A crash between write and commit replays the batch, which the writer absorbs.
+//!
+//! A record that does not decode goes to the dead-letter topic with headers before its
+//! offset is committed.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::TopicPartitionList;
+
+use crate::codec::decode;
+use crate::config::Config;
+use crate::kafka::{consumer_config, dead_letter_headers, idempotent_producer_config};
+use crate::records::FacilityStatus;
+use crate::telemetry::Health;
+use crate::Shutdown;
+
+/// One transition and where it came from.
+#[derive(Debug, Clone)]
+pub struct Received {
+    pub status: FacilityStatus,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// Where a batch goes. Applying the same batch twice, or an older transition after a newer
+/// one, must leave the newest state: the loop replays after failures and crashes.
+pub trait Writer: Send {
+    /// The dependency's name in health, metrics and logs (`redis`, `postgres`).
+    const DEPENDENCY: &'static str;
+    fn write<'a>(&'a mut self, batch: &'a [Received]) -> impl Future<Output = Result<(), String>> + Send + 'a;
+}
+
+/// Batching of the loop.
+#[derive(Debug, Clone)]
+pub struct Batching {
+    pub max_records: usize,
+    /// How long a partial batch waits for more records.
+    pub linger: Duration,
+}
+
+#[derive(Clone)]
+pub struct Metrics {
+    pub applied: IntCounter,
+    pub batch_seconds: Histogram,
+    pub errors: IntCounter,
+    pub dead_letters: IntCounterVec,
+    /// Wall time from the processor's emission to this writer taking the transition.
+    pub delivery_seconds: Histogram,
+    /// 1 while the dependency takes writes, 0 while it is being retried.
+    pub dependency_up: IntGauge,
+}
+
+impl Metrics {
+    /// Metric names start with `presence_<role>_`.
+    pub fn new(registry: &Registry, role: &str) -> Metrics {
+        let must = |r: prometheus::Result<()>| r.expect("metric definitions are static and valid");
+        let m = Metrics {
+            applied: IntCounter::new(format!("presence_{role}_transitions_total"), "Transitions written (replays included)").expect("metric"),
+            batch_seconds: Histogram::with_opts(
+                HistogramOpts::new(format!("presence_{role}_batch_seconds"), "Time to write one batch")
+                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            )
+            .expect("metric"),
+            errors: IntCounter::new(format!("presence_{role}_write_errors_total"), "Failed batch writes (each retried)").expect("metric"),
+            dead_letters: IntCounterVec::new(
+                Opts::new(format!("presence_{role}_dead_letters_total"), "Undecodable facility-status records sent to the dead-letter topic"),
+                &["error_code"],
+            )
+            .expect("metric"),
+            delivery_seconds: Histogram::with_opts(
+                HistogramOpts::new(format!("presence_{role}_delivery_seconds"), "From the processor's emission to this write")
+                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
+            )
+            .expect("metric"),
+            dependency_up: IntGauge::new(format!("presence_{role}_dependency_up"), "1 while the store takes writes").expect("metric"),
+        };
+        must(registry.register(Box::new(m.applied.clone())));
+        must(registry.register(Box::new(m.batch_seconds.clone())));
+        must(registry.register(Box::new(m.errors.clone())));
+        must(registry.register(Box::new(m.dead_letters.clone())));
+        must(registry.register(Box::new(m.delivery_seconds.clone())));
+        must(registry.register(Box::new(m.dependency_up.clone())));
+        m
+    }
+}
+
+/// Consumes `facility-status` as group `group_id` into `writer` until `shutdown`.
+pub async fn run<W: Writer>(
+    config: &Config,
+    role: &'static str,
+    group_id: &str,
+    batching: Batching,
+    mut writer: W,
+    metrics: Metrics,
+    health: Health,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let topic = config.topics.facility_status.as_str();
+    let consumer: StreamConsumer = consumer_config(&config.kafka, role, group_id)
+        // Downstream latency: fetch as soon as the processor commits.
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let dead_letters: FutureProducer = idempotent_producer_config(&config.kafka, role).create()?;
+    health.register(W::DEPENDENCY);
+    health.set_ready(W::DEPENDENCY);
+    metrics.dependency_up.set(1);
+    tracing::info!(topic, group_id, store = W::DEPENDENCY, "consuming transitions");
+
+    loop {
+        let first = tokio::select! {
+            m = consumer.recv() => m,
+            _ = shutdown.wait() => return Ok(()),
+        };
+        let deadline = tokio::time::Instant::now() + batching.linger;
+        let mut messages = vec![first];
+        while messages.len() < batching.max_records {
+            match tokio::time::timeout_at(deadline, consumer.recv()).await {
+                Ok(m) => messages.push(m),
+                Err(_) => break,
+            }
+        }
+        let mut batch = Vec::with_capacity(messages.len());
+        let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        for m in messages {
+            let m = match m {
+                Ok(m) => m,
+                Err(e) => {
+                    tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries by itself");
+                    continue;
+                }
+            };
+            next_offsets.insert(m.partition(), m.offset() + 1);
+            match decode::<FacilityStatus>(m.payload().unwrap_or_default()) {
+                Ok(status) => batch.push(Received {
+                    status,
+                    partition: m.partition(),
+                    offset: m.offset(),
+                }),
+                Err(e) => {
+                    let headers = dead_letter_headers(e.code(), &e.to_string(), topic, m.partition(), m.offset(), m.timestamp().to_millis());
+                    let mut record = FutureRecord::to(&config.topics.dead_letters)
+                        .payload(m.payload().unwrap_or_default())
+                        .headers(headers);
+                    if let Some(k) = m.key() {
+                        record = record.key(k);
+                    }
+                    if let Err((e, _)) = dead_letters.send(record, Duration::from_secs(30)).await {
+                        anyhow::bail!("cannot write an undecodable {topic} record to the dead-letter topic {}: {e}; not committing past it", config.topics.dead_letters);
+                    }
+                    metrics.dead_letters.with_label_values(&[e.code()]).inc();
+                    tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable transition sent to the dead-letter topic");
+                }
+            }
+        }
+        if !batch.is_empty() && !write_until_done(&mut writer, &batch, &metrics, &health, &shutdown).await {
+            return Ok(());
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, o) in &next_offsets {
+            tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*o))?;
+        }
+        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+            // Harmless: the batch is written; a replay after a rebalance is absorbed.
+            tracing::debug!(error = %e, "offset commit failed");
+        }
+    }
+}
+
+/// Retries `batch` with backoff until it is written (true) or shutdown (false: not
+/// committed, replayed by whoever consumes next).
+async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics: &Metrics, health: &Health, shutdown: &Shutdown) -> bool {
+    let mut backoff = Duration::from_millis(100);
+    let mut failures = 0u32;
+    loop {
+        let started = Instant::now();
+        match writer.write(batch).await {
+            Ok(()) => {
+                metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                metrics.applied.inc_by(batch.len() as u64);
+                let now = crate::now_ms();
+                for r in batch {
+                    metrics.delivery_seconds.observe((now - r.status.emitted_at).max(0) as f64 / 1000.0);
+                }
+                if failures > 0 {
+                    tracing::info!(store = W::DEPENDENCY, failures, "the store takes writes again; resuming");
+                    health.set_ready(W::DEPENDENCY);
+                    metrics.dependency_up.set(1);
+                }
+                return true;
+            }
+            Err(e) => {
+                failures += 1;
+                metrics.errors.inc();
+                metrics.dependency_up.set(0);
+                health.set_unready(W::DEPENDENCY, format!("{} write failing: {e}", W::DEPENDENCY));
+                if failures == 1 || failures.is_power_of_two() {
+                    tracing::warn!(store = W::DEPENDENCY, error = %e, failures, retry_in = ?backoff, "cannot write transitions; retrying the same batch (offsets are not committed)");
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => return false,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

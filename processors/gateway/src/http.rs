@@ -1,0 +1,362 @@
+//! Routes, status codes and error bodies.
+//!
+//! | route | what |
+//! |---|---|
+//! | `POST /v1/heartbeats` | one heartbeat (object) or a batch (array); 202 after the broker's ack |
+//! | `GET /v1/regions` | every region seen |
+//! | `GET /v1/regions/{region}/facilities` | the region's facilities now (a snapshot) |
+//! | `GET /v1/regions/{region}/stream` | Server-Sent Events: snapshot, then transitions |
+//! | `GET /v1/facilities/{id}` | one facility's newest transition |
+//! | `GET /v1/facilities/{id}/history?from=&to=` | transitions in a range, and seconds online |
+//! | `GET /` | the dashboard |
+//!
+//! Every error is JSON: `{"error": code, "message": ..., "field"?: ..., "rule"?: ...}`.
+
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::{Html, IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use presence_core::config::GatewayConfig;
+use presence_core::now_ms;
+use serde_json::json;
+use tower_http::cors::{AllowOrigin, CorsLayer};
+
+use crate::auth::{token_of, AuthError, Claims, Verifier};
+use crate::history::{HistoryError, HistoryReader};
+use crate::ingest::{parse, Rejection};
+use crate::metrics::Metrics;
+use crate::publish::Publisher;
+use crate::store::Store;
+use crate::stream::Hub;
+
+/// Seconds a client should wait before retrying a 503.
+const RETRY_AFTER_SECONDS: &str = "1";
+
+#[derive(Clone)]
+pub struct App(Arc<Inner>);
+
+struct Inner {
+    verifier: Option<Verifier>,
+    max_batch: usize,
+    publisher: Arc<Publisher>,
+    store: Store,
+    hub: Hub,
+    history: HistoryReader,
+    metrics: Metrics,
+}
+
+impl App {
+    pub fn new(
+        config: &presence_core::Config,
+        publisher: Arc<Publisher>,
+        store: Store,
+        hub: Hub,
+        history: HistoryReader,
+        metrics: Metrics,
+    ) -> App {
+        App(Arc::new(Inner {
+            verifier: Verifier::from_config(&config.gateway),
+            max_batch: config.gateway.max_batch,
+            publisher,
+            store,
+            hub,
+            history,
+            metrics,
+        }))
+    }
+
+    fn count(&self, route: &str, outcome: &str) {
+        self.0.metrics.requests.with_label_values(&[route, outcome]).inc();
+    }
+
+    /// The caller's verified claims; `Ok(None)` when tokens are off.
+    fn authenticate(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Option<Claims>, AuthError> {
+        match &self.0.verifier {
+            None => Ok(None),
+            Some(v) => {
+                let authorization = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
+                v.verify(token_of(authorization, query)).map(Some)
+            }
+        }
+    }
+
+    fn authorize_region(&self, headers: &HeaderMap, query: Option<&str>, region: &str) -> Result<(), AuthError> {
+        match self.authenticate(headers, query)? {
+            Some(c) if !c.grants_region(region) => Err(AuthError::RegionNotGranted(region.to_string())),
+            _ => Ok(()),
+        }
+    }
+}
+
+pub fn router(app: App, config: &GatewayConfig) -> Router {
+    let api = Router::new()
+        .route(
+            "/v1/heartbeats",
+            post(post_heartbeats).fallback(|method: Method| async move {
+                let mut r = problem(
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "method_not_allowed",
+                    &format!("{method} is not allowed on /v1/heartbeats: use POST"),
+                );
+                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+                r
+            }),
+        )
+        .route("/v1/regions", get(get_regions))
+        .route("/v1/regions/{region}/facilities", get(get_region))
+        .route("/v1/regions/{region}/stream", get(get_stream))
+        .route("/v1/facilities/{id}", get(get_facility))
+        .route("/v1/facilities/{id}/history", get(get_history))
+        .route("/", get(|| async { Html(DASHBOARD) }))
+        .layer(DefaultBodyLimit::max(config.max_body_bytes))
+        .with_state(app);
+    match cors(config) {
+        Some(layer) => api.layer(layer),
+        None => api,
+    }
+}
+
+fn cors(config: &GatewayConfig) -> Option<CorsLayer> {
+    if config.cors_origins.is_empty() {
+        return None;
+    }
+    let origins = if config.cors_origins.iter().any(|o| o == "*") {
+        AllowOrigin::any()
+    } else {
+        AllowOrigin::list(config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+    };
+    Some(
+        CorsLayer::new()
+            .allow_origin(origins)
+            .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::HeaderName::from_static("last-event-id")])
+            .max_age(std::time::Duration::from_secs(600)),
+    )
+}
+
+fn problem(status: StatusCode, code: &str, message: &str) -> Response {
+    (status, Json(json!({"error": code, "message": message}))).into_response()
+}
+
+fn auth_problem(e: &AuthError) -> Response {
+    let status = if e.is_forbidden() { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+    let mut r = problem(status, e.code(), &e.to_string());
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    r
+}
+
+fn unavailable(code: &str, message: &str) -> Response {
+    let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, code, message);
+    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    r
+}
+
+
+/// JSON, or the `text/plain` that `navigator.sendBeacon` sends for a string body.
+fn acceptable_content_type(headers: &HeaderMap) -> bool {
+    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    essence == "application/json" || essence == "text/plain"
+}
+
+async fn post_heartbeats(
+    State(app): State<App>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    const ROUTE: &str = "heartbeats";
+    let received = now_ms();
+    if !acceptable_content_type(&headers) {
+        app.count(ROUTE, "unsupported_media_type");
+        return problem(
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+            "send Content-Type: application/json (or text/plain, as navigator.sendBeacon does)",
+        );
+    }
+    let body = match body {
+        Ok(b) => b,
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            app.count(ROUTE, "too_large");
+            return problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "the body is larger than gateway.max_body_bytes: send smaller batches");
+        }
+        Err(e) => {
+            app.count(ROUTE, "invalid");
+            return problem(StatusCode::BAD_REQUEST, "unreadable_body", &e.body_text());
+        }
+    };
+    let claims = match app.authenticate(&headers, query.as_deref()) {
+        Ok(c) => c,
+        Err(e) => {
+            app.count(ROUTE, e.code());
+            return auth_problem(&e);
+        }
+    };
+    let beats = match parse(&body, claims.as_ref(), app.0.max_batch) {
+        Ok(b) => b,
+        Err(Rejection::Forbidden(e)) => {
+            app.count(ROUTE, e.code());
+            return auth_problem(&e);
+        }
+        Err(Rejection::Invalid { field, rule }) => {
+            app.count(ROUTE, "invalid");
+            let message = format!("{field} {rule}");
+            return (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_field", "message": message, "field": field, "rule": rule})),
+            )
+                .into_response();
+        }
+        Err(e @ Rejection::TooMany { .. }) => {
+            app.count(ROUTE, "too_large");
+            return problem(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", &e.to_string());
+        }
+        Err(e @ Rejection::Malformed(_)) => {
+            app.count(ROUTE, "invalid");
+            return problem(StatusCode::BAD_REQUEST, "malformed_json", &e.to_string());
+        }
+    };
+    match app.0.publisher.publish(&beats, received).await {
+        Ok(()) => {
+            app.count(ROUTE, "accepted");
+            app.0.metrics.heartbeats_accepted.inc_by(beats.len() as u64);
+            (StatusCode::ACCEPTED, Json(json!({"accepted": beats.len()}))).into_response()
+        }
+        Err(e) => {
+            app.count(ROUTE, e.code());
+            unavailable(e.code(), &e.to_string())
+        }
+    }
+}
+
+fn redis_down(app: &App, e: redis::RedisError) -> Response {
+    app.0.metrics.redis_errors.inc();
+    tracing::warn!(error = %e, "Redis read failed");
+    unavailable("redis_unavailable", "Redis is unreachable: the current state cannot be read now; retry later")
+}
+
+async fn get_regions(State(app): State<App>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    if let Err(e) = app.authenticate(&headers, q.as_deref()) {
+        return auth_problem(&e);
+    }
+    match app.0.store.regions().await {
+        Ok(r) => Json(json!({"regions": r})).into_response(),
+        Err(e) => redis_down(&app, e),
+    }
+}
+
+async fn get_region(State(app): State<App>, Path(region): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region) {
+        return auth_problem(&e);
+    }
+    match app.0.store.snapshot(&region).await {
+        Ok(s) => Json(s).into_response(),
+        Err(e) => redis_down(&app, e),
+    }
+}
+
+async fn get_stream(State(app): State<App>, Path(region): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region) {
+        app.count("stream", e.code());
+        return auth_problem(&e);
+    }
+    app.count("stream", "opened");
+    let last_event_id = headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    let mut response = app.0.hub.stream(region, last_event_id).into_response();
+    // Proxies (nginx) must not buffer a live stream.
+    response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+}
+
+async fn get_facility(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let claims = match app.authenticate(&headers, q.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return auth_problem(&e),
+    };
+    match app.0.store.facility(&id).await {
+        Ok(Some(t)) => match claims {
+            Some(c) if !c.grants_region(&t.region_id) => auth_problem(&AuthError::RegionNotGranted(t.region_id)),
+            _ => Json(t).into_response(),
+        },
+        Ok(None) => problem(StatusCode::NOT_FOUND, "unknown_facility", &format!("no transition of facility '{id}' has been seen")),
+        Err(e) => redis_down(&app, e),
+    }
+}
+
+/// `from`/`to`: ms since the epoch or RFC 3339 (`2026-11-27T00:00:00Z`). Default: the last
+/// 24 hours.
+fn parse_time(name: &str, value: &str) -> Result<i64, Response> {
+    if let Ok(ms) = value.parse::<i64>() {
+        return Ok(ms);
+    }
+    humantime::parse_rfc3339_weak(value)
+        .ok()
+        .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+        .map(|d| d.as_millis() as i64)
+        .ok_or_else(|| {
+            (
+                StatusCode::BAD_REQUEST,
+                Json(json!({"error": "invalid_field", "field": name, "rule": "must be ms since the epoch or RFC 3339 (2026-11-27T00:00:00Z)", "message": format!("{name} '{value}' is not a time")})),
+            )
+                .into_response()
+        })
+}
+
+async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+    let claims = match app.authenticate(&headers, q.as_deref()) {
+        Ok(c) => c,
+        Err(e) => return auth_problem(&e),
+    };
+    let param = |name: &str| {
+        q.as_deref()
+            .unwrap_or("")
+            .split('&')
+            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
+            .map(|v| v.replace("%3A", ":").replace("%3a", ":"))
+    };
+    let now = now_ms();
+    let from = match param("from").map(|v| parse_time("from", &v)).transpose() {
+        Ok(v) => v.unwrap_or(now - 86_400_000),
+        Err(r) => return r,
+    };
+    let to = match param("to").map(|v| parse_time("to", &v)).transpose() {
+        Ok(v) => v.unwrap_or(now),
+        Err(r) => return r,
+    };
+    if to <= from {
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(json!({"error": "invalid_field", "field": "to", "rule": "must be after from", "message": "to must be after from"})),
+        )
+            .into_response();
+    }
+    match app.0.history.read(&id, from, to).await {
+        Ok(h) => {
+            let region = h.initial.iter().chain(h.transitions.iter()).map(|t| t.region_id.clone()).next();
+            if let (Some(c), Some(r)) = (claims, region) {
+                if !c.grants_region(&r) {
+                    return auth_problem(&AuthError::RegionNotGranted(r));
+                }
+            }
+            Json(h).into_response()
+        }
+        Err(e @ HistoryError::NoTables) => unavailable("no_history_tables", &e.to_string()),
+        Err(e @ HistoryError::Unavailable(_)) => unavailable("postgres_unavailable", &e.to_string()),
+    }
+}
+
+const DASHBOARD: &str = include_str!("dashboard.html");

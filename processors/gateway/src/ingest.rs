@@ -1,0 +1,227 @@
+//! The body of `POST /v1/heartbeats`, checked field by field: pure, no I/O.
+//!
+//! One heartbeat is a JSON object; a batch is a JSON array of them. The same JSON with a
+//! `text/plain` content type is what `navigator.sendBeacon` sends on page unload.
+//!
+//! ```json
+//! {"session_id": "s-1", "user_id": "u-1", "facility_id": "f-1", "region_id": "eu",
+//!  "kind": "BEAT", "client_sent_at": 1764320000000}
+//! ```
+//!
+//! `kind` defaults to `BEAT`; `client_sent_at` (ms since the epoch) is optional. With tokens
+//! on, `user_id`, `facility_id` and `region_id` may be left out: they come from the token,
+//! and a body that names others is refused.
+
+use presence_core::codec::check_id;
+use presence_core::records::{Heartbeat, HeartbeatKind};
+use serde_json::{Map, Value};
+
+use crate::auth::{AuthError, Claims};
+
+/// Why a body was refused. Each variant names the field and the rule.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum Rejection {
+    #[error("the body is not valid JSON: {0}")]
+    Malformed(String),
+    #[error("{field} {rule}")]
+    Invalid { field: String, rule: String },
+    #[error("a batch holds {count} heartbeats; at most {max} are allowed: split it")]
+    TooMany { count: usize, max: usize },
+    #[error(transparent)]
+    Forbidden(AuthError),
+}
+
+impl Rejection {
+    fn invalid(field: String, rule: impl Into<String>) -> Self {
+        Rejection::Invalid {
+            field,
+            rule: rule.into(),
+        }
+    }
+}
+
+const FIELDS: &[&str] = &[
+    "session_id",
+    "user_id",
+    "facility_id",
+    "region_id",
+    "kind",
+    "client_sent_at",
+];
+
+/// Parses and checks a body. `claims` is the verified token when tokens are on.
+pub fn parse(body: &[u8], claims: Option<&Claims>, max_batch: usize) -> Result<Vec<Heartbeat>, Rejection> {
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    match value {
+        Value::Object(o) => Ok(vec![beat(&o, "", claims)?]),
+        Value::Array(items) => {
+            if items.is_empty() {
+                return Err(Rejection::invalid("body".into(), "is an empty batch: send at least one heartbeat"));
+            }
+            if items.len() > max_batch {
+                return Err(Rejection::TooMany {
+                    count: items.len(),
+                    max: max_batch,
+                });
+            }
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| match item {
+                    Value::Object(o) => beat(o, &format!("[{i}]."), claims),
+                    _ => Err(Rejection::invalid(format!("[{i}]"), "must be a heartbeat object")),
+                })
+                .collect()
+        }
+        _ => Err(Rejection::invalid(
+            "body".into(),
+            "must be a heartbeat object or an array of them",
+        )),
+    }
+}
+
+fn beat(o: &Map<String, Value>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Rejection> {
+    if let Some(unknown) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(Rejection::invalid(
+            format!("{at}{unknown}"),
+            format!("is not a heartbeat field (known: {})", FIELDS.join(", ")),
+        ));
+    }
+    let session_id = id(o, at, "session_id", None)?;
+    let (user, facility, region) = match claims {
+        Some(c) => (Some(c.sub.as_str()), Some(c.facility.as_str()), Some(c.region.as_str())),
+        None => (None, None, None),
+    };
+    let user_id = id(o, at, "user_id", user)?;
+    let facility_id = id(o, at, "facility_id", facility)?;
+    let region_id = id(o, at, "region_id", region)?;
+    let kind = match o.get("kind") {
+        None | Some(Value::Null) => HeartbeatKind::Beat,
+        Some(Value::String(k)) if k == "BEAT" => HeartbeatKind::Beat,
+        Some(Value::String(k)) if k == "END" => HeartbeatKind::End,
+        Some(other) => {
+            return Err(Rejection::invalid(
+                format!("{at}kind"),
+                format!("is {other}; it must be \"BEAT\" or \"END\""),
+            ))
+        }
+    };
+    let client_sent_at = match o.get("client_sent_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v >= 0) => n.as_i64(),
+        Some(_) => {
+            return Err(Rejection::invalid(
+                format!("{at}client_sent_at"),
+                "must be a non-negative integer (ms since the epoch)",
+            ))
+        }
+    };
+    Ok(Heartbeat {
+        session_id,
+        user_id,
+        facility_id,
+        region_id,
+        kind,
+        client_sent_at,
+    })
+}
+
+/// A required id: from the token when it has one (the body may repeat it, not contradict
+/// it), else from the body; 1 to 128 bytes, no control characters.
+fn id(
+    o: &Map<String, Value>,
+    at: &str,
+    field: &'static str,
+    from_token: Option<&str>,
+) -> Result<String, Rejection> {
+    let in_body = match o.get(field) {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.as_str()),
+        Some(_) => return Err(Rejection::invalid(format!("{at}{field}"), "must be a string")),
+    };
+    let value = match (from_token, in_body) {
+        (Some(t), Some(b)) if t != b => {
+            return Err(Rejection::Forbidden(AuthError::Mismatch {
+                field,
+                body: b.to_string(),
+                token: t.to_string(),
+            }))
+        }
+        (Some(t), _) => t,
+        (None, Some(b)) => b,
+        (None, None) => return Err(Rejection::invalid(format!("{at}{field}"), "is missing")),
+    };
+    check_id("Heartbeat", field, value).map_err(|e| match e {
+        presence_core::codec::CodecError::InvalidField { rule, .. } => {
+            Rejection::invalid(format!("{at}{field}"), rule)
+        }
+        other => Rejection::invalid(format!("{at}{field}"), other.to_string()),
+    })?;
+    Ok(value.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(json: &str) -> Result<Vec<Heartbeat>, Rejection> {
+        parse(json.as_bytes(), None, 10)
+    }
+
+    fn field_of(r: Result<Vec<Heartbeat>, Rejection>) -> String {
+        match r {
+            Err(Rejection::Invalid { field, .. }) => field,
+            other => panic!("expected an invalid field, got {other:?}"),
+        }
+    }
+
+    const OK: &str = r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r"}"#;
+
+    #[test]
+    fn single_and_batch() {
+        let b = one(OK).unwrap();
+        assert_eq!(b[0].kind, HeartbeatKind::Beat);
+        assert_eq!(b[0].facility_id, "f");
+        let batch = one(&format!(r#"[{OK},{{"session_id":"s2","user_id":"u","facility_id":"f","region_id":"r","kind":"END","client_sent_at":5}}]"#)).unwrap();
+        assert_eq!(batch.len(), 2);
+        assert_eq!((batch[1].kind, batch[1].client_sent_at), (HeartbeatKind::End, Some(5)));
+    }
+
+    #[test]
+    fn each_rule_names_its_field() {
+        assert_eq!(field_of(one(r#"{"user_id":"u","facility_id":"f","region_id":"r"}"#)), "session_id");
+        assert_eq!(field_of(one(r#"{"session_id":"","user_id":"u","facility_id":"f","region_id":"r"}"#)), "session_id");
+        let long = "x".repeat(129);
+        assert_eq!(field_of(one(&format!(r#"{{"session_id":"s","user_id":"{long}","facility_id":"f","region_id":"r"}}"#))), "user_id");
+        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f\u0007","region_id":"r"}"#)), "facility_id");
+        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","kind":"PING"}"#)), "kind");
+        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":7}"#)), "region_id");
+        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","extra":1}"#)), "extra");
+        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","client_sent_at":"x"}"#)), "client_sent_at");
+        assert_eq!(field_of(one(&format!(r#"[{OK},{{"session_id":"s"}}]"#))), "[1].user_id");
+        assert_eq!(field_of(one("[]")), "body");
+        assert_eq!(field_of(one("3")), "body");
+        assert!(matches!(one("{nope"), Err(Rejection::Malformed(_))));
+        assert!(matches!(parse(format!("[{OK},{OK}]").as_bytes(), None, 1), Err(Rejection::TooMany { count: 2, max: 1 })));
+    }
+
+    #[test]
+    fn ids_come_from_the_token_and_may_not_be_contradicted() {
+        let claims = Claims {
+            sub: "u9".into(),
+            facility: "f9".into(),
+            region: "r9".into(),
+            regions: vec![],
+            exp: 0,
+            nbf: None,
+        };
+        let b = parse(br#"{"session_id":"s"}"#, Some(&claims), 10).unwrap();
+        assert_eq!((b[0].user_id.as_str(), b[0].facility_id.as_str(), b[0].region_id.as_str()), ("u9", "f9", "r9"));
+        assert!(parse(br#"{"session_id":"s","facility_id":"f9"}"#, Some(&claims), 10).is_ok());
+        match parse(br#"{"session_id":"s","facility_id":"other"}"#, Some(&claims), 10) {
+            Err(Rejection::Forbidden(AuthError::Mismatch { field, .. })) => assert_eq!(field, "facility_id"),
+            other => panic!("expected a mismatch, got {other:?}"),
+        }
+    }
+}

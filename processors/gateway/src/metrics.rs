@@ -1,0 +1,83 @@
+//! The gateway's metrics, in one place. Label values come from small fixed sets: a route
+//! name and an outcome code, never an id or a message.
+
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+
+#[derive(Clone)]
+pub struct Metrics {
+    /// Requests by route and outcome (`accepted`, `invalid`, `token_expired`, `unavailable`...).
+    pub requests: IntCounterVec,
+    pub heartbeats_accepted: IntCounter,
+    /// From handing a request's records to the producer to the broker's acknowledgement.
+    pub produce_seconds: Histogram,
+    /// Records handed to the producer and not acknowledged yet.
+    pub producer_queue: IntGauge,
+    pub stream_clients: IntGauge,
+    pub stream_events: IntCounter,
+    /// Streams that had to start over from a snapshot, by reason (`gap`, `lagged`, `redis`,
+    /// `last_event_id_too_old`).
+    pub stream_resyncs: IntCounterVec,
+    pub redis_errors: IntCounter,
+}
+
+fn must<T>(r: prometheus::Result<T>) -> T {
+    r.expect("metric definitions are static and valid")
+}
+
+impl Metrics {
+    pub fn new(registry: &Registry) -> Metrics {
+        let m = Metrics {
+            requests: must(IntCounterVec::new(
+                Opts::new("presence_gateway_requests_total", "HTTP requests by route and outcome"),
+                &["route", "outcome"],
+            )),
+            heartbeats_accepted: must(IntCounter::new(
+                "presence_gateway_heartbeats_accepted_total",
+                "Heartbeats acknowledged by the broker and answered 202",
+            )),
+            produce_seconds: must(Histogram::with_opts(
+                HistogramOpts::new(
+                    "presence_gateway_produce_seconds",
+                    "Time from producing a request's heartbeats to the broker's acknowledgement",
+                )
+                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+            )),
+            producer_queue: must(IntGauge::new(
+                "presence_gateway_producer_queue",
+                "Heartbeats handed to the Kafka producer and not acknowledged yet",
+            )),
+            stream_clients: must(IntGauge::new(
+                "presence_gateway_stream_clients",
+                "Open Server-Sent Events streams",
+            )),
+            stream_events: must(IntCounter::new(
+                "presence_gateway_stream_events_total",
+                "Transitions received from region channels",
+            )),
+            stream_resyncs: must(IntCounterVec::new(
+                Opts::new(
+                    "presence_gateway_stream_resyncs_total",
+                    "Streams sent a fresh snapshot instead of the next event, by reason",
+                ),
+                &["reason"],
+            )),
+            redis_errors: must(IntCounter::new(
+                "presence_gateway_redis_errors_total",
+                "Failed Redis calls (reads, subscription)",
+            )),
+        };
+        for c in [
+            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(m.heartbeats_accepted.clone()),
+            Box::new(m.produce_seconds.clone()),
+            Box::new(m.producer_queue.clone()),
+            Box::new(m.stream_clients.clone()),
+            Box::new(m.stream_events.clone()),
+            Box::new(m.stream_resyncs.clone()),
+            Box::new(m.redis_errors.clone()),
+        ] {
+            must(registry.register(c));
+        }
+        m
+    }
+}

@@ -1,0 +1,337 @@
+//! Live region streams (Server-Sent Events) from the notifier's region channels.
+//!
+//! One Redis subscription per gateway feeds a broadcast channel per watched region; each
+//! SSE client reads its region's channel. Redis pub/sub delivers at most once, so every
+//! event carries its region sequence (`id:` in SSE) and both the hub and each client check
+//! that it is exactly one more than the last: a gap is filled from the region's replay log
+//! in Redis, or, when the log no longer reaches back, the client gets a fresh snapshot.
+//! The hub also polls the sequences of watched regions, so a lost *last* message is noticed
+//! within [`POLL`] rather than at the next transition.
+//!
+//! Events: `snapshot` (the region's facilities; `id` = the region sequence it reflects) and
+//! `transition` (one facility's change; `id` = its region sequence). A client that
+//! reconnects with `Last-Event-ID` gets the transitions it missed, or a snapshot.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::response::sse::{Event, KeepAlive, Sse};
+use futures::StreamExt;
+use presence_core::Shutdown;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::metrics::Metrics;
+use crate::store::{Replay, Store};
+
+/// How often the hub compares watched regions' sequences with what it has relayed.
+pub const POLL: Duration = Duration::from_secs(1);
+/// Events buffered per region for slow clients; one further behind is resynchronised.
+const BUFFER: usize = 4096;
+
+#[derive(Clone, Debug)]
+pub enum HubEvent {
+    Transition { region_seq: u64, json: Arc<str> },
+    /// The hub lost events it cannot recover: every client starts over from a snapshot.
+    Resync,
+}
+
+struct Region {
+    tx: broadcast::Sender<HubEvent>,
+    /// The newest region sequence relayed; 0 until the first event or poll.
+    last: u64,
+}
+
+#[derive(Clone)]
+pub struct Hub {
+    store: Store,
+    regions: Arc<Mutex<HashMap<String, Region>>>,
+    metrics: Metrics,
+}
+
+impl Hub {
+    pub fn new(store: Store, metrics: Metrics) -> Hub {
+        Hub {
+            store,
+            regions: Arc::new(Mutex::new(HashMap::new())),
+            metrics,
+        }
+    }
+
+    fn subscribe(&self, region: &str) -> broadcast::Receiver<HubEvent> {
+        let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        regions
+            .entry(region.to_string())
+            .or_insert_with(|| Region {
+                tx: broadcast::channel(BUFFER).0,
+                last: 0,
+            })
+            .tx
+            .subscribe()
+    }
+
+    /// Relays `events` (region sequence, JSON) of `region` in order, skipping what was
+    /// relayed already. Returns the sequence after which a gap starts, if any.
+    fn relay(&self, region: &str, events: Vec<(u64, Arc<str>)>) -> Option<u64> {
+        let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        let r = regions.get_mut(region)?;
+        for (seq, json) in events {
+            if seq <= r.last {
+                continue;
+            }
+            if r.last != 0 && seq != r.last + 1 {
+                return Some(r.last);
+            }
+            r.last = seq;
+            let _ = r.tx.send(HubEvent::Transition {
+                region_seq: seq,
+                json,
+            });
+        }
+        None
+    }
+
+    /// Fills the gap after `after` from the replay log, or tells every client to resync.
+    async fn fill(&self, region: &str, after: u64) {
+        match self.store.replay(region, after).await {
+            Ok(Replay::Complete(events)) => {
+                let events = events.into_iter().map(|(s, j)| (s, Arc::from(j))).collect();
+                if self.relay(region, events).is_none() {
+                    return;
+                }
+            }
+            Ok(Replay::TooOld) => {}
+            Err(e) => {
+                self.metrics.redis_errors.inc();
+                tracing::warn!(region, error = %e, "cannot read the region's replay log; clients will resync");
+            }
+        }
+        self.metrics.stream_resyncs.with_label_values(&["gap"]).inc();
+        let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = regions.get_mut(region) {
+            r.last = 0;
+            let _ = r.tx.send(HubEvent::Resync);
+        }
+    }
+
+    fn watched(&self) -> Vec<(String, u64)> {
+        let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        // Regions nobody watches any more are forgotten.
+        regions.retain(|_, r| r.tx.receiver_count() > 0);
+        regions.iter().map(|(k, r)| (k.clone(), r.last)).collect()
+    }
+
+    fn on_message(&self, channel: &str, payload: String) -> Option<(String, u64)> {
+        let region = self.store.keys.region_of_channel(channel)?.to_string();
+        let seq = serde_json::from_str::<SeqOnly>(&payload).ok()?.region_seq;
+        self.metrics.stream_events.inc();
+        self.relay(&region, vec![(seq, Arc::from(payload))])
+            .map(|after| (region, after))
+    }
+
+    /// Subscribes to every region channel until `shutdown`, reconnecting with backoff; after
+    /// a reconnect every watched region is caught up from its log.
+    pub fn spawn(&self, redis_url: String, shutdown: Shutdown) {
+        let hub = self.clone();
+        tokio::spawn(async move {
+            let mut backoff = Duration::from_millis(100);
+            loop {
+                match hub.listen(&redis_url, &shutdown).await {
+                    Ok(()) => return,
+                    Err(e) => {
+                        hub.metrics.redis_errors.inc();
+                        tracing::warn!(error = %e, retry_in = ?backoff, "region channel subscription lost; reconnecting (streams catch up from the replay log)");
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        });
+    }
+
+    async fn listen(&self, url: &str, shutdown: &Shutdown) -> redis::RedisResult<()> {
+        let client = redis::Client::open(url)?;
+        let mut pubsub = client.get_async_pubsub().await?;
+        pubsub.psubscribe(self.store.keys.channel_pattern()).await?;
+        let mut messages = pubsub.on_message();
+        // Whatever happened while we were not subscribed.
+        self.poll_watched().await;
+        let mut poll = tokio::time::interval(POLL);
+        loop {
+            tokio::select! {
+                m = messages.next() => {
+                    let Some(m) = m else {
+                        return Err(redis::RedisError::from((redis::ErrorKind::IoError, "subscription closed")));
+                    };
+                    let Ok(payload) = m.get_payload::<String>() else { continue };
+                    if let Some((region, after)) = self.on_message(m.get_channel_name(), payload) {
+                        self.fill(&region, after).await;
+                    }
+                }
+                _ = poll.tick() => self.poll_watched().await,
+                _ = shutdown.wait() => return Ok(()),
+            }
+        }
+    }
+
+    async fn poll_watched(&self) {
+        for (region, last) in self.watched() {
+            match self.store.region_seq(&region).await {
+                Ok(current) if current > last && last != 0 => self.fill(&region, last).await,
+                Ok(current) if last == 0 => {
+                    // Nothing relayed yet: start counting from here.
+                    let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(r) = regions.get_mut(&region) {
+                        if r.last == 0 {
+                            r.last = current;
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.metrics.redis_errors.inc();
+                    tracing::warn!(region, error = %e, "cannot read the region sequence");
+                    return;
+                }
+            }
+        }
+    }
+
+    /// An SSE response for `region`, starting after `last_event_id` when the log allows.
+    pub fn stream(
+        &self,
+        region: String,
+        last_event_id: Option<u64>,
+    ) -> impl axum::response::IntoResponse {
+        let (tx, rx) = mpsc::channel(64);
+        let client = Client {
+            hub: self.clone(),
+            region,
+            tx,
+            last: 0,
+        };
+        tokio::spawn(client.run(last_event_id));
+        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct SeqOnly {
+    region_seq: u64,
+}
+
+/// One SSE connection.
+struct Client {
+    hub: Hub,
+    region: String,
+    tx: mpsc::Sender<Result<Event, Infallible>>,
+    last: u64,
+}
+
+/// The client went away.
+struct Gone;
+
+impl Client {
+    async fn run(mut self, last_event_id: Option<u64>) {
+        let metrics = self.hub.metrics.clone();
+        metrics.stream_clients.inc();
+        let _ = self.serve(last_event_id).await;
+        metrics.stream_clients.dec();
+    }
+
+    async fn serve(&mut self, last_event_id: Option<u64>) -> Result<(), Gone> {
+        // Subscribe before reading Redis, so nothing falls between the read and the feed.
+        let mut rx = self.hub.subscribe(&self.region);
+        match last_event_id {
+            Some(id) if self.catch_up(id).await? => {}
+            Some(_) => {
+                self.hub.metrics.stream_resyncs.with_label_values(&["last_event_id_too_old"]).inc();
+                self.snapshot().await?;
+            }
+            None => self.snapshot().await?,
+        }
+        loop {
+            match rx.recv().await {
+                Ok(HubEvent::Transition { region_seq, json }) => {
+                    if region_seq <= self.last {
+                        continue;
+                    }
+                    if region_seq != self.last + 1 && !self.catch_up(self.last).await? {
+                        self.hub.metrics.stream_resyncs.with_label_values(&["gap"]).inc();
+                        self.snapshot().await?;
+                        continue;
+                    }
+                    if region_seq == self.last + 1 {
+                        self.send_transition(region_seq, &json).await?;
+                    }
+                }
+                Ok(HubEvent::Resync) => self.snapshot().await?,
+                Err(broadcast::error::RecvError::Lagged(_)) => {
+                    self.hub.metrics.stream_resyncs.with_label_values(&["lagged"]).inc();
+                    self.snapshot().await?;
+                }
+                Err(broadcast::error::RecvError::Closed) => return Ok(()),
+            }
+        }
+    }
+
+    /// Sends what the log holds after `after`. False when it cannot be told exactly.
+    async fn catch_up(&mut self, after: u64) -> Result<bool, Gone> {
+        match self.hub.store.replay(&self.region, after).await {
+            Ok(Replay::Complete(events)) => {
+                self.last = after;
+                for (seq, json) in events {
+                    self.send_transition(seq, &json).await?;
+                }
+                Ok(true)
+            }
+            Ok(Replay::TooOld) => Ok(false),
+            Err(e) => {
+                self.hub.metrics.redis_errors.inc();
+                tracing::warn!(region = %self.region, error = %e, "cannot read the replay log");
+                Ok(false)
+            }
+        }
+    }
+
+    async fn snapshot(&mut self) -> Result<(), Gone> {
+        let mut backoff = Duration::from_millis(100);
+        let snapshot = loop {
+            match self.hub.store.snapshot(&self.region).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    self.hub.metrics.redis_errors.inc();
+                    tracing::warn!(region = %self.region, error = %e, "cannot read the region snapshot from Redis; retrying");
+                    let retry = Event::default().event("unavailable").data("Redis is unreachable; the stream resumes by itself");
+                    self.send(retry).await?;
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        };
+        self.last = snapshot.region_seq;
+        let data = serde_json::to_string(&snapshot).unwrap_or_default();
+        self.send(
+            Event::default()
+                .event("snapshot")
+                .id(snapshot.region_seq.to_string())
+                .data(data),
+        )
+        .await
+    }
+
+    async fn send_transition(&mut self, seq: u64, json: &str) -> Result<(), Gone> {
+        self.last = seq;
+        self.send(Event::default().event("transition").id(seq.to_string()).data(json))
+            .await
+    }
+
+    async fn send(&self, event: Event) -> Result<(), Gone> {
+        self.tx.send(Ok(event)).await.map_err(|_| Gone)
+    }
+}

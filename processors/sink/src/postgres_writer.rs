@@ -1,0 +1,130 @@
+//! The PostgreSQL edge: one transaction per batch, two multi-row statements over arrays.
+
+use std::time::Duration;
+
+use presence_core::config::Config;
+use presence_core::delivery::Tables;
+use presence_core::downstream::{Received, Writer};
+use tokio_postgres::{Client, NoTls};
+
+use crate::migrations;
+
+pub struct PostgresWriter {
+    url: String,
+    schema: String,
+    tables: Tables,
+    client: Option<Client>,
+}
+
+impl PostgresWriter {
+    pub fn new(config: &Config) -> PostgresWriter {
+        PostgresWriter {
+            url: config.database.url.expose().to_string(),
+            schema: config.database.schema.clone(),
+            tables: Tables::new(&config.database.schema),
+            client: None,
+        }
+    }
+
+    /// Connects (and migrates) on first use and after the connection died.
+    async fn client(&mut self) -> Result<&mut Client, String> {
+        if self.client.as_ref().is_some_and(|c| c.is_closed()) {
+            self.client = None;
+        }
+        if self.client.is_none() {
+            {
+                let (mut client, connection) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(&self.url, NoTls))
+                    .await
+                    .map_err(|_| "connecting to PostgreSQL timed out after 5 s".to_string())?
+                    .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+                tokio::spawn(async move {
+                    if let Err(e) = connection.await {
+                        tracing::debug!(error = %e, "PostgreSQL connection closed");
+                    }
+                });
+                let applied = migrations::apply(&mut client, &self.schema)
+                    .await
+                    .map_err(|e| format!("schema migration failed: {e}"))?;
+                if !applied.is_empty() {
+                    tracing::info!(schema = %self.schema, ?applied, "applied schema migrations");
+                }
+                self.client = Some(client);
+            }
+        }
+        self.client.as_mut().ok_or_else(|| "no PostgreSQL connection".to_string())
+    }
+
+    pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), String> {
+        let history = self.tables.history();
+        let current = self.tables.current();
+        let client = self.client().await?;
+        let n = batch.len();
+        let mut facility = Vec::with_capacity(n);
+        let mut region = Vec::with_capacity(n);
+        let mut status = Vec::with_capacity(n);
+        let mut open = Vec::with_capacity(n);
+        let mut since = Vec::with_capacity(n);
+        let mut seq = Vec::with_capacity(n);
+        let mut emitted = Vec::with_capacity(n);
+        let mut partition = Vec::with_capacity(n);
+        let mut offset = Vec::with_capacity(n);
+        for r in batch {
+            let s = &r.status;
+            facility.push(s.facility_id.as_str());
+            region.push(s.region_id.as_str());
+            status.push(s.status.as_str());
+            open.push(s.open_sessions);
+            since.push(s.since);
+            seq.push(s.seq);
+            emitted.push(s.emitted_at);
+            partition.push(r.partition);
+            offset.push(r.offset);
+        }
+        let result: Result<(), tokio_postgres::Error> = async {
+            let tx = client.transaction().await?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {history} (facility_id, region_id, status, open_sessions, since, seq, emitted_at, kafka_partition, kafka_offset)
+                     SELECT f, r, s, o, to_timestamp(t / 1000.0), q, to_timestamp(e / 1000.0), p, k
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[], $8::int[], $9::bigint[])
+                          AS b(f, r, s, o, t, q, e, p, k)
+                     ON CONFLICT (facility_id, seq) DO NOTHING"
+                ),
+                &[&facility, &region, &status, &open, &since, &seq, &emitted, &partition, &offset],
+            )
+            .await?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO {current} AS c (facility_id, region_id, status, open_sessions, since, seq, emitted_at)
+                     SELECT DISTINCT ON (f) f, r, s, o, to_timestamp(t / 1000.0), q, to_timestamp(e / 1000.0)
+                     FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[])
+                          AS b(f, r, s, o, t, q, e)
+                     ORDER BY f, q DESC
+                     ON CONFLICT (facility_id) DO UPDATE SET
+                         region_id = EXCLUDED.region_id, status = EXCLUDED.status,
+                         open_sessions = EXCLUDED.open_sessions, since = EXCLUDED.since,
+                         seq = EXCLUDED.seq, emitted_at = EXCLUDED.emitted_at, updated_at = now()
+                     WHERE c.seq < EXCLUDED.seq"
+                ),
+                &[&facility, &region, &status, &open, &since, &seq, &emitted],
+            )
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        result.map_err(|e| {
+            if e.is_closed() {
+                self.client = None;
+            }
+            format!("PostgreSQL write failed: {e}")
+        })
+    }
+}
+
+impl Writer for PostgresWriter {
+    const DEPENDENCY: &'static str = "postgres";
+
+    async fn write(&mut self, batch: &[Received]) -> Result<(), String> {
+        self.write_batch(batch).await
+    }
+}
