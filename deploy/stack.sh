@@ -7,7 +7,11 @@
 #   deploy/stack.sh up       install what is missing, start what is not running, wait
 #   deploy/stack.sh down     stop what this script started
 #   deploy/stack.sh status   say what answers and where the logs are
-#   deploy/stack.sh deps     only install build and runtime packages (apt-get, mvn, pip)
+#   deploy/stack.sh deps     only install build and runtime packages (apt-get, mvn, pip, npm)
+#   deploy/stack.sh kafka-up | kafka-down | redis-up | redis-down | pg-up | pg-down
+#                            one service alone; with the settings below pointing at a
+#                            directory and ports of its own, this is how tests run a private
+#                            instance that they can stop and restart
 #
 # Settings (environment): PRESENCE_STACK_DIR (state and logs, default ~/.cache/presence/stack),
 # KAFKA_VERSION (default 4.1.0), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
@@ -81,6 +85,18 @@ deps() {
     redis-server redis-tools postgresql postgresql-client
   kafka_jars
   python_env
+  browser_env
+}
+
+browser_env() {
+  # Headless Chromium and Playwright's driver library for the browser tests.
+  apt_install chromium
+  if [[ -f "$CACHE/node/node_modules/playwright-core/package.json" ]]; then return 0; fi
+  command -v npm >/dev/null || apt_install nodejs npm
+  say "installing playwright-core into $CACHE/node (npm)"
+  mkdir -p "$CACHE/node"
+  (cd "$CACHE/node" && npm install --silent --no-audit --no-fund --prefix . playwright-core@1 >/dev/null) \
+    || die "npm could not install playwright-core; check network access to the npm registry"
 }
 
 kafka_jars() {
@@ -183,8 +199,9 @@ redis_up() {
   local dir="$STACK_DIR/redis"
   mkdir -p "$dir"
   say "redis: starting on 127.0.0.1:$REDIS_PORT (log $dir/redis.log)"
+  # Append-only file: the status cache and replay logs survive a restart of Redis.
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --dir "$dir" \
-    --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" --save "" --appendonly no
+    --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" --save "" --appendonly yes --appendfsync everysec
   wait_for 30 "redis on 127.0.0.1:$REDIS_PORT" "$dir/redis.log" \
     bash -c "redis-cli -h 127.0.0.1 -p $REDIS_PORT ping | grep -q PONG"
 }
@@ -234,24 +251,39 @@ up() {
   status
 }
 
-down() {
+kafka_down() {
   local dir="$STACK_DIR/kafka"
   if [[ -f "$dir/kafka.pid" ]] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
     say "kafka: stopping"
     kill "$(cat "$dir/kafka.pid")"
     local deadline=$((SECONDS + 60))
     while kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+    kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null && kill -9 "$(cat "$dir/kafka.pid")"
     rm -f "$dir/kafka.pid"
   fi
+}
+
+redis_down() {
   if [[ -f "$STACK_DIR/redis/redis.pid" ]]; then
     say "redis: stopping"
-    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown nosave >/dev/null 2>&1 || true
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+    local deadline=$((SECONDS + 30))
+    while redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && ((SECONDS < deadline)); do sleep 0.2; done
     rm -f "$STACK_DIR/redis/redis.pid"
   fi
+}
+
+pg_down() {
   if [[ -f "$PG_DATA/postmaster.pid" ]]; then
     say "postgres: stopping"
     as_root runuser -u postgres -- "$(pg_bin)/pg_ctl" -D "$PG_DATA" -m fast -w stop >/dev/null || true
   fi
+}
+
+down() {
+  kafka_down
+  redis_down
+  pg_down
 }
 
 status() {
@@ -268,7 +300,14 @@ case "${1:-up}" in
   down) down ;;
   status) status ;;
   deps) mkdir -p "$STACK_DIR"; deps ;;
+  kafka-up) mkdir -p "$STACK_DIR"; kafka_up ;;
+  kafka-down) kafka_down ;;
+  redis-up) mkdir -p "$STACK_DIR"; redis_up ;;
+  redis-down) redis_down ;;
+  pg-up) pg_up ;;
+  pg-down) pg_down ;;
+  node-modules) echo "$CACHE/node/node_modules" ;;
   kafka-libs) echo "$KAFKA_LIBS" ;;
   venv-python) echo "$VENV/bin/python" ;;
-  *) die "unknown command '$1': use up, down, status or deps" ;;
+  *) die "unknown command '$1': use up, down, status, deps, or <kafka|redis|pg>-<up|down>" ;;
 esac

@@ -75,3 +75,166 @@ pub fn python() -> PathBuf {
 pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
+
+/// A free TCP port on 127.0.0.1 (bound once, then released for a service to take).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or_else(|e| panic!("no free port on 127.0.0.1: {e}"))
+}
+
+/// A Kafka broker, Redis or PostgreSQL of one test's own, on its own ports and directory,
+/// started and stopped by `deploy/stack.sh` — for tests that take a dependency away and
+/// bring it back. Stopped and removed on drop.
+pub struct PrivateService {
+    kind: &'static str,
+    env: Vec<(String, String)>,
+    dir: PathBuf,
+    port: u16,
+}
+
+impl PrivateService {
+    fn new(kind: &'static str) -> PrivateService {
+        let port = free_port();
+        let id = unique(kind);
+        // PostgreSQL runs as the postgres user, which cannot enter root's home.
+        let dir = if kind == "pg" {
+            PathBuf::from("/var/lib/presence").join(&id)
+        } else {
+            std::env::temp_dir().join(&id)
+        };
+        let mut env = vec![("PRESENCE_STACK_DIR".to_string(), dir.display().to_string())];
+        match kind {
+            "kafka" => {
+                env.push(("KAFKA_PORT".into(), port.to_string()));
+                env.push(("KAFKA_CONTROLLER_PORT".into(), free_port().to_string()));
+            }
+            "redis" => env.push(("REDIS_PORT".into(), port.to_string())),
+            _ => {
+                env.push(("PG_PORT".into(), port.to_string()));
+                env.push(("PG_DATA".into(), dir.join("data").display().to_string()));
+            }
+        }
+        PrivateService { kind, env, dir, port }
+    }
+
+    pub fn kafka() -> PrivateService {
+        Self::new("kafka")
+    }
+    pub fn redis() -> PrivateService {
+        Self::new("redis")
+    }
+    pub fn postgres() -> PrivateService {
+        Self::new("pg")
+    }
+
+    /// Where clients reach it: `127.0.0.1:port` for Kafka, a URL for the others.
+    pub fn address(&self) -> String {
+        match self.kind {
+            "kafka" => format!("127.0.0.1:{}", self.port),
+            "redis" => format!("redis://127.0.0.1:{}", self.port),
+            _ => format!("postgres://presence:presence@127.0.0.1:{}/presence", self.port),
+        }
+    }
+
+    fn stack(&self, verb: &str) {
+        let script = repo_root().join("deploy/stack.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg(format!("{}-{verb}", self.kind))
+            .envs(self.env.iter().cloned())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "stack.sh {}-{verb} failed:\n{}{}",
+            self.kind,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Starts it and returns once it answers.
+    pub fn start(&self) {
+        self.stack("up");
+    }
+
+    /// Stops it and returns once it is gone.
+    pub fn stop(&self) {
+        self.stack("down");
+    }
+}
+
+impl Drop for PrivateService {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs `tests/python/avro_cross.py <mode> schemas/<schema>` (fastavro, given only the
+/// `.avsc`) over JSON lines: `encode` turns records into `{"hex": ...}`, `decode` the reverse.
+pub fn fastavro(mode: &str, schema: &str, lines: &[serde_json::Value]) -> Vec<serde_json::Value> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let root = repo_root();
+    let mut child = Command::new(python())
+        .arg(root.join("tests/python/avro_cross.py"))
+        .arg(mode)
+        .arg(root.join("schemas").join(schema))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}; run make stack (it installs fastavro)", python().display()));
+    let mut stdin = child.stdin.take().expect("piped stdin");
+    for l in lines {
+        writeln!(stdin, "{l}").expect("write to avro_cross.py");
+    }
+    drop(stdin);
+    let out = child.wait_with_output().expect("avro_cross.py output");
+    assert!(out.status.success(), "avro_cross.py {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("avro_cross.py prints JSON lines"))
+        .collect()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Every record of `topic` (read_committed), from the beginning, until `want` have been
+/// read or `within` has passed.
+pub fn read_topic(c: &Config, topic: &str, want: usize, within: std::time::Duration) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer = crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"))
+        .create()
+        .expect("test consumer");
+    consumer.subscribe(&[topic]).expect("subscribe");
+    let deadline = std::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while out.len() < want && std::time::Instant::now() < deadline {
+        if let Some(Ok(m)) = consumer.poll(std::time::Duration::from_millis(100)) {
+            out.push(m.detach());
+        }
+    }
+    out
+}
+
+/// Polls `check` every 50 ms until it gives `Some`, or panics after `within` naming `what`.
+pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + within;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+}

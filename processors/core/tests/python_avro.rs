@@ -1,52 +1,10 @@
 //! The wire format against an independent implementation: Python's fastavro, given only the
 //! `.avsc` files, decodes what we write and writes what we decode.
 
-use std::io::Write;
-use std::process::{Command, Stdio};
-
 use presence_core::codec::{decode, encode};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
-use presence_core::testkit::{python, repo_root};
+use presence_core::testkit::{fastavro, hex};
 use serde_json::{json, Value};
-
-/// Runs tests/python/avro_cross.py in `mode` over JSON lines.
-fn fastavro(mode: &str, schema: &str, lines: &[Value]) -> Vec<Value> {
-    let root = repo_root();
-    let mut child = Command::new(python())
-        .arg(root.join("tests/python/avro_cross.py"))
-        .arg(mode)
-        .arg(root.join("schemas").join(schema))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run {}: {e}; run make stack (it installs fastavro)",
-                python().display()
-            )
-        });
-    let mut stdin = child.stdin.take().unwrap();
-    for l in lines {
-        writeln!(stdin, "{l}").unwrap();
-    }
-    drop(stdin);
-    let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "avro_cross.py {mode} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8(out.stdout)
-        .unwrap()
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
 
 fn unhex(s: &str) -> Vec<u8> {
     (0..s.len())

@@ -1,0 +1,258 @@
+//! `POST /v1/heartbeats` against the real broker: what arrives, what is refused, tokens, and
+//! a broker that goes away and comes back.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use jsonwebtoken::{encode, EncodingKey, Header};
+use presence_core::config::{AuthMode, Config};
+use presence_core::testkit::{eventually, fastavro, hex, isolated_config, read_topic, PrivateService};
+use presence_core::{Secret, Shutdown};
+use presence_gateway::auth::Claims;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Message, Timestamp};
+use serde_json::{json, Value};
+
+const SECRET: &str = "test-secret-test-secret-test-secret-123";
+
+struct Gateway {
+    base: String,
+    shutdown: Shutdown,
+    http: reqwest::Client,
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        self.shutdown.trigger();
+    }
+}
+
+async fn start(config: &Config) -> Gateway {
+    let report = presence_core::topics::ensure(config).await.expect("topics");
+    assert!(report.is_ok(), "{report}");
+    let shutdown = Shutdown::new();
+    let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway starts");
+    let g = Gateway {
+        base: format!("http://{}", running.addr),
+        shutdown,
+        http: reqwest::Client::new(),
+    };
+    ready(&g, true).await;
+    g
+}
+
+async fn ready(g: &Gateway, want: bool) {
+    eventually(&format!("/readyz = {want}"), Duration::from_secs(30), || async {
+        let r = g.http.get(format!("{}/readyz", g.base)).send().await.ok()?;
+        (r.status().is_success() == want).then_some(())
+    })
+    .await
+}
+
+async fn post(g: &Gateway, content_type: &str, body: impl Into<reqwest::Body>, token: Option<&str>) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = g.http.post(format!("{}/v1/heartbeats", g.base)).header("content-type", content_type).body(body);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let r = req.send().await.expect("request");
+    let status = r.status().as_u16();
+    let headers = r.headers().clone();
+    let body = r.json::<Value>().await.unwrap_or(Value::Null);
+    (status, body, headers)
+}
+
+fn beat(session: &str, kind: &str) -> Value {
+    json!({"session_id": session, "user_id": "u-1", "facility_id": "f-1", "region_id": "north", "kind": kind, "client_sent_at": 1_764_300_000_000i64})
+}
+
+/// Records in the topic right now: the sum of its partitions' high watermarks.
+fn records_in(c: &Config, topic: &str) -> i64 {
+    let consumer: BaseConsumer = presence_core::kafka::base_config(&c.kafka, "test-watermarks").create().expect("consumer");
+    (0..c.topics.heartbeats_partitions)
+        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_beats_arrive_keyed_stamped_and_readable_by_python() {
+    let config = isolated_config();
+    let g = start(&config).await;
+    let before = presence_core::now_ms();
+    let (s1, b1, _) = post(&g, "application/json", beat("s-one", "BEAT").to_string(), None).await;
+    assert_eq!((s1, b1["accepted"].as_u64()), (202, Some(1)), "{b1}");
+    let batch = json!([beat("s-two", "BEAT"), beat("s-three", "BEAT")]);
+    let (s2, b2, _) = post(&g, "application/json", batch.to_string(), None).await;
+    assert_eq!((s2, b2["accepted"].as_u64()), (202, Some(2)), "{b2}");
+    // What navigator.sendBeacon sends for a string body on page unload.
+    let (s3, _, _) = post(&g, "text/plain;charset=UTF-8", beat("s-one", "END").to_string(), None).await;
+    assert_eq!(s3, 202);
+    let after = presence_core::now_ms();
+
+    let records = read_topic(&config, &config.topics.heartbeats, 4, Duration::from_secs(30));
+    assert_eq!(records.len(), 4);
+    let mut seen = Vec::new();
+    for m in &records {
+        let key = String::from_utf8_lossy(m.key().expect("keyed")).to_string();
+        let Timestamp::CreateTime(ts) = m.timestamp() else { panic!("record timestamp is the gateway's receive time, got {:?}", m.timestamp()) };
+        assert!((before..=after).contains(&ts), "timestamp {ts} outside [{before}, {after}]");
+        let decoded = fastavro("decode", "heartbeat.avsc", &[json!({"hex": hex(m.payload().expect("value"))})]);
+        assert_eq!(decoded[0]["session_id"].as_str(), Some(key.as_str()), "key = session id");
+        assert_eq!(decoded[0]["facility_id"], "f-1");
+        assert_eq!(decoded[0]["client_sent_at"], 1_764_300_000_000i64);
+        seen.push((key, decoded[0]["kind"].as_str().unwrap_or_default().to_string()));
+    }
+    seen.sort();
+    assert_eq!(
+        seen,
+        vec![("s-one".into(), "BEAT".into()), ("s-one".into(), "END".into()), ("s-three".into(), "BEAT".into()), ("s-two".into(), "BEAT".into())]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_their_status_and_message_and_produce_nothing() {
+    let mut config = isolated_config();
+    config.gateway.max_body_bytes = 4096;
+    config.gateway.max_batch = 3;
+    let g = start(&config).await;
+    let long = "x".repeat(129);
+    let cases: Vec<(&str, String, u16, &str, Option<&str>)> = vec![
+        ("application/json", "{not json".into(), 400, "malformed_json", None),
+        ("application/json", json!({"user_id": "u", "facility_id": "f", "region_id": "r"}).to_string(), 400, "invalid_field", Some("session_id")),
+        ("application/json", json!({"session_id": "", "user_id": "u", "facility_id": "f", "region_id": "r"}).to_string(), 400, "invalid_field", Some("session_id")),
+        ("application/json", json!({"session_id": "s", "user_id": long, "facility_id": "f", "region_id": "r"}).to_string(), 400, "invalid_field", Some("user_id")),
+        ("application/json", json!({"session_id": "s", "user_id": "u", "facility_id": "f\u{1}", "region_id": "r"}).to_string(), 400, "invalid_field", Some("facility_id")),
+        ("application/json", json!({"session_id": "s", "user_id": "u", "facility_id": "f", "region_id": "r", "kind": "PING"}).to_string(), 400, "invalid_field", Some("kind")),
+        ("application/json", json!([beat("a", "BEAT"), {"session_id": "b"}]).to_string(), 400, "invalid_field", Some("[1].user_id")),
+        ("application/json", json!([beat("a", "BEAT"), beat("b", "BEAT"), beat("c", "BEAT"), beat("d", "BEAT")]).to_string(), 413, "batch_too_large", None),
+        ("application/json", format!("[{}]", vec![beat("a", "BEAT").to_string(); 40].join(",")), 413, "too_large", None),
+        ("application/xml", beat("a", "BEAT").to_string(), 415, "unsupported_media_type", None),
+    ];
+    for (ct, body, status, code, field) in cases {
+        let (got, answer, _) = post(&g, ct, body.clone(), None).await;
+        assert_eq!(got, status, "{ct} {body:.80} -> {answer}");
+        assert_eq!(answer["error"], code, "{answer}");
+        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+        if let Some(f) = field {
+            assert_eq!(answer["field"], f, "{answer}");
+            assert!(answer["rule"].as_str().is_some_and(|r| !r.is_empty()), "{answer}");
+        }
+    }
+    let r = g.http.get(format!("{}/v1/heartbeats", g.base)).send().await.expect("GET");
+    assert_eq!(r.status().as_u16(), 405);
+    assert_eq!(r.headers()["allow"], "POST, OPTIONS");
+
+    // One valid beat after all of them: the topic holds exactly that one.
+    let (ok, _, _) = post(&g, "application/json", beat("sentinel", "BEAT").to_string(), None).await;
+    assert_eq!(ok, 202);
+    assert_eq!(records_in(&config, &config.topics.heartbeats), 1, "nothing invalid reached Kafka");
+}
+
+fn token(sub: &str, facility: &str, region: &str, exp_offset: i64, secret: &str) -> String {
+    let exp = (presence_core::now_ms() / 1000 + exp_offset) as u64;
+    let claims = Claims { sub: sub.into(), facility: facility.into(), region: region.into(), regions: vec![], exp, nbf: None };
+    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_decide_who_reports_for_which_facility() {
+    let mut config = isolated_config();
+    config.gateway.auth = AuthMode::Jwt;
+    config.gateway.jwt_secret = Secret::new(SECRET);
+    config.gateway.jwt_leeway = Duration::from_secs(2);
+    let g = start(&config).await;
+    let good = token("u-7", "f-7", "south", 300, SECRET);
+
+    // Ids come from the token; the body only names the session.
+    let (s, b, _) = post(&g, "application/json", json!({"session_id": "tok-1"}).to_string(), Some(&good)).await;
+    assert_eq!(s, 202, "{b}");
+    let cases = [
+        ("missing", None, json!({"session_id": "x"}), 401, "token_missing"),
+        ("forged", Some(token("u-7", "f-7", "south", 300, "another-secret-another-secret-another")), json!({"session_id": "x"}), 401, "token_forged"),
+        ("expired", Some(token("u-7", "f-7", "south", -60, SECRET)), json!({"session_id": "x"}), 401, "token_expired"),
+        ("other facility", Some(good.clone()), json!({"session_id": "x", "facility_id": "f-8"}), 403, "claim_mismatch"),
+        ("other user", Some(good.clone()), json!({"session_id": "x", "user_id": "u-8"}), 403, "claim_mismatch"),
+    ];
+    for (what, t, body, status, code) in cases {
+        let (got, answer, headers) = post(&g, "application/json", body.to_string(), t.as_deref()).await;
+        assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{what}: {answer}");
+        if status == 401 {
+            assert_eq!(headers["www-authenticate"], "Bearer", "{what}");
+        }
+    }
+    // sendBeacon cannot set headers: the token rides in the query string.
+    let r = g
+        .http
+        .post(format!("{}/v1/heartbeats?access_token={good}", g.base))
+        .header("content-type", "text/plain;charset=UTF-8")
+        .body(json!({"session_id": "tok-1", "kind": "END"}).to_string())
+        .send()
+        .await
+        .expect("beacon");
+    assert_eq!(r.status().as_u16(), 202);
+    // A stream of a region the token does not grant.
+    let r = g.http.get(format!("{}/v1/regions/north/stream", g.base)).bearer_auth(&good).send().await.expect("stream");
+    assert_eq!(r.status().as_u16(), 403);
+
+    let records = read_topic(&config, &config.topics.heartbeats, 2, Duration::from_secs(30));
+    assert_eq!(records_in(&config, &config.topics.heartbeats), 2, "only the two authorised beats were produced");
+    for m in records {
+        let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(m.payload().unwrap_or_default()).expect("decodes");
+        assert_eq!((h.user_id.as_str(), h.facility_id.as_str(), h.region_id.as_str()), ("u-7", "f-7", "south"));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_outage_is_503_with_retry_after_and_loses_nothing_acknowledged() {
+    let kafka = PrivateService::kafka();
+    kafka.start();
+    let mut config = isolated_config();
+    config.kafka.brokers = kafka.address();
+    config.topics.heartbeats_partitions = 1;
+    config.gateway.produce_timeout = Duration::from_secs(2);
+    let g = start(&config).await;
+    let mut acknowledged = BTreeSet::new();
+    let mut n = 0;
+    async fn send(g: &Gateway, n: &mut u32) -> (String, (u16, Value, reqwest::header::HeaderMap)) {
+        *n += 1;
+        let id = format!("s-{n}");
+        let answer = post(g, "application/json", beat(&id, "BEAT").to_string(), None).await;
+        (id, answer)
+    }
+    for _ in 0..5 {
+        let (id, (s, b, _)) = send(&g, &mut n).await;
+        assert_eq!(s, 202, "{b}");
+        acknowledged.insert(id);
+    }
+
+    kafka.stop();
+    // Until the gateway notices, a request may still be waiting for its acknowledgement;
+    // from then on every answer is 503 with Retry-After, never a 202 without the broker.
+    let mut refused = 0;
+    while refused < 3 {
+        let (id, (s, b, headers)) = send(&g, &mut n).await;
+        match s {
+            503 => {
+                refused += 1;
+                assert!(headers.contains_key("retry-after"), "{b}");
+                assert!(b["message"].as_str().is_some_and(|m| m.contains("retry")), "{b}");
+            }
+            202 => {
+                acknowledged.insert(id);
+            }
+            other => panic!("unexpected {other}: {b}"),
+        }
+    }
+    ready(&g, false).await;
+
+    kafka.start();
+    ready(&g, true).await;
+    for _ in 0..5 {
+        let (id, (s, b, _)) = send(&g, &mut n).await;
+        assert_eq!(s, 202, "after recovery: {b}");
+        acknowledged.insert(id);
+    }
+    let records = read_topic(&config, &config.topics.heartbeats, acknowledged.len(), Duration::from_secs(30));
+    let stored: BTreeSet<String> = records.iter().map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).to_string()).collect();
+    let lost: Vec<_> = acknowledged.difference(&stored).collect();
+    assert!(lost.is_empty(), "acknowledged but not in the topic: {lost:?}");
+}
