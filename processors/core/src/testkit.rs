@@ -238,3 +238,38 @@ where
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
+
+/// Produces `(key, value)` records to `topic` in order and waits for every acknowledgement.
+pub async fn produce(c: &Config, topic: &str, records: &[(String, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = crate::kafka::idempotent_producer_config(&c.kafka, "test-producer")
+        .create()
+        .expect("test producer");
+    for (key, value) in records {
+        producer
+            .send(FutureRecord::to(topic).key(key).payload(value), std::time::Duration::from_secs(30))
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+}
+
+/// `facility-status` records as the processor writes them (key = facility id).
+pub fn status_records(statuses: &[crate::records::FacilityStatus]) -> Vec<(String, Vec<u8>)> {
+    statuses
+        .iter()
+        .map(|s| (s.facility_id.clone(), crate::codec::encode(s)))
+        .collect()
+}
+
+/// A transition for tests: `since` is `seq` minutes after 2026-11-27T00:00Z unless given.
+pub fn transition(facility: &str, region: &str, seq: i64, online: bool) -> crate::records::FacilityStatus {
+    crate::records::FacilityStatus {
+        facility_id: facility.into(),
+        region_id: region.into(),
+        status: if online { crate::records::Status::Online } else { crate::records::Status::Offline },
+        open_sessions: i32::from(online),
+        since: 1_764_201_600_000 + seq * 60_000,
+        seq,
+        emitted_at: crate::now_ms(),
+    }
+}

@@ -34,7 +34,9 @@ FROM facility_transitions;
 
 -- Seconds a facility was ONLINE within [t0, t1): "how long was facility X online yesterday".
 CREATE FUNCTION online_seconds(facility text, t0 timestamptz, t1 timestamptz)
-RETURNS double precision LANGUAGE sql STABLE AS $$
+RETURNS double precision LANGUAGE sql STABLE
+-- Resolve the view in the schema the migration ran in, whatever the caller's search_path.
+SET search_path FROM CURRENT AS $$
     SELECT coalesce(sum(extract(epoch FROM
                least(coalesce(ended, now()), t1) - greatest(started, t0))), 0)::double precision
     FROM facility_intervals
