@@ -181,23 +181,29 @@ impl Hub {
 
     async fn poll_watched(&self) {
         for (region, last) in self.watched() {
+            // 0: no client has told us where it stands yet; nothing to compare with.
+            if last == 0 {
+                continue;
+            }
             match self.store.region_seq(&region).await {
-                Ok(current) if current > last && last != 0 => self.fill(&region, last).await,
-                Ok(current) if last == 0 => {
-                    // Nothing relayed yet: start counting from here.
-                    let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
-                    if let Some(r) = regions.get_mut(&region) {
-                        if r.last == 0 {
-                            r.last = current;
-                        }
-                    }
-                }
+                Ok(current) if current > last => self.fill(&region, last).await,
                 Ok(_) => {}
                 Err(e) => {
                     self.metrics.redis_errors.inc();
                     tracing::warn!(region, error = %e, "cannot read the region sequence");
                     return;
                 }
+            }
+        }
+    }
+
+    /// A client is at `seq`: the hub starts relaying (and polling) from there if it had
+    /// no position for the region yet.
+    fn seen(&self, region: &str, seq: u64) {
+        let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = regions.get_mut(region) {
+            if r.last == 0 {
+                r.last = seq;
             }
         }
     }
@@ -288,6 +294,7 @@ impl Client {
                 for (seq, json) in events {
                     self.send_transition(seq, &json).await?;
                 }
+                self.hub.seen(&self.region, self.last);
                 Ok(true)
             }
             Ok(Replay::TooOld) => Ok(false),
@@ -315,6 +322,7 @@ impl Client {
             }
         };
         self.last = snapshot.region_seq;
+        self.hub.seen(&self.region, snapshot.region_seq);
         let data = serde_json::to_string(&snapshot).unwrap_or_default();
         self.send(
             Event::default()
