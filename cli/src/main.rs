@@ -33,7 +33,7 @@ enum Command {
     Sink,
     /// Create or verify every topic; exits 1 if one exists with wrong settings.
     Topics,
-    /// Simulated facilities full of users sending heartbeats (straight to Kafka).
+    /// Simulated facilities full of users sending heartbeats (to Kafka or the gateway).
     Loadgen(LoadgenArgs),
     /// Validate the configuration and print it with secrets redacted.
     CheckConfig,
@@ -63,6 +63,20 @@ struct LoadgenArgs {
     /// Stop after this many seconds (default: until SIGTERM).
     #[arg(long)]
     duration_seconds: Option<f64>,
+    /// `kafka` (straight to the heartbeats topic) or the gateway's URL
+    /// (`http://127.0.0.1:8080`).
+    #[arg(long, default_value = "kafka")]
+    target: String,
+    /// Through the gateway: heartbeats per request (1 = one request per beat, as browsers).
+    #[arg(long, default_value_t = 1)]
+    http_batch: usize,
+    /// Through the gateway: requests in flight.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Write every heartbeat with its event time to this file (JSON lines), the ground
+    /// truth that `presence_core::sim::read_truth` + `oracle` turn into expected transitions.
+    #[arg(long)]
+    truth: Option<PathBuf>,
 }
 
 #[derive(Subcommand)]
@@ -175,12 +189,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 duration: a.duration_seconds.map(std::time::Duration::from_secs_f64),
                 ..Default::default()
             };
+            let target = if a.target == "kafka" {
+                presence_loadgen::Target::Kafka
+            } else if a.target.starts_with("http://") || a.target.starts_with("https://") {
+                presence_loadgen::Target::Http {
+                    base: a.target.clone(),
+                    batch: a.http_batch.max(1),
+                    concurrency: a.concurrency.max(1),
+                }
+            } else {
+                anyhow::bail!("--target '{}' is neither 'kafka' nor an http(s):// URL of the gateway", a.target);
+            };
             let shutdown = Shutdown::on_signals();
+            let truth = a.truth.clone();
             let summary = tokio::task::spawn_blocking(move || {
-                presence_loadgen::run_kafka(&config, &options, &shutdown)
+                presence_loadgen::run(&config, &options, &target, truth.as_deref(), &shutdown)
             })
             .await??;
-            println!("{summary:?}");
+            println!("{summary}");
             Ok(if summary.failed == 0 {
                 ExitCode::SUCCESS
             } else {

@@ -16,6 +16,16 @@ pub enum HeartbeatKind {
     End,
 }
 
+impl HeartbeatKind {
+    /// The Avro enum symbol, also the JSON the gateway takes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HeartbeatKind::Beat => "BEAT",
+            HeartbeatKind::End => "END",
+        }
+    }
+}
+
 /// A sign of life of one session. Its event time is the Kafka record timestamp, not a field.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Heartbeat {

@@ -76,14 +76,33 @@ struct Session {
     vanishes: bool,
 }
 
-#[derive(Default, Debug, Clone, Copy)]
+#[derive(Default, Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
+    /// Acknowledged by the broker (Kafka) or answered 202 (gateway).
     pub sent: u64,
     pub failed: u64,
     pub logins: u64,
     pub logouts: u64,
     pub vanished: u64,
     pub moves: u64,
+    pub seconds: f64,
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "loadgen summary: {} heartbeats sent in {:.1} s ({:.0}/s), {} failed; {} logins, {} logouts with END, {} vanished, {} facility moves",
+            self.sent,
+            self.seconds,
+            self.sent as f64 / self.seconds.max(1e-9),
+            self.failed,
+            self.logins,
+            self.logouts,
+            self.vanished,
+            self.moves
+        )
+    }
 }
 
 fn exp(rng: &mut StdRng, mean: Duration) -> Duration {
@@ -92,16 +111,187 @@ fn exp(rng: &mut StdRng, mean: Duration) -> Duration {
 }
 
 
-/// Runs the simulation against Kafka until `shutdown` or `options.duration`.
-pub fn run_kafka(
+/// Where heartbeats go.
+#[derive(Debug, Clone)]
+pub enum Target {
+    /// Straight to the `heartbeats` topic; the record timestamp is the send time.
+    Kafka,
+    /// Through the gateway at this base URL (`http://127.0.0.1:8080`), `batch` beats per
+    /// request (1: one request per beat, as browsers send), `concurrency` requests in flight.
+    Http {
+        base: String,
+        batch: usize,
+        concurrency: usize,
+    },
+}
+
+/// A sending edge: counts what the far end acknowledged and what failed.
+trait Transport {
+    fn send(&mut self, h: &Heartbeat, ts: i64) -> bool;
+    /// (acknowledged or handed over, failed) so far.
+    fn progress(&self) -> (u64, u64);
+    /// Waits for what is in flight; returns the final (sent, failed).
+    fn finish(self: Box<Self>) -> anyhow::Result<(u64, u64)>;
+}
+
+struct KafkaTransport {
+    producer: ThreadedProducer<DefaultProducerContext>,
+    topic: String,
+    sent: u64,
+    failed: u64,
+}
+
+impl Transport for KafkaTransport {
+    fn send(&mut self, h: &Heartbeat, ts: i64) -> bool {
+        let ok = send(&self.producer, &self.topic, h, ts);
+        if ok {
+            self.sent += 1;
+        } else {
+            self.failed += 1;
+        }
+        ok
+    }
+    fn progress(&self) -> (u64, u64) {
+        (self.sent, self.failed)
+    }
+    fn finish(self: Box<Self>) -> anyhow::Result<(u64, u64)> {
+        self.producer.flush(Duration::from_secs(30))?;
+        let lost = self.producer.in_flight_count().max(0) as u64;
+        Ok((self.sent - lost, self.failed + lost))
+    }
+}
+
+/// Beats queue into worker tasks that POST them to the gateway; a beat counts as sent
+/// when the gateway answered 202.
+struct HttpTransport {
+    runtime: tokio::runtime::Runtime,
+    queue: Option<tokio::sync::mpsc::Sender<Heartbeat>>,
+    workers: Vec<tokio::task::JoinHandle<()>>,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl HttpTransport {
+    fn new(base: &str, batch: usize, concurrency: usize) -> anyhow::Result<HttpTransport> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let (tx, rx) = tokio::sync::mpsc::channel::<Heartbeat>(concurrency * batch.max(1) * 4);
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let failed = Arc::new(AtomicU64::new(0));
+        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+        let url = format!("{}/v1/heartbeats", base.trim_end_matches('/'));
+        let workers = (0..concurrency.max(1))
+            .map(|_| {
+                let (rx, client, url) = (rx.clone(), client.clone(), url.clone());
+                let (accepted, failed) = (accepted.clone(), failed.clone());
+                runtime.spawn(async move {
+                    let mut beats = Vec::with_capacity(batch);
+                    loop {
+                        beats.clear();
+                        if rx.lock().await.recv_many(&mut beats, batch.max(1)).await == 0 {
+                            return;
+                        }
+                        let body = if batch <= 1 {
+                            beat_json(&beats[0]).to_string()
+                        } else {
+                            serde_json::Value::Array(beats.iter().map(beat_json).collect()).to_string()
+                        };
+                        let n = beats.len() as u64;
+                        match client.post(&url).header("content-type", "application/json").body(body).send().await {
+                            Ok(r) if r.status().as_u16() == 202 => accepted.fetch_add(n, Ordering::Relaxed),
+                            Ok(r) => {
+                                tracing::debug!(status = %r.status(), "gateway refused heartbeats");
+                                failed.fetch_add(n, Ordering::Relaxed)
+                            }
+                            Err(e) => {
+                                tracing::debug!(error = %e, "gateway unreachable");
+                                failed.fetch_add(n, Ordering::Relaxed)
+                            }
+                        };
+                    }
+                })
+            })
+            .collect();
+        Ok(HttpTransport {
+            runtime,
+            queue: Some(tx),
+            workers,
+            accepted,
+            failed,
+        })
+    }
+}
+
+fn beat_json(h: &Heartbeat) -> serde_json::Value {
+    serde_json::json!({
+        "session_id": h.session_id, "user_id": h.user_id, "facility_id": h.facility_id,
+        "region_id": h.region_id, "kind": h.kind.as_str(), "client_sent_at": h.client_sent_at,
+    })
+}
+
+impl Transport for HttpTransport {
+    fn send(&mut self, h: &Heartbeat, _ts: i64) -> bool {
+        self.queue.as_ref().is_some_and(|q| q.blocking_send(h.clone()).is_ok())
+    }
+    fn progress(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering;
+        (self.accepted.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+    }
+    fn finish(mut self: Box<Self>) -> anyhow::Result<(u64, u64)> {
+        self.queue = None;
+        let workers = std::mem::take(&mut self.workers);
+        self.runtime.block_on(async {
+            for w in workers {
+                let _ = w.await;
+            }
+        });
+        Ok(self.progress())
+    }
+}
+
+/// The ground truth: every heartbeat with its event time, as JSON lines that
+/// [`presence_core::sim::read_truth`] reads back for the oracle. Exact in Kafka mode (the
+/// record timestamp is this time); through the gateway, the gateway's receive time is a
+/// few ms later.
+struct Truth(std::io::BufWriter<std::fs::File>);
+
+impl Truth {
+    fn write(&mut self, h: &Heartbeat, ts: i64) -> std::io::Result<()> {
+        let mut line = beat_json(h);
+        line["ts"] = ts.into();
+        writeln!(self.0, "{line}")
+    }
+}
+
+/// Runs the simulation until `shutdown` or `options.duration`, sending to `target`, and
+/// writes every heartbeat to `truth` if given.
+pub fn run(
     config: &Config,
     options: &Options,
+    target: &Target,
+    truth: Option<&std::path::Path>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
-    let producer: ThreadedProducer<DefaultProducerContext> =
-        idempotent_producer_config(&config.kafka, "loadgen")
-            .set("linger.ms", "5")
-            .create()?;
+    let mut transport: Box<dyn Transport> = match target {
+        Target::Kafka => Box::new(KafkaTransport {
+            producer: idempotent_producer_config(&config.kafka, "loadgen")
+                .set("linger.ms", "5")
+                .set("queue.buffering.max.messages", "1000000")
+                .create()?,
+            topic: config.topics.heartbeats.clone(),
+            sent: 0,
+            failed: 0,
+        }),
+        Target::Http { base, batch, concurrency } => Box::new(HttpTransport::new(base, *batch, *concurrency)?),
+    };
+    let mut truth = match truth {
+        Some(path) => Some(Truth(std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| {
+            anyhow::anyhow!("cannot create the ground-truth file {}: {e}", path.display())
+        })?))),
+        None => None,
+    };
     let mut rng = StdRng::seed_from_u64(options.seed);
     let users = options.facilities * options.users_per_facility;
     let mut people: Vec<User> = (0..users)
@@ -117,56 +307,101 @@ pub fn run_kafka(
         .map(|i| Reverse((start + exp(&mut rng, options.mean_offline / 4), i)))
         .collect();
     let mut summary = Summary::default();
-    let mut last_report = Instant::now();
-    let tty = std::io::stderr().is_terminal();
-    let mut sent_at_report = 0u64;
+    let mut progress = Progress::new(options.duration);
+    let mut truth_error = None;
     while !shutdown.is_triggered() && options.duration.is_none_or(|d| start.elapsed() < d) {
         let now = Instant::now();
+        let ts = now_ms();
         while let Some(Reverse((t, i))) = due.peek().copied() {
             if t > now {
                 break;
             }
             due.pop();
-            let next = step(
-                &mut people[i],
-                i,
-                options,
-                &mut rng,
-                now,
-                &mut summary,
-                |h| send(&producer, &config.topics.heartbeats, h),
-            );
+            let next = step(&mut people[i], i, options, &mut rng, now, &mut summary, |h| {
+                if let Some(t) = truth.as_mut() {
+                    if let Err(e) = t.write(h, ts) {
+                        truth_error.get_or_insert(e);
+                    }
+                }
+                transport.send(h, ts)
+            });
             due.push(Reverse((next, i)));
         }
-        if last_report.elapsed() >= Duration::from_secs(1) {
-            let rate = (summary.sent - sent_at_report) as f64 / last_report.elapsed().as_secs_f64();
-            let online = people.iter().filter(|u| u.session.is_some()).count();
-            let line = format!(
-                "loadgen: {:>9} sent ({rate:>8.0}/s), {} failed, {online}/{users} users online, {} logins, {} logouts, {} vanished, {} moves",
-                summary.sent, summary.failed, summary.logins, summary.logouts, summary.vanished, summary.moves
-            );
-            if tty {
-                eprint!("\r{line}");
-                let _ = std::io::stderr().flush();
-            } else {
-                eprintln!("{line}");
-            }
-            last_report = Instant::now();
-            sent_at_report = summary.sent;
+        if let Some(e) = truth_error.take() {
+            anyhow::bail!("cannot write the ground-truth file: {e}");
         }
+        let online = || people.iter().filter(|u| u.session.is_some()).count();
+        progress.tick(start.elapsed(), transport.progress(), online, users, &summary);
         let wait = due
             .peek()
             .map_or(Duration::from_millis(100), |Reverse((t, _))| {
                 t.saturating_duration_since(Instant::now())
             });
-        std::thread::sleep(wait.min(Duration::from_millis(100)));
+        if !wait.is_zero() {
+            std::thread::sleep(wait.min(Duration::from_millis(100)));
+        }
     }
-    producer.flush(Duration::from_secs(30))?;
-    if tty {
-        eprintln!();
+    if let Some(mut t) = truth {
+        t.0.flush()?;
     }
-    summary.failed += producer.in_flight_count().max(0) as u64;
+    let (sent, failed) = transport.finish()?;
+    summary.sent = sent;
+    summary.failed = failed;
+    summary.seconds = start.elapsed().as_secs_f64();
+    progress.done();
     Ok(summary)
+}
+
+/// The live line on stderr: a bar when the run has a duration, the rate and errors always.
+struct Progress {
+    duration: Option<Duration>,
+    tty: bool,
+    last: Instant,
+    sent_at_last: u64,
+}
+
+impl Progress {
+    fn new(duration: Option<Duration>) -> Progress {
+        Progress {
+            duration,
+            tty: std::io::stderr().is_terminal(),
+            last: Instant::now(),
+            sent_at_last: 0,
+        }
+    }
+
+    fn tick(&mut self, elapsed: Duration, (sent, failed): (u64, u64), online: impl Fn() -> usize, users: usize, s: &Summary) {
+        if self.last.elapsed() < Duration::from_secs(1) {
+            return;
+        }
+        let rate = (sent - self.sent_at_last.min(sent)) as f64 / self.last.elapsed().as_secs_f64();
+        let bar = match self.duration {
+            Some(d) => {
+                let done = (elapsed.as_secs_f64() / d.as_secs_f64()).min(1.0);
+                let filled = (done * 20.0) as usize;
+                format!("[{}{}] {:>3.0}% ", "#".repeat(filled), "-".repeat(20 - filled), done * 100.0)
+            }
+            None => String::new(),
+        };
+        let line = format!(
+            "loadgen {bar}{sent:>10} sent {rate:>9.0}/s  errors {failed}  online {}/{users}  logins {} logouts {} vanished {} moves {}",
+            online(), s.logins, s.logouts, s.vanished, s.moves
+        );
+        if self.tty {
+            eprint!("\r{line}");
+            let _ = std::io::stderr().flush();
+        } else {
+            eprintln!("{line}");
+        }
+        self.last = Instant::now();
+        self.sent_at_last = sent;
+    }
+
+    fn done(&self) {
+        if self.tty {
+            eprintln!();
+        }
+    }
 }
 
 /// Advances one user at `now`, sending what it sends; returns when it acts next.
@@ -238,11 +473,12 @@ fn step(
     }
 }
 
-fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, h: &Heartbeat) -> bool {
+fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, h: &Heartbeat, ts: i64) -> bool {
     let bytes = encode(h);
     let mut record = BaseRecord::<[u8], [u8]>::to(topic)
         .key(h.session_id.as_bytes())
-        .payload(&bytes[..]);
+        .payload(&bytes[..])
+        .timestamp(ts);
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         match p.send(record) {
