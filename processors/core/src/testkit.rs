@@ -273,3 +273,30 @@ pub fn transition(facility: &str, region: &str, seq: i64, online: bool) -> crate
         emitted_at: crate::now_ms(),
     }
 }
+
+/// Where `deploy/stack.sh` installed playwright-core (for the browser tests' NODE_PATH).
+pub fn node_modules() -> PathBuf {
+    std::env::var_os("PRESENCE_TEST_NODE_MODULES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| cache_dir().join("node/node_modules"))
+}
+
+/// Runs `node tests/browser/<script> <args>` with playwright-core on its path; returns
+/// the JSON it prints.
+pub fn browser_script(script: &str, args: &[&str]) -> serde_json::Value {
+    let out = std::process::Command::new("node")
+        .arg(repo_root().join("tests/browser").join(script))
+        .args(args)
+        .env("NODE_PATH", node_modules())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run node: {e}; install Node.js"));
+    assert!(
+        out.status.success(),
+        "{script} failed (is chromium installed? make stack installs it):\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+}
