@@ -36,9 +36,13 @@ up: stack build
 	@bash deploy/run.sh start
 	@echo
 	@echo "presence is running. Where to look:"
-	@echo "  processor metrics   curl -s http://127.0.0.1:9101/metrics | grep ^presence_"
-	@echo "  processor health    curl -s http://127.0.0.1:9101/readyz"
-	@echo "  demo load           tail -f .run/loadgen.log   (50 facilities x 4 users, a beat every 30 s)"
+	@echo "  dashboard           http://127.0.0.1:8080/   (pick a region; tiles turn online/offline live)"
+	@echo "  send a heartbeat    curl -si -H 'content-type: application/json' -d '{\"session_id\":\"s1\",\"user_id\":\"u1\",\"facility_id\":\"f1\",\"region_id\":\"region-0\"}' http://127.0.0.1:8080/v1/heartbeats"
+	@echo "  live region stream  curl -N http://127.0.0.1:8080/v1/regions/region-0/stream"
+	@echo "  region channel      redis-cli PSUBSCRIBE 'presence:region:*'"
+	@echo "  database            psql postgres://presence:presence@127.0.0.1:5432/presence -c 'table presence.facility_status'"
+	@echo "  metrics             curl -s http://127.0.0.1:8080/metrics (gateway), :9101 (processor), :9102 (notifier), :9103 (sink)"
+	@echo "  demo load           tail -f .run/loadgen.log   (50 facilities x 4 users, a beat every 30 s, through the gateway)"
 	@echo "  transitions         java -cp '$(PRESENCE_TEST_KAFKA_LIBS)/*' org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server 127.0.0.1:9092 --topic facility-status --from-beginning --property print.key=true --isolation-level read_committed"
 	@echo "  logs                .run/*.log; the stack's logs: make status"
 	@echo "  stop                make down"

@@ -10,8 +10,9 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="$ROOT/.run"
 BIN="${PRESENCE_BIN:-$ROOT/target/release/presence}"
 # name:ops-port ("-": no ops endpoint to wait for). The demo load is gentle: 50 facilities
-# of 4 users, a beat every 30 s each.
-DEFAULT_PROCESSES="processor:9101 loadgen:-"
+# of 4 users, a beat every 30 s each, sent through the gateway like browsers.
+DEFAULT_PROCESSES="processor:9101 notifier:9102 sink:9103 gateway:8080 loadgen:-"
+LOADGEN_ARGS="${PRESENCE_LOADGEN_ARGS:---target http://127.0.0.1:8080}"
 PROCESSES="${PRESENCE_PROCESSES:-$DEFAULT_PROCESSES}"
 
 say() { printf '[run] %s\n' "$*"; }
@@ -25,7 +26,9 @@ start() {
       say "$name: already running (pid $(cat "$pidfile"))"; continue
     fi
     if [[ "$port" == "-" ]]; then say "$name: starting (log $RUN/$name.log)"; else say "$name: starting (log $RUN/$name.log, metrics http://127.0.0.1:$port/metrics)"; fi
-    setsid nohup "$BIN" "$name" >>"$RUN/$name.log" 2>&1 </dev/null &
+    local args=()
+    [[ "$name" == "loadgen" ]] && read -r -a args <<<"$LOADGEN_ARGS"
+    setsid nohup "$BIN" "$name" "${args[@]}" >>"$RUN/$name.log" 2>&1 </dev/null &
     echo $! >"$pidfile"
   done
   for entry in $PROCESSES; do
@@ -46,7 +49,10 @@ start() {
 }
 
 stop() {
-  for entry in $PROCESSES; do
+  # The load first, the gateway before what feeds it: reverse start order.
+  local reversed=""
+  for entry in $PROCESSES; do reversed="$entry $reversed"; done
+  for entry in $reversed; do
     local name="${entry%%:*}" pidfile="$RUN/${entry%%:*}.pid"
     [[ -f "$pidfile" ]] || continue
     local pid; pid=$(cat "$pidfile")

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+mod bench;
+
 use clap::{Parser, Subcommand};
 use presence_core::config::ConfigError;
 use presence_core::{telemetry, topics, Config, Shutdown};
@@ -100,6 +102,20 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         seconds: u64,
     },
+    /// Transitions per second from facility-status into PostgreSQL.
+    Sink {
+        #[arg(long, default_value_t = 200_000)]
+        transitions: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+    },
+    /// SSE fan-out: publish-to-receipt latency with many clients on one region.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 100)]
+        events: usize,
+    },
 }
 
 fn main() -> ExitCode {
@@ -173,6 +189,8 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 Bench::Latency { rate, seconds } => {
                     presence_processor::bench::latency(&config, rate, seconds).await?
                 }
+                Bench::Sink { transitions, runs } => bench::sink(&config, transitions, runs).await?,
+                Bench::Fanout { clients, events } => bench::fanout(&config, clients, events).await?,
             };
             println!("{report}");
             Ok(ExitCode::SUCCESS)

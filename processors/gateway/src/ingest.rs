@@ -12,6 +12,8 @@
 //! on, `user_id`, `facility_id` and `region_id` may be left out: they come from the token,
 //! and a body that names others is refused.
 
+use std::borrow::Cow;
+
 use presence_core::codec::check_id;
 use presence_core::records::{Heartbeat, HeartbeatKind};
 use serde_json::{Map, Value};
@@ -49,12 +51,52 @@ const FIELDS: &[&str] = &[
     "client_sent_at",
 ];
 
+/// One heartbeat as it comes in, before the rules: borrowed from the body where possible.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Wire<'a> {
+    #[serde(borrow, default)]
+    session_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    user_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    facility_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    region_id: Option<Cow<'a, str>>,
+    #[serde(borrow, default)]
+    kind: Option<Cow<'a, str>>,
+    #[serde(default)]
+    client_sent_at: Option<i64>,
+}
+
 /// Parses and checks a body. `claims` is the verified token when tokens are on.
+///
+/// Well-formed bodies take the typed fast path; anything it refuses is parsed again as
+/// generic JSON to say which field breaks which rule.
 pub fn parse(body: &[u8], claims: Option<&Claims>, max_batch: usize) -> Result<Vec<Heartbeat>, Rejection> {
-    let value: Value =
-        serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let first = body.iter().find(|b| !b.is_ascii_whitespace());
+    let fast = match first {
+        Some(b'{') => serde_json::from_slice::<Wire>(body).ok().map(|w| vec![w]),
+        Some(b'[') => serde_json::from_slice::<Vec<Wire>>(body).ok().filter(|v| !v.is_empty() && v.len() <= max_batch),
+        _ => None,
+    };
+    let wires = match fast {
+        Some(w) => w,
+        None => slow_path(body, max_batch)?,
+    };
+    let batch = wires.len() > 1 || first == Some(&b'[');
+    wires
+        .into_iter()
+        .enumerate()
+        .map(|(i, w)| build(w, &if batch { format!("[{i}].") } else { String::new() }, claims))
+        .collect()
+}
+
+/// Generic JSON, checked for shape and types field by field.
+fn slow_path(body: &[u8], max_batch: usize) -> Result<Vec<Wire<'static>>, Rejection> {
+    let value: Value = serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
     match value {
-        Value::Object(o) => Ok(vec![beat(&o, "", claims)?]),
+        Value::Object(o) => Ok(vec![wire(&o, "")?]),
         Value::Array(items) => {
             if items.is_empty() {
                 return Err(Rejection::invalid("body".into(), "is an empty batch: send at least one heartbeat"));
@@ -69,77 +111,81 @@ pub fn parse(body: &[u8], claims: Option<&Claims>, max_batch: usize) -> Result<V
                 .iter()
                 .enumerate()
                 .map(|(i, item)| match item {
-                    Value::Object(o) => beat(o, &format!("[{i}]."), claims),
+                    Value::Object(o) => wire(o, &format!("[{i}].")),
                     _ => Err(Rejection::invalid(format!("[{i}]"), "must be a heartbeat object")),
                 })
                 .collect()
         }
-        _ => Err(Rejection::invalid(
-            "body".into(),
-            "must be a heartbeat object or an array of them",
-        )),
+        _ => Err(Rejection::invalid("body".into(), "must be a heartbeat object or an array of them")),
     }
 }
 
-fn beat(o: &Map<String, Value>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Rejection> {
+fn wire(o: &Map<String, Value>, at: &str) -> Result<Wire<'static>, Rejection> {
     if let Some(unknown) = o.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(Rejection::invalid(
             format!("{at}{unknown}"),
             format!("is not a heartbeat field (known: {})", FIELDS.join(", ")),
         ));
     }
-    let session_id = id(o, at, "session_id", None)?;
+    let text = |field: &str| match o.get(field) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(Cow::Owned(s.clone()))),
+        Some(other) if field == "kind" => Err(Rejection::invalid(format!("{at}kind"), format!("is {other}; it must be \"BEAT\" or \"END\""))),
+        Some(_) => Err(Rejection::invalid(format!("{at}{field}"), "must be a string")),
+    };
+    let client_sent_at = match o.get("client_sent_at") {
+        None | Some(Value::Null) => None,
+        Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
+        Some(_) => return Err(Rejection::invalid(format!("{at}client_sent_at"), CLIENT_SENT_AT_RULE)),
+    };
+    Ok(Wire {
+        session_id: text("session_id")?,
+        user_id: text("user_id")?,
+        facility_id: text("facility_id")?,
+        region_id: text("region_id")?,
+        kind: text("kind")?,
+        client_sent_at,
+    })
+}
+
+const CLIENT_SENT_AT_RULE: &str = "must be a non-negative integer (ms since the epoch)";
+
+/// The rules, the same for both paths.
+fn build(w: Wire<'_>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Rejection> {
+    let session_id = id(w.session_id.as_deref(), at, "session_id", None)?;
     let (user, facility, region) = match claims {
         Some(c) => (Some(c.sub.as_str()), Some(c.facility.as_str()), Some(c.region.as_str())),
         None => (None, None, None),
     };
-    let user_id = id(o, at, "user_id", user)?;
-    let facility_id = id(o, at, "facility_id", facility)?;
-    let region_id = id(o, at, "region_id", region)?;
-    let kind = match o.get("kind") {
-        None | Some(Value::Null) => HeartbeatKind::Beat,
-        Some(Value::String(k)) if k == "BEAT" => HeartbeatKind::Beat,
-        Some(Value::String(k)) if k == "END" => HeartbeatKind::End,
+    let user_id = id(w.user_id.as_deref(), at, "user_id", user)?;
+    let facility_id = id(w.facility_id.as_deref(), at, "facility_id", facility)?;
+    let region_id = id(w.region_id.as_deref(), at, "region_id", region)?;
+    let kind = match w.kind.as_deref() {
+        None | Some("BEAT") => HeartbeatKind::Beat,
+        Some("END") => HeartbeatKind::End,
         Some(other) => {
             return Err(Rejection::invalid(
                 format!("{at}kind"),
-                format!("is {other}; it must be \"BEAT\" or \"END\""),
+                format!("is \"{other}\"; it must be \"BEAT\" or \"END\""),
             ))
         }
     };
-    let client_sent_at = match o.get("client_sent_at") {
-        None | Some(Value::Null) => None,
-        Some(Value::Number(n)) if n.as_i64().is_some_and(|v| v >= 0) => n.as_i64(),
-        Some(_) => {
-            return Err(Rejection::invalid(
-                format!("{at}client_sent_at"),
-                "must be a non-negative integer (ms since the epoch)",
-            ))
-        }
-    };
+    if w.client_sent_at.is_some_and(|t| t < 0) {
+        return Err(Rejection::invalid(format!("{at}client_sent_at"), CLIENT_SENT_AT_RULE));
+    }
     Ok(Heartbeat {
         session_id,
         user_id,
         facility_id,
         region_id,
         kind,
-        client_sent_at,
+        client_sent_at: w.client_sent_at,
     })
 }
 
 /// A required id: from the token when it has one (the body may repeat it, not contradict
 /// it), else from the body; 1 to 128 bytes, no control characters.
-fn id(
-    o: &Map<String, Value>,
-    at: &str,
-    field: &'static str,
-    from_token: Option<&str>,
-) -> Result<String, Rejection> {
-    let in_body = match o.get(field) {
-        None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.as_str()),
-        Some(_) => return Err(Rejection::invalid(format!("{at}{field}"), "must be a string")),
-    };
+fn id(in_body: Option<&str>, at: &str, field: &'static str, from_token: Option<&str>) -> Result<String, Rejection> {
     let value = match (from_token, in_body) {
         (Some(t), Some(b)) if t != b => {
             return Err(Rejection::Forbidden(AuthError::Mismatch {
@@ -153,9 +199,7 @@ fn id(
         (None, None) => return Err(Rejection::invalid(format!("{at}{field}"), "is missing")),
     };
     check_id("Heartbeat", field, value).map_err(|e| match e {
-        presence_core::codec::CodecError::InvalidField { rule, .. } => {
-            Rejection::invalid(format!("{at}{field}"), rule)
-        }
+        presence_core::codec::CodecError::InvalidField { rule, .. } => Rejection::invalid(format!("{at}{field}"), rule),
         other => Rejection::invalid(format!("{at}{field}"), other.to_string()),
     })?;
     Ok(value.to_string())

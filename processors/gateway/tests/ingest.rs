@@ -256,3 +256,24 @@ async fn broker_outage_is_503_with_retry_after_and_loses_nothing_acknowledged() 
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
     assert!(lost.is_empty(), "acknowledged but not in the topic: {lost:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cors_admits_the_configured_origins_only() {
+    let mut config = isolated_config();
+    config.gateway.cors_origins = vec!["https://app.example.com".into()];
+    let g = start(&config).await;
+    let preflight = |origin: &'static str| {
+        g.http
+            .request(reqwest::Method::OPTIONS, format!("{}/v1/heartbeats", g.base))
+            .header("origin", origin)
+            .header("access-control-request-method", "POST")
+            .header("access-control-request-headers", "content-type,authorization")
+            .send()
+    };
+    let allowed = preflight("https://app.example.com").await.expect("preflight");
+    assert_eq!(allowed.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap_or_default()), Some("https://app.example.com"));
+    let methods = allowed.headers().get("access-control-allow-methods").map(|v| v.to_str().unwrap_or_default().to_string()).unwrap_or_default();
+    assert!(methods.contains("POST"), "{methods}");
+    let refused = preflight("https://evil.example.net").await.expect("preflight");
+    assert!(refused.headers().get("access-control-allow-origin").is_none(), "an origin not in gateway.cors_origins is not admitted");
+}
