@@ -59,9 +59,14 @@ test: stack
 	cargo test --workspace --locked
 
 # Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of
-# their own (restore, end-to-end throughput against a plain consumer, latency).
+# their own (restore, end-to-end throughput against a plain consumer, latency), the gateway
+# under wrk, loadgen straight to Kafka, the sink into PostgreSQL, and SSE fan-out.
 bench: stack build
 	cargo bench --locked -p presence-processor --bench stage1
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench restore --sessions 1000000
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench throughput --heartbeats 4000000
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench latency --rate 20000 --seconds 30
+	bash deploy/bench-gateway.sh
+	bash deploy/bench-loadgen.sh
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench sink --transitions 200000 --runs 3
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench fanout --clients 1000 --events 100

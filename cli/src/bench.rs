@@ -128,6 +128,7 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
 /// the notifier's own Redis writer, `interval` apart.
 pub async fn fanout(config: &Config, clients: usize, events: usize) -> anyhow::Result<String> {
     let c = isolate(config, "fanout");
+    presence_core::topics::ensure(&c).await?;
     let shutdown = Shutdown::new();
     let gateway = presence_gateway::start(c.clone(), shutdown.clone()).await?;
     let url = format!("http://{}/v1/regions/bench/stream", gateway.addr);
