@@ -11,7 +11,10 @@ DURATION="${DURATION:-15}"
 RUNS="${RUNS:-3}"
 CONNECTIONS="${CONNECTIONS:-128}"
 PORT="${PORT:-18080}"
-command -v wrk >/dev/null || { echo "wrk is not installed: apt-get install wrk" >&2; exit 1; }
+if ! command -v wrk >/dev/null; then
+  [[ $(id -u) -eq 0 ]] || { echo "wrk is not installed: sudo apt-get install wrk" >&2; exit 1; }
+  echo "installing wrk (apt-get)"; apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
+fi
 ID="bench-gateway-$(date +%s)"
 export PRESENCE_TOPICS__HEARTBEATS="$ID-heartbeats" PRESENCE_TOPICS__FACILITY_STATUS="$ID-facility-status" \
   PRESENCE_TOPICS__DEAD_LETTERS="$ID-heartbeats.dlq" PRESENCE_TOPICS__INTERNAL_PREFIX="$ID.internal." \

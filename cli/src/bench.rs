@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use presence_core::codec::encode;
 use presence_core::config::Config;
-use presence_core::delivery::Transition;
 use presence_core::records::{FacilityStatus, Status};
 use presence_core::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -166,9 +165,9 @@ pub async fn fanout(config: &Config, clients: usize, events: usize) -> anyhow::R
     let mut writer = presence_notifier::redis_writer::RedisWriter::new(&c)?;
     let mut published = std::collections::HashMap::new();
     for seq in 1..=events as i64 {
-        let t = Transition::from(&FacilityStatus { region_id: "bench".into(), ..transition(seq as usize % 50, seq) });
+        let t = FacilityStatus { region_id: "bench".into(), ..transition(seq as usize % 50, seq) };
         let at = Instant::now();
-        writer.apply(&[t]).await?;
+        writer.apply(&[&t]).await?;
         published.insert(seq as u64, at);
         tokio::time::sleep(Duration::from_millis(50)).await;
     }

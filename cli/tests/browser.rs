@@ -2,6 +2,8 @@
 //! gateway: a page posts beats with fetch() and an END with sendBeacon() on unload; the
 //! dashboard turns a facility's tile ONLINE while it beats and OFFLINE after the timeout.
 
+mod support;
+
 use std::time::Duration;
 
 use presence_core::testkit::{browser_script, isolated_config, read_topic, unique};
@@ -12,15 +14,9 @@ use rdkafka::message::Message;
 async fn fetch_beats_and_an_unload_beacon_arrive() {
     let mut config = isolated_config();
     config.gateway.cors_origins = vec!["*".into()];
-    let report = presence_core::topics::ensure(&config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
-    let gateway = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway");
-    let base = format!("http://{}", gateway.addr);
-    presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{base}/readyz")).await.ok()?.status().is_success().then_some(())
-    })
-    .await;
+    let base = support::start_gateway(&config, &shutdown).await;
     let session = unique("browser");
     let (b, s) = (base.clone(), session.clone());
     let result = tokio::task::spawn_blocking(move || browser_script("beacon.cjs", &[&b, &s])).await.expect("join");
@@ -44,19 +40,13 @@ async fn fetch_beats_and_an_unload_beacon_arrive() {
 async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() {
     let mut config = isolated_config();
     config.processor.session_timeout = Duration::from_secs(3);
-    let report = presence_core::topics::ensure(&config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
     let (c, s) = (config.clone(), shutdown.clone());
     tokio::spawn(async move { presence_processor::run(c, s).await.expect("processor") });
     let (c, s) = (config.clone(), shutdown.clone());
     tokio::spawn(async move { presence_notifier::run(c, s).await.expect("notifier") });
-    let gateway = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway");
-    let base = format!("http://{}", gateway.addr);
-    presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{base}/readyz")).await.ok()?.status().is_success().then_some(())
-    })
-    .await;
+    let base = support::start_gateway(&config, &shutdown).await;
     let result = tokio::task::spawn_blocking(move || browser_script("dashboard.cjs", &[&base, "browser-region", "clinic-7"]))
         .await
         .expect("join");

@@ -1,6 +1,8 @@
 //! Live region streams and reads, end to end from `facility-status` through the real
 //! notifier, Redis, the sink and PostgreSQL to the gateway's HTTP answers.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -26,16 +28,15 @@ impl Drop for Pipeline {
 async fn pipeline(replay_events: usize) -> Pipeline {
     let mut config = isolated_config();
     config.redis.replay_events = replay_events;
-    let report = presence_core::topics::ensure(&config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
     let (c, s) = (config.clone(), shutdown.clone());
     tokio::spawn(async move { presence_notifier::run(c, s).await.expect("notifier") });
     let (c, s) = (config.clone(), shutdown.clone());
     tokio::spawn(async move { presence_sink::run(c, s).await.expect("sink") });
-    let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway");
+    let base = support::start_gateway(&config, &shutdown).await;
     Pipeline {
-        base: format!("http://{}", running.addr),
+        base,
         config,
         http: reqwest::Client::new(),
         shutdown,
@@ -186,8 +187,9 @@ async fn a_client_too_far_behind_gets_a_snapshot_and_a_lost_message_is_recovered
     // the gateway notices the region sequence moved and fills the gap from the log.
     let keys = RedisKeys::new(&p.config.redis.key_prefix);
     let mut r = redis::Client::open(p.config.redis.url.expose()).expect("url").get_multiplexed_async_connection().await.expect("redis");
-    let lost = presence_core::delivery::Transition { region_seq: 6, ..presence_core::delivery::Transition::from(&transition("f1", "r2", 2, false)) };
-    let json = serde_json::to_string(&lost).expect("json");
+    let mut lost = serde_json::to_value(transition("f1", "r2", 2, false)).expect("json");
+    lost["region_seq"] = 6.into();
+    let json = lost.to_string();
     let _: () = redis::pipe()
         .atomic()
         .set(keys.region_seq("r2"), 6)

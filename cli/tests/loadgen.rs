@@ -2,6 +2,8 @@
 //! as sent is in the topic, and the ground-truth file holds exactly those, with the event
 //! times the processor will see (Kafka mode).
 
+mod support;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -28,8 +30,7 @@ fn options() -> Options {
 
 async fn setup() -> Config {
     let config = isolated_config();
-    let report = presence_core::topics::ensure(&config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
     config
 }
 
@@ -63,12 +64,7 @@ fn compare(config: &Config, truth: &std::path::Path, sent: u64, exact_times: boo
 async fn through_the_gateway_every_accepted_beat_arrives_and_is_in_the_truth() {
     let config = setup().await;
     let shutdown = Shutdown::new();
-    let gateway = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway");
-    let base = format!("http://{}", gateway.addr);
-    presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{base}/readyz")).await.ok()?.status().is_success().then_some(())
-    })
-    .await;
+    let base = support::start_gateway(&config, &shutdown).await;
     let truth = std::env::temp_dir().join(unique("truth"));
     let (c, t, stop) = (config.clone(), truth.clone(), Shutdown::new());
     let target = Target::Http { base, batch: 1, concurrency: 8 };

@@ -31,8 +31,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 pub async fn setup(timeout_ms: u64) -> Config {
     let mut c = isolated_config();
     c.processor.session_timeout = Duration::from_millis(timeout_ms);
-    let report = presence_core::topics::ensure(&c).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&c).await;
     c
 }
 
@@ -265,8 +264,20 @@ pub fn diff(expected: &[Expected], got: &[Expected]) -> String {
     lines.join("\n")
 }
 
+#[allow(unused_imports)]
 pub use presence_core::now_ms;
 
 pub fn admin_config(c: &Config) -> rdkafka::config::ClientConfig {
     base_config(&c.kafka, "test-admin")
+}
+
+/// Starts the gateway in this process and returns its base URL once `/readyz` says so.
+pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) -> String {
+    let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway starts");
+    let base = format!("http://{}", running.addr);
+    presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
+        reqwest::get(format!("{base}/readyz")).await.ok()?.status().is_success().then_some(())
+    })
+    .await;
+    base
 }

@@ -11,50 +11,13 @@
 //! | `region:<region>:seq` | string | region sequence: +1 per applied transition |
 //! | `region:<region>:log` | sorted set | the newest transitions by region sequence, for replay |
 //! | `regions` | set | every region seen |
-//! | `region:<region>` | pub/sub channel | each applied transition, as [`Transition`] JSON |
-
-use serde::{Deserialize, Serialize};
-
-use crate::records::{FacilityStatus, Status};
-
-/// A transition as JSON: on a region channel, in the replay log and in SSE events. Field
-/// names are the Avro record's, plus the region sequence that orders a region's events.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Transition {
-    /// Per region, +1 per transition applied to Redis; 0 in stored facility state, which is
-    /// not an event. Gaps in it are how a stream notices a lost pub/sub message.
-    #[serde(default, skip_serializing_if = "is_zero")]
-    pub region_seq: u64,
-    pub facility_id: String,
-    pub region_id: String,
-    pub status: Status,
-    pub open_sessions: i32,
-    /// Event time of the transition, ms since the epoch.
-    pub since: i64,
-    /// Per facility, +1 per transition.
-    pub seq: i64,
-    /// Wall-clock ms when the processor emitted it.
-    pub emitted_at: i64,
-}
-
-fn is_zero(n: &u64) -> bool {
-    *n == 0
-}
-
-impl From<&FacilityStatus> for Transition {
-    fn from(s: &FacilityStatus) -> Self {
-        Transition {
-            region_seq: 0,
-            facility_id: s.facility_id.clone(),
-            region_id: s.region_id.clone(),
-            status: s.status,
-            open_sessions: s.open_sessions,
-            since: s.since,
-            seq: s.seq,
-            emitted_at: s.emitted_at,
-        }
-    }
-}
+//! | `region:<region>` | pub/sub channel | each applied transition (JSON, below) |
+//!
+//! Stored values are a `FacilityStatus` as JSON (its serde form, field names as in the Avro
+//! schema, `facility_id` first). Events on a channel, in the log and in SSE are the same
+//! JSON with `region_seq` in front: `{"region_seq":7,"facility_id":...}`. The region
+//! sequence grows by one per transition applied to a region, so a gap in it is how a stream
+//! notices a lost pub/sub message.
 
 /// Names of every Redis key and channel, under one prefix.
 #[derive(Debug, Clone)]
@@ -136,22 +99,17 @@ mod tests {
     }
 
     #[test]
-    fn transition_json_carries_region_seq_only_on_events() {
-        let mut t = Transition {
-            region_seq: 0,
+    fn stored_json_starts_with_facility_id_so_the_notifier_can_prepend_region_seq() {
+        let t = crate::records::FacilityStatus {
             facility_id: "f".into(),
             region_id: "r".into(),
-            status: Status::Online,
+            status: crate::records::Status::Online,
             open_sessions: 2,
             since: 1,
             seq: 3,
             emitted_at: 4,
         };
-        let stored = serde_json::to_string(&t).unwrap();
-        assert!(!stored.contains("region_seq"));
-        assert!(stored.starts_with("{\"facility_id\""), "the notifier prepends region_seq to this: {stored}");
-        t.region_seq = 9;
-        let event: Transition = serde_json::from_str(&serde_json::to_string(&t).unwrap()).unwrap();
-        assert_eq!(event, t);
+        let json = serde_json::to_string(&t).unwrap();
+        assert!(json.starts_with("{\"facility_id\":\"f\""), "{json}");
     }
 }

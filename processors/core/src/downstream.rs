@@ -95,7 +95,30 @@ impl Metrics {
     }
 }
 
+/// A whole downstream process: `/metrics`, `/healthz` and `/readyz` on `ops_listen`, and
+/// [`run`] with metrics named `presence_<role>_*`, until `shutdown`.
+pub async fn serve<W: Writer>(
+    config: &Config,
+    role: &'static str,
+    group_id: &str,
+    ops_listen: std::net::SocketAddr,
+    batching: Batching,
+    writer: W,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    let registry = Registry::new();
+    let health = Health::new(&registry);
+    let metrics = Metrics::new(&registry, role);
+    let (addr, server) = crate::telemetry::serve_ops(ops_listen, registry, health.clone(), shutdown.clone()).await?;
+    tracing::info!(%addr, role, "metrics and health");
+    let result = run(config, role, group_id, batching, writer, metrics, health, shutdown.clone()).await;
+    shutdown.trigger();
+    let _ = server.await;
+    result
+}
+
 /// Consumes `facility-status` as group `group_id` into `writer` until `shutdown`.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<W: Writer>(
     config: &Config,
     role: &'static str,

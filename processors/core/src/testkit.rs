@@ -300,3 +300,9 @@ pub fn browser_script(script: &str, args: &[&str]) -> serde_json::Value {
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
 }
+
+/// Creates `c`'s topics and panics with the report if any is wrong.
+pub async fn ensure_topics(c: &Config) {
+    let report = crate::topics::ensure(c).await.expect("topics");
+    assert!(report.is_ok(), "{report}");
+}

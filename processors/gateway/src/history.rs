@@ -3,8 +3,8 @@
 
 use std::time::Duration;
 
-use presence_core::delivery::{Tables, Transition};
-use presence_core::records::Status;
+use presence_core::delivery::Tables;
+use presence_core::records::{FacilityStatus, Status};
 use tokio::sync::Mutex;
 use tokio_postgres::{Client, NoTls};
 
@@ -14,8 +14,8 @@ pub struct History {
     pub from: i64,
     pub to: i64,
     /// The facility's state when the range starts (its newest transition before `from`).
-    pub initial: Option<Transition>,
-    pub transitions: Vec<Transition>,
+    pub initial: Option<FacilityStatus>,
+    pub transitions: Vec<FacilityStatus>,
     /// Seconds ONLINE within [from, to).
     pub online_seconds: f64,
 }
@@ -87,8 +87,7 @@ impl HistoryReader {
         let mut initial = None;
         let mut transitions = Vec::new();
         for row in rows {
-            let t = Transition {
-                region_seq: 0,
+            let t = FacilityStatus {
                 facility_id: row.get(0),
                 region_id: row.get(1),
                 status: if row.get::<_, &str>(2) == "ONLINE" { Status::Online } else { Status::Offline },

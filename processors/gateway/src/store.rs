@@ -1,7 +1,8 @@
 //! The Redis edge of the read side: what the notifier wrote (layout in
 //! `presence_core::delivery`). Reads only; the gateway never writes to Redis.
 
-use presence_core::delivery::{RedisKeys, Transition};
+use presence_core::delivery::RedisKeys;
+use presence_core::records::FacilityStatus;
 use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult};
 
@@ -12,7 +13,7 @@ pub struct Snapshot {
     pub region_seq: u64,
     pub online: usize,
     pub offline: usize,
-    pub facilities: Vec<Transition>,
+    pub facilities: Vec<FacilityStatus>,
 }
 
 /// Events after a region sequence, when the replay log still holds all of them.
@@ -69,7 +70,7 @@ impl Store {
             .key(self.keys.region_facilities(region))
             .invoke_async(&mut c)
             .await?;
-        let mut facilities: Vec<Transition> = values
+        let mut facilities: Vec<FacilityStatus> = values
             .iter()
             .filter_map(|v| serde_json::from_str(v).ok())
             .collect();
@@ -119,7 +120,7 @@ impl Store {
         })
     }
 
-    pub async fn facility(&self, id: &str) -> RedisResult<Option<Transition>> {
+    pub async fn facility(&self, id: &str) -> RedisResult<Option<FacilityStatus>> {
         let mut c = self.conn().await?;
         let json: Option<String> = c.hget(self.keys.facility(id), "json").await?;
         Ok(json.and_then(|j| serde_json::from_str(&j).ok()))

@@ -28,8 +28,7 @@ impl Drop for Gateway {
 }
 
 async fn start(config: &Config) -> Gateway {
-    let report = presence_core::topics::ensure(config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
     let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway starts");
     let g = Gateway {

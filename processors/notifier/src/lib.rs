@@ -12,24 +12,16 @@
 pub mod redis_writer;
 
 use presence_core::downstream::{self, Batching};
-use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
-use prometheus::Registry;
 
 /// Runs the notifier until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let registry = Registry::new();
-    let health = Health::new(&registry);
-    let metrics = downstream::Metrics::new(&registry, "notifier");
-    let (addr, server) = serve_ops(config.notifier.ops_listen, registry, health.clone(), shutdown.clone()).await?;
-    tracing::info!(%addr, "notifier metrics and health");
     let writer = redis_writer::RedisWriter::new(&config)?;
     let batching = Batching {
         max_records: config.notifier.batch_size,
+        // Browsers wait on this: a batch forms only from what is already there.
         linger: std::time::Duration::from_millis(2),
     };
-    let result = downstream::run(&config, "notifier", &config.notifier.group_id, batching, writer, metrics, health, shutdown.clone()).await;
-    shutdown.trigger();
-    let _ = server.await;
-    result
+    let n = &config.notifier;
+    downstream::serve(&config, "notifier", &n.group_id, n.ops_listen, batching, writer, shutdown).await
 }

@@ -1,7 +1,8 @@
 //! The Redis edge. Key layout: `presence_core::delivery`.
 
 use presence_core::config::Config;
-use presence_core::delivery::{RedisKeys, Transition};
+use presence_core::delivery::RedisKeys;
+use presence_core::records::FacilityStatus;
 use presence_core::downstream::{Received, Writer};
 use redis::aio::ConnectionManager;
 
@@ -61,7 +62,7 @@ impl RedisWriter {
     }
 
     /// Applies `transitions`; returns how many changed a facility's state.
-    pub async fn apply(&mut self, transitions: &[Transition]) -> redis::RedisResult<u64> {
+    pub async fn apply(&mut self, transitions: &[&FacilityStatus]) -> redis::RedisResult<u64> {
         let connection = match &mut self.connection {
             Some(c) => c,
             None => {
@@ -86,7 +87,7 @@ impl Writer for RedisWriter {
     const DEPENDENCY: &'static str = "redis";
 
     async fn write(&mut self, batch: &[Received]) -> Result<(), String> {
-        let transitions: Vec<Transition> = batch.iter().map(|r| Transition::from(&r.status)).collect();
+        let transitions: Vec<&FacilityStatus> = batch.iter().map(|r| &r.status).collect();
         self.apply(&transitions).await.map(|_| ()).map_err(|e| e.to_string())
     }
 }

@@ -16,8 +16,7 @@ use redis::AsyncCommands;
 use serde_json::Value;
 
 async fn setup(config: &Config) {
-    let report = presence_core::topics::ensure(config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
 }
 
 fn start_notifier(config: &Config) -> Shutdown {

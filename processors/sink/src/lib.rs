@@ -15,24 +15,15 @@ pub mod migrations;
 pub mod postgres_writer;
 
 use presence_core::downstream::{self, Batching};
-use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
-use prometheus::Registry;
 
 /// Runs the sink until `shutdown`.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
-    let registry = Registry::new();
-    let health = Health::new(&registry);
-    let metrics = downstream::Metrics::new(&registry, "sink");
-    let (addr, server) = serve_ops(config.sink.ops_listen, registry, health.clone(), shutdown.clone()).await?;
-    tracing::info!(%addr, "sink metrics and health");
     let writer = postgres_writer::PostgresWriter::new(&config);
+    let s = &config.sink;
     let batching = Batching {
-        max_records: config.sink.batch_size,
-        linger: config.sink.batch_linger,
+        max_records: s.batch_size,
+        linger: s.batch_linger,
     };
-    let result = downstream::run(&config, "sink", &config.sink.group_id, batching, writer, metrics, health, shutdown.clone()).await;
-    shutdown.trigger();
-    let _ = server.await;
-    result
+    downstream::serve(&config, "sink", &s.group_id, s.ops_listen, batching, writer, shutdown).await
 }

@@ -11,8 +11,7 @@ use presence_core::{Secret, Shutdown};
 use tokio_postgres::NoTls;
 
 async fn setup(config: &Config) {
-    let report = presence_core::topics::ensure(config).await.expect("topics");
-    assert!(report.is_ok(), "{report}");
+    presence_core::testkit::ensure_topics(&config).await;
 }
 
 fn start_sink(config: &Config) -> Shutdown {
