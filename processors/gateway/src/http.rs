@@ -330,11 +330,9 @@ async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: He
         Err(e) => return auth_problem(&e),
     };
     let param = |name: &str| {
-        q.as_deref()
-            .unwrap_or("")
-            .split('&')
-            .find_map(|kv| kv.strip_prefix(name).and_then(|v| v.strip_prefix('=')))
-            .map(|v| v.replace("%3A", ":").replace("%3a", ":"))
+        url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.into_owned())
     };
     let now = now_ms();
     let from = match param("from").map(|v| parse_time("from", &v)).transpose() {

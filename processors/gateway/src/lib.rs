@@ -63,7 +63,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         .with_context(|| format!("redis.url {} is not usable; set REDIS_URL to redis://host:port", config.redis.url))?;
     let hub = stream::Hub::new(store.clone(), metrics.clone());
     hub.spawn(config.redis.url.expose().to_string(), shutdown.clone());
-    spawn_redis_probe(store.clone(), health.clone(), shutdown.clone());
+    spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
 
     let history = history::HistoryReader::new(config.database.url.expose(), Tables::new(&config.database.schema));
     let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics);
@@ -83,16 +83,29 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Readiness follows Redis too: streams and reads need it (heartbeats do not).
-fn spawn_redis_probe(store: store::Store, health: Health, shutdown: Shutdown) {
-    const COMPONENT: &str = "redis";
-    health.register(COMPONENT);
+/// Redis is watched but not part of readiness: heartbeats must keep flowing to Kafka while
+/// Redis is down (streams and reads wait for it and say so); `presence_gateway_redis_up`
+/// shows it.
+fn spawn_redis_probe(store: store::Store, metrics: metrics::Metrics, shutdown: Shutdown) {
     tokio::spawn(async move {
+        let mut was_up = true;
         loop {
-            match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
-                Ok(Ok(())) => health.set_ready(COMPONENT),
-                Ok(Err(e)) => health.set_unready(COMPONENT, format!("Redis is unreachable: {e}")),
-                Err(_) => health.set_unready(COMPONENT, "Redis did not answer PING within 2 s"),
+            let result = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(e.to_string()),
+                Err(_) => Err("no answer to PING within 2 s".to_string()),
+            };
+            metrics.redis_up.set(i64::from(result.is_ok()));
+            match result {
+                Err(e) if was_up => {
+                    tracing::warn!(error = %e, "Redis is unreachable: streams and reads wait for it; heartbeats are not affected");
+                    was_up = false;
+                }
+                Ok(()) if !was_up => {
+                    tracing::info!("Redis is reachable again");
+                    was_up = true;
+                }
+                _ => {}
             }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}

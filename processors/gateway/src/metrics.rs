@@ -18,6 +18,8 @@ pub struct Metrics {
     /// `last_event_id_too_old`).
     pub stream_resyncs: IntCounterVec,
     pub redis_errors: IntCounter,
+    /// 1 while Redis answers PING.
+    pub redis_up: IntGauge,
 }
 
 fn must<T>(r: prometheus::Result<T>) -> T {
@@ -65,6 +67,7 @@ impl Metrics {
                 "presence_gateway_redis_errors_total",
                 "Failed Redis calls (reads, subscription)",
             )),
+            redis_up: must(IntGauge::new("presence_gateway_redis_up", "1 while Redis answers PING")),
         };
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
@@ -75,6 +78,7 @@ impl Metrics {
             Box::new(m.stream_events.clone()),
             Box::new(m.stream_resyncs.clone()),
             Box::new(m.redis_errors.clone()),
+            Box::new(m.redis_up.clone()),
         ] {
             must(registry.register(c));
         }
