@@ -61,8 +61,8 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     let keys = RedisKeys::new(&config.redis.key_prefix);
     let store = store::Store::new(config.redis.url.expose(), keys)
         .with_context(|| format!("redis.url {} is not usable; set REDIS_URL to redis://host:port", config.redis.url))?;
-    let hub = stream::Hub::new(store.clone(), metrics.clone());
-    hub.spawn(config.redis.url.expose().to_string(), shutdown.clone());
+    let hub = stream::Hub::new(store.clone(), metrics.clone(), shutdown.clone());
+    hub.spawn(config.redis.url.expose().to_string());
     spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
 
     let history = history::HistoryReader::new(config.database.url.expose(), Tables::new(&config.database.schema));

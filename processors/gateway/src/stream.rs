@@ -49,14 +49,17 @@ pub struct Hub {
     store: Store,
     regions: Arc<Mutex<HashMap<String, Region>>>,
     metrics: Metrics,
+    /// Ends every stream, so that the server's graceful shutdown is not held open by them.
+    shutdown: Shutdown,
 }
 
 impl Hub {
-    pub fn new(store: Store, metrics: Metrics) -> Hub {
+    pub fn new(store: Store, metrics: Metrics, shutdown: Shutdown) -> Hub {
         Hub {
             store,
             regions: Arc::new(Mutex::new(HashMap::new())),
             metrics,
+            shutdown,
         }
     }
 
@@ -133,8 +136,9 @@ impl Hub {
 
     /// Subscribes to every region channel until `shutdown`, reconnecting with backoff; after
     /// a reconnect every watched region is caught up from its log.
-    pub fn spawn(&self, redis_url: String, shutdown: Shutdown) {
+    pub fn spawn(&self, redis_url: String) {
         let hub = self.clone();
+        let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
@@ -245,8 +249,13 @@ struct Gone;
 impl Client {
     async fn run(mut self, last_event_id: Option<u64>) {
         let metrics = self.hub.metrics.clone();
+        let shutdown = self.hub.shutdown.clone();
         metrics.stream_clients.inc();
-        let _ = self.serve(last_event_id).await;
+        tokio::select! {
+            _ = self.serve(last_event_id) => {}
+            // Dropping the sender ends the response; EventSource reconnects elsewhere.
+            _ = shutdown.wait() => {}
+        }
         metrics.stream_clients.dec();
     }
 

@@ -188,9 +188,14 @@ async fn tokens_decide_who_reports_for_which_facility() {
         .await
         .expect("beacon");
     assert_eq!(r.status().as_u16(), 202);
-    // A stream of a region the token does not grant.
+    // A stream of a region the token does not grant, and of the one it does (EventSource
+    // passes the token in the query string).
     let r = g.http.get(format!("{}/v1/regions/north/stream", g.base)).bearer_auth(&good).send().await.expect("stream");
     assert_eq!(r.status().as_u16(), 403);
+    let r = g.http.get(format!("{}/v1/regions/south/stream?access_token={good}", g.base)).send().await.expect("stream");
+    assert_eq!(r.status().as_u16(), 200);
+    let r = g.http.get(format!("{}/v1/regions/south/stream", g.base)).send().await.expect("stream");
+    assert_eq!(r.status().as_u16(), 401, "no token");
 
     let records = read_topic(&config, &config.topics.heartbeats, 2, Duration::from_secs(30));
     assert_eq!(records_in(&config, &config.topics.heartbeats), 2, "only the two authorised beats were produced");
