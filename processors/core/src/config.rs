@@ -461,6 +461,21 @@ impl Config {
         }
     }
 
+    /// The config with every secret replaced by its redacted form, for printing
+    /// (`presence check-config`): URL passwords, Kafka properties, the token key.
+    pub fn redacted(&self) -> Config {
+        let mut c = self.clone();
+        c.redis.url = Secret::new(c.redis.url.redacted());
+        c.database.url = Secret::new(c.database.url.redacted());
+        for v in c.kafka.properties.values_mut() {
+            *v = Secret::new("***");
+        }
+        if !c.gateway.jwt_secret.expose().is_empty() {
+            c.gateway.jwt_secret = Secret::new("***");
+        }
+        c
+    }
+
     /// Every rule the typed fields cannot express; empty when the config is usable.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -806,6 +821,41 @@ mod tests {
             Err(ConfigError::Invalid(p)) => p,
             Err(e) => panic!("unexpected {e}"),
         }
+    }
+
+    #[test]
+    fn printing_the_config_shows_no_secret() {
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("REDIS_URL", "redis://:redis-pw-1@host:6379"),
+                ("DATABASE_URL", "postgres://u:pg-pw-2@host/db"),
+                ("KAFKA_PROPERTY_SASL_PASSWORD", "kafka-pw-3"),
+                ("PRESENCE_GATEWAY__AUTH", "jwt"),
+                ("PRESENCE_GATEWAY__JWT_SECRET", "jwt-key-4-jwt-key-4-jwt-key-4-jwt-key-4"),
+            ]),
+        )
+        .expect("valid");
+        let shown = toml::to_string_pretty(&c.redacted()).unwrap();
+        for secret in ["redis-pw-1", "pg-pw-2", "kafka-pw-3", "jwt-key-4"] {
+            assert!(!shown.contains(secret), "{secret} printed:\n{shown}");
+        }
+        assert!(shown.contains("postgres://u:***@host/db"), "{shown}");
+    }
+
+    #[test]
+    fn gateway_settings_are_checked() {
+        let p = problems_of(&[
+            ("PRESENCE_GATEWAY__AUTH", "jwt"),
+            ("PRESENCE_GATEWAY__JWT_SECRET", "short"),
+            ("PRESENCE_GATEWAY__CORS_ORIGINS", "https://ok.example.com, https://bad.example.com/path"),
+            ("PRESENCE_GATEWAY__MAX_BATCH", "0"),
+        ]);
+        assert!(p.iter().any(|e| e.contains("jwt_secret") && e.contains("32 bytes")), "{p:?}");
+        assert!(p.iter().any(|e| e.contains("bad.example.com/path")), "{p:?}");
+        assert!(!p.iter().any(|e| e.contains("'https://ok.example.com'")), "{p:?}");
+        assert!(p.iter().any(|e| e.contains("gateway.max_batch = 0")), "{p:?}");
+        assert_eq!(p.len(), 3, "{p:?}");
     }
 
     #[test]
