@@ -199,4 +199,10 @@ async fn a_client_too_far_behind_gets_a_snapshot_and_a_lost_message_is_recovered
         .expect("write without publish");
     let (event, id, t) = s.next().await;
     assert_eq!((event.as_str(), id, facility_seq(&t)), ("transition", 6, ("f1".into(), 2)));
+
+    // Redis lost its data and the notifier rebuilt the region: its sequence starts again
+    // lower. The stream notices within a poll and starts over from a snapshot.
+    let _: () = redis::cmd("SET").arg(keys.region_seq("r2")).arg(2).query_async(&mut r).await.expect("set");
+    let (event, id, _) = s.next().await;
+    assert_eq!((event.as_str(), id), ("snapshot", 2));
 }

@@ -7,6 +7,11 @@
 //!
 //! A record that does not decode goes to the dead-letter topic with headers before its
 //! offset is committed.
+//!
+//! A store that lost everything (Redis restarted without persistence, a database restored
+//! empty) says so with [`WriteError::Rewind`]: the loop then reads its partitions again
+//! from the beginning. `facility-status` is compacted, so that is every facility's newest
+//! transition, and the seq-guarded writes make the replay harmless.
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -38,7 +43,17 @@ pub struct Received {
 pub trait Writer: Send {
     /// The dependency's name in health, metrics and logs (`redis`, `postgres`).
     const DEPENDENCY: &'static str;
-    fn write<'a>(&'a mut self, batch: &'a [Received]) -> impl Future<Output = Result<(), String>> + Send + 'a;
+    fn write<'a>(&'a mut self, batch: &'a [Received]) -> impl Future<Output = Result<(), WriteError>> + Send + 'a;
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// The store is unreachable or refused the batch: retry it with backoff.
+    #[error("{0}")]
+    Retry(String),
+    /// The store holds none of what was written before: read everything again.
+    #[error("the store is empty: {0}")]
+    Rewind(String),
 }
 
 /// Batching of the loop.
@@ -59,6 +74,7 @@ pub struct Metrics {
     pub delivery_seconds: Histogram,
     /// 1 while the dependency takes writes, 0 while it is being retried.
     pub dependency_up: IntGauge,
+    pub rewinds: IntCounter,
 }
 
 impl Metrics {
@@ -84,7 +100,9 @@ impl Metrics {
             )
             .expect("metric"),
             dependency_up: IntGauge::new(format!("presence_{role}_dependency_up"), "1 while the store takes writes").expect("metric"),
+            rewinds: IntCounter::new(format!("presence_{role}_rewinds_total"), "Re-reads of facility-status from the beginning after the store lost its data").expect("metric"),
         };
+        must(registry.register(Box::new(m.rewinds.clone())));
         must(registry.register(Box::new(m.applied.clone())));
         must(registry.register(Box::new(m.batch_seconds.clone())));
         must(registry.register(Box::new(m.errors.clone())));
@@ -187,8 +205,20 @@ pub async fn run<W: Writer>(
                 }
             }
         }
-        if !batch.is_empty() && !write_until_done(&mut writer, &batch, &metrics, &health, &shutdown).await {
-            return Ok(());
+        if !batch.is_empty() {
+            match write_until_done(&mut writer, &batch, &metrics, &health, &shutdown).await {
+                Done::Written => {}
+                Done::Stopped => return Ok(()),
+                Done::Rewind(why) => {
+                    metrics.rewinds.inc();
+                    let assignment = consumer.assignment()?;
+                    tracing::warn!(store = W::DEPENDENCY, why, partitions = assignment.count(), "the store lost its data; reading facility-status again from the beginning");
+                    for e in assignment.elements() {
+                        consumer.seek(e.topic(), e.partition(), rdkafka::Offset::Beginning, Duration::from_secs(10))?;
+                    }
+                    continue;
+                }
+            }
         }
         let mut tpl = TopicPartitionList::new();
         for (p, o) in &next_offsets {
@@ -201,9 +231,16 @@ pub async fn run<W: Writer>(
     }
 }
 
-/// Retries `batch` with backoff until it is written (true) or shutdown (false: not
-/// committed, replayed by whoever consumes next).
-async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics: &Metrics, health: &Health, shutdown: &Shutdown) -> bool {
+enum Done {
+    Written,
+    /// Shutdown: not committed, replayed by whoever consumes next.
+    Stopped,
+    Rewind(String),
+}
+
+/// Retries `batch` with backoff until it is written, the store asks for a rewind, or
+/// shutdown.
+async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics: &Metrics, health: &Health, shutdown: &Shutdown) -> Done {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u32;
     loop {
@@ -221,9 +258,10 @@ async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics
                     health.set_ready(W::DEPENDENCY);
                     metrics.dependency_up.set(1);
                 }
-                return true;
+                return Done::Written;
             }
-            Err(e) => {
+            Err(WriteError::Rewind(why)) => return Done::Rewind(why),
+            Err(WriteError::Retry(e)) => {
                 failures += 1;
                 metrics.errors.inc();
                 metrics.dependency_up.set(0);
@@ -233,7 +271,7 @@ async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.wait() => return false,
+                    _ = shutdown.wait() => return Done::Stopped,
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }

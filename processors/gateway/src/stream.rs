@@ -111,7 +111,12 @@ impl Hub {
                 tracing::warn!(region, error = %e, "cannot read the region's replay log; clients will resync");
             }
         }
-        self.metrics.stream_resyncs.with_label_values(&["gap"]).inc();
+        self.resync(region, "gap");
+    }
+
+    /// Every client of `region` starts over from a snapshot.
+    fn resync(&self, region: &str, reason: &str) {
+        self.metrics.stream_resyncs.with_label_values(&[reason]).inc();
         let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = regions.get_mut(region) {
             r.last = 0;
@@ -191,6 +196,8 @@ impl Hub {
             }
             match self.store.region_seq(&region).await {
                 Ok(current) if current > last => self.fill(&region, last).await,
+                // The sequence went back: Redis lost its data and the notifier rebuilt it.
+                Ok(current) if current < last => self.resync(&region, "reset"),
                 Ok(_) => {}
                 Err(e) => {
                     self.metrics.redis_errors.inc();

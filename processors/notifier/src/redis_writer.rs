@@ -3,7 +3,7 @@
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
 use presence_core::records::FacilityStatus;
-use presence_core::downstream::{Received, Writer};
+use presence_core::downstream::{Received, WriteError, Writer};
 use redis::aio::ConnectionManager;
 
 /// Applies a batch in one atomic step. ARGV: key prefix, replay log size, then per
@@ -12,9 +12,16 @@ use redis::aio::ConnectionManager;
 ///
 /// Keys are built inside the script from the prefix, so this needs a standalone Redis (or a
 /// single-slot setup), not Redis Cluster.
+///
+/// `<prefix>:notifier:epoch` marks a Redis that holds the notifier's state. Missing (a
+/// fresh or wiped Redis), the script sets it, applies nothing and returns -1: the notifier
+/// then re-reads `facility-status` from the beginning.
 const APPLY: &str = r#"
 local p = ARGV[1]
 local keep = tonumber(ARGV[2])
+if redis.call('SET', p .. ':notifier:epoch', redis.call('TIME')[1], 'NX') then
+  return -1
+end
 local applied = 0
 for i = 3, #ARGV, 4 do
   local fid, region, seq, json = ARGV[i], ARGV[i + 1], tonumber(ARGV[i + 2]), ARGV[i + 3]
@@ -61,8 +68,9 @@ impl RedisWriter {
         })
     }
 
-    /// Applies `transitions`; returns how many changed a facility's state.
-    pub async fn apply(&mut self, transitions: &[&FacilityStatus]) -> redis::RedisResult<u64> {
+    /// Applies `transitions`; returns how many changed a facility's state, or -1 when Redis
+    /// held no notifier state (nothing applied; everything must be read again).
+    pub async fn apply(&mut self, transitions: &[&FacilityStatus]) -> redis::RedisResult<i64> {
         let connection = match &mut self.connection {
             Some(c) => c,
             None => {
@@ -86,8 +94,12 @@ impl RedisWriter {
 impl Writer for RedisWriter {
     const DEPENDENCY: &'static str = "redis";
 
-    async fn write(&mut self, batch: &[Received]) -> Result<(), String> {
+    async fn write(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         let transitions: Vec<&FacilityStatus> = batch.iter().map(|r| &r.status).collect();
-        self.apply(&transitions).await.map(|_| ()).map_err(|e| e.to_string())
+        match self.apply(&transitions).await {
+            Ok(-1) => Err(WriteError::Rewind("Redis holds no notifier state (new, or restarted without persistence)".into())),
+            Ok(_) => Ok(()),
+            Err(e) => Err(WriteError::Retry(e.to_string())),
+        }
     }
 }

@@ -175,3 +175,35 @@ async fn redis_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     }
     shutdown.trigger();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wiped_redis_is_rebuilt_from_the_compacted_topic() {
+    let config = isolated_config();
+    setup(&config).await;
+    let keys = RedisKeys::new(&config.redis.key_prefix);
+    let first: Vec<_> = (0..30).map(|i| transition(&format!("f{i}"), "west", 1 + i % 3, true)).collect();
+    produce(&config, &config.topics.facility_status, &status_records(&first)).await;
+    let shutdown = start_notifier(&config);
+    let count = |config: Config, key: String| async move {
+        let mut r = redis(&config).await;
+        let n: usize = r.hlen(key).await.ok()?;
+        Some(n)
+    };
+    eventually("30 facilities in Redis", Duration::from_secs(30), || async {
+        (count(config.clone(), keys.region_facilities("west")).await == Some(30)).then_some(())
+    })
+    .await;
+
+    // Everything of this notifier's prefix disappears, as after a restart without persistence.
+    let mut r = redis(&config).await;
+    let all: Vec<String> = r.keys(format!("{}:*", config.redis.key_prefix)).await.expect("keys");
+    let _: () = r.del(all).await.expect("del");
+    produce(&config, &config.topics.facility_status, &status_records(&[transition("f-new", "west", 1, true)])).await;
+    eventually("all 31 facilities back after the rewind", Duration::from_secs(30), || async {
+        (count(config.clone(), keys.region_facilities("west")).await == Some(31)).then_some(())
+    })
+    .await;
+    let seq: Option<String> = r.hget(keys.facility("f2"), "seq").await.expect("hget");
+    assert_eq!(seq.as_deref(), Some("3"), "the newest transition of f2 is back");
+    shutdown.trigger();
+}

@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use presence_core::config::Config;
 use presence_core::delivery::Tables;
-use presence_core::downstream::{Received, Writer};
+use presence_core::downstream::{Received, WriteError, Writer};
 use tokio_postgres::{Client, NoTls};
 
 use crate::migrations;
@@ -26,8 +26,9 @@ impl PostgresWriter {
         }
     }
 
-    /// Connects (and migrates) on first use and after the connection died.
-    async fn client(&mut self) -> Result<&mut Client, String> {
+    /// Connects (and migrates) on first use and after the connection died. A schema created
+    /// just now (a new or emptied database) is a rewind: every transition is read again.
+    async fn client(&mut self) -> Result<&mut Client, WriteError> {
         if self.client.as_ref().is_some_and(|c| c.is_closed()) {
             self.client = None;
         }
@@ -35,8 +36,8 @@ impl PostgresWriter {
             {
                 let (mut client, connection) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(&self.url, NoTls))
                     .await
-                    .map_err(|_| "connecting to PostgreSQL timed out after 5 s".to_string())?
-                    .map_err(|e| format!("cannot connect to PostgreSQL: {e}"))?;
+                    .map_err(|_| WriteError::Retry("connecting to PostgreSQL timed out after 5 s".into()))?
+                    .map_err(|e| WriteError::Retry(format!("cannot connect to PostgreSQL: {e}")))?;
                 tokio::spawn(async move {
                     if let Err(e) = connection.await {
                         tracing::debug!(error = %e, "PostgreSQL connection closed");
@@ -44,17 +45,20 @@ impl PostgresWriter {
                 });
                 let applied = migrations::apply(&mut client, &self.schema)
                     .await
-                    .map_err(|e| format!("schema migration failed: {e}"))?;
+                    .map_err(|e| WriteError::Retry(format!("schema migration failed: {e}")))?;
                 if !applied.is_empty() {
                     tracing::info!(schema = %self.schema, ?applied, "applied schema migrations");
                 }
                 self.client = Some(client);
+                if applied.first() == Some(&1) {
+                    return Err(WriteError::Rewind(format!("schema '{}' was created just now", self.schema)));
+                }
             }
         }
-        self.client.as_mut().ok_or_else(|| "no PostgreSQL connection".to_string())
+        self.client.as_mut().ok_or_else(|| WriteError::Retry("no PostgreSQL connection".into()))
     }
 
-    pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), String> {
+    pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         let history = self.tables.history();
         let current = self.tables.current();
         let client = self.client().await?;
@@ -113,10 +117,12 @@ impl PostgresWriter {
         }
         .await;
         result.map_err(|e| {
-            if e.is_closed() {
+            // A lost connection, or tables that vanished (a restored or wiped database):
+            // reconnect, which migrates again and then asks for a rewind.
+            if e.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
                 self.client = None;
             }
-            format!("PostgreSQL write failed: {e}")
+            WriteError::Retry(format!("PostgreSQL write failed: {e}"))
         })
     }
 }
@@ -124,7 +130,7 @@ impl PostgresWriter {
 impl Writer for PostgresWriter {
     const DEPENDENCY: &'static str = "postgres";
 
-    async fn write(&mut self, batch: &[Received]) -> Result<(), String> {
+    async fn write(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         self.write_batch(batch).await
     }
 }

@@ -135,3 +135,26 @@ async fn postgres_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     assert_eq!(offline, Some(50));
     shutdown.trigger();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_emptied_database_is_rebuilt_from_the_compacted_topic() {
+    let config = isolated_config();
+    setup(&config).await;
+    let t = Tables::new(&config.database.schema);
+    let first: Vec<_> = (0..30).map(|i| transition(&format!("f{i}"), "west", 1, true)).collect();
+    produce(&config, &config.topics.facility_status, &status_records(&first)).await;
+    let shutdown = start_sink(&config);
+    let current = format!("SELECT count(*) FROM {}", t.current());
+    eventually("30 facilities written", Duration::from_secs(30), || async {
+        (count(&config, current.clone()).await == Some(30)).then_some(())
+    })
+    .await;
+    let client = db(&config).await.expect("db");
+    client.batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", config.database.schema)).await.expect("drop");
+    produce(&config, &config.topics.facility_status, &status_records(&[transition("f-new", "west", 1, true)])).await;
+    eventually("all 31 facilities back after the rewind", Duration::from_secs(60), || async {
+        (count(&config, current.clone()).await == Some(31)).then_some(())
+    })
+    .await;
+    shutdown.trigger();
+}
