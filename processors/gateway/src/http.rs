@@ -147,6 +147,16 @@ fn problem(status: StatusCode, code: &str, message: &str) -> Response {
     (status, Json(json!({"error": code, "message": message}))).into_response()
 }
 
+/// 400 naming the field and the rule it breaks.
+fn invalid_field(field: &str, rule: &str) -> Response {
+    let message = format!("{field} {rule}");
+    (
+        StatusCode::BAD_REQUEST,
+        Json(json!({"error": "invalid_field", "message": message, "field": field, "rule": rule})),
+    )
+        .into_response()
+}
+
 fn auth_problem(e: &AuthError) -> Response {
     let status = if e.is_forbidden() { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
     let mut r = problem(status, e.code(), &e.to_string());
@@ -214,12 +224,7 @@ async fn post_heartbeats(
         }
         Err(Rejection::Invalid { field, rule }) => {
             app.count(ROUTE, "invalid");
-            let message = format!("{field} {rule}");
-            return (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": "invalid_field", "message": message, "field": field, "rule": rule})),
-            )
-                .into_response();
+            return invalid_field(&field, &rule);
         }
         Err(e @ Rejection::TooMany { .. }) => {
             app.count(ROUTE, "too_large");
@@ -307,22 +312,17 @@ async fn get_facility(State(app): State<App>, Path(id): Path<String>, headers: H
 
 /// `from`/`to`: ms since the epoch or RFC 3339 (`2026-11-27T00:00:00Z`). Default: the last
 /// 24 hours.
-fn parse_time(name: &str, value: &str) -> Result<i64, Response> {
+fn parse_time(value: &str) -> Option<i64> {
     if let Ok(ms) = value.parse::<i64>() {
-        return Ok(ms);
+        return Some(ms);
     }
     humantime::parse_rfc3339_weak(value)
         .ok()
         .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
         .map(|d| d.as_millis() as i64)
-        .ok_or_else(|| {
-            (
-                StatusCode::BAD_REQUEST,
-                Json(json!({"error": "invalid_field", "field": name, "rule": "must be ms since the epoch or RFC 3339 (2026-11-27T00:00:00Z)", "message": format!("{name} '{value}' is not a time")})),
-            )
-                .into_response()
-        })
 }
+
+const TIME_RULE: &str = "must be ms since the epoch or RFC 3339 (2026-11-27T00:00:00Z)";
 
 async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
     let claims = match app.authenticate(&headers, q.as_deref()) {
@@ -335,20 +335,18 @@ async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: He
             .map(|(_, v)| v.into_owned())
     };
     let now = now_ms();
-    let from = match param("from").map(|v| parse_time("from", &v)).transpose() {
-        Ok(v) => v.unwrap_or(now - 86_400_000),
-        Err(r) => return r,
-    };
-    let to = match param("to").map(|v| parse_time("to", &v)).transpose() {
-        Ok(v) => v.unwrap_or(now),
-        Err(r) => return r,
-    };
+    let mut range = [("from", now - 86_400_000), ("to", now)];
+    for (name, value) in &mut range {
+        if let Some(text) = param(name) {
+            match parse_time(&text) {
+                Some(ms) => *value = ms,
+                None => return invalid_field(name, TIME_RULE),
+            }
+        }
+    }
+    let [(_, from), (_, to)] = range;
     if to <= from {
-        return (
-            StatusCode::BAD_REQUEST,
-            Json(json!({"error": "invalid_field", "field": "to", "rule": "must be after from", "message": "to must be after from"})),
-        )
-            .into_response();
+        return invalid_field("to", "must be after from");
     }
     match app.0.history.read(&id, from, to).await {
         Ok(h) => {

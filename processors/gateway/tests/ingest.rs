@@ -28,7 +28,7 @@ impl Drop for Gateway {
 }
 
 async fn start(config: &Config) -> Gateway {
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_core::testkit::ensure_topics(config).await;
     let shutdown = Shutdown::new();
     let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway starts");
     let g = Gateway {
@@ -280,4 +280,29 @@ async fn cors_admits_the_configured_origins_only() {
     assert!(methods.contains("POST"), "{methods}");
     let refused = preflight("https://evil.example.net").await.expect("preflight");
     assert!(refused.headers().get("access-control-allow-origin").is_none(), "an origin not in gateway.cors_origins is not admitted");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_producer_queue_is_503_and_every_202_is_in_the_topic() {
+    let mut config = isolated_config();
+    config.gateway.max_in_flight = 1;
+    let g = start(&config).await;
+    let requests = (0..200).map(|i| post(&g, "application/json", beat(&format!("q-{i}"), "BEAT").to_string(), None));
+    let answers = futures::future::join_all(requests).await;
+    let mut accepted = 0;
+    let mut refused = 0;
+    for (status, body, headers) in answers {
+        match status {
+            202 => accepted += 1,
+            503 => {
+                refused += 1;
+                assert_eq!(body["error"], "queue_full", "{body}");
+                assert!(headers.contains_key("retry-after"));
+            }
+            other => panic!("unexpected {other}: {body}"),
+        }
+    }
+    assert!(refused > 0, "200 concurrent beats through a queue of 1 must meet a full queue");
+    assert!(accepted > 0);
+    assert_eq!(records_in(&config, &config.topics.heartbeats), accepted, "every 202 is stored, nothing else");
 }

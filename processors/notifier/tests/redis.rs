@@ -16,7 +16,7 @@ use redis::AsyncCommands;
 use serde_json::Value;
 
 async fn setup(config: &Config) {
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_core::testkit::ensure_topics(config).await;
 }
 
 fn start_notifier(config: &Config) -> Shutdown {

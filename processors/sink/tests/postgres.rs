@@ -11,7 +11,7 @@ use presence_core::{Secret, Shutdown};
 use tokio_postgres::NoTls;
 
 async fn setup(config: &Config) {
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_core::testkit::ensure_topics(config).await;
 }
 
 fn start_sink(config: &Config) -> Shutdown {
