@@ -92,3 +92,37 @@ async fn straight_to_kafka_the_truth_has_the_record_timestamps() {
     compare(&config, &truth, summary.sent, true);
     let _ = std::fs::remove_file(truth);
 }
+
+/// The truth file is the processor's oracle: live users from loadgen (logins, END, silent
+/// vanishing, moves), then the real processor over what they sent, give exactly the
+/// transitions that `sim::oracle` computes from the truth file. (The processor reads the
+/// run afterwards, as after a restart: read live, a beat that reaches it after its clock
+/// passed the beat's timestamp counts at the clock's time, which no oracle of timestamps
+/// can predict to the millisecond.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_truth_file_predicts_the_processors_output() {
+    // Odd: no expiry falls on a beat's (even) instant, see loadgen's Truth.
+    const TIMEOUT_MS: u64 = 1_001;
+    let _one = support::serial();
+    let config = support::setup(TIMEOUT_MS).await;
+    let truth = std::env::temp_dir().join(unique("truth"));
+    let (c, t, stop) = (config.clone(), truth.clone(), Shutdown::new());
+    let options = Options { duration: Some(Duration::from_secs(5)), move_probability: 0.3, ..options() };
+    let summary = tokio::task::spawn_blocking(move || presence_loadgen::run(&c, &options, &Target::Kafka, Some(&t), &stop))
+        .await
+        .expect("join")
+        .expect("loadgen");
+    assert_eq!(summary.failed, 0, "{summary}");
+    assert!(summary.logouts > 0 && summary.vanished > 0 && summary.moves > 0, "{summary}");
+    let expected = presence_core::sim::oracle(&read_truth(&truth).expect("truth"), TIMEOUT_MS as i64);
+    assert!(expected.len() > 20, "a run with churn: {} transitions", expected.len());
+
+    let mut processor = support::spawn_processor(&config, "a", &[]);
+    let mut reader = support::StatusReader::new(&config);
+    let done = reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len());
+    reader.drain();
+    support::kill9(&mut processor);
+    let got = support::as_expected(&reader.seen);
+    assert!(done && got == expected, "{}", support::diff(&expected, &got));
+    let _ = std::fs::remove_file(truth);
+}

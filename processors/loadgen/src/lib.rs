@@ -255,13 +255,51 @@ impl Transport for HttpTransport {
 /// [`presence_core::sim::read_truth`] reads back for the oracle. Exact in Kafka mode (the
 /// record timestamp is this time); through the gateway, the gateway's receive time is a
 /// few ms later.
-struct Truth(std::io::BufWriter<std::fs::File>);
+///
+/// So that the truth orders every facility's events without ties, event times are then
+/// even milliseconds, strictly increasing per facility (a beat that moves a session counts
+/// for both facilities): with an odd session timeout, no expiry falls on a beat's instant.
+struct Truth {
+    out: std::io::BufWriter<std::fs::File>,
+    last_at_facility: std::collections::HashMap<String, i64>,
+    facility_of_session: std::collections::HashMap<String, String>,
+}
 
 impl Truth {
+    fn create(path: &std::path::Path) -> anyhow::Result<Truth> {
+        let file = std::fs::File::create(path)
+            .map_err(|e| anyhow::anyhow!("cannot create the ground-truth file {}: {e}", path.display()))?;
+        Ok(Truth {
+            out: std::io::BufWriter::new(file),
+            last_at_facility: Default::default(),
+            facility_of_session: Default::default(),
+        })
+    }
+
+    /// The event time for `h` sent at `now`: even, and after every earlier event of the
+    /// facilities it touches.
+    fn stamp(&mut self, h: &Heartbeat, now: i64) -> i64 {
+        let previous = match h.kind {
+            HeartbeatKind::Beat => self.facility_of_session.insert(h.session_id.clone(), h.facility_id.clone()),
+            HeartbeatKind::End => self.facility_of_session.remove(&h.session_id),
+        };
+        let touched = [Some(h.facility_id.clone()), previous.filter(|p| *p != h.facility_id)];
+        let mut ts = now - now.rem_euclid(2);
+        for f in touched.iter().flatten() {
+            if let Some(last) = self.last_at_facility.get(f) {
+                ts = ts.max(last + 2);
+            }
+        }
+        for f in touched.into_iter().flatten() {
+            self.last_at_facility.insert(f, ts);
+        }
+        ts
+    }
+
     fn write(&mut self, h: &Heartbeat, ts: i64) -> std::io::Result<()> {
         let mut line = beat_json(h);
         line["ts"] = ts.into();
-        writeln!(self.0, "{line}")
+        writeln!(self.out, "{line}")
     }
 }
 
@@ -275,23 +313,27 @@ pub fn run(
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
     let mut transport: Box<dyn Transport> = match target {
-        Target::Kafka => Box::new(KafkaTransport {
-            producer: idempotent_producer_config(&config.kafka, "loadgen")
+        Target::Kafka => {
+            let producer: ThreadedProducer<DefaultProducerContext> = idempotent_producer_config(&config.kafka, "loadgen")
                 .set("linger.ms", "5")
                 .set("queue.buffering.max.messages", "1000000")
-                .create()?,
-            topic: config.topics.heartbeats.clone(),
-            sent: 0,
-            failed: 0,
-        }),
+                .create()?;
+            // Connected before the first user acts, so that no beat is stamped long before
+            // the broker has it (a late beat is a different beat to the processor).
+            producer
+                .client()
+                .fetch_metadata(Some(&config.topics.heartbeats), Duration::from_secs(15))
+                .map_err(|e| anyhow::anyhow!("cannot reach Kafka at {} for topic '{}': {e}; start the stack (make stack) and run `presence topics`", config.kafka.brokers, config.topics.heartbeats))?;
+            Box::new(KafkaTransport {
+                producer,
+                topic: config.topics.heartbeats.clone(),
+                sent: 0,
+                failed: 0,
+            })
+        }
         Target::Http { base, batch, concurrency } => Box::new(HttpTransport::new(base, *batch, *concurrency)?),
     };
-    let mut truth = match truth {
-        Some(path) => Some(Truth(std::io::BufWriter::new(std::fs::File::create(path).map_err(|e| {
-            anyhow::anyhow!("cannot create the ground-truth file {}: {e}", path.display())
-        })?))),
-        None => None,
-    };
+    let mut truth = truth.map(Truth::create).transpose()?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     let users = options.facilities * options.users_per_facility;
     let mut people: Vec<User> = (0..users)
@@ -318,11 +360,16 @@ pub fn run(
             }
             due.pop();
             let next = step(&mut people[i], i, options, &mut rng, now, &mut summary, |h| {
-                if let Some(t) = truth.as_mut() {
-                    if let Err(e) = t.write(h, ts) {
-                        truth_error.get_or_insert(e);
+                let ts = match truth.as_mut() {
+                    Some(t) => {
+                        let ts = t.stamp(h, ts);
+                        if let Err(e) = t.write(h, ts) {
+                            truth_error.get_or_insert(e);
+                        }
+                        ts
                     }
-                }
+                    None => ts,
+                };
                 transport.send(h, ts)
             });
             due.push(Reverse((next, i)));
@@ -342,7 +389,7 @@ pub fn run(
         }
     }
     if let Some(mut t) = truth {
-        t.0.flush()?;
+        t.out.flush()?;
     }
     let (sent, failed) = transport.finish()?;
     summary.sent = sent;
