@@ -6,7 +6,7 @@ mod support;
 
 use std::time::Duration;
 
-use presence_core::testkit::{browser_script, isolated_config, read_topic, unique};
+use presence_core::testkit::{browser_script, isolated_config, read_topic, spawn_process, unique};
 use presence_core::Shutdown;
 use rdkafka::message::Message;
 
@@ -42,10 +42,8 @@ async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() 
     config.processor.session_timeout = Duration::from_secs(3);
     presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
-    let (c, s) = (config.clone(), shutdown.clone());
-    tokio::spawn(async move { presence_processor::run(c, s).await.expect("processor") });
-    let (c, s) = (config.clone(), shutdown.clone());
-    tokio::spawn(async move { presence_notifier::run(c, s).await.expect("notifier") });
+    spawn_process("processor", &shutdown, |s| presence_processor::run(config.clone(), s));
+    spawn_process("notifier", &shutdown, |s| presence_notifier::run(config.clone(), s));
     let base = support::start_gateway(&config, &shutdown).await;
     let result = tokio::task::spawn_blocking(move || browser_script("dashboard.cjs", &[&base, "browser-region", "clinic-7"]))
         .await

@@ -8,7 +8,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
-use presence_core::testkit::{eventually, isolated_config, produce, status_records, transition};
+use presence_core::testkit::{eventually, isolated_config, produce, spawn_process, status_records, transition};
 use presence_core::Shutdown;
 use serde_json::Value;
 
@@ -30,10 +30,8 @@ async fn pipeline(replay_events: usize) -> Pipeline {
     config.redis.replay_events = replay_events;
     presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
-    let (c, s) = (config.clone(), shutdown.clone());
-    tokio::spawn(async move { presence_notifier::run(c, s).await.expect("notifier") });
-    let (c, s) = (config.clone(), shutdown.clone());
-    tokio::spawn(async move { presence_sink::run(c, s).await.expect("sink") });
+    spawn_process("notifier", &shutdown, |s| presence_notifier::run(config.clone(), s));
+    spawn_process("sink", &shutdown, |s| presence_sink::run(config.clone(), s));
     let base = support::start_gateway(&config, &shutdown).await;
     Pipeline {
         base,

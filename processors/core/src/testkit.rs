@@ -306,3 +306,17 @@ pub async fn ensure_topics(c: &Config) {
     let report = crate::topics::ensure(c).await.expect("topics");
     assert!(report.is_ok(), "{report}");
 }
+
+/// Runs a process's `run(config, shutdown)` as a task of this test, until `shutdown`;
+/// a process that fails panics the task with its error.
+pub fn spawn_process<Fut>(what: &'static str, shutdown: &crate::Shutdown, run: impl FnOnce(crate::Shutdown) -> Fut)
+where
+    Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
+{
+    let task = run(shutdown.clone());
+    tokio::spawn(async move {
+        if let Err(e) = task.await {
+            panic!("{what} failed: {e:#}");
+        }
+    });
+}

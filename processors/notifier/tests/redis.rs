@@ -15,18 +15,11 @@ use rdkafka::message::{Headers, Message};
 use redis::AsyncCommands;
 use serde_json::Value;
 
-async fn setup(config: &Config) {
-    presence_core::testkit::ensure_topics(config).await;
-}
+use presence_core::testkit::{ensure_topics as setup, spawn_process};
 
 fn start_notifier(config: &Config) -> Shutdown {
     let shutdown = Shutdown::new();
-    let (c, s) = (config.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        if let Err(e) = presence_notifier::run(c, s).await {
-            panic!("notifier failed: {e:#}");
-        }
-    });
+    spawn_process("notifier", &shutdown, |s| presence_notifier::run(config.clone(), s));
     shutdown
 }
 

@@ -10,18 +10,11 @@ use presence_core::testkit::{eventually, free_port, isolated_config, produce, st
 use presence_core::{Secret, Shutdown};
 use tokio_postgres::NoTls;
 
-async fn setup(config: &Config) {
-    presence_core::testkit::ensure_topics(config).await;
-}
+use presence_core::testkit::{ensure_topics as setup, spawn_process};
 
 fn start_sink(config: &Config) -> Shutdown {
     let shutdown = Shutdown::new();
-    let (c, s) = (config.clone(), shutdown.clone());
-    tokio::spawn(async move {
-        if let Err(e) = presence_sink::run(c, s).await {
-            panic!("sink failed: {e:#}");
-        }
-    });
+    spawn_process("sink", &shutdown, |s| presence_sink::run(config.clone(), s));
     shutdown
 }
 
