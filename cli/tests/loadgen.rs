@@ -103,7 +103,6 @@ async fn straight_to_kafka_the_truth_has_the_record_timestamps() {
 async fn the_truth_file_predicts_the_processors_output() {
     // Odd: no expiry falls on a beat's (even) instant, see loadgen's Truth.
     const TIMEOUT_MS: u64 = 1_001;
-    let _one = support::serial();
     let config = support::setup(TIMEOUT_MS).await;
     let truth = std::env::temp_dir().join(unique("truth"));
     let (c, t, stop) = (config.clone(), truth.clone(), Shutdown::new());

@@ -225,6 +225,37 @@ pub fn oracle(records: &[SimRecord], timeout_ms: i64) -> Vec<Expected> {
     out
 }
 
+/// Reads a ground-truth file written by `presence loadgen --truth FILE` (JSON lines with
+/// `ts` and the heartbeat's fields), sorted by `ts`, ready for [`oracle`].
+pub fn read_truth(path: &std::path::Path) -> std::io::Result<Vec<SimRecord>> {
+    use std::io::BufRead;
+    let invalid = |line: usize, why: &str| {
+        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{line}: {why}", path.display()))
+    };
+    let mut out = Vec::new();
+    for (n, line) in std::io::BufReader::new(std::fs::File::open(path)?).lines().enumerate() {
+        let line = line?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| invalid(n + 1, &e.to_string()))?;
+        let text = |k: &str| v[k].as_str().map(String::from).ok_or_else(|| invalid(n + 1, &format!("{k} missing")));
+        out.push(SimRecord {
+            ts: v["ts"].as_i64().ok_or_else(|| invalid(n + 1, "ts missing"))?,
+            heartbeat: Heartbeat {
+                session_id: text("session_id")?,
+                user_id: text("user_id")?,
+                facility_id: text("facility_id")?,
+                region_id: text("region_id")?,
+                kind: if v["kind"] == "END" { HeartbeatKind::End } else { HeartbeatKind::Beat },
+                client_sent_at: v["client_sent_at"].as_i64(),
+            },
+        });
+    }
+    out.sort_by_key(|r| r.ts);
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,35 +309,4 @@ mod tests {
             ]
         );
     }
-}
-
-/// Reads a ground-truth file written by `presence loadgen --truth FILE` (JSON lines with
-/// `ts` and the heartbeat's fields), sorted by `ts`, ready for [`oracle`].
-pub fn read_truth(path: &std::path::Path) -> std::io::Result<Vec<SimRecord>> {
-    use std::io::BufRead;
-    let invalid = |line: usize, why: &str| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{line}: {why}", path.display()))
-    };
-    let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(std::fs::File::open(path)?).lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| invalid(n + 1, &e.to_string()))?;
-        let text = |k: &str| v[k].as_str().map(String::from).ok_or_else(|| invalid(n + 1, &format!("{k} missing")));
-        out.push(SimRecord {
-            ts: v["ts"].as_i64().ok_or_else(|| invalid(n + 1, "ts missing"))?,
-            heartbeat: Heartbeat {
-                session_id: text("session_id")?,
-                user_id: text("user_id")?,
-                facility_id: text("facility_id")?,
-                region_id: text("region_id")?,
-                kind: if v["kind"] == "END" { HeartbeatKind::End } else { HeartbeatKind::Beat },
-                client_sent_at: v["client_sent_at"].as_i64(),
-            },
-        });
-    }
-    out.sort_by_key(|r| r.ts);
-    Ok(out)
 }
