@@ -12,30 +12,13 @@ use presence_core::codec::encode;
 use presence_core::config::Config;
 use presence_core::records::{FacilityStatus, Status};
 use presence_core::Shutdown;
+use presence_processor::bench::median;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 use tokio_postgres::NoTls;
 
 fn isolate(config: &Config, what: &str) -> Config {
-    let mut c = config.clone();
-    let id = format!("bench-{what}-{}", presence_core::now_ms());
-    c.topics.facility_status = format!("{id}-facility-status");
-    c.topics.heartbeats = format!("{id}-heartbeats");
-    c.topics.dead_letters = format!("{id}-heartbeats.dlq");
-    c.topics.internal_prefix = format!("{id}.internal.");
-    c.sink.group_id = format!("{id}-sink");
-    c.notifier.group_id = format!("{id}-notifier");
-    c.database.schema = id.replace('-', "_");
-    c.redis.key_prefix = id;
-    for addr in [&mut c.gateway.listen, &mut c.sink.ops_listen, &mut c.notifier.ops_listen] {
-        addr.set_port(0);
-    }
-    c
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
+    config.isolated(&format!("bench-{what}-{}", presence_core::now_ms()))
 }
 
 fn transition(i: usize, seq: i64) -> FacilityStatus {

@@ -461,6 +461,31 @@ impl Config {
         }
     }
 
+    /// The config with every topic, consumer group, Redis key prefix and database schema
+    /// renamed under `id`, and every listener on port 0: a pipeline of its own beside any
+    /// other on the same cluster (tests, benchmarks).
+    pub fn isolated(&self, id: &str) -> Config {
+        let mut c = self.clone();
+        c.topics.heartbeats = format!("{id}-heartbeats");
+        c.topics.facility_status = format!("{id}-facility-status");
+        c.topics.dead_letters = format!("{id}-heartbeats.dlq");
+        c.topics.internal_prefix = format!("{id}.internal.");
+        c.processor.group_id = format!("{id}-processor");
+        c.notifier.group_id = format!("{id}-notifier");
+        c.sink.group_id = format!("{id}-sink");
+        c.database.schema = id.replace(['-', '.'], "_").to_ascii_lowercase();
+        c.redis.key_prefix = id.to_string();
+        for addr in [
+            &mut c.gateway.listen,
+            &mut c.processor.ops_listen,
+            &mut c.notifier.ops_listen,
+            &mut c.sink.ops_listen,
+        ] {
+            addr.set_port(0);
+        }
+        c
+    }
+
     /// The config with every secret replaced by its redacted form, for printing
     /// (`presence check-config`): URL passwords, Kafka properties, the token key.
     pub fn redacted(&self) -> Config {

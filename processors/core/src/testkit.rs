@@ -25,27 +25,11 @@ pub fn unique(prefix: &str) -> String {
 /// The process environment's config (so `KAFKA_BROKERS` etc. point at the stack) with
 /// every topic, group and schema name made unique, and small partition counts.
 pub fn isolated_config() -> Config {
-    let mut c = Config::load(None).unwrap_or_else(|e| panic!("test configuration: {e}"));
-    let id = unique("t");
-    c.topics.heartbeats = format!("{id}-heartbeats");
-    c.topics.facility_status = format!("{id}-facility-status");
-    c.topics.dead_letters = format!("{id}-heartbeats.dlq");
-    c.topics.internal_prefix = format!("{id}.internal.");
+    let mut c = Config::load(None)
+        .unwrap_or_else(|e| panic!("test configuration: {e}"))
+        .isolated(&unique("t"));
     c.topics.heartbeats_partitions = 3;
     c.topics.facility_partitions = 2;
-    c.processor.group_id = format!("{id}-processor");
-    c.notifier.group_id = format!("{id}-notifier");
-    c.sink.group_id = format!("{id}-sink");
-    c.database.schema = id.replace('-', "_");
-    c.redis.key_prefix = id.clone();
-    for addr in [
-        &mut c.gateway.listen,
-        &mut c.processor.ops_listen,
-        &mut c.notifier.ops_listen,
-        &mut c.sink.ops_listen,
-    ] {
-        addr.set_port(0);
-    }
     c
 }
 

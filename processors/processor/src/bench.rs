@@ -28,16 +28,9 @@ pub async fn isolated(
     tag: &str,
     heartbeats_partitions: i32,
 ) -> anyhow::Result<Config> {
-    let mut c = base.clone();
-    let id = format!("bench-{tag}-{}", now_ms());
-    c.topics.heartbeats = format!("{id}-heartbeats");
-    c.topics.facility_status = format!("{id}-facility-status");
-    c.topics.dead_letters = format!("{id}-heartbeats.dlq");
-    c.topics.internal_prefix = format!("{id}.internal.");
+    let mut c = base.isolated(&format!("bench-{tag}-{}", now_ms()));
     c.topics.heartbeats_partitions = heartbeats_partitions;
-    c.processor.group_id = format!("{id}-processor");
     c.processor.instance_id = "bench".into();
-    c.processor.ops_listen.set_port(0);
     let report = presence_core::topics::ensure(&c).await?;
     anyhow::ensure!(report.is_ok(), "bench topics: {report}");
     Ok(c)
@@ -78,7 +71,7 @@ fn beat(session: usize, facility: usize, kind: HeartbeatKind) -> Heartbeat {
     }
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
+pub fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(|a, b| a.total_cmp(b));
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
