@@ -61,6 +61,24 @@ impl RedisKeys {
     }
 }
 
+/// A PostgreSQL client for the sink's tables: connected within 5 s, its connection driven
+/// by a task of its own. The error names the database (password redacted) and what failed.
+pub async fn connect_postgres(url: &crate::Secret) -> Result<tokio_postgres::Client, String> {
+    let (client, connection) = tokio::time::timeout(
+        std::time::Duration::from_secs(5),
+        tokio_postgres::connect(url.expose(), tokio_postgres::NoTls),
+    )
+    .await
+    .map_err(|_| format!("connecting to PostgreSQL at {url} timed out after 5 s"))?
+    .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::debug!(error = %e, "PostgreSQL connection closed");
+        }
+    });
+    Ok(client)
+}
+
 /// The sink's tables, schema-qualified. `schema` is validated as an identifier by the config.
 #[derive(Debug, Clone)]
 pub struct Tables {

@@ -1,12 +1,11 @@
 //! The PostgreSQL edge of the read side: a facility's transitions over a time range, from
 //! the tables the sink keeps (`presence_core::delivery::Tables`).
 
-use std::time::Duration;
-
-use presence_core::delivery::Tables;
+use presence_core::delivery::{connect_postgres, Tables};
+use presence_core::Secret;
 use presence_core::records::{FacilityStatus, Status};
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 #[derive(Debug, serde::Serialize)]
 pub struct History {
@@ -30,7 +29,7 @@ pub enum HistoryError {
 
 /// One lazily (re)connected client: history reads are rare, a pool is not needed.
 pub struct HistoryReader {
-    url: String,
+    url: Secret,
     tables: Tables,
     client: Mutex<Option<Client>>,
 }
@@ -39,9 +38,9 @@ pub struct HistoryReader {
 pub const MAX_TRANSITIONS: i64 = 10_000;
 
 impl HistoryReader {
-    pub fn new(url: &str, tables: Tables) -> HistoryReader {
+    pub fn new(url: &Secret, tables: Tables) -> HistoryReader {
         HistoryReader {
-            url: url.to_string(),
+            url: url.clone(),
             tables,
             client: Mutex::new(None),
         }
@@ -50,16 +49,7 @@ impl HistoryReader {
     pub async fn read(&self, facility: &str, from: i64, to: i64) -> Result<History, HistoryError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            let (client, connection) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(&self.url, NoTls))
-                .await
-                .map_err(|_| HistoryError::Unavailable("connect timed out".into()))?
-                .map_err(|e| HistoryError::Unavailable(e.to_string()))?;
-            tokio::spawn(async move {
-                if let Err(e) = connection.await {
-                    tracing::debug!(error = %e, "history connection closed");
-                }
-            });
-            *guard = Some(client);
+            *guard = Some(connect_postgres(&self.url).await.map_err(HistoryError::Unavailable)?);
         }
         let Some(client) = guard.as_ref() else {
             return Err(HistoryError::Unavailable("no connection".into()));

@@ -65,7 +65,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     hub.spawn(config.redis.url.expose().to_string());
     spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
 
-    let history = history::HistoryReader::new(config.database.url.expose(), Tables::new(&config.database.schema));
+    let history = history::HistoryReader::new(&config.database.url, Tables::new(&config.database.schema));
     let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics);
     let router = http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));
     let (addr, server) = telemetry::serve(config.gateway.listen, router, shutdown).await?;

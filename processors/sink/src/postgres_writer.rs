@@ -1,16 +1,15 @@
 //! The PostgreSQL edge: one transaction per batch, two multi-row statements over arrays.
 
-use std::time::Duration;
-
 use presence_core::config::Config;
-use presence_core::delivery::Tables;
+use presence_core::delivery::{connect_postgres, Tables};
+use presence_core::Secret;
 use presence_core::downstream::{Received, WriteError, Writer};
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 use crate::migrations;
 
 pub struct PostgresWriter {
-    url: String,
+    url: Secret,
     schema: String,
     tables: Tables,
     client: Option<Client>,
@@ -19,7 +18,7 @@ pub struct PostgresWriter {
 impl PostgresWriter {
     pub fn new(config: &Config) -> PostgresWriter {
         PostgresWriter {
-            url: config.database.url.expose().to_string(),
+            url: config.database.url.clone(),
             schema: config.database.schema.clone(),
             tables: Tables::new(&config.database.schema),
             client: None,
@@ -33,26 +32,16 @@ impl PostgresWriter {
             self.client = None;
         }
         if self.client.is_none() {
-            {
-                let (mut client, connection) = tokio::time::timeout(Duration::from_secs(5), tokio_postgres::connect(&self.url, NoTls))
-                    .await
-                    .map_err(|_| WriteError::Retry("connecting to PostgreSQL timed out after 5 s".into()))?
-                    .map_err(|e| WriteError::Retry(format!("cannot connect to PostgreSQL: {e}")))?;
-                tokio::spawn(async move {
-                    if let Err(e) = connection.await {
-                        tracing::debug!(error = %e, "PostgreSQL connection closed");
-                    }
-                });
-                let applied = migrations::apply(&mut client, &self.schema)
-                    .await
-                    .map_err(|e| WriteError::Retry(format!("schema migration failed: {e}")))?;
-                if !applied.is_empty() {
-                    tracing::info!(schema = %self.schema, ?applied, "applied schema migrations");
-                }
-                self.client = Some(client);
-                if applied.first() == Some(&1) {
-                    return Err(WriteError::Rewind(format!("schema '{}' was created just now", self.schema)));
-                }
+            let mut client = connect_postgres(&self.url).await.map_err(WriteError::Retry)?;
+            let applied = migrations::apply(&mut client, &self.schema)
+                .await
+                .map_err(|e| WriteError::Retry(format!("schema migration failed: {e}")))?;
+            if !applied.is_empty() {
+                tracing::info!(schema = %self.schema, ?applied, "applied schema migrations");
+            }
+            self.client = Some(client);
+            if applied.first() == Some(&1) {
+                return Err(WriteError::Rewind(format!("schema '{}' was created just now", self.schema)));
             }
         }
         self.client.as_mut().ok_or_else(|| WriteError::Retry("no PostgreSQL connection".into()))
