@@ -27,7 +27,8 @@ impl HeartbeatKind {
 }
 
 /// A sign of life of one session. Its event time is the Kafka record timestamp, not a field.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Its serde form is the gateway's JSON (`kind` as `"BEAT"`/`"END"`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Heartbeat {
     pub session_id: String,
     pub user_id: String,

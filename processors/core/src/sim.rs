@@ -225,31 +225,39 @@ pub fn oracle(records: &[SimRecord], timeout_ms: i64) -> Vec<Expected> {
     out
 }
 
-/// Reads a ground-truth file written by `presence loadgen --truth FILE` (JSON lines with
-/// `ts` and the heartbeat's fields), sorted by `ts`, ready for [`oracle`].
+/// One line of a ground-truth file (`presence loadgen --truth FILE`): the heartbeat's JSON
+/// with its event time `ts` (ms).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct TruthLine<'a> {
+    ts: i64,
+    #[serde(flatten)]
+    heartbeat: std::borrow::Cow<'a, Heartbeat>,
+}
+
+/// `h` with its event time as a ground-truth line (no newline).
+pub fn truth_line(h: &Heartbeat, ts: i64) -> String {
+    let line = TruthLine {
+        ts,
+        heartbeat: std::borrow::Cow::Borrowed(h),
+    };
+    serde_json::to_string(&line).unwrap_or_default()
+}
+
+/// Reads a ground-truth file, sorted by `ts`, ready for [`oracle`].
 pub fn read_truth(path: &std::path::Path) -> std::io::Result<Vec<SimRecord>> {
     use std::io::BufRead;
-    let invalid = |line: usize, why: &str| {
-        std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{line}: {why}", path.display()))
-    };
     let mut out = Vec::new();
     for (n, line) in std::io::BufReader::new(std::fs::File::open(path)?).lines().enumerate() {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
-        let v: serde_json::Value = serde_json::from_str(&line).map_err(|e| invalid(n + 1, &e.to_string()))?;
-        let text = |k: &str| v[k].as_str().map(String::from).ok_or_else(|| invalid(n + 1, &format!("{k} missing")));
+        let parsed: TruthLine = serde_json::from_str(&line).map_err(|e| {
+            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{}: {e}", path.display(), n + 1))
+        })?;
         out.push(SimRecord {
-            ts: v["ts"].as_i64().ok_or_else(|| invalid(n + 1, "ts missing"))?,
-            heartbeat: Heartbeat {
-                session_id: text("session_id")?,
-                user_id: text("user_id")?,
-                facility_id: text("facility_id")?,
-                region_id: text("region_id")?,
-                kind: if v["kind"] == "END" { HeartbeatKind::End } else { HeartbeatKind::Beat },
-                client_sent_at: v["client_sent_at"].as_i64(),
-            },
+            ts: parsed.ts,
+            heartbeat: parsed.heartbeat.into_owned(),
         });
     }
     out.sort_by_key(|r| r.ts);

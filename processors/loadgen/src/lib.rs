@@ -194,10 +194,11 @@ impl HttpTransport {
                             return;
                         }
                         let body = if batch <= 1 {
-                            beat_json(&beats[0]).to_string()
+                            serde_json::to_string(&beats[0])
                         } else {
-                            serde_json::Value::Array(beats.iter().map(beat_json).collect()).to_string()
-                        };
+                            serde_json::to_string(&beats)
+                        }
+                        .unwrap_or_default();
                         let n = beats.len() as u64;
                         match client.post(&url).header("content-type", "application/json").body(body).send().await {
                             Ok(r) if r.status().as_u16() == 202 => accepted.fetch_add(n, Ordering::Relaxed),
@@ -222,13 +223,6 @@ impl HttpTransport {
             failed,
         })
     }
-}
-
-fn beat_json(h: &Heartbeat) -> serde_json::Value {
-    serde_json::json!({
-        "session_id": h.session_id, "user_id": h.user_id, "facility_id": h.facility_id,
-        "region_id": h.region_id, "kind": h.kind.as_str(), "client_sent_at": h.client_sent_at,
-    })
 }
 
 impl Transport for HttpTransport {
@@ -297,9 +291,7 @@ impl Truth {
     }
 
     fn write(&mut self, h: &Heartbeat, ts: i64) -> std::io::Result<()> {
-        let mut line = beat_json(h);
-        line["ts"] = ts.into();
-        writeln!(self.out, "{line}")
+        writeln!(self.out, "{}", presence_core::sim::truth_line(h, ts))
     }
 }
 
