@@ -124,13 +124,11 @@ impl Verifier {
 
 /// The bearer token of a request: the `Authorization` header, else `access_token=` in the
 /// query string.
-pub fn token_of<'a>(authorization: Option<&'a str>, query: Option<&'a str>) -> Option<&'a str> {
-    if let Some(h) = authorization {
-        return h.strip_prefix("Bearer ").map(str::trim);
+pub fn token_of(authorization: Option<&str>, query: Option<&str>) -> Option<String> {
+    match authorization {
+        Some(h) => h.strip_prefix("Bearer ").map(|t| t.trim().to_string()),
+        None => crate::http::query_param(query, "access_token"),
     }
-    query?
-        .split('&')
-        .find_map(|kv| kv.strip_prefix("access_token="))
 }
 
 #[cfg(test)]
@@ -192,8 +190,8 @@ mod tests {
 
     #[test]
     fn token_from_header_or_query() {
-        assert_eq!(token_of(Some("Bearer abc"), Some("access_token=x")), Some("abc"));
-        assert_eq!(token_of(None, Some("a=1&access_token=xyz")), Some("xyz"));
+        assert_eq!(token_of(Some("Bearer abc"), Some("access_token=x")).as_deref(), Some("abc"));
+        assert_eq!(token_of(None, Some("a=1&access_token=xyz")).as_deref(), Some("xyz"));
         assert_eq!(token_of(Some("Basic abc"), None), None);
         assert_eq!(token_of(None, None), None);
     }

@@ -84,7 +84,7 @@ impl App {
             None => Ok(None),
             Some(v) => {
                 let authorization = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
-                v.verify(token_of(authorization, query)).map(Some)
+                v.verify(token_of(authorization, query).as_deref()).map(Some)
             }
         }
     }
@@ -310,6 +310,13 @@ async fn get_facility(State(app): State<App>, Path(id): Path<String>, headers: H
     }
 }
 
+/// The first value of `name` in a query string, percent-decoded.
+pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
+    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
+        .find(|(k, _)| k == name)
+        .map(|(_, v)| v.into_owned())
+}
+
 /// `from`/`to`: ms since the epoch or RFC 3339 (`2026-11-27T00:00:00Z`). Default: the last
 /// 24 hours.
 fn parse_time(value: &str) -> Option<i64> {
@@ -329,15 +336,10 @@ async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: He
         Ok(c) => c,
         Err(e) => return auth_problem(&e),
     };
-    let param = |name: &str| {
-        url::form_urlencoded::parse(q.as_deref().unwrap_or("").as_bytes())
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.into_owned())
-    };
     let now = now_ms();
     let mut range = [("from", now - 86_400_000), ("to", now)];
     for (name, value) in &mut range {
-        if let Some(text) = param(name) {
+        if let Some(text) = query_param(q.as_deref(), name) {
             match parse_time(&text) {
                 Some(ms) => *value = ms,
                 None => return invalid_field(name, TIME_RULE),

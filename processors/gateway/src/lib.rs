@@ -56,7 +56,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         publish::Publisher::new(&config, metrics.clone())
             .context("cannot create the Kafka producer; check kafka.brokers and kafka.properties")?,
     );
-    publisher.spawn_probe(health.clone(), Duration::from_secs(1), shutdown.clone());
+    publish::Publisher::spawn_probe(&publisher, health.clone(), Duration::from_secs(1), shutdown.clone());
 
     let keys = RedisKeys::new(&config.redis.key_prefix);
     let store = store::Store::new(config.redis.url.expose(), keys)
@@ -87,28 +87,42 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 /// Redis is down (streams and reads wait for it and say so); `presence_gateway_redis_up`
 /// shows it.
 fn spawn_redis_probe(store: store::Store, metrics: metrics::Metrics, shutdown: Shutdown) {
-    tokio::spawn(async move {
-        let mut was_up = true;
-        loop {
-            let result = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+    let check = move || {
+        let store = store.clone();
+        async move {
+            match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(e)) => Err(e.to_string()),
                 Err(_) => Err("no answer to PING within 2 s".to_string()),
-            };
-            metrics.redis_up.set(i64::from(result.is_ok()));
-            match result {
-                Err(e) if was_up => {
-                    tracing::warn!(error = %e, "Redis is unreachable: streams and reads wait for it; heartbeats are not affected");
-                    was_up = false;
-                }
-                Ok(()) if !was_up => {
-                    tracing::info!("Redis is reachable again");
-                    was_up = true;
-                }
-                _ => {}
             }
+        }
+    };
+    watch(Duration::from_secs(1), shutdown, check, move |result, changed| {
+        metrics.redis_up.set(i64::from(result.is_ok()));
+        match result {
+            Err(e) if changed => tracing::warn!(error = %e, "Redis is unreachable: streams and reads wait for it; heartbeats are not affected"),
+            Ok(()) if changed => tracing::info!("Redis is reachable again"),
+            _ => {}
+        }
+    });
+}
+
+/// Asks `check` every `every` until `shutdown`. `report` gets each answer and whether it
+/// differs from the one before (the first answer counts as a change when it is a failure),
+/// so that a dependency's loss and return are logged once each.
+fn watch<C, F>(every: Duration, shutdown: Shutdown, check: C, report: impl Fn(&Result<(), String>, bool) + Send + 'static)
+where
+    C: Fn() -> F + Send + 'static,
+    F: std::future::Future<Output = Result<(), String>> + Send,
+{
+    tokio::spawn(async move {
+        let mut was_up = true;
+        loop {
+            let result = check().await;
+            report(&result, result.is_ok() != was_up);
+            was_up = result.is_ok();
             tokio::select! {
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = tokio::time::sleep(every) => {}
                 _ = shutdown.wait() => return,
             }
         }

@@ -45,7 +45,7 @@ pub struct Publisher {
     metrics: Metrics,
     /// Set by the probe: while false, requests are refused at once instead of waiting for
     /// the produce timeout.
-    broker_up: Arc<AtomicBool>,
+    broker_up: AtomicBool,
 }
 
 const COMPONENT: &str = "kafka";
@@ -63,7 +63,7 @@ impl Publisher {
             producer,
             topic: config.topics.heartbeats.clone(),
             metrics,
-            broker_up: Arc::new(AtomicBool::new(false)),
+            broker_up: AtomicBool::new(false),
         })
     }
 
@@ -110,53 +110,51 @@ impl Publisher {
 
     /// Asks the cluster for the topic's metadata every `every`; readiness and the fast-fail
     /// flag follow the answer, so the gateway recovers by itself when the broker returns.
-    pub fn spawn_probe(self: &Arc<Self>, health: Health, every: Duration, shutdown: Shutdown) {
+    pub fn spawn_probe(me: &Arc<Self>, health: Health, every: Duration, shutdown: Shutdown) {
         health.register(COMPONENT);
-        let me = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut was_up = None;
-            loop {
-                let probe = Arc::clone(&me);
-                let result = tokio::task::spawn_blocking(move || {
-                    probe
-                        .producer
-                        .client()
-                        .fetch_metadata(Some(&probe.topic), Duration::from_secs(2))
-                        .map_err(|e| e.to_string())
-                        .and_then(|m| match m.topics().first() {
-                            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
-                            _ => Err(format!(
-                                "topic '{}' does not exist: run `presence topics`",
-                                probe.topic
-                            )),
-                        })
-                })
-                .await
-                .unwrap_or_else(|e| Err(e.to_string()));
-                let up = result.is_ok();
-                me.broker_up.store(up, Ordering::Relaxed);
-                me.metrics
-                    .producer_queue
-                    .set(i64::from(me.producer.in_flight_count()));
-                match result {
-                    Ok(()) => health.set_ready(COMPONENT),
-                    Err(e) => {
-                        if was_up != Some(false) {
-                            tracing::warn!(error = %e, "Kafka is unreachable: answering 503 to heartbeats until it is back");
-                        }
-                        health.set_unready(COMPONENT, e);
+        let probe = Arc::clone(me);
+        let check = move || {
+            let p = Arc::clone(&probe);
+            async move {
+                tokio::task::spawn_blocking(move || p.topic_is_reachable())
+                    .await
+                    .unwrap_or_else(|e| Err(e.to_string()))
+            }
+        };
+        let me = Arc::clone(me);
+        crate::watch(every, shutdown, check, move |result, changed| {
+            me.broker_up.store(result.is_ok(), Ordering::Relaxed);
+            me.metrics
+                .producer_queue
+                .set(i64::from(me.producer.in_flight_count()));
+            match result {
+                Ok(()) => {
+                    health.set_ready(COMPONENT);
+                    if changed {
+                        tracing::info!("Kafka is reachable again: accepting heartbeats");
                     }
                 }
-                if up && was_up == Some(false) {
-                    tracing::info!("Kafka is reachable again: accepting heartbeats");
-                }
-                was_up = Some(up);
-                tokio::select! {
-                    _ = tokio::time::sleep(every) => {}
-                    _ = shutdown.wait() => break,
+                Err(e) => {
+                    if changed {
+                        tracing::warn!(error = %e, "Kafka is unreachable: answering 503 to heartbeats until it is back");
+                    }
+                    health.set_unready(COMPONENT, e.clone());
                 }
             }
         });
+    }
+
+    /// The heartbeats topic's metadata, within 2 s (blocking).
+    fn topic_is_reachable(&self) -> Result<(), String> {
+        let metadata = self
+            .producer
+            .client()
+            .fetch_metadata(Some(&self.topic), Duration::from_secs(2))
+            .map_err(|e| e.to_string())?;
+        match metadata.topics().first() {
+            Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
+            _ => Err(format!("topic '{}' does not exist: run `presence topics`", self.topic)),
+        }
     }
 
     /// Waits up to `timeout` for every acknowledged-to-be record to be delivered (SIGTERM).

@@ -271,35 +271,31 @@ impl Client {
         let mut rx = self.hub.subscribe(&self.region);
         match last_event_id {
             Some(id) if self.catch_up(id).await? => {}
-            Some(_) => {
-                self.hub.metrics.stream_resyncs.with_label_values(&["last_event_id_too_old"]).inc();
-                self.snapshot().await?;
-            }
+            Some(_) => self.resync("last_event_id_too_old").await?,
             None => self.snapshot().await?,
         }
         loop {
             match rx.recv().await {
                 Ok(HubEvent::Transition { region_seq, json }) => {
-                    if region_seq <= self.last {
-                        continue;
-                    }
-                    if region_seq != self.last + 1 && !self.catch_up(self.last).await? {
-                        self.hub.metrics.stream_resyncs.with_label_values(&["gap"]).inc();
-                        self.snapshot().await?;
-                        continue;
-                    }
-                    if region_seq == self.last + 1 {
+                    // Missed some: the log tells them, or a snapshot replaces them.
+                    if region_seq > self.last + 1 && !self.catch_up(self.last).await? {
+                        self.resync("gap").await?;
+                    } else if region_seq == self.last + 1 {
                         self.send_transition(region_seq, &json).await?;
                     }
                 }
+                // The hub counted this one.
                 Ok(HubEvent::Resync) => self.snapshot().await?,
-                Err(broadcast::error::RecvError::Lagged(_)) => {
-                    self.hub.metrics.stream_resyncs.with_label_values(&["lagged"]).inc();
-                    self.snapshot().await?;
-                }
+                Err(broadcast::error::RecvError::Lagged(_)) => self.resync("lagged").await?,
                 Err(broadcast::error::RecvError::Closed) => return Ok(()),
             }
         }
+    }
+
+    /// A snapshot instead of the next event, counted by `reason`.
+    async fn resync(&mut self, reason: &str) -> Result<(), Gone> {
+        self.hub.metrics.stream_resyncs.with_label_values(&[reason]).inc();
+        self.snapshot().await
     }
 
     /// Sends what the log holds after `after`. False when it cannot be told exactly.
