@@ -47,12 +47,9 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
             for i in 0..facilities {
                 let t = transition(i, seq);
                 let bytes = encode(&t);
-                while let Err((e, _)) = producer.send(BaseRecord::<str, [u8]>::to(&c.topics.facility_status).key(&t.facility_id).payload(&bytes)) {
-                    if e.rdkafka_error_code() != Some(rdkafka::types::RDKafkaErrorCode::QueueFull) {
-                        anyhow::bail!("producing the benchmark's transitions: {e}");
-                    }
-                    producer.poll(Duration::from_millis(5));
-                }
+                let record = BaseRecord::<str, [u8]>::to(&c.topics.facility_status).key(&t.facility_id).payload(&bytes);
+                presence_core::kafka::send_when_room(&producer, record, None)
+                    .map_err(|e| anyhow::anyhow!("producing the benchmark's transitions: {e}"))?;
             }
         }
         producer.flush(Duration::from_secs(60))?;

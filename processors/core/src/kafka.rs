@@ -7,6 +7,9 @@ use rdkafka::admin::AdminClient;
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::KafkaError;
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::message::ToBytes;
 
 use crate::config::KafkaConfig;
 
@@ -118,4 +121,32 @@ pub fn hostname() -> String {
         })
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "presence".into())
+}
+
+/// Hands `record` to `producer`, waiting (1 ms steps) while its queue is full: the
+/// producers that generate load (loadgen, benchmarks) must slow down to the broker, not
+/// drop. Gives up with the queue-full error after `patience` (`None`: waits as long as
+/// it takes); any other error at once.
+pub fn send_when_room<K, P>(
+    producer: &ThreadedProducer<DefaultProducerContext>,
+    mut record: BaseRecord<'_, K, P>,
+    patience: Option<Duration>,
+) -> Result<(), KafkaError>
+where
+    K: ToBytes + ?Sized,
+    P: ToBytes + ?Sized,
+{
+    let deadline = patience.map(|p| std::time::Instant::now() + p);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
+                if deadline.is_none_or(|d| std::time::Instant::now() < d) =>
+            {
+                record = back;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => return Err(e),
+        }
+    }
 }

@@ -15,15 +15,13 @@ use std::time::{Duration, Instant};
 
 use presence_core::codec::encode;
 use presence_core::config::Config;
-use presence_core::kafka::idempotent_producer_config;
+use presence_core::kafka::{idempotent_producer_config, send_when_room};
 use presence_core::records::{Heartbeat, HeartbeatKind};
 use presence_core::sim::{facility_id, region_of};
 use presence_core::{now_ms, Shutdown};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rdkafka::error::KafkaError;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
-use rdkafka::types::RDKafkaErrorCode;
 
 #[derive(Debug, Clone)]
 pub struct Options {
@@ -514,24 +512,15 @@ fn step(
 
 fn send(p: &ThreadedProducer<DefaultProducerContext>, topic: &str, h: &Heartbeat, ts: i64) -> bool {
     let bytes = encode(h);
-    let mut record = BaseRecord::<[u8], [u8]>::to(topic)
+    let record = BaseRecord::<[u8], [u8]>::to(topic)
         .key(h.session_id.as_bytes())
         .payload(&bytes[..])
         .timestamp(ts);
-    let deadline = Instant::now() + Duration::from_secs(5);
-    loop {
-        match p.send(record) {
-            Ok(()) => return true,
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back))
-                if Instant::now() < deadline =>
-            {
-                record = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => {
-                tracing::warn!(error = %e, "heartbeat not sent");
-                return false;
-            }
+    match send_when_room(p, record, Some(Duration::from_secs(5))) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %e, "heartbeat not sent");
+            false
         }
     }
 }

@@ -12,11 +12,9 @@ use presence_core::kafka::{consumer_config, idempotent_producer_config};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
 use presence_core::Shutdown;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
-use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-use rdkafka::types::RDKafkaErrorCode;
 
 use crate::records::SessionState;
 use crate::runner::{now_ms, Committed, RestoreIo, Stage};
@@ -46,18 +44,9 @@ fn producer(c: &Config) -> anyhow::Result<ThreadedProducer<DefaultProducerContex
 
 fn send(
     p: &ThreadedProducer<DefaultProducerContext>,
-    mut r: BaseRecord<'_, [u8], [u8]>,
+    r: BaseRecord<'_, [u8], [u8]>,
 ) -> anyhow::Result<()> {
-    loop {
-        match p.send(r) {
-            Ok(()) => return Ok(()),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
-                r = back;
-                std::thread::sleep(Duration::from_millis(1));
-            }
-            Err((e, _)) => return Err(e.into()),
-        }
-    }
+    Ok(presence_core::kafka::send_when_room(p, r, None)?)
 }
 
 fn beat(session: usize, facility: usize, kind: HeartbeatKind) -> Heartbeat {
