@@ -25,7 +25,11 @@ fn transition(i: usize, seq: i64) -> FacilityStatus {
     FacilityStatus {
         facility_id: format!("facility-{i:07}"),
         region_id: format!("region-{}", i % 20),
-        status: if seq % 2 == 1 { Status::Online } else { Status::Offline },
+        status: if seq % 2 == 1 {
+            Status::Online
+        } else {
+            Status::Offline
+        },
         open_sessions: (seq % 2) as i32,
         since: 1_764_201_600_000 + seq * 1000,
         seq,
@@ -41,13 +45,18 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
     for run in 0..runs.max(1) {
         let c = isolate(config, "sink");
         presence_core::topics::ensure(&c).await?;
-        let producer: ThreadedProducer<_> = presence_core::kafka::idempotent_producer_config(&c.kafka, "bench").set("linger.ms", "20").create()?;
+        let producer: ThreadedProducer<_> =
+            presence_core::kafka::idempotent_producer_config(&c.kafka, "bench")
+                .set("linger.ms", "20")
+                .create()?;
         let facilities = (transitions / 10).max(1);
         for seq in 1..=10i64 {
             for i in 0..facilities {
                 let t = transition(i, seq);
                 let bytes = encode(&t);
-                let record = BaseRecord::<str, [u8]>::to(&c.topics.facility_status).key(&t.facility_id).payload(&bytes);
+                let record = BaseRecord::<str, [u8]>::to(&c.topics.facility_status)
+                    .key(&t.facility_id)
+                    .payload(&bytes);
                 presence_core::kafka::send_when_room(&producer, record, None)
                     .map_err(|e| anyhow::anyhow!("producing the benchmark's transitions: {e}"))?;
             }
@@ -57,7 +66,13 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
 
         // The ceiling: a plain read_committed consumer of the same records.
         let started = Instant::now();
-        let consumer: BaseConsumer = presence_core::kafka::consumer_config(&c.kafka, "bench", &format!("{}-plain", c.sink.group_id)).set("fetch.wait.max.ms", "10").create()?;
+        let consumer: BaseConsumer = presence_core::kafka::consumer_config(
+            &c.kafka,
+            "bench",
+            &format!("{}-plain", c.sink.group_id),
+        )
+        .set("fetch.wait.max.ms", "10")
+        .create()?;
         consumer.subscribe(&[&c.topics.facility_status])?;
         let mut read = 0;
         while read < total {
@@ -74,7 +89,10 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
         let started = Instant::now();
         let (sc, ss) = (c.clone(), shutdown.clone());
         let task = tokio::spawn(async move { presence_sink::run(sc, ss).await });
-        let history = format!("SELECT count(*) FROM \"{}\".facility_transitions", c.database.schema);
+        let history = format!(
+            "SELECT count(*) FROM \"{}\".facility_transitions",
+            c.database.schema
+        );
         loop {
             tokio::time::sleep(Duration::from_millis(20)).await;
             if let Ok(row) = client.query_one(&history, &[]).await {
@@ -89,7 +107,9 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
         let elapsed = started.elapsed().as_secs_f64();
         shutdown.trigger();
         let _ = task.await;
-        client.batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", c.database.schema)).await?;
+        client
+            .batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", c.database.schema))
+            .await?;
         let rate = total as f64 / elapsed;
         report.push_str(&format!(
             "run {}: {total} transitions ({facilities} facilities x 10) into PostgreSQL in {elapsed:.2} s = {rate:.0}/s (migrations and consumer start included); plain consumer {ceiling:.0}/s\n",
@@ -99,7 +119,10 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
         ceiling_rates.push(ceiling);
     }
     let (s, k) = (median(sink_rates), median(ceiling_rates));
-    report.push_str(&format!("median: sink {s:.0} transitions/s; plain consumer {k:.0}/s; ratio {:.2}\n", s / k));
+    report.push_str(&format!(
+        "median: sink {s:.0} transitions/s; plain consumer {k:.0}/s; ratio {:.2}\n",
+        s / k
+    ));
     Ok(report)
 }
 
@@ -111,13 +134,17 @@ pub async fn fanout(config: &Config, clients: usize, events: usize) -> anyhow::R
     let shutdown = Shutdown::new();
     let gateway = presence_gateway::start(c.clone(), shutdown.clone()).await?;
     let url = format!("http://{}/v1/regions/bench/stream", gateway.addr);
-    let http = reqwest::Client::builder().pool_max_idle_per_host(clients).build()?;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(clients)
+        .build()?;
     let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<(u64, Instant)>();
     let (ready_tx, mut ready_rx) = tokio::sync::mpsc::unbounded_channel::<()>();
     for _ in 0..clients {
         let (http, url, tx, ready) = (http.clone(), url.clone(), tx.clone(), ready_tx.clone());
         tokio::spawn(async move {
-            let Ok(r) = http.get(&url).send().await else { return };
+            let Ok(r) = http.get(&url).send().await else {
+                return;
+            };
             let mut body = r.bytes_stream();
             let mut buffer = String::new();
             while let Some(Ok(chunk)) = body.next().await {
@@ -145,7 +172,10 @@ pub async fn fanout(config: &Config, clients: usize, events: usize) -> anyhow::R
     let mut writer = presence_notifier::redis_writer::RedisWriter::new(&c)?;
     let mut published = std::collections::HashMap::new();
     for seq in 1..=events as i64 {
-        let t = FacilityStatus { region_id: "bench".into(), ..transition(seq as usize % 50, seq) };
+        let t = FacilityStatus {
+            region_id: "bench".into(),
+            ..transition(seq as usize % 50, seq)
+        };
         let at = Instant::now();
         // -1: a Redis without notifier state; the first call only marks it.
         if writer.apply(&[&t]).await? == -1 {
@@ -169,7 +199,12 @@ pub async fn fanout(config: &Config, clients: usize, events: usize) -> anyhow::R
     shutdown.trigger();
     let received = latencies.len();
     latencies.sort_by(f64::total_cmp);
-    let pct = |p: f64| latencies.get(((received as f64 * p) as usize).min(received.saturating_sub(1))).copied().unwrap_or(f64::NAN);
+    let pct = |p: f64| {
+        latencies
+            .get(((received as f64 * p) as usize).min(received.saturating_sub(1)))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
     Ok(format!(
         "{clients} SSE clients on one region, {events} transitions 50 ms apart: {received} of {} deliveries; publish to receipt p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms\n",
         clients * events,

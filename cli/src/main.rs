@@ -189,8 +189,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 Bench::Latency { rate, seconds } => {
                     presence_processor::bench::latency(&config, rate, seconds).await?
                 }
-                Bench::Sink { transitions, runs } => bench::sink(&config, transitions, runs).await?,
-                Bench::Fanout { clients, events } => bench::fanout(&config, clients, events).await?,
+                Bench::Sink { transitions, runs } => {
+                    bench::sink(&config, transitions, runs).await?
+                }
+                Bench::Fanout { clients, events } => {
+                    bench::fanout(&config, clients, events).await?
+                }
             };
             println!("{report}");
             Ok(ExitCode::SUCCESS)
@@ -216,7 +220,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     concurrency: a.concurrency.max(1),
                 }
             } else {
-                anyhow::bail!("--target '{}' is neither 'kafka' nor an http(s):// URL of the gateway", a.target);
+                anyhow::bail!(
+                    "--target '{}' is neither 'kafka' nor an http(s):// URL of the gateway",
+                    a.target
+                );
             };
             let shutdown = Shutdown::on_signals();
             let truth = a.truth.clone();
@@ -233,4 +240,3 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         }
     }
 }
-

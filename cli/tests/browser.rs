@@ -19,20 +19,38 @@ async fn fetch_beats_and_an_unload_beacon_arrive() {
     let base = support::start_gateway(&config, &shutdown).await;
     let session = unique("browser");
     let (b, s) = (base.clone(), session.clone());
-    let result = tokio::task::spawn_blocking(move || browser_script("beacon.cjs", &[&b, &s])).await.expect("join");
-    assert_eq!(result["statuses"], serde_json::json!([202, 202]), "{result}");
+    let result = tokio::task::spawn_blocking(move || browser_script("beacon.cjs", &[&b, &s]))
+        .await
+        .expect("join");
+    assert_eq!(
+        result["statuses"],
+        serde_json::json!([202, 202]),
+        "{result}"
+    );
 
-    let records = read_topic(&config, &config.topics.heartbeats, 3, Duration::from_secs(30));
+    let records = read_topic(
+        &config,
+        &config.topics.heartbeats,
+        3,
+        Duration::from_secs(30),
+    );
     let mut kinds: Vec<String> = records
         .iter()
         .map(|m| {
-            let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(m.payload().unwrap_or_default()).expect("decodes");
+            let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(
+                m.payload().unwrap_or_default(),
+            )
+            .expect("decodes");
             assert_eq!(h.session_id, session);
             h.kind.as_str().to_string()
         })
         .collect();
     kinds.sort();
-    assert_eq!(kinds, vec!["BEAT", "BEAT", "END"], "two fetch beats and the unload beacon");
+    assert_eq!(
+        kinds,
+        vec!["BEAT", "BEAT", "END"],
+        "two fetch beats and the unload beacon"
+    );
     shutdown.trigger();
 }
 
@@ -42,17 +60,29 @@ async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() 
     config.processor.session_timeout = Duration::from_secs(3);
     presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
-    spawn_process("processor", &shutdown, |s| presence_processor::run(config.clone(), s));
-    spawn_process("notifier", &shutdown, |s| presence_notifier::run(config.clone(), s));
+    spawn_process("processor", &shutdown, |s| {
+        presence_processor::run(config.clone(), s)
+    });
+    spawn_process("notifier", &shutdown, |s| {
+        presence_notifier::run(config.clone(), s)
+    });
     let base = support::start_gateway(&config, &shutdown).await;
-    let result = tokio::task::spawn_blocking(move || browser_script("dashboard.cjs", &[&base, "browser-region", "clinic-7"]))
-        .await
-        .expect("join");
+    let result = tokio::task::spawn_blocking(move || {
+        browser_script("dashboard.cjs", &[&base, "browser-region", "clinic-7"])
+    })
+    .await
+    .expect("join");
     let online_ms = result["online_ms"].as_u64().unwrap_or(u64::MAX);
     let offline_ms = result["offline_ms"].as_u64().unwrap_or(0);
-    assert!(online_ms < 15_000, "tile ONLINE after {online_ms} ms: {result}");
+    assert!(
+        online_ms < 15_000,
+        "tile ONLINE after {online_ms} ms: {result}"
+    );
     // The last beat was at most 500 ms before the beats stopped; the timeout is 3 s.
-    assert!((2_000..15_000).contains(&offline_ms), "tile OFFLINE after {offline_ms} ms: {result}");
+    assert!(
+        (2_000..15_000).contains(&offline_ms),
+        "tile OFFLINE after {offline_ms} ms: {result}"
+    );
     assert_eq!(result["online_count"], "1", "{result}");
     assert_eq!(result["offline_count"], "1", "{result}");
     assert_ne!(result["last_change"], "–", "{result}");

@@ -36,27 +36,53 @@ async fn setup() -> Config {
 
 /// (session id, kind) → count, from the topic and from the truth file.
 fn compare(config: &Config, truth: &std::path::Path, sent: u64, exact_times: bool) {
-    let records = read_topic(config, &config.topics.heartbeats, sent as usize, Duration::from_secs(60));
-    assert_eq!(records.len() as u64, sent, "every heartbeat counted as sent is in the topic");
+    let records = read_topic(
+        config,
+        &config.topics.heartbeats,
+        sent as usize,
+        Duration::from_secs(60),
+    );
+    assert_eq!(
+        records.len() as u64,
+        sent,
+        "every heartbeat counted as sent is in the topic"
+    );
     let truth = read_truth(truth).expect("truth file");
-    assert_eq!(truth.len() as u64, sent, "the truth file has each sent heartbeat");
+    assert_eq!(
+        truth.len() as u64,
+        sent,
+        "the truth file has each sent heartbeat"
+    );
     let mut in_topic: BTreeMap<(String, String), usize> = BTreeMap::new();
     let mut topic_times: Vec<i64> = Vec::new();
     for m in &records {
-        let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(m.payload().unwrap_or_default()).expect("decodes");
-        *in_topic.entry((h.session_id, h.kind.as_str().to_string())).or_default() += 1;
+        let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(
+            m.payload().unwrap_or_default(),
+        )
+        .expect("decodes");
+        *in_topic
+            .entry((h.session_id, h.kind.as_str().to_string()))
+            .or_default() += 1;
         topic_times.push(m.timestamp().to_millis().unwrap_or(0));
     }
     let mut in_truth: BTreeMap<(String, String), usize> = BTreeMap::new();
     for r in &truth {
-        *in_truth.entry((r.heartbeat.session_id.clone(), r.heartbeat.kind.as_str().to_string())).or_default() += 1;
+        *in_truth
+            .entry((
+                r.heartbeat.session_id.clone(),
+                r.heartbeat.kind.as_str().to_string(),
+            ))
+            .or_default() += 1;
     }
     assert_eq!(in_topic, in_truth);
     if exact_times {
         let mut truth_times: Vec<i64> = truth.iter().map(|r| r.ts).collect();
         topic_times.sort_unstable();
         truth_times.sort_unstable();
-        assert_eq!(topic_times, truth_times, "Kafka mode: record timestamps are the truth's event times");
+        assert_eq!(
+            topic_times, truth_times,
+            "Kafka mode: record timestamps are the truth's event times"
+        );
     }
 }
 
@@ -67,13 +93,22 @@ async fn through_the_gateway_every_accepted_beat_arrives_and_is_in_the_truth() {
     let base = support::start_gateway(&config, &shutdown).await;
     let truth = std::env::temp_dir().join(unique("truth"));
     let (c, t, stop) = (config.clone(), truth.clone(), Shutdown::new());
-    let target = Target::Http { base, batch: 1, concurrency: 8 };
-    let summary = tokio::task::spawn_blocking(move || presence_loadgen::run(&c, &options(), &target, Some(&t), &stop))
-        .await
-        .expect("join")
-        .expect("loadgen");
+    let target = Target::Http {
+        base,
+        batch: 1,
+        concurrency: 8,
+    };
+    let summary = tokio::task::spawn_blocking(move || {
+        presence_loadgen::run(&c, &options(), &target, Some(&t), &stop)
+    })
+    .await
+    .expect("join")
+    .expect("loadgen");
     assert_eq!(summary.failed, 0, "{summary}");
-    assert!(summary.sent > 100 && summary.logins > 50 && summary.logouts > 0 && summary.vanished > 0, "{summary}");
+    assert!(
+        summary.sent > 100 && summary.logins > 50 && summary.logouts > 0 && summary.vanished > 0,
+        "{summary}"
+    );
     compare(&config, &truth, summary.sent, false);
     shutdown.trigger();
     let _ = std::fs::remove_file(truth);
@@ -84,10 +119,12 @@ async fn straight_to_kafka_the_truth_has_the_record_timestamps() {
     let config = setup().await;
     let truth = std::env::temp_dir().join(unique("truth"));
     let (c, t, stop) = (config.clone(), truth.clone(), Shutdown::new());
-    let summary = tokio::task::spawn_blocking(move || presence_loadgen::run(&c, &options(), &Target::Kafka, Some(&t), &stop))
-        .await
-        .expect("join")
-        .expect("loadgen");
+    let summary = tokio::task::spawn_blocking(move || {
+        presence_loadgen::run(&c, &options(), &Target::Kafka, Some(&t), &stop)
+    })
+    .await
+    .expect("join")
+    .expect("loadgen");
     assert_eq!(summary.failed, 0, "{summary}");
     compare(&config, &truth, summary.sent, true);
     let _ = std::fs::remove_file(truth);
@@ -106,15 +143,29 @@ async fn the_truth_file_predicts_the_processors_output() {
     let config = support::setup(TIMEOUT_MS).await;
     let truth = std::env::temp_dir().join(unique("truth"));
     let (c, t, stop) = (config.clone(), truth.clone(), Shutdown::new());
-    let options = Options { duration: Some(Duration::from_secs(5)), move_probability: 0.3, ..options() };
-    let summary = tokio::task::spawn_blocking(move || presence_loadgen::run(&c, &options, &Target::Kafka, Some(&t), &stop))
-        .await
-        .expect("join")
-        .expect("loadgen");
+    let options = Options {
+        duration: Some(Duration::from_secs(5)),
+        move_probability: 0.3,
+        ..options()
+    };
+    let summary = tokio::task::spawn_blocking(move || {
+        presence_loadgen::run(&c, &options, &Target::Kafka, Some(&t), &stop)
+    })
+    .await
+    .expect("join")
+    .expect("loadgen");
     assert_eq!(summary.failed, 0, "{summary}");
-    assert!(summary.logouts > 0 && summary.vanished > 0 && summary.moves > 0, "{summary}");
-    let expected = presence_core::sim::oracle(&read_truth(&truth).expect("truth"), TIMEOUT_MS as i64);
-    assert!(expected.len() > 20, "a run with churn: {} transitions", expected.len());
+    assert!(
+        summary.logouts > 0 && summary.vanished > 0 && summary.moves > 0,
+        "{summary}"
+    );
+    let expected =
+        presence_core::sim::oracle(&read_truth(&truth).expect("truth"), TIMEOUT_MS as i64);
+    assert!(
+        expected.len() > 20,
+        "a run with churn: {} transitions",
+        expected.len()
+    );
 
     let mut processor = support::spawn_processor(&config, "a", &[]);
     let mut reader = support::StatusReader::new(&config);
@@ -122,6 +173,10 @@ async fn the_truth_file_predicts_the_processors_output() {
     reader.drain();
     support::kill9(&mut processor);
     let got = support::as_expected(&reader.seen);
-    assert!(done && got == expected, "{}", support::diff(&expected, &got));
+    assert!(
+        done && got == expected,
+        "{}",
+        support::diff(&expected, &got)
+    );
     let _ = std::fs::remove_file(truth);
 }

@@ -273,10 +273,17 @@ pub fn admin_config(c: &Config) -> rdkafka::config::ClientConfig {
 
 /// Starts the gateway in this process and returns its base URL once `/readyz` says so.
 pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) -> String {
-    let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway starts");
+    let running = presence_gateway::start(config.clone(), shutdown.clone())
+        .await
+        .expect("gateway starts");
     let base = format!("http://{}", running.addr);
     presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{base}/readyz")).await.ok()?.status().is_success().then_some(())
+        reqwest::get(format!("{base}/readyz"))
+            .await
+            .ok()?
+            .status()
+            .is_success()
+            .then_some(())
     })
     .await;
     base

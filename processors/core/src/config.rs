@@ -686,16 +686,24 @@ impl Config {
             p.push("gateway.auth = \"jwt\" needs gateway.jwt_secret (PRESENCE_GATEWAY__JWT_SECRET) of at least 32 bytes: generate one with `openssl rand -base64 48`".into());
         }
         if g.jwt_leeway > Duration::from_secs(300) {
-            p.push(format!("gateway.jwt_leeway = {:?}: tokens are short-lived, use at most 5m (default 5s)", g.jwt_leeway));
+            p.push(format!(
+                "gateway.jwt_leeway = {:?}: tokens are short-lived, use at most 5m (default 5s)",
+                g.jwt_leeway
+            ));
         }
         for origin in &g.cors_origins {
-            let ok = origin == "*" || url::Url::parse(origin).is_ok_and(|u| u.has_host() && u.path() == "/" && !origin.ends_with('/'));
+            let ok = origin == "*"
+                || url::Url::parse(origin)
+                    .is_ok_and(|u| u.has_host() && u.path() == "/" && !origin.ends_with('/'));
             if !ok {
                 p.push(format!("gateway.cors_origins entry '{origin}' is not an origin: write scheme://host[:port] without a path, or *"));
             }
         }
         if !(1024..=64 * 1024 * 1024).contains(&g.max_body_bytes) {
-            p.push(format!("gateway.max_body_bytes = {}: use 1024 to 67108864 (default 262144)", g.max_body_bytes));
+            p.push(format!(
+                "gateway.max_body_bytes = {}: use 1024 to 67108864 (default 262144)",
+                g.max_body_bytes
+            ));
         }
         for (key, n, max) in [
             ("gateway.max_batch", g.max_batch, 100_000),
@@ -709,10 +717,17 @@ impl Config {
             }
         }
         if g.produce_timeout < Duration::from_millis(100) {
-            p.push(format!("gateway.produce_timeout = {:?}: use at least 100ms (default 5s)", g.produce_timeout));
+            p.push(format!(
+                "gateway.produce_timeout = {:?}: use at least 100ms (default 5s)",
+                g.produce_timeout
+            ));
         }
         let prefix = &self.redis.key_prefix;
-        if prefix.is_empty() || !prefix.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') {
+        if prefix.is_empty()
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
             p.push(format!("redis.key_prefix '{prefix}' must be non-empty and use a-z, A-Z, 0-9, '-', '_' and '.'"));
         }
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_filter) {
@@ -857,7 +872,10 @@ mod tests {
                 ("DATABASE_URL", "postgres://u:pg-pw-2@host/db"),
                 ("KAFKA_PROPERTY_SASL_PASSWORD", "kafka-pw-3"),
                 ("PRESENCE_GATEWAY__AUTH", "jwt"),
-                ("PRESENCE_GATEWAY__JWT_SECRET", "jwt-key-4-jwt-key-4-jwt-key-4-jwt-key-4"),
+                (
+                    "PRESENCE_GATEWAY__JWT_SECRET",
+                    "jwt-key-4-jwt-key-4-jwt-key-4-jwt-key-4",
+                ),
             ]),
         )
         .expect("valid");
@@ -873,13 +891,29 @@ mod tests {
         let p = problems_of(&[
             ("PRESENCE_GATEWAY__AUTH", "jwt"),
             ("PRESENCE_GATEWAY__JWT_SECRET", "short"),
-            ("PRESENCE_GATEWAY__CORS_ORIGINS", "https://ok.example.com, https://bad.example.com/path"),
+            (
+                "PRESENCE_GATEWAY__CORS_ORIGINS",
+                "https://ok.example.com, https://bad.example.com/path",
+            ),
             ("PRESENCE_GATEWAY__MAX_BATCH", "0"),
         ]);
-        assert!(p.iter().any(|e| e.contains("jwt_secret") && e.contains("32 bytes")), "{p:?}");
-        assert!(p.iter().any(|e| e.contains("bad.example.com/path")), "{p:?}");
-        assert!(!p.iter().any(|e| e.contains("'https://ok.example.com'")), "{p:?}");
-        assert!(p.iter().any(|e| e.contains("gateway.max_batch = 0")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|e| e.contains("jwt_secret") && e.contains("32 bytes")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|e| e.contains("bad.example.com/path")),
+            "{p:?}"
+        );
+        assert!(
+            !p.iter().any(|e| e.contains("'https://ok.example.com'")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter().any(|e| e.contains("gateway.max_batch = 0")),
+            "{p:?}"
+        );
         assert_eq!(p.len(), 3, "{p:?}");
     }
 

@@ -112,7 +112,10 @@ mod tests {
     #[test]
     fn channel_names_round_trip_to_their_region() {
         let k = RedisKeys::new("t1");
-        assert_eq!(k.region_of_channel(&k.region_channel("eu:west")), Some("eu:west"));
+        assert_eq!(
+            k.region_of_channel(&k.region_channel("eu:west")),
+            Some("eu:west")
+        );
         assert_eq!(k.region_of_channel("other:region:x"), None);
     }
 

@@ -43,7 +43,10 @@ pub struct Received {
 pub trait Writer: Send {
     /// The dependency's name in health, metrics and logs (`redis`, `postgres`).
     const DEPENDENCY: &'static str;
-    fn write<'a>(&'a mut self, batch: &'a [Received]) -> impl Future<Output = Result<(), WriteError>> + Send + 'a;
+    fn write<'a>(
+        &'a mut self,
+        batch: &'a [Received],
+    ) -> impl Future<Output = Result<(), WriteError>> + Send + 'a;
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,25 +85,54 @@ impl Metrics {
     pub fn new(registry: &Registry, role: &str) -> Metrics {
         let must = |r: prometheus::Result<()>| r.expect("metric definitions are static and valid");
         let m = Metrics {
-            applied: IntCounter::new(format!("presence_{role}_transitions_total"), "Transitions written (replays included)").expect("metric"),
-            batch_seconds: Histogram::with_opts(
-                HistogramOpts::new(format!("presence_{role}_batch_seconds"), "Time to write one batch")
-                    .buckets(vec![0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]),
+            applied: IntCounter::new(
+                format!("presence_{role}_transitions_total"),
+                "Transitions written (replays included)",
             )
             .expect("metric"),
-            errors: IntCounter::new(format!("presence_{role}_write_errors_total"), "Failed batch writes (each retried)").expect("metric"),
+            batch_seconds: Histogram::with_opts(
+                HistogramOpts::new(
+                    format!("presence_{role}_batch_seconds"),
+                    "Time to write one batch",
+                )
+                .buckets(vec![
+                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+                ]),
+            )
+            .expect("metric"),
+            errors: IntCounter::new(
+                format!("presence_{role}_write_errors_total"),
+                "Failed batch writes (each retried)",
+            )
+            .expect("metric"),
             dead_letters: IntCounterVec::new(
-                Opts::new(format!("presence_{role}_dead_letters_total"), "Undecodable facility-status records sent to the dead-letter topic"),
+                Opts::new(
+                    format!("presence_{role}_dead_letters_total"),
+                    "Undecodable facility-status records sent to the dead-letter topic",
+                ),
                 &["error_code"],
             )
             .expect("metric"),
             delivery_seconds: Histogram::with_opts(
-                HistogramOpts::new(format!("presence_{role}_delivery_seconds"), "From the processor's emission to this write")
-                    .buckets(vec![0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0]),
+                HistogramOpts::new(
+                    format!("presence_{role}_delivery_seconds"),
+                    "From the processor's emission to this write",
+                )
+                .buckets(vec![
+                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
+                ]),
             )
             .expect("metric"),
-            dependency_up: IntGauge::new(format!("presence_{role}_dependency_up"), "1 while the store takes writes").expect("metric"),
-            rewinds: IntCounter::new(format!("presence_{role}_rewinds_total"), "Re-reads of facility-status from the beginning after the store lost its data").expect("metric"),
+            dependency_up: IntGauge::new(
+                format!("presence_{role}_dependency_up"),
+                "1 while the store takes writes",
+            )
+            .expect("metric"),
+            rewinds: IntCounter::new(
+                format!("presence_{role}_rewinds_total"),
+                "Re-reads of facility-status from the beginning after the store lost its data",
+            )
+            .expect("metric"),
         };
         must(registry.register(Box::new(m.rewinds.clone())));
         must(registry.register(Box::new(m.applied.clone())));
@@ -127,9 +159,20 @@ pub async fn serve<W: Writer>(
     let registry = Registry::new();
     let health = Health::new(&registry);
     let metrics = Metrics::new(&registry, role);
-    let (addr, server) = crate::telemetry::serve_ops(ops_listen, registry, health.clone(), shutdown.clone()).await?;
+    let (addr, server) =
+        crate::telemetry::serve_ops(ops_listen, registry, health.clone(), shutdown.clone()).await?;
     tracing::info!(%addr, role, "metrics and health");
-    let result = run(config, role, group_id, batching, writer, metrics, health, shutdown.clone()).await;
+    let result = run(
+        config,
+        role,
+        group_id,
+        batching,
+        writer,
+        metrics,
+        health,
+        shutdown.clone(),
+    )
+    .await;
     shutdown.trigger();
     let _ = server.await;
     result
@@ -157,7 +200,12 @@ pub async fn run<W: Writer>(
     health.register(W::DEPENDENCY);
     health.set_ready(W::DEPENDENCY);
     metrics.dependency_up.set(1);
-    tracing::info!(topic, group_id, store = W::DEPENDENCY, "consuming transitions");
+    tracing::info!(
+        topic,
+        group_id,
+        store = W::DEPENDENCY,
+        "consuming transitions"
+    );
 
     loop {
         let first = tokio::select! {
@@ -190,7 +238,14 @@ pub async fn run<W: Writer>(
                     offset: m.offset(),
                 }),
                 Err(e) => {
-                    let headers = dead_letter_headers(e.code(), &e.to_string(), topic, m.partition(), m.offset(), m.timestamp().to_millis());
+                    let headers = dead_letter_headers(
+                        e.code(),
+                        &e.to_string(),
+                        topic,
+                        m.partition(),
+                        m.offset(),
+                        m.timestamp().to_millis(),
+                    );
                     let mut record = FutureRecord::to(&config.topics.dead_letters)
                         .payload(m.payload().unwrap_or_default())
                         .headers(headers);
@@ -212,9 +267,19 @@ pub async fn run<W: Writer>(
                 Done::Rewind(why) => {
                     metrics.rewinds.inc();
                     let assignment = consumer.assignment()?;
-                    tracing::warn!(store = W::DEPENDENCY, why, partitions = assignment.count(), "the store lost its data; reading facility-status again from the beginning");
+                    tracing::warn!(
+                        store = W::DEPENDENCY,
+                        why,
+                        partitions = assignment.count(),
+                        "the store lost its data; reading facility-status again from the beginning"
+                    );
                     for e in assignment.elements() {
-                        consumer.seek(e.topic(), e.partition(), rdkafka::Offset::Beginning, Duration::from_secs(10))?;
+                        consumer.seek(
+                            e.topic(),
+                            e.partition(),
+                            rdkafka::Offset::Beginning,
+                            Duration::from_secs(10),
+                        )?;
                     }
                     continue;
                 }
@@ -240,21 +305,35 @@ enum Done {
 
 /// Retries `batch` with backoff until it is written, the store asks for a rewind, or
 /// shutdown.
-async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics: &Metrics, health: &Health, shutdown: &Shutdown) -> Done {
+async fn write_until_done<W: Writer>(
+    writer: &mut W,
+    batch: &[Received],
+    metrics: &Metrics,
+    health: &Health,
+    shutdown: &Shutdown,
+) -> Done {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u32;
     loop {
         let started = Instant::now();
         match writer.write(batch).await {
             Ok(()) => {
-                metrics.batch_seconds.observe(started.elapsed().as_secs_f64());
+                metrics
+                    .batch_seconds
+                    .observe(started.elapsed().as_secs_f64());
                 metrics.applied.inc_by(batch.len() as u64);
                 let now = crate::now_ms();
                 for r in batch {
-                    metrics.delivery_seconds.observe((now - r.status.emitted_at).max(0) as f64 / 1000.0);
+                    metrics
+                        .delivery_seconds
+                        .observe((now - r.status.emitted_at).max(0) as f64 / 1000.0);
                 }
                 if failures > 0 {
-                    tracing::info!(store = W::DEPENDENCY, failures, "the store takes writes again; resuming");
+                    tracing::info!(
+                        store = W::DEPENDENCY,
+                        failures,
+                        "the store takes writes again; resuming"
+                    );
                     health.set_ready(W::DEPENDENCY);
                     metrics.dependency_up.set(1);
                 }
@@ -265,7 +344,10 @@ async fn write_until_done<W: Writer>(writer: &mut W, batch: &[Received], metrics
                 failures += 1;
                 metrics.errors.inc();
                 metrics.dependency_up.set(0);
-                health.set_unready(W::DEPENDENCY, format!("{} write failing: {e}", W::DEPENDENCY));
+                health.set_unready(
+                    W::DEPENDENCY,
+                    format!("{} write failing: {e}", W::DEPENDENCY),
+                );
                 if failures == 1 || failures.is_power_of_two() {
                     tracing::warn!(store = W::DEPENDENCY, error = %e, failures, retry_in = ?backoff, "cannot write transitions; retrying the same batch (offsets are not committed)");
                 }

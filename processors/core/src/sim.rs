@@ -247,13 +247,19 @@ pub fn truth_line(h: &Heartbeat, ts: i64) -> String {
 pub fn read_truth(path: &std::path::Path) -> std::io::Result<Vec<SimRecord>> {
     use std::io::BufRead;
     let mut out = Vec::new();
-    for (n, line) in std::io::BufReader::new(std::fs::File::open(path)?).lines().enumerate() {
+    for (n, line) in std::io::BufReader::new(std::fs::File::open(path)?)
+        .lines()
+        .enumerate()
+    {
         let line = line?;
         if line.trim().is_empty() {
             continue;
         }
         let parsed: TruthLine = serde_json::from_str(&line).map_err(|e| {
-            std::io::Error::new(std::io::ErrorKind::InvalidData, format!("{}:{}: {e}", path.display(), n + 1))
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!("{}:{}: {e}", path.display(), n + 1),
+            )
         })?;
         out.push(SimRecord {
             ts: parsed.ts,

@@ -100,7 +100,12 @@ impl PrivateService {
                 env.push(("PG_DATA".into(), dir.join("data").display().to_string()));
             }
         }
-        PrivateService { kind, env, dir, port }
+        PrivateService {
+            kind,
+            env,
+            dir,
+            port,
+        }
     }
 
     pub fn kafka() -> PrivateService {
@@ -118,7 +123,10 @@ impl PrivateService {
         match self.kind {
             "kafka" => format!("127.0.0.1:{}", self.port),
             "redis" => format!("redis://127.0.0.1:{}", self.port),
-            _ => format!("postgres://presence:presence@127.0.0.1:{}/presence", self.port),
+            _ => format!(
+                "postgres://presence:presence@127.0.0.1:{}/presence",
+                self.port
+            ),
         }
     }
 
@@ -171,14 +179,23 @@ pub fn fastavro(mode: &str, schema: &str, lines: &[serde_json::Value]) -> Vec<se
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .unwrap_or_else(|e| panic!("cannot run {}: {e}; run make stack (it installs fastavro)", python().display()));
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run {}: {e}; run make stack (it installs fastavro)",
+                python().display()
+            )
+        });
     let mut stdin = child.stdin.take().expect("piped stdin");
     for l in lines {
         writeln!(stdin, "{l}").expect("write to avro_cross.py");
     }
     drop(stdin);
     let out = child.wait_with_output().expect("avro_cross.py output");
-    assert!(out.status.success(), "avro_cross.py {mode} failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "avro_cross.py {mode} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout)
         .lines()
         .map(|l| serde_json::from_str(l).expect("avro_cross.py prints JSON lines"))
@@ -191,11 +208,17 @@ pub fn hex(bytes: &[u8]) -> String {
 
 /// Every record of `topic` (read_committed), from the beginning, until `want` have been
 /// read or `within` has passed.
-pub fn read_topic(c: &Config, topic: &str, want: usize, within: std::time::Duration) -> Vec<rdkafka::message::OwnedMessage> {
+pub fn read_topic(
+    c: &Config,
+    topic: &str,
+    want: usize,
+    within: std::time::Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"))
-        .create()
-        .expect("test consumer");
+    let consumer: BaseConsumer =
+        crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"))
+            .create()
+            .expect("test consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
     let deadline = std::time::Instant::now() + within;
     let mut out = Vec::new();
@@ -218,7 +241,10 @@ where
         if let Some(v) = check().await {
             return v;
         }
-        assert!(tokio::time::Instant::now() < deadline, "timed out after {within:?} waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {within:?} waiting for {what}"
+        );
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 }
@@ -226,12 +252,16 @@ where
 /// Produces `(key, value)` records to `topic` in order and waits for every acknowledgement.
 pub async fn produce(c: &Config, topic: &str, records: &[(String, Vec<u8>)]) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer = crate::kafka::idempotent_producer_config(&c.kafka, "test-producer")
-        .create()
-        .expect("test producer");
+    let producer: FutureProducer =
+        crate::kafka::idempotent_producer_config(&c.kafka, "test-producer")
+            .create()
+            .expect("test producer");
     for (key, value) in records {
         producer
-            .send(FutureRecord::to(topic).key(key).payload(value), std::time::Duration::from_secs(30))
+            .send(
+                FutureRecord::to(topic).key(key).payload(value),
+                std::time::Duration::from_secs(30),
+            )
             .await
             .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
     }
@@ -246,11 +276,20 @@ pub fn status_records(statuses: &[crate::records::FacilityStatus]) -> Vec<(Strin
 }
 
 /// A transition for tests: `since` is `seq` minutes after 2026-11-27T00:00Z unless given.
-pub fn transition(facility: &str, region: &str, seq: i64, online: bool) -> crate::records::FacilityStatus {
+pub fn transition(
+    facility: &str,
+    region: &str,
+    seq: i64,
+    online: bool,
+) -> crate::records::FacilityStatus {
     crate::records::FacilityStatus {
         facility_id: facility.into(),
         region_id: region.into(),
-        status: if online { crate::records::Status::Online } else { crate::records::Status::Offline },
+        status: if online {
+            crate::records::Status::Online
+        } else {
+            crate::records::Status::Offline
+        },
         open_sessions: i32::from(online),
         since: 1_764_201_600_000 + seq * 60_000,
         seq,
@@ -282,7 +321,8 @@ pub fn browser_script(script: &str, args: &[&str]) -> serde_json::Value {
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().last().unwrap_or_default();
-    serde_json::from_str(last).unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
+    serde_json::from_str(last)
+        .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
 }
 
 /// Creates `c`'s topics and panics with the report if any is wrong.
@@ -293,8 +333,11 @@ pub async fn ensure_topics(c: &Config) {
 
 /// Runs a process's `run(config, shutdown)` as a task of this test, until `shutdown`;
 /// a process that fails panics the task with its error.
-pub fn spawn_process<Fut>(what: &'static str, shutdown: &crate::Shutdown, run: impl FnOnce(crate::Shutdown) -> Fut)
-where
+pub fn spawn_process<Fut>(
+    what: &'static str,
+    shutdown: &crate::Shutdown,
+    run: impl FnOnce(crate::Shutdown) -> Fut,
+) where
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
     let task = run(shutdown.clone());

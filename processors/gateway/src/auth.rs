@@ -93,7 +93,10 @@ impl Verifier {
     pub fn from_config(c: &GatewayConfig) -> Option<Verifier> {
         match c.auth {
             AuthMode::None => None,
-            AuthMode::Jwt => Some(Verifier::new(c.jwt_secret.expose().as_bytes(), c.jwt_leeway)),
+            AuthMode::Jwt => Some(Verifier::new(
+                c.jwt_secret.expose().as_bytes(),
+                c.jwt_leeway,
+            )),
         }
     }
 
@@ -154,13 +157,20 @@ mod tests {
             exp,
             nbf: None,
         };
-        encode(&Header::new(alg), &claims, &EncodingKey::from_secret(secret)).unwrap()
+        encode(
+            &Header::new(alg),
+            &claims,
+            &EncodingKey::from_secret(secret),
+        )
+        .unwrap()
     }
 
     #[test]
     fn valid_token_gives_its_claims() {
         let v = Verifier::new(SECRET, Duration::from_secs(5));
-        let c = v.verify(Some(&token(SECRET, now() + 60, Algorithm::HS256))).unwrap();
+        let c = v
+            .verify(Some(&token(SECRET, now() + 60, Algorithm::HS256)))
+            .unwrap();
         assert_eq!((c.sub.as_str(), c.facility.as_str()), ("u1", "f1"));
         assert!(c.grants_region("r1") && !c.grants_region("r2"));
     }
@@ -168,9 +178,16 @@ mod tests {
     #[test]
     fn expired_forged_missing_and_wrong_algorithm_are_refused() {
         let v = Verifier::new(SECRET, Duration::from_secs(5));
-        assert_eq!(v.verify(Some(&token(SECRET, now() - 60, Algorithm::HS256))), Err(AuthError::Expired));
         assert_eq!(
-            v.verify(Some(&token(b"another-secret-another-secret-xx", now() + 60, Algorithm::HS256))),
+            v.verify(Some(&token(SECRET, now() - 60, Algorithm::HS256))),
+            Err(AuthError::Expired)
+        );
+        assert_eq!(
+            v.verify(Some(&token(
+                b"another-secret-another-secret-xx",
+                now() + 60,
+                Algorithm::HS256
+            ))),
             Err(AuthError::BadSignature)
         );
         assert_eq!(v.verify(None), Err(AuthError::Missing));
@@ -178,20 +195,34 @@ mod tests {
             v.verify(Some(&token(SECRET, now() + 60, Algorithm::HS512))),
             Err(AuthError::WrongAlgorithm)
         );
-        assert!(matches!(v.verify(Some("not.a.token")), Err(AuthError::Malformed(_))));
+        assert!(matches!(
+            v.verify(Some("not.a.token")),
+            Err(AuthError::Malformed(_))
+        ));
     }
 
     #[test]
     fn leeway_tolerates_small_clock_skew_only() {
         let v = Verifier::new(SECRET, Duration::from_secs(30));
-        assert!(v.verify(Some(&token(SECRET, now() - 10, Algorithm::HS256))).is_ok());
-        assert_eq!(v.verify(Some(&token(SECRET, now() - 120, Algorithm::HS256))), Err(AuthError::Expired));
+        assert!(v
+            .verify(Some(&token(SECRET, now() - 10, Algorithm::HS256)))
+            .is_ok());
+        assert_eq!(
+            v.verify(Some(&token(SECRET, now() - 120, Algorithm::HS256))),
+            Err(AuthError::Expired)
+        );
     }
 
     #[test]
     fn token_from_header_or_query() {
-        assert_eq!(token_of(Some("Bearer abc"), Some("access_token=x")).as_deref(), Some("abc"));
-        assert_eq!(token_of(None, Some("a=1&access_token=xyz")).as_deref(), Some("xyz"));
+        assert_eq!(
+            token_of(Some("Bearer abc"), Some("access_token=x")).as_deref(),
+            Some("abc")
+        );
+        assert_eq!(
+            token_of(None, Some("a=1&access_token=xyz")).as_deref(),
+            Some("xyz")
+        );
         assert_eq!(token_of(Some("Basic abc"), None), None);
         assert_eq!(token_of(None, None), None);
     }

@@ -2,8 +2,8 @@
 //! the tables the sink keeps (`presence_core::delivery::Tables`).
 
 use presence_core::delivery::{connect_postgres, Tables};
-use presence_core::Secret;
 use presence_core::records::{FacilityStatus, Status};
+use presence_core::Secret;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
@@ -49,7 +49,11 @@ impl HistoryReader {
     pub async fn read(&self, facility: &str, from: i64, to: i64) -> Result<History, HistoryError> {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-            *guard = Some(connect_postgres(&self.url).await.map_err(HistoryError::Unavailable)?);
+            *guard = Some(
+                connect_postgres(&self.url)
+                    .await
+                    .map_err(HistoryError::Unavailable)?,
+            );
         }
         let Some(client) = guard.as_ref() else {
             return Err(HistoryError::Unavailable("no connection".into()));
@@ -80,7 +84,11 @@ impl HistoryReader {
             let t = FacilityStatus {
                 facility_id: row.get(0),
                 region_id: row.get(1),
-                status: if row.get::<_, &str>(2) == "ONLINE" { Status::Online } else { Status::Offline },
+                status: if row.get::<_, &str>(2) == "ONLINE" {
+                    Status::Online
+                } else {
+                    Status::Offline
+                },
                 open_sessions: row.get(3),
                 since: row.get(4),
                 seq: row.get(5),
@@ -105,8 +113,9 @@ impl HistoryReader {
 
 fn classify(e: tokio_postgres::Error) -> HistoryError {
     match e.code() {
-        Some(c) if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
-            || *c == tokio_postgres::error::SqlState::UNDEFINED_FUNCTION =>
+        Some(c)
+            if *c == tokio_postgres::error::SqlState::UNDEFINED_TABLE
+                || *c == tokio_postgres::error::SqlState::UNDEFINED_FUNCTION =>
         {
             HistoryError::NoTables
         }

@@ -69,29 +69,49 @@ impl App {
             store,
             hub,
             history,
-            accepted: metrics.requests.with_label_values(&["heartbeats", "accepted"]),
+            accepted: metrics
+                .requests
+                .with_label_values(&["heartbeats", "accepted"]),
             metrics,
         }))
     }
 
     fn count(&self, route: &str, outcome: &str) {
-        self.0.metrics.requests.with_label_values(&[route, outcome]).inc();
+        self.0
+            .metrics
+            .requests
+            .with_label_values(&[route, outcome])
+            .inc();
     }
 
     /// The caller's verified claims; `Ok(None)` when tokens are off.
-    fn authenticate(&self, headers: &HeaderMap, query: Option<&str>) -> Result<Option<Claims>, AuthError> {
+    fn authenticate(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+    ) -> Result<Option<Claims>, AuthError> {
         match &self.0.verifier {
             None => Ok(None),
             Some(v) => {
-                let authorization = headers.get(header::AUTHORIZATION).and_then(|h| h.to_str().ok());
-                v.verify(token_of(authorization, query).as_deref()).map(Some)
+                let authorization = headers
+                    .get(header::AUTHORIZATION)
+                    .and_then(|h| h.to_str().ok());
+                v.verify(token_of(authorization, query).as_deref())
+                    .map(Some)
             }
         }
     }
 
-    fn authorize_region(&self, headers: &HeaderMap, query: Option<&str>, region: &str) -> Result<(), AuthError> {
+    fn authorize_region(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        region: &str,
+    ) -> Result<(), AuthError> {
         match self.authenticate(headers, query)? {
-            Some(c) if !c.grants_region(region) => Err(AuthError::RegionNotGranted(region.to_string())),
+            Some(c) if !c.grants_region(region) => {
+                Err(AuthError::RegionNotGranted(region.to_string()))
+            }
             _ => Ok(()),
         }
     }
@@ -107,7 +127,8 @@ pub fn router(app: App, config: &GatewayConfig) -> Router {
                     "method_not_allowed",
                     &format!("{method} is not allowed on /v1/heartbeats: use POST"),
                 );
-                r.headers_mut().insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
+                r.headers_mut()
+                    .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
                 r
             }),
         )
@@ -132,13 +153,22 @@ fn cors(config: &GatewayConfig) -> Option<CorsLayer> {
     let origins = if config.cors_origins.iter().any(|o| o == "*") {
         AllowOrigin::any()
     } else {
-        AllowOrigin::list(config.cors_origins.iter().filter_map(|o| HeaderValue::from_str(o).ok()))
+        AllowOrigin::list(
+            config
+                .cors_origins
+                .iter()
+                .filter_map(|o| HeaderValue::from_str(o).ok()),
+        )
     };
     Some(
         CorsLayer::new()
             .allow_origin(origins)
             .allow_methods([Method::GET, Method::POST, Method::OPTIONS])
-            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, header::HeaderName::from_static("last-event-id")])
+            .allow_headers([
+                header::CONTENT_TYPE,
+                header::AUTHORIZATION,
+                header::HeaderName::from_static("last-event-id"),
+            ])
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
@@ -158,27 +188,42 @@ fn invalid_field(field: &str, rule: &str) -> Response {
 }
 
 fn auth_problem(e: &AuthError) -> Response {
-    let status = if e.is_forbidden() { StatusCode::FORBIDDEN } else { StatusCode::UNAUTHORIZED };
+    let status = if e.is_forbidden() {
+        StatusCode::FORBIDDEN
+    } else {
+        StatusCode::UNAUTHORIZED
+    };
     let mut r = problem(status, e.code(), &e.to_string());
     if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut().insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
     }
     r
 }
 
 fn unavailable(code: &str, message: &str) -> Response {
     let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, code, message);
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static(RETRY_AFTER_SECONDS));
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from_static(RETRY_AFTER_SECONDS),
+    );
     r
 }
 
-
 /// JSON, or the `text/plain` that `navigator.sendBeacon` sends for a string body.
 fn acceptable_content_type(headers: &HeaderMap) -> bool {
-    let Some(ct) = headers.get(header::CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+    let Some(ct) = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+    else {
         return false;
     };
-    let essence = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+    let essence = ct
+        .split(';')
+        .next()
+        .unwrap_or("")
+        .trim()
+        .to_ascii_lowercase();
     essence == "application/json" || essence == "text/plain"
 }
 
@@ -202,7 +247,11 @@ async fn post_heartbeats(
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
             app.count(ROUTE, "too_large");
-            return problem(StatusCode::PAYLOAD_TOO_LARGE, "too_large", "the body is larger than gateway.max_body_bytes: send smaller batches");
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "too_large",
+                "the body is larger than gateway.max_body_bytes: send smaller batches",
+            );
         }
         Err(e) => {
             app.count(ROUTE, "invalid");
@@ -228,7 +277,11 @@ async fn post_heartbeats(
         }
         Err(e @ Rejection::TooMany { .. }) => {
             app.count(ROUTE, "too_large");
-            return problem(StatusCode::PAYLOAD_TOO_LARGE, "batch_too_large", &e.to_string());
+            return problem(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "batch_too_large",
+                &e.to_string(),
+            );
         }
         Err(e @ Rejection::Malformed(_)) => {
             app.count(ROUTE, "invalid");
@@ -241,7 +294,10 @@ async fn post_heartbeats(
             app.0.metrics.heartbeats_accepted.inc_by(beats.len() as u64);
             (
                 StatusCode::ACCEPTED,
-                [(header::CONTENT_TYPE, HeaderValue::from_static("application/json"))],
+                [(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                )],
                 format!("{{\"accepted\":{}}}", beats.len()),
             )
                 .into_response()
@@ -256,10 +312,17 @@ async fn post_heartbeats(
 fn redis_down(app: &App, e: redis::RedisError) -> Response {
     app.0.metrics.redis_errors.inc();
     tracing::warn!(error = %e, "Redis read failed");
-    unavailable("redis_unavailable", "Redis is unreachable: the current state cannot be read now; retry later")
+    unavailable(
+        "redis_unavailable",
+        "Redis is unreachable: the current state cannot be read now; retry later",
+    )
 }
 
-async fn get_regions(State(app): State<App>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+async fn get_regions(
+    State(app): State<App>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     if let Err(e) = app.authenticate(&headers, q.as_deref()) {
         return auth_problem(&e);
     }
@@ -269,7 +332,12 @@ async fn get_regions(State(app): State<App>, headers: HeaderMap, RawQuery(q): Ra
     }
 }
 
-async fn get_region(State(app): State<App>, Path(region): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+async fn get_region(
+    State(app): State<App>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region) {
         return auth_problem(&e);
     }
@@ -279,7 +347,12 @@ async fn get_region(State(app): State<App>, Path(region): Path<String>, headers:
     }
 }
 
-async fn get_stream(State(app): State<App>, Path(region): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+async fn get_stream(
+    State(app): State<App>,
+    Path(region): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region) {
         app.count("stream", e.code());
         return auth_problem(&e);
@@ -291,21 +364,34 @@ async fn get_stream(State(app): State<App>, Path(region): Path<String>, headers:
         .and_then(|v| v.trim().parse::<u64>().ok());
     let mut response = app.0.hub.stream(region, last_event_id).into_response();
     // Proxies (nginx) must not buffer a live stream.
-    response.headers_mut().insert("x-accel-buffering", HeaderValue::from_static("no"));
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
     response
 }
 
-async fn get_facility(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+async fn get_facility(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let claims = match app.authenticate(&headers, q.as_deref()) {
         Ok(c) => c,
         Err(e) => return auth_problem(&e),
     };
     match app.0.store.facility(&id).await {
         Ok(Some(t)) => match claims {
-            Some(c) if !c.grants_region(&t.region_id) => auth_problem(&AuthError::RegionNotGranted(t.region_id)),
+            Some(c) if !c.grants_region(&t.region_id) => {
+                auth_problem(&AuthError::RegionNotGranted(t.region_id))
+            }
             _ => Json(t).into_response(),
         },
-        Ok(None) => problem(StatusCode::NOT_FOUND, "unknown_facility", &format!("no transition of facility '{id}' has been seen")),
+        Ok(None) => problem(
+            StatusCode::NOT_FOUND,
+            "unknown_facility",
+            &format!("no transition of facility '{id}' has been seen"),
+        ),
         Err(e) => redis_down(&app, e),
     }
 }
@@ -331,7 +417,12 @@ fn parse_time(value: &str) -> Option<i64> {
 
 const TIME_RULE: &str = "must be ms since the epoch or RFC 3339 (2026-11-27T00:00:00Z)";
 
-async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: HeaderMap, RawQuery(q): RawQuery) -> Response {
+async fn get_history(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+) -> Response {
     let claims = match app.authenticate(&headers, q.as_deref()) {
         Ok(c) => c,
         Err(e) => return auth_problem(&e),
@@ -352,7 +443,12 @@ async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: He
     }
     match app.0.history.read(&id, from, to).await {
         Ok(h) => {
-            let region = h.initial.iter().chain(h.transitions.iter()).map(|t| t.region_id.clone()).next();
+            let region = h
+                .initial
+                .iter()
+                .chain(h.transitions.iter())
+                .map(|t| t.region_id.clone())
+                .next();
             if let (Some(c), Some(r)) = (claims, region) {
                 if !c.grants_region(&r) {
                     return auth_problem(&AuthError::RegionNotGranted(r));
@@ -361,7 +457,9 @@ async fn get_history(State(app): State<App>, Path(id): Path<String>, headers: He
             Json(h).into_response()
         }
         Err(e @ HistoryError::NoTables) => unavailable("no_history_tables", &e.to_string()),
-        Err(e @ HistoryError::Unavailable(_)) => unavailable("postgres_unavailable", &e.to_string()),
+        Err(e @ HistoryError::Unavailable(_)) => {
+            unavailable("postgres_unavailable", &e.to_string())
+        }
     }
 }
 

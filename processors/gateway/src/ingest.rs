@@ -73,11 +73,17 @@ struct Wire<'a> {
 ///
 /// Well-formed bodies take the typed fast path; anything it refuses is parsed again as
 /// generic JSON to say which field breaks which rule.
-pub fn parse(body: &[u8], claims: Option<&Claims>, max_batch: usize) -> Result<Vec<Heartbeat>, Rejection> {
+pub fn parse(
+    body: &[u8],
+    claims: Option<&Claims>,
+    max_batch: usize,
+) -> Result<Vec<Heartbeat>, Rejection> {
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     let fast = match first {
         Some(b'{') => serde_json::from_slice::<Wire>(body).ok().map(|w| vec![w]),
-        Some(b'[') => serde_json::from_slice::<Vec<Wire>>(body).ok().filter(|v| !v.is_empty() && v.len() <= max_batch),
+        Some(b'[') => serde_json::from_slice::<Vec<Wire>>(body)
+            .ok()
+            .filter(|v| !v.is_empty() && v.len() <= max_batch),
         _ => None,
     };
     let wires = match fast {
@@ -88,18 +94,32 @@ pub fn parse(body: &[u8], claims: Option<&Claims>, max_batch: usize) -> Result<V
     wires
         .into_iter()
         .enumerate()
-        .map(|(i, w)| build(w, &if batch { format!("[{i}].") } else { String::new() }, claims))
+        .map(|(i, w)| {
+            build(
+                w,
+                &if batch {
+                    format!("[{i}].")
+                } else {
+                    String::new()
+                },
+                claims,
+            )
+        })
         .collect()
 }
 
 /// Generic JSON, checked for shape and types field by field.
 fn slow_path(body: &[u8], max_batch: usize) -> Result<Vec<Wire<'static>>, Rejection> {
-    let value: Value = serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
+    let value: Value =
+        serde_json::from_slice(body).map_err(|e| Rejection::Malformed(e.to_string()))?;
     match value {
         Value::Object(o) => Ok(vec![wire(&o, "")?]),
         Value::Array(items) => {
             if items.is_empty() {
-                return Err(Rejection::invalid("body".into(), "is an empty batch: send at least one heartbeat"));
+                return Err(Rejection::invalid(
+                    "body".into(),
+                    "is an empty batch: send at least one heartbeat",
+                ));
             }
             if items.len() > max_batch {
                 return Err(Rejection::TooMany {
@@ -112,11 +132,17 @@ fn slow_path(body: &[u8], max_batch: usize) -> Result<Vec<Wire<'static>>, Reject
                 .enumerate()
                 .map(|(i, item)| match item {
                     Value::Object(o) => wire(o, &format!("[{i}].")),
-                    _ => Err(Rejection::invalid(format!("[{i}]"), "must be a heartbeat object")),
+                    _ => Err(Rejection::invalid(
+                        format!("[{i}]"),
+                        "must be a heartbeat object",
+                    )),
                 })
                 .collect()
         }
-        _ => Err(Rejection::invalid("body".into(), "must be a heartbeat object or an array of them")),
+        _ => Err(Rejection::invalid(
+            "body".into(),
+            "must be a heartbeat object or an array of them",
+        )),
     }
 }
 
@@ -130,13 +156,24 @@ fn wire(o: &Map<String, Value>, at: &str) -> Result<Wire<'static>, Rejection> {
     let text = |field: &str| match o.get(field) {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) => Ok(Some(Cow::Owned(s.clone()))),
-        Some(other) if field == "kind" => Err(Rejection::invalid(format!("{at}kind"), format!("is {other}; it must be \"BEAT\" or \"END\""))),
-        Some(_) => Err(Rejection::invalid(format!("{at}{field}"), "must be a string")),
+        Some(other) if field == "kind" => Err(Rejection::invalid(
+            format!("{at}kind"),
+            format!("is {other}; it must be \"BEAT\" or \"END\""),
+        )),
+        Some(_) => Err(Rejection::invalid(
+            format!("{at}{field}"),
+            "must be a string",
+        )),
     };
     let client_sent_at = match o.get("client_sent_at") {
         None | Some(Value::Null) => None,
         Some(Value::Number(n)) if n.as_i64().is_some() => n.as_i64(),
-        Some(_) => return Err(Rejection::invalid(format!("{at}client_sent_at"), CLIENT_SENT_AT_RULE)),
+        Some(_) => {
+            return Err(Rejection::invalid(
+                format!("{at}client_sent_at"),
+                CLIENT_SENT_AT_RULE,
+            ))
+        }
     };
     Ok(Wire {
         session_id: text("session_id")?,
@@ -154,7 +191,11 @@ const CLIENT_SENT_AT_RULE: &str = "must be a non-negative integer (ms since the 
 fn build(w: Wire<'_>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Rejection> {
     let session_id = id(w.session_id.as_deref(), at, "session_id", None)?;
     let (user, facility, region) = match claims {
-        Some(c) => (Some(c.sub.as_str()), Some(c.facility.as_str()), Some(c.region.as_str())),
+        Some(c) => (
+            Some(c.sub.as_str()),
+            Some(c.facility.as_str()),
+            Some(c.region.as_str()),
+        ),
         None => (None, None, None),
     };
     let user_id = id(w.user_id.as_deref(), at, "user_id", user)?;
@@ -171,7 +212,10 @@ fn build(w: Wire<'_>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Re
         }
     };
     if w.client_sent_at.is_some_and(|t| t < 0) {
-        return Err(Rejection::invalid(format!("{at}client_sent_at"), CLIENT_SENT_AT_RULE));
+        return Err(Rejection::invalid(
+            format!("{at}client_sent_at"),
+            CLIENT_SENT_AT_RULE,
+        ));
     }
     Ok(Heartbeat {
         session_id,
@@ -185,7 +229,12 @@ fn build(w: Wire<'_>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Re
 
 /// A required id: from the token when it has one (the body may repeat it, not contradict
 /// it), else from the body; 1 to 128 bytes, no control characters.
-fn id(in_body: Option<&str>, at: &str, field: &'static str, from_token: Option<&str>) -> Result<String, Rejection> {
+fn id(
+    in_body: Option<&str>,
+    at: &str,
+    field: &'static str,
+    from_token: Option<&str>,
+) -> Result<String, Rejection> {
     let value = match (from_token, in_body) {
         (Some(t), Some(b)) if t != b => {
             return Err(Rejection::Forbidden(AuthError::Mismatch {
@@ -199,7 +248,9 @@ fn id(in_body: Option<&str>, at: &str, field: &'static str, from_token: Option<&
         (None, None) => return Err(Rejection::invalid(format!("{at}{field}"), "is missing")),
     };
     check_id("Heartbeat", field, value).map_err(|e| match e {
-        presence_core::codec::CodecError::InvalidField { rule, .. } => Rejection::invalid(format!("{at}{field}"), rule),
+        presence_core::codec::CodecError::InvalidField { rule, .. } => {
+            Rejection::invalid(format!("{at}{field}"), rule)
+        }
         other => Rejection::invalid(format!("{at}{field}"), other.to_string()),
     })?;
     Ok(value.to_string())
@@ -229,25 +280,72 @@ mod tests {
         assert_eq!(b[0].facility_id, "f");
         let batch = one(&format!(r#"[{OK},{{"session_id":"s2","user_id":"u","facility_id":"f","region_id":"r","kind":"END","client_sent_at":5}}]"#)).unwrap();
         assert_eq!(batch.len(), 2);
-        assert_eq!((batch[1].kind, batch[1].client_sent_at), (HeartbeatKind::End, Some(5)));
+        assert_eq!(
+            (batch[1].kind, batch[1].client_sent_at),
+            (HeartbeatKind::End, Some(5))
+        );
     }
 
     #[test]
     fn each_rule_names_its_field() {
-        assert_eq!(field_of(one(r#"{"user_id":"u","facility_id":"f","region_id":"r"}"#)), "session_id");
-        assert_eq!(field_of(one(r#"{"session_id":"","user_id":"u","facility_id":"f","region_id":"r"}"#)), "session_id");
+        assert_eq!(
+            field_of(one(r#"{"user_id":"u","facility_id":"f","region_id":"r"}"#)),
+            "session_id"
+        );
+        assert_eq!(
+            field_of(one(
+                r#"{"session_id":"","user_id":"u","facility_id":"f","region_id":"r"}"#
+            )),
+            "session_id"
+        );
         let long = "x".repeat(129);
-        assert_eq!(field_of(one(&format!(r#"{{"session_id":"s","user_id":"{long}","facility_id":"f","region_id":"r"}}"#))), "user_id");
-        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f\u0007","region_id":"r"}"#)), "facility_id");
-        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","kind":"PING"}"#)), "kind");
-        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":7}"#)), "region_id");
-        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","extra":1}"#)), "extra");
-        assert_eq!(field_of(one(r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","client_sent_at":"x"}"#)), "client_sent_at");
-        assert_eq!(field_of(one(&format!(r#"[{OK},{{"session_id":"s"}}]"#))), "[1].user_id");
+        assert_eq!(
+            field_of(one(&format!(
+                r#"{{"session_id":"s","user_id":"{long}","facility_id":"f","region_id":"r"}}"#
+            ))),
+            "user_id"
+        );
+        assert_eq!(
+            field_of(one(
+                r#"{"session_id":"s","user_id":"u","facility_id":"f\u0007","region_id":"r"}"#
+            )),
+            "facility_id"
+        );
+        assert_eq!(
+            field_of(one(
+                r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","kind":"PING"}"#
+            )),
+            "kind"
+        );
+        assert_eq!(
+            field_of(one(
+                r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":7}"#
+            )),
+            "region_id"
+        );
+        assert_eq!(
+            field_of(one(
+                r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","extra":1}"#
+            )),
+            "extra"
+        );
+        assert_eq!(
+            field_of(one(
+                r#"{"session_id":"s","user_id":"u","facility_id":"f","region_id":"r","client_sent_at":"x"}"#
+            )),
+            "client_sent_at"
+        );
+        assert_eq!(
+            field_of(one(&format!(r#"[{OK},{{"session_id":"s"}}]"#))),
+            "[1].user_id"
+        );
         assert_eq!(field_of(one("[]")), "body");
         assert_eq!(field_of(one("3")), "body");
         assert!(matches!(one("{nope"), Err(Rejection::Malformed(_))));
-        assert!(matches!(parse(format!("[{OK},{OK}]").as_bytes(), None, 1), Err(Rejection::TooMany { count: 2, max: 1 })));
+        assert!(matches!(
+            parse(format!("[{OK},{OK}]").as_bytes(), None, 1),
+            Err(Rejection::TooMany { count: 2, max: 1 })
+        ));
     }
 
     #[test]
@@ -261,10 +359,28 @@ mod tests {
             nbf: None,
         };
         let b = parse(br#"{"session_id":"s"}"#, Some(&claims), 10).unwrap();
-        assert_eq!((b[0].user_id.as_str(), b[0].facility_id.as_str(), b[0].region_id.as_str()), ("u9", "f9", "r9"));
-        assert!(parse(br#"{"session_id":"s","facility_id":"f9"}"#, Some(&claims), 10).is_ok());
-        match parse(br#"{"session_id":"s","facility_id":"other"}"#, Some(&claims), 10) {
-            Err(Rejection::Forbidden(AuthError::Mismatch { field, .. })) => assert_eq!(field, "facility_id"),
+        assert_eq!(
+            (
+                b[0].user_id.as_str(),
+                b[0].facility_id.as_str(),
+                b[0].region_id.as_str()
+            ),
+            ("u9", "f9", "r9")
+        );
+        assert!(parse(
+            br#"{"session_id":"s","facility_id":"f9"}"#,
+            Some(&claims),
+            10
+        )
+        .is_ok());
+        match parse(
+            br#"{"session_id":"s","facility_id":"other"}"#,
+            Some(&claims),
+            10,
+        ) {
+            Err(Rejection::Forbidden(AuthError::Mismatch { field, .. })) => {
+                assert_eq!(field, "facility_id")
+            }
             other => panic!("expected a mismatch, got {other:?}"),
         }
     }

@@ -52,22 +52,33 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     let registry = Registry::new();
     let health = Health::new(&registry);
     let metrics = metrics::Metrics::new(&registry);
-    let publisher = Arc::new(
-        publish::Publisher::new(&config, metrics.clone())
-            .context("cannot create the Kafka producer; check kafka.brokers and kafka.properties")?,
+    let publisher =
+        Arc::new(publish::Publisher::new(&config, metrics.clone()).context(
+            "cannot create the Kafka producer; check kafka.brokers and kafka.properties",
+        )?);
+    publish::Publisher::spawn_probe(
+        &publisher,
+        health.clone(),
+        Duration::from_secs(1),
+        shutdown.clone(),
     );
-    publish::Publisher::spawn_probe(&publisher, health.clone(), Duration::from_secs(1), shutdown.clone());
 
     let keys = RedisKeys::new(&config.redis.key_prefix);
-    let store = store::Store::new(config.redis.url.expose(), keys)
-        .with_context(|| format!("redis.url {} is not usable; set REDIS_URL to redis://host:port", config.redis.url))?;
+    let store = store::Store::new(config.redis.url.expose(), keys).with_context(|| {
+        format!(
+            "redis.url {} is not usable; set REDIS_URL to redis://host:port",
+            config.redis.url
+        )
+    })?;
     let hub = stream::Hub::new(store.clone(), metrics.clone(), shutdown.clone());
     hub.spawn(config.redis.url.expose().to_string());
     spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
 
-    let history = history::HistoryReader::new(&config.database.url, Tables::new(&config.database.schema));
+    let history =
+        history::HistoryReader::new(&config.database.url, Tables::new(&config.database.schema));
     let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics);
-    let router = http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));
+    let router =
+        http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));
     let (addr, server) = telemetry::serve(config.gateway.listen, router, shutdown).await?;
     tracing::info!(%addr, auth = ?config.gateway.auth, "gateway listening: POST /v1/heartbeats, GET /v1/regions/{{region}}/stream, dashboard at /");
     Ok(Running {
@@ -97,21 +108,32 @@ fn spawn_redis_probe(store: store::Store, metrics: metrics::Metrics, shutdown: S
             }
         }
     };
-    watch(Duration::from_secs(1), shutdown, check, move |result, changed| {
-        metrics.redis_up.set(i64::from(result.is_ok()));
-        match result {
-            Err(e) if changed => tracing::warn!(error = %e, "Redis is unreachable: streams and reads wait for it; heartbeats are not affected"),
-            Ok(()) if changed => tracing::info!("Redis is reachable again"),
-            _ => {}
-        }
-    });
+    watch(
+        Duration::from_secs(1),
+        shutdown,
+        check,
+        move |result, changed| {
+            metrics.redis_up.set(i64::from(result.is_ok()));
+            match result {
+                Err(e) if changed => {
+                    tracing::warn!(error = %e, "Redis is unreachable: streams and reads wait for it; heartbeats are not affected")
+                }
+                Ok(()) if changed => tracing::info!("Redis is reachable again"),
+                _ => {}
+            }
+        },
+    );
 }
 
 /// Asks `check` every `every` until `shutdown`. `report` gets each answer and whether it
 /// differs from the one before (the first answer counts as a change when it is a failure),
 /// so that a dependency's loss and return are logged once each.
-fn watch<C, F>(every: Duration, shutdown: Shutdown, check: C, report: impl Fn(&Result<(), String>, bool) + Send + 'static)
-where
+fn watch<C, F>(
+    every: Duration,
+    shutdown: Shutdown,
+    check: C,
+    report: impl Fn(&Result<(), String>, bool) + Send + 'static,
+) where
     C: Fn() -> F + Send + 'static,
     F: std::future::Future<Output = Result<(), String>> + Send,
 {

@@ -30,7 +30,10 @@ impl Metrics {
     pub fn new(registry: &Registry) -> Metrics {
         let m = Metrics {
             requests: must(IntCounterVec::new(
-                Opts::new("presence_gateway_requests_total", "HTTP requests by route and outcome"),
+                Opts::new(
+                    "presence_gateway_requests_total",
+                    "HTTP requests by route and outcome",
+                ),
                 &["route", "outcome"],
             )),
             heartbeats_accepted: must(IntCounter::new(
@@ -42,7 +45,9 @@ impl Metrics {
                     "presence_gateway_produce_seconds",
                     "Time from producing a request's heartbeats to the broker's acknowledgement",
                 )
-                .buckets(vec![0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0]),
+                .buckets(vec![
+                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                ]),
             )),
             producer_queue: must(IntGauge::new(
                 "presence_gateway_producer_queue",
@@ -67,7 +72,10 @@ impl Metrics {
                 "presence_gateway_redis_errors_total",
                 "Failed Redis calls (reads, subscription)",
             )),
-            redis_up: must(IntGauge::new("presence_gateway_redis_up", "1 while Redis answers PING")),
+            redis_up: must(IntGauge::new(
+                "presence_gateway_redis_up",
+                "1 while Redis answers PING",
+            )),
         };
         for c in [
             Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,

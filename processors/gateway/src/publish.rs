@@ -56,7 +56,10 @@ impl Publisher {
         let producer: FutureProducer = idempotent_producer_config(&config.kafka, "gateway")
             // A request waits for its batch; 1 ms lets concurrent requests share one.
             .set("linger.ms", "1")
-            .set("message.timeout.ms", g.produce_timeout.as_millis().to_string())
+            .set(
+                "message.timeout.ms",
+                g.produce_timeout.as_millis().to_string(),
+            )
             .set("queue.buffering.max.messages", g.max_in_flight.to_string())
             .create()?;
         Ok(Publisher {
@@ -153,7 +156,10 @@ impl Publisher {
             .map_err(|e| e.to_string())?;
         match metadata.topics().first() {
             Some(t) if t.error().is_none() && !t.partitions().is_empty() => Ok(()),
-            _ => Err(format!("topic '{}' does not exist: run `presence topics`", self.topic)),
+            _ => Err(format!(
+                "topic '{}' does not exist: run `presence topics`",
+                self.topic
+            )),
         }
     }
 

@@ -135,6 +135,9 @@ impl Store {
 
     pub async fn ping(&self) -> RedisResult<()> {
         let mut c = self.conn().await?;
-        redis::cmd("PING").query_async::<String>(&mut c).await.map(|_| ())
+        redis::cmd("PING")
+            .query_async::<String>(&mut c)
+            .await
+            .map(|_| ())
     }
 }

@@ -33,7 +33,10 @@ const BUFFER: usize = 4096;
 
 #[derive(Clone, Debug)]
 pub enum HubEvent {
-    Transition { region_seq: u64, json: Arc<str> },
+    Transition {
+        region_seq: u64,
+        json: Arc<str>,
+    },
     /// The hub lost events it cannot recover: every client starts over from a snapshot.
     Resync,
 }
@@ -116,7 +119,10 @@ impl Hub {
 
     /// Every client of `region` starts over from a snapshot.
     fn resync(&self, region: &str, reason: &str) {
-        self.metrics.stream_resyncs.with_label_values(&[reason]).inc();
+        self.metrics
+            .stream_resyncs
+            .with_label_values(&[reason])
+            .inc();
         let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = regions.get_mut(region) {
             r.last = 0;
@@ -233,7 +239,8 @@ impl Hub {
             last: 0,
         };
         tokio::spawn(client.run(last_event_id));
-        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        Sse::new(ReceiverStream::new(rx))
+            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
     }
 }
 
@@ -294,7 +301,11 @@ impl Client {
 
     /// A snapshot instead of the next event, counted by `reason`.
     async fn resync(&mut self, reason: &str) -> Result<(), Gone> {
-        self.hub.metrics.stream_resyncs.with_label_values(&[reason]).inc();
+        self.hub
+            .metrics
+            .stream_resyncs
+            .with_label_values(&[reason])
+            .inc();
         self.snapshot().await
     }
 
@@ -326,7 +337,9 @@ impl Client {
                 Err(e) => {
                     self.hub.metrics.redis_errors.inc();
                     tracing::warn!(region = %self.region, error = %e, "cannot read the region snapshot from Redis; retrying");
-                    let retry = Event::default().event("unavailable").data("Redis is unreachable; the stream resumes by itself");
+                    let retry = Event::default()
+                        .event("unavailable")
+                        .data("Redis is unreachable; the stream resumes by itself");
                     self.send(retry).await?;
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(Duration::from_secs(5));
@@ -347,8 +360,13 @@ impl Client {
 
     async fn send_transition(&mut self, seq: u64, json: &str) -> Result<(), Gone> {
         self.last = seq;
-        self.send(Event::default().event("transition").id(seq.to_string()).data(json))
-            .await
+        self.send(
+            Event::default()
+                .event("transition")
+                .id(seq.to_string())
+                .data(json),
+        )
+        .await
     }
 
     async fn send(&self, event: Event) -> Result<(), Gone> {

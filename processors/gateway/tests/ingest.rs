@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use jsonwebtoken::{encode, EncodingKey, Header};
 use presence_core::config::{AuthMode, Config};
-use presence_core::testkit::{eventually, fastavro, hex, isolated_config, read_topic, PrivateService};
+use presence_core::testkit::{
+    eventually, fastavro, hex, isolated_config, read_topic, PrivateService,
+};
 use presence_core::{Secret, Shutdown};
 use presence_gateway::auth::Claims;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -30,7 +32,9 @@ impl Drop for Gateway {
 async fn start(config: &Config) -> Gateway {
     presence_core::testkit::ensure_topics(config).await;
     let shutdown = Shutdown::new();
-    let running = presence_gateway::start(config.clone(), shutdown.clone()).await.expect("gateway starts");
+    let running = presence_gateway::start(config.clone(), shutdown.clone())
+        .await
+        .expect("gateway starts");
     let g = Gateway {
         base: format!("http://{}", running.addr),
         shutdown,
@@ -41,15 +45,28 @@ async fn start(config: &Config) -> Gateway {
 }
 
 async fn ready(g: &Gateway, want: bool) {
-    eventually(&format!("/readyz = {want}"), Duration::from_secs(30), || async {
-        let r = g.http.get(format!("{}/readyz", g.base)).send().await.ok()?;
-        (r.status().is_success() == want).then_some(())
-    })
+    eventually(
+        &format!("/readyz = {want}"),
+        Duration::from_secs(30),
+        || async {
+            let r = g.http.get(format!("{}/readyz", g.base)).send().await.ok()?;
+            (r.status().is_success() == want).then_some(())
+        },
+    )
     .await
 }
 
-async fn post(g: &Gateway, content_type: &str, body: impl Into<reqwest::Body>, token: Option<&str>) -> (u16, Value, reqwest::header::HeaderMap) {
-    let mut req = g.http.post(format!("{}/v1/heartbeats", g.base)).header("content-type", content_type).body(body);
+async fn post(
+    g: &Gateway,
+    content_type: &str,
+    body: impl Into<reqwest::Body>,
+    token: Option<&str>,
+) -> (u16, Value, reqwest::header::HeaderMap) {
+    let mut req = g
+        .http
+        .post(format!("{}/v1/heartbeats", g.base))
+        .header("content-type", content_type)
+        .body(body);
     if let Some(t) = token {
         req = req.bearer_auth(t);
     }
@@ -66,9 +83,16 @@ fn beat(session: &str, kind: &str) -> Value {
 
 /// Records in the topic right now: the sum of its partitions' high watermarks.
 fn records_in(c: &Config, topic: &str) -> i64 {
-    let consumer: BaseConsumer = presence_core::kafka::base_config(&c.kafka, "test-watermarks").create().expect("consumer");
+    let consumer: BaseConsumer = presence_core::kafka::base_config(&c.kafka, "test-watermarks")
+        .create()
+        .expect("consumer");
     (0..c.topics.heartbeats_partitions)
-        .map(|p| consumer.fetch_watermarks(topic, p, Duration::from_secs(10)).expect("watermarks").1)
+        .map(|p| {
+            consumer
+                .fetch_watermarks(topic, p, Duration::from_secs(10))
+                .expect("watermarks")
+                .1
+        })
         .sum()
 }
 
@@ -77,33 +101,74 @@ async fn valid_beats_arrive_keyed_stamped_and_readable_by_python() {
     let config = isolated_config();
     let g = start(&config).await;
     let before = presence_core::now_ms();
-    let (s1, b1, _) = post(&g, "application/json", beat("s-one", "BEAT").to_string(), None).await;
+    let (s1, b1, _) = post(
+        &g,
+        "application/json",
+        beat("s-one", "BEAT").to_string(),
+        None,
+    )
+    .await;
     assert_eq!((s1, b1["accepted"].as_u64()), (202, Some(1)), "{b1}");
     let batch = json!([beat("s-two", "BEAT"), beat("s-three", "BEAT")]);
     let (s2, b2, _) = post(&g, "application/json", batch.to_string(), None).await;
     assert_eq!((s2, b2["accepted"].as_u64()), (202, Some(2)), "{b2}");
     // What navigator.sendBeacon sends for a string body on page unload.
-    let (s3, _, _) = post(&g, "text/plain;charset=UTF-8", beat("s-one", "END").to_string(), None).await;
+    let (s3, _, _) = post(
+        &g,
+        "text/plain;charset=UTF-8",
+        beat("s-one", "END").to_string(),
+        None,
+    )
+    .await;
     assert_eq!(s3, 202);
     let after = presence_core::now_ms();
 
-    let records = read_topic(&config, &config.topics.heartbeats, 4, Duration::from_secs(30));
+    let records = read_topic(
+        &config,
+        &config.topics.heartbeats,
+        4,
+        Duration::from_secs(30),
+    );
     assert_eq!(records.len(), 4);
     let mut seen = Vec::new();
     for m in &records {
         let key = String::from_utf8_lossy(m.key().expect("keyed")).to_string();
-        let Timestamp::CreateTime(ts) = m.timestamp() else { panic!("record timestamp is the gateway's receive time, got {:?}", m.timestamp()) };
-        assert!((before..=after).contains(&ts), "timestamp {ts} outside [{before}, {after}]");
-        let decoded = fastavro("decode", "heartbeat.avsc", &[json!({"hex": hex(m.payload().expect("value"))})]);
-        assert_eq!(decoded[0]["session_id"].as_str(), Some(key.as_str()), "key = session id");
+        let Timestamp::CreateTime(ts) = m.timestamp() else {
+            panic!(
+                "record timestamp is the gateway's receive time, got {:?}",
+                m.timestamp()
+            )
+        };
+        assert!(
+            (before..=after).contains(&ts),
+            "timestamp {ts} outside [{before}, {after}]"
+        );
+        let decoded = fastavro(
+            "decode",
+            "heartbeat.avsc",
+            &[json!({"hex": hex(m.payload().expect("value"))})],
+        );
+        assert_eq!(
+            decoded[0]["session_id"].as_str(),
+            Some(key.as_str()),
+            "key = session id"
+        );
         assert_eq!(decoded[0]["facility_id"], "f-1");
         assert_eq!(decoded[0]["client_sent_at"], 1_764_300_000_000i64);
-        seen.push((key, decoded[0]["kind"].as_str().unwrap_or_default().to_string()));
+        seen.push((
+            key,
+            decoded[0]["kind"].as_str().unwrap_or_default().to_string(),
+        ));
     }
     seen.sort();
     assert_eq!(
         seen,
-        vec![("s-one".into(), "BEAT".into()), ("s-one".into(), "END".into()), ("s-three".into(), "BEAT".into()), ("s-two".into(), "BEAT".into())]
+        vec![
+            ("s-one".into(), "BEAT".into()),
+            ("s-one".into(), "END".into()),
+            ("s-three".into(), "BEAT".into()),
+            ("s-two".into(), "BEAT".into())
+        ]
     );
 }
 
@@ -130,26 +195,59 @@ async fn bad_requests_get_their_status_and_message_and_produce_nothing() {
         let (got, answer, _) = post(&g, ct, body.clone(), None).await;
         assert_eq!(got, status, "{ct} {body:.80} -> {answer}");
         assert_eq!(answer["error"], code, "{answer}");
-        assert!(answer["message"].as_str().is_some_and(|m| !m.is_empty()), "{answer}");
+        assert!(
+            answer["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{answer}"
+        );
         if let Some(f) = field {
             assert_eq!(answer["field"], f, "{answer}");
-            assert!(answer["rule"].as_str().is_some_and(|r| !r.is_empty()), "{answer}");
+            assert!(
+                answer["rule"].as_str().is_some_and(|r| !r.is_empty()),
+                "{answer}"
+            );
         }
     }
-    let r = g.http.get(format!("{}/v1/heartbeats", g.base)).send().await.expect("GET");
+    let r = g
+        .http
+        .get(format!("{}/v1/heartbeats", g.base))
+        .send()
+        .await
+        .expect("GET");
     assert_eq!(r.status().as_u16(), 405);
     assert_eq!(r.headers()["allow"], "POST, OPTIONS");
 
     // One valid beat after all of them: the topic holds exactly that one.
-    let (ok, _, _) = post(&g, "application/json", beat("sentinel", "BEAT").to_string(), None).await;
+    let (ok, _, _) = post(
+        &g,
+        "application/json",
+        beat("sentinel", "BEAT").to_string(),
+        None,
+    )
+    .await;
     assert_eq!(ok, 202);
-    assert_eq!(records_in(&config, &config.topics.heartbeats), 1, "nothing invalid reached Kafka");
+    assert_eq!(
+        records_in(&config, &config.topics.heartbeats),
+        1,
+        "nothing invalid reached Kafka"
+    );
 }
 
 fn token(sub: &str, facility: &str, region: &str, exp_offset: i64, secret: &str) -> String {
     let exp = (presence_core::now_ms() / 1000 + exp_offset) as u64;
-    let claims = Claims { sub: sub.into(), facility: facility.into(), region: region.into(), regions: vec![], exp, nbf: None };
-    encode(&Header::default(), &claims, &EncodingKey::from_secret(secret.as_bytes())).expect("token")
+    let claims = Claims {
+        sub: sub.into(),
+        facility: facility.into(),
+        region: region.into(),
+        regions: vec![],
+        exp,
+        nbf: None,
+    };
+    encode(
+        &Header::default(),
+        &claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .expect("token")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,18 +260,65 @@ async fn tokens_decide_who_reports_for_which_facility() {
     let good = token("u-7", "f-7", "south", 300, SECRET);
 
     // Ids come from the token; the body only names the session.
-    let (s, b, _) = post(&g, "application/json", json!({"session_id": "tok-1"}).to_string(), Some(&good)).await;
+    let (s, b, _) = post(
+        &g,
+        "application/json",
+        json!({"session_id": "tok-1"}).to_string(),
+        Some(&good),
+    )
+    .await;
     assert_eq!(s, 202, "{b}");
     let cases = [
-        ("missing", None, json!({"session_id": "x"}), 401, "token_missing"),
-        ("forged", Some(token("u-7", "f-7", "south", 300, "another-secret-another-secret-another")), json!({"session_id": "x"}), 401, "token_forged"),
-        ("expired", Some(token("u-7", "f-7", "south", -60, SECRET)), json!({"session_id": "x"}), 401, "token_expired"),
-        ("other facility", Some(good.clone()), json!({"session_id": "x", "facility_id": "f-8"}), 403, "claim_mismatch"),
-        ("other user", Some(good.clone()), json!({"session_id": "x", "user_id": "u-8"}), 403, "claim_mismatch"),
+        (
+            "missing",
+            None,
+            json!({"session_id": "x"}),
+            401,
+            "token_missing",
+        ),
+        (
+            "forged",
+            Some(token(
+                "u-7",
+                "f-7",
+                "south",
+                300,
+                "another-secret-another-secret-another",
+            )),
+            json!({"session_id": "x"}),
+            401,
+            "token_forged",
+        ),
+        (
+            "expired",
+            Some(token("u-7", "f-7", "south", -60, SECRET)),
+            json!({"session_id": "x"}),
+            401,
+            "token_expired",
+        ),
+        (
+            "other facility",
+            Some(good.clone()),
+            json!({"session_id": "x", "facility_id": "f-8"}),
+            403,
+            "claim_mismatch",
+        ),
+        (
+            "other user",
+            Some(good.clone()),
+            json!({"session_id": "x", "user_id": "u-8"}),
+            403,
+            "claim_mismatch",
+        ),
     ];
     for (what, t, body, status, code) in cases {
-        let (got, answer, headers) = post(&g, "application/json", body.to_string(), t.as_deref()).await;
-        assert_eq!((got, answer["error"].as_str()), (status, Some(code)), "{what}: {answer}");
+        let (got, answer, headers) =
+            post(&g, "application/json", body.to_string(), t.as_deref()).await;
+        assert_eq!(
+            (got, answer["error"].as_str()),
+            (status, Some(code)),
+            "{what}: {answer}"
+        );
         if status == 401 {
             assert_eq!(headers["www-authenticate"], "Bearer", "{what}");
         }
@@ -190,18 +335,56 @@ async fn tokens_decide_who_reports_for_which_facility() {
     assert_eq!(r.status().as_u16(), 202);
     // A stream of a region the token does not grant, and of the one it does (EventSource
     // passes the token in the query string).
-    let r = g.http.get(format!("{}/v1/regions/north/stream", g.base)).bearer_auth(&good).send().await.expect("stream");
+    let r = g
+        .http
+        .get(format!("{}/v1/regions/north/stream", g.base))
+        .bearer_auth(&good)
+        .send()
+        .await
+        .expect("stream");
     assert_eq!(r.status().as_u16(), 403);
-    let r = g.http.get(format!("{}/v1/regions/south/stream?access_token={good}", g.base)).send().await.expect("stream");
+    let r = g
+        .http
+        .get(format!(
+            "{}/v1/regions/south/stream?access_token={good}",
+            g.base
+        ))
+        .send()
+        .await
+        .expect("stream");
     assert_eq!(r.status().as_u16(), 200);
-    let r = g.http.get(format!("{}/v1/regions/south/stream", g.base)).send().await.expect("stream");
+    let r = g
+        .http
+        .get(format!("{}/v1/regions/south/stream", g.base))
+        .send()
+        .await
+        .expect("stream");
     assert_eq!(r.status().as_u16(), 401, "no token");
 
-    let records = read_topic(&config, &config.topics.heartbeats, 2, Duration::from_secs(30));
-    assert_eq!(records_in(&config, &config.topics.heartbeats), 2, "only the two authorised beats were produced");
+    let records = read_topic(
+        &config,
+        &config.topics.heartbeats,
+        2,
+        Duration::from_secs(30),
+    );
+    assert_eq!(
+        records_in(&config, &config.topics.heartbeats),
+        2,
+        "only the two authorised beats were produced"
+    );
     for m in records {
-        let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(m.payload().unwrap_or_default()).expect("decodes");
-        assert_eq!((h.user_id.as_str(), h.facility_id.as_str(), h.region_id.as_str()), ("u-7", "f-7", "south"));
+        let h = presence_core::codec::decode::<presence_core::records::Heartbeat>(
+            m.payload().unwrap_or_default(),
+        )
+        .expect("decodes");
+        assert_eq!(
+            (
+                h.user_id.as_str(),
+                h.facility_id.as_str(),
+                h.region_id.as_str()
+            ),
+            ("u-7", "f-7", "south")
+        );
     }
 }
 
@@ -238,7 +421,10 @@ async fn broker_outage_is_503_with_retry_after_and_loses_nothing_acknowledged() 
             503 => {
                 refused += 1;
                 assert!(headers.contains_key("retry-after"), "{b}");
-                assert!(b["message"].as_str().is_some_and(|m| m.contains("retry")), "{b}");
+                assert!(
+                    b["message"].as_str().is_some_and(|m| m.contains("retry")),
+                    "{b}"
+                );
             }
             202 => {
                 acknowledged.insert(id);
@@ -255,10 +441,21 @@ async fn broker_outage_is_503_with_retry_after_and_loses_nothing_acknowledged() 
         assert_eq!(s, 202, "after recovery: {b}");
         acknowledged.insert(id);
     }
-    let records = read_topic(&config, &config.topics.heartbeats, acknowledged.len(), Duration::from_secs(30));
-    let stored: BTreeSet<String> = records.iter().map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).to_string()).collect();
+    let records = read_topic(
+        &config,
+        &config.topics.heartbeats,
+        acknowledged.len(),
+        Duration::from_secs(30),
+    );
+    let stored: BTreeSet<String> = records
+        .iter()
+        .map(|m| String::from_utf8_lossy(m.key().unwrap_or_default()).to_string())
+        .collect();
     let lost: Vec<_> = acknowledged.difference(&stored).collect();
-    assert!(lost.is_empty(), "acknowledged but not in the topic: {lost:?}");
+    assert!(
+        lost.is_empty(),
+        "acknowledged but not in the topic: {lost:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -268,18 +465,44 @@ async fn cors_admits_the_configured_origins_only() {
     let g = start(&config).await;
     let preflight = |origin: &'static str| {
         g.http
-            .request(reqwest::Method::OPTIONS, format!("{}/v1/heartbeats", g.base))
+            .request(
+                reqwest::Method::OPTIONS,
+                format!("{}/v1/heartbeats", g.base),
+            )
             .header("origin", origin)
             .header("access-control-request-method", "POST")
-            .header("access-control-request-headers", "content-type,authorization")
+            .header(
+                "access-control-request-headers",
+                "content-type,authorization",
+            )
             .send()
     };
-    let allowed = preflight("https://app.example.com").await.expect("preflight");
-    assert_eq!(allowed.headers().get("access-control-allow-origin").map(|v| v.to_str().unwrap_or_default()), Some("https://app.example.com"));
-    let methods = allowed.headers().get("access-control-allow-methods").map(|v| v.to_str().unwrap_or_default().to_string()).unwrap_or_default();
+    let allowed = preflight("https://app.example.com")
+        .await
+        .expect("preflight");
+    assert_eq!(
+        allowed
+            .headers()
+            .get("access-control-allow-origin")
+            .map(|v| v.to_str().unwrap_or_default()),
+        Some("https://app.example.com")
+    );
+    let methods = allowed
+        .headers()
+        .get("access-control-allow-methods")
+        .map(|v| v.to_str().unwrap_or_default().to_string())
+        .unwrap_or_default();
     assert!(methods.contains("POST"), "{methods}");
-    let refused = preflight("https://evil.example.net").await.expect("preflight");
-    assert!(refused.headers().get("access-control-allow-origin").is_none(), "an origin not in gateway.cors_origins is not admitted");
+    let refused = preflight("https://evil.example.net")
+        .await
+        .expect("preflight");
+    assert!(
+        refused
+            .headers()
+            .get("access-control-allow-origin")
+            .is_none(),
+        "an origin not in gateway.cors_origins is not admitted"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,7 +510,14 @@ async fn a_full_producer_queue_is_503_and_every_202_is_in_the_topic() {
     let mut config = isolated_config();
     config.gateway.max_in_flight = 1;
     let g = start(&config).await;
-    let requests = (0..200).map(|i| post(&g, "application/json", beat(&format!("q-{i}"), "BEAT").to_string(), None));
+    let requests = (0..200).map(|i| {
+        post(
+            &g,
+            "application/json",
+            beat(&format!("q-{i}"), "BEAT").to_string(),
+            None,
+        )
+    });
     let answers = futures::future::join_all(requests).await;
     let mut accepted = 0;
     let mut refused = 0;
@@ -302,7 +532,14 @@ async fn a_full_producer_queue_is_503_and_every_202_is_in_the_topic() {
             other => panic!("unexpected {other}: {body}"),
         }
     }
-    assert!(refused > 0, "200 concurrent beats through a queue of 1 must meet a full queue");
+    assert!(
+        refused > 0,
+        "200 concurrent beats through a queue of 1 must meet a full queue"
+    );
     assert!(accepted > 0);
-    assert_eq!(records_in(&config, &config.topics.heartbeats), accepted, "every 202 is stored, nothing else");
+    assert_eq!(
+        records_in(&config, &config.topics.heartbeats),
+        accepted,
+        "every 202 is stored, nothing else"
+    );
 }

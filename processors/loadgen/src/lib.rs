@@ -108,7 +108,6 @@ fn exp(rng: &mut StdRng, mean: Duration) -> Duration {
     mean.mul_f64(-u.ln()).min(mean * 10)
 }
 
-
 /// Where heartbeats go.
 #[derive(Debug, Clone)]
 pub enum Target {
@@ -173,12 +172,17 @@ impl HttpTransport {
     fn new(base: &str, batch: usize, concurrency: usize) -> anyhow::Result<HttpTransport> {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::Arc;
-        let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
         let (tx, rx) = tokio::sync::mpsc::channel::<Heartbeat>(concurrency * batch.max(1) * 4);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let accepted = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
-        let client = reqwest::Client::builder().pool_max_idle_per_host(concurrency).build()?;
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(concurrency)
+            .build()?;
         let url = format!("{}/v1/heartbeats", base.trim_end_matches('/'));
         let workers = (0..concurrency.max(1))
             .map(|_| {
@@ -198,8 +202,16 @@ impl HttpTransport {
                         }
                         .unwrap_or_default();
                         let n = beats.len() as u64;
-                        match client.post(&url).header("content-type", "application/json").body(body).send().await {
-                            Ok(r) if r.status().as_u16() == 202 => accepted.fetch_add(n, Ordering::Relaxed),
+                        match client
+                            .post(&url)
+                            .header("content-type", "application/json")
+                            .body(body)
+                            .send()
+                            .await
+                        {
+                            Ok(r) if r.status().as_u16() == 202 => {
+                                accepted.fetch_add(n, Ordering::Relaxed)
+                            }
                             Ok(r) => {
                                 tracing::debug!(status = %r.status(), "gateway refused heartbeats");
                                 failed.fetch_add(n, Ordering::Relaxed)
@@ -225,11 +237,16 @@ impl HttpTransport {
 
 impl Transport for HttpTransport {
     fn send(&mut self, h: &Heartbeat, _ts: i64) -> bool {
-        self.queue.as_ref().is_some_and(|q| q.blocking_send(h.clone()).is_ok())
+        self.queue
+            .as_ref()
+            .is_some_and(|q| q.blocking_send(h.clone()).is_ok())
     }
     fn progress(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering;
-        (self.accepted.load(Ordering::Relaxed), self.failed.load(Ordering::Relaxed))
+        (
+            self.accepted.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
     }
     fn finish(mut self: Box<Self>) -> anyhow::Result<(u64, u64)> {
         self.queue = None;
@@ -259,8 +276,12 @@ struct Truth {
 
 impl Truth {
     fn create(path: &std::path::Path) -> anyhow::Result<Truth> {
-        let file = std::fs::File::create(path)
-            .map_err(|e| anyhow::anyhow!("cannot create the ground-truth file {}: {e}", path.display()))?;
+        let file = std::fs::File::create(path).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the ground-truth file {}: {e}",
+                path.display()
+            )
+        })?;
         Ok(Truth {
             out: std::io::BufWriter::new(file),
             last_at_facility: Default::default(),
@@ -272,10 +293,15 @@ impl Truth {
     /// facilities it touches.
     fn stamp(&mut self, h: &Heartbeat, now: i64) -> i64 {
         let previous = match h.kind {
-            HeartbeatKind::Beat => self.facility_of_session.insert(h.session_id.clone(), h.facility_id.clone()),
+            HeartbeatKind::Beat => self
+                .facility_of_session
+                .insert(h.session_id.clone(), h.facility_id.clone()),
             HeartbeatKind::End => self.facility_of_session.remove(&h.session_id),
         };
-        let touched = [Some(h.facility_id.clone()), previous.filter(|p| *p != h.facility_id)];
+        let touched = [
+            Some(h.facility_id.clone()),
+            previous.filter(|p| *p != h.facility_id),
+        ];
         let mut ts = now - now.rem_euclid(2);
         for f in touched.iter().flatten() {
             if let Some(last) = self.last_at_facility.get(f) {
@@ -304,10 +330,11 @@ pub fn run(
 ) -> anyhow::Result<Summary> {
     let mut transport: Box<dyn Transport> = match target {
         Target::Kafka => {
-            let producer: ThreadedProducer<DefaultProducerContext> = idempotent_producer_config(&config.kafka, "loadgen")
-                .set("linger.ms", "5")
-                .set("queue.buffering.max.messages", "1000000")
-                .create()?;
+            let producer: ThreadedProducer<DefaultProducerContext> =
+                idempotent_producer_config(&config.kafka, "loadgen")
+                    .set("linger.ms", "5")
+                    .set("queue.buffering.max.messages", "1000000")
+                    .create()?;
             // Connected before the first user acts, so that no beat is stamped long before
             // the broker has it (a late beat is a different beat to the processor).
             producer
@@ -321,7 +348,11 @@ pub fn run(
                 failed: 0,
             })
         }
-        Target::Http { base, batch, concurrency } => Box::new(HttpTransport::new(base, *batch, *concurrency)?),
+        Target::Http {
+            base,
+            batch,
+            concurrency,
+        } => Box::new(HttpTransport::new(base, *batch, *concurrency)?),
     };
     let mut truth = truth.map(Truth::create).transpose()?;
     let mut rng = StdRng::seed_from_u64(options.seed);
@@ -349,26 +380,40 @@ pub fn run(
                 break;
             }
             due.pop();
-            let next = step(&mut people[i], i, options, &mut rng, now, &mut summary, |h| {
-                let ts = match truth.as_mut() {
-                    Some(t) => {
-                        let ts = t.stamp(h, ts);
-                        if let Err(e) = t.write(h, ts) {
-                            truth_error.get_or_insert(e);
+            let next = step(
+                &mut people[i],
+                i,
+                options,
+                &mut rng,
+                now,
+                &mut summary,
+                |h| {
+                    let ts = match truth.as_mut() {
+                        Some(t) => {
+                            let ts = t.stamp(h, ts);
+                            if let Err(e) = t.write(h, ts) {
+                                truth_error.get_or_insert(e);
+                            }
+                            ts
                         }
-                        ts
-                    }
-                    None => ts,
-                };
-                transport.send(h, ts)
-            });
+                        None => ts,
+                    };
+                    transport.send(h, ts)
+                },
+            );
             due.push(Reverse((next, i)));
         }
         if let Some(e) = truth_error.take() {
             anyhow::bail!("cannot write the ground-truth file: {e}");
         }
         let online = || people.iter().filter(|u| u.session.is_some()).count();
-        progress.tick(start.elapsed(), transport.progress(), online, users, &summary);
+        progress.tick(
+            start.elapsed(),
+            transport.progress(),
+            online,
+            users,
+            &summary,
+        );
         let wait = due
             .peek()
             .map_or(Duration::from_millis(100), |Reverse((t, _))| {
@@ -407,7 +452,14 @@ impl Progress {
         }
     }
 
-    fn tick(&mut self, elapsed: Duration, (sent, failed): (u64, u64), online: impl Fn() -> usize, users: usize, s: &Summary) {
+    fn tick(
+        &mut self,
+        elapsed: Duration,
+        (sent, failed): (u64, u64),
+        online: impl Fn() -> usize,
+        users: usize,
+        s: &Summary,
+    ) {
         if self.last.elapsed() < Duration::from_secs(1) {
             return;
         }
@@ -416,7 +468,12 @@ impl Progress {
             Some(d) => {
                 let done = (elapsed.as_secs_f64() / d.as_secs_f64()).min(1.0);
                 let filled = (done * 20.0) as usize;
-                format!("[{}{}] {:>3.0}% ", "#".repeat(filled), "-".repeat(20 - filled), done * 100.0)
+                format!(
+                    "[{}{}] {:>3.0}% ",
+                    "#".repeat(filled),
+                    "-".repeat(20 - filled),
+                    done * 100.0
+                )
             }
             None => String::new(),
         };

@@ -23,5 +23,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         linger: std::time::Duration::from_millis(2),
     };
     let n = &config.notifier;
-    downstream::serve(&config, "notifier", &n.group_id, n.ops_listen, batching, writer, shutdown).await
+    downstream::serve(
+        &config,
+        "notifier",
+        &n.group_id,
+        n.ops_listen,
+        batching,
+        writer,
+        shutdown,
+    )
+    .await
 }

@@ -2,8 +2,8 @@
 
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
-use presence_core::records::FacilityStatus;
 use presence_core::downstream::{Received, WriteError, Writer};
+use presence_core::records::FacilityStatus;
 use redis::aio::ConnectionManager;
 
 /// Applies a batch in one atomic step. ARGV: key prefix, replay log size, then per
@@ -57,7 +57,10 @@ pub struct RedisWriter {
 impl RedisWriter {
     pub fn new(config: &Config) -> anyhow::Result<RedisWriter> {
         let client = redis::Client::open(config.redis.url.expose()).map_err(|e| {
-            anyhow::anyhow!("redis.url {} is not usable ({e}); set REDIS_URL to redis://host:port", config.redis.url)
+            anyhow::anyhow!(
+                "redis.url {} is not usable ({e}); set REDIS_URL to redis://host:port",
+                config.redis.url
+            )
         })?;
         Ok(RedisWriter {
             client,
@@ -84,8 +87,18 @@ impl RedisWriter {
         let mut invocation = self.script.prepare_invoke();
         invocation.arg(&self.keys.prefix).arg(self.replay_events);
         for t in transitions {
-            let json = serde_json::to_string(t).map_err(|e| redis::RedisError::from((redis::ErrorKind::TypeError, "transition to JSON", e.to_string())))?;
-            invocation.arg(&t.facility_id).arg(&t.region_id).arg(t.seq).arg(json);
+            let json = serde_json::to_string(t).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::TypeError,
+                    "transition to JSON",
+                    e.to_string(),
+                ))
+            })?;
+            invocation
+                .arg(&t.facility_id)
+                .arg(&t.region_id)
+                .arg(t.seq)
+                .arg(json);
         }
         invocation.invoke_async(connection).await
     }
@@ -97,7 +110,9 @@ impl Writer for RedisWriter {
     async fn write(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         let transitions: Vec<&FacilityStatus> = batch.iter().map(|r| &r.status).collect();
         match self.apply(&transitions).await {
-            Ok(-1) => Err(WriteError::Rewind("Redis holds no notifier state (new, or restarted without persistence)".into())),
+            Ok(-1) => Err(WriteError::Rewind(
+                "Redis holds no notifier state (new, or restarted without persistence)".into(),
+            )),
             Ok(_) => Ok(()),
             Err(e) => Err(WriteError::Retry(e.to_string())),
         }

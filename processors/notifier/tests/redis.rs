@@ -9,7 +9,10 @@ use std::time::Duration;
 
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
-use presence_core::testkit::{eventually, free_port, isolated_config, produce, read_topic, status_records, transition, PrivateService};
+use presence_core::testkit::{
+    eventually, free_port, isolated_config, produce, read_topic, status_records, transition,
+    PrivateService,
+};
 use presence_core::Shutdown;
 use rdkafka::message::{Headers, Message};
 use redis::AsyncCommands;
@@ -19,13 +22,20 @@ use presence_core::testkit::{ensure_topics as setup, spawn_process};
 
 fn start_notifier(config: &Config) -> Shutdown {
     let shutdown = Shutdown::new();
-    spawn_process("notifier", &shutdown, |s| presence_notifier::run(config.clone(), s));
+    spawn_process("notifier", &shutdown, |s| {
+        presence_notifier::run(config.clone(), s)
+    });
     shutdown
 }
 
 /// `redis-cli SUBSCRIBE channel`: payloads arrive on the receiver once it is subscribed.
 fn subscriber(url: &str, channel: &str) -> (Child, mpsc::Receiver<Value>) {
-    let port = url.rsplit(':').next().unwrap_or("6379").trim_end_matches('/').to_string();
+    let port = url
+        .rsplit(':')
+        .next()
+        .unwrap_or("6379")
+        .trim_end_matches('/')
+        .to_string();
     let mut child = Command::new("redis-cli")
         .args(["-h", "127.0.0.1", "-p", &port, "SUBSCRIBE", channel])
         .stdout(Stdio::piped())
@@ -48,7 +58,9 @@ fn subscriber(url: &str, channel: &str) -> (Child, mpsc::Receiver<Value>) {
             }
         }
     });
-    ready_rx.recv_timeout(Duration::from_secs(10)).expect("redis-cli subscribed");
+    ready_rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("redis-cli subscribed");
     (child, rx)
 }
 
@@ -83,41 +95,104 @@ async fn newest_state_wins_in_any_order_and_each_transition_is_published_once() 
 
     let mut published = Vec::new();
     while published.len() < 5 {
-        let v = heard.recv_timeout(Duration::from_secs(30)).expect("a transition on the region channel");
+        let v = heard
+            .recv_timeout(Duration::from_secs(30))
+            .expect("a transition on the region channel");
         published.push(v);
     }
-    let mut by_facility: Vec<(String, i64)> = published.iter().map(|v| (v["facility_id"].as_str().unwrap_or_default().to_string(), v["seq"].as_i64().unwrap_or(0))).collect();
+    let mut by_facility: Vec<(String, i64)> = published
+        .iter()
+        .map(|v| {
+            (
+                v["facility_id"].as_str().unwrap_or_default().to_string(),
+                v["seq"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
     by_facility.sort();
-    assert_eq!(by_facility, vec![("a".into(), 1), ("a".into(), 2), ("a".into(), 3), ("a".into(), 4), ("b".into(), 2)]);
-    let region_seqs: Vec<u64> = published.iter().map(|v| v["region_seq"].as_u64().unwrap_or(0)).collect();
-    assert_eq!(region_seqs, vec![1, 2, 3, 4, 5], "region sequence orders the channel");
+    assert_eq!(
+        by_facility,
+        vec![
+            ("a".into(), 1),
+            ("a".into(), 2),
+            ("a".into(), 3),
+            ("a".into(), 4),
+            ("b".into(), 2)
+        ]
+    );
+    let region_seqs: Vec<u64> = published
+        .iter()
+        .map(|v| v["region_seq"].as_u64().unwrap_or(0))
+        .collect();
+    assert_eq!(
+        region_seqs,
+        vec![1, 2, 3, 4, 5],
+        "region sequence orders the channel"
+    );
 
     let mut r = redis(&config).await;
     let a: Option<String> = r.hget(keys.facility("a"), "seq").await.expect("hget");
     let b: Option<String> = r.hget(keys.facility("b"), "seq").await.expect("hget");
     assert_eq!((a.as_deref(), b.as_deref()), (Some("4"), Some("2")));
-    let index: std::collections::HashMap<String, String> = r.hgetall(keys.region_facilities("north")).await.expect("hgetall");
+    let index: std::collections::HashMap<String, String> = r
+        .hgetall(keys.region_facilities("north"))
+        .await
+        .expect("hgetall");
     assert_eq!(index.len(), 2);
-    assert!(index["a"].contains("\"OFFLINE\"") && index["a"].contains("\"seq\":4"), "{}", index["a"]);
+    assert!(
+        index["a"].contains("\"OFFLINE\"") && index["a"].contains("\"seq\":4"),
+        "{}",
+        index["a"]
+    );
     let regions: Vec<String> = r.smembers(keys.regions()).await.expect("smembers");
     assert_eq!(regions, vec!["north".to_string()]);
 
-    let dead = read_topic(&config, &config.topics.dead_letters, 1, Duration::from_secs(30));
+    let dead = read_topic(
+        &config,
+        &config.topics.dead_letters,
+        1,
+        Duration::from_secs(30),
+    );
     assert_eq!(dead.len(), 1);
     assert_eq!(dead[0].payload(), Some(&b"not avro"[..]));
     let headers = dead[0].headers().expect("headers");
-    let code = headers.iter().find(|h| h.key == "presence.error.code").and_then(|h| h.value).expect("error code header");
+    let code = headers
+        .iter()
+        .find(|h| h.key == "presence.error.code")
+        .and_then(|h| h.value)
+        .expect("error code header");
     assert_eq!(code, b"too_short");
     // Nothing more was published than the five: one more transition of a and of b comes
     // after everything else in their partitions, so the next two messages must be those.
-    let after = [transition("a", "north", 5, true), transition("b", "north", 3, true)];
-    produce(&config, &config.topics.facility_status, &status_records(&after)).await;
+    let after = [
+        transition("a", "north", 5, true),
+        transition("b", "north", 3, true),
+    ];
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&after),
+    )
+    .await;
     let mut next: Vec<(String, i64)> = (0..2)
-        .map(|_| heard.recv_timeout(Duration::from_secs(30)).expect("the two later transitions"))
-        .map(|v| (v["facility_id"].as_str().unwrap_or_default().to_string(), v["seq"].as_i64().unwrap_or(0)))
+        .map(|_| {
+            heard
+                .recv_timeout(Duration::from_secs(30))
+                .expect("the two later transitions")
+        })
+        .map(|v| {
+            (
+                v["facility_id"].as_str().unwrap_or_default().to_string(),
+                v["seq"].as_i64().unwrap_or(0),
+            )
+        })
         .collect();
     next.sort();
-    assert_eq!(next, vec![("a".into(), 5), ("b".into(), 3)], "a replay or an older transition was published");
+    assert_eq!(
+        next,
+        vec![("a".into(), 5), ("b".into(), 3)],
+        "a replay or an older transition was published"
+    );
     shutdown.trigger();
     let _ = cli.kill();
 }
@@ -132,8 +207,16 @@ async fn redis_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     setup(&config).await;
     let keys = RedisKeys::new(&config.redis.key_prefix);
     let facilities: Vec<String> = (0..20).map(|i| format!("f{i}")).collect();
-    let first: Vec<_> = facilities.iter().map(|f| transition(f, "east", 1, true)).collect();
-    produce(&config, &config.topics.facility_status, &status_records(&first)).await;
+    let first: Vec<_> = facilities
+        .iter()
+        .map(|f| transition(f, "east", 1, true))
+        .collect();
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&first),
+    )
+    .await;
     let shutdown = start_notifier(&config);
     let readyz = format!("http://{}/readyz", config.notifier.ops_listen);
     let http = reqwest::Client::new();
@@ -143,24 +226,44 @@ async fn redis_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
         let seq: Option<u64> = r.get(key).await.ok()?;
         seq
     };
-    eventually("20 transitions in Redis", Duration::from_secs(30), || async {
-        (seq_of(config.clone(), keys.region_seq("east")).await == Some(20)).then_some(())
-    })
+    eventually(
+        "20 transitions in Redis",
+        Duration::from_secs(30),
+        || async {
+            (seq_of(config.clone(), keys.region_seq("east")).await == Some(20)).then_some(())
+        },
+    )
     .await;
 
     private.stop();
-    let second: Vec<_> = facilities.iter().map(|f| transition(f, "east", 2, false)).collect();
-    produce(&config, &config.topics.facility_status, &status_records(&second)).await;
-    eventually("notifier unready while Redis is down", Duration::from_secs(30), || async {
-        let r = http.get(&readyz).send().await.ok()?;
-        (r.status().as_u16() == 503).then_some(())
-    })
+    let second: Vec<_> = facilities
+        .iter()
+        .map(|f| transition(f, "east", 2, false))
+        .collect();
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&second),
+    )
+    .await;
+    eventually(
+        "notifier unready while Redis is down",
+        Duration::from_secs(30),
+        || async {
+            let r = http.get(&readyz).send().await.ok()?;
+            (r.status().as_u16() == 503).then_some(())
+        },
+    )
     .await;
 
     private.start();
-    eventually("the 20 newer transitions applied after Redis returned", Duration::from_secs(60), || async {
-        (seq_of(config.clone(), keys.region_seq("east")).await == Some(40)).then_some(())
-    })
+    eventually(
+        "the 20 newer transitions applied after Redis returned",
+        Duration::from_secs(60),
+        || async {
+            (seq_of(config.clone(), keys.region_seq("east")).await == Some(40)).then_some(())
+        },
+    )
     .await;
     eventually("notifier ready again", Duration::from_secs(30), || async {
         let r = http.get(&readyz).send().await.ok()?;
@@ -182,29 +285,56 @@ async fn a_wiped_redis_is_rebuilt_from_the_compacted_topic() {
     let config = isolated_config();
     setup(&config).await;
     let keys = RedisKeys::new(&config.redis.key_prefix);
-    let first: Vec<_> = (0..30).map(|i| transition(&format!("f{i}"), "west", 1 + i % 3, true)).collect();
-    produce(&config, &config.topics.facility_status, &status_records(&first)).await;
+    let first: Vec<_> = (0..30)
+        .map(|i| transition(&format!("f{i}"), "west", 1 + i % 3, true))
+        .collect();
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&first),
+    )
+    .await;
     let shutdown = start_notifier(&config);
     let count = |config: Config, key: String| async move {
         let mut r = redis(&config).await;
         let n: usize = r.hlen(key).await.ok()?;
         Some(n)
     };
-    eventually("30 facilities in Redis", Duration::from_secs(30), || async {
-        (count(config.clone(), keys.region_facilities("west")).await == Some(30)).then_some(())
-    })
+    eventually(
+        "30 facilities in Redis",
+        Duration::from_secs(30),
+        || async {
+            (count(config.clone(), keys.region_facilities("west")).await == Some(30)).then_some(())
+        },
+    )
     .await;
 
     // Everything of this notifier's prefix disappears, as after a restart without persistence.
     let mut r = redis(&config).await;
-    let all: Vec<String> = r.keys(format!("{}:*", config.redis.key_prefix)).await.expect("keys");
+    let all: Vec<String> = r
+        .keys(format!("{}:*", config.redis.key_prefix))
+        .await
+        .expect("keys");
     let _: () = r.del(all).await.expect("del");
-    produce(&config, &config.topics.facility_status, &status_records(&[transition("f-new", "west", 1, true)])).await;
-    eventually("all 31 facilities back after the rewind", Duration::from_secs(30), || async {
-        (count(config.clone(), keys.region_facilities("west")).await == Some(31)).then_some(())
-    })
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&[transition("f-new", "west", 1, true)]),
+    )
+    .await;
+    eventually(
+        "all 31 facilities back after the rewind",
+        Duration::from_secs(30),
+        || async {
+            (count(config.clone(), keys.region_facilities("west")).await == Some(31)).then_some(())
+        },
+    )
     .await;
     let seq: Option<String> = r.hget(keys.facility("f2"), "seq").await.expect("hget");
-    assert_eq!(seq.as_deref(), Some("3"), "the newest transition of f2 is back");
+    assert_eq!(
+        seq.as_deref(),
+        Some("3"),
+        "the newest transition of f2 is back"
+    );
     shutdown.trigger();
 }

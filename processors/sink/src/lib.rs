@@ -25,5 +25,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         max_records: s.batch_size,
         linger: s.batch_linger,
     };
-    downstream::serve(&config, "sink", &s.group_id, s.ops_listen, batching, writer, shutdown).await
+    downstream::serve(
+        &config,
+        "sink",
+        &s.group_id,
+        s.ops_listen,
+        batching,
+        writer,
+        shutdown,
+    )
+    .await
 }

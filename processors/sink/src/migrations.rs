@@ -16,8 +16,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
 pub async fn apply(client: &mut Client, schema: &str) -> Result<Vec<i32>, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     // A lock per schema, held to the end of the transaction.
-    tx.execute("SELECT pg_advisory_xact_lock(hashtext($1))", &[&format!("presence-migrations:{schema}")])
-        .await?;
+    tx.execute(
+        "SELECT pg_advisory_xact_lock(hashtext($1))",
+        &[&format!("presence-migrations:{schema}")],
+    )
+    .await?;
     tx.batch_execute(&format!(
         "CREATE SCHEMA IF NOT EXISTS \"{schema}\";
          CREATE TABLE IF NOT EXISTS \"{schema}\".schema_migrations (
@@ -26,7 +29,10 @@ pub async fn apply(client: &mut Client, schema: &str) -> Result<Vec<i32>, tokio_
     ))
     .await?;
     let done: Vec<i32> = tx
-        .query(&format!("SELECT version FROM \"{schema}\".schema_migrations"), &[])
+        .query(
+            &format!("SELECT version FROM \"{schema}\".schema_migrations"),
+            &[],
+        )
         .await?
         .iter()
         .map(|r| r.get(0))

@@ -2,8 +2,8 @@
 
 use presence_core::config::Config;
 use presence_core::delivery::{connect_postgres, Tables};
-use presence_core::Secret;
 use presence_core::downstream::{Received, WriteError, Writer};
+use presence_core::Secret;
 use tokio_postgres::Client;
 
 use crate::migrations;
@@ -32,7 +32,9 @@ impl PostgresWriter {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut client = connect_postgres(&self.url).await.map_err(WriteError::Retry)?;
+            let mut client = connect_postgres(&self.url)
+                .await
+                .map_err(WriteError::Retry)?;
             let applied = migrations::apply(&mut client, &self.schema)
                 .await
                 .map_err(|e| WriteError::Retry(format!("schema migration failed: {e}")))?;
@@ -41,10 +43,15 @@ impl PostgresWriter {
             }
             self.client = Some(client);
             if applied.first() == Some(&1) {
-                return Err(WriteError::Rewind(format!("schema '{}' was created just now", self.schema)));
+                return Err(WriteError::Rewind(format!(
+                    "schema '{}' was created just now",
+                    self.schema
+                )));
             }
         }
-        self.client.as_mut().ok_or_else(|| WriteError::Retry("no PostgreSQL connection".into()))
+        self.client
+            .as_mut()
+            .ok_or_else(|| WriteError::Retry("no PostgreSQL connection".into()))
     }
 
     pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), WriteError> {
@@ -108,7 +115,8 @@ impl PostgresWriter {
         result.map_err(|e| {
             // A lost connection, or tables that vanished (a restored or wiped database):
             // reconnect, which migrates again and then asks for a rewind.
-            if e.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE) {
+            if e.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
+            {
                 self.client = None;
             }
             WriteError::Retry(format!("PostgreSQL write failed: {e}"))

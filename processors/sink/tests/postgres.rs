@@ -6,7 +6,9 @@ use std::time::Duration;
 
 use presence_core::config::Config;
 use presence_core::delivery::Tables;
-use presence_core::testkit::{eventually, free_port, isolated_config, produce, status_records, transition, PrivateService};
+use presence_core::testkit::{
+    eventually, free_port, isolated_config, produce, status_records, transition, PrivateService,
+};
 use presence_core::{Secret, Shutdown};
 use tokio_postgres::NoTls;
 
@@ -19,13 +21,20 @@ fn start_sink(config: &Config) -> Shutdown {
 }
 
 async fn db(config: &Config) -> Option<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls).await.ok()?;
+    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
+        .await
+        .ok()?;
     tokio::spawn(connection);
     Some(client)
 }
 
 async fn count(config: &Config, sql: String) -> Option<i64> {
-    db(config).await?.query_one(&sql, &[]).await.ok().map(|r| r.get(0))
+    db(config)
+        .await?
+        .query_one(&sql, &[])
+        .await
+        .ok()
+        .map(|r| r.get(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -44,29 +53,80 @@ async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds
         transition("a", "north", 4, false),
         transition("a", "north", 1, true),
     ];
-    produce(&config, &config.topics.facility_status, &status_records(&statuses)).await;
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&statuses),
+    )
+    .await;
     let shutdown = start_sink(&config);
-    eventually("six distinct transitions in the history", Duration::from_secs(30), || async {
-        (count(&config, format!("SELECT count(*) FROM {}", t.history())).await == Some(6)).then_some(())
-    })
+    eventually(
+        "six distinct transitions in the history",
+        Duration::from_secs(30),
+        || async {
+            (count(&config, format!("SELECT count(*) FROM {}", t.history())).await == Some(6))
+                .then_some(())
+        },
+    )
     .await;
     let client = db(&config).await.expect("db");
     let rows = client
-        .query(&format!("SELECT facility_id, seq, status FROM {} ORDER BY facility_id", t.current()), &[])
+        .query(
+            &format!(
+                "SELECT facility_id, seq, status FROM {} ORDER BY facility_id",
+                t.current()
+            ),
+            &[],
+        )
         .await
         .expect("current");
-    let current: Vec<(String, i64, String)> = rows.iter().map(|r| (r.get(0), r.get(1), r.get(2))).collect();
-    assert_eq!(current, vec![("a".into(), 4, "OFFLINE".into()), ("b".into(), 2, "OFFLINE".into())]);
+    let current: Vec<(String, i64, String)> = rows
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2)))
+        .collect();
+    assert_eq!(
+        current,
+        vec![
+            ("a".into(), 4, "OFFLINE".into()),
+            ("b".into(), 2, "OFFLINE".into())
+        ]
+    );
 
     // Replays of everything add nothing.
-    produce(&config, &config.topics.facility_status, &status_records(&statuses)).await;
-    let marker = transition("z", "north", 1, true);
-    produce(&config, &config.topics.facility_status, &status_records(&[marker])).await;
-    eventually("the marker after the replay", Duration::from_secs(30), || async {
-        (count(&config, format!("SELECT count(*) FROM {} WHERE facility_id = 'z'", t.history())).await == Some(1)).then_some(())
-    })
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&statuses),
+    )
     .await;
-    assert_eq!(count(&config, format!("SELECT count(*) FROM {}", t.history())).await, Some(7));
+    let marker = transition("z", "north", 1, true);
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&[marker]),
+    )
+    .await;
+    eventually(
+        "the marker after the replay",
+        Duration::from_secs(30),
+        || async {
+            (count(
+                &config,
+                format!(
+                    "SELECT count(*) FROM {} WHERE facility_id = 'z'",
+                    t.history()
+                ),
+            )
+            .await
+                == Some(1))
+            .then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        count(&config, format!("SELECT count(*) FROM {}", t.history())).await,
+        Some(7)
+    );
 
     // Online from minute 1 to 2 and from 3 to 4: 120 s within the first five minutes.
     let start = 1_764_201_600_000i64;
@@ -79,8 +139,18 @@ async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds
         .expect("online_seconds")
         .get(0);
     assert_eq!(seconds, 120.0);
-    let versions = count(&config, format!("SELECT count(*) FROM \"{}\".schema_migrations", config.database.schema)).await;
-    assert_eq!(versions, Some(presence_sink::migrations::MIGRATIONS.len() as i64));
+    let versions = count(
+        &config,
+        format!(
+            "SELECT count(*) FROM \"{}\".schema_migrations",
+            config.database.schema
+        ),
+    )
+    .await;
+    assert_eq!(
+        versions,
+        Some(presence_sink::migrations::MIGRATIONS.len() as i64)
+    );
     shutdown.trigger();
 }
 
@@ -94,37 +164,68 @@ async fn postgres_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     setup(&config).await;
     let t = Tables::new(&config.database.schema);
     let facilities: Vec<String> = (0..50).map(|i| format!("f{i}")).collect();
-    let first: Vec<_> = facilities.iter().map(|f| transition(f, "east", 1, true)).collect();
-    produce(&config, &config.topics.facility_status, &status_records(&first)).await;
+    let first: Vec<_> = facilities
+        .iter()
+        .map(|f| transition(f, "east", 1, true))
+        .collect();
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&first),
+    )
+    .await;
     let shutdown = start_sink(&config);
     let history = format!("SELECT count(*) FROM {}", t.history());
-    eventually("50 transitions written", Duration::from_secs(30), || async {
-        (count(&config, history.clone()).await == Some(50)).then_some(())
-    })
+    eventually(
+        "50 transitions written",
+        Duration::from_secs(30),
+        || async { (count(&config, history.clone()).await == Some(50)).then_some(()) },
+    )
     .await;
 
     private.stop();
-    let second: Vec<_> = facilities.iter().map(|f| transition(f, "east", 2, false)).collect();
-    produce(&config, &config.topics.facility_status, &status_records(&second)).await;
+    let second: Vec<_> = facilities
+        .iter()
+        .map(|f| transition(f, "east", 2, false))
+        .collect();
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&second),
+    )
+    .await;
     let readyz = format!("http://{}/readyz", config.sink.ops_listen);
     let http = reqwest::Client::new();
-    eventually("sink unready while PostgreSQL is down", Duration::from_secs(30), || async {
-        let r = http.get(&readyz).send().await.ok()?;
-        (r.status().as_u16() == 503).then_some(())
-    })
+    eventually(
+        "sink unready while PostgreSQL is down",
+        Duration::from_secs(30),
+        || async {
+            let r = http.get(&readyz).send().await.ok()?;
+            (r.status().as_u16() == 503).then_some(())
+        },
+    )
     .await;
 
     private.start();
-    eventually("the 50 newer transitions written after PostgreSQL returned", Duration::from_secs(60), || async {
-        (count(&config, history.clone()).await == Some(100)).then_some(())
-    })
+    eventually(
+        "the 50 newer transitions written after PostgreSQL returned",
+        Duration::from_secs(60),
+        || async { (count(&config, history.clone()).await == Some(100)).then_some(()) },
+    )
     .await;
     eventually("sink ready again", Duration::from_secs(30), || async {
         let r = http.get(&readyz).send().await.ok()?;
         r.status().is_success().then_some(())
     })
     .await;
-    let offline = count(&config, format!("SELECT count(*) FROM {} WHERE seq = 2 AND status = 'OFFLINE'", t.current())).await;
+    let offline = count(
+        &config,
+        format!(
+            "SELECT count(*) FROM {} WHERE seq = 2 AND status = 'OFFLINE'",
+            t.current()
+        ),
+    )
+    .await;
     assert_eq!(offline, Some(50));
     shutdown.trigger();
 }
@@ -134,8 +235,15 @@ async fn an_emptied_database_is_rebuilt_from_the_compacted_topic() {
     let config = isolated_config();
     setup(&config).await;
     let t = Tables::new(&config.database.schema);
-    let first: Vec<_> = (0..30).map(|i| transition(&format!("f{i}"), "west", 1, true)).collect();
-    produce(&config, &config.topics.facility_status, &status_records(&first)).await;
+    let first: Vec<_> = (0..30)
+        .map(|i| transition(&format!("f{i}"), "west", 1, true))
+        .collect();
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&first),
+    )
+    .await;
     let shutdown = start_sink(&config);
     let current = format!("SELECT count(*) FROM {}", t.current());
     eventually("30 facilities written", Duration::from_secs(30), || async {
@@ -143,11 +251,24 @@ async fn an_emptied_database_is_rebuilt_from_the_compacted_topic() {
     })
     .await;
     let client = db(&config).await.expect("db");
-    client.batch_execute(&format!("DROP SCHEMA \"{}\" CASCADE", config.database.schema)).await.expect("drop");
-    produce(&config, &config.topics.facility_status, &status_records(&[transition("f-new", "west", 1, true)])).await;
-    eventually("all 31 facilities back after the rewind", Duration::from_secs(60), || async {
-        (count(&config, current.clone()).await == Some(31)).then_some(())
-    })
+    client
+        .batch_execute(&format!(
+            "DROP SCHEMA \"{}\" CASCADE",
+            config.database.schema
+        ))
+        .await
+        .expect("drop");
+    produce(
+        &config,
+        &config.topics.facility_status,
+        &status_records(&[transition("f-new", "west", 1, true)]),
+    )
+    .await;
+    eventually(
+        "all 31 facilities back after the rewind",
+        Duration::from_secs(60),
+        || async { (count(&config, current.clone()).await == Some(31)).then_some(()) },
+    )
     .await;
     shutdown.trigger();
 }
