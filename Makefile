@@ -8,12 +8,13 @@ PRESENCE := target/release/presence
 export PRESENCE_TEST_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
 export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 
-.PHONY: help up down stack stack-down status build topics test unit bench
+.PHONY: help up down stack stack-down status build topics test unit lint bench
 
 help:
 	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
 	@echo "make test    everything CI runs (starts the stack if needed)"
 	@echo "make down    stop the pipeline and the stack"
+	@echo "make lint    formatting and clippy, as CI runs them before the tests"
 	@echo "make stack | stack-down | status | build | topics | unit | bench"
 
 stack:
@@ -50,6 +51,12 @@ up: stack build
 down:
 	@bash deploy/run.sh stop
 	@$(STACK) down
+
+# The lint gate CI runs before the tests: the tree is rustfmt-formatted and clippy-clean
+# (every target, warnings are errors). `cargo fmt --all` fixes the first.
+lint:
+	cargo fmt --all --check
+	cargo clippy --workspace --all-targets --locked -- -D warnings
 
 # Unit tests only: no services needed.
 unit:

@@ -2,6 +2,10 @@
 //! what the reference model (presence_core::sim::oracle) computes from the heartbeat log,
 //! however the processor is killed, restarted or scaled.
 
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::time::Duration;

@@ -1,6 +1,10 @@
 //! The processor on the wall clock: restarts during live traffic, idle partitions, and
 //! records it must refuse.
 
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::time::Duration;

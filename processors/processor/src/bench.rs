@@ -347,7 +347,7 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
                 let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
                 while sent < due {
                     let now = now_ms();
-                    let h = if sent % 100 == 0 {
+                    let h = if sent.is_multiple_of(100) {
                         probe += 1;
                         let h = beat(1_000_000_000 + probe, 100_000 + probe, HeartbeatKind::Beat);
                         probes.insert(h.facility_id.clone(), now);

@@ -75,7 +75,7 @@ pub fn read_partition(
                 }
                 f(&m);
                 n += 1;
-                if n % 4096 == 0 {
+                if n.is_multiple_of(4096) {
                     progress = Instant::now();
                 }
                 if m.offset() + 1 >= end {

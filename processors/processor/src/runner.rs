@@ -361,10 +361,8 @@ impl<S: Stage> Shared<S> {
 
     /// Commits the open transaction; on failure aborts it and schedules a rewind.
     fn finish_transaction(&mut self, consumer: &BaseConsumer<StageContext<S>>) {
-        if !self.txn_open
-            && !(self.consumed_since_commit
-                || (self.stage.commits_when_idle() && !self.assigned.is_empty()))
-        {
+        let idle_commit_due = self.stage.commits_when_idle() && !self.assigned.is_empty();
+        if !(self.txn_open || self.consumed_since_commit || idle_commit_due) {
             return;
         }
         if self.needs_rewind {
@@ -391,7 +389,7 @@ impl<S: Stage> Shared<S> {
                     .is_ok()
                 {
                     if let Some(mut e) = tpl.find_partition(self.topic, p) {
-                        let _ = e.set_metadata(metadata);
+                        e.set_metadata(metadata);
                     }
                 }
             }
