@@ -788,6 +788,9 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<S
             t.insert(key.to_string(), value);
         }
     }
+    // The type of each setting, read off the defaults: an override is parsed as what its
+    // field takes, so `PRESENCE_PROCESSOR__INSTANCE_ID=7` stays a string.
+    let defaults = toml::Table::try_from(Config::default()).unwrap_or_default();
     for (name, value) in env {
         match name.as_str() {
             "KAFKA_BROKERS" => set(doc, "kafka", "brokers", toml::Value::String(value.clone())),
@@ -810,7 +813,15 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<S
                     }
                 } else if let Some(rest) = name.strip_prefix("PRESENCE_") {
                     match rest.split_once("__") {
-                        Some((section, key)) => set(doc, &section.to_ascii_lowercase(), &key.to_ascii_lowercase(), env_value(value)),
+                        Some((section, key)) => {
+                            let (section, key) = (section.to_ascii_lowercase(), key.to_ascii_lowercase());
+                            match env_value(&defaults, &section, &key, value) {
+                                Ok(v) => set(doc, &section, &key, v),
+                                Err(expected) => errors.push(format!(
+                                    "environment variable {name}={value:?}: {section}.{key} takes {expected}; fix the value or unset the variable"
+                                )),
+                            }
+                        }
                         // PRESENCE_PROCESSOR_SESSION_TIMEOUT: meant as a setting, one underscore short.
                         None if SECTIONS.iter().any(|s| rest.to_ascii_lowercase().starts_with(&format!("{s}_"))) => errors.push(format!(
                             "environment variable {name} names a setting with one underscore between section and key; write PRESENCE_<SECTION>__<KEY>, e.g. PRESENCE_PROCESSOR__SESSION_TIMEOUT=5s"
@@ -824,16 +835,38 @@ fn apply_env(doc: &mut toml::Table, env: &[(String, String)], errors: &mut Vec<S
     }
 }
 
-/// An environment string as the TOML value it most likely means: numbers stay numbers so
-/// that `PRESENCE_TOPICS__HEARTBEATS_PARTITIONS=24` fills an integer field.
-fn env_value(value: &str) -> toml::Value {
-    if let Ok(i) = value.parse::<i64>() {
-        return toml::Value::Integer(i);
-    }
-    match value {
-        "true" => toml::Value::Boolean(true),
-        "false" => toml::Value::Boolean(false),
-        _ => toml::Value::String(value.to_string()),
+/// An environment string as the TOML value of the field it sets, whose type the default
+/// value tells: `PRESENCE_TOPICS__HEARTBEATS_PARTITIONS=24` fills an integer field,
+/// `PRESENCE_REDIS__KEY_PREFIX=2024` a string one. A key without a default (an unset
+/// optional, or a misspelling that deserialisation reports by name) stays a string.
+/// `Err` names the type the field takes.
+fn env_value(
+    defaults: &toml::Table,
+    section: &str,
+    key: &str,
+    value: &str,
+) -> Result<toml::Value, &'static str> {
+    let default = defaults
+        .get(section)
+        .and_then(toml::Value::as_table)
+        .and_then(|t| t.get(key));
+    match default {
+        Some(toml::Value::Integer(_)) => value
+            .trim()
+            .parse::<i64>()
+            .map(toml::Value::Integer)
+            .map_err(|_| "a whole number"),
+        Some(toml::Value::Float(_)) => value
+            .trim()
+            .parse::<f64>()
+            .map(toml::Value::Float)
+            .map_err(|_| "a number"),
+        Some(toml::Value::Boolean(_)) => match value.trim() {
+            "true" => Ok(toml::Value::Boolean(true)),
+            "false" => Ok(toml::Value::Boolean(false)),
+            _ => Err("true or false"),
+        },
+        _ => Ok(toml::Value::String(value.to_string())),
     }
 }
 
@@ -951,6 +984,30 @@ mod tests {
         assert_eq!(c.processor.session_timeout, Duration::from_secs(30));
         assert_eq!(c.topics.heartbeats_partitions, 24);
         assert_eq!(c.kafka.properties["security.protocol"].expose(), "ssl");
+    }
+
+    #[test]
+    fn environment_values_take_the_type_of_their_field() {
+        let c = Config::load_from(
+            None,
+            &env(&[
+                ("PRESENCE_PROCESSOR__INSTANCE_ID", "7"),
+                ("PRESENCE_REDIS__KEY_PREFIX", "2024"),
+                ("PRESENCE_TOPICS__HEARTBEATS_PARTITIONS", " 24"),
+                ("PRESENCE_TELEMETRY__LOG_FORMAT", "json"),
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(c.processor.instance_id, "7");
+        assert_eq!(c.redis.key_prefix, "2024");
+        assert_eq!(c.topics.heartbeats_partitions, 24);
+        let p = problems_of(&[("PRESENCE_TOPICS__HEARTBEATS_PARTITIONS", "many")]);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("PRESENCE_TOPICS__HEARTBEATS_PARTITIONS")
+                    && m.contains("a whole number")),
+            "{p:?}"
+        );
     }
 
     #[test]
