@@ -8,17 +8,30 @@ PRESENCE := target/release/presence
 export PRESENCE_TEST_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
 export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 
-.PHONY: help up down stack stack-down status build topics test unit lint bench
+.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down
 
 help:
 	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
 	@echo "make test    everything CI runs (starts the stack if needed)"
 	@echo "make down    stop the pipeline and the stack"
 	@echo "make lint    formatting and clippy, as CI runs them before the tests"
-	@echo "make stack | stack-down | status | build | topics | unit | bench"
+	@echo "make cluster a replicated three-node Kafka (RF 3, min ISR 2) with the topics on it"
+	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down"
 
 stack:
 	@$(STACK) up
+
+# Three Apache Kafka nodes on loopback (ports 19092/19094/19096, controllers one above each),
+# a KRaft quorum of three, replication 3 and min ISR 2, and every topic provisioned on it.
+# Run any process against it with KAFKA_BROKERS=$$(bash deploy/stack.sh cluster-brokers).
+cluster: build
+	@$(STACK) deps
+	@$(STACK) cluster-up
+	KAFKA_BROKERS=$$($(STACK) cluster-brokers) PRESENCE_TOPICS__REPLICATION_FACTOR=3 $(PRESENCE) topics
+	@echo "cluster ready: export KAFKA_BROKERS=$$($(STACK) cluster-brokers) PRESENCE_TOPICS__REPLICATION_FACTOR=3"
+
+cluster-down:
+	@$(STACK) cluster-down
 
 stack-down:
 	@$(STACK) down

@@ -26,6 +26,7 @@ KAFKA_VERSION="${KAFKA_VERSION:-4.1.0}"
 KAFKA_LIBS="$CACHE/kafka-$KAFKA_VERSION/libs"
 KAFKA_PORT="${KAFKA_PORT:-9092}"
 KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
+CLUSTER_PORT="${CLUSTER_PORT:-19092}"
 REDIS_PORT="${REDIS_PORT:-6379}"
 PG_PORT="${PG_PORT:-5432}"
 PG_DATA="${PG_DATA:-/var/lib/presence/postgres}"
@@ -119,36 +120,37 @@ python_env() {
 }
 
 kafka_ready() {
-  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka/tools-log4j2.properties" \
-    org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$KAFKA_PORT" --list
+  local port="${1:-$KAFKA_PORT}"
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka-tools-log4j2.properties" \
+    org.apache.kafka.tools.TopicCommand --bootstrap-server "127.0.0.1:$port" --list
 }
 
-kafka_up() {
-  if port_open "$KAFKA_PORT"; then say "kafka: reusing what answers on 127.0.0.1:$KAFKA_PORT"; return 0; fi
-  kafka_jars
-  local dir="$STACK_DIR/kafka"
+# kafka_node_config <dir> <node id> <port> <controller port> <quorum voters> <replication> <min isr>
+# writes one KRaft node's server.properties (broker and controller in one JVM) and logging.
+kafka_node_config() {
+  local dir="$1" id="$2" port="$3" cport="$4" voters="$5" rf="$6" isr="$7"
   mkdir -p "$dir/data"
   cat >"$dir/server.properties" <<EOF
-# Written by deploy/stack.sh: one node, broker and controller in one JVM (KRaft).
+# Written by deploy/stack.sh: broker and controller in one JVM (KRaft), node $id.
 process.roles=broker,controller
-node.id=1
-controller.quorum.voters=1@127.0.0.1:$KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT,CONTROLLER://127.0.0.1:$KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$KAFKA_PORT
+node.id=$id
+controller.quorum.voters=$voters
+listeners=PLAINTEXT://127.0.0.1:$port,CONTROLLER://127.0.0.1:$cport
+advertised.listeners=PLAINTEXT://127.0.0.1:$port
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
 listener.security.protocol.map=PLAINTEXT:PLAINTEXT,CONTROLLER:PLAINTEXT
 log.dirs=$dir/data
-# Transactions and consumer groups on a single node.
-offsets.topic.replication.factor=1
+# Transactions and consumer groups: replication $rf, min ISR $isr (a single node needs 1 and 1).
+offsets.topic.replication.factor=$rf
 offsets.topic.num.partitions=8
-transaction.state.log.replication.factor=1
-transaction.state.log.min.isr=1
+transaction.state.log.replication.factor=$rf
+transaction.state.log.min.isr=$isr
 transaction.state.log.num.partitions=8
-min.insync.replicas=1
-default.replication.factor=1
-share.coordinator.state.topic.replication.factor=1
-share.coordinator.state.topic.min.isr=1
+min.insync.replicas=$isr
+default.replication.factor=$rf
+share.coordinator.state.topic.replication.factor=$rf
+share.coordinator.state.topic.min.isr=$isr
 group.initial.rebalance.delay.ms=0
 # Topics are created by 'presence topics' only, so a typo never makes a topic.
 auto.create.topics.enable=false
@@ -170,25 +172,122 @@ logger.kafka.level = info
 logger.controller.name = org.apache.kafka.controller
 logger.controller.level = warn
 EOF
-  cat >"$dir/tools-log4j2.properties" <<EOF
-status = error
-rootLogger.level = error
-EOF
-  if [[ ! -f "$dir/data/meta.properties" ]]; then
-    local cluster_id
-    cluster_id=$(java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$dir/tools-log4j2.properties" kafka.tools.StorageTool random-uuid 2>/dev/null)
-    say "kafka: formatting $dir/data (cluster $cluster_id)"
-    java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$dir/tools-log4j2.properties" \
-      kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
-      || { cat "$dir/format.log" >&2; die "kafka storage format failed; see $dir/format.log"; }
-  fi
-  say "kafka: starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$KAFKA_PORT (log $dir/server.log)"
-  setsid nohup java -Xms256m -Xmx1g -XX:+UseG1GC -Djava.awt.headless=true \
+}
+
+# Quiet logging for the command-line tools (storage format, topic listing).
+tools_log_config() {
+  mkdir -p "$STACK_DIR"
+  [[ -f "$STACK_DIR/kafka-tools-log4j2.properties" ]] \
+    || printf 'status = error\nrootLogger.level = error\n' >"$STACK_DIR/kafka-tools-log4j2.properties"
+}
+
+new_cluster_id() {
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka-tools-log4j2.properties" \
+    kafka.tools.StorageTool random-uuid 2>/dev/null
+}
+
+# kafka_node_format <dir> <cluster id>: formats the node's storage once.
+kafka_node_format() {
+  local dir="$1" cluster_id="$2"
+  [[ -f "$dir/data/meta.properties" ]] && return 0
+  say "kafka: formatting $dir/data (cluster $cluster_id)"
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka-tools-log4j2.properties" \
+    kafka.tools.StorageTool format -t "$cluster_id" -c "$dir/server.properties" >"$dir/format.log" 2>&1 \
+    || { cat "$dir/format.log" >&2; die "kafka storage format failed; see $dir/format.log"; }
+}
+
+# kafka_node_start <dir> <port> <max heap>: starts a configured, formatted node in the background.
+kafka_node_start() {
+  local dir="$1" port="$2" heap="$3"
+  say "kafka: starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port (log $dir/server.log)"
+  setsid nohup java -Xms256m "-Xmx$heap" -XX:+UseG1GC -Djava.awt.headless=true \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 </dev/null &
   echo $! >"$dir/kafka.pid"
+}
+
+# kafka_node_stop <dir> [TERM|KILL]: a clean stop (waits up to 60 s, then kill -9) or kill -9.
+kafka_node_stop() {
+  local dir="$1" sig="${2:-TERM}"
+  [[ -f "$dir/kafka.pid" ]] || return 0
+  local pid; pid=$(cat "$dir/kafka.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    say "kafka: stopping $dir ($sig)"
+    kill "-$sig" "$pid"
+    local deadline=$((SECONDS + 60))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  fi
+  rm -f "$dir/kafka.pid"
+}
+
+kafka_up() {
+  if port_open "$KAFKA_PORT"; then say "kafka: reusing what answers on 127.0.0.1:$KAFKA_PORT"; return 0; fi
+  kafka_jars
+  tools_log_config
+  local dir="$STACK_DIR/kafka"
+  kafka_node_config "$dir" 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "1@127.0.0.1:$KAFKA_CONTROLLER_PORT" 1 1
+  kafka_node_format "$dir" "$(new_cluster_id)"
+  kafka_node_start "$dir" "$KAFKA_PORT" 1g
   wait_for 120 "kafka on 127.0.0.1:$KAFKA_PORT" "$dir/server.log" port_open "$KAFKA_PORT"
-  wait_for 120 "kafka metadata" "$dir/server.log" kafka_ready
+  wait_for 120 "kafka metadata" "$dir/server.log" kafka_ready "$KAFKA_PORT"
+}
+
+# The three-node cluster (make cluster): node i (1..3) serves clients on CLUSTER_PORT + 2(i-1)
+# and its controller on the port after it, data in $STACK_DIR/cluster/node-i; a controller
+# quorum of three, replication 3 and min ISR 2 for every topic, the offsets topic and the
+# transaction state log, as in production.
+cluster_dir() { echo "$STACK_DIR/cluster/node-$1"; }
+cluster_port() { echo $((CLUSTER_PORT + 2 * ($1 - 1))); }
+cluster_cport() { echo $((CLUSTER_PORT + 2 * ($1 - 1) + 1)); }
+cluster_brokers() { echo "127.0.0.1:$(cluster_port 1),127.0.0.1:$(cluster_port 2),127.0.0.1:$(cluster_port 3)"; }
+cluster_voters() { echo "1@127.0.0.1:$(cluster_cport 1),2@127.0.0.1:$(cluster_cport 2),3@127.0.0.1:$(cluster_cport 3)"; }
+
+cluster_configure() {
+  kafka_jars
+  tools_log_config
+  local i voters; voters=$(cluster_voters)
+  for i in 1 2 3; do
+    kafka_node_config "$(cluster_dir "$i")" "$i" "$(cluster_port "$i")" "$(cluster_cport "$i")" "$voters" 3 2
+  done
+  if [[ ! -f "$(cluster_dir 1)/data/meta.properties" ]]; then
+    local id; id=$(new_cluster_id)
+    for i in 1 2 3; do kafka_node_format "$(cluster_dir "$i")" "$id"; done
+  fi
+}
+
+# cluster_node_up <i>: starts node i unless it answers already (does not wait).
+cluster_node_up() {
+  local i="$1"
+  if port_open "$(cluster_port "$i")"; then
+    say "kafka node $i: reusing what answers on 127.0.0.1:$(cluster_port "$i")"; return 0
+  fi
+  cluster_configure
+  kafka_node_start "$(cluster_dir "$i")" "$(cluster_port "$i")" 768m
+}
+
+cluster_up() {
+  local i
+  for i in 1 2 3; do cluster_node_up "$i"; done
+  for i in 1 2 3; do
+    wait_for 120 "kafka node $i on 127.0.0.1:$(cluster_port "$i")" "$(cluster_dir "$i")/server.log" \
+      port_open "$(cluster_port "$i")"
+  done
+  wait_for 120 "kafka cluster metadata" "$(cluster_dir 1)/server.log" kafka_ready "$(cluster_port 1)"
+  say "cluster   up    KAFKA_BROKERS=$(cluster_brokers)   logs $STACK_DIR/cluster/node-*/server.log"
+}
+
+cluster_down() { local i; for i in 1 2 3; do kafka_node_stop "$(cluster_dir "$i")"; done; }
+
+cluster_status() {
+  local i ok=0
+  for i in 1 2 3; do
+    if port_open "$(cluster_port "$i")"; then
+      say "kafka node $i  up    127.0.0.1:$(cluster_port "$i")   log $(cluster_dir "$i")/server.log"
+    else say "kafka node $i  DOWN"; ok=1; fi
+  done
+  say "KAFKA_BROKERS=$(cluster_brokers)"
+  return $ok
 }
 
 redis_up() {
@@ -251,17 +350,7 @@ up() {
   status
 }
 
-kafka_down() {
-  local dir="$STACK_DIR/kafka"
-  if [[ -f "$dir/kafka.pid" ]] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
-    say "kafka: stopping"
-    kill "$(cat "$dir/kafka.pid")"
-    local deadline=$((SECONDS + 60))
-    while kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
-    kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null && kill -9 "$(cat "$dir/kafka.pid")"
-    rm -f "$dir/kafka.pid"
-  fi
-}
+kafka_down() { kafka_node_stop "$STACK_DIR/kafka"; }
 
 redis_down() {
   if [[ -f "$STACK_DIR/redis/redis.pid" ]]; then
@@ -302,6 +391,14 @@ case "${1:-up}" in
   deps) mkdir -p "$STACK_DIR"; deps ;;
   kafka-up) mkdir -p "$STACK_DIR"; kafka_up ;;
   kafka-down) kafka_down ;;
+  cluster-up) mkdir -p "$STACK_DIR"; cluster_up ;;
+  cluster-down) cluster_down ;;
+  cluster-status) cluster_status ;;
+  cluster-brokers) cluster_brokers ;;
+  # One node of the cluster, for fault injection: start, clean stop, kill -9.
+  cluster-node-up) mkdir -p "$STACK_DIR"; cluster_node_up "${2:?node 1..3}" ;;
+  cluster-node-down) kafka_node_stop "$(cluster_dir "${2:?node 1..3}")" ;;
+  cluster-node-kill) kafka_node_stop "$(cluster_dir "${2:?node 1..3}")" KILL ;;
   redis-up) mkdir -p "$STACK_DIR"; redis_up ;;
   redis-down) redis_down ;;
   pg-up) pg_up ;;
@@ -309,5 +406,5 @@ case "${1:-up}" in
   node-modules) echo "$CACHE/node/node_modules" ;;
   kafka-libs) echo "$KAFKA_LIBS" ;;
   venv-python) echo "$VENV/bin/python" ;;
-  *) die "unknown command '$1': use up, down, status, deps, or <kafka|redis|pg>-<up|down>" ;;
+  *) die "unknown command '$1': use up, down, status, deps, <kafka|redis|pg|cluster>-<up|down>, cluster-status, cluster-node-<up|down|kill> N" ;;
 esac
