@@ -143,7 +143,7 @@ impl KeySet {
 
 /// Whether a read is allowed at `now`, the last one having started at `last`.
 pub fn read_due(last: Option<Instant>, now: Instant, min_interval: Duration) -> bool {
-    last.map_or(true, |t| now.saturating_duration_since(t) >= min_interval)
+    !matches!(last, Some(t) if now.saturating_duration_since(t) < min_interval)
 }
 
 enum Source {
@@ -256,9 +256,8 @@ impl Jwks {
     pub async fn key(&self, kid: &str, alg: Algorithm) -> Result<DecodingKey, AuthError> {
         let now = Instant::now();
         let cached = self.cached();
-        let stale = cached
-            .read_at
-            .map_or(true, |t| now.saturating_duration_since(t) >= self.0.max_age);
+        let stale =
+            !matches!(cached.read_at, Some(t) if now.saturating_duration_since(t) < self.0.max_age);
         let first = cached.set.lookup(kid, alg);
         if !stale {
             match first {

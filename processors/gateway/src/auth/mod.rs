@@ -216,7 +216,7 @@ impl Verifier {
             hs256,
             jwks,
             validation,
-            max_lifetime: (!c.jwt_max_lifetime.is_zero()).then(|| c.jwt_max_lifetime.as_secs()),
+            max_lifetime: (!c.jwt_max_lifetime.is_zero()).then_some(c.jwt_max_lifetime.as_secs()),
             tickets: Tickets::new(ticket_key, c.stream_ticket_ttl),
         }))
     }
