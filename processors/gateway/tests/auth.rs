@@ -684,3 +684,50 @@ async fn stream_tickets_are_region_scoped_short_lived_and_end_with_the_grant() {
     assert_eq!(status, 401);
     g.cleanup().await;
 }
+
+/// The dashboard in headless Chromium (tests/browser/dashboard-ticket.cjs): it asks for a
+/// token, exchanges it for a ticket, and never puts the token in a URL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dashboard_streams_with_a_ticket_and_keeps_the_token_out_of_urls() {
+    let g = start(|_| {}).await;
+    let token = encode(
+        &Header::new(Algorithm::HS256),
+        &claims(),
+        &EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("HS256");
+    let (base, t) = (g.base.clone(), token.clone());
+    let seen = tokio::task::spawn_blocking(move || {
+        presence_core::testkit::browser_script("dashboard-ticket.cjs", &[&base, "a", &t])
+    })
+    .await
+    .expect("join");
+    assert!(
+        seen["asked"]
+            .as_str()
+            .unwrap_or("")
+            .contains("enter a token"),
+        "{seen}"
+    );
+    assert_eq!(seen["live"], "live · region a", "{seen}");
+    assert_eq!(seen["stored"], "set", "{seen}");
+    for key in ["address", "old_address"] {
+        let url = seen[key].as_str().unwrap_or("");
+        assert!(
+            url.contains("region=a") && !url.contains("access_token") && !url.contains(&token),
+            "{key}: {url}"
+        );
+    }
+    let streams = seen["stream_urls"].as_array().cloned().unwrap_or_default();
+    assert!(!streams.is_empty(), "{seen}");
+    for u in &streams {
+        let u = u.as_str().unwrap_or("");
+        assert!(
+            u.contains("?ticket=") && !u.contains(&token),
+            "stream URL {u}"
+        );
+    }
+    // Only the deliberately old link itself carried the token.
+    assert_eq!(seen["leaked"], 1, "{seen}");
+    g.cleanup().await;
+}
