@@ -239,10 +239,12 @@ pub struct GatewayConfig {
     /// The public HTTP port (heartbeats, streams, dashboard, and ops endpoints). Default
     /// 127.0.0.1:8080.
     pub listen: SocketAddr,
-    /// `none` (local use: ids come from the body) or `jwt` (HS256 tokens whose claims say
-    /// who the caller is). Default `none`.
+    /// `none` (local use: ids come from the body) or `jwt` (tokens whose claims say who the
+    /// caller is: HS256 with `jwt_secret`, or an identity provider's via `jwks_*` below).
+    /// Default `none`.
     pub auth: AuthMode,
-    /// The HS256 key tokens are signed with, at least 32 bytes. Required when `auth = "jwt"`.
+    /// The HS256 key tokens are signed with, at least 32 bytes. With `auth = "jwt"`, this or
+    /// a JWKS (`jwks_file`/`jwks_url`) is required.
     pub jwt_secret: Secret,
     /// Clock skew tolerated on a token's `exp`/`nbf`. Default 5 s.
     #[serde(with = "humantime_serde")]

@@ -258,15 +258,20 @@ impl Jwks {
         let cached = self.cached();
         let stale =
             !matches!(cached.read_at, Some(t) if now.saturating_duration_since(t) < self.0.max_age);
-        let first = cached.set.lookup(kid, alg);
-        if !stale {
-            match first {
-                Lookup::Found(k) => return Ok(k),
-                Lookup::WrongAlgorithm => {
-                    return Err(AuthError::WrongAlgorithm(format!("{alg:?}")))
+        match cached.set.lookup(kid, alg) {
+            // Old keys are read again in the background: this request need not wait for the
+            // provider (nor stall while it is down).
+            Lookup::Found(k) => {
+                if stale {
+                    let jwks = self.clone();
+                    tokio::spawn(async move { jwks.read_if_due().await });
                 }
-                Lookup::Unknown => {}
+                return Ok(k);
             }
+            Lookup::WrongAlgorithm if !stale => {
+                return Err(AuthError::WrongAlgorithm(format!("{alg:?}")))
+            }
+            _ => {}
         }
         self.read_if_due().await;
         let cached = self.cached();
