@@ -357,6 +357,16 @@ impl Jwks {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// A provider (or whoever answers in its place) cannot crash the gateway with what
+        /// it serves.
+        #[test]
+        fn arbitrary_jwks_bytes_do_not_panic(bytes in proptest::collection::vec(any::<u8>(), 0..400)) {
+            let _ = KeySet::parse(&bytes);
+        }
+    }
 
     #[test]
     fn reads_are_rate_limited() {

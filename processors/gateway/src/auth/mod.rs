@@ -349,6 +349,19 @@ pub fn bearer(
 mod tests {
     use super::*;
     use jsonwebtoken::{encode, EncodingKey, Header};
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Arbitrary bearer tokens and Authorization headers are refused without a panic.
+        #[test]
+        fn arbitrary_tokens_are_refused(token in ".{0,400}", parts in proptest::collection::vec("[A-Za-z0-9_-]{0,60}", 3)) {
+            let v = Verifier::new(SECRET, Duration::from_secs(5));
+            let rt = tokio::runtime::Builder::new_current_thread().build().unwrap();
+            prop_assert!(rt.block_on(v.verify(Some(&token))).is_err());
+            prop_assert!(rt.block_on(v.verify(Some(&parts.join(".")))).is_err());
+            let _ = bearer(Some(&token), Some(&token), false);
+        }
+    }
 
     const SECRET: &[u8] = b"0123456789abcdef0123456789abcdef";
 
