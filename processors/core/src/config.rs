@@ -239,10 +239,12 @@ pub struct GatewayConfig {
     /// The public HTTP port (heartbeats, streams, dashboard, and ops endpoints). Default
     /// 127.0.0.1:8080.
     pub listen: SocketAddr,
-    /// `none` (local use: ids come from the body) or `jwt` (HS256 tokens whose claims say
-    /// who the caller is). Default `none`.
+    /// `none` (local use: ids come from the body) or `jwt` (tokens whose claims say who the
+    /// caller is: HS256 with `jwt_secret`, or an identity provider's via `jwks_*` below).
+    /// Default `none`.
     pub auth: AuthMode,
-    /// The HS256 key tokens are signed with, at least 32 bytes. Required when `auth = "jwt"`.
+    /// The HS256 key tokens are signed with, at least 32 bytes. With `auth = "jwt"`, this or
+    /// a JWKS (`jwks_file`/`jwks_url`) is required.
     pub jwt_secret: Secret,
     /// Clock skew tolerated on a token's `exp`/`nbf`. Default 5 s.
     #[serde(with = "humantime_serde")]
@@ -262,6 +264,42 @@ pub struct GatewayConfig {
     /// Records the producer may hold unacknowledged; beyond that requests get 503.
     /// Default 200000.
     pub max_in_flight: usize,
+
+    // Identity providers and stream tickets (with `auth = "jwt"`). Empty strings are "not set".
+    /// A JWKS file (`{"keys": [...]}`) of the identity provider's public keys: RS256, ES256
+    /// and EdDSA tokens name theirs by `kid`. Re-read like a URL (below). Default none.
+    pub jwks_file: String,
+    /// The identity provider's JWKS URL (`https://idp.example.com/.well-known/jwks.json`),
+    /// fetched on the first token and cached. Only https. Default none.
+    pub jwks_url: String,
+    /// A PEM file of CA certificates trusted for `jwks_url` besides the system's (a private
+    /// identity provider). Default none.
+    pub jwks_ca_file: String,
+    /// Keys are fetched again when a token names an unknown `kid`, at most once per this
+    /// interval (an attacker's made-up kids cannot hammer the provider). Default 30 s.
+    #[serde(with = "humantime_serde")]
+    pub jwks_refresh_min: Duration,
+    /// Cached keys older than this are fetched again, so a withdrawn key stops working
+    /// without a new kid appearing. Default 10 min.
+    #[serde(with = "humantime_serde")]
+    pub jwks_max_age: Duration,
+    /// The `iss` every token must carry. Default none (not checked).
+    pub jwt_issuer: String,
+    /// The `aud` every token must carry (one of them, when `aud` is a list). Default none.
+    pub jwt_audience: String,
+    /// Longest token lifetime accepted: `exp - iat`, or `exp - now` without `iat`; a token
+    /// valid longer is refused, so a leaked one is not good for months. 0 = no limit.
+    /// Default 24 h.
+    #[serde(with = "humantime_serde")]
+    pub jwt_max_lifetime: Duration,
+    /// How long a stream ticket (`POST /v1/stream-tickets`) may be used to open a stream.
+    /// The stream itself lasts until the token behind the ticket expires. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub stream_ticket_ttl: Duration,
+    /// The key stream tickets are signed with, at least 32 bytes. Default: random at each
+    /// start, which is right for one gateway; set the same value on gateways that share a
+    /// load balancer, so a ticket from one opens a stream on another.
+    pub ticket_secret: Secret,
 }
 
 impl Default for GatewayConfig {
@@ -276,7 +314,77 @@ impl Default for GatewayConfig {
             max_batch: 500,
             produce_timeout: Duration::from_secs(5),
             max_in_flight: 200_000,
+
+            jwks_file: String::new(),
+            jwks_url: String::new(),
+            jwks_ca_file: String::new(),
+            jwks_refresh_min: Duration::from_secs(30),
+            jwks_max_age: Duration::from_secs(600),
+            jwt_issuer: String::new(),
+            jwt_audience: String::new(),
+            jwt_max_lifetime: Duration::from_secs(24 * 3600),
+            stream_ticket_ttl: Duration::from_secs(60),
+            ticket_secret: Secret::default(),
         }
+    }
+}
+
+impl GatewayConfig {
+    /// The rules of the identity block (tokens, JWKS, tickets).
+    fn identity_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        let secret = self.jwt_secret.expose();
+        let jwks = !self.jwks_file.is_empty() || !self.jwks_url.is_empty();
+        if self.auth == AuthMode::Jwt && secret.is_empty() && !jwks {
+            p.push("gateway.auth = \"jwt\" needs a key: gateway.jwt_secret (PRESENCE_GATEWAY__JWT_SECRET, HS256, at least 32 bytes: `openssl rand -base64 48`) and/or gateway.jwks_file or gateway.jwks_url (the identity provider's public keys)".into());
+        }
+        if !secret.is_empty() && secret.len() < 32 {
+            p.push("gateway.jwt_secret is shorter than 32 bytes: generate one with `openssl rand -base64 48`".into());
+        }
+        if self.auth == AuthMode::None && (jwks || !secret.is_empty()) {
+            p.push("gateway.jwt_secret/jwks_file/jwks_url are set but gateway.auth = \"none\": set gateway.auth = \"jwt\" or remove them".into());
+        }
+        if !self.jwks_file.is_empty() && !self.jwks_url.is_empty() {
+            p.push("gateway.jwks_file and gateway.jwks_url are both set: keep one".into());
+        }
+        if !self.jwks_url.is_empty() {
+            match url::Url::parse(&self.jwks_url) {
+                Ok(u) if u.scheme() == "https" && u.has_host() => {}
+                _ => p.push(format!("gateway.jwks_url '{}' is not an https URL: the keys that vouch for every token must not travel in clear", self.jwks_url)),
+            }
+        }
+        if !self.jwks_ca_file.is_empty() && self.jwks_url.is_empty() {
+            p.push(
+                "gateway.jwks_ca_file is set without gateway.jwks_url: remove it or set the URL"
+                    .into(),
+            );
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(3600)).contains(&self.jwks_refresh_min) {
+            p.push(format!(
+                "gateway.jwks_refresh_min = {:?}: use 1s to 1h (default 30s)",
+                self.jwks_refresh_min
+            ));
+        }
+        if self.jwks_max_age < self.jwks_refresh_min {
+            p.push(format!("gateway.jwks_max_age = {:?} is below gateway.jwks_refresh_min: use at least that (default 10m)", self.jwks_max_age));
+        }
+        if !self.jwt_max_lifetime.is_zero() && self.jwt_max_lifetime < Duration::from_secs(60) {
+            p.push(format!(
+                "gateway.jwt_max_lifetime = {:?}: use at least 1m, or 0 for no limit (default 24h)",
+                self.jwt_max_lifetime
+            ));
+        }
+        if !(Duration::from_secs(1)..=Duration::from_secs(600)).contains(&self.stream_ticket_ttl) {
+            p.push(format!(
+                "gateway.stream_ticket_ttl = {:?}: use 1s to 10m (default 60s)",
+                self.stream_ticket_ttl
+            ));
+        }
+        let ticket = self.ticket_secret.expose();
+        if !ticket.is_empty() && ticket.len() < 32 {
+            p.push("gateway.ticket_secret is shorter than 32 bytes: generate one with `openssl rand -base64 48`, or leave it empty for a random key per start".into());
+        }
+        p
     }
 }
 
@@ -498,6 +606,9 @@ impl Config {
         if !c.gateway.jwt_secret.expose().is_empty() {
             c.gateway.jwt_secret = Secret::new("***");
         }
+        if !c.gateway.ticket_secret.expose().is_empty() {
+            c.gateway.ticket_secret = Secret::new("***");
+        }
         c
     }
 
@@ -682,9 +793,7 @@ impl Config {
             }
         }
         let g = &self.gateway;
-        if g.auth == AuthMode::Jwt && g.jwt_secret.expose().len() < 32 {
-            p.push("gateway.auth = \"jwt\" needs gateway.jwt_secret (PRESENCE_GATEWAY__JWT_SECRET) of at least 32 bytes: generate one with `openssl rand -base64 48`".into());
-        }
+        p.extend(g.identity_problems());
         if g.jwt_leeway > Duration::from_secs(300) {
             p.push(format!(
                 "gateway.jwt_leeway = {:?}: tokens are short-lived, use at most 5m (default 5s)",
@@ -948,6 +1057,36 @@ mod tests {
             "{p:?}"
         );
         assert_eq!(p.len(), 3, "{p:?}");
+    }
+
+    #[test]
+    fn identity_settings_are_checked() {
+        let p = problems_of(&[
+            ("PRESENCE_GATEWAY__AUTH", "jwt"),
+            ("PRESENCE_GATEWAY__JWKS_FILE", "/etc/presence/jwks.json"),
+            ("PRESENCE_GATEWAY__JWKS_URL", "http://idp.example.com/jwks"),
+            ("PRESENCE_GATEWAY__JWKS_REFRESH_MIN", "0s"),
+            ("PRESENCE_GATEWAY__STREAM_TICKET_TTL", "1h"),
+            ("PRESENCE_GATEWAY__TICKET_SECRET", "short"),
+        ]);
+        for wanted in [
+            "both set",
+            "not an https URL",
+            "jwks_refresh_min = 0ns",
+            "stream_ticket_ttl = 3600s",
+            "ticket_secret is shorter",
+        ] {
+            assert!(p.iter().any(|e| e.contains(wanted)), "{wanted}: {p:?}");
+        }
+        assert_eq!(p.len(), 5, "{p:?}");
+        // A JWKS alone is a key; no key at all is not.
+        assert!(problems_of(&[
+            ("PRESENCE_GATEWAY__AUTH", "jwt"),
+            ("PRESENCE_GATEWAY__JWKS_URL", "https://idp.example.com/jwks"),
+        ])
+        .is_empty());
+        let p = problems_of(&[("PRESENCE_GATEWAY__AUTH", "jwt")]);
+        assert!(p.iter().any(|e| e.contains("needs a key")), "{p:?}");
     }
 
     #[test]

@@ -5,6 +5,7 @@
 //! | `POST /v1/heartbeats` | one heartbeat (object) or a batch (array); 202 after the broker's ack |
 //! | `GET /v1/regions` | every region seen |
 //! | `GET /v1/regions/{region}/facilities` | the region's facilities now (a snapshot) |
+//! | `POST /v1/stream-tickets` | a short-lived, region-scoped ticket for a stream's URL |
 //! | `GET /v1/regions/{region}/stream` | Server-Sent Events: snapshot, then transitions |
 //! | `GET /v1/facilities/{id}` | one facility's newest transition |
 //! | `GET /v1/facilities/{id}/history?from=&to=` | transitions in a range, and seconds online |
@@ -27,7 +28,7 @@ use presence_core::now_ms;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{token_of, AuthError, Claims, Verifier};
+use crate::auth::{bearer, now_secs, AuthError, Claims, Grant, Verifier};
 use crate::history::{HistoryError, HistoryReader};
 use crate::ingest::{parse, Rejection};
 use crate::metrics::Metrics;
@@ -61,9 +62,9 @@ impl App {
         hub: Hub,
         history: HistoryReader,
         metrics: Metrics,
-    ) -> App {
-        App(Arc::new(Inner {
-            verifier: Verifier::from_config(&config.gateway),
+    ) -> anyhow::Result<App> {
+        Ok(App(Arc::new(Inner {
+            verifier: Verifier::from_config(&config.gateway)?,
             max_batch: config.gateway.max_batch,
             publisher,
             store,
@@ -73,7 +74,7 @@ impl App {
                 .requests
                 .with_label_values(&["heartbeats", "accepted"]),
             metrics,
-        }))
+        })))
     }
 
     fn count(&self, route: &str, outcome: &str) {
@@ -84,11 +85,14 @@ impl App {
             .inc();
     }
 
-    /// The caller's verified claims; `Ok(None)` when tokens are off.
-    fn authenticate(
+    /// The caller's verified claims; `Ok(None)` when tokens are off. The token comes from
+    /// the `Authorization` header, or from `?access_token=` where `query_allowed`
+    /// (heartbeats only: `sendBeacon`).
+    async fn authenticate(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
+        query_allowed: bool,
     ) -> Result<Option<Claims>, AuthError> {
         match &self.0.verifier {
             None => Ok(None),
@@ -96,23 +100,51 @@ impl App {
                 let authorization = headers
                     .get(header::AUTHORIZATION)
                     .and_then(|h| h.to_str().ok());
-                v.verify(token_of(authorization, query).as_deref())
-                    .map(Some)
+                let token = bearer(authorization, query, query_allowed)?;
+                v.verify(token.as_deref()).await.map(Some)
             }
         }
     }
 
-    fn authorize_region(
+    async fn authorize_region(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
         region: &str,
     ) -> Result<(), AuthError> {
-        match self.authenticate(headers, query)? {
+        match self.authenticate(headers, query, false).await? {
             Some(c) if !c.grants_region(region) => {
                 Err(AuthError::RegionNotGranted(region.to_string()))
             }
             _ => Ok(()),
+        }
+    }
+
+    /// What a stream of `region` may show and until when: a `?ticket=`, else a token in
+    /// the header; `None` when tokens are off.
+    async fn stream_grant(
+        &self,
+        headers: &HeaderMap,
+        query: Option<&str>,
+        region: &str,
+    ) -> Result<Option<Grant>, AuthError> {
+        let Some(v) = &self.0.verifier else {
+            return Ok(None);
+        };
+        if let Some(ticket) = query_param(query, "ticket") {
+            return v.tickets().redeem(&ticket, region, now_secs()).map(Some);
+        }
+        match self.authenticate(headers, query, false).await? {
+            Some(c) if !c.grants_region(region) => {
+                Err(AuthError::RegionNotGranted(region.to_string()))
+            }
+            Some(c) => Ok(Some(Grant {
+                sub: c.sub,
+                regions: vec![region.to_string()],
+                open_by: now_secs(),
+                expires: c.exp,
+            })),
+            None => Ok(None),
         }
     }
 }
@@ -134,6 +166,7 @@ pub fn router(app: App, config: &GatewayConfig) -> Router {
         )
         .route("/v1/regions", get(get_regions))
         .route("/v1/regions/{region}/facilities", get(get_region))
+        .route("/v1/stream-tickets", post(post_stream_ticket))
         .route("/v1/regions/{region}/stream", get(get_stream))
         .route("/v1/facilities/{id}", get(get_facility))
         .route("/v1/facilities/{id}/history", get(get_history))
@@ -188,11 +221,7 @@ fn invalid_field(field: &str, rule: &str) -> Response {
 }
 
 fn auth_problem(e: &AuthError) -> Response {
-    let status = if e.is_forbidden() {
-        StatusCode::FORBIDDEN
-    } else {
-        StatusCode::UNAUTHORIZED
-    };
+    let status = e.status();
     let mut r = problem(status, e.code(), &e.to_string());
     if status == StatusCode::UNAUTHORIZED {
         r.headers_mut()
@@ -258,7 +287,7 @@ async fn post_heartbeats(
             return problem(StatusCode::BAD_REQUEST, "unreadable_body", &e.body_text());
         }
     };
-    let claims = match app.authenticate(&headers, query.as_deref()) {
+    let claims = match app.authenticate(&headers, query.as_deref(), true).await {
         Ok(c) => c,
         Err(e) => {
             app.count(ROUTE, e.code());
@@ -323,7 +352,7 @@ async fn get_regions(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    if let Err(e) = app.authenticate(&headers, q.as_deref()) {
+    if let Err(e) = app.authenticate(&headers, q.as_deref(), false).await {
         return auth_problem(&e);
     }
     match app.0.store.regions().await {
@@ -338,7 +367,7 @@ async fn get_region(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region) {
+    if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region).await {
         return auth_problem(&e);
     }
     match app.0.store.snapshot(&region).await {
@@ -353,10 +382,13 @@ async fn get_stream(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region) {
-        app.count("stream", e.code());
-        return auth_problem(&e);
-    }
+    let grant = match app.stream_grant(&headers, q.as_deref(), &region).await {
+        Ok(g) => g,
+        Err(e) => {
+            app.count("stream", e.code());
+            return auth_problem(&e);
+        }
+    };
     app.count("stream", "opened");
     let last_event_id = headers
         .get("last-event-id")
@@ -367,7 +399,67 @@ async fn get_stream(
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    response
+    match grant {
+        Some(g) => crate::auth::end_stream_at(response, g.expires),
+        None => response,
+    }
+}
+
+/// `POST /v1/stream-tickets`, token in the `Authorization` header, optional body
+/// `{"regions": [...]}` (default: every region the token grants): a ticket for
+/// `GET /v1/regions/{region}/stream?ticket=`. With `auth = "none"` the ticket is empty.
+async fn post_stream_ticket(
+    State(app): State<App>,
+    headers: HeaderMap,
+    RawQuery(q): RawQuery,
+    body: Bytes,
+) -> Response {
+    const ROUTE: &str = "stream_tickets";
+    let claims = match app.authenticate(&headers, q.as_deref(), false).await {
+        Ok(c) => c,
+        Err(e) => {
+            app.count(ROUTE, e.code());
+            return auth_problem(&e);
+        }
+    };
+    let (Some(verifier), Some(claims)) = (&app.0.verifier, claims) else {
+        return Json(json!({"ticket": "", "regions": ["*"]})).into_response();
+    };
+    #[derive(serde::Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Wanted {
+        regions: Vec<String>,
+    }
+    let regions = if body.iter().all(u8::is_ascii_whitespace) {
+        claims.granted_regions()
+    } else {
+        match serde_json::from_slice::<Wanted>(&body) {
+            Ok(w) if !w.regions.is_empty() && w.regions.len() <= 100 => w.regions,
+            _ => {
+                return invalid_field(
+                    "regions",
+                    "must be {\"regions\": [one to 100 region ids]} or an empty body",
+                )
+            }
+        }
+    };
+    if let Some(r) = regions.iter().find(|r| !claims.grants_region(r)) {
+        let e = AuthError::RegionNotGranted(r.clone());
+        app.count(ROUTE, e.code());
+        return auth_problem(&e);
+    }
+    let (ticket, grant) = verifier.tickets().issue(&claims, regions, now_secs());
+    app.count(ROUTE, "issued");
+    (
+        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+        Json(json!({
+            "ticket": ticket,
+            "regions": grant.regions,
+            "expires_in": verifier.tickets().ttl().as_secs(),
+            "grant_expires_at": grant.expires,
+        })),
+    )
+        .into_response()
 }
 
 async fn get_facility(
@@ -376,7 +468,7 @@ async fn get_facility(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let claims = match app.authenticate(&headers, q.as_deref()) {
+    let claims = match app.authenticate(&headers, q.as_deref(), false).await {
         Ok(c) => c,
         Err(e) => return auth_problem(&e),
     };
@@ -423,7 +515,7 @@ async fn get_history(
     headers: HeaderMap,
     RawQuery(q): RawQuery,
 ) -> Response {
-    let claims = match app.authenticate(&headers, q.as_deref()) {
+    let claims = match app.authenticate(&headers, q.as_deref(), false).await {
         Ok(c) => c,
         Err(e) => return auth_problem(&e),
     };

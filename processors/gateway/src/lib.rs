@@ -5,7 +5,8 @@
 //! # Layout
 //!
 //! - [`ingest`]: the body of `POST /v1/heartbeats`, checked field by field (pure).
-//! - [`auth`]: `none` or HS256 tokens whose claims say who the caller is.
+//! - [`auth`]: `none`, or tokens (HS256, or a JWKS) whose claims say who the caller is;
+//!   stream tickets.
 //! - [`publish`]: the Kafka edge (202 only after the broker's acknowledgement).
 //! - [`store`] and [`history`]: the Redis and PostgreSQL read edges.
 //! - [`stream`]: region channels to Server-Sent Events, with gap detection.
@@ -76,7 +77,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
 
     let history =
         history::HistoryReader::new(&config.database.url, Tables::new(&config.database.schema));
-    let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics);
+    let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics)?;
     let router =
         http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));
     let (addr, server) = telemetry::serve(config.gateway.listen, router, shutdown).await?;

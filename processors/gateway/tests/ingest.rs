@@ -333,8 +333,8 @@ async fn tokens_decide_who_reports_for_which_facility() {
         .await
         .expect("beacon");
     assert_eq!(r.status().as_u16(), 202);
-    // A stream of a region the token does not grant, and of the one it does (EventSource
-    // passes the token in the query string).
+    // A stream of a region the token does not grant, and of the one it does (a token in a
+    // stream's URL is refused: EventSource uses a ticket, tests/auth.rs).
     let r = g
         .http
         .get(format!("{}/v1/regions/north/stream", g.base))
@@ -349,6 +349,14 @@ async fn tokens_decide_who_reports_for_which_facility() {
             "{}/v1/regions/south/stream?access_token={good}",
             g.base
         ))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status().as_u16(), 401);
+    let r = g
+        .http
+        .get(format!("{}/v1/regions/south/stream", g.base))
+        .bearer_auth(&good)
         .send()
         .await
         .expect("stream");
