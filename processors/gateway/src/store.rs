@@ -41,12 +41,17 @@ return {redis.call('GET', KEYS[1]) or '0', redis.call('HVALS', KEYS[2])}
 ";
 
 impl Store {
-    pub fn new(url: &str, keys: RedisKeys) -> RedisResult<Store> {
+    pub fn new(redis: &presence_core::config::RedisConfig, keys: RedisKeys) -> Result<Store, String> {
         Ok(Store {
             keys,
-            client: redis::Client::open(url)?,
+            client: presence_core::delivery::redis_client(redis)?,
             redis: Default::default(),
         })
+    }
+
+    /// The client (with its TLS settings), for connections of another kind (pub/sub).
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
     }
 
     async fn conn(&self) -> RedisResult<ConnectionManager> {

@@ -56,12 +56,8 @@ pub struct RedisWriter {
 
 impl RedisWriter {
     pub fn new(config: &Config) -> anyhow::Result<RedisWriter> {
-        let client = redis::Client::open(config.redis.url.expose()).map_err(|e| {
-            anyhow::anyhow!(
-                "redis.url {} is not usable ({e}); set REDIS_URL to redis://host:port",
-                config.redis.url
-            )
-        })?;
+        let client =
+            presence_core::delivery::redis_client(&config.redis).map_err(anyhow::Error::msg)?;
         Ok(RedisWriter {
             client,
             connection: None,
