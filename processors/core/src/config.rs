@@ -536,14 +536,34 @@ impl Config {
         let r = &self.redis;
         p.extend(file_problems(&[
             ("redis.ca_file", r.ca_file.as_deref(), PemKind::Ca),
-            ("redis.client_cert_file", r.client_cert_file.as_deref(), PemKind::Certificate),
-            ("redis.client_key_file", r.client_key_file.as_deref(), PemKind::Key),
+            (
+                "redis.client_cert_file",
+                r.client_cert_file.as_deref(),
+                PemKind::Certificate,
+            ),
+            (
+                "redis.client_key_file",
+                r.client_key_file.as_deref(),
+                PemKind::Key,
+            ),
         ]));
         match crate::tls::postgres_settings(&self.database) {
             Ok(s) => p.extend(file_problems(&[
-                ("database.ca_file (sslrootcert)", s.ca_file.as_deref(), PemKind::Ca),
-                ("database.client_cert_file (sslcert)", s.client_cert_file.as_deref(), PemKind::Certificate),
-                ("database.client_key_file (sslkey)", s.client_key_file.as_deref(), PemKind::Key),
+                (
+                    "database.ca_file (sslrootcert)",
+                    s.ca_file.as_deref(),
+                    PemKind::Ca,
+                ),
+                (
+                    "database.client_cert_file (sslcert)",
+                    s.client_cert_file.as_deref(),
+                    PemKind::Certificate,
+                ),
+                (
+                    "database.client_key_file (sslkey)",
+                    s.client_key_file.as_deref(),
+                    PemKind::Key,
+                ),
             ])),
             Err(e) => p.extend(e),
         }
@@ -1058,6 +1078,31 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("two groups")), "{p:?}");
         let p = problems_of(&[("PRESENCE_SINK__OPS_LISTEN", "127.0.0.1:9102")]);
         assert!(p.iter().any(|m| m.contains("own port")), "{p:?}");
+    }
+
+    #[test]
+    fn a_missing_certificate_file_is_a_start_up_error_naming_the_key_and_the_fix() {
+        let p = problems_of(&[
+            ("REDIS_URL", "rediss://:redis-pw@cache.example.com:6380"),
+            ("PRESENCE_REDIS__CA_FILE", "/nonexistent/redis-ca.pem"),
+            (
+                "DATABASE_URL",
+                "postgres://u:pg-pw@db.example.com/presence?sslmode=verify-full",
+            ),
+            ("PRESENCE_DATABASE__CA_FILE", "/nonexistent/pg-ca.pem"),
+        ]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("redis.ca_file '/nonexistent/redis-ca.pem' does not exist: set it to the PEM file of the CA"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with(
+                "database.ca_file (sslrootcert) '/nonexistent/pg-ca.pem' does not exist"
+            ),
+            "{p:?}"
+        );
+        assert!(!p.iter().any(|m| m.contains("-pw")), "{p:?}");
     }
 
     #[test]

@@ -82,9 +82,12 @@ pub async fn connect_postgres(
             .await
             .map_err(|_| format!("connecting to PostgreSQL at {url} timed out after 5 s"))?
             .map_err(|e| {
+                let e = with_causes(&e);
                 // tokio-postgres' words for a server that answered TLS with "no".
-                let hint = if e.to_string().contains("does not support TLS") {
+                let hint = if e.contains("does not support TLS") {
                     ": the server does not offer TLS and sslmode asks for it; turn ssl on in the server, or use sslmode=prefer"
+                } else if e.contains("requires a valid client certificate") {
+                    ": set database.client_cert_file and database.client_key_file to a certificate the server's CA signed"
                 } else {
                     ""
                 };
@@ -96,6 +99,21 @@ pub async fn connect_postgres(
         }
     });
     Ok(client)
+}
+
+/// An error and its causes, `outer: inner: ...`: tokio-postgres prints only an error's kind
+/// ("error performing TLS handshake") and keeps the reason in its source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
 }
 
 /// A Redis client for `[redis]`: with a `rediss://` URL, TLS (rustls) against `ca_file` or

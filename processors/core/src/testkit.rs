@@ -176,8 +176,14 @@ impl PrivateService {
             other => panic!("no TLS option for a private {other}"),
         };
         let s = self
-            .with_env(&format!("{prefix}_TLS_CERT"), certs.path("server.crt").display())
-            .with_env(&format!("{prefix}_TLS_KEY"), certs.path("server.key").display());
+            .with_env(
+                &format!("{prefix}_TLS_CERT"),
+                certs.path("server.crt").display(),
+            )
+            .with_env(
+                &format!("{prefix}_TLS_KEY"),
+                certs.path("server.key").display(),
+            );
         if prefix == "REDIS" {
             s.with_env("REDIS_TLS_CA", certs.path("ca.crt").display())
         } else {

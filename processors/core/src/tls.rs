@@ -29,7 +29,9 @@ use rustls::client::WebPkiServerVerifier;
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
-use rustls::{CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme};
+use rustls::{
+    CertificateError, ClientConfig, DigitallySignedStruct, RootCertStore, SignatureScheme,
+};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::{DatabaseConfig, RedisConfig};
@@ -216,7 +218,10 @@ pub fn redis_problems(r: &RedisConfig) -> Vec<String> {
         }
     }
     if r.client_cert_file.is_some() != r.client_key_file.is_some() {
-        p.push("redis.client_cert_file and redis.client_key_file go together: set both or neither".into());
+        p.push(
+            "redis.client_cert_file and redis.client_key_file go together: set both or neither"
+                .into(),
+        );
     }
     p
 }
@@ -289,11 +294,14 @@ impl PostgresTls {
         let roots = match &s.ca_file {
             Some(path) => {
                 let mut roots = RootCertStore::empty();
-                for cert in certificates(path).map_err(|e| {
-                    format!("database.ca_file '{}': {e}", path.display())
-                })? {
+                for cert in certificates(path)
+                    .map_err(|e| format!("database.ca_file '{}': {e}", path.display()))?
+                {
                     roots.add(cert).map_err(|e| {
-                        format!("database.ca_file '{}': not a usable CA certificate ({e})", path.display())
+                        format!(
+                            "database.ca_file '{}': not a usable CA certificate ({e})",
+                            path.display()
+                        )
                     })?;
                 }
                 Some(Arc::new(roots))
@@ -319,15 +327,15 @@ impl PostgresTls {
             }
             _ => Arc::new(AnyCertificate(provider.clone())),
         };
-        let builder = builder.dangerous().with_custom_certificate_verifier(verifier);
+        let builder = builder
+            .dangerous()
+            .with_custom_certificate_verifier(verifier);
         let config = match (&s.client_cert_file, &s.client_key_file) {
             (Some(cert), Some(key)) => {
-                let chain = certificates(cert).map_err(|e| {
-                    format!("database.client_cert_file '{}': {e}", cert.display())
-                })?;
-                let key = private_key(key).map_err(|e| {
-                    format!("database.client_key_file '{}': {e}", key.display())
-                })?;
+                let chain = certificates(cert)
+                    .map_err(|e| format!("database.client_cert_file '{}': {e}", cert.display()))?;
+                let key = private_key(key)
+                    .map_err(|e| format!("database.client_key_file '{}': {e}", key.display()))?;
                 builder.with_client_auth_cert(chain, key).map_err(|e| {
                     format!("database.client_cert_file and client_key_file do not make a client certificate: {e}")
                 })?
@@ -585,7 +593,10 @@ mod tests {
             "postgres://u:pw@h:5432/d?options=-c%20statement_timeout%3D5s"
         );
         let s = postgres_settings(&db("postgres://u:pw@h/d?sslmode=disable")).expect("valid");
-        assert_eq!((s.mode, s.url.expose()), (SslMode::Disable, "postgres://u:pw@h/d"));
+        assert_eq!(
+            (s.mode, s.url.expose()),
+            (SslMode::Disable, "postgres://u:pw@h/d")
+        );
     }
 
     #[test]
@@ -594,7 +605,10 @@ mod tests {
         assert_eq!(s.mode, SslMode::Prefer);
         let mut c = db("postgres://h/d");
         c.ca_file = Some("/ca.pem".into());
-        assert_eq!(postgres_settings(&c).expect("valid").mode, SslMode::VerifyFull);
+        assert_eq!(
+            postgres_settings(&c).expect("valid").mode,
+            SslMode::VerifyFull
+        );
     }
 
     #[test]
@@ -602,7 +616,12 @@ mod tests {
         let mut c = db("postgres://h/d?sslmode=verify-full&sslrootcert=/a.pem&sslcert=/c.pem");
         c.ca_file = Some("/b.pem".into());
         let p = postgres_settings(&c).expect_err("invalid");
-        assert!(p.iter().any(|m| m.contains("sslrootcert=/a.pem") && m.contains("database.ca_file is /b.pem")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("sslrootcert=/a.pem")
+                    && m.contains("database.ca_file is /b.pem")),
+            "{p:?}"
+        );
         assert!(p.iter().any(|m| m.contains("set both or neither")), "{p:?}");
         let p = postgres_settings(&db("postgres://h/d?sslmode=verify-full")).expect_err("no CA");
         assert!(p[0].contains("set database.ca_file"), "{p:?}");
@@ -621,7 +640,11 @@ mod tests {
             ..RedisConfig::default()
         };
         let p = redis_problems(&r);
-        assert!(p.iter().any(|m| m.contains("redis.ca_file") && m.contains("rediss://")), "{p:?}");
+        assert!(
+            p.iter()
+                .any(|m| m.contains("redis.ca_file") && m.contains("rediss://")),
+            "{p:?}"
+        );
         r.url = Secret::new("rediss://h:6379/#insecure");
         let p = redis_problems(&r);
         assert!(p.len() == 1 && p[0].contains("#insecure"), "{p:?}");
@@ -638,14 +661,21 @@ mod tests {
             Some(Path::new("/nonexistent/ca.pem")),
             PemKind::Ca,
         )]);
-        assert!(p.len() == 1 && p[0].starts_with("redis.ca_file '/nonexistent/ca.pem' does not exist"), "{p:?}");
+        assert!(
+            p.len() == 1 && p[0].starts_with("redis.ca_file '/nonexistent/ca.pem' does not exist"),
+            "{p:?}"
+        );
         let dir = std::env::temp_dir().join(format!("presence-tls-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("temp dir");
         let file = dir.join("not-pem.txt");
         std::fs::write(&file, "hello").expect("write");
         let p = file_problems(&[
             ("database.ca_file", Some(file.as_path()), PemKind::Ca),
-            ("database.client_key_file", Some(file.as_path()), PemKind::Key),
+            (
+                "database.client_key_file",
+                Some(file.as_path()),
+                PemKind::Key,
+            ),
             ("redis.ca_file", None, PemKind::Ca),
         ]);
         let _ = std::fs::remove_dir_all(&dir);

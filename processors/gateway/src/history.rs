@@ -1,9 +1,9 @@
 //! The PostgreSQL edge of the read side: a facility's transitions over a time range, from
 //! the tables the sink keeps (`presence_core::delivery::Tables`).
 
+use presence_core::config::DatabaseConfig;
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::records::{FacilityStatus, Status};
-use presence_core::config::DatabaseConfig;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 

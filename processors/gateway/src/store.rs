@@ -41,7 +41,10 @@ return {redis.call('GET', KEYS[1]) or '0', redis.call('HVALS', KEYS[2])}
 ";
 
 impl Store {
-    pub fn new(redis: &presence_core::config::RedisConfig, keys: RedisKeys) -> Result<Store, String> {
+    pub fn new(
+        redis: &presence_core::config::RedisConfig,
+        keys: RedisKeys,
+    ) -> Result<Store, String> {
         Ok(Store {
             keys,
             client: presence_core::delivery::redis_client(redis)?,

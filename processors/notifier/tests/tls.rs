@@ -8,8 +8,8 @@ use std::time::Duration;
 use presence_core::config::RedisConfig;
 use presence_core::delivery::{redis_client, RedisKeys};
 use presence_core::testkit::{
-    ensure_topics, eventually, isolated_config, produce, spawn_process, status_records,
-    transition, PrivateService, TestCerts,
+    ensure_topics, eventually, isolated_config, produce, spawn_process, status_records, transition,
+    PrivateService, TestCerts,
 };
 use presence_core::{Secret, Shutdown};
 use redis::AsyncCommands;
@@ -76,16 +76,15 @@ async fn the_notifier_writes_through_rediss_and_wrong_trust_is_refused() {
     let mut wrong_ca = config.redis.clone();
     wrong_ca.ca_file = Some(certs.path("other-ca.crt"));
     let e = connect(&wrong_ca).await.expect_err("server not trusted");
-    assert!(
-        e.to_string().contains("UnknownIssuer"),
-        "wrong CA: {e}"
-    );
+    assert!(e.to_string().contains("UnknownIssuer"), "wrong CA: {e}");
 
     // The server asks for a client certificate; none is given.
     let mut anonymous = config.redis.clone();
     anonymous.client_cert_file = None;
     anonymous.client_key_file = None;
-    let e = connect(&anonymous).await.expect_err("client certificate required");
+    let e = connect(&anonymous)
+        .await
+        .expect_err("client certificate required");
     assert!(
         e.to_string().contains("CertificateRequired"),
         "no client certificate: {e}"
