@@ -158,6 +158,26 @@ pub fn redis_client(r: &crate::config::RedisConfig) -> Result<redis::Client, Str
     .map_err(|e| format!("redis TLS settings for {url}: {e}: check redis.ca_file, redis.client_cert_file and redis.client_key_file"))
 }
 
+/// A Redis connection error with the setting to change, when it is a TLS one: the redis
+/// crate reports rustls' reason ("invalid peer certificate: UnknownIssuer") and no more.
+pub fn explain_redis_error(e: redis::RedisError) -> redis::RedisError {
+    let text = e.to_string();
+    let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        "the server's certificate is not signed by the CA in redis.ca_file (unset: the system's roots); set redis.ca_file to the CA that signed it"
+    } else if text.contains("NotValidForName") {
+        "the server's certificate is not issued for the host in redis.url; connect by a name the certificate lists"
+    } else if text.contains("CertificateRequired") {
+        "the server asks for a client certificate; set redis.client_cert_file and redis.client_key_file"
+    } else {
+        return e;
+    };
+    redis::RedisError::from((
+        e.kind(),
+        "TLS handshake with Redis failed",
+        format!("{text}: {hint}"),
+    ))
+}
+
 /// The sink's tables, schema-qualified. `schema` is validated as an identifier by the config.
 #[derive(Debug, Clone)]
 pub struct Tables {

@@ -66,7 +66,9 @@ impl Store {
             .set_connection_timeout(std::time::Duration::from_secs(2))
             .set_response_timeout(std::time::Duration::from_secs(5))
             .set_number_of_retries(2);
-        let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        let c = ConnectionManager::new_with_config(self.client.clone(), config)
+            .await
+            .map_err(presence_core::delivery::explain_redis_error)?;
         *guard = Some(c.clone());
         Ok(c)
     }

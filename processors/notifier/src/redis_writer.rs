@@ -76,7 +76,9 @@ impl RedisWriter {
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(std::time::Duration::from_secs(2))
                     .set_response_timeout(std::time::Duration::from_secs(5));
-                let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                let c = ConnectionManager::new_with_config(self.client.clone(), config)
+                    .await
+                    .map_err(presence_core::delivery::explain_redis_error)?;
                 self.connection.insert(c)
             }
         };

@@ -22,6 +22,7 @@ async fn connect(r: &RedisConfig) -> redis::RedisResult<redis::aio::MultiplexedC
     )
     .await
     .unwrap_or_else(|_| panic!("connecting to {} did not finish in 10 s", r.url))
+    .map_err(presence_core::delivery::explain_redis_error)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -86,7 +87,8 @@ async fn the_notifier_writes_through_rediss_and_wrong_trust_is_refused() {
         .await
         .expect_err("client certificate required");
     assert!(
-        e.to_string().contains("CertificateRequired"),
+        e.to_string().contains("CertificateRequired")
+            && e.to_string().contains("set redis.client_cert_file"),
         "no client certificate: {e}"
     );
 
