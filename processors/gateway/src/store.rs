@@ -65,6 +65,9 @@ impl Store {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(std::time::Duration::from_secs(2))
             .set_response_timeout(std::time::Duration::from_secs(5))
+            // redis 0.32 waits 1 s, then 100x longer (up to 60 s, plus jitter) between
+            // attempts: a refused TLS handshake took minutes to report. At most 1 s apart.
+            .set_max_delay(1000)
             .set_number_of_retries(2);
         let c = ConnectionManager::new_with_config(self.client.clone(), config)
             .await
