@@ -170,7 +170,12 @@ impl Hub {
     }
 
     async fn listen(&self, shutdown: &Shutdown) -> redis::RedisResult<()> {
-        let mut pubsub = self.store.client().get_async_pubsub().await?;
+        let mut pubsub = self
+            .store
+            .client()
+            .get_async_pubsub()
+            .await
+            .map_err(presence_core::delivery::explain_redis_error)?;
         pubsub.psubscribe(self.store.keys.channel_pattern()).await?;
         let mut messages = pubsub.on_message();
         // Whatever happened while we were not subscribed.
