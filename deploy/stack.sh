@@ -12,11 +12,23 @@
 #                            one service alone; with the settings below pointing at a
 #                            directory and ports of its own, this is how tests run a private
 #                            instance that they can stop and restart
+#   deploy/stack.sh tls-certs DIR
+#                            a throw-away CA and certificates for TLS tests (openssl): ca.crt,
+#                            server.crt/.key (for 127.0.0.1 and localhost), client.crt/.key,
+#                            other-ca.crt (a CA that signed nothing here)
 #
 # Settings (environment): PRESENCE_STACK_DIR (state and logs, default ~/.cache/presence/stack),
 # KAFKA_VERSION (default 4.1.0), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
 # REDIS_PORT (6379), PG_PORT (5432), PG_DATA (default /var/lib/presence/postgres: the
 # postgres user must be able to reach it, which rules out root's home).
+#
+# TLS (private instances for tests; absolute paths to PEM files):
+#   REDIS_TLS_CERT, REDIS_TLS_KEY, REDIS_TLS_CA: Redis speaks TLS only, on REDIS_PORT;
+#     REDIS_TLS_AUTH_CLIENTS = no | optional (default) | yes (client certificate required,
+#     signed by REDIS_TLS_CA). redis-cli here presents the server's pair as its client
+#     certificate, so that pair must not be limited to serverAuth.
+#   PG_TLS_CERT, PG_TLS_KEY: PostgreSQL with ssl = on, and TCP logins over TLS only
+#     (hostssl); PG_TLS_CA as well: a client certificate signed by it is required too.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -290,22 +302,66 @@ cluster_status() {
   return $ok
 }
 
+redis_tls() { [[ -n "${REDIS_TLS_CERT:-}${REDIS_TLS_KEY:-}${REDIS_TLS_CA:-}" ]]; }
+
+# redis-cli against REDIS_PORT, over TLS when the instance speaks it.
+redis_cli() {
+  if redis_tls; then
+    redis-cli --tls --cacert "$REDIS_TLS_CA" --cert "$REDIS_TLS_CERT" --key "$REDIS_TLS_KEY" \
+      -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+  else
+    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" "$@"
+  fi
+}
+
+redis_ping() { redis_cli ping 2>/dev/null | grep -q PONG; }
+
 redis_up() {
-  if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then
+  if redis_ping; then
     say "redis: reusing what answers on 127.0.0.1:$REDIS_PORT"; return 0
   fi
   command -v redis-server >/dev/null || apt_install redis-server redis-tools
   local dir="$STACK_DIR/redis"
   mkdir -p "$dir"
-  say "redis: starting on 127.0.0.1:$REDIS_PORT (log $dir/redis.log)"
+  local listen=(--port "$REDIS_PORT") what="redis"
+  if redis_tls; then
+    for f in REDIS_TLS_CERT REDIS_TLS_KEY REDIS_TLS_CA; do
+      [[ "${!f:-}" == /* && -f "${!f}" ]] || die "$f must be the absolute path of a PEM file (TLS needs REDIS_TLS_CERT, REDIS_TLS_KEY and REDIS_TLS_CA)"
+    done
+    # --port 0: no plaintext listener at all.
+    listen=(--port 0 --tls-port "$REDIS_PORT" --tls-cert-file "$REDIS_TLS_CERT" --tls-key-file "$REDIS_TLS_KEY"
+      --tls-ca-cert-file "$REDIS_TLS_CA" --tls-auth-clients "${REDIS_TLS_AUTH_CLIENTS:-optional}")
+    what="redis (TLS only)"
+  fi
+  say "$what: starting on 127.0.0.1:$REDIS_PORT (log $dir/redis.log)"
   # Append-only file: the status cache and replay logs survive a restart of Redis.
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --daemonize yes --dir "$dir" \
+  redis-server --bind 127.0.0.1 "${listen[@]}" --daemonize yes --dir "$dir" \
     --logfile "$dir/redis.log" --pidfile "$dir/redis.pid" --save "" --appendonly yes --appendfsync everysec
-  wait_for 30 "redis on 127.0.0.1:$REDIS_PORT" "$dir/redis.log" \
-    bash -c "redis-cli -h 127.0.0.1 -p $REDIS_PORT ping | grep -q PONG"
+  wait_for 30 "$what on 127.0.0.1:$REDIS_PORT" "$dir/redis.log" redis_ping
 }
 
 pg_url() { echo "postgres://$PG_USER:$PG_PASSWORD@127.0.0.1:$PG_PORT/$PG_DB"; }
+
+# With PG_TLS_CERT/PG_TLS_KEY: the pair copied into the data directory (the server wants its
+# key owned by it, mode 0600), TCP logins over TLS only, and with PG_TLS_CA a client
+# certificate signed by it on top of the password. Prints the server options to add.
+pg_tls() {
+  [[ -n "${PG_TLS_CERT:-}${PG_TLS_KEY:-}" ]] || return 0
+  for f in PG_TLS_CERT PG_TLS_KEY; do
+    [[ -f "${!f:-}" ]] || die "$f must name a PEM file (TLS needs PG_TLS_CERT and PG_TLS_KEY)"
+  done
+  as_root install -o postgres -g postgres -m 600 "$PG_TLS_CERT" "$PG_DATA/tls-server.crt"
+  as_root install -o postgres -g postgres -m 600 "$PG_TLS_KEY" "$PG_DATA/tls-server.key"
+  local client=""
+  if [[ -n "${PG_TLS_CA:-}" ]]; then
+    as_root install -o postgres -g postgres -m 600 "$PG_TLS_CA" "$PG_DATA/tls-ca.crt"
+    client=" clientcert=verify-ca"
+  fi
+  as_root sed -i -E "s/^host(ssl)?([[:space:]].*scram-sha-256).*\$/hostssl\2$client/" "$PG_DATA/pg_hba.conf"
+  printf ' -c ssl=on -c ssl_cert_file=tls-server.crt -c ssl_key_file=tls-server.key'
+  [[ -n "${PG_TLS_CA:-}" ]] && printf ' -c ssl_ca_file=tls-ca.crt'
+  return 0
+}
 
 pg_up() {
   [[ -d /usr/lib/postgresql ]] || apt_install postgresql postgresql-client
@@ -321,9 +377,10 @@ pg_up() {
       as_root runuser -u postgres -- "$bin/initdb" -D "$PG_DATA" -U postgres \
         --auth-local=trust --auth-host=scram-sha-256 >/dev/null
     fi
-    say "postgres: starting on 127.0.0.1:$PG_PORT (log $PG_DATA/server.log)"
+    local tls; tls=$(pg_tls)
+    say "postgres: starting on 127.0.0.1:$PG_PORT${tls:+ (TLS only)} (log $PG_DATA/server.log)"
     as_root runuser -u postgres -- "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DATA -c max_connections=200" start >/dev/null \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DATA -c max_connections=200$tls" start >/dev/null \
       || die "postgres did not start; read $PG_DATA/server.log"
   fi
   if ! psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then
@@ -338,6 +395,27 @@ END \$\$;
 SELECT 'CREATE DATABASE $PG_DB OWNER $PG_USER' WHERE NOT EXISTS (SELECT FROM pg_database WHERE datname = '$PG_DB')\gexec
 EOF
   fi
+}
+
+# tls_certs DIR: a CA, a server pair for 127.0.0.1 and localhost, a client pair, and a second
+# CA that signed none of them (for "wrong CA" tests). P-256 keys, valid two days, no
+# extendedKeyUsage (the server pair doubles as redis-cli's client certificate).
+tls_certs() {
+  local dir="$1" ec=(-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes)
+  mkdir -p "$dir"
+  (
+    cd "$dir"
+    openssl req -x509 "${ec[@]}" -keyout ca.key -out ca.crt -days 2 -subj "/CN=presence test CA"
+    openssl req -x509 "${ec[@]}" -keyout other-ca.key -out other-ca.crt -days 2 -subj "/CN=presence other CA"
+    printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n' >server.ext
+    printf 'basicConstraints=CA:FALSE\n' >client.ext
+    for who in server client; do
+      openssl req "${ec[@]}" -keyout "$who.key" -out "$who.csr" -subj "/CN=presence test $who"
+      openssl x509 -req -in "$who.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
+        -extfile "$who.ext" -out "$who.crt"
+    done
+    chmod 600 ./*.key
+  ) >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; die "openssl could not make test certificates in $dir"; }
 }
 
 up() {
@@ -355,9 +433,9 @@ kafka_down() { kafka_node_stop "$STACK_DIR/kafka"; }
 redis_down() {
   if [[ -f "$STACK_DIR/redis/redis.pid" ]]; then
     say "redis: stopping"
-    redis-cli -h 127.0.0.1 -p "$REDIS_PORT" shutdown >/dev/null 2>&1 || true
+    redis_cli shutdown >/dev/null 2>&1 || true
     local deadline=$((SECONDS + 30))
-    while redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping >/dev/null 2>&1 && ((SECONDS < deadline)); do sleep 0.2; done
+    while redis_cli ping >/dev/null 2>&1 && ((SECONDS < deadline)); do sleep 0.2; done
     rm -f "$STACK_DIR/redis/redis.pid"
   fi
 }
@@ -378,7 +456,7 @@ down() {
 status() {
   local ok=0
   if port_open "$KAFKA_PORT"; then say "kafka     up    KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT   log $STACK_DIR/kafka/server.log"; else say "kafka     DOWN"; ok=1; fi
-  if redis-cli -h 127.0.0.1 -p "$REDIS_PORT" ping 2>/dev/null | grep -q PONG; then say "redis     up    REDIS_URL=redis://127.0.0.1:$REDIS_PORT   log $STACK_DIR/redis/redis.log"; else say "redis     DOWN"; ok=1; fi
+  if redis_ping; then say "redis     up    REDIS_URL=redis$(redis_tls && echo s)://127.0.0.1:$REDIS_PORT   log $STACK_DIR/redis/redis.log"; else say "redis     DOWN"; ok=1; fi
   if psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then say "postgres  up    DATABASE_URL=$(pg_url | sed 's/:[^:@]*@/:***@/')   log $PG_DATA/server.log"; else say "postgres  DOWN"; ok=1; fi
   say "kafka jars: $KAFKA_LIBS"
   return $ok
@@ -403,8 +481,9 @@ case "${1:-up}" in
   redis-down) redis_down ;;
   pg-up) pg_up ;;
   pg-down) pg_down ;;
+  tls-certs) tls_certs "${2:?usage: deploy/stack.sh tls-certs DIR}" ;;
   node-modules) echo "$CACHE/node/node_modules" ;;
   kafka-libs) echo "$KAFKA_LIBS" ;;
   venv-python) echo "$VENV/bin/python" ;;
-  *) die "unknown command '$1': use up, down, status, deps, <kafka|redis|pg|cluster>-<up|down>, cluster-status, cluster-node-<up|down|kill> N" ;;
+  *) die "unknown command '$1': use up, down, status, deps, tls-certs DIR, <kafka|redis|pg|cluster>-<up|down>, cluster-status, cluster-node-<up|down|kill> N" ;;
 esac

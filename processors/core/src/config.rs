@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -161,6 +161,16 @@ pub struct RedisConfig {
     /// Transitions kept per region for SSE clients that reconnect with `Last-Event-ID`;
     /// a client further behind gets a fresh snapshot. Default 1000.
     pub replay_events: usize,
+    /// With a `rediss://` URL: PEM file of the CA that signed the server's certificate.
+    /// Unset: the system's trusted roots. The host in the URL must be in the certificate.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// With a `rediss://` URL, for servers that ask for client certificates
+    /// (`tls-auth-clients yes`): PEM certificate and its private key, both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for RedisConfig {
@@ -169,6 +179,9 @@ impl Default for RedisConfig {
             url: Secret::new("redis://127.0.0.1:6379"),
             key_prefix: "presence".into(),
             replay_events: 1000,
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -180,6 +193,17 @@ pub struct DatabaseConfig {
     pub url: Secret,
     /// Schema that holds the sink's tables. Default `presence`.
     pub schema: String,
+    /// PEM file of the CA that signed the server's certificate (libpq's `sslrootcert`, which
+    /// the URL may carry instead). With it, `sslmode` defaults to `verify-full`; without,
+    /// to `prefer` (`presence_core::tls` has what each mode checks).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ca_file: Option<PathBuf>,
+    /// For servers that ask for client certificates: PEM certificate and its private key
+    /// (libpq's `sslcert`/`sslkey`), both or neither.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_key_file: Option<PathBuf>,
 }
 
 impl Default for DatabaseConfig {
@@ -187,6 +211,9 @@ impl Default for DatabaseConfig {
         DatabaseConfig {
             url: Secret::new("postgres://presence:presence@127.0.0.1:5432/presence"),
             schema: "presence".into(),
+            ca_file: None,
+            client_cert_file: None,
+            client_key_file: None,
         }
     }
 }
@@ -612,6 +639,48 @@ impl Config {
         c
     }
 
+    /// TLS to Redis and PostgreSQL: settings that contradict each other or the URL, and
+    /// certificate files that are missing or hold no PEM of the right kind.
+    fn tls_problems(&self) -> Vec<String> {
+        use crate::tls::{file_problems, PemKind};
+        let mut p = crate::tls::redis_problems(&self.redis);
+        let r = &self.redis;
+        p.extend(file_problems(&[
+            ("redis.ca_file", r.ca_file.as_deref(), PemKind::Ca),
+            (
+                "redis.client_cert_file",
+                r.client_cert_file.as_deref(),
+                PemKind::Certificate,
+            ),
+            (
+                "redis.client_key_file",
+                r.client_key_file.as_deref(),
+                PemKind::Key,
+            ),
+        ]));
+        match crate::tls::postgres_settings(&self.database) {
+            Ok(s) => p.extend(file_problems(&[
+                (
+                    "database.ca_file (sslrootcert)",
+                    s.ca_file.as_deref(),
+                    PemKind::Ca,
+                ),
+                (
+                    "database.client_cert_file (sslcert)",
+                    s.client_cert_file.as_deref(),
+                    PemKind::Certificate,
+                ),
+                (
+                    "database.client_key_file (sslkey)",
+                    s.client_key_file.as_deref(),
+                    PemKind::Key,
+                ),
+            ])),
+            Err(e) => p.extend(e),
+        }
+        p
+    }
+
     /// Every rule the typed fields cannot express; empty when the config is usable.
     pub fn problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -668,6 +737,7 @@ impl Config {
                 )),
             }
         }
+        p.extend(self.tls_problems());
         if !is_identifier(&self.database.schema) {
             p.push(format!(
                 "database.schema '{}' must be a lowercase SQL identifier (a-z, 0-9, _; not starting with a digit)",
@@ -1204,6 +1274,31 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("two groups")), "{p:?}");
         let p = problems_of(&[("PRESENCE_SINK__OPS_LISTEN", "127.0.0.1:9102")]);
         assert!(p.iter().any(|m| m.contains("own port")), "{p:?}");
+    }
+
+    #[test]
+    fn a_missing_certificate_file_is_a_start_up_error_naming_the_key_and_the_fix() {
+        let p = problems_of(&[
+            ("REDIS_URL", "rediss://:redis-pw@cache.example.com:6380"),
+            ("PRESENCE_REDIS__CA_FILE", "/nonexistent/redis-ca.pem"),
+            (
+                "DATABASE_URL",
+                "postgres://u:pg-pw@db.example.com/presence?sslmode=verify-full",
+            ),
+            ("PRESENCE_DATABASE__CA_FILE", "/nonexistent/pg-ca.pem"),
+        ]);
+        assert_eq!(p.len(), 2, "{p:?}");
+        assert!(
+            p[0].starts_with("redis.ca_file '/nonexistent/redis-ca.pem' does not exist: set it to the PEM file of the CA"),
+            "{p:?}"
+        );
+        assert!(
+            p[1].starts_with(
+                "database.ca_file (sslrootcert) '/nonexistent/pg-ca.pem' does not exist"
+            ),
+            "{p:?}"
+        );
+        assert!(!p.iter().any(|m| m.contains("-pw")), "{p:?}");
     }
 
     #[test]

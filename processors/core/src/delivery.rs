@@ -62,21 +62,120 @@ impl RedisKeys {
 }
 
 /// A PostgreSQL client for the sink's tables: connected within 5 s, its connection driven
-/// by a task of its own. The error names the database (password redacted) and what failed.
-pub async fn connect_postgres(url: &crate::Secret) -> Result<tokio_postgres::Client, String> {
-    let (client, connection) = tokio::time::timeout(
-        std::time::Duration::from_secs(5),
-        tokio_postgres::connect(url.expose(), tokio_postgres::NoTls),
-    )
-    .await
-    .map_err(|_| format!("connecting to PostgreSQL at {url} timed out after 5 s"))?
-    .map_err(|e| format!("cannot connect to PostgreSQL at {url}: {e}"))?;
+/// by a task of its own, over TLS as `sslmode` and `[database]` ask (`crate::tls`). The error
+/// names the database (password redacted), what failed and what to change.
+pub async fn connect_postgres(
+    db: &crate::config::DatabaseConfig,
+) -> Result<tokio_postgres::Client, String> {
+    let settings = crate::tls::postgres_settings(db).map_err(|p| p.join("; "))?;
+    let url = &db.url;
+    let mut config: tokio_postgres::Config = settings
+        .url
+        .expose()
+        .parse()
+        .map_err(|e| format!("database.url {url} is not usable ({e}): set DATABASE_URL to postgres://user:password@host:port/database"))?;
+    let tls = crate::tls::PostgresTls::new(&settings)?;
+    tls.apply(&mut config);
+    let mode = tls.mode().as_str();
+    let (client, connection) =
+        tokio::time::timeout(std::time::Duration::from_secs(5), config.connect(tls))
+            .await
+            .map_err(|_| format!("connecting to PostgreSQL at {url} timed out after 5 s"))?
+            .map_err(|e| {
+                let e = with_causes(&e);
+                // tokio-postgres' words for a server that answered TLS with "no".
+                let hint = if e.contains("does not support TLS") {
+                    ": the server does not offer TLS and sslmode asks for it; turn ssl on in the server, or use sslmode=prefer"
+                } else if e.contains("requires a valid client certificate") {
+                    ": set database.client_cert_file and database.client_key_file to a certificate the server's CA signed"
+                } else {
+                    ""
+                };
+                format!("cannot connect to PostgreSQL at {url} (sslmode={mode}): {e}{hint}")
+            })?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::debug!(error = %e, "PostgreSQL connection closed");
         }
     });
     Ok(client)
+}
+
+/// An error and its causes, `outer: inner: ...`: tokio-postgres prints only an error's kind
+/// ("error performing TLS handshake") and keeps the reason in its source.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        let cause_text = cause.to_string();
+        if !text.contains(&cause_text) {
+            text = format!("{text}: {cause_text}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// A Redis client for `[redis]`: with a `rediss://` URL, TLS (rustls) against `ca_file` or
+/// the system's roots, with the client certificate when one is configured. Connects on use.
+pub fn redis_client(r: &crate::config::RedisConfig) -> Result<redis::Client, String> {
+    use redis::IntoConnectionInfo;
+    let url = &r.url;
+    let info = url.expose().into_connection_info().map_err(|e| {
+        format!("redis.url {url} is not usable ({e}): set REDIS_URL to redis://host:port, or rediss://host:port for TLS")
+    })?;
+    if !matches!(info.addr, redis::ConnectionAddr::TcpTls { .. }) {
+        return redis::Client::open(info).map_err(|e| format!("redis.url {url}: {e}"));
+    }
+    // The redis crate builds its rustls config with the process-wide provider.
+    crate::tls::provider();
+    let read = |key: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| {
+            format!(
+                "{key} '{}' cannot be read ({e}): set it to a PEM file this process can read",
+                path.display()
+            )
+        })
+    };
+    let root_cert = match &r.ca_file {
+        Some(p) => Some(read("redis.ca_file", p)?),
+        None => None,
+    };
+    let client_tls = match (&r.client_cert_file, &r.client_key_file) {
+        (Some(cert), Some(key)) => Some(redis::ClientTlsConfig {
+            client_cert: read("redis.client_cert_file", cert)?,
+            client_key: read("redis.client_key_file", key)?,
+        }),
+        _ => None,
+    };
+    redis::Client::build_with_tls(
+        info,
+        redis::TlsCertificates {
+            client_tls,
+            root_cert,
+        },
+    )
+    .map_err(|e| format!("redis TLS settings for {url}: {e}: check redis.ca_file, redis.client_cert_file and redis.client_key_file"))
+}
+
+/// A Redis connection error with the setting to change, when it is a TLS one: the redis
+/// crate reports rustls' reason ("invalid peer certificate: UnknownIssuer") and no more.
+pub fn explain_redis_error(e: redis::RedisError) -> redis::RedisError {
+    let text = e.to_string();
+    let hint = if text.contains("UnknownIssuer") || text.contains("BadSignature") {
+        "the server's certificate is not signed by the CA in redis.ca_file (unset: the system's roots); set redis.ca_file to the CA that signed it"
+    } else if text.contains("NotValidForName") {
+        "the server's certificate is not issued for the host in redis.url; connect by a name the certificate lists"
+    } else if text.contains("CertificateRequired") {
+        "the server asks for a client certificate; set redis.client_cert_file and redis.client_key_file"
+    } else {
+        return e;
+    };
+    redis::RedisError::from((
+        e.kind(),
+        "TLS handshake with Redis failed",
+        format!("{text}: {hint}"),
+    ))
 }
 
 /// The sink's tables, schema-qualified. `schema` is validated as an identifier by the config.

@@ -10,6 +10,8 @@
 //!   reads, and the names of the sink's tables.
 //! - [`downstream`]: the batch consumer loop of `facility-status` that the notifier and the
 //!   sink share (commit only after the store took the batch; retry with backoff).
+//! - [`tls`]: TLS to Redis and PostgreSQL (rustls): libpq's `sslmode`, CA and client
+//!   certificates, the handshake tokio-postgres runs.
 //! - [`topics`]: provisioning and verification of every topic (`presence topics`).
 //! - [`telemetry`]: logging, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
 //! - [`sim`]: the seeded simulation of users (load generator) and its reference model.
@@ -29,6 +31,7 @@ pub mod sim;
 pub mod telemetry;
 #[cfg(feature = "testkit")]
 pub mod testkit;
+pub mod tls;
 pub mod topics;
 
 pub use config::{Config, Secret};

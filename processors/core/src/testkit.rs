@@ -156,6 +156,82 @@ impl PrivateService {
     pub fn stop(&self) {
         self.stack("down");
     }
+
+    /// The port it listens on (127.0.0.1).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// A `deploy/stack.sh` setting for this instance, e.g. `REDIS_TLS_AUTH_CLIENTS`.
+    pub fn with_env(mut self, key: &str, value: impl ToString) -> PrivateService {
+        self.env.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    /// TLS only, with `certs`' server pair (Redis: `REDIS_TLS_*`, PostgreSQL: `PG_TLS_*`).
+    pub fn with_tls(self, certs: &TestCerts) -> PrivateService {
+        let prefix = match self.kind {
+            "redis" => "REDIS",
+            "pg" => "PG",
+            other => panic!("no TLS option for a private {other}"),
+        };
+        let s = self
+            .with_env(
+                &format!("{prefix}_TLS_CERT"),
+                certs.path("server.crt").display(),
+            )
+            .with_env(
+                &format!("{prefix}_TLS_KEY"),
+                certs.path("server.key").display(),
+            );
+        if prefix == "REDIS" {
+            s.with_env("REDIS_TLS_CA", certs.path("ca.crt").display())
+        } else {
+            s
+        }
+    }
+}
+
+/// A throw-away CA and certificates in a temp dir of one test's own, made by
+/// `deploy/stack.sh tls-certs` (openssl), removed on drop: `ca.crt`, `server.crt`/`.key`
+/// (127.0.0.1 and localhost), `client.crt`/`.key`, and `other-ca.crt`, which signed none.
+pub struct TestCerts {
+    dir: PathBuf,
+}
+
+impl TestCerts {
+    pub fn new() -> TestCerts {
+        let dir = std::env::temp_dir().join(unique("certs"));
+        let script = repo_root().join("deploy/stack.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .arg("tls-certs")
+            .arg(&dir)
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "stack.sh tls-certs failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        TestCerts { dir }
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Default for TestCerts {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestCerts {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 impl Drop for PrivateService {

@@ -1,9 +1,9 @@
 //! The PostgreSQL edge of the read side: a facility's transitions over a time range, from
 //! the tables the sink keeps (`presence_core::delivery::Tables`).
 
+use presence_core::config::DatabaseConfig;
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::records::{FacilityStatus, Status};
-use presence_core::Secret;
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
@@ -29,7 +29,7 @@ pub enum HistoryError {
 
 /// One lazily (re)connected client: history reads are rare, a pool is not needed.
 pub struct HistoryReader {
-    url: Secret,
+    database: DatabaseConfig,
     tables: Tables,
     client: Mutex<Option<Client>>,
 }
@@ -38,9 +38,9 @@ pub struct HistoryReader {
 pub const MAX_TRANSITIONS: i64 = 10_000;
 
 impl HistoryReader {
-    pub fn new(url: &Secret, tables: Tables) -> HistoryReader {
+    pub fn new(database: &DatabaseConfig, tables: Tables) -> HistoryReader {
         HistoryReader {
-            url: url.clone(),
+            database: database.clone(),
             tables,
             client: Mutex::new(None),
         }
@@ -50,7 +50,7 @@ impl HistoryReader {
         let mut guard = self.client.lock().await;
         if guard.as_ref().is_none_or(|c| c.is_closed()) {
             *guard = Some(
-                connect_postgres(&self.url)
+                connect_postgres(&self.database)
                     .await
                     .map_err(HistoryError::Unavailable)?,
             );

@@ -65,18 +65,13 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
     );
 
     let keys = RedisKeys::new(&config.redis.key_prefix);
-    let store = store::Store::new(config.redis.url.expose(), keys).with_context(|| {
-        format!(
-            "redis.url {} is not usable; set REDIS_URL to redis://host:port",
-            config.redis.url
-        )
-    })?;
+    let store = store::Store::new(&config.redis, keys).map_err(anyhow::Error::msg)?;
     let hub = stream::Hub::new(store.clone(), metrics.clone(), shutdown.clone());
-    hub.spawn(config.redis.url.expose().to_string());
+    hub.spawn();
     spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
 
     let history =
-        history::HistoryReader::new(&config.database.url, Tables::new(&config.database.schema));
+        history::HistoryReader::new(&config.database, Tables::new(&config.database.schema));
     let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics)?;
     let router =
         http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));

@@ -41,12 +41,20 @@ return {redis.call('GET', KEYS[1]) or '0', redis.call('HVALS', KEYS[2])}
 ";
 
 impl Store {
-    pub fn new(url: &str, keys: RedisKeys) -> RedisResult<Store> {
+    pub fn new(
+        redis: &presence_core::config::RedisConfig,
+        keys: RedisKeys,
+    ) -> Result<Store, String> {
         Ok(Store {
             keys,
-            client: redis::Client::open(url)?,
+            client: presence_core::delivery::redis_client(redis)?,
             redis: Default::default(),
         })
+    }
+
+    /// The client (with its TLS settings), for connections of another kind (pub/sub).
+    pub fn client(&self) -> redis::Client {
+        self.client.clone()
     }
 
     async fn conn(&self) -> RedisResult<ConnectionManager> {
@@ -57,8 +65,13 @@ impl Store {
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(std::time::Duration::from_secs(2))
             .set_response_timeout(std::time::Duration::from_secs(5))
+            // redis 0.32 waits 1 s, then 100x longer (up to 60 s, plus jitter) between
+            // attempts: a refused TLS handshake took minutes to report. At most 1 s apart.
+            .set_max_delay(1000)
             .set_number_of_retries(2);
-        let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+        let c = ConnectionManager::new_with_config(self.client.clone(), config)
+            .await
+            .map_err(presence_core::delivery::explain_redis_error)?;
         *guard = Some(c.clone());
         Ok(c)
     }

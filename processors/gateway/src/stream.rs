@@ -147,13 +147,13 @@ impl Hub {
 
     /// Subscribes to every region channel until `shutdown`, reconnecting with backoff; after
     /// a reconnect every watched region is caught up from its log.
-    pub fn spawn(&self, redis_url: String) {
+    pub fn spawn(&self) {
         let hub = self.clone();
         let shutdown = self.shutdown.clone();
         tokio::spawn(async move {
             let mut backoff = Duration::from_millis(100);
             loop {
-                match hub.listen(&redis_url, &shutdown).await {
+                match hub.listen(&shutdown).await {
                     Ok(()) => return,
                     Err(e) => {
                         hub.metrics.redis_errors.inc();
@@ -169,9 +169,13 @@ impl Hub {
         });
     }
 
-    async fn listen(&self, url: &str, shutdown: &Shutdown) -> redis::RedisResult<()> {
-        let client = redis::Client::open(url)?;
-        let mut pubsub = client.get_async_pubsub().await?;
+    async fn listen(&self, shutdown: &Shutdown) -> redis::RedisResult<()> {
+        let mut pubsub = self
+            .store
+            .client()
+            .get_async_pubsub()
+            .await
+            .map_err(presence_core::delivery::explain_redis_error)?;
         pubsub.psubscribe(self.store.keys.channel_pattern()).await?;
         let mut messages = pubsub.on_message();
         // Whatever happened while we were not subscribed.

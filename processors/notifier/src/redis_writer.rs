@@ -56,12 +56,8 @@ pub struct RedisWriter {
 
 impl RedisWriter {
     pub fn new(config: &Config) -> anyhow::Result<RedisWriter> {
-        let client = redis::Client::open(config.redis.url.expose()).map_err(|e| {
-            anyhow::anyhow!(
-                "redis.url {} is not usable ({e}); set REDIS_URL to redis://host:port",
-                config.redis.url
-            )
-        })?;
+        let client =
+            presence_core::delivery::redis_client(&config.redis).map_err(anyhow::Error::msg)?;
         Ok(RedisWriter {
             client,
             connection: None,
@@ -79,8 +75,13 @@ impl RedisWriter {
             None => {
                 let config = redis::aio::ConnectionManagerConfig::new()
                     .set_connection_timeout(std::time::Duration::from_secs(2))
-                    .set_response_timeout(std::time::Duration::from_secs(5));
-                let c = ConnectionManager::new_with_config(self.client.clone(), config).await?;
+                    .set_response_timeout(std::time::Duration::from_secs(5))
+                    // redis 0.32 waits 1 s, then 100x longer (up to 60 s, plus jitter) between
+                    // attempts: a refused TLS handshake took minutes to report. At most 1 s apart.
+                    .set_max_delay(1000);
+                let c = ConnectionManager::new_with_config(self.client.clone(), config)
+                    .await
+                    .map_err(presence_core::delivery::explain_redis_error)?;
                 self.connection.insert(c)
             }
         };

@@ -1,15 +1,14 @@
 //! The PostgreSQL edge: one transaction per batch, two multi-row statements over arrays.
 
-use presence_core::config::Config;
+use presence_core::config::{Config, DatabaseConfig};
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::downstream::{Received, WriteError, Writer};
-use presence_core::Secret;
 use tokio_postgres::Client;
 
 use crate::migrations;
 
 pub struct PostgresWriter {
-    url: Secret,
+    database: DatabaseConfig,
     schema: String,
     tables: Tables,
     client: Option<Client>,
@@ -18,7 +17,7 @@ pub struct PostgresWriter {
 impl PostgresWriter {
     pub fn new(config: &Config) -> PostgresWriter {
         PostgresWriter {
-            url: config.database.url.clone(),
+            database: config.database.clone(),
             schema: config.database.schema.clone(),
             tables: Tables::new(&config.database.schema),
             client: None,
@@ -32,7 +31,7 @@ impl PostgresWriter {
             self.client = None;
         }
         if self.client.is_none() {
-            let mut client = connect_postgres(&self.url)
+            let mut client = connect_postgres(&self.database)
                 .await
                 .map_err(WriteError::Retry)?;
             let applied = migrations::apply(&mut client, &self.schema)

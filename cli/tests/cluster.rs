@@ -1,0 +1,150 @@
+//! The processor on a replicated three-node Kafka cluster (KRaft quorum of three,
+//! replication 3, min ISR 2, as `make cluster` runs it) while brokers are killed with
+//! kill -9 and restarted and the processor itself is killed: its `facility-status` output
+//! must still equal the oracle's, no transition lost or doubled.
+
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use presence_core::sim::{generate, oracle, SimConfig};
+use presence_core::testkit::{free_port, isolated_config, repo_root, unique};
+use support::*;
+
+const TIMEOUT_MS: u64 = 3_005;
+
+/// A three-node cluster of this test's own (`deploy/stack.sh cluster-up` with a directory
+/// and six ports of its own), stopped and removed on drop.
+struct Cluster {
+    dir: PathBuf,
+    base: u16,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = std::env::temp_dir().join(unique("cluster"));
+        let cluster = Cluster {
+            dir,
+            base: six_free_ports(),
+        };
+        cluster.stack(&["cluster-up"]);
+        cluster
+    }
+
+    fn brokers(&self) -> String {
+        (0..3)
+            .map(|i| format!("127.0.0.1:{}", self.base + 2 * i))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    fn stack(&self, args: &[&str]) {
+        let script = repo_root().join("deploy/stack.sh");
+        let out = std::process::Command::new("bash")
+            .arg(&script)
+            .args(args)
+            .env("PRESENCE_STACK_DIR", &self.dir)
+            .env("CLUSTER_PORT", self.base.to_string())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+        assert!(
+            out.status.success(),
+            "stack.sh {args:?} failed:\n{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// kill -9 of node `i` (1..3).
+    fn kill(&self, i: u8) {
+        self.stack(&["cluster-node-kill", &i.to_string()]);
+    }
+
+    /// Starts node `i` again (returns once its process runs; it rejoins on its own).
+    fn restart(&self, i: u8) {
+        self.stack(&["cluster-node-up", &i.to_string()]);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stack(&["cluster-down"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A base port whose next five are free too (each node takes a client and a controller port).
+fn six_free_ports() -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base > 65_000 {
+            continue;
+        }
+        let free = (1..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
+        if free {
+            return base;
+        }
+    }
+    panic!("no six consecutive free ports on 127.0.0.1");
+}
+
+/// 2,000 sessions over 100 facilities (an hour ago, a replay) on replicated topics; the
+/// processor is killed once and brokers are killed and restarted under it.
+#[tokio::test(flavor = "multi_thread")]
+async fn broker_and_processor_kills_on_a_replicated_cluster_change_nothing() {
+    let _one = serial();
+    let cluster = Cluster::start();
+    let mut c = isolated_config();
+    c.kafka.brokers = cluster.brokers();
+    c.topics.replication_factor = 3;
+    c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS);
+    presence_core::testkit::ensure_topics(&c).await;
+
+    let log = generate(&SimConfig::compressed(
+        21,
+        2_000,
+        100,
+        now_ms() - 3_600_000,
+    ));
+    let expected = oracle(&log, TIMEOUT_MS as i64);
+    produce(&c, &log).await;
+    let mut reader = StatusReader::new(&c);
+
+    let mut p = spawn_processor(&c, "a", &[]);
+    let quarter = |n: usize| move |s: &[presence_core::records::FacilityStatus]| s.len() >= n;
+    assert!(
+        reader.read_until(Duration::from_secs(120), quarter(expected.len() / 4)),
+        "no progress before the first fault: {} of {}",
+        reader.seen.len(),
+        expected.len()
+    );
+    // A broker dies under a running processor, comes back; the processor dies too.
+    cluster.kill(1);
+    assert!(
+        reader.read_until(Duration::from_secs(120), quarter(expected.len() / 2)),
+        "no progress with node 1 down: {} of {}",
+        reader.seen.len(),
+        expected.len()
+    );
+    cluster.restart(1);
+    kill9(&mut p);
+    let mut p = spawn_processor(&c, "b", &[]);
+    assert!(
+        reader.read_until(Duration::from_secs(120), quarter(expected.len() * 3 / 4)),
+        "no progress after the processor's restart: {} of {}",
+        reader.seen.len(),
+        expected.len()
+    );
+    // Another broker dies while the restored processor finishes.
+    cluster.kill(2);
+    let done = reader.read_until(Duration::from_secs(180), |s| s.len() >= expected.len());
+    reader.drain();
+    kill9(&mut p);
+    let got = as_expected(&reader.seen);
+    assert!(done && got == expected, "{}", diff(&expected, &got));
+}
