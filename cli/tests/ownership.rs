@@ -6,14 +6,18 @@ mod support;
 
 use std::time::Duration;
 
+use presence_core::codec::{crc64_avro, decode, write_long, write_str, MARKER};
 use presence_core::config::Config;
 use presence_core::kafka::{admin_client, consumer_config, ADMIN_TIMEOUT};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
 use presence_core::sim::SimRecord;
+use presence_processor::records::SessionState;
+use presence_processor::sessions::{key_bytes, legacy_session_key, session_key};
 use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use support::*;
 
@@ -35,9 +39,12 @@ fn record(user: &str, session: &str, facility: &str, kind: HeartbeatKind, ts: i6
     }
 }
 
-/// Every committed `facility-status` record, read from the beginning to the end offsets of
-/// every partition as they are now (not to an expected count, so extra records show).
-fn read_to_end(c: &Config) -> Vec<FacilityStatus> {
+/// A committed record: partition, key, value.
+type Record = (i32, Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Every committed record of `topic`, read from the beginning to the end offsets of every
+/// partition as they are now (not to an expected count, so extra records show).
+fn read_to_end(c: &Config, topic: &str, partitions: i32) -> Vec<Record> {
     let mut cc = consumer_config(
         &c.kafka,
         "test-reader",
@@ -46,33 +53,41 @@ fn read_to_end(c: &Config) -> Vec<FacilityStatus> {
     cc.set("enable.partition.eof", "true");
     let consumer: BaseConsumer = cc.create().expect("consumer");
     let mut tpl = TopicPartitionList::new();
-    for p in 0..c.topics.facility_partitions {
-        tpl.add_partition_offset(&c.topics.facility_status, p, Offset::Beginning)
+    for p in 0..partitions {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
             .expect("partition");
     }
     consumer.assign(&tpl).expect("assign");
     let mut at_end = std::collections::HashSet::new();
     let mut seen = Vec::new();
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while at_end.len() < c.topics.facility_partitions as usize {
+    while at_end.len() < partitions as usize {
         assert!(
             std::time::Instant::now() < deadline,
-            "facility-status not read to its end within 30 s"
+            "{topic} not read to its end within 30 s"
         );
         match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                let s = presence_core::codec::decode::<FacilityStatus>(m.payload().expect("value"))
-                    .expect("decodes");
-                seen.push(s);
-            }
+            Some(Ok(m)) => seen.push((
+                m.partition(),
+                m.key().map(<[u8]>::to_vec),
+                m.payload().map(<[u8]>::to_vec),
+            )),
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
             }
-            Some(Err(e)) => panic!("reading facility-status: {e}"),
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
             None => {}
         }
     }
     seen
+}
+
+/// Every committed `facility-status` record, to the end offsets.
+fn statuses(c: &Config) -> Vec<FacilityStatus> {
+    read_to_end(c, &c.topics.facility_status, c.topics.facility_partitions)
+        .into_iter()
+        .map(|(_, _, v)| decode::<FacilityStatus>(&v.expect("value")).expect("decodes"))
+        .collect()
 }
 
 /// A facility's transitions as (status, seq). Not `since`: live, the stream time runs on
@@ -158,7 +173,7 @@ async fn another_identity_cannot_end_or_move_a_session() {
         "the attacker's facility goes ONLINE and OFFLINE: {:?}",
         reader.seen
     );
-    let seen = read_to_end(&c);
+    let seen = statuses(&c);
     assert_eq!(
         of(&seen, "FV"),
         vec![(Status::Online, 1)],
@@ -183,9 +198,160 @@ async fn another_identity_cannot_end_or_move_a_session() {
     assert!(reader.read_until(Duration::from_secs(60), |s| of(s, "FV").len() >= 2));
     terminate(&mut p.0);
     assert_eq!(
-        of(&read_to_end(&c), "FV"),
+        of(&statuses(&c), "FV"),
         vec![(Status::Online, 1), (Status::Offline, 2)],
         "the victim's own END closes the victim's session, at its facility"
+    );
+    delete_topics(&c).await;
+}
+
+/// The Parsing Canonical Form of `schemas/history/session_state/v1.avsc` (the specification
+/// drops `doc` and logical types), whose CRC-64-AVRO heads every v1 record.
+const SESSION_STATE_V1_PCF: &str = r#"{"name":"dev.presence.internal.SessionState","type":"record","fields":[{"name":"session_id","type":"string"},{"name":"facility_id","type":"string"},{"name":"region_id","type":"string"},{"name":"last_seen","type":"long"},{"name":"open_offset","type":"long"}]}"#;
+
+/// `state` as a processor from before session ownership wrote it: schema v1, no user id.
+fn v1_bytes(state: &SessionState) -> Vec<u8> {
+    let mut out = MARKER.to_vec();
+    out.extend_from_slice(&crc64_avro(SESSION_STATE_V1_PCF.as_bytes()).to_le_bytes());
+    write_str(&mut out, &state.session_id);
+    write_str(&mut out, &state.facility_id);
+    write_str(&mut out, &state.region_id);
+    write_long(&mut out, state.last_seen);
+    write_long(&mut out, state.open_offset);
+    out
+}
+
+/// The upgrade: the sessions changelog holds the victim's open session as the processor of
+/// before wrote it (schema v1, keyed by the session id alone). The new processor restores it
+/// with the victim as owner (found in the re-read heartbeats): another user's END does
+/// nothing, the victim's END closes it and tombstones the v1 record.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_v1_changelog_restores_with_its_owner() {
+    let _one = serial();
+    let c = setup(TIMEOUT_MS).await;
+    let changelog = c.topics.sessions_changelog();
+    let parts = c.topics.heartbeats_partitions;
+    let mut reader = StatusReader::new(&c);
+    let mut p = Processor(spawn_processor(&c, "a", &[]));
+    let session = format!("upgraded-session-{}", now_ms());
+    produce(
+        &c,
+        &[record(
+            "victim",
+            &session,
+            "FV",
+            HeartbeatKind::Beat,
+            now_ms(),
+        )],
+    )
+    .await;
+    assert!(reader.read_until(Duration::from_secs(60), |s| !of(s, "FV").is_empty()));
+    produce(
+        &c,
+        &[record(
+            "victim",
+            &session,
+            "FV",
+            HeartbeatKind::Beat,
+            now_ms(),
+        )],
+    )
+    .await;
+    terminate(&mut p.0);
+
+    // Rewrite the changelog as the old processor would have left it.
+    let owned = key_bytes(&session_key("victim", &session)).to_vec();
+    let legacy = key_bytes(&legacy_session_key(&session)).to_vec();
+    let (partition, state) = read_to_end(&c, &changelog, parts)
+        .into_iter()
+        .find_map(|(p, k, v)| {
+            let v = v.filter(|_| k.as_deref() == Some(&owned[..]))?;
+            Some((p, decode::<SessionState>(&v).expect("decodes")))
+        })
+        .expect("the victim's session in the changelog");
+    assert_eq!(state.user_id, "victim");
+    let old = v1_bytes(&state);
+    assert_eq!(
+        decode::<SessionState>(&old).expect("v1 decodes"),
+        SessionState {
+            user_id: String::new(),
+            ..state.clone()
+        }
+    );
+    let producer: FutureProducer =
+        presence_core::kafka::idempotent_producer_config(&c.kafka, "test")
+            .create()
+            .expect("producer");
+    for (key, value) in [(&owned, None), (&legacy, Some(&old))] {
+        let mut r = FutureRecord::<Vec<u8>, Vec<u8>>::to(&changelog)
+            .key(key)
+            .partition(partition);
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("changelog write");
+    }
+
+    let mut p = Processor(spawn_processor(&c, "a", &[]));
+    let t = now_ms();
+    produce(
+        &c,
+        &[
+            record("attacker", &session, "FV", HeartbeatKind::End, t),
+            record("attacker", &session, "FA", HeartbeatKind::Beat, t + 1),
+            record("attacker", &session, "FA", HeartbeatKind::End, t + 2),
+        ],
+    )
+    .await;
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| of(s, "FA").len() >= 2),
+        "the attacker's records are processed: {:?}",
+        reader.seen
+    );
+    assert_eq!(
+        of(&statuses(&c), "FV"),
+        vec![(Status::Online, 1)],
+        "the restored session survives another user's END"
+    );
+    produce(
+        &c,
+        &[record(
+            "victim",
+            &session,
+            "FV",
+            HeartbeatKind::End,
+            now_ms(),
+        )],
+    )
+    .await;
+    // Within far less than the timeout: the victim's END closed the restored session (had
+    // its owner not been found, only the timeout would).
+    assert!(
+        reader.read_until(Duration::from_secs(30), |s| of(s, "FV").len() >= 2),
+        "the victim's END closes the restored session: {:?}",
+        reader.seen
+    );
+    terminate(&mut p.0);
+    assert_eq!(
+        of(&statuses(&c), "FV"),
+        vec![(Status::Online, 1), (Status::Offline, 2)]
+    );
+    let mut compacted = std::collections::HashMap::new();
+    for (_, k, v) in read_to_end(&c, &changelog, parts) {
+        compacted.insert(k, v.is_some());
+    }
+    assert_eq!(
+        compacted.get(&Some(legacy.clone())),
+        Some(&false),
+        "the v1 record is tombstoned"
+    );
+    assert!(
+        compacted.values().all(|live| !live),
+        "no session left in the changelog: {compacted:?}"
     );
     delete_topics(&c).await;
 }
