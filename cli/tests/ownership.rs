@@ -1,6 +1,12 @@
 //! Sessions belong to their identity, against the real broker and the real processor: a
 //! producer with another user id that reuses a victim's session id can neither close nor
-//! move the victim's session; it gets a session (and transitions) of its own.
+//! move the victim's session; it gets a session (and transitions) of its own. Directly on
+//! Kafka, across an upgrade from the ownerless changelog, and through the gateway with
+//! tokens.
+
+// The serial() guard is held across awaits on purpose: it keeps heavy end-to-end tests from
+// running at once, and no task of the test waits for it.
+#![allow(clippy::await_holding_lock)]
 
 mod support;
 
@@ -353,5 +359,93 @@ async fn a_v1_changelog_restores_with_its_owner() {
         compacted.values().all(|live| !live),
         "no session left in the changelog: {compacted:?}"
     );
+    delete_topics(&c).await;
+}
+
+const SECRET: &str = "ownership-test-secret-ownership-test-secret";
+
+/// An HS256 token for `sub` at `facility` in region `r`, valid for five minutes. Claims as
+/// JSON, so the test does not depend on the gateway's claim type.
+fn token(sub: &str, facility: &str) -> String {
+    let claims = serde_json::json!({
+        "sub": sub,
+        "facility": facility,
+        "region": "r",
+        "exp": now_ms() / 1000 + 300,
+    });
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .expect("token")
+}
+
+async fn post(base: &str, token: &str, body: serde_json::Value) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/v1/heartbeats"))
+        .bearer_auth(token)
+        .json(&body)
+        .send()
+        .await
+        .expect("request")
+        .status()
+        .as_u16()
+}
+
+/// The issue's attack, through the gateway with `auth = "jwt"`: a token for facility FA
+/// posts END and BEAT with the session id of a user at FV. The gateway records them under
+/// the attacker's `sub` (a body claiming the victim's user id is refused), so the victim
+/// stays ONLINE with its seq unchanged and FA gets transitions of its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn through_the_gateway_a_token_cannot_end_another_users_session() {
+    let _one = serial();
+    let mut c = setup(TIMEOUT_MS).await;
+    c.gateway.auth = presence_core::config::AuthMode::Jwt;
+    c.gateway.jwt_secret = presence_core::Secret::new(SECRET);
+    let shutdown = presence_core::Shutdown::new();
+    let base = start_gateway(&c, &shutdown).await;
+    let mut reader = StatusReader::new(&c);
+    let mut p = Processor(spawn_processor(&c, "a", &[]));
+    let (victim, attacker) = (token("victim", "FV"), token("attacker", "FA"));
+    let session = format!("victim-session-{}", now_ms());
+    let beat = |kind: &str| serde_json::json!({"session_id": session, "kind": kind});
+    assert_eq!(post(&base, &victim, beat("BEAT")).await, 202);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !of(s, "FV").is_empty()),
+        "the victim's facility goes ONLINE"
+    );
+    let spoofed = serde_json::json!({
+        "session_id": session, "user_id": "victim", "facility_id": "FV", "region_id": "r", "kind": "END",
+    });
+    assert_eq!(
+        post(&base, &attacker, spoofed).await,
+        403,
+        "a body naming another user than the token's is refused"
+    );
+    for kind in ["END", "BEAT", "END"] {
+        assert_eq!(post(&base, &attacker, beat(kind)).await, 202);
+    }
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| of(s, "FA").len() >= 2),
+        "the attacker's own session opens and closes at FA: {:?}",
+        reader.seen
+    );
+    assert_eq!(
+        of(&statuses(&c), "FV"),
+        vec![(Status::Online, 1)],
+        "the victim stays ONLINE, seq unchanged"
+    );
+    assert_eq!(
+        of(&statuses(&c), "FA"),
+        vec![(Status::Online, 1), (Status::Offline, 2)]
+    );
+    assert_eq!(post(&base, &victim, beat("END")).await, 202);
+    assert!(
+        reader.read_until(Duration::from_secs(30), |s| of(s, "FV").len() >= 2),
+        "the victim's own END still closes the victim's session"
+    );
+    terminate(&mut p.0);
+    shutdown.trigger();
     delete_topics(&c).await;
 }
