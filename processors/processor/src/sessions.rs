@@ -1020,6 +1020,25 @@ mod tests {
     }
 
     #[test]
+    fn a_v1_session_is_refreshed_only_by_its_owners_beats() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let (k1, state) = v1_record("s", "f", 1_000, 10);
+        t.restore_session(k1, &state);
+        for b in [
+            WindowBeat::new(&beat_as("victim", "s", "f"), 1_000, 10),
+            WindowBeat::new(&beat_as("attacker", "s", "f"), 35_000, 11),
+            WindowBeat::new(&beat_as("victim", "s", "f"), 31_000, 12),
+        ] {
+            t.refresh(&b);
+        }
+        t.finish_restore();
+        assert_eq!(t.next_expiry(), Some(31_000 + T + 1));
+        let mut out = Collected::default();
+        assert_eq!(t.advance_to(31_000 + T + 1, &mut out), 1);
+        assert_eq!(out.deletes, vec![k1], "the v1 record is tombstoned");
+    }
+
+    #[test]
     fn a_v1_session_without_reread_beats_still_closes_at_its_deadline() {
         let mut t = SessionTask::new(0, T, 60_000);
         let (k1, state) = v1_record("s", "f", 1_000, 10);
