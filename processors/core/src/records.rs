@@ -469,6 +469,20 @@ mod tests {
         crate::codec::verify_history::<FacilityStatus>(&history_dir("facility_status")).unwrap();
     }
 
+    /// A `doc` is not part of a schema's identity (the Parsing Canonical Form drops it):
+    /// heartbeat.avsc documents the session-ownership rule on `user_id` with no new version,
+    /// and its records keep v1's fingerprint.
+    #[test]
+    fn a_doc_change_is_not_a_new_version() {
+        let v1 = Heartbeat::HISTORY[0];
+        assert_ne!(Heartbeat::SCHEMA, v1, "the docs differ");
+        assert!(Heartbeat::SCHEMA.contains("A session is the pair (user_id, session_id)"));
+        assert_eq!(
+            fingerprint_of(&Schema::parse_str(Heartbeat::SCHEMA).unwrap()),
+            fingerprint_of(&Schema::parse_str(v1).unwrap())
+        );
+    }
+
     /// A record written with every released version decodes with the current reader.
     #[test]
     fn every_released_version_still_decodes() {

@@ -4,7 +4,9 @@
 //! with [`oracle`].
 //!
 //! The oracle is deliberately naive: per session, its open intervals; per facility, the
-//! union of its sessions' intervals. It shares no code with the processor.
+//! union of its sessions' intervals. A session is the pair (user id, session id): a beat
+//! or END only ever touches the session its own user opened. It shares no code with the
+//! processor.
 
 use std::collections::{BTreeMap, HashMap};
 
@@ -33,6 +35,10 @@ pub struct SimConfig {
     pub end_probability: f64,
     /// The chance that a session moves to another facility halfway.
     pub move_probability: f64,
+    /// The chance that a session reuses the id of an earlier one under its own user id (a
+    /// client with a fixed id, or one replaying someone else's): a session of its own all
+    /// the same, which must never close or move the other.
+    pub reused_id_probability: f64,
 }
 
 impl SimConfig {
@@ -50,6 +56,7 @@ impl SimConfig {
             lifetime_ms: (5_000, 120_000),
             end_probability: 0.5,
             move_probability: 0.1,
+            reused_id_probability: 0.05,
         }
     }
 }
@@ -75,7 +82,12 @@ pub fn generate(c: &SimConfig) -> Vec<SimRecord> {
     let mut rng = StdRng::seed_from_u64(c.seed);
     let mut out = Vec::new();
     for s in 0..c.sessions {
-        let session_id = format!("sess-{}-{s:06}", c.seed);
+        let reused = if s > 0 && rng.gen_bool(c.reused_id_probability) {
+            rng.gen_range(0..s)
+        } else {
+            s
+        };
+        let session_id = format!("sess-{}-{reused:06}", c.seed);
         let user_id = format!("user-{:05}", rng.gen_range(0..c.sessions.max(1)));
         let mut facility = rng.gen_range(0..c.facilities.max(1));
         let start = c.start_ms + rng.gen_range(0..c.span_ms.max(1));
@@ -166,32 +178,34 @@ pub struct Expected {
 pub fn oracle(records: &[SimRecord], timeout_ms: i64) -> Vec<Expected> {
     // (at, +1/-1, facility, region)
     let mut events: Vec<(i64, i32, String, String)> = Vec::new();
-    let mut open: HashMap<&str, (&str, &str, i64)> = HashMap::new();
+    // (user id, session id) -> (facility, region, last beat)
+    let mut open: HashMap<(&str, &str), (&str, &str, i64)> = HashMap::new();
     for r in records {
         let h = &r.heartbeat;
-        if let Some(&(f, reg, last)) = open.get(h.session_id.as_str()) {
+        let session = (h.user_id.as_str(), h.session_id.as_str());
+        if let Some(&(f, reg, last)) = open.get(&session) {
             if last + timeout_ms < r.ts {
                 events.push((last + timeout_ms, -1, f.into(), reg.into()));
-                open.remove(h.session_id.as_str());
+                open.remove(&session);
             }
         }
-        match (open.get(h.session_id.as_str()).copied(), h.kind) {
+        match (open.get(&session).copied(), h.kind) {
             (None, HeartbeatKind::Beat) => {
                 events.push((r.ts, 1, h.facility_id.clone(), h.region_id.clone()));
-                open.insert(&h.session_id, (&h.facility_id, &h.region_id, r.ts));
+                open.insert(session, (&h.facility_id, &h.region_id, r.ts));
             }
             (None, HeartbeatKind::End) => {}
             (Some((f, reg, _)), HeartbeatKind::End) => {
                 events.push((r.ts, -1, f.into(), reg.into()));
-                open.remove(h.session_id.as_str());
+                open.remove(&session);
             }
             (Some((f, reg, _)), HeartbeatKind::Beat) if f != h.facility_id => {
                 events.push((r.ts, -1, f.into(), reg.into()));
                 events.push((r.ts, 1, h.facility_id.clone(), h.region_id.clone()));
-                open.insert(&h.session_id, (&h.facility_id, &h.region_id, r.ts));
+                open.insert(session, (&h.facility_id, &h.region_id, r.ts));
             }
             (Some((f, reg, _)), HeartbeatKind::Beat) => {
-                open.insert(&h.session_id, (f, reg, r.ts));
+                open.insert(session, (f, reg, r.ts));
             }
         }
     }
@@ -290,6 +304,50 @@ mod tests {
         let log = generate(&SimConfig::compressed(1, 200, 20, 1_000_000));
         assert!(log.windows(2).all(|w| w[0].ts < w[1].ts));
         assert!(log.iter().all(|r| r.ts % 10 == 0));
+    }
+
+    #[test]
+    fn generated_logs_reuse_some_session_ids_under_other_users() {
+        let log = generate(&SimConfig::compressed(3, 400, 20, 1_000_000));
+        let mut users: HashMap<&str, std::collections::HashSet<&str>> = HashMap::new();
+        for r in &log {
+            users
+                .entry(&r.heartbeat.session_id)
+                .or_default()
+                .insert(&r.heartbeat.user_id);
+        }
+        assert!(users.values().any(|u| u.len() > 1));
+    }
+
+    /// Another user's END or beat with a session id it did not open is a session of its own.
+    #[test]
+    fn oracle_keeps_sessions_with_their_owner() {
+        let b = |ts, u: &str, f: usize, kind| SimRecord {
+            ts,
+            heartbeat: beat("s", u, f, 2, kind),
+        };
+        let log = vec![
+            b(0, "victim", 1, HeartbeatKind::Beat),
+            b(1_000, "attacker", 1, HeartbeatKind::End),
+            b(2_000, "attacker", 2, HeartbeatKind::Beat),
+            b(3_000, "attacker", 2, HeartbeatKind::End),
+            b(4_000, "victim", 1, HeartbeatKind::Beat),
+        ];
+        let got: Vec<(String, i64, Status, i64)> = oracle(&log, 5_005)
+            .into_iter()
+            .map(|e| (e.facility_id, e.seq, e.status, e.since))
+            .collect();
+        let f1 = facility_id(1);
+        let f2 = facility_id(2);
+        assert_eq!(
+            got,
+            vec![
+                (f1.clone(), 1, Status::Online, 0),
+                (f1, 2, Status::Offline, 9_005),
+                (f2.clone(), 1, Status::Online, 2_000),
+                (f2, 2, Status::Offline, 3_000),
+            ]
+        );
     }
 
     #[test]

@@ -101,13 +101,7 @@ fn stage1_rate(work: &[(i64, Vec<u8>)]) -> f64 {
         let Ok(Some(h)) = HeartbeatRef::decode(bytes) else {
             panic!("bench data must decode")
         };
-        let b = Beat {
-            session_id: h.session_id,
-            facility_id: h.facility_id,
-            region_id: h.region_id,
-            kind: h.kind,
-        };
-        let _ = task.on_heartbeat(offset as i64, *ts, &b, wall, &mut sink);
+        let _ = task.on_heartbeat(offset as i64, *ts, &Beat::of(&h), wall, &mut sink);
     }
     let secs = started.elapsed().as_secs_f64();
     assert!(sink.events > 0 && task.open_sessions() > 0);
@@ -148,8 +142,10 @@ fn memory_per_session(n: usize) -> (f64, f64) {
         id.clear();
         let _ = write!(id, "6f1c2a0e-5b7d-4c8e-9a3f-{s:012}");
         let f = format!("facility-{:05}", s % FACILITIES);
+        let u = format!("user-{s:08}");
         let b = Beat {
             session_id: &id,
+            user_id: &u,
             facility_id: &f,
             region_id: "region-1",
             kind: HeartbeatKind::Beat,

@@ -103,12 +103,13 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
         let h = beat(s, s % facilities, HeartbeatKind::Beat);
         let state = SessionState {
             session_id: h.session_id.clone(),
+            user_id: h.user_id.clone(),
             facility_id: h.facility_id,
             region_id: h.region_id,
             last_seen: t0,
             open_offset: s as i64,
         };
-        let key = key_bytes(&session_key(&h.session_id));
+        let key = key_bytes(&session_key(&h.user_id, &h.session_id));
         let bytes = encode(&state);
         send(
             &p,

@@ -66,6 +66,8 @@ impl AvroRecord for SessionEvent {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionState {
     pub session_id: String,
+    /// The session's owner; empty in records of schema v1 (written before sessions had one).
+    pub user_id: String,
     pub facility_id: String,
     pub region_id: String,
     pub last_seen: i64,
@@ -75,9 +77,10 @@ pub struct SessionState {
 impl AvroRecord for SessionState {
     const NAME: &'static str = "SessionState";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!(
-        "../../../schemas/history/session_state/v1.avsc"
-    )];
+    const HISTORY: &'static [&'static str] = &[
+        include_str!("../../../schemas/history/session_state/v1.avsc"),
+        include_str!("../../../schemas/history/session_state/v2.avsc"),
+    ];
 
     presence_core::codec_cell!();
 
@@ -87,6 +90,7 @@ impl AvroRecord for SessionState {
         write_str(out, &self.region_id);
         write_long(out, self.last_seen);
         write_long(out, self.open_offset);
+        write_str(out, &self.user_id);
     }
 
     fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
@@ -96,6 +100,7 @@ impl AvroRecord for SessionState {
             region_id: r.read_string("region_id")?,
             last_seen: r.read_long("last_seen")?,
             open_offset: r.read_long("open_offset")?,
+            user_id: r.read_string("user_id")?,
         })
     }
 }
@@ -162,6 +167,41 @@ mod tests {
         verify_history::<FacilityState>(&history("facility_state")).unwrap();
     }
 
+    /// A changelog record written by schema v1 (before sessions had owners) still decodes,
+    /// with an empty user id, which restore reads as "owner not known yet".
+    #[test]
+    fn a_v1_session_state_decodes_without_an_owner() {
+        use apache_avro::types::Value;
+        let v1 = apache_avro::Schema::parse_str(SessionState::HISTORY[0]).unwrap();
+        let value = Value::Record(vec![
+            ("session_id".into(), Value::String("s".into())),
+            ("facility_id".into(), Value::String("f".into())),
+            ("region_id".into(), Value::String("r".into())),
+            ("last_seen".into(), Value::TimestampMillis(7)),
+            ("open_offset".into(), Value::Long(42)),
+        ]);
+        let mut bytes = presence_core::codec::MARKER.to_vec();
+        bytes.extend_from_slice(&presence_core::codec::fingerprint_of(&v1).to_le_bytes());
+        bytes.extend(apache_avro::to_avro_datum(&v1, value).unwrap());
+        let s = decode::<SessionState>(&bytes).unwrap();
+        assert_eq!(
+            s,
+            SessionState {
+                session_id: "s".into(),
+                user_id: String::new(),
+                facility_id: "f".into(),
+                region_id: "r".into(),
+                last_seen: 7,
+                open_offset: 42,
+            }
+        );
+        assert_ne!(
+            bytes[2..10],
+            encode(&s)[2..10],
+            "v1 and v2 differ on the wire"
+        );
+    }
+
     #[test]
     fn internal_records_round_trip() {
         let e = SessionEvent {
@@ -175,6 +215,7 @@ mod tests {
         assert_eq!(decode::<SessionEvent>(&encode(&e)).unwrap(), e);
         let s = SessionState {
             session_id: "s".into(),
+            user_id: "u".into(),
             facility_id: "f".into(),
             region_id: "r".into(),
             last_seen: 7,

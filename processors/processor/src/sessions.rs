@@ -7,22 +7,54 @@
 //! stream time passes `last_seen + timeout`, so a replayed backlog expires exactly what the
 //! log says and never a session that kept beating.
 //!
+//! Ownership: a session is the pair (user id, session id). A beat or END with another
+//! user id that reuses a session id is a different session, with its own open and close at
+//! the facility it names; it never extends, moves or closes the first one. The user id is
+//! the identity the gateway vouches for (the token's subject), or the producer's own.
+//!
 //! Memory: sessions live in a slab of 40-byte slots, found through a `HashTable<u32>` (5
-//! bytes a bucket) keyed by a 128-bit hash of the session id, and linked in a list ordered
-//! by `last_seen`: the head is always the next to expire, so expiry never scans, and a beat
-//! moves its session to the tail in O(1) (a late beat walks back a few slots).
+//! bytes a bucket) keyed by a 128-bit hash of (user id, session id), and linked in a list
+//! ordered by `last_seen`: the head is always the next to expire, so expiry never scans, and
+//! a beat moves its session to the tail in O(1) (a late beat walks back a few slots).
 
 use hashbrown::{HashMap, HashTable};
-use presence_core::records::HeartbeatKind;
+use presence_core::codec::MAX_ID_BYTES;
+use presence_core::records::{HeartbeatKind, HeartbeatRef};
 
 use crate::records::{SessionEvent, SessionEventKind, SessionState};
 
-/// A session id's 128-bit hash: the in-memory and changelog key. Collisions are as likely
-/// as two random UUIDs being equal.
+/// A session's 128-bit hash over (user id, session id): the in-memory and changelog key.
+/// Collisions are as likely as two random UUIDs being equal.
 pub type SessionKey = [u64; 2];
 
-pub fn session_key(session_id: &str) -> SessionKey {
-    let h = xxhash_rust::xxh3::xxh3_128(session_id.as_bytes());
+/// The key of the session `session_id` opened by `user_id`. The hashed bytes are the user
+/// id's length (4 bytes, little-endian), the user id, then the session id, so no two pairs
+/// hash the same bytes (`("ab", "c")` and `("a", "bc")` differ).
+pub fn session_key(user_id: &str, session_id: &str) -> SessionKey {
+    let (u, s) = (user_id.as_bytes(), session_id.as_bytes());
+    let len = 4 + u.len() + s.len();
+    let mut stack = [0u8; 4 + 2 * MAX_ID_BYTES];
+    let mut heap = Vec::new();
+    // Validated ids fit on the stack; anything longer still hashes, through the heap.
+    let buf: &mut [u8] = if len <= stack.len() {
+        &mut stack[..len]
+    } else {
+        heap.resize(len, 0);
+        &mut heap
+    };
+    buf[..4].copy_from_slice(&(u.len() as u32).to_le_bytes());
+    buf[4..4 + u.len()].copy_from_slice(u);
+    buf[4 + u.len()..].copy_from_slice(s);
+    split(xxhash_rust::xxh3::xxh3_128(buf))
+}
+
+/// The key schema v1 of the changelog used: the session id's hash alone, without the user.
+/// Only restore reads it, to take over records written before sessions had owners.
+pub fn legacy_session_key(session_id: &str) -> SessionKey {
+    split(xxhash_rust::xxh3::xxh3_128(session_id.as_bytes()))
+}
+
+fn split(h: u128) -> SessionKey {
     [h as u64, (h >> 64) as u64]
 }
 
@@ -61,9 +93,23 @@ pub trait SessionOutput {
 #[derive(Debug, Clone, Copy)]
 pub struct Beat<'a> {
     pub session_id: &'a str,
+    /// The identity that owns the session: it is part of the session's key.
+    pub user_id: &'a str,
     pub facility_id: &'a str,
     pub region_id: &'a str,
     pub kind: HeartbeatKind,
+}
+
+impl<'a> Beat<'a> {
+    pub fn of(h: &HeartbeatRef<'a>) -> Beat<'a> {
+        Beat {
+            session_id: h.session_id,
+            user_id: h.user_id,
+            facility_id: h.facility_id,
+            region_id: h.region_id,
+            kind: h.kind,
+        }
+    }
 }
 
 /// What a record did, for metrics.
@@ -73,7 +119,7 @@ pub enum Applied {
     Extended,
     Moved,
     Closed,
-    /// END for a session that is not open, or older than its last beat.
+    /// END for a session that is not open (by this user), or older than its last beat.
     IgnoredEnd,
     /// A beat already older than the timeout when it arrived, or older than the session's
     /// last beat while naming another facility.
@@ -116,6 +162,34 @@ pub struct SessionTask {
     /// While restoring: each slot's open offset (from the changelog), so that the re-read
     /// beats apply only after it. Empty otherwise.
     restore_offsets: Vec<i64>,
+    /// Sessions restored from a changelog record of schema v1 (keyed by the session id
+    /// alone, no user id): slot → that record's key. While restoring, a slot still keyed by
+    /// it has no known owner yet; afterwards only the sessions whose owner was found stay
+    /// here, so that closing or moving them tombstones the old record. Empty once they close.
+    legacy: HashMap<u32, SessionKey>,
+}
+
+/// A beat re-read from the heartbeats during restore, reduced to what refreshing a
+/// last-seen (and finding the owner of a v1 changelog record) needs.
+#[derive(Debug, Clone, Copy)]
+pub struct WindowBeat {
+    pub key: SessionKey,
+    pub legacy_key: SessionKey,
+    pub facility: u64,
+    pub ts: i64,
+    pub offset: i64,
+}
+
+impl WindowBeat {
+    pub fn new(beat: &Beat<'_>, ts: i64, offset: i64) -> WindowBeat {
+        WindowBeat {
+            key: session_key(beat.user_id, beat.session_id),
+            legacy_key: legacy_session_key(beat.session_id),
+            facility: facility_hash(beat.facility_id),
+            ts,
+            offset,
+        }
+    }
 }
 
 impl SessionTask {
@@ -138,6 +212,7 @@ impl SessionTask {
             tail: NIL,
             open: 0,
             restore_offsets: Vec::new(),
+            legacy: HashMap::new(),
         }
     }
 
@@ -178,6 +253,7 @@ impl SessionTask {
                 .map(|(f, r)| f.len() + r.len() + 32)
                 .sum::<usize>()
             + self.facility_index.capacity() * 24
+            + self.legacy.capacity() * 25
     }
 
     /// Applies one heartbeat with record timestamp `ts` at `offset`. `wall_now` only bounds
@@ -202,12 +278,8 @@ impl SessionTask {
         }
         self.advance_to(ts, out);
         let at = self.stream_time;
-        let key = session_key(beat.session_id);
-        let found = self
-            .table
-            .find(key[0], |&i| self.slots[i as usize].key == key)
-            .copied();
-        let Some(i) = found else {
+        let key = session_key(beat.user_id, beat.session_id);
+        let Some(i) = self.find(key) else {
             if beat.kind == HeartbeatKind::End {
                 return Ok(Applied::IgnoredEnd);
             }
@@ -217,16 +289,16 @@ impl SessionTask {
             let facility = self.intern(beat.facility_id, beat.region_id);
             self.insert(key, facility, ts);
             self.emit(SessionEventKind::Opened, facility, at, out);
-            out.put_session(key, self.state_of(beat.session_id, facility, ts, offset));
+            out.put_session(key, self.state_of(beat, facility, ts, offset));
             return Ok(Applied::Opened);
         };
         let slot = self.slots[i as usize];
         match beat.kind {
             HeartbeatKind::End if ts < slot.last_seen => Ok(Applied::IgnoredEnd),
             HeartbeatKind::End => {
-                self.remove(i);
+                let changelog_key = self.remove(i);
                 self.emit(SessionEventKind::Closed, slot.facility, at, out);
-                out.delete_session(key);
+                out.delete_session(changelog_key);
                 Ok(Applied::Closed)
             }
             HeartbeatKind::Beat
@@ -246,7 +318,10 @@ impl SessionTask {
                 self.slots[i as usize].facility = facility;
                 self.touch(i, ts);
                 self.emit(SessionEventKind::Opened, facility, at, out);
-                out.put_session(key, self.state_of(beat.session_id, facility, ts, offset));
+                out.put_session(key, self.state_of(beat, facility, ts, offset));
+                if let Some(old) = self.take_legacy(i) {
+                    out.delete_session(old);
+                }
                 Ok(Applied::Moved)
             }
         }
@@ -266,9 +341,9 @@ impl SessionTask {
             if deadline >= t {
                 break;
             }
-            self.remove(self.head);
+            let changelog_key = self.remove(self.head);
             self.emit(SessionEventKind::Closed, slot.facility, deadline, out);
-            out.delete_session(slot.key);
+            out.delete_session(changelog_key);
             closed += 1;
         }
         closed
@@ -287,13 +362,11 @@ impl SessionTask {
     }
 
     /// Restore: a changelog record (the session opened or moved), applied in log order.
+    /// A record of schema v1 (no user id; `key` is [`legacy_session_key`]) restores a
+    /// session whose owner is not known yet: [`Self::refresh`] finds it in the re-read beats.
     pub fn restore_session(&mut self, key: SessionKey, state: &SessionState) {
         let facility = self.intern(&state.facility_id, &state.region_id);
-        let i = match self
-            .table
-            .find(key[0], |&i| self.slots[i as usize].key == key)
-            .copied()
-        {
+        let i = match self.find(key) {
             Some(i) => {
                 self.slots[i as usize].facility = facility;
                 self.touch(i, state.last_seen);
@@ -301,6 +374,9 @@ impl SessionTask {
             }
             None => self.insert(key, facility, state.last_seen),
         };
+        if state.user_id.is_empty() {
+            self.legacy.insert(i, key);
+        }
         let i = i as usize;
         if self.restore_offsets.len() <= i {
             self.restore_offsets.resize(i + 1, i64::MAX);
@@ -308,70 +384,101 @@ impl SessionTask {
         self.restore_offsets[i] = state.open_offset;
     }
 
-    /// Restore is over: the open offsets are not needed any more.
+    /// Restore is over: the open offsets are not needed any more, and a v1 session whose
+    /// owner no re-read beat named stays keyed by its session id alone. No live beat matches
+    /// that key, so it closes at its deadline (its facility's count stays right) and its
+    /// owner's next beat opens a session of its own.
     pub fn finish_restore(&mut self) {
         self.restore_offsets = Vec::new();
+        let slots = &self.slots;
+        self.legacy.retain(|&i, old| slots[i as usize].key != *old);
     }
 
     /// Restore: a changelog tombstone (the session closed).
     pub fn restore_delete(&mut self, key: SessionKey) {
-        if let Some(i) = self
-            .table
-            .find(key[0], |&i| self.slots[i as usize].key == key)
-            .copied()
-        {
+        if let Some(i) = self.find(key) {
             self.remove(i);
         }
     }
 
-    /// Restore: a beat at `offset`, re-read from the heartbeats, raises its session's
-    /// last-seen exactly as it did when first processed: if it came after the session's open
-    /// (or move) and names the same facility.
-    pub fn refresh_last_seen(&mut self, key: SessionKey, facility_id: &str, ts: i64, offset: i64) {
-        self.refresh_last_seen_hashed(key, facility_hash(facility_id), ts, offset)
-    }
-
-    /// As [`Self::refresh_last_seen`], with the facility given by [`facility_hash`], so that
-    /// the beats can be read on another thread while the changelog restores.
-    pub fn refresh_last_seen_hashed(
-        &mut self,
-        key: SessionKey,
-        facility: u64,
-        ts: i64,
-        offset: i64,
-    ) {
-        let Some(i) = self
-            .table
-            .find(key[0], |&i| self.slots[i as usize].key == key)
-            .copied()
-        else {
+    /// Restore: a beat re-read from the heartbeats raises its session's last-seen exactly as
+    /// it did when first processed: if it came after the session's open (or move), from the
+    /// same user, and names the same facility. Apply in offset order.
+    ///
+    /// A session restored from a v1 record is given the owner of the first beat at or after
+    /// its open offset with its session id and facility: the beat that opened it when that
+    /// is still in the window, which every later beat of the session agrees with.
+    pub fn refresh(&mut self, b: &WindowBeat) {
+        let Some(i) = self.find(b.key).or_else(|| self.claim_legacy(b)) else {
             return;
         };
         if self
             .restore_offsets
             .get(i as usize)
-            .is_none_or(|&open| offset <= open)
+            .is_none_or(|&open| b.offset <= open)
         {
             return;
         }
         let slot = self.slots[i as usize];
-        if ts > slot.last_seen
-            && facility_hash(&self.facilities[slot.facility as usize].0) == facility
-        {
-            self.touch(i, ts);
+        if b.ts > slot.last_seen && self.facility_hash_of(slot.facility) == b.facility {
+            self.touch(i, b.ts);
         }
+    }
+
+    /// The v1 session `b` names, re-keyed to `b`'s owner, if it has none yet and `b` can be
+    /// its beat.
+    fn claim_legacy(&mut self, b: &WindowBeat) -> Option<u32> {
+        if self.legacy.is_empty() {
+            return None;
+        }
+        let i = self.find(b.legacy_key)?;
+        let open = *self.restore_offsets.get(i as usize)?;
+        let slot = self.slots[i as usize];
+        if !self.legacy.contains_key(&i)
+            || b.offset < open
+            || self.facility_hash_of(slot.facility) != b.facility
+        {
+            return None;
+        }
+        if let Ok(entry) = self.table.find_entry(slot.key[0], |&j| j == i) {
+            entry.remove();
+        }
+        self.slots[i as usize].key = b.key;
+        let slots = &self.slots;
+        self.table
+            .insert_unique(b.key[0], i, |&j| slots[j as usize].key[0]);
+        Some(i)
+    }
+
+    fn facility_hash_of(&self, facility: u32) -> u64 {
+        facility_hash(&self.facilities[facility as usize].0)
+    }
+
+    fn find(&self, key: SessionKey) -> Option<u32> {
+        self.table
+            .find(key[0], |&i| self.slots[i as usize].key == key)
+            .copied()
+    }
+
+    /// The changelog key of slot `i` when it is not the slot's own (a v1 record), removed.
+    fn take_legacy(&mut self, i: u32) -> Option<SessionKey> {
+        if self.legacy.is_empty() {
+            return None;
+        }
+        self.legacy.remove(&i)
     }
 
     fn state_of(
         &self,
-        session_id: &str,
+        beat: &Beat<'_>,
         facility: u32,
         last_seen: i64,
         open_offset: i64,
     ) -> SessionState {
         let (f, r) = &self.facilities[facility as usize];
         SessionState {
-            session_id: session_id.to_string(),
+            session_id: beat.session_id.to_string(),
+            user_id: beat.user_id.to_string(),
             facility_id: f.to_string(),
             region_id: r.to_string(),
             last_seen,
@@ -437,7 +544,8 @@ impl SessionTask {
         i
     }
 
-    fn remove(&mut self, i: u32) {
+    /// Frees slot `i`; returns the key of its changelog record (to tombstone).
+    fn remove(&mut self, i: u32) -> SessionKey {
         let key = self.slots[i as usize].key;
         if let Ok(entry) = self.table.find_entry(key[0], |&j| j == i) {
             entry.remove();
@@ -446,6 +554,7 @@ impl SessionTask {
         self.slots[i as usize].next = self.free;
         self.free = i;
         self.open -= 1;
+        self.take_legacy(i).unwrap_or(key)
     }
 
     fn touch(&mut self, i: u32, last_seen: i64) {
@@ -528,19 +637,24 @@ mod tests {
     const WALL: i64 = i64::MAX / 2;
 
     fn beat<'a>(s: &'a str, f: &'a str) -> Beat<'a> {
+        beat_as("u", s, f)
+    }
+    fn beat_as<'a>(u: &'a str, s: &'a str, f: &'a str) -> Beat<'a> {
         Beat {
             session_id: s,
+            user_id: u,
             facility_id: f,
             region_id: "r",
             kind: HeartbeatKind::Beat,
         }
     }
     fn end(s: &str) -> Beat<'_> {
+        end_as("u", s)
+    }
+    fn end_as<'a>(u: &'a str, s: &'a str) -> Beat<'a> {
         Beat {
-            session_id: s,
-            facility_id: "f",
-            region_id: "r",
             kind: HeartbeatKind::End,
+            ..beat_as(u, s, "f")
         }
     }
     fn kinds(c: &Collected) -> Vec<(SessionEventKind, String, i64)> {
@@ -590,7 +704,7 @@ mod tests {
         );
         assert_eq!(t.advance_to(500_000, &mut out), 1);
         assert_eq!(kinds(&out)[1], (Closed, "f".into(), 1_000 + T));
-        assert_eq!(out.deletes, vec![session_key("s")]);
+        assert_eq!(out.deletes, vec![session_key("u", "s")]);
         assert_eq!(t.next_expiry(), None);
     }
 
@@ -750,38 +864,253 @@ mod tests {
         let mut restored = SessionTask::new(0, T, 60_000);
         restored.restore_session(key, &state);
         restored.set_clock(live.stream_time(), live.next_seq());
-        restored.refresh_last_seen(key, "f", 45_000, 0); // the opening beat's offset or before: not after the open
-        restored.refresh_last_seen(key, "f", 31_000, 1);
-        restored.refresh_last_seen(key, "other", 40_000, 2); // another facility: not this session's beat
+        // The opening beat's offset or before: not after the open.
+        restored.refresh(&WindowBeat::new(&beat("s", "f"), 45_000, 0));
+        restored.refresh(&WindowBeat::new(&beat("s", "f"), 31_000, 1));
+        // Another facility, or another user: not this session's beat.
+        restored.refresh(&WindowBeat::new(&beat("s", "other"), 40_000, 2));
+        restored.refresh(&WindowBeat::new(&beat_as("v", "s", "f"), 40_000, 3));
         restored.finish_restore();
         assert_eq!(restored.next_expiry(), live.next_expiry());
     }
 
-    // A reference model: per session, its open interval; the state machine must close each
-    // session exactly where the model says, whatever the order of sessions.
+    #[test]
+    fn another_identity_can_neither_close_nor_move_a_session() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let mut out = Collected::default();
+        t.on_heartbeat(0, 1_000, &beat_as("victim", "s", "fV"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(
+            t.on_heartbeat(1, 2_000, &end_as("attacker", "s"), WALL, &mut out),
+            Ok(Applied::IgnoredEnd),
+            "END for a session the attacker never opened"
+        );
+        assert_eq!(
+            t.on_heartbeat(2, 3_000, &beat_as("attacker", "s", "fA"), WALL, &mut out),
+            Ok(Applied::Opened),
+            "a beat naming another facility opens the attacker's own session"
+        );
+        assert_eq!(
+            t.on_heartbeat(3, 4_000, &end_as("attacker", "s"), WALL, &mut out),
+            Ok(Applied::Closed),
+            "and the attacker's END closes only that one"
+        );
+        assert_eq!(
+            t.on_heartbeat(4, 5_000, &beat_as("victim", "s", "fV"), WALL, &mut out),
+            Ok(Applied::Extended),
+            "the victim's session is still open where it was"
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (Opened, "fV".into(), 1_000),
+                (Opened, "fA".into(), 3_000),
+                (Closed, "fA".into(), 4_000)
+            ]
+        );
+        assert_eq!(out.deletes, vec![session_key("attacker", "s")]);
+        t.advance_to(1_000_000, &mut out);
+        assert_eq!(
+            kinds(&out).last().unwrap(),
+            &(Closed, "fV".into(), 5_000 + T),
+            "the victim's session closes at its own deadline"
+        );
+        assert_eq!(out.puts[0].1.user_id, "victim");
+    }
+
+    #[test]
+    fn two_identities_with_one_session_id_are_two_sessions() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let mut out = Collected::default();
+        t.on_heartbeat(0, 1_000, &beat_as("a", "s", "f"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(
+            t.on_heartbeat(1, 2_000, &beat_as("b", "s", "f"), WALL, &mut out),
+            Ok(Applied::Opened)
+        );
+        assert_eq!(t.open_sessions(), 2);
+        assert_ne!(out.puts[0].0, out.puts[1].0, "two changelog keys");
+        assert_eq!(
+            t.on_heartbeat(2, 3_000, &end_as("a", "s"), WALL, &mut out),
+            Ok(Applied::Closed)
+        );
+        assert_eq!(t.open_sessions(), 1);
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (Opened, "f".into(), 1_000),
+                (Opened, "f".into(), 2_000),
+                (Closed, "f".into(), 3_000)
+            ],
+            "the facility counts both, and keeps b's after a's END"
+        );
+    }
+
+    #[test]
+    fn the_key_separates_user_from_session() {
+        assert_ne!(session_key("ab", "c"), session_key("a", "bc"));
+        assert_ne!(session_key("u", "s"), session_key("s", "u"));
+        assert_ne!(session_key("u", "s"), legacy_session_key("s"));
+        let long = "x".repeat(3 * MAX_ID_BYTES);
+        assert_ne!(session_key(&long, "s"), session_key("s", &long));
+    }
+
+    /// What a changelog of schema v1 held for a session: keyed by its id alone, no owner.
+    fn v1_record(s: &str, f: &str, last_seen: i64, open_offset: i64) -> (SessionKey, SessionState) {
+        let state = SessionState {
+            session_id: s.into(),
+            user_id: String::new(),
+            facility_id: f.into(),
+            region_id: "r".into(),
+            last_seen,
+            open_offset,
+        };
+        (legacy_session_key(s), state)
+    }
+
+    #[test]
+    fn a_v1_changelog_restores_with_owners_from_the_reread_beats() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let (k1, state) = v1_record("s", "f", 1_000, 10);
+        t.restore_session(k1, &state);
+        let (k2, other) = v1_record("moved", "g", 2_000, 11);
+        t.restore_session(k2, &other);
+        t.set_clock(40_000, 5);
+        // The window: the opening beat (its user owns the session), another user's beat
+        // with the same id (under v1 it extended the session; now it is not the owner's),
+        // and the owner's later beat.
+        for b in [
+            WindowBeat::new(&beat_as("victim", "s", "f"), 1_000, 10),
+            WindowBeat::new(&beat_as("mover", "moved", "g"), 2_000, 11),
+            WindowBeat::new(&beat_as("attacker", "s", "f"), 35_000, 12),
+            WindowBeat::new(&beat_as("victim", "s", "f"), 31_000, 13),
+        ] {
+            t.refresh(&b);
+        }
+        t.finish_restore();
+        assert_eq!(t.open_sessions(), 2);
+        assert_eq!(t.next_expiry(), Some(2_000 + T + 1));
+        let mut out = Collected::default();
+        assert_eq!(
+            t.on_heartbeat(14, 41_000, &end_as("attacker", "s"), WALL, &mut out),
+            Ok(Applied::IgnoredEnd)
+        );
+        assert_eq!(
+            t.on_heartbeat(15, 42_000, &beat_as("mover", "moved", "h"), WALL, &mut out),
+            Ok(Applied::Moved)
+        );
+        assert_eq!(
+            t.on_heartbeat(16, 43_000, &end_as("victim", "s"), WALL, &mut out),
+            Ok(Applied::Closed)
+        );
+        assert_eq!(
+            kinds(&out),
+            vec![
+                (Closed, "g".into(), 42_000),
+                (Opened, "h".into(), 42_000),
+                (Closed, "f".into(), 43_000)
+            ]
+        );
+        // The move rewrote the record under the new key and tombstoned the v1 one; the END
+        // tombstoned the v1 record the session was restored from.
+        assert_eq!(out.puts.len(), 1);
+        assert_eq!(out.puts[0].0, session_key("mover", "moved"));
+        assert_eq!(out.puts[0].1.user_id, "mover");
+        assert_eq!(out.deletes, vec![k2, k1]);
+    }
+
+    #[test]
+    fn a_v1_session_is_refreshed_only_by_its_owners_beats() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let (k1, state) = v1_record("s", "f", 1_000, 10);
+        t.restore_session(k1, &state);
+        for b in [
+            WindowBeat::new(&beat_as("victim", "s", "f"), 1_000, 10),
+            WindowBeat::new(&beat_as("attacker", "s", "f"), 35_000, 11),
+            WindowBeat::new(&beat_as("victim", "s", "f"), 31_000, 12),
+        ] {
+            t.refresh(&b);
+        }
+        t.finish_restore();
+        assert_eq!(t.next_expiry(), Some(31_000 + T + 1));
+        let mut out = Collected::default();
+        assert_eq!(t.advance_to(31_000 + T + 1, &mut out), 1);
+        assert_eq!(out.deletes, vec![k1], "the v1 record is tombstoned");
+    }
+
+    #[test]
+    fn a_v1_session_without_reread_beats_still_closes_at_its_deadline() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let (k1, state) = v1_record("s", "f", 1_000, 10);
+        t.restore_session(k1, &state);
+        // A beat before the open offset is an older session's: it names no owner.
+        t.refresh(&WindowBeat::new(&beat_as("u", "s", "f"), 900, 9));
+        t.finish_restore();
+        t.set_clock(2_000, 1);
+        let mut out = Collected::default();
+        assert_eq!(
+            t.on_heartbeat(11, 3_000, &beat_as("u", "s", "f"), WALL, &mut out),
+            Ok(Applied::Opened),
+            "no live beat matches a session without a known owner"
+        );
+        t.advance_to(1_000 + T + 1, &mut out);
+        assert_eq!(out.deletes, vec![k1]);
+        assert_eq!(t.open_sessions(), 1);
+        assert_eq!(
+            kinds(&out),
+            vec![(Opened, "f".into(), 3_000), (Closed, "f".into(), 1_000 + T)]
+        );
+    }
+
+    /// Stage-1 outputs in the order they were made, as the changelog would hold them.
+    #[derive(Default)]
+    struct Log {
+        events: Vec<SessionEvent>,
+        changelog: Vec<(SessionKey, Option<SessionState>)>,
+    }
+
+    impl SessionOutput for Log {
+        fn event(&mut self, event: SessionEvent) {
+            self.events.push(event);
+        }
+        fn put_session(&mut self, key: SessionKey, state: SessionState) {
+            self.changelog.push((key, Some(state)));
+        }
+        fn delete_session(&mut self, key: SessionKey) {
+            self.changelog.push((key, None));
+        }
+    }
+
+    // A reference model: per (user, session), its open interval; the state machine must
+    // close each session exactly where the model says, whatever the order of sessions, and
+    // its changelog must hold exactly the open sessions, under their owners' keys.
     proptest! {
         #[test]
-        fn matches_a_naive_model(beats in proptest::collection::vec((0u8..20, 0u8..3, 0u32..200, any::<bool>()), 1..300)) {
+        fn matches_a_naive_model(beats in proptest::collection::vec((0u8..3, 0u8..8, 0u8..3, 0u32..200, any::<bool>()), 1..300)) {
             let mut t = SessionTask::new(0, 10_000, 60_000);
-            let mut out = Collected::default();
-            // The naive model: session -> (facility, last_seen), scanning everything each step.
-            let mut model: std::collections::HashMap<u8, (u8, i64)> = Default::default();
+            let mut out = Log::default();
+            // The naive model: (user, session) -> (facility, last_seen), scanning everything each step.
+            let mut model: std::collections::HashMap<(u8, u8), (u8, i64)> = Default::default();
             let mut model_events = Vec::new();
             let mut now = 0i64;
-            for (i, (s, f, dt, is_end)) in beats.into_iter().enumerate() {
+            let mut window = Vec::new();
+            for (i, (u, s, f, dt, is_end)) in beats.into_iter().enumerate() {
                 now += dt as i64 * 100;
-                let mut expired: Vec<(i64, u8, u8)> = model.iter().filter(|(_, (_, ls))| ls + 10_000 < now).map(|(s, (f, ls))| (ls + 10_000, *f, *s)).collect();
+                let mut expired: Vec<(i64, u8, (u8, u8))> = model.iter().filter(|(_, (_, ls))| ls + 10_000 < now).map(|(k, (f, ls))| (ls + 10_000, *f, *k)).collect();
                 expired.sort();
-                for (at, f, s) in expired { model.remove(&s); model_events.push((Closed, f, at)); }
-                let sid = format!("s{s}");
-                let fid = format!("f{f}");
-                let b = Beat { session_id: &sid, facility_id: &fid, region_id: "r", kind: if is_end { HeartbeatKind::End } else { HeartbeatKind::Beat } };
+                for (at, f, k) in expired { model.remove(&k); model_events.push((Closed, f, at)); }
+                let (uid, sid, fid) = (format!("u{u}"), format!("s{s}"), format!("f{f}"));
+                let b = Beat { session_id: &sid, user_id: &uid, facility_id: &fid, region_id: "r", kind: if is_end { HeartbeatKind::End } else { HeartbeatKind::Beat } };
                 t.on_heartbeat(i as i64, now, &b, WALL, &mut out).unwrap();
-                match (model.get(&s).copied(), is_end) {
-                    (None, false) => { model.insert(s, (f, now)); model_events.push((Opened, f, now)); }
-                    (Some((of, _)), true) => { model.remove(&s); model_events.push((Closed, of, now)); }
-                    (Some((of, _)), false) if of != f => { model.insert(s, (f, now)); model_events.push((Closed, of, now)); model_events.push((Opened, f, now)); }
-                    (Some(_), false) => { model.insert(s, (f, now)); }
+                if !is_end {
+                    window.push(WindowBeat::new(&b, now, i as i64));
+                }
+                let k = (u, s);
+                match (model.get(&k).copied(), is_end) {
+                    (None, false) => { model.insert(k, (f, now)); model_events.push((Opened, f, now)); }
+                    (Some((of, _)), true) => { model.remove(&k); model_events.push((Closed, of, now)); }
+                    (Some((of, _)), false) if of != f => { model.insert(k, (f, now)); model_events.push((Closed, of, now)); model_events.push((Opened, f, now)); }
+                    (Some(_), false) => { model.insert(k, (f, now)); }
                     (None, true) => {}
                 }
             }
@@ -790,6 +1119,27 @@ mod tests {
             let norm = |mut v: Vec<(SessionEventKind, u8, i64)>| { v.sort_by_key(|(k, f, at)| (*at, *k as u8, *f)); v };
             prop_assert_eq!(norm(got), norm(model_events));
             prop_assert_eq!(t.open_sessions(), model.len());
+            // Restoring from that changelog and the re-read beats gives the same sessions.
+            let mut restored = SessionTask::new(0, 10_000, 60_000);
+            for (key, state) in &out.changelog {
+                match state {
+                    Some(s) => restored.restore_session(*key, s),
+                    None => restored.restore_delete(*key),
+                }
+            }
+            for b in &window { restored.refresh(b); }
+            restored.finish_restore();
+            prop_assert_eq!(restored.open_sessions(), t.open_sessions());
+            prop_assert_eq!(restored.next_expiry(), t.next_expiry());
+            let mut compacted: std::collections::HashMap<SessionKey, (String, String)> = Default::default();
+            for (key, state) in out.changelog {
+                match state {
+                    Some(s) => { compacted.insert(key, (s.user_id, s.facility_id)); }
+                    None => { compacted.remove(&key); }
+                }
+            }
+            let expected: std::collections::HashMap<SessionKey, (String, String)> = model.iter().map(|((u, s), (f, _))| (session_key(&format!("u{u}"), &format!("s{s}")), (format!("u{u}"), format!("f{f}")))).collect();
+            prop_assert_eq!(compacted, expected);
         }
     }
 }

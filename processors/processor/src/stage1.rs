@@ -14,8 +14,7 @@ use crate::records::{SessionEvent, SessionState};
 use crate::restore::{offset_for_time, read_partition};
 use crate::runner::{Committed, Out, RestoreIo, Stage};
 use crate::sessions::{
-    facility_hash, key_bytes, key_from_bytes, session_key, Applied, Beat, SessionKey,
-    SessionOutput, SessionTask,
+    key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
 
 #[derive(Clone, Copy)]
@@ -113,14 +112,6 @@ impl SessionsStage {
     }
 }
 
-/// A beat re-read for restore, reduced to what refreshing a last-seen needs.
-struct WindowBeat {
-    key: SessionKey,
-    facility: u64,
-    ts: i64,
-    offset: i64,
-}
-
 fn window_beat(m: &BorrowedMessage<'_>) -> Option<WindowBeat> {
     let ts = m.timestamp().to_millis()?;
     let payload = m.payload()?;
@@ -130,12 +121,7 @@ fn window_beat(m: &BorrowedMessage<'_>) -> Option<WindowBeat> {
     if beat.kind != HeartbeatKind::Beat || m.key() != Some(beat.session_id.as_bytes()) {
         return None;
     }
-    Some(WindowBeat {
-        key: session_key(beat.session_id),
-        facility: facility_hash(beat.facility_id),
-        ts,
-        offset: m.offset(),
-    })
+    Some(WindowBeat::new(&Beat::of(&beat), ts, m.offset()))
 }
 
 /// Turns stage-1 outputs into records of the open transaction.
@@ -267,7 +253,7 @@ impl Stage for SessionsStage {
             );
         }
         for b in &window_beats {
-            task.refresh_last_seen_hashed(b.key, b.facility, b.ts, b.offset);
+            task.refresh(b);
         }
         task.finish_restore();
         if let Some(c) = committed.and_then(|c| c.checkpoint) {
@@ -334,13 +320,7 @@ impl Stage for SessionsStage {
             out,
             expiry_delays: None,
         };
-        let b = Beat {
-            session_id: beat.session_id,
-            facility_id: beat.facility_id,
-            region_id: beat.region_id,
-            kind: beat.kind,
-        };
-        match task.on_heartbeat(m.offset(), ts, &b, now, &mut emitter) {
+        match task.on_heartbeat(m.offset(), ts, &Beat::of(&beat), now, &mut emitter) {
             Ok(applied) => {
                 self.events_pending |=
                     matches!(applied, Applied::Opened | Applied::Moved | Applied::Closed);
