@@ -353,7 +353,7 @@ async fn an_ingest_flood_from_one_identity_is_429_while_another_is_served() {
             http.post(url)
                 .bearer_auth(token(who, "north"))
                 .header("content-type", "application/json")
-                .body(json!({"session_id": format!("s-{who}-{i}"), "kind": if i % 2 == 0 { "BEAT" } else { "END" }}).to_string())
+                .body(json!({"session_id": format!("s-{who}-{i}"), "kind": if i.is_multiple_of(2) { "BEAT" } else { "END" }}).to_string())
                 .send()
                 .await
                 .expect("post")
