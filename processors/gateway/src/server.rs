@@ -7,7 +7,10 @@
 //! - an idle timeout: a connection with no bytes in either direction for that long is
 //!   closed gracefully, and dropped if it does not finish within another header timeout
 //!   (a client that stopped reading its stream);
-//! - a cap on open connections: beyond it a new connection is closed at once and counted.
+//! - a cap on open connections: beyond it a new connection is closed at once and counted;
+//! - on Linux, `TCP_USER_TIMEOUT` of two stream keep-alive intervals: a peer that vanished
+//!   without a word (no FIN, no RST) is noticed when a keep-alive comment goes unacknowledged,
+//!   instead of after the kernel's retransmissions (about 15 minutes).
 //!
 //! HTTP/1.1 only: browsers reach the gateway over HTTP/1.1 or through a proxy that
 //! terminates TLS and HTTP/2.
@@ -36,6 +39,8 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    /// Written data unacknowledged this long aborts the connection.
+    pub unacknowledged_timeout: Duration,
 }
 
 impl Limits {
@@ -44,6 +49,7 @@ impl Limits {
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
             max_connections: c.max_connections,
+            unacknowledged_timeout: c.stream_keep_alive * 2,
         }
     }
 }
@@ -101,6 +107,9 @@ async fn accept_loop(
             continue;
         };
         let _ = stream.set_nodelay(true);
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let _ = socket2::SockRef::from(&stream)
+            .set_tcp_user_timeout(Some(limits.unacknowledged_timeout));
         let (router, http, metrics, shutdown) = (
             router.clone(),
             Arc::clone(&http),
