@@ -274,12 +274,16 @@ pub struct GatewayConfig {
     /// port so that internals are not published with it. Default 127.0.0.1:9104.
     pub ops_listen: SocketAddr,
     /// A client must send a request's whole header within this, counted from when the
-    /// connection waits for a request; else the connection is closed (slowloris). Default 10 s.
+    /// connection opened or its previous response ended; else the connection is closed
+    /// (slowloris). So a keep-alive connection idle this long between requests is closed
+    /// too. Default 10 s.
     #[serde(with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// A keep-alive connection with no bytes in either direction for this long is closed.
-    /// Longer than `produce_timeout` and `stream_keep_alive`, so that neither a request
-    /// waiting for the broker nor a quiet stream counts as idle. Default 60 s.
+    /// A connection with no bytes moving in either direction for this long is closed, even
+    /// in the middle of a response: a stream whose client stopped reading (its socket
+    /// buffers full), a response that cannot be written. Longer than `produce_timeout` and
+    /// `stream_keep_alive`, so that neither a request waiting for the broker nor a quiet
+    /// stream counts as idle. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
     /// A request body must arrive whole within this (408 otherwise). Default 10 s.

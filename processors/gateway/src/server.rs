@@ -2,11 +2,13 @@
 //! connection forever by sending half a request; this accept loop serves each connection
 //! with hyper's HTTP/1 builder and the bounds from the `[gateway]` section:
 //!
-//! - a header-read timeout (hyper's timer starts when the connection waits for a request,
-//!   so it also bounds a connection that never sends one);
-//! - an idle timeout: a connection with no bytes in either direction for that long is
-//!   closed gracefully, and dropped if it does not finish within another header timeout
-//!   (a client that stopped reading its stream);
+//! - a header-read timeout (hyper's timer starts whenever the connection waits for a
+//!   request, so it also closes a connection that never sends one and a keep-alive
+//!   connection idle between requests);
+//! - an idle timeout for what the header timer does not see: a connection with no bytes in
+//!   either direction for that long, mid-response, is shut down gracefully and dropped if
+//!   it does not finish within another header timeout (a client that stopped reading its
+//!   stream);
 //! - a cap on open connections: beyond it a new connection is closed at once and counted;
 //! - on Linux, `TCP_USER_TIMEOUT` of two stream keep-alive intervals: a peer that vanished
 //!   without a word (no FIN, no RST) is noticed when a keep-alive comment goes unacknowledged,
