@@ -286,6 +286,10 @@ pub struct GatewayConfig {
     /// stream counts as idle. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Largest request line plus headers; a connection's read buffer never grows beyond
+    /// it, so `max_connections` of them bound the memory slow senders can pin. Browsers send
+    /// a few KiB. Default 64 KiB.
+    pub max_header_bytes: usize,
     /// A request body must arrive whole within this (408 otherwise). Default 10 s.
     #[serde(with = "humantime_serde")]
     pub body_read_timeout: Duration,
@@ -345,6 +349,7 @@ impl Default for GatewayConfig {
             ops_listen: ([127, 0, 0, 1], 9104).into(),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
             body_read_timeout: Duration::from_secs(10),
             max_connections: 20_000,
             stream_keep_alive: Duration::from_secs(15),
@@ -401,6 +406,12 @@ fn gateway_bounds_problems(g: &GatewayConfig, p: &mut Vec<String>) {
         p.push(format!(
             "gateway.history_max_range = {:?}: use at least 1m (default 31days)",
             g.history_max_range
+        ));
+    }
+    if !(8192..=1024 * 1024).contains(&g.max_header_bytes) {
+        p.push(format!(
+            "gateway.max_header_bytes = {}: use 8192 to 1048576 (default 65536)",
+            g.max_header_bytes
         ));
     }
     for (key, n, max) in [

@@ -9,6 +9,7 @@
 //!   either direction for that long, mid-response, is shut down gracefully and dropped if
 //!   it does not finish within another header timeout (a client that stopped reading its
 //!   stream);
+//! - a cap on a connection's read buffer (`max_header_bytes`): a larger header is refused;
 //! - a cap on open connections: beyond it a new connection is closed at once and counted;
 //! - on Linux, `TCP_USER_TIMEOUT` of two stream keep-alive intervals: a peer that vanished
 //!   without a word (no FIN, no RST) is noticed when a keep-alive comment goes unacknowledged,
@@ -41,6 +42,7 @@ pub struct Limits {
     pub header_read_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_connections: usize,
+    pub max_header_bytes: usize,
     /// Written data unacknowledged this long aborts the connection.
     pub unacknowledged_timeout: Duration,
 }
@@ -51,6 +53,7 @@ impl Limits {
             header_read_timeout: c.header_read_timeout,
             idle_timeout: c.idle_timeout,
             max_connections: c.max_connections,
+            max_header_bytes: c.max_header_bytes,
             unacknowledged_timeout: c.stream_keep_alive * 2,
         }
     }
@@ -88,7 +91,9 @@ async fn accept_loop(
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let mut http = hyper::server::conn::http1::Builder::new();
     http.timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+        .header_read_timeout(limits.header_read_timeout)
+        .max_header_size(limits.max_header_bytes)
+        .max_buf_size(limits.max_header_bytes);
     let http = Arc::new(http);
     loop {
         let (stream, _peer) = tokio::select! {

@@ -473,3 +473,43 @@ async fn metrics_and_readiness_are_not_on_the_public_port() {
         .unwrap_or_default()
         .contains("presence_gateway_"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_header_is_refused_while_a_large_body_still_passes() {
+    let mut config = isolated_config();
+    config.gateway.max_batch = 2000;
+    config.gateway.ingest_burst = 2000;
+    let g = Gateway::start(&config).await;
+    eventually("ready", Duration::from_secs(30), || async {
+        let r = g.http.get(format!("{}/readyz", g.ops)).send().await.ok()?;
+        r.status().is_success().then_some(())
+    })
+    .await;
+    // 100 KiB of cookie, over the 64 KiB default: refused, the connection closed.
+    let r = g
+        .http
+        .get(format!("{}/healthz", g.base))
+        .header("cookie", "c=".to_string() + &"x".repeat(100 * 1024))
+        .send()
+        .await;
+    assert!(
+        r.as_ref().map_or(true, |r| r.status().as_u16() == 431),
+        "a 100 KiB header: {:?}",
+        r.map(|r| r.status())
+    );
+    // A body far larger than the header cap (about 180 KiB) is read in chunks and accepted.
+    let beats: Vec<_> = (0..1800)
+        .map(|i| json!({"session_id": format!("big-{i:06}-padding-padding"), "user_id": format!("u-{i}"), "facility_id": "f-1", "region_id": "north"}))
+        .collect();
+    let body = serde_json::Value::Array(beats).to_string();
+    assert!(body.len() > 2 * 64 * 1024, "{}", body.len());
+    let r = g
+        .http
+        .post(format!("{}/v1/heartbeats", g.base))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status().as_u16(), 202);
+}
