@@ -513,3 +513,49 @@ async fn a_huge_header_is_refused_while_a_large_body_still_passes() {
         .expect("post");
     assert_eq!(r.status().as_u16(), 202);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_query_slower_than_the_statement_timeout_is_cancelled() {
+    let mut config = isolated_config();
+    config.gateway.history_statement_timeout = Duration::from_secs(1);
+    config.gateway.history_pool_size = 1;
+    // This test's schema, with the sink's table and an `online_seconds` that takes 30 s.
+    let schema = &config.database.schema;
+    let db = presence_core::delivery::connect_postgres(&config.database.url)
+        .await
+        .expect("postgres");
+    db.batch_execute(&format!(
+        "CREATE SCHEMA \"{schema}\";
+         CREATE TABLE \"{schema}\".facility_transitions (facility_id text, seq bigint, region_id text, status text, open_sessions integer, since timestamptz, emitted_at timestamptz);
+         CREATE FUNCTION \"{schema}\".online_seconds(text, timestamptz, timestamptz) RETURNS double precision
+           LANGUAGE sql AS 'SELECT 0::double precision FROM pg_sleep(30)';"
+    ))
+    .await
+    .expect("schema");
+    let g = Gateway::start(&config).await;
+    let ask = || {
+        let (http, url) = (
+            g.http.clone(),
+            format!("{}/v1/facilities/f-1/history", g.base),
+        );
+        async move {
+            let started = Instant::now();
+            let r = http.get(url).send().await.expect("history");
+            let status = r.status().as_u16();
+            let body: serde_json::Value = r.json().await.unwrap_or_default();
+            (status, body, started.elapsed())
+        }
+    };
+    // Two at once through a pool of one: the first is cancelled after 1 s, the second
+    // waits at most 1 s for the connection (then runs into the same timeout, or is refused).
+    let (first, second) = tokio::join!(ask(), ask());
+    for (status, body, took) in [first, second] {
+        assert_eq!(status, 503, "{body}");
+        assert_eq!(body["error"], "history_too_slow", "{body}");
+        assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    }
+    assert!(g.metric("presence_gateway_history_queries_total").await >= 1.0);
+    db.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .expect("drop schema");
+}
