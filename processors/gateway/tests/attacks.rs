@@ -559,3 +559,48 @@ async fn a_history_query_slower_than_the_statement_timeout_is_cancelled() {
         .await
         .expect("drop schema");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_beyond_the_cap_are_closed_at_once() {
+    let mut config = isolated_config();
+    config.gateway.max_connections = 5;
+    let g = Gateway::start(&config).await;
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        held.push(TcpStream::connect(g.addr).await.expect("connect"));
+    }
+    eventually("5 connections open", Duration::from_secs(10), || async {
+        (g.metric("presence_gateway_connections").await == 5.0).then_some(())
+    })
+    .await;
+    // The sixth is accepted and closed without an answer, and counted.
+    let mut sixth = TcpStream::connect(g.addr).await.expect("connect");
+    let _ = sixth
+        .write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await;
+    let closed = closed_within(sixth, Duration::from_secs(5)).await;
+    assert!(closed.is_some(), "a connection over the cap stays open");
+    assert_eq!(
+        g.metric("presence_gateway_connections_refused_total").await,
+        1.0
+    );
+    // One slot freed: a new connection is served again.
+    drop(held.pop());
+    eventually(
+        "a freed slot serves again",
+        Duration::from_secs(10),
+        || async {
+            let mut s = TcpStream::connect(g.addr).await.ok()?;
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+                .await
+                .ok()?;
+            let mut answer = Vec::new();
+            tokio::time::timeout(Duration::from_secs(2), s.read_to_end(&mut answer))
+                .await
+                .ok()?
+                .ok()?;
+            answer.starts_with(b"HTTP/1.1 200").then_some(())
+        },
+    )
+    .await;
+}
