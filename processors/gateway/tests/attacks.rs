@@ -604,3 +604,39 @@ async fn connections_beyond_the_cap_are_closed_at_once() {
     )
     .await;
 }
+
+/// The bounds must not cut an honest client: a quiet stream outlives the header and idle
+/// timeouts, kept alive by its comments.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_quiet_stream_outlives_the_header_and_idle_timeouts() {
+    let mut config = isolated_config();
+    config.gateway.header_read_timeout = Duration::from_secs(1);
+    config.gateway.produce_timeout = Duration::from_secs(1);
+    config.gateway.stream_keep_alive = Duration::from_secs(1);
+    config.gateway.idle_timeout = Duration::from_secs(2);
+    let mut g = Gateway::start(&config).await;
+    g.add_region("quiet").await;
+    let mut r = g
+        .http
+        .get(format!("{}/v1/regions/quiet/stream", g.base))
+        .send()
+        .await
+        .expect("stream");
+    assert_eq!(r.status().as_u16(), 200);
+    let until = Instant::now() + Duration::from_secs(5);
+    let mut text = String::new();
+    while Instant::now() < until {
+        match tokio::time::timeout(Duration::from_secs(3), r.chunk()).await {
+            Ok(Ok(Some(bytes))) => text.push_str(&String::from_utf8_lossy(&bytes)),
+            other => panic!("the stream ended or stalled: {other:?}; got {text:?}"),
+        }
+    }
+    assert!(text.contains("event: snapshot"), "{text}");
+    let comments = text.lines().filter(|l| l.starts_with(':')).count();
+    assert!(
+        comments >= 3,
+        "{comments} keep-alive comments in 5 s: {text:?}"
+    );
+    drop(r);
+    g.clean().await;
+}
