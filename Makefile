@@ -55,7 +55,7 @@ up: stack build
 	@echo "  live region stream  curl -N http://127.0.0.1:8080/v1/regions/region-0/stream"
 	@echo "  region channel      redis-cli PSUBSCRIBE 'presence:region:*'"
 	@echo "  database            psql postgres://presence:presence@127.0.0.1:5432/presence -c 'table presence.facility_status'"
-	@echo "  metrics             curl -s http://127.0.0.1:8080/metrics (gateway), :9101 (processor), :9102 (notifier), :9103 (sink)"
+	@echo "  metrics             curl -s http://127.0.0.1:9104/metrics (gateway), :9101 (processor), :9102 (notifier), :9103 (sink)"
 	@echo "  demo load           tail -f .run/loadgen.log   (50 facilities x 4 users, a beat every 30 s, through the gateway)"
 	@echo "  transitions         java -cp '$(PRESENCE_TEST_KAFKA_LIBS)/*' org.apache.kafka.tools.consumer.ConsoleConsumer --bootstrap-server 127.0.0.1:9092 --topic facility-status --from-beginning --property print.key=true --isolation-level read_committed"
 	@echo "  logs                .run/*.log; the stack's logs: make status"

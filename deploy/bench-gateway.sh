@@ -11,6 +11,7 @@ DURATION="${DURATION:-15}"
 RUNS="${RUNS:-3}"
 CONNECTIONS="${CONNECTIONS:-128}"
 PORT="${PORT:-18080}"
+OPS_PORT="${OPS_PORT:-18104}"
 if ! command -v wrk >/dev/null; then
   [[ $(id -u) -eq 0 ]] || { echo "wrk is not installed: sudo apt-get install wrk" >&2; exit 1; }
   echo "installing wrk (apt-get)"; apt-get install -y -qq wrk >/dev/null || { apt-get update -qq && apt-get install -y -qq wrk >/dev/null; }
@@ -18,13 +19,16 @@ fi
 ID="bench-gateway-$(date +%s)"
 export PRESENCE_TOPICS__HEARTBEATS="$ID-heartbeats" PRESENCE_TOPICS__FACILITY_STATUS="$ID-facility-status" \
   PRESENCE_TOPICS__DEAD_LETTERS="$ID-heartbeats.dlq" PRESENCE_TOPICS__INTERNAL_PREFIX="$ID.internal." \
-  PRESENCE_GATEWAY__LISTEN="127.0.0.1:$PORT" PRESENCE_REDIS__KEY_PREFIX="$ID" PRESENCE_TELEMETRY__LOG_FILTER=warn
+  PRESENCE_GATEWAY__LISTEN="127.0.0.1:$PORT" PRESENCE_GATEWAY__OPS_LISTEN="127.0.0.1:$OPS_PORT" \
+  PRESENCE_REDIS__KEY_PREFIX="$ID" PRESENCE_TELEMETRY__LOG_FILTER=warn
+# wrk sends as one user: lift the per-identity rate limit (it is still checked per request).
+export PRESENCE_GATEWAY__INGEST_PER_MINUTE=60000000 PRESENCE_GATEWAY__INGEST_BURST=1000000
 "$BIN" topics >/dev/null
 "$BIN" gateway >"/tmp/$ID.log" 2>&1 &
 GW=$!
 trap 'kill $GW 2>/dev/null; wait $GW 2>/dev/null || true' EXIT
-for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fs "http://127.0.0.1:$PORT/readyz" >/dev/null || { cat "/tmp/$ID.log" >&2; echo "gateway not ready" >&2; exit 1; }
+for _ in $(seq 1 100); do curl -fs "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+curl -fs "http://127.0.0.1:$OPS_PORT/readyz" >/dev/null || { cat "/tmp/$ID.log" >&2; echo "gateway not ready" >&2; exit 1; }
 
 SCRIPT_DIR=$(mktemp -d)
 # Each request a different session (so records spread over partitions), as browsers do.
@@ -70,4 +74,4 @@ run() { # name script
 echo "wrk -t1 -c$CONNECTIONS -d${DURATION}s against presence gateway (acks=all, 202 after the broker's ack), topic $PRESENCE_TOPICS__HEARTBEATS"
 run single single.lua
 run "batch(50)" batch.lua
-echo "accepted heartbeats: $(curl -s "http://127.0.0.1:$PORT/metrics" | awk '/^presence_gateway_heartbeats_accepted_total/ {print $2}')"
+echo "accepted heartbeats: $(curl -s "http://127.0.0.1:$OPS_PORT/metrics" | awk '/^presence_gateway_heartbeats_accepted_total/ {print $2}')"

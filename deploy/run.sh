@@ -9,9 +9,10 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 RUN="$ROOT/.run"
 BIN="${PRESENCE_BIN:-$ROOT/target/release/presence}"
-# name:ops-port ("-": no ops endpoint to wait for). The demo load is gentle: 50 facilities
-# of 4 users, a beat every 30 s each, sent through the gateway like browsers.
-DEFAULT_PROCESSES="processor:9101 notifier:9102 sink:9103 gateway:8080 loadgen:-"
+# name:ops-port ("-": no ops endpoint to wait for). The gateway's ops port (9104) is apart
+# from its public one (8080). The demo load is gentle: 50 facilities of 4 users, a beat
+# every 30 s each, sent through the gateway like browsers.
+DEFAULT_PROCESSES="processor:9101 notifier:9102 sink:9103 gateway:9104 loadgen:-"
 LOADGEN_ARGS="${PRESENCE_LOADGEN_ARGS:---target http://127.0.0.1:8080}"
 PROCESSES="${PRESENCE_PROCESSES:-$DEFAULT_PROCESSES}"
 

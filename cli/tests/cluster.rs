@@ -105,12 +105,7 @@ async fn broker_and_processor_kills_on_a_replicated_cluster_change_nothing() {
     c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS);
     presence_core::testkit::ensure_topics(&c).await;
 
-    let log = generate(&SimConfig::compressed(
-        21,
-        2_000,
-        100,
-        now_ms() - 3_600_000,
-    ));
+    let log = generate(&SimConfig::compressed(21, 2_000, 100, now_ms() - 3_600_000));
     let expected = oracle(&log, TIMEOUT_MS as i64);
     produce(&c, &log).await;
     let mut reader = StatusReader::new(&c);

@@ -277,8 +277,10 @@ pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) 
         .await
         .expect("gateway starts");
     let base = format!("http://{}", running.addr);
+    // Readiness is on the ops port, apart from the public one.
+    let ops = format!("http://{}", running.ops_addr);
     presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{base}/readyz"))
+        reqwest::get(format!("{ops}/readyz"))
             .await
             .ok()?
             .status()

@@ -263,8 +263,9 @@ impl Default for ProcessorConfig {
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct GatewayConfig {
-    /// The public HTTP port (heartbeats, streams, dashboard, and ops endpoints). Default
-    /// 127.0.0.1:8080.
+    /// The public HTTP port (heartbeats, streams, reads, dashboard, `/healthz`). Default
+    /// 127.0.0.1:8080. Anywhere but loopback it needs `auth` other than `none`, or
+    /// `allow_anonymous = true`.
     pub listen: SocketAddr,
     /// `none` (local use: ids come from the body) or `jwt` (tokens whose claims say who the
     /// caller is: HS256 with `jwt_secret`, or an identity provider's via `jwks_*` below).
@@ -327,6 +328,73 @@ pub struct GatewayConfig {
     /// start, which is right for one gateway; set the same value on gateways that share a
     /// load balancer, so a ticket from one opens a stream on another.
     pub ticket_secret: Secret,
+
+    // --- Exposure and resource bounds of the public listener (issue #10, item 5). What
+    // each defends: README, "Security". Checked in `gateway_bounds_problems`.
+    /// `auth = "none"` on a non-loopback `listen` is refused unless this is true: anyone who
+    /// can reach the port could then report presence for any facility and watch any region.
+    /// Default false.
+    pub allow_anonymous: bool,
+    /// Where `/metrics` and `/readyz` (and `/healthz`) are served, apart from the public
+    /// port so that internals are not published with it. Default 127.0.0.1:9104.
+    pub ops_listen: SocketAddr,
+    /// A client must send a request's whole header within this, counted from when the
+    /// connection opened or its previous response ended; else the connection is closed
+    /// (slowloris). So a keep-alive connection idle this long between requests is closed
+    /// too. Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// A connection with no bytes moving in either direction for this long is closed, even
+    /// in the middle of a response: a stream whose client stopped reading (its socket
+    /// buffers full), a response that cannot be written. Longer than `produce_timeout` and
+    /// `stream_keep_alive`, so that neither a request waiting for the broker nor a quiet
+    /// stream counts as idle. Default 60 s.
+    #[serde(with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// Largest request line plus headers; a connection's read buffer never grows beyond
+    /// it, so `max_connections` of them bound the memory slow senders can pin. Browsers send
+    /// a few KiB. Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// A request body must arrive whole within this (408 otherwise). Default 10 s.
+    #[serde(with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// Open TCP connections; more are closed at once and counted. Each costs a task and
+    /// buffers (a few KiB). Default 20000.
+    pub max_connections: usize,
+    /// A comment line sent on every quiet stream this often, so that a gone client is
+    /// noticed by a failing write within about two intervals and its stream freed.
+    /// Default 15 s.
+    #[serde(with = "humantime_serde")]
+    pub stream_keep_alive: Duration,
+    /// Open streams in total; beyond it 503 with Retry-After. Default 10000.
+    pub max_streams: usize,
+    /// Open streams per token subject; beyond it 429 with Retry-After. A dashboard opens one
+    /// per region it shows, a few tabs a few more. Not applied with `auth = "none"`, where
+    /// there is no identity. Default 16.
+    pub max_streams_per_identity: usize,
+    /// Heartbeats per minute one identity (the token's subject; with `auth = "none"`, the
+    /// body's user id) may send on average; beyond it 429 with Retry-After. A browser beats
+    /// twice a minute; a user with a dozen tabs stays far below. Default 120.
+    pub ingest_per_minute: u32,
+    /// Heartbeats one identity may send at once before `ingest_per_minute` applies (a batch, tabs
+    /// opened together, a reconnect). Default 30.
+    pub ingest_burst: u32,
+    /// Identities whose rate is tracked at once; an identity idle long enough to have a full
+    /// burst again is forgotten. Beyond it new identities get 503 (the table is full, memory
+    /// stays bounded). Default 200000.
+    pub ingest_identities: usize,
+    /// Widest `from`..`to` a history request may ask for; wider is a 400 naming `to`.
+    /// Default 31 days.
+    #[serde(with = "humantime_serde")]
+    pub history_max_range: Duration,
+    /// PostgreSQL cancels a history query running longer than this (`statement_timeout`),
+    /// so that one expensive range cannot hold a connection. Default 5 s.
+    #[serde(with = "humantime_serde")]
+    pub history_statement_timeout: Duration,
+    /// PostgreSQL connections for history reads; a request waits up to
+    /// `history_statement_timeout` for one, then 503. Default 4.
+    pub history_pool_size: usize,
+    // --- end of bounds
 }
 
 impl Default for GatewayConfig {
@@ -352,6 +420,99 @@ impl Default for GatewayConfig {
             jwt_max_lifetime: Duration::from_secs(24 * 3600),
             stream_ticket_ttl: Duration::from_secs(60),
             ticket_secret: Secret::default(),
+            // --- bounds
+            allow_anonymous: false,
+            ops_listen: ([127, 0, 0, 1], 9104).into(),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            body_read_timeout: Duration::from_secs(10),
+            max_connections: 20_000,
+            stream_keep_alive: Duration::from_secs(15),
+            max_streams: 10_000,
+            max_streams_per_identity: 16,
+            ingest_per_minute: 120,
+            ingest_burst: 30,
+            ingest_identities: 200_000,
+            history_max_range: Duration::from_secs(31 * 24 * 3600),
+            history_statement_timeout: Duration::from_secs(5),
+            history_pool_size: 4,
+            // --- end of bounds
+        }
+    }
+}
+
+/// The rules of the gateway's exposure and resource bounds.
+fn gateway_bounds_problems(g: &GatewayConfig, p: &mut Vec<String>) {
+    if g.auth == AuthMode::None && !g.listen.ip().is_loopback() && !g.allow_anonymous {
+        p.push(format!(
+            "gateway.listen = {} is not a loopback address and gateway.auth = \"none\": anyone who reaches it could report presence for any facility and watch every region. Set gateway.auth = \"jwt\" with gateway.jwt_secret, or listen on 127.0.0.1, or set gateway.allow_anonymous = true (PRESENCE_GATEWAY__ALLOW_ANONYMOUS=true) to accept that",
+            g.listen
+        ));
+    }
+    if g.ops_listen.port() != 0 && g.ops_listen == g.listen {
+        p.push(format!(
+            "gateway.ops_listen and gateway.listen are both {}: metrics and readiness need a port of their own (default 127.0.0.1:9104)",
+            g.listen
+        ));
+    }
+    for (key, d, min, max) in [
+        ("gateway.header_read_timeout", g.header_read_timeout, 1, 300),
+        ("gateway.idle_timeout", g.idle_timeout, 1, 3600),
+        ("gateway.body_read_timeout", g.body_read_timeout, 1, 300),
+        ("gateway.stream_keep_alive", g.stream_keep_alive, 1, 300),
+        (
+            "gateway.history_statement_timeout",
+            g.history_statement_timeout,
+            1,
+            600,
+        ),
+    ] {
+        if d < Duration::from_secs(min) || d > Duration::from_secs(max) {
+            p.push(format!("{key} = {d:?}: use {min}s to {max}s"));
+        }
+    }
+    if g.idle_timeout <= g.produce_timeout || g.idle_timeout <= g.stream_keep_alive {
+        p.push(format!(
+            "gateway.idle_timeout = {:?} must be longer than gateway.produce_timeout ({:?}) and gateway.stream_keep_alive ({:?}), or waiting requests and quiet streams are cut",
+            g.idle_timeout, g.produce_timeout, g.stream_keep_alive
+        ));
+    }
+    if g.history_max_range < Duration::from_secs(60) {
+        p.push(format!(
+            "gateway.history_max_range = {:?}: use at least 1m (default 31days)",
+            g.history_max_range
+        ));
+    }
+    if !(8192..=1024 * 1024).contains(&g.max_header_bytes) {
+        p.push(format!(
+            "gateway.max_header_bytes = {}: use 8192 to 1048576 (default 65536)",
+            g.max_header_bytes
+        ));
+    }
+    for (key, n, max) in [
+        ("gateway.max_connections", g.max_connections, 10_000_000),
+        ("gateway.max_streams", g.max_streams, 10_000_000),
+        (
+            "gateway.max_streams_per_identity",
+            g.max_streams_per_identity,
+            100_000,
+        ),
+        (
+            "gateway.ingest_identities",
+            g.ingest_identities,
+            100_000_000,
+        ),
+        ("gateway.history_pool_size", g.history_pool_size, 256),
+        ("gateway.ingest_burst", g.ingest_burst as usize, 1_000_000),
+        (
+            "gateway.ingest_per_minute",
+            g.ingest_per_minute as usize,
+            60_000_000,
+        ),
+    ] {
+        if n == 0 || n > max {
+            p.push(format!("{key} = {n}: use 1 to {max}"));
         }
     }
 }
@@ -612,6 +773,7 @@ impl Config {
         c.redis.key_prefix = id.to_string();
         for addr in [
             &mut c.gateway.listen,
+            &mut c.gateway.ops_listen,
             &mut c.processor.ops_listen,
             &mut c.notifier.ops_listen,
             &mut c.sink.ops_listen,
@@ -849,6 +1011,7 @@ impl Config {
         let mut ports: BTreeMap<SocketAddr, &str> = BTreeMap::new();
         for (key, addr) in [
             ("gateway.listen", self.gateway.listen),
+            ("gateway.ops_listen", self.gateway.ops_listen),
             ("processor.ops_listen", pr.ops_listen),
             ("notifier.ops_listen", self.notifier.ops_listen),
             ("sink.ops_listen", self.sink.ops_listen),
@@ -901,6 +1064,7 @@ impl Config {
                 g.produce_timeout
             ));
         }
+        gateway_bounds_problems(g, &mut p);
         let prefix = &self.redis.key_prefix;
         if prefix.is_empty()
             || !prefix
@@ -1157,6 +1321,52 @@ mod tests {
         .is_empty());
         let p = problems_of(&[("PRESENCE_GATEWAY__AUTH", "jwt")]);
         assert!(p.iter().any(|e| e.contains("needs a key")), "{p:?}");
+    }
+
+    #[test]
+    fn an_anonymous_gateway_off_loopback_is_refused_unless_allowed() {
+        let p = problems_of(&[("PRESENCE_GATEWAY__LISTEN", "0.0.0.0:8080")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(
+            p[0].contains("gateway.allow_anonymous = true") && p[0].contains("0.0.0.0:8080"),
+            "{p:?}"
+        );
+        assert!(problems_of(&[
+            ("PRESENCE_GATEWAY__LISTEN", "0.0.0.0:8080"),
+            ("PRESENCE_GATEWAY__ALLOW_ANONYMOUS", "true"),
+        ])
+        .is_empty());
+        assert!(problems_of(&[
+            ("PRESENCE_GATEWAY__LISTEN", "[::]:8080"),
+            ("PRESENCE_GATEWAY__AUTH", "jwt"),
+            (
+                "PRESENCE_GATEWAY__JWT_SECRET",
+                "0123456789abcdef0123456789abcdef"
+            ),
+        ])
+        .is_empty());
+        assert!(problems_of(&[("PRESENCE_GATEWAY__LISTEN", "[::1]:8080")]).is_empty());
+    }
+
+    #[test]
+    fn gateway_bounds_are_checked() {
+        let p = problems_of(&[
+            ("PRESENCE_GATEWAY__OPS_LISTEN", "127.0.0.1:8080"),
+            ("PRESENCE_GATEWAY__MAX_STREAMS", "0"),
+            ("PRESENCE_GATEWAY__IDLE_TIMEOUT", "3s"),
+            ("PRESENCE_GATEWAY__HISTORY_MAX_RANGE", "1s"),
+        ]);
+        assert!(p.iter().any(|e| e.contains("port of their own")), "{p:?}");
+        assert!(
+            p.iter().any(|e| e.contains("gateway.max_streams = 0")),
+            "{p:?}"
+        );
+        assert!(
+            p.iter()
+                .any(|e| e.contains("idle_timeout") && e.contains("produce_timeout")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|e| e.contains("history_max_range")), "{p:?}");
     }
 
     #[test]

@@ -10,15 +10,18 @@
 //! | `GET /v1/facilities/{id}` | one facility's newest transition |
 //! | `GET /v1/facilities/{id}/history?from=&to=` | transitions in a range, and seconds online |
 //! | `GET /` | the dashboard |
+//! | `GET /healthz` | the process is alive (`/metrics` and `/readyz` are on `gateway.ops_listen`) |
 //!
 //! Every error is JSON: `{"error": code, "message": ..., "field"?: ..., "rule"?: ...}`.
+//! Refusals by a bound carry `Retry-After`: 429 for one caller over its share (ingest rate,
+//! streams per identity), 503 for the gateway as a whole (total streams, a dependency).
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::UNIX_EPOCH;
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, RawQuery, State};
+use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,6 +34,7 @@ use tower_http::cors::{AllowOrigin, CorsLayer};
 use crate::auth::{bearer, now_secs, AuthError, Claims, Grant, Verifier};
 use crate::history::{HistoryError, HistoryReader};
 use crate::ingest::{parse, Rejection};
+use crate::limits::{Limited, NoSlot, RateLimiter, StreamSlots};
 use crate::metrics::Metrics;
 use crate::publish::Publisher;
 use crate::store::Store;
@@ -38,6 +42,8 @@ use crate::stream::Hub;
 
 /// Seconds a client should wait before retrying a 503.
 const RETRY_AFTER_SECONDS: &str = "1";
+/// Seconds a client over its stream cap should wait: until one of its streams has closed.
+const STREAM_RETRY_AFTER_SECONDS: &str = "10";
 
 #[derive(Clone)]
 pub struct App(Arc<Inner>);
@@ -52,6 +58,10 @@ struct Inner {
     metrics: Metrics,
     /// The hot path's counter, resolved once.
     accepted: prometheus::IntCounter,
+    limiter: RateLimiter,
+    slots: StreamSlots,
+    body_read_timeout: Duration,
+    history_max_range: Duration,
 }
 
 impl App {
@@ -74,6 +84,17 @@ impl App {
                 .requests
                 .with_label_values(&["heartbeats", "accepted"]),
             metrics,
+            limiter: RateLimiter::new(
+                config.gateway.ingest_per_minute,
+                config.gateway.ingest_burst,
+                config.gateway.ingest_identities,
+            ),
+            slots: StreamSlots::new(
+                config.gateway.max_streams,
+                config.gateway.max_streams_per_identity,
+            ),
+            body_read_timeout: config.gateway.body_read_timeout,
+            history_max_range: config.gateway.history_max_range,
         })))
     }
 
@@ -106,17 +127,18 @@ impl App {
         }
     }
 
+    /// The caller's claims if they grant `region`; `Ok(None)` when tokens are off.
     async fn authorize_region(
         &self,
         headers: &HeaderMap,
         query: Option<&str>,
         region: &str,
-    ) -> Result<(), AuthError> {
+    ) -> Result<Option<Claims>, AuthError> {
         match self.authenticate(headers, query, false).await? {
             Some(c) if !c.grants_region(region) => {
                 Err(AuthError::RegionNotGranted(region.to_string()))
             }
-            _ => Ok(()),
+            c => Ok(c),
         }
     }
 
@@ -147,6 +169,27 @@ impl App {
             None => Ok(None),
         }
     }
+
+    /// Charges each identity its heartbeats: the token's subject, or, without tokens, each
+    /// beat's user id.
+    fn admit(
+        &self,
+        beats: &[presence_core::records::Heartbeat],
+        claims: Option<&Claims>,
+    ) -> Result<(), Limited> {
+        let mut costs: BTreeMap<&str, u32> = BTreeMap::new();
+        for b in beats {
+            let who = claims.map_or(b.user_id.as_str(), |c| c.sub.as_str());
+            *costs.entry(who).or_insert(0) += 1;
+        }
+        let costs: Vec<(&str, u32)> = costs.into_iter().collect();
+        let result = self.0.limiter.admit(&costs, Instant::now());
+        self.0
+            .metrics
+            .rate_identities
+            .set(self.0.limiter.tracked() as i64);
+        result
+    }
 }
 
 pub fn router(app: App, config: &GatewayConfig) -> Router {
@@ -171,6 +214,7 @@ pub fn router(app: App, config: &GatewayConfig) -> Router {
         .route("/v1/facilities/{id}", get(get_facility))
         .route("/v1/facilities/{id}/history", get(get_history))
         .route("/", get(|| async { Html(DASHBOARD) }))
+        .route("/healthz", get(|| async { "ok\n" }))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(app);
     match cors(config) {
@@ -231,12 +275,46 @@ fn auth_problem(e: &AuthError) -> Response {
 }
 
 fn unavailable(code: &str, message: &str) -> Response {
-    let mut r = problem(StatusCode::SERVICE_UNAVAILABLE, code, message);
-    r.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from_static(RETRY_AFTER_SECONDS),
-    );
+    with_retry_after(
+        problem(StatusCode::SERVICE_UNAVAILABLE, code, message),
+        RETRY_AFTER_SECONDS,
+    )
+}
+
+fn with_retry_after(mut r: Response, seconds: &str) -> Response {
+    if let Ok(v) = HeaderValue::from_str(seconds) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
     r
+}
+
+/// 429 or 503 for a request the ingest rate limit refused.
+fn rate_limited(e: &Limited) -> Response {
+    match e {
+        Limited::Rate { retry_after } => {
+            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
+            with_retry_after(
+                problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "rate_limited",
+                    &format!("this identity sends heartbeats faster than gateway.ingest_per_minute allows; retry in {seconds} s"),
+                ),
+                &seconds.to_string(),
+            )
+        }
+        Limited::TooBig { cost, burst } => with_retry_after(
+            problem(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limited",
+                &format!("this request holds {cost} heartbeats of one identity; at most {burst} (gateway.ingest_burst) pass at once: split it"),
+            ),
+            "60",
+        ),
+        Limited::Full => unavailable(
+            "rate_table_full",
+            "the gateway tracks as many identities as gateway.ingest_identities allows; retry later",
+        ),
+    }
 }
 
 /// JSON, or the `text/plain` that `navigator.sendBeacon` sends for a string body.
@@ -256,14 +334,11 @@ fn acceptable_content_type(headers: &HeaderMap) -> bool {
     essence == "application/json" || essence == "text/plain"
 }
 
-async fn post_heartbeats(
-    State(app): State<App>,
-    headers: HeaderMap,
-    RawQuery(query): RawQuery,
-    body: Result<Bytes, BytesRejection>,
-) -> Response {
+async fn post_heartbeats(State(app): State<App>, request: Request) -> Response {
     const ROUTE: &str = "heartbeats";
     let received = now_ms();
+    let headers = request.headers().clone();
+    let query = request.uri().query().map(str::to_string);
     if !acceptable_content_type(&headers) {
         app.count(ROUTE, "unsupported_media_type");
         return problem(
@@ -272,6 +347,24 @@ async fn post_heartbeats(
             "send Content-Type: application/json (or text/plain, as navigator.sendBeacon does)",
         );
     }
+    // The body within gateway.body_read_timeout: a client that sends it byte by byte does
+    // not hold the request open.
+    let body = match tokio::time::timeout(
+        app.0.body_read_timeout,
+        Bytes::from_request(request, &()),
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(_) => {
+            app.count(ROUTE, "body_timeout");
+            return problem(
+                StatusCode::REQUEST_TIMEOUT,
+                "body_timeout",
+                "the body did not arrive within gateway.body_read_timeout: send it whole",
+            );
+        }
+    };
     let body = match body {
         Ok(b) => b,
         Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
@@ -317,6 +410,20 @@ async fn post_heartbeats(
             return problem(StatusCode::BAD_REQUEST, "malformed_json", &e.to_string());
         }
     };
+    if let Err(e) = app.admit(&beats, claims.as_ref()) {
+        let reason = match e {
+            Limited::Rate { .. } => "rate",
+            Limited::TooBig { .. } => "batch",
+            Limited::Full => "full",
+        };
+        app.0
+            .metrics
+            .rate_limited
+            .with_label_values(&[reason])
+            .inc();
+        app.count(ROUTE, "rate_limited");
+        return rate_limited(&e);
+    }
     match app.0.publisher.publish(&beats, received).await {
         Ok(()) => {
             app.0.accepted.inc();
@@ -389,12 +496,66 @@ async fn get_stream(
             return auth_problem(&e);
         }
     };
+    // Only regions the notifier has seen: a made-up name costs nothing.
+    match app.0.store.region_exists(&region).await {
+        Ok(true) => {}
+        Ok(false) => {
+            app.count("stream", "unknown_region");
+            return problem(
+                StatusCode::NOT_FOUND,
+                "unknown_region",
+                &format!("no transition of region '{region}' has been seen: GET /v1/regions lists the regions"),
+            );
+        }
+        Err(e) => return redis_down(&app, e),
+    }
+    let slot = match app.0.slots.acquire(grant.as_ref().map(|g| g.sub.as_str())) {
+        Ok(s) => s,
+        Err(NoSlot::Identity { max }) => {
+            app.0
+                .metrics
+                .streams_refused
+                .with_label_values(&["identity"])
+                .inc();
+            app.count("stream", "too_many_streams");
+            return with_retry_after(
+                problem(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    "too_many_streams",
+                    &format!("this identity has {max} streams open (gateway.max_streams_per_identity): close one"),
+                ),
+                STREAM_RETRY_AFTER_SECONDS,
+            );
+        }
+        Err(NoSlot::Total { max }) => {
+            app.0
+                .metrics
+                .streams_refused
+                .with_label_values(&["total"])
+                .inc();
+            app.count("stream", "streams_full");
+            return with_retry_after(
+                problem(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "streams_full",
+                    &format!(
+                        "the gateway has {max} streams open (gateway.max_streams); retry later"
+                    ),
+                ),
+                STREAM_RETRY_AFTER_SECONDS,
+            );
+        }
+    };
     app.count("stream", "opened");
     let last_event_id = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<u64>().ok());
-    let mut response = app.0.hub.stream(region, last_event_id).into_response();
+    let mut response = app
+        .0
+        .hub
+        .stream(region, last_event_id, slot)
+        .into_response();
     // Proxies (nginx) must not buffer a live stream.
     response
         .headers_mut()
@@ -533,25 +694,40 @@ async fn get_history(
     if to <= from {
         return invalid_field("to", "must be after from");
     }
-    match app.0.history.read(&id, from, to).await {
-        Ok(h) => {
-            let region = h
-                .initial
-                .iter()
-                .chain(h.transitions.iter())
-                .map(|t| t.region_id.clone())
-                .next();
-            if let (Some(c), Some(r)) = (claims, region) {
-                if !c.grants_region(&r) {
-                    return auth_problem(&AuthError::RegionNotGranted(r));
-                }
+    let max = app.0.history_max_range;
+    if i128::from(to) - i128::from(from) > max.as_millis() as i128 {
+        return invalid_field(
+            "to",
+            &format!(
+                "must be at most {} after from (gateway.history_max_range): ask for a shorter range",
+                humantime::format_duration(max)
+            ),
+        );
+    }
+    // Authorised before PostgreSQL is asked: the facility's region comes from Redis, and
+    // the query reads only that region's rows.
+    let region = match &claims {
+        None => None,
+        Some(c) => match app.0.store.facility(&id).await {
+            Ok(Some(t)) if c.grants_region(&t.region_id) => Some(t.region_id),
+            Ok(Some(t)) => return auth_problem(&AuthError::RegionNotGranted(t.region_id)),
+            Ok(None) => {
+                return problem(
+                    StatusCode::NOT_FOUND,
+                    "unknown_facility",
+                    &format!("no transition of facility '{id}' has been seen"),
+                )
             }
-            Json(h).into_response()
-        }
+            Err(e) => return redis_down(&app, e),
+        },
+    };
+    match app.0.history.read(&id, region.as_deref(), from, to).await {
+        Ok(h) => Json(h).into_response(),
         Err(e @ HistoryError::NoTables) => unavailable("no_history_tables", &e.to_string()),
         Err(e @ HistoryError::Unavailable(_)) => {
             unavailable("postgres_unavailable", &e.to_string())
         }
+        Err(e @ HistoryError::TooSlow(_)) => unavailable("history_too_slow", &e.to_string()),
     }
 }
 

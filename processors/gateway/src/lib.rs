@@ -11,14 +11,19 @@
 //! - [`store`] and [`history`]: the Redis and PostgreSQL read edges.
 //! - [`stream`]: region channels to Server-Sent Events, with gap detection.
 //! - [`http`]: routes, status codes and error bodies; the dashboard page.
-//! - [`metrics`]: every metric the gateway exports.
+//! - [`limits`]: the per-identity ingest rate and the stream caps (pure, time passed in).
+//! - [`server`]: the public listener with its timeouts and connection cap.
+//! - [`metrics`]: every metric the gateway exports, served with `/readyz` on
+//!   `gateway.ops_listen`, apart from the public port.
 
 pub mod auth;
 pub mod history;
 pub mod http;
 pub mod ingest;
+pub mod limits;
 pub mod metrics;
 pub mod publish;
+pub mod server;
 pub mod store;
 pub mod stream;
 
@@ -34,7 +39,10 @@ use prometheus::Registry;
 
 /// A running gateway: where it listens, and its server task.
 pub struct Running {
+    /// The public port.
     pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub ops_addr: SocketAddr,
     pub server: tokio::task::JoinHandle<()>,
     publisher: Arc<publish::Publisher>,
 }
@@ -66,19 +74,51 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
 
     let keys = RedisKeys::new(&config.redis.key_prefix);
     let store = store::Store::new(&config.redis, keys).map_err(anyhow::Error::msg)?;
-    let hub = stream::Hub::new(store.clone(), metrics.clone(), shutdown.clone());
+    let hub = stream::Hub::new(
+        store.clone(),
+        metrics.clone(),
+        config.gateway.stream_keep_alive,
+        shutdown.clone(),
+    );
     hub.spawn();
     spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
 
-    let history =
-        history::HistoryReader::new(&config.database, Tables::new(&config.database.schema));
-    let state = http::App::new(&config, publisher.clone(), store, hub, history, metrics)?;
-    let router =
-        http::router(state, &config.gateway).merge(telemetry::ops_router(registry, health));
-    let (addr, server) = telemetry::serve(config.gateway.listen, router, shutdown).await?;
-    tracing::info!(%addr, auth = ?config.gateway.auth, "gateway listening: POST /v1/heartbeats, GET /v1/regions/{{region}}/stream, dashboard at /");
+    let history = history::HistoryReader::new(
+        &config.database,
+        Tables::new(&config.database.schema),
+        config.gateway.history_pool_size,
+        config.gateway.history_statement_timeout,
+        metrics.clone(),
+    );
+    let (ops_addr, _ops) = telemetry::serve_ops(
+        config.gateway.ops_listen,
+        registry,
+        health,
+        shutdown.clone(),
+    )
+    .await
+    .context("gateway.ops_listen")?;
+    let state = http::App::new(
+        &config,
+        publisher.clone(),
+        store,
+        hub,
+        history,
+        metrics.clone(),
+    )?;
+    let router = http::router(state, &config.gateway);
+    let (addr, server) = server::serve(
+        config.gateway.listen,
+        router,
+        server::Limits::of(&config.gateway),
+        metrics,
+        shutdown,
+    )
+    .await?;
+    tracing::info!(%addr, %ops_addr, auth = ?config.gateway.auth, "gateway listening: POST /v1/heartbeats, GET /v1/regions/{{region}}/stream, dashboard at /; metrics and readiness on the ops address");
     Ok(Running {
         addr,
+        ops_addr,
         server,
         publisher,
     })

@@ -13,6 +13,20 @@ pub struct Metrics {
     /// Records handed to the producer and not acknowledged yet.
     pub producer_queue: IntGauge,
     pub stream_clients: IntGauge,
+    /// Region channels open (one per region with at least one client).
+    pub stream_regions: IntGauge,
+    /// Streams refused by a cap, by `cap` (`identity`, `total`).
+    pub streams_refused: IntCounterVec,
+    /// Open TCP connections on the public port.
+    pub connections: IntGauge,
+    /// Connections closed at once because `gateway.max_connections` were open.
+    pub connections_refused: IntCounter,
+    /// Requests refused by the ingest rate limit, by `reason` (`rate`, `batch`, `full`).
+    pub rate_limited: IntCounterVec,
+    /// Identities whose ingest rate is being tracked.
+    pub rate_identities: IntGauge,
+    /// History queries sent to PostgreSQL (a refused request sends none).
+    pub history_queries: IntCounter,
     pub stream_events: IntCounter,
     /// Streams that had to start over from a snapshot, by reason (`gap`, `lagged`, `redis`,
     /// `last_event_id_too_old`).
@@ -57,6 +71,40 @@ impl Metrics {
                 "presence_gateway_stream_clients",
                 "Open Server-Sent Events streams",
             )),
+            stream_regions: must(IntGauge::new(
+                "presence_gateway_stream_regions",
+                "Region channels open: one per region with at least one stream",
+            )),
+            streams_refused: must(IntCounterVec::new(
+                Opts::new(
+                    "presence_gateway_streams_refused_total",
+                    "Streams refused by a cap (identity: 429, total: 503)",
+                ),
+                &["cap"],
+            )),
+            connections: must(IntGauge::new(
+                "presence_gateway_connections",
+                "Open TCP connections on the public port",
+            )),
+            connections_refused: must(IntCounter::new(
+                "presence_gateway_connections_refused_total",
+                "Connections closed at once because gateway.max_connections were open",
+            )),
+            rate_limited: must(IntCounterVec::new(
+                Opts::new(
+                    "presence_gateway_rate_limited_total",
+                    "Heartbeat requests refused by the per-identity rate limit, by reason",
+                ),
+                &["reason"],
+            )),
+            rate_identities: must(IntGauge::new(
+                "presence_gateway_rate_identities",
+                "Identities whose heartbeat rate is being tracked",
+            )),
+            history_queries: must(IntCounter::new(
+                "presence_gateway_history_queries_total",
+                "History reads sent to PostgreSQL",
+            )),
             stream_events: must(IntCounter::new(
                 "presence_gateway_stream_events_total",
                 "Transitions received from region channels",
@@ -83,6 +131,13 @@ impl Metrics {
             Box::new(m.produce_seconds.clone()),
             Box::new(m.producer_queue.clone()),
             Box::new(m.stream_clients.clone()),
+            Box::new(m.stream_regions.clone()),
+            Box::new(m.streams_refused.clone()),
+            Box::new(m.connections.clone()),
+            Box::new(m.connections_refused.clone()),
+            Box::new(m.rate_limited.clone()),
+            Box::new(m.rate_identities.clone()),
+            Box::new(m.history_queries.clone()),
             Box::new(m.stream_events.clone()),
             Box::new(m.stream_resyncs.clone()),
             Box::new(m.redis_errors.clone()),

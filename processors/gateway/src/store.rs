@@ -146,6 +146,12 @@ impl Store {
         Ok(r)
     }
 
+    /// Whether the notifier has seen a transition of `region` (`<prefix>:regions`).
+    pub async fn region_exists(&self, region: &str) -> RedisResult<bool> {
+        let mut c = self.conn().await?;
+        c.sismember(self.keys.regions(), region).await
+    }
+
     pub async fn ping(&self) -> RedisResult<()> {
         let mut c = self.conn().await?;
         redis::cmd("PING")

@@ -8,6 +8,11 @@
 //! The hub also polls the sequences of watched regions, so a lost *last* message is noticed
 //! within [`POLL`] rather than at the next transition.
 //!
+//! A region's channel exists while it has clients: the last one to leave drops it. A client
+//! task ends as soon as its response is dropped (the connection closed), not when it next
+//! has something to send; the keep-alive comment every `gateway.stream_keep_alive` makes a
+//! write fail, and so the connection close, within two intervals of a client vanishing.
+//!
 //! Events: `snapshot` (the region's facilities; `id` = the region sequence it reflects) and
 //! `transition` (one facility's change; `id` = its region sequence). A client that
 //! reconnects with `Last-Event-ID` gets the transitions it missed, or a snapshot.
@@ -23,6 +28,7 @@ use presence_core::Shutdown;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::limits::Slot;
 use crate::metrics::Metrics;
 use crate::store::{Replay, Store};
 
@@ -54,28 +60,42 @@ pub struct Hub {
     metrics: Metrics,
     /// Ends every stream, so that the server's graceful shutdown is not held open by them.
     shutdown: Shutdown,
+    /// How often a quiet stream gets a keep-alive comment.
+    keep_alive: Duration,
 }
 
 impl Hub {
-    pub fn new(store: Store, metrics: Metrics, shutdown: Shutdown) -> Hub {
+    pub fn new(store: Store, metrics: Metrics, keep_alive: Duration, shutdown: Shutdown) -> Hub {
         Hub {
             store,
             regions: Arc::new(Mutex::new(HashMap::new())),
             metrics,
             shutdown,
+            keep_alive,
         }
     }
 
-    fn subscribe(&self, region: &str) -> broadcast::Receiver<HubEvent> {
+    fn subscribe(&self, region: &str) -> Subscription {
         let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
-        regions
+        let rx = regions
             .entry(region.to_string())
             .or_insert_with(|| Region {
                 tx: broadcast::channel(BUFFER).0,
                 last: 0,
             })
             .tx
-            .subscribe()
+            .subscribe();
+        self.metrics.stream_regions.set(regions.len() as i64);
+        Subscription {
+            hub: self.clone(),
+            region: region.to_string(),
+            rx: Some(rx),
+        }
+    }
+
+    /// Region channels open now (one per region with at least one client).
+    pub fn regions_open(&self) -> usize {
+        self.regions.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     /// Relays `events` (region sequence, JSON) of `region` in order, skipping what was
@@ -132,8 +152,10 @@ impl Hub {
 
     fn watched(&self) -> Vec<(String, u64)> {
         let mut regions = self.regions.lock().unwrap_or_else(|p| p.into_inner());
-        // Regions nobody watches any more are forgotten.
+        // Regions nobody watches any more are forgotten (their last client's drop does it
+        // too; this catches any race).
         regions.retain(|_, r| r.tx.receiver_count() > 0);
+        self.metrics.stream_regions.set(regions.len() as i64);
         regions.iter().map(|(k, r)| (k.clone(), r.last)).collect()
     }
 
@@ -230,10 +252,12 @@ impl Hub {
     }
 
     /// An SSE response for `region`, starting after `last_event_id` when the log allows.
+    /// `slot` is the stream's place under the caps, given back when the stream ends.
     pub fn stream(
         &self,
         region: String,
         last_event_id: Option<u64>,
+        slot: Slot,
     ) -> impl axum::response::IntoResponse {
         let (tx, rx) = mpsc::channel(64);
         let client = Client {
@@ -241,10 +265,41 @@ impl Hub {
             region,
             tx,
             last: 0,
+            _slot: slot,
         };
         tokio::spawn(client.run(last_event_id));
-        Sse::new(ReceiverStream::new(rx))
-            .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        Sse::new(ReceiverStream::new(rx)).keep_alive(KeepAlive::new().interval(self.keep_alive))
+    }
+}
+
+/// One client's feed of its region's channel; the channel is dropped with its last one.
+struct Subscription {
+    hub: Hub,
+    region: String,
+    rx: Option<broadcast::Receiver<HubEvent>>,
+}
+
+impl Subscription {
+    async fn recv(&mut self) -> Result<HubEvent, broadcast::error::RecvError> {
+        match self.rx.as_mut() {
+            Some(rx) => rx.recv().await,
+            None => Err(broadcast::error::RecvError::Closed),
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        let mut regions = self.hub.regions.lock().unwrap_or_else(|p| p.into_inner());
+        // Under the lock, so that no subscriber comes between the drop and the check.
+        drop(self.rx.take());
+        if regions
+            .get(&self.region)
+            .is_some_and(|r| r.tx.receiver_count() == 0)
+        {
+            regions.remove(&self.region);
+        }
+        self.hub.metrics.stream_regions.set(regions.len() as i64);
     }
 }
 
@@ -259,6 +314,8 @@ struct Client {
     region: String,
     tx: mpsc::Sender<Result<Event, Infallible>>,
     last: u64,
+    /// Held while the stream is open.
+    _slot: Slot,
 }
 
 /// The client went away.
@@ -268,9 +325,13 @@ impl Client {
     async fn run(mut self, last_event_id: Option<u64>) {
         let metrics = self.hub.metrics.clone();
         let shutdown = self.hub.shutdown.clone();
+        let response = self.tx.clone();
         metrics.stream_clients.inc();
         tokio::select! {
             _ = self.serve(last_event_id) => {}
+            // The response was dropped: the connection is gone. Without this the task would
+            // wait for the region's next event, possibly forever.
+            _ = response.closed() => {}
             // Dropping the sender ends the response; EventSource reconnects elsewhere.
             _ = shutdown.wait() => {}
         }

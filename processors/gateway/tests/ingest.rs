@@ -19,6 +19,8 @@ const SECRET: &str = "test-secret-test-secret-test-secret-123";
 
 struct Gateway {
     base: String,
+    /// `/metrics` and `/readyz`, apart from the public port.
+    ops: String,
     shutdown: Shutdown,
     http: reqwest::Client,
 }
@@ -37,6 +39,7 @@ async fn start(config: &Config) -> Gateway {
         .expect("gateway starts");
     let g = Gateway {
         base: format!("http://{}", running.addr),
+        ops: format!("http://{}", running.ops_addr),
         shutdown,
         http: reqwest::Client::new(),
     };
@@ -49,7 +52,7 @@ async fn ready(g: &Gateway, want: bool) {
         &format!("/readyz = {want}"),
         Duration::from_secs(30),
         || async {
-            let r = g.http.get(format!("{}/readyz", g.base)).send().await.ok()?;
+            let r = g.http.get(format!("{}/readyz", g.ops)).send().await.ok()?;
             (r.status().is_success() == want).then_some(())
         },
     )
@@ -334,7 +337,17 @@ async fn tokens_decide_who_reports_for_which_facility() {
         .expect("beacon");
     assert_eq!(r.status().as_u16(), 202);
     // A stream of a region the token does not grant, and of the one it does (a token in a
-    // stream's URL is refused: EventSource uses a ticket, tests/auth.rs).
+    // stream's URL is refused: EventSource uses a ticket, tests/auth.rs). Streams exist only
+    // for regions the notifier has seen.
+    let regions_key = presence_core::delivery::RedisKeys::new(&config.redis.key_prefix).regions();
+    let mut redis = redis::Client::open(config.redis.url.expose())
+        .expect("redis url")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("redis");
+    let _: i64 = redis::AsyncCommands::sadd(&mut redis, &regions_key, "south")
+        .await
+        .expect("sadd");
     let r = g
         .http
         .get(format!("{}/v1/regions/north/stream", g.base))
@@ -368,6 +381,9 @@ async fn tokens_decide_who_reports_for_which_facility() {
         .await
         .expect("stream");
     assert_eq!(r.status().as_u16(), 401, "no token");
+    let _: i64 = redis::AsyncCommands::del(&mut redis, &regions_key)
+        .await
+        .expect("del");
 
     let records = read_topic(
         &config,
@@ -517,6 +533,8 @@ async fn cors_admits_the_configured_origins_only() {
 async fn a_full_producer_queue_is_503_and_every_202_is_in_the_topic() {
     let mut config = isolated_config();
     config.gateway.max_in_flight = 1;
+    // 200 beats of one user at once: this test is about the queue, not the rate limit.
+    config.gateway.ingest_burst = 1000;
     let g = start(&config).await;
     let requests = (0..200).map(|i| {
         post(
