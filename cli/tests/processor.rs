@@ -1,88 +1,196 @@
 //! The processor end to end against the real broker: its `facility-status` output must equal
 //! what the reference model (presence_core::sim::oracle) computes from the heartbeat log,
-//! however the processor is killed, restarted or scaled.
+//! however the processor is killed, restarted or scaled. Every comparison reads the topic to
+//! its end offsets after the processor consumed its inputs to the end and stopped cleanly,
+//! so a duplicate or an extra transition fails as surely as a missing one.
 
 mod support;
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use presence_core::sim::{generate, oracle, SimConfig};
+use presence_core::sim::{generate, oracle, Expected, SimConfig};
+use presence_core::testkit::ChildProcess;
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
 
-/// Fresh topics holding a generated log of 2,000 sessions over 100 facilities (an hour ago,
-/// so everything is a replay), the transitions the oracle expects, and a reader.
+/// The seed of this run: `PRESENCE_TEST_SEED` if set (to repeat a run), else random. Printed
+/// (libtest shows it with a failure) and named in every assertion.
+fn test_seed() -> u64 {
+    let seed = match std::env::var("PRESENCE_TEST_SEED") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("PRESENCE_TEST_SEED={v:?} is not a u64: {e}")),
+        Err(_) => rand::random::<u64>() % 1_000_000_000,
+    };
+    eprintln!("PRESENCE_TEST_SEED={seed} (set it to repeat this run)");
+    seed
+}
+
+/// Fresh topics holding a generated log of `sessions` sessions over `facilities` facilities
+/// (hours ago, so everything is a replay; the log is long enough that its 10 ms-spaced
+/// timestamps never reach the present), and the transitions the oracle expects.
 async fn case(
     seed: u64,
-) -> (
-    presence_core::config::Config,
-    Vec<presence_core::sim::Expected>,
-    StatusReader,
-) {
+    sessions: usize,
+    facilities: usize,
+) -> (presence_core::config::Config, Vec<Expected>) {
     let c = setup(TIMEOUT_MS).await;
     let log = generate(&SimConfig::compressed(
         seed,
-        2_000,
-        100,
-        now_ms() - 3_600_000,
+        sessions,
+        facilities,
+        now_ms() - 6 * 3_600_000,
     ));
+    assert!(
+        log.last().is_some_and(|r| r.ts < now_ms() - 60_000),
+        "the log must lie in the past"
+    );
     let expected = oracle(&log, TIMEOUT_MS as i64);
+    let started = Instant::now();
     produce(&c, &log).await;
-    let reader = StatusReader::new(&c);
-    (c, expected, reader)
+    eprintln!(
+        "seed {seed}: {} heartbeats produced in {:?}, {} transitions expected",
+        log.len(),
+        started.elapsed(),
+        expected.len()
+    );
+    (c, expected)
 }
 
-/// Reads until every expected transition arrived (or two minutes), then asserts equality.
+/// Waits until every expected transition arrived, then until both stages consumed their
+/// inputs to the end offsets (so anything a restored instance would still emit, such as a
+/// duplicate, has been emitted), stops every instance with SIGTERM (each must exit 0), reads
+/// `facility-status` to its end offsets and compares the whole multiset with the oracle.
 fn finish(
+    c: &presence_core::config::Config,
+    expected: &[Expected],
     mut reader: StatusReader,
-    expected: &[presence_core::sim::Expected],
-    mut last: std::process::Child,
+    instances: Vec<ChildProcess>,
+    seed: u64,
 ) {
-    let done = reader.read_until(Duration::from_secs(180), |s| s.len() >= expected.len());
-    reader.drain();
-    kill9(&mut last);
-    let got = as_expected(&reader.seen);
-    assert!(done && got == expected, "{}", diff(expected, &got));
+    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
+    assert!(
+        done,
+        "seed {seed}: output incomplete after 120 s\n{}",
+        diff(expected, &as_expected(&reader.seen))
+    );
+    wait_consumed_to_end(c, Duration::from_secs(60));
+    for mut p in instances {
+        terminate(&mut p);
+    }
+    let got = as_expected(&statuses_to_end(c));
+    assert!(got == expected, "seed {seed}: {}", diff(expected, &got));
+}
+
+/// What was committed when an instance was killed: fewer transitions than the oracle's (the
+/// kill landed mid-work), and, facility by facility, exactly the oracle's first ones (nothing
+/// doubled, nothing skipped, nothing the oracle does not have). Returns how many.
+fn check_committed_at_kill(
+    c: &presence_core::config::Config,
+    expected: &[Expected],
+    what: &str,
+) -> usize {
+    let committed = as_expected(&statuses_to_end(c));
+    assert!(
+        committed.len() < expected.len(),
+        "{what}: the output was already complete ({} transitions) when the kill landed, so it proved nothing; make the backlog larger",
+        committed.len()
+    );
+    let mut by_facility: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
+    for e in &committed {
+        by_facility.entry(&e.facility_id).or_default().push(e);
+    }
+    let mut oracle_of: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
+    for e in expected {
+        oracle_of.entry(&e.facility_id).or_default().push(e);
+    }
+    for (facility, got) in by_facility {
+        let want = oracle_of.get(facility).map(Vec::as_slice).unwrap_or(&[]);
+        assert!(
+            got.len() <= want.len() && got[..] == want[..got.len()],
+            "{what}: committed transitions of {facility} are not the oracle's first {}:\ncommitted {got:?}\noracle {want:?}",
+            got.len()
+        );
+    }
+    committed.len()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn output_equals_the_oracle() {
     let _one = serial();
-    let (c, expected, reader) = case(11).await;
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let reader = StatusReader::new(&c);
     let p = spawn_processor(&c, "a", &[]);
-    finish(reader, &expected, p);
+    finish(&c, &expected, reader, vec![p], seed);
 }
 
-/// kill -9 at random instants, and once exactly between send_offsets_to_transaction and
-/// commit_transaction: the output is still the oracle's, no seq doubled or missing.
+/// How many kill -9 the random phase makes, alternating between two instance ids.
+const KILLS: usize = 8;
+
+/// kill -9, first exactly between send_offsets_to_transaction and commit_transaction (twice),
+/// then at random instants (seeded, logged) while two instances with distinct ids share the
+/// partitions, alternating which one dies, each kill landing while the committed output is
+/// provably incomplete and is, per facility, a prefix of the oracle's. The instances that
+/// remain run until both stages consumed their inputs to the end offsets; then the whole
+/// output must be the oracle's, no seq doubled or missing.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_any_instant_changes_nothing() {
     use rand::{Rng, SeedableRng};
     let _one = serial();
-    let (c, expected, mut reader) = case(12).await;
+    let seed = test_seed();
+    let started = Instant::now();
+    // Large enough that the processor is still busy replaying at the last kill.
+    let (c, expected) = case(seed, 4_000, 200).await;
+    let mut reader = StatusReader::new(&c);
     // The worst instant first: offsets sent, transaction not committed.
     for crash_at in ["3", "8"] {
         let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
-        let status = p.wait().expect("wait");
+        let status = p.wait_exit(Duration::from_secs(60));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
             status.signal(),
             Some(6),
-            "the crash point must have aborted the process: {status:?}"
+            "the crash point must have aborted the process: {status:?}\n{}",
+            p.log_tail(20)
+        );
+        check_committed_at_kill(
+            &c,
+            &expected,
+            &format!("seed {seed}, crash point {crash_at}"),
         );
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    for _ in 0..4 {
-        let mut p = spawn_processor(&c, "a", &[]);
-        let before = reader.seen.len();
-        // Let it make some progress (some output), then kill it at a random instant.
-        reader.read_until(Duration::from_secs(30), |s| s.len() > before);
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..1_500)));
-        kill9(&mut p);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let ids = ["a", "b"];
+    let mut running: Vec<ChildProcess> = ids.iter().map(|id| spawn_processor(&c, id, &[])).collect();
+    let mut committed = 0;
+    for k in 0..KILLS {
+        let victim = k % ids.len();
+        // Work in progress: more output than at the last kill.
+        let progressed = reader.read_until(Duration::from_secs(60), |s| s.len() > committed);
+        assert!(
+            progressed,
+            "seed {seed}, kill {k}: no new output within 60 s (still {committed})"
+        );
+        let delay = rng.gen_range(0..1_000);
+        std::thread::sleep(Duration::from_millis(delay));
+        kill9(&mut running[victim]);
+        let what = format!(
+            "seed {seed}, kill {k} (instance {}, {delay} ms after output passed {committed})",
+            ids[victim]
+        );
+        committed = check_committed_at_kill(&c, &expected, &what);
+        eprintln!(
+            "{what}: {committed} of {} transitions committed at {:?}",
+            expected.len(),
+            started.elapsed()
+        );
+        running[victim] = spawn_processor(&c, ids[victim], &[]);
     }
-    let p = spawn_processor(&c, "a", &[]);
-    finish(reader, &expected, p);
+    finish(&c, &expected, reader, running, seed);
+    eprintln!("seed {seed}: done in {:?}", started.elapsed());
 }
 
 /// Two instances split the partitions; one is killed mid-run and the other takes its
@@ -90,10 +198,13 @@ async fn kill_9_at_any_instant_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_one_killed() {
     let _one = serial();
-    let (c, expected, mut reader) = case(13).await;
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let mut reader = StatusReader::new(&c);
     let a = spawn_processor(&c, "a", &[]);
     let mut b = spawn_processor(&c, "b", &[]);
     reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len() / 4);
     kill9(&mut b);
-    finish(reader, &expected, a);
+    check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
+    finish(&c, &expected, reader, vec![a], seed);
 }

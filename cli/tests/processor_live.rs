@@ -6,13 +6,11 @@ mod support;
 use std::time::Duration;
 
 use presence_core::codec::encode;
-use presence_core::kafka::{consumer_config, idempotent_producer_config};
+use presence_core::kafka::idempotent_producer_config;
 use presence_core::records::{Heartbeat, HeartbeatKind, Status};
 use presence_core::sim::SimRecord;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use support::*;
 
 const TIMEOUT_MS: i64 = 2_005;
@@ -86,10 +84,13 @@ async fn restart_after_downtime_never_flaps() {
         "both facilities offline at the end: {:?}",
         reader.seen
     );
-    reader.drain();
+    wait_consumed_to_end(&c, Duration::from_secs(30));
     terminate(&mut p);
-    let k = statuses_of(&reader.seen, "K");
-    let s = statuses_of(&reader.seen, "S");
+    // The whole output, read to the end offsets: a flap or a duplicate would be in it.
+    let all = statuses_to_end(&c);
+    assert_eq!(all.len(), 4, "two transitions each of K and S, nothing else: {all:?}");
+    let k = statuses_of(&all, "K");
+    let s = statuses_of(&all, "S");
     assert_eq!(
         k.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(),
         vec![(Status::Online, 1), (Status::Offline, 2)],
@@ -126,7 +127,21 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     produce(&c, &[beat("lonely", "I", HeartbeatKind::Beat, ts)]).await;
     assert!(reader.read_until(Duration::from_secs(30), |s| statuses_of(s, "I").len() >= 2));
     terminate(&mut p);
-    let i = statuses_of(&reader.seen, "I");
+    let all = statuses_to_end(&c);
+    let i = statuses_of(&all, "I");
+    assert_eq!(
+        i.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(),
+        vec![(Status::Online, 1), (Status::Offline, 2)],
+        "{all:?}"
+    );
+    let w = statuses_of(&all, "W");
+    assert_eq!(all.len(), i.len() + w.len(), "only W and I: {all:?}");
+    assert!(
+        w.iter().map(|x| (x.status, x.seq)).eq([(Status::Online, 1), (Status::Offline, 2)]
+            .into_iter()
+            .take(w.len())),
+        "the warm-up facility went online once (and perhaps offline once): {w:?}"
+    );
     assert_eq!(i[1].status, Status::Offline);
     assert_eq!(i[1].since, ts + TIMEOUT_MS);
     let late = i[1].emitted_at - (ts + TIMEOUT_MS);
@@ -173,39 +188,36 @@ async fn bad_records_go_to_the_dead_letter_topic() {
         reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
         "the good record after the bad ones is processed"
     );
-    let dlq: BaseConsumer = consumer_config(
-        &c.kafka,
-        "test-dlq",
-        &format!("{}-dlq", c.processor.group_id),
-    )
-    .create()
-    .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for part in 0..c.topics.heartbeats_partitions {
-        tpl.add_partition_offset(&c.topics.dead_letters, part, Offset::Beginning)
-            .unwrap();
-    }
-    dlq.assign(&tpl).unwrap();
-    let mut letters = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while letters.len() < 3 && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = dlq.poll(Duration::from_millis(100)) {
-            let h = m.headers().expect("dead letters carry headers");
-            let get = |k: &str| {
-                h.iter()
-                    .find(|x| x.key == k)
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
-            letters.push((
-                get("presence.error.code").unwrap(),
-                get("presence.source.offset").unwrap(),
-                get("presence.source.topic").unwrap(),
-                m.payload().map(<[u8]>::to_vec),
-            ));
-        }
-    }
     terminate(&mut p);
+    // Every dead letter, read to the end offsets: each bad record exactly once.
+    let letters: Vec<_> = presence_core::testkit::read_to_end(
+        &c,
+        &c.topics.dead_letters,
+        Duration::from_secs(30),
+    )
+    .iter()
+    .map(|m| {
+        let h = m.headers().expect("dead letters carry headers");
+        let get = |k: &str| {
+            h.iter()
+                .find(|x| x.key == k)
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_else(|| panic!("dead letter without header {k}"))
+        };
+        (
+            get("presence.error.code"),
+            get("presence.source.offset"),
+            get("presence.source.topic"),
+            m.payload().map(<[u8]>::to_vec),
+        )
+    })
+    .collect();
+    let g = statuses_to_end(&c);
+    assert!(
+        g.iter().all(|s| s.facility_id == "G") && g.first().is_some_and(|s| s.seq == 1 && s.status == Status::Online),
+        "only the good record's facility, online first: {g:?}"
+    );
     let codes: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();
     assert_eq!(
         codes,
