@@ -164,7 +164,8 @@ async fn kill_9_at_any_instant_changes_nothing() {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ids = ["a", "b"];
-    let mut running: Vec<ChildProcess> = ids.iter().map(|id| spawn_processor(&c, id, &[])).collect();
+    let mut running: Vec<ChildProcess> =
+        ids.iter().map(|id| spawn_processor(&c, id, &[])).collect();
     let mut committed = 0;
     for k in 0..KILLS {
         let victim = k % ids.len();

@@ -88,7 +88,11 @@ async fn restart_after_downtime_never_flaps() {
     terminate(&mut p);
     // The whole output, read to the end offsets: a flap or a duplicate would be in it.
     let all = statuses_to_end(&c);
-    assert_eq!(all.len(), 4, "two transitions each of K and S, nothing else: {all:?}");
+    assert_eq!(
+        all.len(),
+        4,
+        "two transitions each of K and S, nothing else: {all:?}"
+    );
     let k = statuses_of(&all, "K");
     let s = statuses_of(&all, "S");
     assert_eq!(
@@ -137,9 +141,11 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     let w = statuses_of(&all, "W");
     assert_eq!(all.len(), i.len() + w.len(), "only W and I: {all:?}");
     assert!(
-        w.iter().map(|x| (x.status, x.seq)).eq([(Status::Online, 1), (Status::Offline, 2)]
-            .into_iter()
-            .take(w.len())),
+        w.iter()
+            .map(|x| (x.status, x.seq))
+            .eq([(Status::Online, 1), (Status::Offline, 2)]
+                .into_iter()
+                .take(w.len())),
         "the warm-up facility went online once (and perhaps offline once): {w:?}"
     );
     assert_eq!(i[1].status, Status::Offline);
@@ -190,32 +196,31 @@ async fn bad_records_go_to_the_dead_letter_topic() {
     );
     terminate(&mut p);
     // Every dead letter, read to the end offsets: each bad record exactly once.
-    let letters: Vec<_> = presence_core::testkit::read_to_end(
-        &c,
-        &c.topics.dead_letters,
-        Duration::from_secs(30),
-    )
-    .iter()
-    .map(|m| {
-        let h = m.headers().expect("dead letters carry headers");
-        let get = |k: &str| {
-            h.iter()
-                .find(|x| x.key == k)
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_else(|| panic!("dead letter without header {k}"))
-        };
-        (
-            get("presence.error.code"),
-            get("presence.source.offset"),
-            get("presence.source.topic"),
-            m.payload().map(<[u8]>::to_vec),
-        )
-    })
-    .collect();
+    let letters: Vec<_> =
+        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let h = m.headers().expect("dead letters carry headers");
+                let get = |k: &str| {
+                    h.iter()
+                        .find(|x| x.key == k)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_else(|| panic!("dead letter without header {k}"))
+                };
+                (
+                    get("presence.error.code"),
+                    get("presence.source.offset"),
+                    get("presence.source.topic"),
+                    m.payload().map(<[u8]>::to_vec),
+                )
+            })
+            .collect();
     let g = statuses_to_end(&c);
     assert!(
-        g.iter().all(|s| s.facility_id == "G") && g.first().is_some_and(|s| s.seq == 1 && s.status == Status::Online),
+        g.iter().all(|s| s.facility_id == "G")
+            && g.first()
+                .is_some_and(|s| s.seq == 1 && s.status == Status::Online),
         "only the good record's facility, online first: {g:?}"
     );
     let codes: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();

@@ -13,7 +13,9 @@ use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config, idempotent_producer_config};
 use presence_core::records::FacilityStatus;
 use presence_core::sim::{Expected, SimRecord};
-use presence_core::testkit::{check_processes, isolated_config, read_to_end, spawn_child, ChildProcess};
+use presence_core::testkit::{
+    check_processes, isolated_config, read_to_end, spawn_child, ChildProcess,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -199,7 +201,6 @@ impl StatusReader {
         }
         done(&self.seen)
     }
-
 }
 
 /// Every `facility-status` record committed now, from the beginning of each partition to
@@ -208,8 +209,13 @@ pub fn statuses_to_end(c: &Config) -> Vec<FacilityStatus> {
     read_to_end(c, &c.topics.facility_status, Duration::from_secs(60))
         .iter()
         .map(|m| {
-            let s = decode::<FacilityStatus>(m.payload().unwrap_or_default())
-                .unwrap_or_else(|e| panic!("facility-status record at {}/{}: {e}", m.partition(), m.offset()));
+            let s = decode::<FacilityStatus>(m.payload().unwrap_or_default()).unwrap_or_else(|e| {
+                panic!(
+                    "facility-status record at {}/{}: {e}",
+                    m.partition(),
+                    m.offset()
+                )
+            });
             assert_eq!(m.key(), Some(s.facility_id.as_bytes()), "keyed by facility");
             s
         })
@@ -222,7 +228,10 @@ pub fn statuses_to_end(c: &Config) -> Vec<FacilityStatus> {
 /// so stage 2's input stops growing.)
 pub fn wait_consumed_to_end(c: &Config, within: Duration) {
     let stages = [
-        (format!("{}.sessions", c.processor.group_id), c.topics.heartbeats.clone()),
+        (
+            format!("{}.sessions", c.processor.group_id),
+            c.topics.heartbeats.clone(),
+        ),
         (
             format!("{}.facilities", c.processor.group_id),
             c.topics.session_transitions(),

@@ -236,9 +236,10 @@ pub fn read_topic(
 /// "high watermark" of a read_committed consumer is the LSO.)
 pub fn end_offsets(c: &Config, topic: &str) -> Vec<(i32, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
-    let consumer: BaseConsumer = crate::kafka::consumer_config(&c.kafka, "test-ends", &unique("ends"))
-        .create()
-        .expect("test consumer");
+    let consumer: BaseConsumer =
+        crate::kafka::consumer_config(&c.kafka, "test-ends", &unique("ends"))
+            .create()
+            .expect("test consumer");
     partitions_of(&consumer, topic)
         .into_iter()
         .map(|p| {
@@ -260,7 +261,10 @@ fn partitions_of(consumer: &impl rdkafka::consumer::Consumer, topic: &str) -> Ve
         .filter(|t| t.name() == topic)
         .flat_map(|t| t.partitions().iter().map(|p| p.id()))
         .collect();
-    assert!(!partitions.is_empty(), "topic {topic} has no partitions (not created?)");
+    assert!(
+        !partitions.is_empty(),
+        "topic {topic} has no partitions (not created?)"
+    );
     partitions
 }
 
@@ -335,6 +339,30 @@ pub fn read_to_end(
     out
 }
 
+/// `read_to_end`, again every 100 ms until `done` holds for what it read (a writer still at
+/// work has finished), at most `within`; returns that read, every record to the end offsets.
+/// Panics with what was read if `done` never held.
+pub fn read_to_end_until(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+    mut done: impl FnMut(&[rdkafka::message::OwnedMessage]) -> bool,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let records = read_to_end(c, topic, within);
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read_to_end_until({topic}): still not done after {within:?} with {} records",
+            records.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// The offsets `group` has committed on `topic`, `(partition, offset)`; -1001 (invalid)
 /// where it has committed none.
 pub fn committed_offsets(c: &Config, group: &str, topic: &str) -> Vec<(i32, i64)> {
@@ -364,9 +392,8 @@ pub fn consumed_to_end(c: &Config, group: &str, topic: &str) -> bool {
     let ends = end_offsets(c, topic);
     let committed: std::collections::BTreeMap<i32, i64> =
         committed_offsets(c, group, topic).into_iter().collect();
-    ends.iter().all(|(p, end)| {
-        *end == 0 || committed.get(p).is_some_and(|&at| at >= *end)
-    })
+    ends.iter()
+        .all(|(p, end)| *end == 0 || committed.get(p).is_some_and(|&at| at >= *end))
 }
 
 /// Polls `check` every 50 ms until it gives `Some`, or panics after `within` naming `what`.
@@ -605,7 +632,10 @@ impl Process {
     pub async fn stop(self, within: std::time::Duration) {
         self.shutdown.trigger();
         match tokio::time::timeout(within, self.task).await {
-            Err(_) => panic!("{} did not stop within {within:?} of its shutdown", self.what),
+            Err(_) => panic!(
+                "{} did not stop within {within:?} of its shutdown",
+                self.what
+            ),
             Ok(Err(e)) => panic!("{} watcher: {e}", self.what),
             Ok(Ok(Err(failure))) => panic!("{}: {failure}", self.what),
             Ok(Ok(Ok(()))) => {}
@@ -704,7 +734,9 @@ impl ChildProcess {
     /// test did not ask for).
     pub fn kill9(&mut self) {
         check_processes();
-        self.state.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut child = self.child();
         if let Ok(Some(status)) = child.try_wait() {
             panic!(
@@ -720,7 +752,9 @@ impl ChildProcess {
     /// Waits at most `within` for it to exit on its own (a crash it was told to make);
     /// panics, after kill -9, if it is still running then.
     pub fn wait_exit(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
-        self.state.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let deadline = std::time::Instant::now() + within;
         loop {
             let exited = self.child().try_wait();
@@ -769,7 +803,9 @@ impl ChildProcess {
 
 impl Drop for ChildProcess {
     fn drop(&mut self) {
-        self.state.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.state
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
         let mut child = self.child();
         if let Ok(None) = child.try_wait() {
             let _ = child.kill();
