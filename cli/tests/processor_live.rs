@@ -240,3 +240,135 @@ async fn bad_records_go_to_the_dead_letter_topic() {
         "original bytes kept"
     );
 }
+
+/// Every dead-letter code either stage can give a record made by hand (stage 2's
+/// `unknown_source`, `malformed` and `invalid_field` need a well-formed session event of an
+/// unknown source or with a broken field, which only the processor's own encoder makes) is
+/// written exactly once, even though the first two instances die between
+/// send_offsets_to_transaction and commit_transaction: the dead letters of an aborted
+/// transaction are never seen, and the next instance writes them once.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
+    use std::os::unix::process::ExitStatusExt;
+    let _one = serial();
+    let c = setup(TIMEOUT_MS as u64).await;
+    let now = now_ms();
+    let good = encode(&beat("s1", "G", HeartbeatKind::Beat, now).heartbeat);
+    // Single-object header with a fingerprint no schema has, then a body.
+    let unknown = [0xC3, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0].to_vec();
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut nameless = beat("s1", "G", HeartbeatKind::Beat, now).heartbeat;
+    nameless.user_id = String::new();
+    let bad_heartbeats: Vec<(&str, Option<Vec<u8>>, i64, &str)> = vec![
+        ("s1", None, now, "missing_value"),
+        ("s1", Some(vec![0xC3]), now, "too_short"),
+        ("s1", Some(b"not avro at all".to_vec()), now, "bad_marker"),
+        ("s1", Some(unknown.clone()), now, "unknown_schema"),
+        ("s1", Some(trailing), now, "malformed"),
+        ("s1", Some(encode(&nameless)), now, "invalid_field"),
+        ("other-key", Some(good.clone()), now, "key_mismatch"),
+        (
+            "s1",
+            Some(good.clone()),
+            now + 3_600_000,
+            "timestamp_in_future",
+        ),
+    ];
+    let bad_events: Vec<(&str, Option<Vec<u8>>, i64, &str)> = vec![
+        ("f", None, now, "missing_value"),
+        ("f", Some(vec![0xC3]), now, "too_short"),
+        ("f", Some(b"not avro at all".to_vec()), now, "bad_marker"),
+        ("f", Some(unknown), now, "unknown_schema"),
+    ];
+    let producer: FutureProducer = idempotent_producer_config(&c.kafka, "test")
+        .create()
+        .expect("producer");
+    let transitions = c.topics.session_transitions();
+    let mut records: Vec<(&str, &(&str, Option<Vec<u8>>, i64, &str))> = Vec::new();
+    records.extend(
+        bad_heartbeats
+            .iter()
+            .map(|r| (c.topics.heartbeats.as_str(), r)),
+    );
+    records.extend(bad_events.iter().map(|r| (transitions.as_str(), r)));
+    let good_after = ("s1", Some(good), now, "");
+    records.push((c.topics.heartbeats.as_str(), &good_after));
+    for (topic, (key, value, ts, _)) in records {
+        let mut r = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .timestamp(*ts)
+            .partition(0);
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produced");
+    }
+    let mut reader = StatusReader::new(&c);
+    // The worst instant, twice: offsets sent, transaction not committed.
+    for crash_at in ["1", "2"] {
+        let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
+        let status = p.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "the crash point must have aborted the process: {status:?}\n{}",
+            p.log_tail(20)
+        );
+    }
+    let mut p = spawn_processor(&c, "a", &[]);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
+        "the good record after the bad ones is processed"
+    );
+    wait_consumed_to_end(&c, Duration::from_secs(60));
+    terminate(&mut p);
+    let mut letters: Vec<(String, String, String, String)> =
+        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let h = m.headers().expect("dead letters carry headers");
+                let get = |k: &str| {
+                    h.iter()
+                        .find(|x| x.key == k)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_else(|| panic!("dead letter without header {k}"))
+                };
+                (
+                    get("presence.source.topic"),
+                    get("presence.source.partition"),
+                    get("presence.source.offset"),
+                    get("presence.error.code"),
+                )
+            })
+            .collect();
+    letters.sort();
+    let mut expected: Vec<(String, String, String, String)> = bad_heartbeats
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                c.topics.heartbeats.clone(),
+                "0".into(),
+                i.to_string(),
+                r.3.into(),
+            )
+        })
+        .chain(
+            bad_events
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (transitions.clone(), "0".into(), i.to_string(), r.3.into())),
+        )
+        .collect();
+    expected.sort();
+    assert_eq!(
+        letters, expected,
+        "each bad record dead-lettered once, with its code"
+    );
+}
