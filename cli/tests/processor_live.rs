@@ -348,6 +348,18 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
             })
             .collect();
     letters.sort();
+    // The crashes hit transactions that held dead letters: read_uncommitted also sees the
+    // letters those aborted transactions had written.
+    let attempts = presence_core::testkit::read_to_end_uncommitted(
+        &c,
+        &c.topics.dead_letters,
+        Duration::from_secs(30),
+    )
+    .len();
+    assert!(
+        attempts > letters.len(),
+        "no aborted dead letter ({attempts} written in all): the crashes proved nothing"
+    );
     let mut expected: Vec<(String, String, String, String)> = bad_heartbeats
         .iter()
         .enumerate()

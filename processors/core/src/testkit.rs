@@ -235,9 +235,14 @@ pub fn read_topic(
 /// answers `query_watermark_offsets` per the client's `isolation.level` since 1.8, so the
 /// "high watermark" of a read_committed consumer is the LSO.)
 pub fn end_offsets(c: &Config, topic: &str) -> Vec<(i32, i64)> {
+    end_offsets_of(c, topic, "read_committed")
+}
+
+fn end_offsets_of(c: &Config, topic: &str, isolation: &str) -> Vec<(i32, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer =
         crate::kafka::consumer_config(&c.kafka, "test-ends", &unique("ends"))
+            .set("isolation.level", isolation)
             .create()
             .expect("test consumer");
     partitions_of(&consumer, topic)
@@ -288,18 +293,39 @@ pub fn read_to_end(
     topic: &str,
     within: std::time::Duration,
 ) -> Vec<rdkafka::message::OwnedMessage> {
+    read_to_end_of(c, topic, within, "read_committed")
+}
+
+/// `read_to_end` with read_uncommitted: the records of aborted transactions too (what a
+/// crashed writer had written), up to the high watermarks.
+pub fn read_to_end_uncommitted(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    read_to_end_of(c, topic, within, "read_uncommitted")
+}
+
+fn read_to_end_of(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+    isolation: &str,
+) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::error::KafkaError;
     use rdkafka::message::Message;
     use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
-    let mut ends: std::collections::BTreeMap<i32, i64> = end_offsets(c, topic)
+    let mut ends: std::collections::BTreeMap<i32, i64> = end_offsets_of(c, topic, isolation)
         .into_iter()
         .filter(|&(_, end)| end > 0)
         .collect();
     let mut reader = crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"));
     // End of partition is how a read ends on a partition whose last offsets are a
     // transaction marker or aborted records, which no message stands for.
-    reader.set("enable.partition.eof", "true");
+    reader
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation);
     let consumer: BaseConsumer = reader.create().expect("test consumer");
     let mut tpl = TopicPartitionList::new();
     for &p in ends.keys() {
