@@ -209,3 +209,81 @@ async fn two_instances_one_killed() {
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
     finish(&c, &expected, reader, vec![a], seed);
 }
+
+/// The sum of a counter over its labels in a Prometheus text page.
+fn counter_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The processor frozen (SIGSTOP) mid-replay for longer than its transaction timeout and
+/// its group session (10 s each): the broker aborts its open transactions and drops it from
+/// the group. Woken up (SIGCONT), it meets the failed transaction (the abort and rewind path,
+/// or the fatal path that rebuilds the producer) and lost partitions, and must still produce
+/// exactly the oracle's output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
+    let _one = serial();
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let mut reader = StatusReader::new(&c);
+    let ops = presence_core::testkit::free_port();
+    let p = spawn_processor(
+        &c,
+        "a",
+        &[(
+            "PRESENCE_PROCESSOR__OPS_LISTEN",
+            &format!("127.0.0.1:{ops}"),
+        )],
+    );
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !s.is_empty()),
+        "seed {seed}: no output within 60 s"
+    );
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(p.id().to_string())
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{sig}");
+    };
+    signal("STOP");
+    check_committed_at_kill(&c, &expected, &format!("seed {seed}, SIGSTOP"));
+    // The fault itself, not a wait for something: frozen past session.timeout.ms (10 s)
+    // and past transaction.timeout.ms (10 s) plus the broker's scan for timed-out
+    // transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s), so
+    // the broker has dropped it from the group and aborted its open transactions.
+    std::thread::sleep(Duration::from_secs(22));
+    signal("CONT");
+    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
+    assert!(
+        done,
+        "seed {seed}: output incomplete after the freeze\n{}",
+        diff(&expected, &as_expected(&reader.seen))
+    );
+    let page = reqwest::get(format!("http://127.0.0.1:{ops}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics page");
+    let aborts = counter_sum(&page, "presence_transaction_aborts_total");
+    assert!(
+        aborts > 0.0,
+        "seed {seed}: no transaction was aborted, so the freeze did not reach the abort path:\n{}",
+        page.lines()
+            .filter(|l| l.contains("abort"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!(
+        "seed {seed}: transactions aborted after the freeze: {}",
+        page.lines()
+            .filter(|l| l.starts_with("presence_transaction_aborts_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    finish(&c, &expected, reader, vec![p], seed);
+}
