@@ -4,6 +4,10 @@
 //! its end offsets after the processor consumed its inputs to the end and stopped cleanly,
 //! so a duplicate or an extra transition fails as surely as a missing one.
 
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::collections::BTreeMap;

@@ -1,6 +1,10 @@
 //! The processor on the wall clock: restarts during live traffic, idle partitions, and
 //! records it must refuse.
 
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
+
 mod support;
 
 use std::time::Duration;
@@ -241,6 +245,9 @@ async fn bad_records_go_to_the_dead_letter_topic() {
     );
 }
 
+/// A record made to be refused: key, value, timestamp, the error code it must get.
+type Bad = (&'static str, Option<Vec<u8>>, i64, &'static str);
+
 /// Every dead-letter code either stage can give a record made by hand (stage 2's
 /// `unknown_source`, `malformed` and `invalid_field` need a well-formed session event of an
 /// unknown source or with a broken field, which only the processor's own encoder makes) is
@@ -260,7 +267,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
     trailing.push(0);
     let mut nameless = beat("s1", "G", HeartbeatKind::Beat, now).heartbeat;
     nameless.user_id = String::new();
-    let bad_heartbeats: Vec<(&str, Option<Vec<u8>>, i64, &str)> = vec![
+    let bad_heartbeats: Vec<Bad> = vec![
         ("s1", None, now, "missing_value"),
         ("s1", Some(vec![0xC3]), now, "too_short"),
         ("s1", Some(b"not avro at all".to_vec()), now, "bad_marker"),
@@ -275,7 +282,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
             "timestamp_in_future",
         ),
     ];
-    let bad_events: Vec<(&str, Option<Vec<u8>>, i64, &str)> = vec![
+    let bad_events: Vec<Bad> = vec![
         ("f", None, now, "missing_value"),
         ("f", Some(vec![0xC3]), now, "too_short"),
         ("f", Some(b"not avro at all".to_vec()), now, "bad_marker"),
@@ -285,7 +292,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
         .create()
         .expect("producer");
     let transitions = c.topics.session_transitions();
-    let mut records: Vec<(&str, &(&str, Option<Vec<u8>>, i64, &str))> = Vec::new();
+    let mut records: Vec<(&str, &Bad)> = Vec::new();
     records.extend(
         bad_heartbeats
             .iter()
