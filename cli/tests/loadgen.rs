@@ -163,7 +163,7 @@ async fn the_truth_file_predicts_the_processors_output() {
         expected.len()
     );
 
-    let mut processor = support::spawn_processor(&config, "a", &[]);
+    let mut processor = support::watched_processor(&config, "a", &[]);
     let mut reader = support::StatusReader::new(&config);
     let done = reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len());
     assert!(

@@ -127,7 +127,7 @@ async fn output_equals_the_oracle() {
     let seed = test_seed();
     let (c, expected) = case(seed, 2_000, 100).await;
     let reader = StatusReader::new(&c);
-    let p = spawn_processor(&c, "a", &[]);
+    let p = watched_processor(&c, "a", &[]);
     finish(&c, &expected, reader, vec![p], seed);
 }
 
@@ -151,7 +151,7 @@ async fn kill_9_at_any_instant_changes_nothing() {
     let mut reader = StatusReader::new(&c);
     // The worst instant first: offsets sent, transaction not committed.
     for crash_at in ["3", "8"] {
-        let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
+        let mut p = watched_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
         let status = p.wait_exit(Duration::from_secs(60));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
@@ -168,8 +168,10 @@ async fn kill_9_at_any_instant_changes_nothing() {
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let ids = ["a", "b"];
-    let mut running: Vec<ChildProcess> =
-        ids.iter().map(|id| spawn_processor(&c, id, &[])).collect();
+    let mut running: Vec<ChildProcess> = ids
+        .iter()
+        .map(|id| watched_processor(&c, id, &[]))
+        .collect();
     let mut committed = 0;
     for k in 0..KILLS {
         let victim = k % ids.len();
@@ -192,7 +194,7 @@ async fn kill_9_at_any_instant_changes_nothing() {
             expected.len(),
             started.elapsed()
         );
-        running[victim] = spawn_processor(&c, ids[victim], &[]);
+        running[victim] = watched_processor(&c, ids[victim], &[]);
     }
     finish(&c, &expected, reader, running, seed);
     eprintln!("seed {seed}: done in {:?}", started.elapsed());
@@ -206,9 +208,12 @@ async fn two_instances_one_killed() {
     let seed = test_seed();
     let (c, expected) = case(seed, 2_000, 100).await;
     let mut reader = StatusReader::new(&c);
-    let a = spawn_processor(&c, "a", &[]);
-    let mut b = spawn_processor(&c, "b", &[]);
-    reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len() / 4);
+    let a = watched_processor(&c, "a", &[]);
+    let mut b = watched_processor(&c, "b", &[]);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len() / 4),
+        "seed {seed}: a quarter of the output within 60 s"
+    );
     kill9(&mut b);
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
     finish(&c, &expected, reader, vec![a], seed);
@@ -234,7 +239,7 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
     let (c, expected) = case(seed, 2_000, 100).await;
     let mut reader = StatusReader::new(&c);
     let ops = presence_core::testkit::free_port();
-    let p = spawn_processor(
+    let p = watched_processor(
         &c,
         "a",
         &[(

@@ -48,7 +48,7 @@ async fn restart_after_downtime_never_flaps() {
     let _one = serial();
     let c = setup(TIMEOUT_MS as u64).await;
     let mut reader = StatusReader::new(&c);
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     produce(
         &c,
         &[
@@ -76,7 +76,7 @@ async fn restart_after_downtime_never_flaps() {
         produce(&c, &[beat("keeper", "K", HeartbeatKind::Beat, keeper_last)]).await;
         std::thread::sleep(Duration::from_millis(300));
     }
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     let until = now_ms() + 2_000;
     while now_ms() < until {
         keeper_last = now_ms();
@@ -127,7 +127,7 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     let _one = serial();
     let c = setup(TIMEOUT_MS as u64).await;
     let mut reader = StatusReader::new(&c);
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     // Warm up: the processor is assigned, restored and running once this round-trips.
     produce(&c, &[beat("warm", "W", HeartbeatKind::Beat, now_ms())]).await;
     assert!(reader.read_until(Duration::from_secs(60), |s| !s.is_empty()));
@@ -193,7 +193,7 @@ async fn bad_records_go_to_the_dead_letter_topic() {
             .unwrap();
     }
     let mut reader = StatusReader::new(&c);
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     assert!(
         reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
         "the good record after the bad ones is processed"
@@ -318,7 +318,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
     let mut reader = StatusReader::new(&c);
     // The worst instant, twice: offsets sent, transaction not committed.
     for crash_at in ["1", "2"] {
-        let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
+        let mut p = watched_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
         let status = p.wait_exit(Duration::from_secs(60));
         assert_eq!(
             status.signal(),
@@ -327,7 +327,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
             p.log_tail(20)
         );
     }
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     assert!(
         reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
         "the good record after the bad ones is processed"

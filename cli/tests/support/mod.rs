@@ -5,7 +5,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use presence_core::codec::{decode, encode};
@@ -89,9 +89,7 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
     ]
 }
 
-/// The real `presence processor` as a watched child process (see `testkit::spawn_child`):
-/// exiting unless killed or stopped fails the test's next wait, with its log's end.
-pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> ChildProcess {
+fn processor_command(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
     cmd.arg("processor")
         .env_clear()
@@ -103,17 +101,80 @@ pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Ch
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    spawn_child(&format!("processor-{instance}"), cmd)
+    cmd
 }
 
-/// kill -9 (panics if it had already died on its own).
-pub fn kill9(child: &mut ChildProcess) {
+/// The real `presence processor`, a plain child process (its output on the test's).
+/// Prefer `watched_processor`, whose unexpected exit fails the test at once.
+pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Child {
+    processor_command(c, instance, extra)
+        .spawn()
+        .expect("spawn presence processor")
+}
+
+/// The real `presence processor` as a watched child process (see `testkit::spawn_child`):
+/// exiting unless killed or stopped fails the test's next wait, with its log's end.
+pub fn watched_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> ChildProcess {
+    spawn_child(
+        &format!("processor-{instance}"),
+        processor_command(c, instance, extra),
+    )
+}
+
+/// A processor child that tests can kill or stop: a plain `Child` or a watched one.
+pub trait Stoppable {
+    /// kill -9, and wait for it to be gone.
+    fn kill9(&mut self);
+    /// SIGTERM, and its exit status within 30 s (a watched child must also exit 0).
+    fn terminate(&mut self) -> std::process::ExitStatus;
+}
+
+impl Stoppable for Child {
+    fn kill9(&mut self) {
+        let _ = self.kill();
+        let _ = self.wait();
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => {
+                    let _ = self.kill();
+                    let _ = self.wait();
+                    panic!("the processor did not exit within 30 s of SIGTERM ({other:?})");
+                }
+            }
+        }
+    }
+}
+
+impl Stoppable for ChildProcess {
+    fn kill9(&mut self) {
+        ChildProcess::kill9(self);
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        ChildProcess::terminate(self, Duration::from_secs(30))
+    }
+}
+
+/// kill -9 (a watched child that had died on its own fails the test).
+pub fn kill9(child: &mut impl Stoppable) {
     child.kill9();
 }
 
-/// SIGTERM, then a clean exit (status 0) within 30 s.
-pub fn terminate(child: &mut ChildProcess) {
-    child.terminate(Duration::from_secs(30));
+/// SIGTERM, then its exit within 30 s (a watched child must exit 0).
+pub fn terminate(child: &mut impl Stoppable) -> std::process::ExitStatus {
+    child.terminate()
 }
 
 pub async fn produce(c: &Config, records: &[SimRecord]) {
@@ -200,6 +261,22 @@ impl StatusReader {
             }
         }
         done(&self.seen)
+    }
+}
+
+impl StatusReader {
+    /// Everything committed so far (reads until 1 s without a record). Prefer
+    /// `statuses_to_end`, which reads to the end offsets.
+    pub fn drain(&mut self) {
+        let mut quiet = Instant::now();
+        while quiet.elapsed() < Duration::from_secs(1) {
+            check_processes();
+            if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
+                self.seen
+                    .push(decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes"));
+                quiet = Instant::now();
+            }
+        }
     }
 }
 

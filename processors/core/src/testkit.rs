@@ -759,6 +759,9 @@ impl ChildProcess {
     /// kill -9, and waits for it to be gone. Panics if it had already exited (a crash the
     /// test did not ask for).
     pub fn kill9(&mut self) {
+        if self.state.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return; // already killed or stopped on purpose
+        }
         check_processes();
         self.state
             .ended
@@ -805,7 +808,7 @@ impl ChildProcess {
 
     /// SIGTERM, then waits at most `within` for it to exit, and panics unless it exited
     /// with status 0 (a clean shutdown).
-    pub fn terminate(&mut self, within: std::time::Duration) {
+    pub fn terminate(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
         check_processes();
         let pid = self.id();
         let sent = std::process::Command::new("kill")
@@ -824,6 +827,7 @@ impl ChildProcess {
             self.what,
             tail(&self.state.log, 40)
         );
+        status
     }
 }
 
