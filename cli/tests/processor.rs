@@ -135,9 +135,10 @@ async fn output_equals_the_oracle() {
 const KILLS: usize = 8;
 
 /// kill -9, first exactly between send_offsets_to_transaction and commit_transaction (twice),
-/// then at random instants (seeded, logged) while two instances with distinct ids share the
-/// partitions, alternating which one dies, each kill landing while the committed output is
-/// provably incomplete and is, per facility, a prefix of the oracle's. The instances that
+/// then at random instants (seeded, logged; placed by progress, see below) while two
+/// instances with distinct ids share the partitions, alternating which one dies, each kill
+/// landing while the committed output is provably incomplete and is, per facility, a prefix
+/// of the oracle's. The instances that
 /// remain run until both stages consumed their inputs to the end offsets; then the whole
 /// output must be the oracle's, no seq doubled or missing.
 #[tokio::test(flavor = "multi_thread")]
@@ -147,7 +148,7 @@ async fn kill_9_at_any_instant_changes_nothing() {
     let seed = test_seed();
     let started = Instant::now();
     // Large enough that the processor is still busy replaying at the last kill.
-    let (c, expected) = case(seed, 4_000, 200).await;
+    let (c, expected) = case(seed, 5_000, 250).await;
     let mut reader = StatusReader::new(&c);
     // The worst instant first: offsets sent, transaction not committed.
     for crash_at in ["3", "8"] {
@@ -167,34 +168,49 @@ async fn kill_9_at_any_instant_changes_nothing() {
         );
     }
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Where the kills land, as points of progress (so that a fast machine does not finish
+    // the work before the last kill): each once the output has passed a random share of the
+    // oracle's transitions (sorted, between 2% and 35%) and the restarted instance has
+    // emitted something, then a random 0-200 ms later.
+    let n = expected.len();
+    let mut marks: Vec<usize> = (0..KILLS)
+        .map(|_| rng.gen_range(n / 50..n * 7 / 20))
+        .collect();
+    marks.sort_unstable();
     let ids = ["a", "b"];
+    // While replaying, the processor commits every ten commit intervals (at most 1 s): with
+    // 20 ms that is five times a second, so the output grows in small steps and a kill after
+    // the first new output of a restarted instance leaves most of the work undone.
+    let fast_commits = [("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "20ms")];
     let mut running: Vec<ChildProcess> = ids
         .iter()
-        .map(|id| watched_processor(&c, id, &[]))
+        .map(|id| watched_processor(&c, id, &fast_commits))
         .collect();
     let mut committed = 0;
-    for k in 0..KILLS {
+    for (k, mark) in marks.into_iter().enumerate() {
         let victim = k % ids.len();
-        // Work in progress: more output than at the last kill.
-        let progressed = reader.read_until(Duration::from_secs(60), |s| s.len() > committed);
+        // Work in progress: more output than at the last kill, and past this kill's mark.
+        let progressed = reader.read_until(Duration::from_secs(60), |s| {
+            s.len() > committed && s.len() >= mark
+        });
         assert!(
             progressed,
-            "seed {seed}, kill {k}: no new output within 60 s (still {committed})"
+            "seed {seed}, kill {k}: output stuck at {} (last kill {committed}, mark {mark}) for 60 s",
+            reader.seen.len()
         );
-        let delay = rng.gen_range(0..1_000);
+        let delay = rng.gen_range(0..200);
         std::thread::sleep(Duration::from_millis(delay));
         kill9(&mut running[victim]);
         let what = format!(
-            "seed {seed}, kill {k} (instance {}, {delay} ms after output passed {committed})",
+            "seed {seed}, kill {k} (instance {}, {delay} ms after the output passed {mark})",
             ids[victim]
         );
         committed = check_committed_at_kill(&c, &expected, &what);
         eprintln!(
-            "{what}: {committed} of {} transitions committed at {:?}",
-            expected.len(),
+            "{what}: {committed} of {n} transitions committed at {:?}",
             started.elapsed()
         );
-        running[victim] = watched_processor(&c, ids[victim], &[]);
+        running[victim] = watched_processor(&c, ids[victim], &fast_commits);
     }
     finish(&c, &expected, reader, running, seed);
     eprintln!("seed {seed}: done in {:?}", started.elapsed());
