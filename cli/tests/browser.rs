@@ -6,7 +6,9 @@ mod support;
 
 use std::time::Duration;
 
-use presence_core::testkit::{browser_script, isolated_config, read_topic, spawn_process, unique};
+use presence_core::testkit::{
+    browser_script, isolated_config, read_to_end_until, spawn_process, unique,
+};
 use presence_core::Shutdown;
 use rdkafka::message::Message;
 
@@ -28,11 +30,13 @@ async fn fetch_beats_and_an_unload_beacon_arrive() {
         "{result}"
     );
 
-    let records = read_topic(
+    // The beacon may land after the script returned: wait for three, then take everything
+    // to the end offsets, so a fourth (a doubled beat) fails the comparison below.
+    let records = read_to_end_until(
         &config,
         &config.topics.heartbeats,
-        3,
         Duration::from_secs(30),
+        |r| r.len() >= 3,
     );
     let mut kinds: Vec<String> = records
         .iter()
@@ -60,10 +64,10 @@ async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() 
     config.processor.session_timeout = Duration::from_secs(3);
     presence_core::testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
-    spawn_process("processor", &shutdown, |s| {
+    let processor = spawn_process("processor", &shutdown, |s| {
         presence_processor::run(config.clone(), s)
     });
-    spawn_process("notifier", &shutdown, |s| {
+    let notifier = spawn_process("notifier", &shutdown, |s| {
         presence_notifier::run(config.clone(), s)
     });
     let base = support::start_gateway(&config, &shutdown).await;
@@ -86,5 +90,7 @@ async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() 
     assert_eq!(result["online_count"], "1", "{result}");
     assert_eq!(result["offline_count"], "1", "{result}");
     assert_ne!(result["last_change"], "–", "{result}");
-    shutdown.trigger();
+    presence_core::testkit::check_processes();
+    processor.stop(Duration::from_secs(30)).await;
+    notifier.stop(Duration::from_secs(30)).await;
 }

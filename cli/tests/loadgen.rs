@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use presence_core::config::Config;
 use presence_core::sim::read_truth;
-use presence_core::testkit::{isolated_config, read_topic, unique};
+use presence_core::testkit::{isolated_config, read_to_end, unique};
 use presence_core::Shutdown;
 use presence_loadgen::{Options, Target};
 use rdkafka::message::Message;
@@ -36,16 +36,12 @@ async fn setup() -> Config {
 
 /// (session id, kind) → count, from the topic and from the truth file.
 fn compare(config: &Config, truth: &std::path::Path, sent: u64, exact_times: bool) {
-    let records = read_topic(
-        config,
-        &config.topics.heartbeats,
-        sent as usize,
-        Duration::from_secs(60),
-    );
+    // loadgen has returned: everything it sent is acknowledged, so the end offsets are final.
+    let records = read_to_end(config, &config.topics.heartbeats, Duration::from_secs(60));
     assert_eq!(
         records.len() as u64,
         sent,
-        "every heartbeat counted as sent is in the topic"
+        "every heartbeat counted as sent is in the topic, once"
     );
     let truth = read_truth(truth).expect("truth file");
     assert_eq!(
@@ -167,16 +163,19 @@ async fn the_truth_file_predicts_the_processors_output() {
         expected.len()
     );
 
-    let mut processor = support::spawn_processor(&config, "a", &[]);
+    let mut processor = support::watched_processor(&config, "a", &[]);
     let mut reader = support::StatusReader::new(&config);
     let done = reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len());
-    reader.drain();
-    support::kill9(&mut processor);
-    let got = support::as_expected(&reader.seen);
     assert!(
-        done && got == expected,
+        done,
         "{}",
-        support::diff(&expected, &got)
+        support::diff(&expected, &support::as_expected(&reader.seen))
     );
+    // Everything consumed and the processor stopped: the whole output, read to the end
+    // offsets, is the oracle's, with no duplicate or extra.
+    support::wait_consumed_to_end(&config, Duration::from_secs(60));
+    support::terminate(&mut processor);
+    let got = support::as_expected(&support::statuses_to_end(&config));
+    assert!(got == expected, "{}", support::diff(&expected, &got));
     let _ = std::fs::remove_file(truth);
 }

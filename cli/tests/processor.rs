@@ -1,6 +1,12 @@
 //! The processor end to end against the real broker: its `facility-status` output must equal
 //! what the reference model (presence_core::sim::oracle) computes from the heartbeat log,
-//! however the processor is killed, restarted or scaled.
+//! however the processor is killed, restarted or scaled. Every comparison reads the topic to
+//! its end offsets after the processor consumed its inputs to the end and stopped cleanly,
+//! so a duplicate or an extra transition fails as surely as a missing one.
+
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
 
 // `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
 // guard only keeps the heavy end-to-end tests of this binary from running at once.
@@ -8,85 +14,210 @@
 
 mod support;
 
-use std::time::Duration;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
 
-use presence_core::sim::{generate, oracle, SimConfig};
+use presence_core::sim::{generate, oracle, Expected, SimConfig};
+use presence_core::testkit::ChildProcess;
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
 
-/// Fresh topics holding a generated log of 2,000 sessions over 100 facilities (an hour ago,
-/// so everything is a replay), the transitions the oracle expects, and a reader.
+/// The seed of this run: `PRESENCE_TEST_SEED` if set (to repeat a run), else random. Printed
+/// (libtest shows it with a failure) and named in every assertion.
+fn test_seed() -> u64 {
+    let seed = match std::env::var("PRESENCE_TEST_SEED") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("PRESENCE_TEST_SEED={v:?} is not a u64: {e}")),
+        Err(_) => rand::random::<u64>() % 1_000_000_000,
+    };
+    eprintln!("PRESENCE_TEST_SEED={seed} (set it to repeat this run)");
+    seed
+}
+
+/// Fresh topics holding a generated log of `sessions` sessions over `facilities` facilities
+/// (hours ago, so everything is a replay; the log is long enough that its 10 ms-spaced
+/// timestamps never reach the present), and the transitions the oracle expects.
 async fn case(
     seed: u64,
-) -> (
-    presence_core::config::Config,
-    Vec<presence_core::sim::Expected>,
-    StatusReader,
-) {
+    sessions: usize,
+    facilities: usize,
+) -> (presence_core::config::Config, Vec<Expected>) {
     let c = setup(TIMEOUT_MS).await;
     let log = generate(&SimConfig::compressed(
         seed,
-        2_000,
-        100,
-        now_ms() - 3_600_000,
+        sessions,
+        facilities,
+        now_ms() - 6 * 3_600_000,
     ));
+    assert!(
+        log.last().is_some_and(|r| r.ts < now_ms() - 60_000),
+        "the log must lie in the past"
+    );
     let expected = oracle(&log, TIMEOUT_MS as i64);
+    let started = Instant::now();
     produce(&c, &log).await;
-    let reader = StatusReader::new(&c);
-    (c, expected, reader)
+    eprintln!(
+        "seed {seed}: {} heartbeats produced in {:?}, {} transitions expected",
+        log.len(),
+        started.elapsed(),
+        expected.len()
+    );
+    (c, expected)
 }
 
-/// Reads until every expected transition arrived (or two minutes), then asserts equality.
+/// Waits until every expected transition arrived, then until both stages consumed their
+/// inputs to the end offsets (so anything a restored instance would still emit, such as a
+/// duplicate, has been emitted), stops every instance with SIGTERM (each must exit 0), reads
+/// `facility-status` to its end offsets and compares the whole multiset with the oracle.
 fn finish(
+    c: &presence_core::config::Config,
+    expected: &[Expected],
     mut reader: StatusReader,
-    expected: &[presence_core::sim::Expected],
-    mut last: std::process::Child,
+    instances: Vec<ChildProcess>,
+    seed: u64,
 ) {
-    let done = reader.read_until(Duration::from_secs(180), |s| s.len() >= expected.len());
-    reader.drain();
-    kill9(&mut last);
-    let got = as_expected(&reader.seen);
-    assert!(done && got == expected, "{}", diff(expected, &got));
+    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
+    assert!(
+        done,
+        "seed {seed}: output incomplete after 120 s\n{}",
+        diff(expected, &as_expected(&reader.seen))
+    );
+    wait_consumed_to_end(c, Duration::from_secs(60));
+    for mut p in instances {
+        terminate(&mut p);
+    }
+    let got = as_expected(&statuses_to_end(c));
+    assert!(got == expected, "seed {seed}: {}", diff(expected, &got));
+}
+
+/// What was committed when an instance was killed: fewer transitions than the oracle's (the
+/// kill landed mid-work), and, facility by facility, exactly the oracle's first ones (nothing
+/// doubled, nothing skipped, nothing the oracle does not have). Returns how many.
+fn check_committed_at_kill(
+    c: &presence_core::config::Config,
+    expected: &[Expected],
+    what: &str,
+) -> usize {
+    let committed = as_expected(&statuses_to_end(c));
+    assert!(
+        committed.len() < expected.len(),
+        "{what}: the output was already complete ({} transitions) when the kill landed, so it proved nothing; make the backlog larger",
+        committed.len()
+    );
+    let mut by_facility: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
+    for e in &committed {
+        by_facility.entry(&e.facility_id).or_default().push(e);
+    }
+    let mut oracle_of: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
+    for e in expected {
+        oracle_of.entry(&e.facility_id).or_default().push(e);
+    }
+    for (facility, got) in by_facility {
+        let want = oracle_of.get(facility).map(Vec::as_slice).unwrap_or(&[]);
+        assert!(
+            got.len() <= want.len() && got[..] == want[..got.len()],
+            "{what}: committed transitions of {facility} are not the oracle's first {}:\ncommitted {got:?}\noracle {want:?}",
+            got.len()
+        );
+    }
+    committed.len()
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn output_equals_the_oracle() {
     let _one = serial();
-    let (c, expected, reader) = case(11).await;
-    let p = spawn_processor(&c, "a", &[]);
-    finish(reader, &expected, p);
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let reader = StatusReader::new(&c);
+    let p = watched_processor(&c, "a", &[]);
+    finish(&c, &expected, reader, vec![p], seed);
 }
 
-/// kill -9 at random instants, and once exactly between send_offsets_to_transaction and
-/// commit_transaction: the output is still the oracle's, no seq doubled or missing.
+/// How many kill -9 the random phase makes, alternating between two instance ids.
+const KILLS: usize = 8;
+
+/// kill -9, first exactly between send_offsets_to_transaction and commit_transaction (twice),
+/// then at random instants (seeded, logged; placed by progress, see below) while two
+/// instances with distinct ids share the partitions, alternating which one dies, each kill
+/// landing while the committed output is provably incomplete and is, per facility, a prefix
+/// of the oracle's. The instances that
+/// remain run until both stages consumed their inputs to the end offsets; then the whole
+/// output must be the oracle's, no seq doubled or missing.
 #[tokio::test(flavor = "multi_thread")]
 async fn kill_9_at_any_instant_changes_nothing() {
     use rand::{Rng, SeedableRng};
     let _one = serial();
-    let (c, expected, mut reader) = case(12).await;
+    let seed = test_seed();
+    let started = Instant::now();
+    // Large enough that the processor is still busy replaying at the last kill.
+    let (c, expected) = case(seed, 5_000, 250).await;
+    let mut reader = StatusReader::new(&c);
     // The worst instant first: offsets sent, transaction not committed.
     for crash_at in ["3", "8"] {
-        let mut p = spawn_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
-        let status = p.wait().expect("wait");
+        let mut p = watched_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
+        let status = p.wait_exit(Duration::from_secs(60));
         use std::os::unix::process::ExitStatusExt;
         assert_eq!(
             status.signal(),
             Some(6),
-            "the crash point must have aborted the process: {status:?}"
+            "the crash point must have aborted the process: {status:?}\n{}",
+            p.log_tail(20)
+        );
+        check_committed_at_kill(
+            &c,
+            &expected,
+            &format!("seed {seed}, crash point {crash_at}"),
         );
     }
-    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
-    for _ in 0..4 {
-        let mut p = spawn_processor(&c, "a", &[]);
-        let before = reader.seen.len();
-        // Let it make some progress (some output), then kill it at a random instant.
-        reader.read_until(Duration::from_secs(30), |s| s.len() > before);
-        std::thread::sleep(Duration::from_millis(rng.gen_range(0..1_500)));
-        kill9(&mut p);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Where the kills land, as points of progress (so that a fast machine does not finish
+    // the work before the last kill): each once the output has passed a random share of the
+    // oracle's transitions (sorted, between 2% and 35%) and the restarted instance has
+    // emitted something, then a random 0-200 ms later.
+    let n = expected.len();
+    let mut marks: Vec<usize> = (0..KILLS)
+        .map(|_| rng.gen_range(n / 50..n * 7 / 20))
+        .collect();
+    marks.sort_unstable();
+    let ids = ["a", "b"];
+    // While replaying, the processor commits every ten commit intervals (at most 1 s): with
+    // 20 ms that is five times a second, so the output grows in small steps and a kill after
+    // the first new output of a restarted instance leaves most of the work undone.
+    let fast_commits = [("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "20ms")];
+    let mut running: Vec<ChildProcess> = ids
+        .iter()
+        .map(|id| watched_processor(&c, id, &fast_commits))
+        .collect();
+    let mut committed = 0;
+    for (k, mark) in marks.into_iter().enumerate() {
+        let victim = k % ids.len();
+        // Work in progress: more output than at the last kill, and past this kill's mark.
+        let progressed = reader.read_until(Duration::from_secs(60), |s| {
+            s.len() > committed && s.len() >= mark
+        });
+        assert!(
+            progressed,
+            "seed {seed}, kill {k}: output stuck at {} (last kill {committed}, mark {mark}) for 60 s",
+            reader.seen.len()
+        );
+        let delay = rng.gen_range(0..200);
+        std::thread::sleep(Duration::from_millis(delay));
+        kill9(&mut running[victim]);
+        let what = format!(
+            "seed {seed}, kill {k} (instance {}, {delay} ms after the output passed {mark})",
+            ids[victim]
+        );
+        committed = check_committed_at_kill(&c, &expected, &what);
+        eprintln!(
+            "{what}: {committed} of {n} transitions committed at {:?}",
+            started.elapsed()
+        );
+        running[victim] = watched_processor(&c, ids[victim], &fast_commits);
     }
-    let p = spawn_processor(&c, "a", &[]);
-    finish(reader, &expected, p);
+    finish(&c, &expected, reader, running, seed);
+    eprintln!("seed {seed}: done in {:?}", started.elapsed());
 }
 
 /// Two instances split the partitions; one is killed mid-run and the other takes its
@@ -94,10 +225,94 @@ async fn kill_9_at_any_instant_changes_nothing() {
 #[tokio::test(flavor = "multi_thread")]
 async fn two_instances_one_killed() {
     let _one = serial();
-    let (c, expected, mut reader) = case(13).await;
-    let a = spawn_processor(&c, "a", &[]);
-    let mut b = spawn_processor(&c, "b", &[]);
-    reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len() / 4);
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let mut reader = StatusReader::new(&c);
+    let a = watched_processor(&c, "a", &[]);
+    let mut b = watched_processor(&c, "b", &[]);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len() / 4),
+        "seed {seed}: a quarter of the output within 60 s"
+    );
     kill9(&mut b);
-    finish(reader, &expected, a);
+    check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
+    finish(&c, &expected, reader, vec![a], seed);
+}
+
+/// The sum of a counter over its labels in a Prometheus text page.
+fn counter_sum(page: &str, name: &str) -> f64 {
+    page.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The processor frozen (SIGSTOP) mid-replay for longer than its transaction timeout and
+/// its group session (10 s each): the broker aborts its open transactions and drops it from
+/// the group. Woken up (SIGCONT), it meets the failed transaction (the abort and rewind path,
+/// or the fatal path that rebuilds the producer) and lost partitions, and must still produce
+/// exactly the oracle's output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
+    let _one = serial();
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let mut reader = StatusReader::new(&c);
+    let ops = presence_core::testkit::free_port();
+    let p = watched_processor(
+        &c,
+        "a",
+        &[(
+            "PRESENCE_PROCESSOR__OPS_LISTEN",
+            &format!("127.0.0.1:{ops}"),
+        )],
+    );
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !s.is_empty()),
+        "seed {seed}: no output within 60 s"
+    );
+    let signal = |sig: &str| {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(p.id().to_string())
+            .status();
+        assert!(sent.is_ok_and(|s| s.success()), "kill -{sig}");
+    };
+    signal("STOP");
+    check_committed_at_kill(&c, &expected, &format!("seed {seed}, SIGSTOP"));
+    // The fault itself, not a wait for something: frozen past session.timeout.ms (10 s)
+    // and past transaction.timeout.ms (10 s) plus the broker's scan for timed-out
+    // transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s), so
+    // the broker has dropped it from the group and aborted its open transactions.
+    std::thread::sleep(Duration::from_secs(22));
+    signal("CONT");
+    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
+    assert!(
+        done,
+        "seed {seed}: output incomplete after the freeze\n{}",
+        diff(&expected, &as_expected(&reader.seen))
+    );
+    let page = reqwest::get(format!("http://127.0.0.1:{ops}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics page");
+    let aborts = counter_sum(&page, "presence_transaction_aborts_total");
+    assert!(
+        aborts > 0.0,
+        "seed {seed}: no transaction was aborted, so the freeze did not reach the abort path:\n{}",
+        page.lines()
+            .filter(|l| l.contains("abort"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    eprintln!(
+        "seed {seed}: transactions aborted after the freeze: {}",
+        page.lines()
+            .filter(|l| l.starts_with("presence_transaction_aborts_total"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    finish(&c, &expected, reader, vec![p], seed);
 }

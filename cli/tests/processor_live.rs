@@ -10,13 +10,11 @@ mod support;
 use std::time::Duration;
 
 use presence_core::codec::encode;
-use presence_core::kafka::{consumer_config, idempotent_producer_config};
+use presence_core::kafka::idempotent_producer_config;
 use presence_core::records::{Heartbeat, HeartbeatKind, Status};
 use presence_core::sim::SimRecord;
-use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use support::*;
 
 const TIMEOUT_MS: i64 = 2_005;
@@ -50,7 +48,7 @@ async fn restart_after_downtime_never_flaps() {
     let _one = serial();
     let c = setup(TIMEOUT_MS as u64).await;
     let mut reader = StatusReader::new(&c);
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     produce(
         &c,
         &[
@@ -78,7 +76,7 @@ async fn restart_after_downtime_never_flaps() {
         produce(&c, &[beat("keeper", "K", HeartbeatKind::Beat, keeper_last)]).await;
         std::thread::sleep(Duration::from_millis(300));
     }
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     let until = now_ms() + 2_000;
     while now_ms() < until {
         keeper_last = now_ms();
@@ -90,10 +88,17 @@ async fn restart_after_downtime_never_flaps() {
         "both facilities offline at the end: {:?}",
         reader.seen
     );
-    reader.drain();
+    wait_consumed_to_end(&c, Duration::from_secs(30));
     terminate(&mut p);
-    let k = statuses_of(&reader.seen, "K");
-    let s = statuses_of(&reader.seen, "S");
+    // The whole output, read to the end offsets: a flap or a duplicate would be in it.
+    let all = statuses_to_end(&c);
+    assert_eq!(
+        all.len(),
+        4,
+        "two transitions each of K and S, nothing else: {all:?}"
+    );
+    let k = statuses_of(&all, "K");
+    let s = statuses_of(&all, "S");
     assert_eq!(
         k.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(),
         vec![(Status::Online, 1), (Status::Offline, 2)],
@@ -122,7 +127,7 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     let _one = serial();
     let c = setup(TIMEOUT_MS as u64).await;
     let mut reader = StatusReader::new(&c);
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     // Warm up: the processor is assigned, restored and running once this round-trips.
     produce(&c, &[beat("warm", "W", HeartbeatKind::Beat, now_ms())]).await;
     assert!(reader.read_until(Duration::from_secs(60), |s| !s.is_empty()));
@@ -130,7 +135,23 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     produce(&c, &[beat("lonely", "I", HeartbeatKind::Beat, ts)]).await;
     assert!(reader.read_until(Duration::from_secs(30), |s| statuses_of(s, "I").len() >= 2));
     terminate(&mut p);
-    let i = statuses_of(&reader.seen, "I");
+    let all = statuses_to_end(&c);
+    let i = statuses_of(&all, "I");
+    assert_eq!(
+        i.iter().map(|x| (x.status, x.seq)).collect::<Vec<_>>(),
+        vec![(Status::Online, 1), (Status::Offline, 2)],
+        "{all:?}"
+    );
+    let w = statuses_of(&all, "W");
+    assert_eq!(all.len(), i.len() + w.len(), "only W and I: {all:?}");
+    assert!(
+        w.iter()
+            .map(|x| (x.status, x.seq))
+            .eq([(Status::Online, 1), (Status::Offline, 2)]
+                .into_iter()
+                .take(w.len())),
+        "the warm-up facility went online once (and perhaps offline once): {w:?}"
+    );
     assert_eq!(i[1].status, Status::Offline);
     assert_eq!(i[1].since, ts + TIMEOUT_MS);
     let late = i[1].emitted_at - (ts + TIMEOUT_MS);
@@ -172,44 +193,40 @@ async fn bad_records_go_to_the_dead_letter_topic() {
             .unwrap();
     }
     let mut reader = StatusReader::new(&c);
-    let mut p = spawn_processor(&c, "a", &[]);
+    let mut p = watched_processor(&c, "a", &[]);
     assert!(
         reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
         "the good record after the bad ones is processed"
     );
-    let dlq: BaseConsumer = consumer_config(
-        &c.kafka,
-        "test-dlq",
-        &format!("{}-dlq", c.processor.group_id),
-    )
-    .create()
-    .unwrap();
-    let mut tpl = TopicPartitionList::new();
-    for part in 0..c.topics.heartbeats_partitions {
-        tpl.add_partition_offset(&c.topics.dead_letters, part, Offset::Beginning)
-            .unwrap();
-    }
-    dlq.assign(&tpl).unwrap();
-    let mut letters = Vec::new();
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    while letters.len() < 3 && std::time::Instant::now() < deadline {
-        if let Some(Ok(m)) = dlq.poll(Duration::from_millis(100)) {
-            let h = m.headers().expect("dead letters carry headers");
-            let get = |k: &str| {
-                h.iter()
-                    .find(|x| x.key == k)
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            };
-            letters.push((
-                get("presence.error.code").unwrap(),
-                get("presence.source.offset").unwrap(),
-                get("presence.source.topic").unwrap(),
-                m.payload().map(<[u8]>::to_vec),
-            ));
-        }
-    }
     terminate(&mut p);
+    // Every dead letter, read to the end offsets: each bad record exactly once.
+    let letters: Vec<_> =
+        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let h = m.headers().expect("dead letters carry headers");
+                let get = |k: &str| {
+                    h.iter()
+                        .find(|x| x.key == k)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_else(|| panic!("dead letter without header {k}"))
+                };
+                (
+                    get("presence.error.code"),
+                    get("presence.source.offset"),
+                    get("presence.source.topic"),
+                    m.payload().map(<[u8]>::to_vec),
+                )
+            })
+            .collect();
+    let g = statuses_to_end(&c);
+    assert!(
+        g.iter().all(|s| s.facility_id == "G")
+            && g.first()
+                .is_some_and(|s| s.seq == 1 && s.status == Status::Online),
+        "only the good record's facility, online first: {g:?}"
+    );
     let codes: Vec<&str> = letters.iter().map(|l| l.0.as_str()).collect();
     assert_eq!(
         codes,
@@ -225,5 +242,152 @@ async fn bad_records_go_to_the_dead_letter_topic() {
         letters[0].3.as_deref(),
         Some(&b"not avro at all"[..]),
         "original bytes kept"
+    );
+}
+
+/// A record made to be refused: key, value, timestamp, the error code it must get.
+type Bad = (&'static str, Option<Vec<u8>>, i64, &'static str);
+
+/// Every dead-letter code either stage can give a record made by hand (stage 2's
+/// `unknown_source`, `malformed` and `invalid_field` need a well-formed session event of an
+/// unknown source or with a broken field, which only the processor's own encoder makes) is
+/// written exactly once, even though the first two instances die between
+/// send_offsets_to_transaction and commit_transaction: the dead letters of an aborted
+/// transaction are never seen, and the next instance writes them once.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
+    use std::os::unix::process::ExitStatusExt;
+    let _one = serial();
+    let c = setup(TIMEOUT_MS as u64).await;
+    let now = now_ms();
+    let good = encode(&beat("s1", "G", HeartbeatKind::Beat, now).heartbeat);
+    // Single-object header with a fingerprint no schema has, then a body.
+    let unknown = [0xC3, 0x01, 1, 2, 3, 4, 5, 6, 7, 8, 0].to_vec();
+    let mut trailing = good.clone();
+    trailing.push(0);
+    let mut nameless = beat("s1", "G", HeartbeatKind::Beat, now).heartbeat;
+    nameless.user_id = String::new();
+    let bad_heartbeats: Vec<Bad> = vec![
+        ("s1", None, now, "missing_value"),
+        ("s1", Some(vec![0xC3]), now, "too_short"),
+        ("s1", Some(b"not avro at all".to_vec()), now, "bad_marker"),
+        ("s1", Some(unknown.clone()), now, "unknown_schema"),
+        ("s1", Some(trailing), now, "malformed"),
+        ("s1", Some(encode(&nameless)), now, "invalid_field"),
+        ("other-key", Some(good.clone()), now, "key_mismatch"),
+        (
+            "s1",
+            Some(good.clone()),
+            now + 3_600_000,
+            "timestamp_in_future",
+        ),
+    ];
+    let bad_events: Vec<Bad> = vec![
+        ("f", None, now, "missing_value"),
+        ("f", Some(vec![0xC3]), now, "too_short"),
+        ("f", Some(b"not avro at all".to_vec()), now, "bad_marker"),
+        ("f", Some(unknown), now, "unknown_schema"),
+    ];
+    let producer: FutureProducer = idempotent_producer_config(&c.kafka, "test")
+        .create()
+        .expect("producer");
+    let transitions = c.topics.session_transitions();
+    let mut records: Vec<(&str, &Bad)> = Vec::new();
+    records.extend(
+        bad_heartbeats
+            .iter()
+            .map(|r| (c.topics.heartbeats.as_str(), r)),
+    );
+    records.extend(bad_events.iter().map(|r| (transitions.as_str(), r)));
+    let good_after = ("s1", Some(good), now, "");
+    records.push((c.topics.heartbeats.as_str(), &good_after));
+    for (topic, (key, value, ts, _)) in records {
+        let mut r = FutureRecord::to(topic)
+            .key(key.as_bytes())
+            .timestamp(*ts)
+            .partition(0);
+        if let Some(v) = value {
+            r = r.payload(v);
+        }
+        producer
+            .send(r, Duration::from_secs(10))
+            .await
+            .map_err(|(e, _)| e)
+            .expect("produced");
+    }
+    let mut reader = StatusReader::new(&c);
+    // The worst instant, twice: offsets sent, transaction not committed.
+    for crash_at in ["1", "2"] {
+        let mut p = watched_processor(&c, "a", &[("FAILPOINT_CRASH_AFTER_OFFSETS", crash_at)]);
+        let status = p.wait_exit(Duration::from_secs(60));
+        assert_eq!(
+            status.signal(),
+            Some(6),
+            "the crash point must have aborted the process: {status:?}\n{}",
+            p.log_tail(20)
+        );
+    }
+    let mut p = watched_processor(&c, "a", &[]);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "G").is_empty()),
+        "the good record after the bad ones is processed"
+    );
+    wait_consumed_to_end(&c, Duration::from_secs(60));
+    terminate(&mut p);
+    let mut letters: Vec<(String, String, String, String)> =
+        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
+            .iter()
+            .map(|m| {
+                let h = m.headers().expect("dead letters carry headers");
+                let get = |k: &str| {
+                    h.iter()
+                        .find(|x| x.key == k)
+                        .and_then(|x| x.value)
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                        .unwrap_or_else(|| panic!("dead letter without header {k}"))
+                };
+                (
+                    get("presence.source.topic"),
+                    get("presence.source.partition"),
+                    get("presence.source.offset"),
+                    get("presence.error.code"),
+                )
+            })
+            .collect();
+    letters.sort();
+    // The crashes hit transactions that held dead letters: read_uncommitted also sees the
+    // letters those aborted transactions had written.
+    let attempts = presence_core::testkit::read_to_end_uncommitted(
+        &c,
+        &c.topics.dead_letters,
+        Duration::from_secs(30),
+    )
+    .len();
+    assert!(
+        attempts > letters.len(),
+        "no aborted dead letter ({attempts} written in all): the crashes proved nothing"
+    );
+    let mut expected: Vec<(String, String, String, String)> = bad_heartbeats
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            (
+                c.topics.heartbeats.clone(),
+                "0".into(),
+                i.to_string(),
+                r.3.into(),
+            )
+        })
+        .chain(
+            bad_events
+                .iter()
+                .enumerate()
+                .map(|(i, r)| (transitions.clone(), "0".into(), i.to_string(), r.3.into())),
+        )
+        .collect();
+    expected.sort();
+    assert_eq!(
+        letters, expected,
+        "each bad record dead-lettered once, with its code"
     );
 }

@@ -13,7 +13,9 @@ use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config, idempotent_producer_config};
 use presence_core::records::FacilityStatus;
 use presence_core::sim::{Expected, SimRecord};
-use presence_core::testkit::isolated_config;
+use presence_core::testkit::{
+    check_processes, isolated_config, read_to_end, spawn_child, ChildProcess,
+};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -87,7 +89,7 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
     ]
 }
 
-pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Child {
+fn processor_command(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
     cmd.arg("processor")
         .env_clear()
@@ -99,22 +101,80 @@ pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Ch
     for (k, v) in extra {
         cmd.env(k, v);
     }
-    cmd.spawn().expect("spawn presence processor")
+    cmd
 }
 
-/// kill -9.
-pub fn kill9(child: &mut Child) {
-    let _ = child.kill();
-    let _ = child.wait();
+/// The real `presence processor`, a plain child process (its output on the test's).
+/// Prefer `watched_processor`, whose unexpected exit fails the test at once.
+pub fn spawn_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Child {
+    processor_command(c, instance, extra)
+        .spawn()
+        .expect("spawn presence processor")
 }
 
-/// SIGTERM, then wait for a clean exit.
-pub fn terminate(child: &mut Child) -> std::process::ExitStatus {
-    let _ = Command::new("kill")
-        .arg("-TERM")
-        .arg(child.id().to_string())
-        .status();
-    child.wait().expect("wait")
+/// The real `presence processor` as a watched child process (see `testkit::spawn_child`):
+/// exiting unless killed or stopped fails the test's next wait, with its log's end.
+pub fn watched_processor(c: &Config, instance: &str, extra: &[(&str, &str)]) -> ChildProcess {
+    spawn_child(
+        &format!("processor-{instance}"),
+        processor_command(c, instance, extra),
+    )
+}
+
+/// A processor child that tests can kill or stop: a plain `Child` or a watched one.
+pub trait Stoppable {
+    /// kill -9, and wait for it to be gone.
+    fn kill9(&mut self);
+    /// SIGTERM, and its exit status within 30 s (a watched child must also exit 0).
+    fn terminate(&mut self) -> std::process::ExitStatus;
+}
+
+impl Stoppable for Child {
+    fn kill9(&mut self) {
+        let _ = self.kill();
+        let _ = self.wait();
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .arg("-TERM")
+            .arg(self.id().to_string())
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match self.try_wait() {
+                Ok(Some(status)) => return status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(20))
+                }
+                other => {
+                    let _ = self.kill();
+                    let _ = self.wait();
+                    panic!("the processor did not exit within 30 s of SIGTERM ({other:?})");
+                }
+            }
+        }
+    }
+}
+
+impl Stoppable for ChildProcess {
+    fn kill9(&mut self) {
+        ChildProcess::kill9(self);
+    }
+
+    fn terminate(&mut self) -> std::process::ExitStatus {
+        ChildProcess::terminate(self, Duration::from_secs(30))
+    }
+}
+
+/// kill -9 (a watched child that had died on its own fails the test).
+pub fn kill9(child: &mut impl Stoppable) {
+    child.kill9();
+}
+
+/// SIGTERM, then its exit within 30 s (a watched child must exit 0).
+pub fn terminate(child: &mut impl Stoppable) -> std::process::ExitStatus {
+    child.terminate()
 }
 
 pub async fn produce(c: &Config, records: &[SimRecord]) {
@@ -190,6 +250,7 @@ impl StatusReader {
     ) -> bool {
         let deadline = Instant::now() + limit;
         while Instant::now() < deadline {
+            check_processes();
             if done(&self.seen) {
                 return true;
             }
@@ -201,17 +262,80 @@ impl StatusReader {
         }
         done(&self.seen)
     }
+}
 
-    /// Everything committed so far (reads until 1 s without a record).
+impl StatusReader {
+    /// Everything committed so far (reads until 1 s without a record). Prefer
+    /// `statuses_to_end`, which reads to the end offsets.
     pub fn drain(&mut self) {
         let mut quiet = Instant::now();
         while quiet.elapsed() < Duration::from_secs(1) {
+            check_processes();
             if let Some(Ok(m)) = self.consumer.poll(Duration::from_millis(100)) {
                 self.seen
                     .push(decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes"));
                 quiet = Instant::now();
             }
         }
+    }
+}
+
+/// Every `facility-status` record committed now, from the beginning of each partition to
+/// its end offset (duplicates and extras included), each checked to be keyed by facility.
+pub fn statuses_to_end(c: &Config) -> Vec<FacilityStatus> {
+    read_to_end(c, &c.topics.facility_status, Duration::from_secs(60))
+        .iter()
+        .map(|m| {
+            let s = decode::<FacilityStatus>(m.payload().unwrap_or_default()).unwrap_or_else(|e| {
+                panic!(
+                    "facility-status record at {}/{}: {e}",
+                    m.partition(),
+                    m.offset()
+                )
+            });
+            assert_eq!(m.key(), Some(s.facility_id.as_bytes()), "keyed by facility");
+            s
+        })
+        .collect()
+}
+
+/// Waits (at most `within`) until both stages' groups have committed the end offset of
+/// every partition of their input: the processor has consumed everything there is, so
+/// whatever it would emit for it is emitted. (Stage 1 is idle once its input is consumed,
+/// so stage 2's input stops growing.)
+pub fn wait_consumed_to_end(c: &Config, within: Duration) {
+    let stages = [
+        (
+            format!("{}.sessions", c.processor.group_id),
+            c.topics.heartbeats.clone(),
+        ),
+        (
+            format!("{}.facilities", c.processor.group_id),
+            c.topics.session_transitions(),
+        ),
+    ];
+    let deadline = Instant::now() + within;
+    loop {
+        check_processes();
+        if stages
+            .iter()
+            .all(|(group, topic)| presence_core::testkit::consumed_to_end(c, group, topic))
+        {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the processor did not consume its inputs to the end within {within:?}: {:?}",
+            stages
+                .iter()
+                .map(|(g, t)| (
+                    t,
+                    presence_core::testkit::committed_offsets(c, g, t),
+                    presence_core::testkit::end_offsets(c, t)
+                ))
+                .collect::<Vec<_>>()
+        );
+        std::thread::sleep(Duration::from_millis(200));
     }
 }
 

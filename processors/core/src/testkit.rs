@@ -306,6 +306,198 @@ pub fn read_topic(
     out
 }
 
+/// The end of each partition of `topic` for a read_committed reader, `(partition, offset)`:
+/// the last stable offset, the offset before which every transaction is decided. (librdkafka
+/// answers `query_watermark_offsets` per the client's `isolation.level` since 1.8, so the
+/// "high watermark" of a read_committed consumer is the LSO.)
+pub fn end_offsets(c: &Config, topic: &str) -> Vec<(i32, i64)> {
+    end_offsets_of(c, topic, "read_committed")
+}
+
+fn end_offsets_of(c: &Config, topic: &str, isolation: &str) -> Vec<(i32, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let consumer: BaseConsumer =
+        crate::kafka::consumer_config(&c.kafka, "test-ends", &unique("ends"))
+            .set("isolation.level", isolation)
+            .create()
+            .expect("test consumer");
+    partitions_of(&consumer, topic)
+        .into_iter()
+        .map(|p| {
+            let (_, high) = consumer
+                .fetch_watermarks(topic, p, std::time::Duration::from_secs(15))
+                .unwrap_or_else(|e| panic!("end offset of {topic}/{p}: {e}"));
+            (p, high)
+        })
+        .collect()
+}
+
+fn partitions_of(consumer: &impl rdkafka::consumer::Consumer, topic: &str) -> Vec<i32> {
+    let md = consumer
+        .fetch_metadata(Some(topic), std::time::Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("metadata of {topic}: {e}"));
+    let partitions: Vec<i32> = md
+        .topics()
+        .iter()
+        .filter(|t| t.name() == topic)
+        .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+        .collect();
+    assert!(
+        !partitions.is_empty(),
+        "topic {topic} has no partitions (not created?)"
+    );
+    partitions
+}
+
+/// The partitions of `topic`.
+pub fn partitions(c: &Config, topic: &str) -> Vec<i32> {
+    let consumer: rdkafka::consumer::BaseConsumer =
+        crate::kafka::consumer_config(&c.kafka, "test-metadata", &unique("metadata"))
+            .create()
+            .expect("test consumer");
+    partitions_of(&consumer, topic)
+}
+
+/// Every committed record of `topic` (read_committed): each partition from its beginning up
+/// to its end offset as of this call (`end_offsets`), nothing beyond. Unlike `read_topic`
+/// it does not stop at an expected count, so a duplicate or an extra record is in the
+/// result. Call it once the writer is done (stopped, or its output waited for): records
+/// committed after the call are not read. Panics if the end is not reached `within`, or if
+/// a background process of this test fails meanwhile.
+pub fn read_to_end(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    read_to_end_of(c, topic, within, "read_committed")
+}
+
+/// `read_to_end` with read_uncommitted: the records of aborted transactions too (what a
+/// crashed writer had written), up to the high watermarks.
+pub fn read_to_end_uncommitted(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    read_to_end_of(c, topic, within, "read_uncommitted")
+}
+
+fn read_to_end_of(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+    isolation: &str,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::error::KafkaError;
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+    let mut ends: std::collections::BTreeMap<i32, i64> = end_offsets_of(c, topic, isolation)
+        .into_iter()
+        .filter(|&(_, end)| end > 0)
+        .collect();
+    let mut reader = crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"));
+    // End of partition is how a read ends on a partition whose last offsets are a
+    // transaction marker or aborted records, which no message stands for.
+    reader
+        .set("enable.partition.eof", "true")
+        .set("isolation.level", isolation);
+    let consumer: BaseConsumer = reader.create().expect("test consumer");
+    let mut tpl = TopicPartitionList::new();
+    for &p in ends.keys() {
+        tpl.add_partition_offset(topic, p, Offset::Beginning)
+            .unwrap_or_else(|e| panic!("assign {topic}/{p}: {e}"));
+    }
+    consumer.assign(&tpl).expect("assign");
+    let deadline = std::time::Instant::now() + within;
+    let mut out = Vec::new();
+    while !ends.is_empty() {
+        check_processes();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read_to_end({topic}): partitions {ends:?} (partition: end offset) not read to the end within {within:?}"
+        );
+        match consumer.poll(std::time::Duration::from_millis(100)) {
+            Some(Ok(m)) => {
+                let p = m.partition();
+                if let Some(&end) = ends.get(&p) {
+                    if m.offset() < end {
+                        out.push(m.detach());
+                    }
+                    if m.offset() + 1 >= end {
+                        ends.remove(&p);
+                    }
+                }
+            }
+            // Everything before the broker's end offset of that fetch has been delivered,
+            // and that end is at least the one read above (it never goes back).
+            Some(Err(KafkaError::PartitionEOF(p))) => {
+                ends.remove(&p);
+            }
+            Some(Err(e)) => eprintln!("read_to_end({topic}): {e} (retrying)"),
+            None => {}
+        }
+    }
+    out
+}
+
+/// `read_to_end`, again every 100 ms until `done` holds for what it read (a writer still at
+/// work has finished), at most `within`; returns that read, every record to the end offsets.
+/// Panics with what was read if `done` never held.
+pub fn read_to_end_until(
+    c: &Config,
+    topic: &str,
+    within: std::time::Duration,
+    mut done: impl FnMut(&[rdkafka::message::OwnedMessage]) -> bool,
+) -> Vec<rdkafka::message::OwnedMessage> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let records = read_to_end(c, topic, within);
+        if done(&records) {
+            return records;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "read_to_end_until({topic}): still not done after {within:?} with {} records",
+            records.len()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// The offsets `group` has committed on `topic`, `(partition, offset)`; -1001 (invalid)
+/// where it has committed none.
+pub fn committed_offsets(c: &Config, group: &str, topic: &str) -> Vec<(i32, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::topic_partition_list::TopicPartitionList;
+    // A client of the group that never joins it: it only fetches the group's offsets.
+    let consumer: BaseConsumer = crate::kafka::consumer_config(&c.kafka, "test-offsets", group)
+        .create()
+        .expect("test consumer");
+    let mut tpl = TopicPartitionList::new();
+    for p in partitions_of(&consumer, topic) {
+        tpl.add_partition(topic, p);
+    }
+    let committed = consumer
+        .committed_offsets(tpl, std::time::Duration::from_secs(15))
+        .unwrap_or_else(|e| panic!("committed offsets of {group} on {topic}: {e}"));
+    committed
+        .elements_for_topic(topic)
+        .iter()
+        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1001)))
+        .collect()
+}
+
+/// Whether `group` has committed the end offset of every partition of `topic`: it has
+/// consumed everything in it.
+pub fn consumed_to_end(c: &Config, group: &str, topic: &str) -> bool {
+    let ends = end_offsets(c, topic);
+    let committed: std::collections::BTreeMap<i32, i64> =
+        committed_offsets(c, group, topic).into_iter().collect();
+    ends.iter()
+        .all(|(p, end)| *end == 0 || committed.get(p).is_some_and(|&at| at >= *end))
+}
+
 /// Polls `check` every 50 ms until it gives `Some`, or panics after `within` naming `what`.
 pub async fn eventually<T, F, Fut>(what: &str, within: std::time::Duration, mut check: F) -> T
 where
@@ -314,6 +506,7 @@ where
 {
     let deadline = tokio::time::Instant::now() + within;
     loop {
+        check_processes();
         if let Some(v) = check().await {
             return v;
         }
@@ -340,6 +533,33 @@ pub async fn produce(c: &Config, topic: &str, records: &[(String, Vec<u8>)]) {
             )
             .await
             .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
+    }
+}
+
+/// Produces `(key, value)` records to one partition of `topic` (say, a marker on each
+/// partition) and waits for every acknowledgement.
+pub async fn produce_to_partition(
+    c: &Config,
+    topic: &str,
+    partition: i32,
+    records: &[(String, Vec<u8>)],
+) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer =
+        crate::kafka::idempotent_producer_config(&c.kafka, "test-producer")
+            .create()
+            .expect("test producer");
+    for (key, value) in records {
+        producer
+            .send(
+                FutureRecord::to(topic)
+                    .key(key)
+                    .payload(value)
+                    .partition(partition),
+                std::time::Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic}/{partition}: {e}"));
     }
 }
 
@@ -407,19 +627,301 @@ pub async fn ensure_topics(c: &Config) {
     assert!(report.is_ok(), "{report}");
 }
 
-/// Runs a process's `run(config, shutdown)` as a task of this test, until `shutdown`;
-/// a process that fails panics the task with its error.
+/// Background processes of tests, by the thread of the test that started them, so that any
+/// wait of that test (`eventually`, `read_to_end`, `check_processes`) fails at once when one
+/// of them dies, with what it said, instead of timing out later on a generic message.
+struct Watched {
+    what: String,
+    kind: WatchedKind,
+}
+
+enum WatchedKind {
+    /// An in-process task: its failure, once it has failed.
+    Task(std::sync::Arc<std::sync::Mutex<Option<String>>>),
+    /// A child process, until the test ends it on purpose.
+    Child(std::sync::Arc<ChildState>),
+}
+
+struct ChildState {
+    child: std::sync::Mutex<std::process::Child>,
+    log: PathBuf,
+    /// Set once the test kills or stops it: an exit is expected from then on.
+    ended: std::sync::atomic::AtomicBool,
+}
+
+static WATCHED: std::sync::Mutex<Vec<(std::thread::ThreadId, Watched)>> =
+    std::sync::Mutex::new(Vec::new());
+
+fn watch(what: String, kind: WatchedKind) {
+    let mut w = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+    w.push((std::thread::current().id(), Watched { what, kind }));
+}
+
+/// The last `n` lines of a log file.
+fn tail(log: &std::path::Path, n: usize) -> String {
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Panics if a background process this test started (`spawn_process`, `spawn_child`) has
+/// failed or exited without being told to, naming it with its error or exit status and the
+/// end of its log. Every wait in this module calls it; call it in waits of your own.
+pub fn check_processes() {
+    let me = std::thread::current().id();
+    let mut problems = Vec::new();
+    {
+        let mut w = WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+        w.retain(|(thread, watched)| {
+            if *thread != me {
+                return true;
+            }
+            match &watched.kind {
+                WatchedKind::Task(failure) => {
+                    if let Some(f) = failure.lock().unwrap_or_else(|p| p.into_inner()).take() {
+                        problems.push(format!("{}: {f}", watched.what));
+                        return false;
+                    }
+                    true
+                }
+                WatchedKind::Child(state) => {
+                    if state.ended.load(std::sync::atomic::Ordering::SeqCst) {
+                        return false;
+                    }
+                    let exited = state
+                        .child
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .try_wait();
+                    match exited {
+                        Ok(None) => true,
+                        Ok(Some(status)) => {
+                            problems.push(format!(
+                                "{} exited unexpectedly ({status}); last lines of {}:\n{}",
+                                watched.what,
+                                state.log.display(),
+                                tail(&state.log, 40)
+                            ));
+                            false
+                        }
+                        Err(e) => {
+                            problems.push(format!("{}: cannot poll its status: {e}", watched.what));
+                            false
+                        }
+                    }
+                }
+            }
+        });
+    }
+    if !problems.is_empty() && !std::thread::panicking() {
+        panic!("a background process failed:\n{}", problems.join("\n"));
+    }
+}
+
+/// A process's `run(config, shutdown)` running as a task of this test. If it returns an
+/// error, panics, or returns before its shutdown was triggered, the test's next wait fails
+/// with that (see `check_processes`). Dropping the handle leaves it running; `stop` ends it
+/// and checks that it ended cleanly.
+pub struct Process {
+    what: &'static str,
+    shutdown: crate::Shutdown,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+impl Process {
+    /// Triggers its shutdown (shared with whatever else was started with it) and waits,
+    /// at most `within`, for it to return; panics unless it returned `Ok`.
+    pub async fn stop(self, within: std::time::Duration) {
+        self.shutdown.trigger();
+        match tokio::time::timeout(within, self.task).await {
+            Err(_) => panic!(
+                "{} did not stop within {within:?} of its shutdown",
+                self.what
+            ),
+            Ok(Err(e)) => panic!("{} watcher: {e}", self.what),
+            Ok(Ok(Err(failure))) => panic!("{}: {failure}", self.what),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+
+    /// Whether it is still running (it has not returned or failed).
+    pub fn is_running(&self) -> bool {
+        !self.task.is_finished()
+    }
+}
+
+/// Runs a process's `run(config, shutdown)` as a task of this test, until `shutdown`. A
+/// failure (an error, a panic, or a return before `shutdown`) fails the test's next wait.
 pub fn spawn_process<Fut>(
     what: &'static str,
     shutdown: &crate::Shutdown,
     run: impl FnOnce(crate::Shutdown) -> Fut,
-) where
+) -> Process
+where
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
 {
-    let task = run(shutdown.clone());
-    tokio::spawn(async move {
-        if let Err(e) = task.await {
-            panic!("{what} failed: {e:#}");
+    let failure = std::sync::Arc::new(std::sync::Mutex::new(None));
+    watch(what.to_string(), WatchedKind::Task(failure.clone()));
+    // Its own task, so that a panic inside it is caught by the join below.
+    let inner = tokio::spawn(run(shutdown.clone()));
+    let s = shutdown.clone();
+    let task = tokio::spawn(async move {
+        let outcome = match inner.await {
+            Ok(Ok(())) if s.is_triggered() => Ok(()),
+            Ok(Ok(())) => Err("returned before its shutdown was triggered".to_string()),
+            Ok(Err(e)) => Err(format!("failed: {e:#}")),
+            Err(e) => Err(format!("panicked: {e}")),
+        };
+        if let Err(f) = &outcome {
+            eprintln!("{what} {f}");
+            *failure.lock().unwrap_or_else(|p| p.into_inner()) = Some(f.clone());
         }
+        outcome
     });
+    Process {
+        what,
+        shutdown: shutdown.clone(),
+        task,
+    }
+}
+
+/// A child process of this test (a real binary), its stdout and stderr in a log file.
+/// Exiting without being told to fails the test's next wait (see `check_processes`) with its
+/// status and the end of its log. Killed (-9) on drop if still running.
+pub struct ChildProcess {
+    what: String,
+    state: std::sync::Arc<ChildState>,
+}
+
+/// Starts `cmd` as a watched child process named `what`.
+pub fn spawn_child(what: &str, mut cmd: std::process::Command) -> ChildProcess {
+    let log = std::env::temp_dir().join(format!("{}.log", unique(what)));
+    let file = std::fs::File::create(&log)
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", log.display()));
+    let err = file
+        .try_clone()
+        .unwrap_or_else(|e| panic!("cannot reopen {}: {e}", log.display()));
+    let child = cmd
+        .stdout(file)
+        .stderr(err)
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
+    let state = std::sync::Arc::new(ChildState {
+        child: std::sync::Mutex::new(child),
+        log,
+        ended: std::sync::atomic::AtomicBool::new(false),
+    });
+    watch(what.to_string(), WatchedKind::Child(state.clone()));
+    ChildProcess {
+        what: what.to_string(),
+        state,
+    }
+}
+
+impl ChildProcess {
+    fn child(&self) -> std::sync::MutexGuard<'_, std::process::Child> {
+        self.state.child.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn id(&self) -> u32 {
+        self.child().id()
+    }
+
+    /// The last `n` lines it wrote.
+    pub fn log_tail(&self, n: usize) -> String {
+        tail(&self.state.log, n)
+    }
+
+    /// kill -9, and waits for it to be gone. Panics if it had already exited (a crash the
+    /// test did not ask for).
+    pub fn kill9(&mut self) {
+        if self.state.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return; // already killed or stopped on purpose
+        }
+        check_processes();
+        self.state
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut child = self.child();
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "{} had already exited ({status}) when it was to be killed:\n{}",
+                self.what,
+                tail(&self.state.log, 40)
+            );
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+
+    /// Waits at most `within` for it to exit on its own (a crash it was told to make);
+    /// panics, after kill -9, if it is still running then.
+    pub fn wait_exit(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        self.state
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + within;
+        loop {
+            let exited = self.child().try_wait();
+            match exited {
+                Ok(Some(status)) => return status,
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                other => {
+                    let mut child = self.child();
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    panic!(
+                        "{} did not exit within {within:?} ({other:?}):\n{}",
+                        self.what,
+                        tail(&self.state.log, 40)
+                    );
+                }
+            }
+        }
+    }
+
+    /// SIGTERM, then waits at most `within` for it to exit, and panics unless it exited
+    /// with status 0 (a clean shutdown).
+    pub fn terminate(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
+        check_processes();
+        let pid = self.id();
+        let sent = std::process::Command::new("kill")
+            .arg("-TERM")
+            .arg(pid.to_string())
+            .status();
+        assert!(
+            sent.as_ref().is_ok_and(|s| s.success()),
+            "kill -TERM {pid} ({}): {sent:?}",
+            self.what
+        );
+        let status = self.wait_exit(within);
+        assert!(
+            status.success(),
+            "{} exited with {status} after SIGTERM, expected 0:\n{}",
+            self.what,
+            tail(&self.state.log, 40)
+        );
+        status
+    }
+}
+
+impl Drop for ChildProcess {
+    fn drop(&mut self) {
+        self.state
+            .ended
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut child = self.child();
+        if let Ok(None) = child.try_wait() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        drop(child);
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_file(&self.state.log);
+        } else {
+            eprintln!("{} log kept: {}", self.what, self.state.log.display());
+        }
+    }
 }

@@ -7,17 +7,20 @@ use std::time::Duration;
 use presence_core::config::Config;
 use presence_core::delivery::Tables;
 use presence_core::testkit::{
-    eventually, free_port, isolated_config, produce, status_records, transition, PrivateService,
+    eventually, free_port, isolated_config, partitions, produce, produce_to_partition,
+    status_records, transition, PrivateService, Process,
 };
 use presence_core::{Secret, Shutdown};
 use tokio_postgres::NoTls;
 
 use presence_core::testkit::{ensure_topics as setup, spawn_process};
 
-fn start_sink(config: &Config) -> Shutdown {
-    let shutdown = Shutdown::new();
-    spawn_process("sink", &shutdown, |s| presence_sink::run(config.clone(), s));
-    shutdown
+/// The sink as a task of the test: a failure fails the test's next wait; `stop` checks that
+/// it shuts down cleanly.
+fn start_sink(config: &Config) -> Process {
+    spawn_process("sink", &Shutdown::new(), |s| {
+        presence_sink::run(config.clone(), s)
+    })
 }
 
 async fn db(config: &Config) -> Option<tokio_postgres::Client> {
@@ -59,7 +62,7 @@ async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds
         &status_records(&statuses),
     )
     .await;
-    let shutdown = start_sink(&config);
+    let sink = start_sink(&config);
     eventually(
         "six distinct transitions in the history",
         Duration::from_secs(30),
@@ -99,33 +102,40 @@ async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds
         &status_records(&statuses),
     )
     .await;
-    let marker = transition("z", "north", 1, true);
-    produce(
-        &config,
-        &config.topics.facility_status,
-        &status_records(&[marker]),
-    )
-    .await;
+    // A marker after the replay on every partition: once all are written, the sink has
+    // been through every replayed record, wherever its key put it.
+    let partitions = partitions(&config, &config.topics.facility_status);
+    for &p in &partitions {
+        let marker = transition(&format!("z-{p}"), "north", 1, true);
+        produce_to_partition(
+            &config,
+            &config.topics.facility_status,
+            p,
+            &status_records(&[marker]),
+        )
+        .await;
+    }
     eventually(
-        "the marker after the replay",
+        "a marker of every partition after the replay",
         Duration::from_secs(30),
         || async {
             (count(
                 &config,
                 format!(
-                    "SELECT count(*) FROM {} WHERE facility_id = 'z'",
+                    "SELECT count(*) FROM {} WHERE facility_id LIKE 'z-%'",
                     t.history()
                 ),
             )
             .await
-                == Some(1))
+                == Some(partitions.len() as i64))
             .then_some(())
         },
     )
     .await;
     assert_eq!(
         count(&config, format!("SELECT count(*) FROM {}", t.history())).await,
-        Some(7)
+        Some(6 + partitions.len() as i64),
+        "the replayed transitions added nothing"
     );
 
     // Online from minute 1 to 2 and from 3 to 4: 120 s within the first five minutes.
@@ -151,7 +161,7 @@ async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds
         versions,
         Some(presence_sink::migrations::MIGRATIONS.len() as i64)
     );
-    shutdown.trigger();
+    sink.stop(Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -174,7 +184,7 @@ async fn postgres_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
         &status_records(&first),
     )
     .await;
-    let shutdown = start_sink(&config);
+    let sink = start_sink(&config);
     let history = format!("SELECT count(*) FROM {}", t.history());
     eventually(
         "50 transitions written",
@@ -227,7 +237,7 @@ async fn postgres_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     )
     .await;
     assert_eq!(offline, Some(50));
-    shutdown.trigger();
+    sink.stop(Duration::from_secs(30)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -244,7 +254,7 @@ async fn an_emptied_database_is_rebuilt_from_the_compacted_topic() {
         &status_records(&first),
     )
     .await;
-    let shutdown = start_sink(&config);
+    let sink = start_sink(&config);
     let current = format!("SELECT count(*) FROM {}", t.current());
     eventually("30 facilities written", Duration::from_secs(30), || async {
         (count(&config, current.clone()).await == Some(30)).then_some(())
@@ -270,5 +280,5 @@ async fn an_emptied_database_is_rebuilt_from_the_compacted_topic() {
         || async { (count(&config, current.clone()).await == Some(31)).then_some(()) },
     )
     .await;
-    shutdown.trigger();
+    sink.stop(Duration::from_secs(30)).await;
 }
