@@ -688,15 +688,13 @@ enum Ended {
     Shutdown,
     /// librdkafka declared the consumer fatal: build a new one.
     Fatal(String),
-    /// The consumer cannot get its partitions' committed offsets (its group coordinator
-    /// does not answer it, as after a broker restart): a new member finds the coordinator
-    /// afresh.
+    /// A rewind failed: typically the consumer cannot get its partitions' committed offsets
+    /// because its group coordinator does not answer it (after a broker restart, while the
+    /// member is being fenced or rebalanced). Retrying with the same member has been seen
+    /// to time out again and again; a new member finds the coordinator afresh, and its
+    /// assignment restores every partition as usual.
     Rejoin(String),
 }
-
-/// Rewinds that fail in a row (each waits up to 10 s for the committed offsets) before the
-/// consumer is replaced.
-const REWIND_ATTEMPTS: u32 = 1;
 
 /// Runs `stage` until `shutdown`: blocks the calling thread.
 pub fn run_stage<S: Stage>(
@@ -784,6 +782,7 @@ pub fn run_stage<S: Stage>(
         consumer.subscribe(&[topic])?;
         health.set_ready(health_name);
         tracing::info!(stage = S::NAME, %group, topic, "stage running");
+        let created = Instant::now();
         let reason = match consume::<S>(&consumer, &shared, config, &pulse, &shutdown) {
             Ended::Shutdown => {
                 close_on_shutdown(consumer, &shared);
@@ -832,6 +831,10 @@ pub fn run_stage<S: Stage>(
         g.positions.clear();
         g.needs_rewind = false;
         drop(g);
+        if created.elapsed() < Duration::from_secs(1) {
+            // Never rebuild in a tight loop (the broker may still be away).
+            std::thread::sleep(Duration::from_secs(1));
+        }
         pulse.beat();
         if shutdown.is_triggered() {
             return Ok(());
@@ -853,8 +856,6 @@ fn consume<S: Stage>(
         .min(Duration::from_secs(1))
         .max(base_interval);
     let mut out = Vec::new();
-    let mut rewind_backoff = Duration::from_millis(100);
-    let mut rewind_failures = 0;
     while !shutdown.is_triggered() {
         pulse.beat();
         if let Some((code, reason)) = consumer.client().fatal_error() {
@@ -950,24 +951,11 @@ fn consume<S: Stage>(
                 continue;
             }
             match g.rewind(consumer) {
-                Ok(()) => {
-                    rewind_backoff = Duration::from_millis(100);
-                    rewind_failures = 0;
-                    g.health.set_ready(g.health_name);
-                }
-                Err(e) if rewind_failures + 1 >= REWIND_ATTEMPTS => {
-                    return Ended::Rejoin(format!(
-                        "rewind failed {REWIND_ATTEMPTS} times in a row, last: {e}"
-                    ));
-                }
+                Ok(()) => g.health.set_ready(g.health_name),
                 Err(e) => {
-                    rewind_failures += 1;
-                    tracing::error!(stage = S::NAME, error = %e, backoff_ms = rewind_backoff.as_millis() as u64, "rewind failed; retrying");
                     g.health
                         .set_unready(g.health_name, format!("cannot restore state: {e}"));
-                    drop(g);
-                    std::thread::sleep(rewind_backoff);
-                    rewind_backoff = (rewind_backoff * 2).min(Duration::from_secs(5));
+                    return Ended::Rejoin(format!("rewind failed: {e}"));
                 }
             }
         }
