@@ -227,7 +227,6 @@ async fn wait_ready(ops: &str, want: u16, within: Duration, what: &str) -> Durat
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output() {
-    let _one = serial();
     let t0 = Instant::now();
     let kafka = PrivateService::kafka();
     kafka.start();

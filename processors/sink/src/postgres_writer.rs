@@ -129,7 +129,12 @@ impl PostgresWriter {
 /// repeat for the same records; anything else (connections, timeouts, resources, locks, a
 /// missing table) is the database's state, retried for as long as it lasts.
 fn classify(e: &tokio_postgres::Error) -> WriteError {
-    let message = format!("PostgreSQL write failed: {e}");
+    // A server error's Display is only "db error": say what it was.
+    let detail = e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+    );
+    let message = format!("PostgreSQL write failed: {detail}");
     let code = match e.code().map(|c| c.code()) {
         Some(c) if c.starts_with("22") => "postgres_data_exception",
         Some(c) if c.starts_with("23") => "postgres_constraint_violation",
