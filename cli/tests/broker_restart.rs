@@ -285,7 +285,9 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
             "restart {restart}: transitions flow before the broker stops ({} so far)",
             reader.seen.len()
         );
+        let stopping = Instant::now();
         kafka.stop();
+        let stopped_in = stopping.elapsed();
         let noticed = wait_ready(
             &ops,
             503,
@@ -293,7 +295,9 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
             "/readyz 503 while the broker is down",
         )
         .await;
+        let starting = Instant::now();
         kafka.start();
+        let started_in = starting.elapsed();
         let back = wait_ready(
             &ops,
             200,
@@ -301,7 +305,7 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
             "/readyz 200 after the broker is back",
         )
         .await;
-        eprintln!("restart {restart}: /readyz 503 {noticed:?} after the stop, 200 {back:?} after the start (at {:?})", t0.elapsed());
+        eprintln!("restart {restart}: broker stopped in {stopped_in:?}, /readyz 503 {noticed:?} after; started in {started_in:?}, /readyz 200 {back:?} after (at {:?})", t0.elapsed());
         assert!(
             processor.0.try_wait().expect("child status").is_none(),
             "the processor kept running through restart {restart}"

@@ -809,7 +809,7 @@ pub fn run_stage<S: Stage>(
             .inc();
         health.set_unready(
             health_name,
-            format!("rebuilding the Kafka consumer after a fatal error: {reason}"),
+            format!("replacing the Kafka consumer ({reason}); its partitions restore from the changelogs"),
         );
         {
             // Nothing of this member may commit any more: the rebalance callbacks the close
