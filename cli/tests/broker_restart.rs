@@ -212,29 +212,20 @@ async fn get(url: &str) -> Option<(u16, String)> {
     Some((status, r.text().await.ok()?))
 }
 
-async fn readyz(ops: &str) -> Option<u16> {
-    let client = reqwest::Client::builder()
-        .timeout(Duration::from_secs(2))
-        .build()
-        .ok()?;
-    Some(
-        client
-            .get(format!("{ops}/readyz"))
-            .send()
-            .await
-            .ok()?
-            .status()
-            .as_u16(),
-    )
-}
-
+/// Polls `/readyz` until it answers `want`; on timeout, fails with its last answer.
 async fn wait_ready(ops: &str, want: u16, within: Duration, what: &str) -> Duration {
     let started = Instant::now();
-    presence_core::testkit::eventually(what, within, || async {
-        (readyz(ops).await == Some(want)).then_some(())
-    })
-    .await;
-    started.elapsed()
+    loop {
+        let answer = get(&format!("{ops}/readyz")).await;
+        if answer.as_ref().map(|a| a.0) == Some(want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {what}; /readyz said {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,17 +69,21 @@ pub fn consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -> ClientCon
 /// lost connection is reported at once. One second costs one small JSON parse a second.
 pub const BROKER_WATCH_INTERVAL_MS: &str = "1000";
 
-/// Readiness of a long-running client's connection to the cluster, as health component
-/// `component`: not ready while the client has no connection to any broker (librdkafka's
-/// broker states, from its statistics every [`BROKER_WATCH_INTERVAL_MS`], and its
-/// all-brokers-down event). librdkafka reconnects by itself; this only tells operators and
-/// load balancers. Use it as the client's context (or call it from one), with
+/// Readiness of a process's connection to the cluster, as health component `component`:
+/// not ready once none of the clients that share this watch (clones) has shown a live
+/// broker connection in librdkafka's statistics for two intervals
+/// ([`BROKER_WATCH_INTERVAL_MS`]). Several clients, because one alone can mislead: a
+/// producer with nothing to send keeps no connection, and a consumer whose loop is blocked
+/// reports nothing. librdkafka reconnects by itself; this only tells operators and load
+/// balancers. Use it as the clients' context (or call it from one), with
 /// `statistics.interval.ms` set to [`BROKER_WATCH_INTERVAL_MS`].
 #[derive(Clone)]
 pub struct BrokerWatch {
     health: Health,
     component: &'static str,
     brokers: String,
+    /// When some client last showed a live broker connection (ms since the epoch; 0: never).
+    last_up: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
 impl BrokerWatch {
@@ -90,6 +94,7 @@ impl BrokerWatch {
             health: health.clone(),
             component,
             brokers: brokers.to_string(),
+            last_up: Default::default(),
         }
     }
 
@@ -103,30 +108,32 @@ impl BrokerWatch {
         );
     }
 
-    /// From `ClientContext::error`. Returns whether the error is a connection error, which
+    /// From `ClientContext::error`: whether the error is a connection error, which
     /// readiness reports, so that callers need not log each one.
-    pub fn on_error(&self, error: &KafkaError) -> bool {
-        match error.rdkafka_error_code() {
-            Some(RDKafkaErrorCode::AllBrokersDown) => {
-                self.down("all brokers down");
-                true
-            }
-            Some(RDKafkaErrorCode::BrokerTransportFailure) => true,
-            _ => false,
-        }
+    pub fn is_connection_error(error: &KafkaError) -> bool {
+        matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
+        )
     }
 
     /// From `ClientContext::stats`: ready while some real (not logical coordinator) broker
-    /// connection is up.
+    /// connection of some client is up.
     pub fn on_stats(&self, statistics: &Statistics) {
+        use std::sync::atomic::Ordering;
+        let now = crate::now_ms();
         let up = statistics
             .brokers
             .values()
             .any(|b| b.source != "logical" && b.state == "UP");
         if up {
+            self.last_up.store(now, Ordering::Relaxed);
             self.health.set_ready(self.component);
         } else {
-            self.down("no broker connection is up");
+            let grace = 2 * BROKER_WATCH_INTERVAL_MS.parse::<i64>().unwrap_or(1000);
+            if now - self.last_up.load(Ordering::Relaxed) > grace {
+                self.down("no broker connection is up");
+            }
         }
     }
 }
@@ -137,7 +144,7 @@ impl ClientContext for BrokerWatch {
     }
 
     fn error(&self, error: KafkaError, reason: &str) {
-        if !self.on_error(&error) {
+        if !Self::is_connection_error(&error) {
             tracing::warn!(component = self.component, error = %error, reason, "Kafka client error");
         }
     }

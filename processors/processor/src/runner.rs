@@ -25,8 +25,8 @@
 //! non-zero.
 //!
 //! Health: readiness component `<stage>` is the stage itself (restores, rewinds, rebuilt
-//! clients, failing transactions); `<stage>.kafka` is 503 while the consumer reaches no
-//! broker. Liveness: the loop beats a pulse every time round, also while it waits for a
+//! clients, failing transactions); `<stage>.kafka` is 503 while neither the consumer nor
+//! the producer has a live broker connection. Liveness: the loop beats a pulse every time round, also while it waits for a
 //! broker to come back; `/healthz` fails once it has not for [`STALL`].
 
 use std::collections::{BTreeSet, HashMap};
@@ -200,6 +200,8 @@ struct Shared<S: Stage> {
 struct StageContext<S: Stage> {
     shared: Arc<Mutex<Shared<S>>>,
     metrics: Metrics,
+    /// Shared with the producer: either client's live connection keeps `<stage>.kafka` ready.
+    brokers: BrokerWatch,
 }
 
 fn lock<S: Stage>(m: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
@@ -210,14 +212,13 @@ impl<S: Stage> ClientContext for StageContext<S> {
     fn error(&self, error: KafkaError, reason: &str) {
         // Connection errors show on readiness (the producer's watch); librdkafka reconnects
         // by itself.
-        if error.rdkafka_error_code() != Some(RDKafkaErrorCode::BrokerTransportFailure)
-            && error.rdkafka_error_code() != Some(RDKafkaErrorCode::AllBrokersDown)
-        {
+        if !BrokerWatch::is_connection_error(&error) {
             log_client_error(S::NAME, error, reason);
         }
     }
 
     fn stats(&self, statistics: Statistics) {
+        self.brokers.on_stats(&statistics);
         for topic in statistics.topics.values() {
             for (p, part) in &topic.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
@@ -769,8 +770,8 @@ pub fn run_stage<S: Stage>(
         .set("fetch.wait.max.ms", "10")
         .set("max.partition.fetch.bytes", "4194304")
         .set("fetch.max.bytes", "67108864")
-        // Lag metrics.
-        .set("statistics.interval.ms", "5000")
+        // Lag metrics, and broker reachability (with the producer's).
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
     let mut fences: Vec<Instant> = Vec::new();
@@ -778,6 +779,7 @@ pub fn run_stage<S: Stage>(
         let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext {
             shared: shared.clone(),
             metrics: metrics.clone(),
+            brokers: lock(&shared).brokers.clone(),
         })?;
         consumer.subscribe(&[topic])?;
         health.set_ready(health_name);
