@@ -7,9 +7,6 @@
 // `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
 // guard only keeps the heavy end-to-end tests of this binary from running at once.
 #![allow(clippy::await_holding_lock)]
-// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
-// guard only keeps the heavy end-to-end tests of this binary from running at once.
-#![allow(clippy::await_holding_lock)]
 
 mod support;
 

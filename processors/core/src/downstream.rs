@@ -1,12 +1,21 @@
 //! The consumer loop the notifier and the sink share: read `facility-status`
 //! (read_committed) in batches, hand each batch to a writer whose effects are idempotent
 //! (newer `seq` wins, history unique per facility and `seq`), and commit the offsets only
-//! after the writer took the batch. A writer that fails is retried with backoff, for as long
-//! as it takes, with the same batch: health and metrics say so meanwhile, nothing is skipped.
+//! after the writer took the batch. A store that is unreachable ([`WriteError::Retry`]:
+//! refused or reset connections, timeouts) is retried with backoff, for as long as it
+//! takes, with the same batch: health and metrics say so meanwhile, nothing is skipped.
 //! A crash between write and commit replays the batch, which the writer absorbs.
 //!
-//! A record that does not decode goes to the dead-letter topic with headers before its
-//! offset is committed.
+//! A record that does not decode, or that the store refuses for what it holds
+//! ([`WriteError::Refused`], [`POISON_ATTEMPTS`] times in a row, found by writing a refused
+//! batch one record at a time), goes to the dead-letter topic with the processor's headers
+//! (`presence.error.code`, `presence.error.message`, `presence.source.*`) and is counted in
+//! `presence_<role>_dead_letters_total{error_code}`, before its offset is committed; the
+//! rest of its partition flows on.
+//!
+//! Kafka: readiness has a `kafka` component that is 503 while the consumer reaches no
+//! broker ([`BrokerWatch`]). A consumer that librdkafka declares fatal ends the loop with an
+//! error, so that the process exits non-zero and its supervisor starts a fresh one.
 //!
 //! A store that lost everything (Redis restarted without persistence, a database restored
 //! empty) says so with [`WriteError::Rewind`]: the loop then reads its partitions again
@@ -20,12 +29,15 @@ use std::time::{Duration, Instant};
 use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::Message;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
 
 use crate::codec::decode;
 use crate::config::Config;
-use crate::kafka::{consumer_config, dead_letter_headers, idempotent_producer_config};
+use crate::kafka::{
+    consumer_config, dead_letter_headers, idempotent_producer_config, BrokerWatch,
+    BROKER_WATCH_INTERVAL_MS,
+};
 use crate::records::FacilityStatus;
 use crate::telemetry::Health;
 use crate::Shutdown;
@@ -36,6 +48,16 @@ pub struct Received {
     pub status: FacilityStatus,
     pub partition: i32,
     pub offset: i64,
+    /// The record as read, for the dead-letter topic.
+    pub raw: Raw,
+}
+
+/// A record's key, bytes and timestamp as read.
+#[derive(Debug, Clone)]
+pub struct Raw {
+    pub key: Option<Vec<u8>>,
+    pub payload: Vec<u8>,
+    pub timestamp: Option<i64>,
 }
 
 /// Where a batch goes. Applying the same batch twice, or an older transition after a newer
@@ -51,9 +73,15 @@ pub trait Writer: Send {
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {
-    /// The store is unreachable or refused the batch: retry it with backoff.
+    /// The store is unreachable, busy or timed out: retry the batch with backoff, forever.
+    /// Anything the writer cannot attribute to the records themselves belongs here.
     #[error("{0}")]
     Retry(String),
+    /// The store refuses what the records hold (a value out of its range, a constraint):
+    /// the same records will fail the same way. `code` is a metric label and header, from
+    /// a small fixed set per writer.
+    #[error("{code}: {message}")]
+    Refused { code: &'static str, message: String },
     /// The store holds none of what was written before: read everything again.
     #[error("the store is empty: {0}")]
     Rewind(String),
@@ -108,7 +136,7 @@ impl Metrics {
             dead_letters: IntCounterVec::new(
                 Opts::new(
                     format!("presence_{role}_dead_letters_total"),
-                    "Undecodable facility-status records sent to the dead-letter topic",
+                    "facility-status records sent to the dead-letter topic: undecodable, or refused by the store POISON_ATTEMPTS times",
                 ),
                 &["error_code"],
             )
@@ -191,12 +219,14 @@ pub async fn run<W: Writer>(
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let topic = config.topics.facility_status.as_str();
-    let consumer: StreamConsumer = consumer_config(&config.kafka, role, group_id)
+    let watch = BrokerWatch::new(&health, "kafka", &config.kafka.brokers);
+    let consumer: StreamConsumer<BrokerWatch> = consumer_config(&config.kafka, role, group_id)
         // Downstream latency: fetch as soon as the processor commits.
         .set("fetch.wait.max.ms", "10")
-        .create()?;
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
+        .create_with_context(watch)?;
     consumer.subscribe(&[topic])?;
-    let dead_letters: FutureProducer = idempotent_producer_config(&config.kafka, role).create()?;
+    let mut dead_letters = DeadLetters::new(config, role, metrics.clone())?;
     health.register(W::DEPENDENCY);
     health.set_ready(W::DEPENDENCY);
     metrics.dependency_up.set(1);
@@ -207,7 +237,7 @@ pub async fn run<W: Writer>(
         "consuming transitions"
     );
 
-    loop {
+    'batches: loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
             _ = shutdown.wait() => return Ok(()),
@@ -226,43 +256,80 @@ pub async fn run<W: Writer>(
             let m = match m {
                 Ok(m) => m,
                 Err(e) => {
+                    if let Some((code, reason)) = consumer.client().fatal_error() {
+                        // librdkafka never recovers a client it declared fatal: exit, and let
+                        // the supervisor start a fresh one (offsets are committed only after
+                        // the store took a batch, so nothing is lost).
+                        anyhow::bail!("the {topic} consumer hit a fatal Kafka error ({code:?}: {reason}); exiting so that the process is restarted with a new client");
+                    }
                     tracing::warn!(error = %e, "Kafka consumer error; librdkafka retries by itself");
                     continue;
                 }
             };
             next_offsets.insert(m.partition(), m.offset() + 1);
-            match decode::<FacilityStatus>(m.payload().unwrap_or_default()) {
+            let (partition, offset) = (m.partition(), m.offset());
+            let raw = Raw {
+                key: m.key().map(<[u8]>::to_vec),
+                payload: m.payload().unwrap_or_default().to_vec(),
+                timestamp: m.timestamp().to_millis(),
+            };
+            match decode::<FacilityStatus>(&raw.payload) {
                 Ok(status) => batch.push(Received {
                     status,
-                    partition: m.partition(),
-                    offset: m.offset(),
+                    partition,
+                    offset,
+                    raw,
                 }),
                 Err(e) => {
-                    let headers = dead_letter_headers(
-                        e.code(),
-                        &e.to_string(),
-                        topic,
-                        m.partition(),
-                        m.offset(),
-                        m.timestamp().to_millis(),
-                    );
-                    let mut record = FutureRecord::to(&config.topics.dead_letters)
-                        .payload(m.payload().unwrap_or_default())
-                        .headers(headers);
-                    if let Some(k) = m.key() {
-                        record = record.key(k);
+                    let from = (topic, partition, offset);
+                    if !dead_letters
+                        .send(from, &raw, e.code(), &e.to_string(), &shutdown)
+                        .await
+                    {
+                        return Ok(());
                     }
-                    if let Err((e, _)) = dead_letters.send(record, Duration::from_secs(30)).await {
-                        anyhow::bail!("cannot write an undecodable {topic} record to the dead-letter topic {}: {e}; not committing past it", config.topics.dead_letters);
-                    }
-                    metrics.dead_letters.with_label_values(&[e.code()]).inc();
-                    tracing::warn!(partition = m.partition(), offset = m.offset(), error = %e, "undecodable transition sent to the dead-letter topic");
+                    tracing::warn!(partition, offset, error = %e, "undecodable transition sent to the dead-letter topic");
                 }
             }
         }
         if !batch.is_empty() {
-            match write_until_done(&mut writer, &batch, &metrics, &health, &shutdown).await {
-                Done::Written => {}
+            let mut outcome =
+                write_until_done(&mut writer, &batch, &metrics, &health, &shutdown).await;
+            if let Done::Refused { code, message } = &outcome {
+                // Some record of the batch is refused by the store, again and again: write
+                // them one by one, and dead-letter each one that is refused on its own.
+                tracing::warn!(store = W::DEPENDENCY, code, error = %message, records = batch.len(), "the store keeps refusing a batch; writing its records one at a time to find the refused ones");
+                outcome = Done::Written;
+                for r in &batch {
+                    match write_until_done(
+                        &mut writer,
+                        std::slice::from_ref(r),
+                        &metrics,
+                        &health,
+                        &shutdown,
+                    )
+                    .await
+                    {
+                        Done::Written => {}
+                        Done::Refused { code, message } => {
+                            let from = (topic, r.partition, r.offset);
+                            if !dead_letters
+                                .send(from, &r.raw, code, &message, &shutdown)
+                                .await
+                            {
+                                return Ok(());
+                            }
+                            tracing::error!(store = W::DEPENDENCY, facility = %r.status.facility_id, seq = r.status.seq, partition = r.partition, offset = r.offset, code, error = %message, "the store refused a transition {POISON_ATTEMPTS} times; sent it to the dead-letter topic {} and moving on", config.topics.dead_letters);
+                        }
+                        other => {
+                            outcome = other;
+                            break;
+                        }
+                    }
+                }
+            }
+            match outcome {
+                Done::Written | Done::Refused { .. } => {}
                 Done::Stopped => return Ok(()),
                 Done::Rewind(why) => {
                     metrics.rewinds.inc();
@@ -281,7 +348,7 @@ pub async fn run<W: Writer>(
                             Duration::from_secs(10),
                         )?;
                     }
-                    continue;
+                    continue 'batches;
                 }
             }
         }
@@ -296,15 +363,91 @@ pub async fn run<W: Writer>(
     }
 }
 
+/// How many times in a row the store may refuse a batch (or, once it is split, one record)
+/// for what it holds ([`WriteError::Refused`]) before the record goes to the dead-letter
+/// topic. With the retry backoff (0.1 s doubling) that is 1.5 s of refusals. Outages
+/// ([`WriteError::Retry`]) never count.
+pub const POISON_ATTEMPTS: u32 = 5;
+
+/// The dead-letter topic, for records that cannot be decoded or that the store refuses.
+/// The producer is rebuilt if librdkafka declares it fatal; a send that fails is retried
+/// with backoff until it succeeds (the source offset is not committed meanwhile).
+struct DeadLetters {
+    topic: String,
+    producer: FutureProducer,
+    config: rdkafka::ClientConfig,
+    metrics: Metrics,
+}
+
+impl DeadLetters {
+    fn new(config: &Config, role: &str, metrics: Metrics) -> anyhow::Result<DeadLetters> {
+        let client_config = idempotent_producer_config(&config.kafka, role);
+        Ok(DeadLetters {
+            topic: config.topics.dead_letters.clone(),
+            producer: client_config.create()?,
+            config: client_config,
+            metrics,
+        })
+    }
+
+    /// Sends `r`, read `from` (topic, partition, offset), with headers saying why (`code`,
+    /// `message`) and where from, and counts it. Returns false on shutdown before it was sent.
+    async fn send(
+        &mut self,
+        from: (&str, i32, i64),
+        r: &Raw,
+        code: &'static str,
+        message: &str,
+        shutdown: &Shutdown,
+    ) -> bool {
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            if let Some((fatal, reason)) = self.producer.client().fatal_error() {
+                tracing::warn!(error = ?fatal, reason, "the dead-letter producer hit a fatal error; building a new one");
+                match self.config.create() {
+                    Ok(p) => self.producer = p,
+                    Err(e) => tracing::error!(error = %e, "cannot build the dead-letter producer"),
+                }
+            }
+            let headers = dead_letter_headers(code, message, from.0, from.1, from.2, r.timestamp);
+            let mut record = FutureRecord::to(&self.topic)
+                .payload(&r.payload)
+                .headers(headers);
+            if let Some(k) = &r.key {
+                record = record.key(k);
+            }
+            match self.producer.send(record, Duration::from_secs(30)).await {
+                Ok(_) => {
+                    self.metrics.dead_letters.with_label_values(&[code]).inc();
+                    return true;
+                }
+                Err((e, _)) => {
+                    tracing::warn!(topic = %self.topic, error = %e, retry_in = ?backoff, "cannot write to the dead-letter topic; retrying (offsets are not committed past the record)");
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = shutdown.wait() => return false,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        }
+    }
+}
+
 enum Done {
     Written,
     /// Shutdown: not committed, replayed by whoever consumes next.
     Stopped,
     Rewind(String),
+    /// Refused [`POISON_ATTEMPTS`] times in a row; the last refusal.
+    Refused {
+        code: &'static str,
+        message: String,
+    },
 }
 
-/// Retries `batch` with backoff until it is written, the store asks for a rewind, or
-/// shutdown.
+/// Retries `batch` with backoff until it is written, the store asks for a rewind, refuses
+/// it [`POISON_ATTEMPTS`] times in a row, or shutdown.
 async fn write_until_done<W: Writer>(
     writer: &mut W,
     batch: &[Received],
@@ -314,6 +457,7 @@ async fn write_until_done<W: Writer>(
 ) -> Done {
     let mut backoff = Duration::from_millis(100);
     let mut failures = 0u32;
+    let mut refusals = 0u32;
     loop {
         let started = Instant::now();
         match writer.write(batch).await {
@@ -340,6 +484,19 @@ async fn write_until_done<W: Writer>(
                 return Done::Written;
             }
             Err(WriteError::Rewind(why)) => return Done::Rewind(why),
+            Err(WriteError::Refused { code, message }) => {
+                refusals += 1;
+                metrics.errors.inc();
+                if refusals >= POISON_ATTEMPTS {
+                    return Done::Refused { code, message };
+                }
+                tracing::warn!(store = W::DEPENDENCY, code, error = %message, refusals, records = batch.len(), retry_in = ?backoff, "the store refused transitions; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.wait() => return Done::Stopped,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
             Err(WriteError::Retry(e)) => {
                 failures += 1;
                 metrics.errors.inc();

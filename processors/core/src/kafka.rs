@@ -4,14 +4,17 @@
 use std::time::Duration;
 
 use rdkafka::admin::AdminClient;
-use rdkafka::client::DefaultClientContext;
+use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::ConsumerContext;
 use rdkafka::error::KafkaError;
 use rdkafka::message::ToBytes;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, ThreadedProducer};
+use rdkafka::statistics::Statistics;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaConfig;
+use crate::telemetry::Health;
 
 /// The settings every client shares. `role` ends up in the client id (`presence-gateway`).
 pub fn base_config(k: &KafkaConfig, role: &str) -> ClientConfig {
@@ -59,6 +62,101 @@ pub fn consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -> ClientCon
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
     c
+}
+
+/// How often a client watched by [`BrokerWatch`] reports librdkafka's statistics, in ms
+/// (`statistics.interval.ms`): readiness follows a broker that comes back within this. A
+/// lost connection is reported at once. One second costs one small JSON parse a second.
+pub const BROKER_WATCH_INTERVAL_MS: &str = "1000";
+
+/// Readiness of a process's connection to the cluster, as health component `component`:
+/// not ready once none of the clients that share this watch (clones) has shown a live
+/// broker connection in librdkafka's statistics for two intervals
+/// ([`BROKER_WATCH_INTERVAL_MS`]). Several clients, because one alone can mislead: a
+/// producer with nothing to send keeps no connection, and a consumer whose loop is blocked
+/// reports nothing. librdkafka reconnects by itself; this only tells operators and load
+/// balancers. Use it as the clients' context (or call it from one), with
+/// `statistics.interval.ms` set to [`BROKER_WATCH_INTERVAL_MS`].
+#[derive(Clone)]
+pub struct BrokerWatch {
+    health: Health,
+    component: &'static str,
+    brokers: String,
+    /// When some client last showed a live broker connection (ms since the epoch; 0: never).
+    last_up: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+impl BrokerWatch {
+    /// Registers `component` as not ready until the first statistics show a connection.
+    pub fn new(health: &Health, component: &'static str, brokers: &str) -> BrokerWatch {
+        health.set_unready(component, format!("connecting to Kafka at {brokers}"));
+        BrokerWatch {
+            health: health.clone(),
+            component,
+            brokers: brokers.to_string(),
+            last_up: Default::default(),
+        }
+    }
+
+    fn down(&self, why: &str) {
+        self.health.set_unready(
+            self.component,
+            format!(
+                "no connection to any Kafka broker at {} ({why}); reconnecting by itself — check the brokers and KAFKA_BROKERS",
+                self.brokers
+            ),
+        );
+    }
+
+    /// From `ClientContext::error`: whether the error is a connection error, which
+    /// readiness reports, so that callers need not log each one.
+    pub fn is_connection_error(error: &KafkaError) -> bool {
+        matches!(
+            error.rdkafka_error_code(),
+            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
+        )
+    }
+
+    /// From `ClientContext::stats`: ready while some real (not logical coordinator) broker
+    /// connection of some client is up.
+    pub fn on_stats(&self, statistics: &Statistics) {
+        use std::sync::atomic::Ordering;
+        let now = crate::now_ms();
+        let up = statistics
+            .brokers
+            .values()
+            .any(|b| b.source != "logical" && b.state == "UP");
+        if up {
+            self.last_up.store(now, Ordering::Relaxed);
+            self.health.set_ready(self.component);
+        } else {
+            let grace = 2 * BROKER_WATCH_INTERVAL_MS.parse::<i64>().unwrap_or(1000);
+            if now - self.last_up.load(Ordering::Relaxed) > grace {
+                self.down("no broker connection is up");
+            }
+        }
+    }
+}
+
+impl ClientContext for BrokerWatch {
+    fn stats(&self, statistics: Statistics) {
+        self.on_stats(&statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        if !Self::is_connection_error(&error) {
+            tracing::warn!(component = self.component, error = %error, reason, "Kafka client error");
+        }
+    }
+}
+
+impl ConsumerContext for BrokerWatch {}
+
+/// Delivery reports are not looked at: transactional producers learn of failed deliveries
+/// from the commit.
+impl rdkafka::producer::ProducerContext for BrokerWatch {
+    type DeliveryOpaque = ();
+    fn delivery(&self, _: &rdkafka::producer::DeliveryResult<'_>, _: ()) {}
 }
 
 pub fn admin_client(k: &KafkaConfig) -> Result<AdminClient<DefaultClientContext>, KafkaError> {

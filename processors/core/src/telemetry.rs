@@ -1,10 +1,14 @@
 //! Logs, metrics and the ops endpoints every long-running process serves:
-//! `/metrics` (Prometheus text), `/healthz` (the process is alive) and `/readyz` (every
-//! dependency it needs answers; 503 with the reasons otherwise).
+//! `/metrics` (Prometheus text), `/healthz` (the process is alive: every loop that reports
+//! a [`Pulse`] made progress recently; 503 naming the stuck ones otherwise, so that a
+//! supervisor restarts the process) and `/readyz` (every dependency it needs answers; 503
+//! with the reasons otherwise).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::{header, StatusCode};
@@ -35,10 +39,73 @@ pub fn init_logging(c: &TelemetryConfig) {
 
 /// Readiness of named dependencies (`kafka`, `redis`, ...). A process is ready when every
 /// registered component is. Also exported as `presence_dependency_up{dependency}`.
+///
+/// Liveness of named loops: each one holds a [`Pulse`] and beats it as it goes round; the
+/// process is live while every pulse beat within its stall limit.
 #[derive(Clone)]
 pub struct Health {
     inner: Arc<Mutex<BTreeMap<&'static str, Result<(), String>>>>,
     gauge: IntGaugeVec,
+    pulses: Arc<Mutex<BTreeMap<&'static str, Arc<Pulse>>>>,
+}
+
+/// Progress of one loop, for `/healthz`. A loop beats it every time round (and while it
+/// retries something that is down: waiting for a dependency is not being stuck); a loop
+/// blocked for longer than `stall` — a call that never returns, a deadlock — fails
+/// liveness. Around a step with a progress check of its own (a restore gives up after a
+/// minute without records) the loop [`Pulse::hold`]s it instead.
+pub struct Pulse {
+    epoch: Instant,
+    /// Milliseconds since `epoch` at the last beat.
+    last: AtomicU64,
+    held: AtomicBool,
+    stall: Duration,
+}
+
+impl Pulse {
+    fn new(stall: Duration) -> Pulse {
+        Pulse {
+            epoch: Instant::now(),
+            last: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            stall,
+        }
+    }
+
+    pub fn beat(&self) {
+        self.beat_at(Instant::now());
+    }
+
+    fn beat_at(&self, now: Instant) {
+        let ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        self.last.store(ms, Ordering::Relaxed);
+    }
+
+    /// Suspends the stall check until the returned guard drops (which beats).
+    pub fn hold(&self) -> PulseHold<'_> {
+        self.held.store(true, Ordering::Relaxed);
+        PulseHold(self)
+    }
+
+    /// How long since the last beat at `now`, when that is past the stall limit.
+    fn stalled_for(&self, now: Instant) -> Option<Duration> {
+        if self.held.load(Ordering::Relaxed) {
+            return None;
+        }
+        let last = self.epoch + Duration::from_millis(self.last.load(Ordering::Relaxed));
+        let quiet = now.saturating_duration_since(last);
+        (quiet > self.stall).then_some(quiet)
+    }
+}
+
+/// See [`Pulse::hold`].
+pub struct PulseHold<'a>(&'a Pulse);
+
+impl Drop for PulseHold<'_> {
+    fn drop(&mut self) {
+        self.0.beat();
+        self.0.held.store(false, Ordering::Relaxed);
+    }
 }
 
 impl Health {
@@ -56,7 +123,37 @@ impl Health {
         Health {
             inner: Arc::default(),
             gauge,
+            pulses: Arc::default(),
         }
+    }
+
+    /// Registers loop `name` for liveness: `/healthz` fails once the returned pulse has not
+    /// beaten for `stall`.
+    pub fn pulse(&self, name: &'static str, stall: Duration) -> Arc<Pulse> {
+        let pulse = Arc::new(Pulse::new(stall));
+        pulse.beat();
+        self.pulses
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name, pulse.clone());
+        pulse
+    }
+
+    /// The loops stuck at `now`, one line each (empty when live).
+    fn stuck_at(&self, now: Instant) -> String {
+        let pulses = self.pulses.lock().unwrap_or_else(|p| p.into_inner());
+        pulses
+            .iter()
+            .filter_map(|(name, p)| {
+                p.stalled_for(now).map(|quiet| {
+                    format!(
+                        "{name}: no progress for {} s (limit {} s); the loop is stuck, restart the process\n",
+                        quiet.as_secs(),
+                        p.stall.as_secs()
+                    )
+                })
+            })
+            .collect()
     }
 
     /// Registers `component` as not ready yet.
@@ -113,7 +210,7 @@ struct OpsState {
 pub fn ops_router(registry: Registry, health: Health) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .with_state(OpsState { registry, health })
 }
@@ -133,6 +230,15 @@ async fn metrics(State(s): State<OpsState>) -> impl IntoResponse {
             format!("encoding metrics failed: {e}\n"),
         )
             .into_response(),
+    }
+}
+
+async fn healthz(State(s): State<OpsState>) -> impl IntoResponse {
+    let stuck = s.health.stuck_at(Instant::now());
+    if stuck.is_empty() {
+        (StatusCode::OK, "ok\n".to_string())
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, stuck)
     }
 }
 
@@ -202,5 +308,29 @@ mod tests {
         );
         assert!(!h.is_ready());
         assert!(h.describe().contains("redis: redis at"));
+    }
+
+    #[test]
+    fn live_while_every_pulse_beats_within_its_limit() {
+        let h = Health::new(&Registry::new());
+        let sessions = h.pulse("sessions", Duration::from_secs(60));
+        let facilities = h.pulse("facilities", Duration::from_secs(60));
+        let t0 = Instant::now();
+        sessions.beat_at(t0);
+        facilities.beat_at(t0);
+        assert_eq!(h.stuck_at(t0 + Duration::from_secs(59)), "");
+        facilities.beat_at(t0 + Duration::from_secs(50));
+        let stuck = h.stuck_at(t0 + Duration::from_secs(61));
+        assert!(
+            stuck.starts_with("sessions: no progress for 61 s"),
+            "{stuck}"
+        );
+        assert!(!stuck.contains("facilities"), "{stuck}");
+        {
+            let _restoring = sessions.hold();
+            assert_eq!(h.stuck_at(t0 + Duration::from_secs(100)), "", "held");
+        }
+        // Released with a beat: the limit counts from the end of the hold.
+        assert_eq!(h.stuck_at(Instant::now() + Duration::from_secs(59)), "");
     }
 }

@@ -63,6 +63,27 @@ async fn serves_metrics_health_and_readiness_then_stops() {
         200
     );
 
+    // A loop that stops beating its pulse fails liveness (a zero limit: at once), with its
+    // name; while it holds the pulse (a restore with its own progress check) it does not.
+    let pulse = health.pulse("sessions", std::time::Duration::ZERO);
+    let stuck = http.get(format!("{base}/healthz")).send().await.unwrap();
+    assert_eq!(stuck.status(), 503);
+    assert!(stuck
+        .text()
+        .await
+        .unwrap()
+        .contains("sessions: no progress"));
+    let hold = pulse.hold();
+    assert_eq!(
+        http.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    drop(hold);
+
     shutdown.trigger();
     task.await.unwrap();
     assert!(

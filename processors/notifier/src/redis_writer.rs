@@ -115,6 +115,13 @@ impl Writer for RedisWriter {
                 "Redis holds no notifier state (new, or restarted without persistence)".into(),
             )),
             Ok(_) => Ok(()),
+            // A key of another type where the script expects its own (WRONGTYPE) fails the
+            // same way for the same facility or region every time; anything else (a lost
+            // connection, a timeout, a busy, loading or full server) is retried.
+            Err(e) if e.code() == Some("WRONGTYPE") => Err(WriteError::Refused {
+                code: "redis_wrong_type",
+                message: e.to_string(),
+            }),
             Err(e) => Err(WriteError::Retry(e.to_string())),
         }
     }

@@ -15,6 +15,8 @@ pub struct Metrics {
     pub consumer_lag: IntGaugeVec,
     pub commit_seconds: HistogramVec,
     pub aborts: IntCounterVec,
+    /// Kafka clients thrown away and built again after librdkafka declared them fatal.
+    pub client_rebuilds: IntCounterVec,
     pub restore_seconds: HistogramVec,
     pub restored_records: IntCounterVec,
     pub expiry_delay: Histogram,
@@ -52,6 +54,8 @@ impl Metrics {
             .expect("metric"),
             aborts: IntCounterVec::new(Opts::new("presence_transaction_aborts_total", "Transactions aborted and rewound"), &["stage", "reason"])
                 .expect("metric"),
+            client_rebuilds: IntCounterVec::new(Opts::new("presence_kafka_client_rebuilds_total", "Kafka clients rebuilt after a fatal error (fenced consumer or producer)"), &["stage", "client"])
+                .expect("metric"),
             restore_seconds: HistogramVec::new(
                 HistogramOpts::new("presence_restore_seconds", "Time to restore one partition's state").buckets(buckets()),
                 &["stage"],
@@ -81,6 +85,7 @@ impl Metrics {
             Box::new(m.consumer_lag.clone()),
             Box::new(m.commit_seconds.clone()),
             Box::new(m.aborts.clone()),
+            Box::new(m.client_rebuilds.clone()),
             Box::new(m.restore_seconds.clone()),
             Box::new(m.restored_records.clone()),
             Box::new(m.expiry_delay.clone()),

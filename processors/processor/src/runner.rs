@@ -10,25 +10,45 @@
 //! librdkafka's transactional rules: retriable calls are retried; abortable errors abort the
 //! transaction, rebuild every assigned partition's state from its changelog and seek back
 //! to the committed offsets; fatal ones (a fenced producer) also rebuild the producer.
+//!
+//! # Broker restarts and fatal clients
+//!
+//! librdkafka never recovers a client it declared fatal. A static group member is fenced
+//! (`FencedInstanceId`) when the coordinator takes a newer join for its
+//! `group.instance.id` — after a broker restart that can be its own abandoned join — and an
+//! idempotent or transactional producer can be fenced by its coordinator. The loop checks
+//! both clients every time round: a fatal producer is rebuilt and the state rewound; a
+//! fatal consumer is closed (the open transaction aborted, every partition dropped) and a
+//! new one joins, which restores its partitions from the changelogs as on any assignment.
+//! Fenced again and again within a minute (another live instance with the same
+//! `processor.instance_id`), the stage gives up with an error and the process exits
+//! non-zero.
+//!
+//! Health: readiness component `<stage>` is the stage itself (restores, rewinds, rebuilt
+//! clients, failing transactions); `<stage>.kafka` is 503 while neither the consumer nor
+//! the producer has a live broker connection. Liveness: the loop beats a pulse every time round, also while it waits for a
+//! broker to come back; `/healthz` fails once it has not for [`STALL`].
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use presence_core::config::Config;
-use presence_core::kafka::{base_config, consumer_config};
-use presence_core::telemetry::Health;
+use presence_core::kafka::{base_config, consumer_config, BrokerWatch, BROKER_WATCH_INTERVAL_MS};
+use presence_core::telemetry::{Health, Pulse};
 use presence_core::Shutdown;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
 
 /// Delivery reports are served by the producer's own thread, which transactional flushes,
 /// commits and aborts rely on.
-type TxnProducer = ThreadedProducer<DefaultProducerContext>;
+/// Its context reports broker reachability (readiness): the producer's thread serves it
+/// even while the stage's loop is blocked in a transaction call.
+type TxnProducer = ThreadedProducer<BrokerWatch>;
 use rdkafka::statistics::Statistics;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use rdkafka::types::RDKafkaRespErr;
@@ -37,6 +57,17 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::metrics::Metrics;
+
+/// A stage loop that has not gone round for this long is stuck, and `/healthz` says so.
+/// Every blocking step it takes is bounded well below: transaction calls give up after
+/// 30 s, a producer rebuild attempt after 30 s, and a restore (during which the check is
+/// held) after a minute without records.
+pub const STALL: Duration = Duration::from_secs(120);
+
+/// Fatal consumer errors this close together mean another live instance shares this one's
+/// `group.instance.id`: rebuilding would only fence it back, so the stage stops.
+const FENCED_AGAIN_WITHIN: Duration = Duration::from_secs(60);
+const MAX_FENCES: usize = 3;
 
 /// One record of the open transaction.
 pub struct Out {
@@ -149,6 +180,7 @@ struct Shared<S: Stage> {
     stage: S,
     producer: TxnProducer,
     producer_config: ClientConfig,
+    brokers: BrokerWatch,
     restore_config: ClientConfig,
     txn_open: bool,
     txn_started: Instant,
@@ -161,11 +193,15 @@ struct Shared<S: Stage> {
     health: Health,
     health_name: &'static str,
     topic: &'static str,
+    pulse: Arc<Pulse>,
+    shutdown: Shutdown,
 }
 
 struct StageContext<S: Stage> {
     shared: Arc<Mutex<Shared<S>>>,
     metrics: Metrics,
+    /// Shared with the producer: either client's live connection keeps `<stage>.kafka` ready.
+    brokers: BrokerWatch,
 }
 
 fn lock<S: Stage>(m: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
@@ -174,10 +210,15 @@ fn lock<S: Stage>(m: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
 
 impl<S: Stage> ClientContext for StageContext<S> {
     fn error(&self, error: KafkaError, reason: &str) {
-        log_client_error(S::NAME, error, reason);
+        // Connection errors show on readiness (the producer's watch); librdkafka reconnects
+        // by itself.
+        if !BrokerWatch::is_connection_error(&error) {
+            log_client_error(S::NAME, error, reason);
+        }
     }
 
     fn stats(&self, statistics: Statistics) {
+        self.brokers.on_stats(&statistics);
         for topic in statistics.topics.values() {
             for (p, part) in &topic.partitions {
                 if *p >= 0 && part.consumer_lag >= 0 {
@@ -502,10 +543,21 @@ impl<S: Stage> Shared<S> {
 
     fn rebuild_producer(&mut self) {
         self.txn_open = false;
+        self.metrics
+            .client_rebuilds
+            .with_label_values(&[S::NAME, "producer"])
+            .inc();
         loop {
-            match create_producer(&self.producer_config) {
+            // Waiting for the broker is not being stuck; shutdown still stops the wait (the
+            // old producer stays, aborted: nothing more is committed with it).
+            self.pulse.beat();
+            if self.shutdown.is_triggered() {
+                return;
+            }
+            match create_producer(&self.producer_config, &self.brokers) {
                 Ok(p) => {
                     self.producer = p;
+                    tracing::info!(stage = S::NAME, "transactional producer rebuilt");
                     return;
                 }
                 Err(e) => {
@@ -531,7 +583,9 @@ impl<S: Stage> Shared<S> {
         for &p in partitions {
             tpl.add_partition(self.topic, p);
         }
-        let committed = consumer.committed_offsets(tpl, Duration::from_secs(30))?;
+        // Short: while the group coordinator moves or loads (a broker restart), the loop
+        // should go round (serving rebalance events) and retry rather than block here.
+        let committed = consumer.committed_offsets(tpl, Duration::from_secs(10))?;
         let io = RestoreIo {
             config: &self.restore_config,
         };
@@ -555,7 +609,11 @@ impl<S: Stage> Shared<S> {
                 .as_ref()
                 .map_or(Offset::Beginning, |c| Offset::Offset(c.offset));
             let started = Instant::now();
-            self.stage.restore(p, c, &io)?;
+            {
+                // The restore has a progress check of its own (a minute without records).
+                let _hold = self.pulse.hold();
+                self.stage.restore(p, c, &io)?;
+            }
             self.metrics
                 .restore_seconds
                 .with_label_values(&[S::NAME])
@@ -620,10 +678,23 @@ fn crash_point_after_offsets() {
     }
 }
 
-fn create_producer(config: &ClientConfig) -> anyhow::Result<TxnProducer> {
-    let producer: TxnProducer = config.create()?;
+fn create_producer(config: &ClientConfig, brokers: &BrokerWatch) -> anyhow::Result<TxnProducer> {
+    let producer: TxnProducer = config.create_with_context(brokers.clone())?;
     producer.init_transactions(Duration::from_secs(30))?;
     Ok(producer)
+}
+
+/// Why one consumer's run ended.
+enum Ended {
+    Shutdown,
+    /// librdkafka declared the consumer fatal: build a new one.
+    Fatal(String),
+    /// A rewind failed: typically the consumer cannot get its partitions' committed offsets
+    /// because its group coordinator does not answer it (after a broker restart, while the
+    /// member is being fenced or rebalanced). Retrying with the same member has been seen
+    /// to time out again and again; a new member finds the coordinator afresh, and its
+    /// assignment restores every partition as usual.
+    Rejoin(String),
 }
 
 /// Runs `stage` until `shutdown`: blocks the calling thread.
@@ -653,21 +724,30 @@ pub fn run_stage<S: Stage>(
         // which would add 100 ms to every commit.
         .set("retry.backoff.ms", "5")
         .set("retry.backoff.max.ms", "100")
-        .set("compression.type", "lz4");
+        .set("compression.type", "lz4")
+        // Broker reachability for readiness (BrokerWatch).
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
     let restore_config = crate::restore::restore_config(
         &config.kafka,
         &format!("processor-{}-restore", S::NAME),
         &format!("{group}.restore"),
     );
     let topic = stage.input_topic();
-    let producer = create_producer(&producer_config).map_err(|e| {
+    let brokers = BrokerWatch::new(
+        &health,
+        crate::leak(format!("{health_name}.kafka")),
+        &config.kafka.brokers,
+    );
+    let producer = create_producer(&producer_config, &brokers).map_err(|e| {
         anyhow::anyhow!("cannot start the {} stage's transactional producer at {}: {e}; is Kafka up (make stack) and KAFKA_BROKERS right?", S::NAME, config.kafka.brokers)
     })?;
     health.register(health_name);
+    let pulse = health.pulse(health_name, STALL);
     let shared = Arc::new(Mutex::new(Shared {
         stage,
         producer,
         producer_config,
+        brokers,
         restore_config,
         txn_open: false,
         txn_started: Instant::now(),
@@ -679,6 +759,8 @@ pub fn run_stage<S: Stage>(
         health: health.clone(),
         health_name,
         topic,
+        pulse: pulse.clone(),
+        shutdown: shutdown.clone(),
     }));
     let mut cc = consumer_config(&config.kafka, &format!("processor-{}", S::NAME), &group);
     // Static membership: a restarted instance takes its partitions back at once instead of
@@ -688,26 +770,111 @@ pub fn run_stage<S: Stage>(
         .set("fetch.wait.max.ms", "10")
         .set("max.partition.fetch.bytes", "4194304")
         .set("fetch.max.bytes", "67108864")
-        .set("statistics.interval.ms", "5000")
+        // Lag metrics, and broker reachability (with the producer's).
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
-    let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext {
-        shared: shared.clone(),
-        metrics: metrics.clone(),
-    })?;
-    consumer.subscribe(&[topic])?;
-    let base_interval = pc.commit_interval;
+    let mut fences: Vec<Instant> = Vec::new();
+    loop {
+        let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext {
+            shared: shared.clone(),
+            metrics: metrics.clone(),
+            brokers: lock(&shared).brokers.clone(),
+        })?;
+        consumer.subscribe(&[topic])?;
+        health.set_ready(health_name);
+        tracing::info!(stage = S::NAME, %group, topic, "stage running");
+        let created = Instant::now();
+        let reason = match consume::<S>(&consumer, &shared, config, &pulse, &shutdown) {
+            Ended::Shutdown => {
+                close_on_shutdown(consumer, &shared);
+                return Ok(());
+            }
+            Ended::Fatal(reason) => {
+                let now = Instant::now();
+                fences.retain(|t| now.duration_since(*t) < FENCED_AGAIN_WITHIN);
+                fences.push(now);
+                if fences.len() >= MAX_FENCES {
+                    anyhow::bail!("the {} stage's consumer was declared fatal {} times within {:?} (last: {reason}); another running instance probably has the same processor.instance_id '{instance}': give each instance its own", S::NAME, fences.len(), FENCED_AGAIN_WITHIN);
+                }
+                tracing::warn!(stage = S::NAME, %reason, "the consumer is unusable (librdkafka declared it fatal); closing it, then joining again with a new one and restoring from the changelogs");
+                reason
+            }
+            Ended::Rejoin(reason) => {
+                tracing::warn!(stage = S::NAME, %reason, "cannot rewind with this consumer; closing it, then joining again with a new one and restoring from the changelogs");
+                reason
+            }
+        };
+        metrics
+            .client_rebuilds
+            .with_label_values(&[S::NAME, "consumer"])
+            .inc();
+        health.set_unready(
+            health_name,
+            format!("replacing the Kafka consumer ({reason}); its partitions restore from the changelogs"),
+        );
+        {
+            // Nothing of this member may commit any more: the rebalance callbacks the close
+            // runs must abort, not commit.
+            let mut g = lock(&shared);
+            g.abort("consumer_fatal");
+            g.needs_rewind = true;
+        }
+        drop(consumer);
+        let mut g = lock(&shared);
+        let left: Vec<i32> = std::mem::take(&mut g.assigned).into_iter().collect();
+        for p in left {
+            g.stage.revoke(p);
+            metrics
+                .consumer_lag
+                .with_label_values(&[S::NAME, &p.to_string()])
+                .set(0);
+        }
+        g.positions.clear();
+        g.needs_rewind = false;
+        drop(g);
+        if created.elapsed() < Duration::from_secs(1) {
+            // Never rebuild in a tight loop (the broker may still be away).
+            std::thread::sleep(Duration::from_secs(1));
+        }
+        pulse.beat();
+        if shutdown.is_triggered() {
+            return Ok(());
+        }
+    }
+}
+
+/// The consume-process-produce loop over one consumer, until shutdown or until a client is
+/// fatal. A fatal producer is rebuilt here; a fatal consumer ends the run.
+fn consume<S: Stage>(
+    consumer: &BaseConsumer<StageContext<S>>,
+    shared: &Mutex<Shared<S>>,
+    config: &Config,
+    pulse: &Pulse,
+    shutdown: &Shutdown,
+) -> Ended {
+    let base_interval = config.processor.commit_interval;
     let backlog_interval = (base_interval * 10)
         .min(Duration::from_secs(1))
         .max(base_interval);
     let mut out = Vec::new();
-    let mut rewind_backoff = Duration::from_millis(100);
-    health.set_ready(health_name);
-    tracing::info!(stage = S::NAME, %group, topic, "stage running");
     while !shutdown.is_triggered() {
+        pulse.beat();
+        if let Some((code, reason)) = consumer.client().fatal_error() {
+            return Ended::Fatal(format!("{code:?}: {reason}"));
+        }
         // Replaying: long transactions for throughput. Live: `commit_interval`.
         let (commit_interval, timeout) = {
-            let g = lock(&shared);
+            let mut g = lock(shared);
+            if let Some((code, reason)) = g.producer.client().fatal_error() {
+                tracing::error!(stage = S::NAME, error = ?code, reason, "the transactional producer is unusable (librdkafka declared it fatal); rebuilding it and rewinding");
+                g.health.set_unready(
+                    g.health_name,
+                    format!("rebuilding the transactional producer after a fatal error: {reason}"),
+                );
+                g.rebuild_producer();
+                g.needs_rewind = true;
+            }
             let commit_interval = if g.stage.backlogged() {
                 backlog_interval
             } else {
@@ -731,7 +898,7 @@ pub fn run_stage<S: Stage>(
                 break;
             };
             wait = Duration::ZERO;
-            let mut g = lock(&shared);
+            let mut g = lock(shared);
             match polled {
                 Ok(m) if !g.needs_rewind => {
                     if g.assigned.contains(&m.partition()) {
@@ -744,17 +911,25 @@ pub fn run_stage<S: Stage>(
                 }
                 Ok(_) => {}
                 Err(KafkaError::PartitionEOF(p)) => g.stage.on_eof(p),
+                Err(KafkaError::MessageConsumptionFatal(code)) => {
+                    return Ended::Fatal(
+                        consumer
+                            .client()
+                            .fatal_error()
+                            .map_or_else(|| format!("{code:?}"), |(c, r)| format!("{c:?}: {r}")),
+                    );
+                }
                 Err(e) => {
-                    tracing::warn!(stage = S::NAME, error = %e, "consumer error");
-                    g.health
-                        .set_unready(health_name, format!("consumer error: {e}"));
+                    // Connection errors are on readiness (`<stage>.kafka`) already, and
+                    // librdkafka retries by itself.
+                    tracing::debug!(stage = S::NAME, error = %e, "consumer error");
                 }
             }
             if g.txn_open && g.until_commit(commit_interval).is_zero() {
                 break;
             }
         }
-        let mut g = lock(&shared);
+        let mut g = lock(shared);
         let now = now_ms();
         if !g.needs_rewind {
             g.stage.on_tick(now, &mut out);
@@ -768,34 +943,37 @@ pub fn run_stage<S: Stage>(
             if idle_due {
                 g.begin();
             }
-            g.finish_transaction(&consumer);
+            g.finish_transaction(consumer);
         }
         if g.needs_rewind {
             g.abort("rewind");
             out.clear();
-            match g.rewind(&consumer) {
-                Ok(()) => {
-                    rewind_backoff = Duration::from_millis(100);
-                    g.health.set_ready(health_name);
-                }
+            if consumer.client().fatal_error().is_some() {
+                // Rewinding needs a live consumer: build one first (next time round).
+                continue;
+            }
+            match g.rewind(consumer) {
+                Ok(()) => g.health.set_ready(g.health_name),
                 Err(e) => {
-                    tracing::error!(stage = S::NAME, error = %e, backoff_ms = rewind_backoff.as_millis() as u64, "rewind failed; retrying");
                     g.health
-                        .set_unready(health_name, format!("cannot restore state: {e}"));
-                    drop(g);
-                    std::thread::sleep(rewind_backoff);
-                    rewind_backoff = (rewind_backoff * 2).min(Duration::from_secs(5));
+                        .set_unready(g.health_name, format!("cannot restore state: {e}"));
+                    return Ended::Rejoin(format!("rewind failed: {e}"));
                 }
             }
         }
     }
+    Ended::Shutdown
+}
+
+/// SIGTERM: commits the open transaction (unless a rewind is pending) and leaves.
+fn close_on_shutdown<S: Stage>(consumer: BaseConsumer<StageContext<S>>, shared: &Mutex<Shared<S>>) {
     tracing::info!(
         stage = S::NAME,
         "shutting down: committing the open transaction"
     );
     {
-        let mut g = lock(&shared);
-        if !g.needs_rewind {
+        let mut g = lock(shared);
+        if !g.needs_rewind && consumer.client().fatal_error().is_none() {
             g.finish_transaction(&consumer);
         } else {
             g.abort("shutdown");
@@ -804,5 +982,4 @@ pub fn run_stage<S: Stage>(
     consumer.unsubscribe();
     // Let the revoke callback run (it commits nothing more: the transaction is closed).
     let _ = consumer.poll(Duration::from_millis(100));
-    Ok(())
 }

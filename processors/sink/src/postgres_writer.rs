@@ -118,9 +118,28 @@ impl PostgresWriter {
             {
                 self.client = None;
             }
-            WriteError::Retry(format!("PostgreSQL write failed: {e}"))
+            classify(&e)
         })
     }
+}
+
+/// Only errors about the values themselves (SQLSTATE class 22, data exception: a value out
+/// of range, a byte PostgreSQL text cannot hold; class 23, a constraint) are refusals that
+/// repeat for the same records; anything else (connections, timeouts, resources, locks, a
+/// missing table) is the database's state, retried for as long as it lasts.
+fn classify(e: &tokio_postgres::Error) -> WriteError {
+    // A server error's Display is only "db error": say what it was.
+    let detail = e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
+    );
+    let message = format!("PostgreSQL write failed: {detail}");
+    let code = match e.code().map(|c| c.code()) {
+        Some(c) if c.starts_with("22") => "postgres_data_exception",
+        Some(c) if c.starts_with("23") => "postgres_constraint_violation",
+        _ => return WriteError::Retry(message),
+    };
+    WriteError::Refused { code, message }
 }
 
 impl Writer for PostgresWriter {

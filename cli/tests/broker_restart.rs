@@ -1,0 +1,421 @@
+//! The processor across broker restarts: a private single-node Kafka is stopped and
+//! started twice while live heartbeats keep coming; the processor (the real binary, never
+//! restarted by the test) must say so on `/readyz` during each outage, come back by itself,
+//! and its `facility-status` must equal the oracle computed from what `heartbeats` holds.
+//!
+//! # What "equal" means under live timing
+//!
+//! The ground truth is the `heartbeats` topic itself (what the processor consumed), read
+//! back to its end offsets; `facility-status` is read with read_committed to its end
+//! offsets. Status, `seq`, open sessions and region must match the oracle exactly, per
+//! facility. `since` of a transition that a record caused (a login, an END) is the record's
+//! timestamp, or the partition's clock when the record reached the processor after its
+//! clock had passed that timestamp (a live record is a few ms late; one appended while the
+//! broker goes away or comes back, seconds). An expiry is the last beat's timestamp plus
+//! the timeout, exactly — unless that last beat was appended more than the timeout after
+//! its timestamp (seen once, while a restarted broker was slow to take its first writes):
+//! the processor then ignores it as late, and the session expires one beat (250 ms)
+//! earlier. So `since` is checked to be within [`SINCE_BOUND_MS`] of the oracle's, either
+//! way; in most runs it is at most a few ms after it (the test prints the worst).
+//!
+//! The load keeps that lateness from changing status or `seq`: each facility has one user,
+//! whose next login comes at least 6 s after the previous session ended (END or last beat),
+//! twice the session timeout; so no two events of one facility are close enough to swap.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use presence_core::codec::{decode, encode};
+use presence_core::config::Config;
+use presence_core::kafka::{consumer_config, idempotent_producer_config};
+use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
+use presence_core::sim::{facility_id, oracle, region_of, Expected, SimRecord};
+use presence_core::testkit::{free_port, isolated_config, PrivateService};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::{Message, OwnedMessage};
+use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use support::*;
+
+/// Odd, so that no expiry falls on a record's (even) timestamp.
+const TIMEOUT_MS: i64 = 3_001;
+const BEAT_MS: u64 = 250;
+const FACILITIES: usize = 60;
+/// How long each outage lasts, from the stop to the start.
+const OUTAGE: Duration = Duration::from_secs(12);
+/// How far from the oracle's `since` the processor's may be (see the module doc).
+const SINCE_BOUND_MS: i64 = 2_500;
+
+/// One user per facility, logging in and out in real time until `stop`; records are
+/// stamped when handed to the producer (even, strictly increasing ms). What reaches the
+/// topic is the ground truth, so records lost to an outage simply are not part of it.
+fn drive(c: &Config, stop: &AtomicBool) {
+    let mut config = idempotent_producer_config(&c.kafka, "test-load");
+    config
+        .set("linger.ms", "2")
+        // A record either lands within a second of its timestamp or is dropped: that
+        // bounds how late any record can reach the processor.
+        .set("message.timeout.ms", "1000");
+    let new_producer =
+        || -> ThreadedProducer<DefaultProducerContext> { config.create().expect("load producer") };
+    let mut producer = new_producer();
+    let mut rng = StdRng::seed_from_u64(7);
+    // Per user: the current session (id, when it ends, whether it ends with END) and when
+    // to act next.
+    struct User {
+        session: Option<(String, Instant, bool)>,
+        next: Instant,
+        sessions: u32,
+    }
+    let start = Instant::now();
+    let mut users: Vec<User> = (0..FACILITIES)
+        .map(|_| User {
+            session: None,
+            next: start + Duration::from_millis(rng.gen_range(0..3_000)),
+            sessions: 0,
+        })
+        .collect();
+    let mut last_ts = 0i64;
+    let mut send = |f: usize, session: &str, kind: HeartbeatKind| {
+        if let Some((code, reason)) = producer.client().fatal_error() {
+            // The load must go on; this is the test's producer, not the processor.
+            eprintln!("load producer fatal ({code:?}: {reason}); building a new one");
+            producer = new_producer();
+        }
+        let now = now_ms();
+        let ts = (now - now.rem_euclid(2)).max(last_ts + 2);
+        last_ts = ts;
+        let h = Heartbeat {
+            session_id: session.into(),
+            user_id: format!("user-{f}"),
+            facility_id: facility_id(f),
+            region_id: region_of(f, 3),
+            kind,
+            client_sent_at: Some(ts),
+        };
+        let bytes = encode(&h);
+        let record = BaseRecord::to(&c.topics.heartbeats)
+            .key(session)
+            .payload(&bytes)
+            .timestamp(ts);
+        // While the broker is away the queue only holds a second's worth: never full.
+        if let Err((e, _)) = producer.send(record) {
+            panic!("load producer refused a record: {e}");
+        }
+    };
+    let gap = |rng: &mut StdRng| Duration::from_millis(rng.gen_range(6_000..7_500));
+    while !stop.load(Ordering::Relaxed) {
+        let now = Instant::now();
+        for (f, u) in users.iter_mut().enumerate() {
+            if u.next > now {
+                continue;
+            }
+            match u.session.take() {
+                None => {
+                    u.sessions += 1;
+                    let id = format!("s-{f}-{}", u.sessions);
+                    send(f, &id, HeartbeatKind::Beat);
+                    let ends = now + Duration::from_millis(rng.gen_range(1_500..3_000));
+                    u.session = Some((id, ends, rng.gen_bool(0.7)));
+                    u.next = now + Duration::from_millis(BEAT_MS);
+                }
+                Some((id, ends, with_end)) if now >= ends => {
+                    if with_end {
+                        send(f, &id, HeartbeatKind::End);
+                    }
+                    u.next = now + gap(&mut rng);
+                }
+                Some((id, ends, with_end)) => {
+                    send(f, &id, HeartbeatKind::Beat);
+                    u.session = Some((id, ends, with_end));
+                    u.next = now + Duration::from_millis(BEAT_MS);
+                }
+            }
+        }
+        // Pacing the load, not waiting for anything.
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    for (f, u) in users.iter_mut().enumerate() {
+        if let Some((id, _, _)) = u.session.take() {
+            send(f, &id, HeartbeatKind::End);
+        }
+    }
+    producer.flush(Duration::from_secs(10)).expect("flush");
+}
+
+/// Every record of `topic` (read_committed) up to the end offsets it has now.
+fn read_to_end(c: &Config, topic: &str) -> Vec<OwnedMessage> {
+    let consumer: BaseConsumer = consumer_config(&c.kafka, "test-reader", "unused")
+        .set("enable.partition.eof", "true")
+        .create()
+        .expect("reader");
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    let mut ends = BTreeMap::new();
+    for p in md.topics()[0].partitions() {
+        let (_, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .expect("watermarks");
+        ends.insert(p.id(), high);
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut out = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let done = |consumer: &BaseConsumer| {
+        let positions = consumer.position().expect("positions");
+        ends.iter().all(|(&p, &end)| {
+            end == 0
+                || matches!(positions.find_partition(topic, p).map(|e| e.offset()), Some(Offset::Offset(o)) if o >= end)
+        })
+    };
+    while !done(&consumer) {
+        assert!(
+            Instant::now() < deadline,
+            "{topic} not read to its end offsets {ends:?} within 60 s"
+        );
+        match consumer.poll(Duration::from_millis(100)) {
+            Some(Ok(m)) => out.push(m.detach()),
+            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
+            Some(Err(e)) => panic!("reading {topic}: {e}"),
+        }
+    }
+    out
+}
+
+/// Kills the processor if the test fails half-way, so that no process outlives it.
+struct Running(std::process::Child);
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        kill9(&mut self.0);
+    }
+}
+
+async fn get(url: &str) -> Option<(u16, String)> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .ok()?;
+    let r = client.get(url).send().await.ok()?;
+    let status = r.status().as_u16();
+    Some((status, r.text().await.ok()?))
+}
+
+/// Polls `/readyz` until it answers `want`; on timeout, fails with its last answer.
+async fn wait_ready(ops: &str, want: u16, within: Duration, what: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let answer = get(&format!("{ops}/readyz")).await;
+        if answer.as_ref().map(|a| a.0) == Some(want) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < within,
+            "timed out after {within:?} waiting for {what}; /readyz said {answer:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output() {
+    let t0 = Instant::now();
+    let kafka = PrivateService::kafka();
+    kafka.start();
+    let mut c = isolated_config();
+    c.kafka.brokers = kafka.address();
+    c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS as u64);
+    presence_core::testkit::ensure_topics(&c).await;
+    // A broker that has just created topics may not list them in its metadata yet.
+    let admin: BaseConsumer = consumer_config(&c.kafka, "test-admin", "unused")
+        .create()
+        .expect("metadata client");
+    let topics = [
+        c.topics.heartbeats.clone(),
+        c.topics.session_transitions(),
+        c.topics.facility_status.clone(),
+    ];
+    presence_core::testkit::eventually(
+        "the topics in the metadata",
+        Duration::from_secs(30),
+        || async {
+            topics
+                .iter()
+                .all(|t| {
+                    admin
+                        .fetch_metadata(Some(t), Duration::from_secs(5))
+                        .is_ok_and(|md| {
+                            md.topics()
+                                .iter()
+                                .all(|t| t.error().is_none() && !t.partitions().is_empty())
+                        })
+                })
+                .then_some(())
+        },
+    )
+    .await;
+    let port = free_port().to_string();
+    let ops = format!("http://127.0.0.1:{port}");
+    let listen = format!("127.0.0.1:{port}");
+    let mut processor = Running(spawn_processor(
+        &c,
+        "a",
+        &[
+            ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen),
+            (
+                "PRESENCE_TELEMETRY__LOG_FILTER",
+                "warn,presence_processor=info",
+            ),
+        ],
+    ));
+    wait_ready(&ops, 200, Duration::from_secs(60), "the processor ready").await;
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let load = {
+        let (c, stop) = (c.clone(), stop.clone());
+        std::thread::spawn(move || drive(&c, &stop))
+    };
+    let mut reader = StatusReader::new(&c);
+    for restart in 1..=2 {
+        let before = reader.seen.len();
+        let flowing = reader.read_until(Duration::from_secs(60), |s| s.len() >= before + 10);
+        assert!(
+            flowing,
+            "restart {restart}: transitions flow before the broker stops ({} so far); /readyz: {:?}",
+            reader.seen.len(),
+            get(&format!("{ops}/readyz")).await
+        );
+        let stopping = Instant::now();
+        kafka.stop();
+        let stopped_in = stopping.elapsed();
+        let noticed = wait_ready(
+            &ops,
+            503,
+            Duration::from_secs(20),
+            "/readyz 503 while the broker is down",
+        )
+        .await;
+        // The fault: the broker stays away longer than the consumers' session timeout
+        // (10 s), as in the outage that left the processor fenced for good (issue #11).
+        let away = OUTAGE.saturating_sub(stopping.elapsed());
+        tokio::time::sleep(away).await;
+        let starting = Instant::now();
+        kafka.start();
+        let started_in = starting.elapsed();
+        let back = wait_ready(
+            &ops,
+            200,
+            Duration::from_secs(90),
+            "/readyz 200 after the broker is back",
+        )
+        .await;
+        eprintln!("restart {restart}: broker stopped in {stopped_in:?}, /readyz 503 {noticed:?} after; started in {started_in:?}, /readyz 200 {back:?} after (at {:?})", t0.elapsed());
+        assert!(
+            processor.0.try_wait().expect("child status").is_none(),
+            "the processor kept running through restart {restart}"
+        );
+    }
+    let before = reader.seen.len();
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= before + 10),
+        "transitions flow after the second restart"
+    );
+    stop.store(true, Ordering::Relaxed);
+    load.join().expect("load thread");
+
+    let truth: Vec<SimRecord> = {
+        let mut v: Vec<SimRecord> = read_to_end(&c, &c.topics.heartbeats)
+            .iter()
+            .map(|m| SimRecord {
+                ts: m.timestamp().to_millis().expect("timestamped"),
+                heartbeat: decode::<Heartbeat>(m.payload().expect("value")).expect("decodes"),
+            })
+            .collect();
+        v.sort_by_key(|r| r.ts);
+        v
+    };
+    let expected = oracle(&truth, TIMEOUT_MS);
+    assert!(
+        expected.len() > 100,
+        "a run with churn: {} transitions",
+        expected.len()
+    );
+    // Everything ends by END or by expiry within the timeout: wait for the last transition.
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len()),
+        "{} of {} transitions",
+        reader.seen.len(),
+        expected.len()
+    );
+    wait_ready(&ops, 200, Duration::from_secs(5), "/readyz 200 at the end").await;
+    assert!(
+        processor.0.try_wait().expect("child status").is_none(),
+        "never restarted"
+    );
+    let rebuilds: Vec<String> = get(&format!("{ops}/metrics"))
+        .await
+        .map(|(_, body)| {
+            body.lines()
+                .filter(|l| l.starts_with("presence_kafka_client_rebuilds_total"))
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    eprintln!("clients rebuilt: {rebuilds:?}");
+    assert_eq!(
+        get(&format!("{ops}/healthz")).await.map(|(s, _)| s),
+        Some(200),
+        "live at the end"
+    );
+    let status = terminate(&mut processor.0);
+    assert!(status.success(), "clean exit on SIGTERM: {status}");
+
+    let got = as_expected(
+        &read_to_end(&c, &c.topics.facility_status)
+            .iter()
+            .map(|m| decode::<FacilityStatus>(m.payload().expect("value")).expect("decodes"))
+            .collect::<Vec<_>>(),
+    );
+    let without_since = |v: &[Expected]| -> Vec<Expected> {
+        v.iter()
+            .map(|e| Expected {
+                since: 0,
+                ..e.clone()
+            })
+            .collect()
+    };
+    assert!(
+        without_since(&got) == without_since(&expected),
+        "status and seq per facility differ from the oracle:\n{}",
+        diff(&without_since(&expected), &without_since(&got))
+    );
+    let mut worst = 0;
+    for (e, g) in expected.iter().zip(&got) {
+        let late = g.since - e.since;
+        assert!(
+            late.abs() <= SINCE_BOUND_MS,
+            "{} seq {}: since {} vs the oracle's {} ({late} ms)",
+            e.facility_id,
+            e.seq,
+            g.since,
+            e.since
+        );
+        worst = worst.max(late.abs());
+    }
+    eprintln!(
+        "{} transitions equal the oracle; since at most {worst} ms from the oracle's; {:?} in all",
+        got.len(),
+        t0.elapsed()
+    );
+}
