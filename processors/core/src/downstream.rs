@@ -237,6 +237,20 @@ pub async fn run<W: Writer>(
         "consuming transitions"
     );
 
+    // Per partition, the offset below which every record's dead letter (if it needed one)
+    // was already sent by this process: a rewind re-reads those records, and must not send
+    // their dead letters again. (Across a crash before the offset commit a dead letter can
+    // still be sent twice: the dead-letter topic is at-least-once, like every consumer here.)
+    let mut undecodable_handled: BTreeMap<i32, i64> = BTreeMap::new();
+    let mut refused_handled: BTreeMap<i32, i64> = BTreeMap::new();
+    let handled = |seen: &BTreeMap<i32, i64>, partition: i32, offset: i64| {
+        seen.get(&partition).is_some_and(|&to| offset < to)
+    };
+    let mark = |seen: &mut BTreeMap<i32, i64>, partition: i32, offset: i64| {
+        let to = seen.entry(partition).or_insert(0);
+        *to = (*to).max(offset + 1);
+    };
+
     'batches: loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
@@ -280,6 +294,9 @@ pub async fn run<W: Writer>(
                     offset,
                     raw,
                 }),
+                Err(e) if handled(&undecodable_handled, partition, offset) => {
+                    tracing::debug!(partition, offset, error = %e, "undecodable transition read again after a rewind; its dead letter was sent already");
+                }
                 Err(e) => {
                     let from = (topic, partition, offset);
                     if !dead_letters
@@ -291,6 +308,7 @@ pub async fn run<W: Writer>(
                     tracing::warn!(partition, offset, error = %e, "undecodable transition sent to the dead-letter topic");
                 }
             }
+            mark(&mut undecodable_handled, partition, offset);
         }
         if !batch.is_empty() {
             let mut outcome =
@@ -311,6 +329,11 @@ pub async fn run<W: Writer>(
                     .await
                     {
                         Done::Written => {}
+                        Done::Refused { code, .. }
+                            if handled(&refused_handled, r.partition, r.offset) =>
+                        {
+                            tracing::debug!(partition = r.partition, offset = r.offset, code, "refused transition read again after a rewind; its dead letter was sent already");
+                        }
                         Done::Refused { code, message } => {
                             let from = (topic, r.partition, r.offset);
                             if !dead_letters
@@ -326,6 +349,7 @@ pub async fn run<W: Writer>(
                             break;
                         }
                     }
+                    mark(&mut refused_handled, r.partition, r.offset);
                 }
             }
             match outcome {
