@@ -146,7 +146,10 @@ async fn broker_and_processor_kills_on_a_replicated_cluster_change_nothing() {
     // duplicate or an extra transition fails as surely as a missing one.
     wait_consumed_to_end(&c, Duration::from_secs(60));
     let status = terminate(&mut p);
-    assert!(status.success(), "SIGTERM must stop the processor cleanly: {status:?}");
+    assert!(
+        status.success(),
+        "SIGTERM must stop the processor cleanly: {status:?}"
+    );
     let got = as_expected(&statuses_to_end(&c));
     assert!(got == expected, "{}", diff(&expected, &got));
 }

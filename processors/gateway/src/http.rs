@@ -511,39 +511,28 @@ async fn get_stream(
     }
     let slot = match app.0.slots.acquire(grant.as_ref().map(|g| g.sub.as_str())) {
         Ok(s) => s,
-        Err(NoSlot::Identity { max }) => {
-            app.0
-                .metrics
-                .streams_refused
-                .with_label_values(&["identity"])
-                .inc();
-            app.count("stream", "too_many_streams");
-            return with_retry_after(
-                problem(
+        Err(refused) => {
+            let (status, cap, code, message) = match refused {
+                NoSlot::Identity { max } => (
                     StatusCode::TOO_MANY_REQUESTS,
+                    "identity",
                     "too_many_streams",
-                    &format!("this identity has {max} streams open (gateway.max_streams_per_identity): close one"),
+                    format!("this identity has {max} streams open (gateway.max_streams_per_identity): close one"),
                 ),
-                STREAM_RETRY_AFTER_SECONDS,
-            );
-        }
-        Err(NoSlot::Total { max }) => {
+                NoSlot::Total { max } => (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "total",
+                    "streams_full",
+                    format!("the gateway has {max} streams open (gateway.max_streams); retry later"),
+                ),
+            };
             app.0
                 .metrics
                 .streams_refused
-                .with_label_values(&["total"])
+                .with_label_values(&[cap])
                 .inc();
-            app.count("stream", "streams_full");
-            return with_retry_after(
-                problem(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "streams_full",
-                    &format!(
-                        "the gateway has {max} streams open (gateway.max_streams); retry later"
-                    ),
-                ),
-                STREAM_RETRY_AFTER_SECONDS,
-            );
+            app.count("stream", code);
+            return with_retry_after(problem(status, code, &message), STREAM_RETRY_AFTER_SECONDS);
         }
     };
     app.count("stream", "opened");
