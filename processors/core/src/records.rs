@@ -439,7 +439,10 @@ mod tests {
         );
     }
 
+    // 256 cases each (proptest's default).
     proptest! {
+        /// Every public decoder (the owned one, stage 1's zero-copy one) on the body alone
+        /// and behind each record type's header.
         #[test]
         fn arbitrary_bytes_never_panic(body in proptest::collection::vec(any::<u8>(), 0..64)) {
             let mut bytes = MARKER.to_vec();
@@ -447,6 +450,28 @@ mod tests {
             bytes.extend_from_slice(&body);
             let _ = decode::<Heartbeat>(&bytes);
             let _ = decode::<FacilityStatus>(&body);
+            for b in [&bytes, &body] {
+                let mut slot = None;
+                let _ = HeartbeatRef::decode_any(b, &mut slot);
+            }
+            let mut status = MARKER.to_vec();
+            status.extend_from_slice(&codec::<FacilityStatus>().fingerprint().to_le_bytes());
+            status.extend_from_slice(&body);
+            let _ = decode::<FacilityStatus>(&status);
+        }
+
+        /// A valid heartbeat's bytes, cut short or with one byte replaced: the owned and the
+        /// zero-copy decoder never panic and agree on what they read.
+        #[test]
+        fn damaged_heartbeats_never_panic(s in "[a-z0-9-]{1,20}", t in any::<Option<i64>>(), at in any::<usize>(), byte in any::<u8>(), cut in any::<bool>()) {
+            let h = Heartbeat { session_id: s.clone(), user_id: s.clone(), facility_id: s.clone(), region_id: s,
+                kind: HeartbeatKind::End, client_sent_at: t };
+            let mut bytes = encode(&h);
+            let at = at % bytes.len();
+            if cut { bytes.truncate(at) } else { bytes[at] = byte }
+            let mut slot = None;
+            let borrowed = HeartbeatRef::decode_any(&bytes, &mut slot).map(|r| r.to_owned());
+            prop_assert_eq!(borrowed, decode::<Heartbeat>(&bytes));
         }
 
         #[test]

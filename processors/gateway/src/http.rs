@@ -536,10 +536,7 @@ async fn get_stream(
         }
     };
     app.count("stream", "opened");
-    let last_event_id = headers
-        .get("last-event-id")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let last_event_id = last_event_id(&headers);
     let mut response = app
         .0
         .hub
@@ -553,6 +550,15 @@ async fn get_stream(
         Some(g) => crate::auth::end_stream_at(response, g.expires),
         None => response,
     }
+}
+
+/// The `Last-Event-ID` an EventSource sends when it reconnects: the last region sequence
+/// it saw. Anything that is not a number is ignored (the stream starts with a snapshot).
+fn last_event_id(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get("last-event-id")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
 }
 
 /// `POST /v1/stream-tickets`, token in the `Authorization` header, optional body
@@ -721,3 +727,92 @@ async fn get_history(
 }
 
 const DASHBOARD: &str = include_str!("dashboard.html");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Query strings as clients write them, good and bad: names, `=`, `&`, `+` and percent
+    /// escapes that may be cut short or not UTF-8.
+    const QUERYISH: &str = "([a-z_]{0,12}=?([%0-9A-Fa-f+&=:.TZ-]|%[0-9A-Fa-f]{0,2}){0,24}&?){0,8}";
+
+    /// The `from`/`to` instants humantime writes: 1970 up to the end of year 9999.
+    const MAX_RFC3339_MS: i64 = 253_402_300_799_999;
+
+    fn with_header(name: &'static str, value: &[u8]) -> HeaderMap {
+        let mut headers = HeaderMap::new();
+        if let Ok(v) = HeaderValue::from_bytes(value) {
+            headers.insert(name, v);
+        }
+        headers
+    }
+
+    // 256 cases each (proptest's default, as the other property tests here).
+    proptest! {
+        /// Every query-string reader (`ticket`, `access_token`, `from`, `to`) and the time
+        /// parser take any text without a panic.
+        #[test]
+        fn arbitrary_query_strings_never_panic(any_text in ".{0,300}", shaped in QUERYISH, allowed in any::<bool>()) {
+            for q in [any_text.as_str(), shaped.as_str()] {
+                for name in ["ticket", "access_token", "from", "to", ""] {
+                    if let Some(v) = query_param(Some(q), name) {
+                        let _ = parse_time(&v);
+                    }
+                }
+                let _ = parse_time(q);
+                let _ = bearer(None, Some(q), allowed);
+                let _ = bearer(Some(q), Some(q), allowed);
+            }
+        }
+
+        /// A value written with form encoding is read back as it was, as the first of its name.
+        #[test]
+        fn a_query_value_round_trips(name in "[a-z_]{1,12}", value in ".{0,60}", others in proptest::collection::vec(("[A-Z]{1,5}", ".{0,20}"), 0..4)) {
+            let mut q = url::form_urlencoded::Serializer::new(String::new());
+            for (k, v) in &others {
+                q.append_pair(k, v);
+            }
+            q.append_pair(&name, &value);
+            q.append_pair(&name, "second");
+            prop_assert_eq!(query_param(Some(&q.finish()), &name), Some(value));
+        }
+
+        /// `from`/`to` in ms or RFC 3339 (whole seconds or ms, in a query string or not) give
+        /// the instant they name.
+        #[test]
+        fn ms_and_rfc3339_parse_to_their_instant(ms in 0..=MAX_RFC3339_MS, any_ms in any::<i64>()) {
+            prop_assert_eq!(parse_time(&any_ms.to_string()), Some(any_ms));
+            let at = UNIX_EPOCH + Duration::from_millis(ms as u64);
+            prop_assert_eq!(parse_time(&humantime::format_rfc3339_millis(at).to_string()), Some(ms));
+            prop_assert_eq!(parse_time(&humantime::format_rfc3339_seconds(at).to_string()), Some(ms - ms % 1000));
+            let q = url::form_urlencoded::Serializer::new(String::new())
+                .append_pair("from", &humantime::format_rfc3339_millis(at).to_string())
+                .finish();
+            prop_assert_eq!(query_param(Some(&q), "from").and_then(|v| parse_time(&v)), Some(ms));
+        }
+
+        /// Any `Last-Event-ID` header is taken without a panic; a sequence number (with the
+        /// spaces a proxy may add) is read as itself, anything else as none.
+        #[test]
+        fn last_event_id_is_a_number_or_nothing(bytes in proptest::collection::vec(any::<u8>(), 0..64), text in "[ \t!-~]{0,40}", n in any::<u64>(), pad in "[ \t]{0,3}") {
+            let _ = last_event_id(&with_header("last-event-id", &bytes));
+            let parsed = last_event_id(&with_header("last-event-id", text.as_bytes()));
+            prop_assert_eq!(parsed, text.trim().parse::<u64>().ok());
+            let padded = format!("{pad}{n}{pad}");
+            prop_assert_eq!(last_event_id(&with_header("last-event-id", padded.as_bytes())), Some(n));
+        }
+
+        /// Any `Content-Type` is judged without a panic; JSON and text/plain pass with any
+        /// parameters and in any case.
+        #[test]
+        fn content_type_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..80), params in "(;[ a-z=-]{0,20}){0,3}", upper in any::<bool>()) {
+            let _ = acceptable_content_type(&with_header("content-type", &bytes));
+            for essence in ["application/json", "text/plain"] {
+                let ct = format!("{essence}{params}");
+                let ct = if upper { ct.to_ascii_uppercase() } else { ct };
+                prop_assert!(acceptable_content_type(&with_header("content-type", ct.as_bytes())));
+            }
+        }
+    }
+}

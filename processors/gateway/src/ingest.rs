@@ -259,6 +259,183 @@ fn id(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::collection::{btree_map, vec};
+    use proptest::prelude::*;
+
+    /// Any JSON value: scalars at the edges (huge and fractional numbers, any text), and
+    /// objects and arrays nested a few levels deep, with heartbeat field names among the
+    /// keys so that the typed fast path is reached too.
+    fn json() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![
+            Just(Value::Null),
+            any::<bool>().prop_map(Value::Bool),
+            any::<i64>().prop_map(Value::from),
+            any::<u64>().prop_map(Value::from),
+            any::<f64>().prop_map(Value::from),
+            ".{0,40}".prop_map(Value::String),
+        ];
+        leaf.prop_recursive(4, 64, 8, |inner| {
+            prop_oneof![
+                vec(inner.clone(), 0..8).prop_map(Value::Array),
+                btree_map(key(), inner, 0..8).prop_map(|m| Value::Object(m.into_iter().collect())),
+            ]
+        })
+    }
+
+    fn key() -> impl Strategy<Value = String> {
+        prop_oneof![
+            3 => proptest::sample::select(FIELDS).prop_map(str::to_string),
+            1 => ".{0,12}",
+        ]
+    }
+
+    /// Ids that pass (mostly) and ids that break each rule (empty, 129 bytes, 130 bytes of
+    /// two-byte characters, control characters).
+    fn id() -> impl Strategy<Value = String> {
+        prop_oneof![
+            40 => "[^\\p{Cc}]{1,20}",
+            1 => Just(String::new()),
+            1 => Just("x".repeat(129)),
+            1 => Just("\u{e9}".repeat(65)),
+            1 => "[a-z]{0,5}[\\x00-\\x1f\\x7f\\u{80}-\\u{9f}][a-z]{0,5}",
+        ]
+    }
+
+    /// A heartbeat-shaped object: each field mostly present with a value of the right type,
+    /// sometimes of another, sometimes an unknown field beside them. User, facility and
+    /// region are often those of [`token_claims`], so that bodies with a token pass too.
+    fn beat() -> impl Strategy<Value = Value> {
+        let session = proptest::option::weighted(
+            0.97,
+            prop_oneof![20 => id().prop_map(Value::String), 1 => json()],
+        );
+        let text = |from_token: &'static str| {
+            proptest::option::weighted(
+                0.9,
+                prop_oneof![
+                    30 => Just(Value::from(from_token)),
+                    10 => id().prop_map(Value::String),
+                    1 => json(),
+                ],
+            )
+        };
+        let kind = proptest::option::weighted(
+            0.5,
+            prop_oneof![
+                8 => Just(Value::from("BEAT")),
+                8 => Just(Value::from("END")),
+                1 => Just(Value::from("PING")),
+                1 => json(),
+            ],
+        );
+        let sent = proptest::option::weighted(
+            0.5,
+            prop_oneof![
+                8 => (0..i64::MAX).prop_map(Value::from),
+                1 => any::<i64>().prop_map(Value::from),
+                1 => json(),
+            ],
+        );
+        let extra = proptest::option::weighted(0.1, (".{0,12}", json()));
+        (session, text("u"), text("f"), text("r"), kind, sent, extra).prop_map(
+            |(session, user, facility, region, kind, sent, extra)| {
+                let mut o = Map::new();
+                let fields = [session, user, facility, region, kind, sent];
+                for (name, v) in FIELDS.iter().zip(fields) {
+                    if let Some(v) = v {
+                        o.insert(name.to_string(), v);
+                    }
+                }
+                if let Some((k, v)) = extra {
+                    o.insert(k, v);
+                }
+                Value::Object(o)
+            },
+        )
+    }
+
+    /// A body: one beat, a batch of them, or any JSON; then, sometimes, damaged as text
+    /// (cut short, a byte replaced, invalid UTF-8 inserted, a huge number, deep nesting);
+    /// two thirds are left whole.
+    fn body() -> impl Strategy<Value = Vec<u8>> {
+        let value = prop_oneof![
+            3 => beat(),
+            2 => vec(beat(), 1..6).prop_map(Value::Array),
+            1 => json(),
+        ];
+        (value, 0u8..16, any::<usize>(), any::<u8>(), 0usize..3000).prop_map(
+            |(v, damage, at, byte, depth)| {
+                let mut b = serde_json::to_vec(&v).unwrap_or_default();
+                let at = at % (b.len() + 1);
+                match damage {
+                    0 => b.truncate(at),
+                    1 if at < b.len() => b[at] = byte,
+                    2 => {
+                        b.splice(at..at, [0xff, 0xc3, byte]);
+                    }
+                    3 => {
+                        b.splice(at..at, *b"123456789012345678901234567890e99999");
+                    }
+                    4 => {
+                        let mut deep = b"[".repeat(depth);
+                        deep.extend_from_slice(&b);
+                        deep.extend_from_slice(&b"]".repeat(depth));
+                        b = deep;
+                    }
+                    _ => {}
+                }
+                b
+            },
+        )
+    }
+
+    /// No token, or one for user `u` of facility `f` in region `r`.
+    fn token_claims() -> impl Strategy<Value = Option<Claims>> {
+        proptest::option::of(Just(Claims {
+            sub: "u".into(),
+            facility: "f".into(),
+            region: "r".into(),
+            regions: vec![],
+            exp: 0,
+            nbf: None,
+        }))
+    }
+
+    fn follows_the_rules(s: &str) -> bool {
+        !s.is_empty() && s.len() <= 128 && !s.chars().any(char::is_control)
+    }
+
+    // 256 cases each (proptest's default, as the other property tests here).
+    proptest! {
+        /// Whatever a client sends, the parser answers (a batch or a rejection) and does not panic.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..512), claims in token_claims(), max in 1usize..20) {
+            let _ = parse(&bytes, claims.as_ref(), max);
+        }
+
+        /// JSON-ish bodies, whole or damaged: no panic, and whatever is accepted follows every
+        /// field rule, takes its ids from the token when there is one, and comes back the same
+        /// through JSON and through Avro.
+        #[test]
+        fn what_is_accepted_follows_the_rules_and_round_trips(body in body(), claims in token_claims(), max in 1usize..20) {
+            let Ok(beats) = parse(&body, claims.as_ref(), max) else {
+                return Ok(());
+            };
+            prop_assert!(!beats.is_empty() && beats.len() <= max);
+            for h in &beats {
+                for id in [&h.session_id, &h.user_id, &h.facility_id, &h.region_id] {
+                    prop_assert!(follows_the_rules(id), "accepted id {:?}", id);
+                }
+                prop_assert!(h.client_sent_at.is_none_or(|t| t >= 0));
+                if let Some(c) = &claims {
+                    prop_assert_eq!((&h.user_id, &h.facility_id, &h.region_id), (&c.sub, &c.facility, &c.region));
+                }
+                prop_assert_eq!(&presence_core::codec::decode::<Heartbeat>(&presence_core::codec::encode(h)).unwrap(), h);
+            }
+            let again = parse(&serde_json::to_vec(&beats).unwrap(), claims.as_ref(), max).unwrap();
+            prop_assert_eq!(again, beats);
+        }
+    }
 
     fn one(json: &str) -> Result<Vec<Heartbeat>, Rejection> {
         parse(json.as_bytes(), None, 10)

@@ -152,7 +152,161 @@ impl AvroRecord for FacilityState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use presence_core::codec::{decode, encode, verify_history};
+    use presence_core::codec::{decode, encode, fingerprint_of, verify_history, AvroRecord};
+    use proptest::collection::vec;
+    use proptest::prelude::*;
+
+    /// The single-object headers a record of `T` may carry: every released version's
+    /// fingerprint (the older ones go through apache-avro's schema resolution).
+    fn headers<T: AvroRecord>() -> Vec<Vec<u8>> {
+        T::HISTORY
+            .iter()
+            .chain([&T::SCHEMA])
+            .map(|text| {
+                let schema = apache_avro::Schema::parse_str(text).unwrap();
+                let mut h = presence_core::codec::MARKER.to_vec();
+                h.extend_from_slice(&fingerprint_of(&schema).to_le_bytes());
+                h
+            })
+            .collect()
+    }
+
+    /// `bytes` alone, and behind each valid header of `T`: an error or a record, never a panic.
+    fn decode_everywhere<T: AvroRecord + 'static>(bytes: &[u8]) {
+        let _ = decode::<T>(bytes);
+        for mut h in headers::<T>() {
+            h.extend_from_slice(bytes);
+            let _ = decode::<T>(&h);
+        }
+    }
+
+    /// A body that is a valid record's, then damaged: cut short, one byte replaced, or
+    /// bytes appended; near-valid bodies reach deeper into each reader than random ones.
+    fn damaged(valid: Vec<u8>, how: u8, at: usize, byte: u8, tail: Vec<u8>) -> Vec<u8> {
+        let mut b = valid[10..].to_vec();
+        let at = at % (b.len() + 1);
+        match how {
+            0 => b.truncate(at),
+            1 if at < b.len() => b[at] = byte,
+            _ => b.extend_from_slice(&tail),
+        }
+        b
+    }
+
+    fn session_event() -> impl Strategy<Value = SessionEvent> {
+        (
+            0u8..3,
+            any::<i32>(),
+            any::<i64>(),
+            any::<i64>(),
+            ".{0,8}",
+            ".{0,8}",
+        )
+            .prop_map(
+                |(k, source_partition, source_seq, at, facility_id, region_id)| SessionEvent {
+                    kind: [
+                        SessionEventKind::Opened,
+                        SessionEventKind::Closed,
+                        SessionEventKind::Watermark,
+                    ][k as usize],
+                    source_partition,
+                    source_seq,
+                    at,
+                    facility_id,
+                    region_id,
+                },
+            )
+    }
+
+    fn session_state() -> impl Strategy<Value = SessionState> {
+        (
+            ".{0,8}",
+            ".{0,8}",
+            ".{0,8}",
+            ".{0,8}",
+            any::<i64>(),
+            any::<i64>(),
+        )
+            .prop_map(
+                |(session_id, user_id, facility_id, region_id, last_seen, open_offset)| {
+                    SessionState {
+                        session_id,
+                        user_id,
+                        facility_id,
+                        region_id,
+                        last_seen,
+                        open_offset,
+                    }
+                },
+            )
+    }
+
+    fn facility_state() -> impl Strategy<Value = FacilityState> {
+        (
+            ".{0,8}",
+            ".{0,8}",
+            any::<i32>(),
+            any::<bool>(),
+            any::<i64>(),
+            any::<i64>(),
+            any::<Option<i64>>(),
+        )
+            .prop_map(
+                |(facility_id, region_id, open_sessions, online, seq, since, pending)| {
+                    FacilityState {
+                        facility_id,
+                        region_id,
+                        open_sessions,
+                        online,
+                        seq,
+                        since,
+                        pending_offline_since: pending,
+                    }
+                },
+            )
+    }
+
+    // 256 cases each (proptest's default, as the other property tests here).
+    proptest! {
+        /// A changelog or stage-1 topic holding garbage (another producer, a torn write, a
+        /// future version) cannot crash a processor: every decoder, every schema version,
+        /// answers with an error.
+        #[test]
+        fn arbitrary_bytes_never_panic(bytes in vec(any::<u8>(), 0..96)) {
+            decode_everywhere::<SessionEvent>(&bytes);
+            decode_everywhere::<SessionState>(&bytes);
+            decode_everywhere::<FacilityState>(&bytes);
+            let _ = crate::sessions::key_from_bytes(&bytes);
+        }
+
+        /// Damaged versions of valid bodies, behind every version's header: no panic, and
+        /// every record of the current version comes back as it was written.
+        #[test]
+        fn damaged_records_never_panic_and_whole_ones_round_trip(
+            e in session_event(), s in session_state(), f in facility_state(),
+            how in 0u8..3, at in any::<usize>(), byte in any::<u8>(), tail in vec(any::<u8>(), 1..16),
+        ) {
+            prop_assert_eq!(&decode::<SessionEvent>(&encode(&e)).unwrap(), &e);
+            prop_assert_eq!(&decode::<SessionState>(&encode(&s)).unwrap(), &s);
+            prop_assert_eq!(&decode::<FacilityState>(&encode(&f)).unwrap(), &f);
+            decode_everywhere::<SessionEvent>(&damaged(encode(&e), how, at, byte, tail.clone()));
+            decode_everywhere::<SessionState>(&damaged(encode(&s), how, at, byte, tail.clone()));
+            decode_everywhere::<FacilityState>(&damaged(encode(&f), how, at, byte, tail));
+        }
+
+        /// Any record of schema v1 (before sessions had owners) decodes, through schema
+        /// resolution, to the same session with an empty owner.
+        #[test]
+        fn any_v1_session_state_decodes_without_an_owner(s in session_state()) {
+            let mut bytes = headers::<SessionState>().swap_remove(0);
+            for text in [&s.session_id, &s.facility_id, &s.region_id] {
+                presence_core::codec::write_str(&mut bytes, text);
+            }
+            presence_core::codec::write_long(&mut bytes, s.last_seen);
+            presence_core::codec::write_long(&mut bytes, s.open_offset);
+            prop_assert_eq!(decode::<SessionState>(&bytes).unwrap(), SessionState { user_id: String::new(), ..s });
+        }
+    }
 
     fn history(name: &str) -> std::path::PathBuf {
         std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
