@@ -117,15 +117,18 @@ impl BrokerWatch {
         )
     }
 
-    /// From `ClientContext::stats`: ready while some real (not logical coordinator) broker
-    /// connection of some client is up.
+    /// From `ClientContext::stats`: ready while some broker connection of some client is
+    /// up. Coordinator connections (librdkafka's "logical" brokers) count: they are TCP
+    /// connections to a broker like the others, and a consumer that waits for its group or
+    /// a producer between transactions may hold no other. Only librdkafka's internal
+    /// pseudo-broker, which is no connection at all, does not.
     pub fn on_stats(&self, statistics: &Statistics) {
         use std::sync::atomic::Ordering;
         let now = crate::now_ms();
         let up = statistics
             .brokers
             .values()
-            .any(|b| b.source != "logical" && b.state == "UP");
+            .any(|b| b.source != "internal" && b.state == "UP");
         if up {
             self.last_up.store(now, Ordering::Relaxed);
             self.health.set_ready(self.component);
