@@ -296,12 +296,34 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     let mut reader = StatusReader::new(&c);
     for restart in 1..=2 {
         let before = reader.seen.len();
+        let heartbeats_before = presence_core::testkit::end_offsets(&c, &c.topics.heartbeats);
         let flowing = reader.read_until(Duration::from_secs(60), |s| s.len() >= before + 10);
         assert!(
             flowing,
-            "restart {restart}: transitions flow before the broker stops ({} so far); /readyz: {:?}",
+            "restart {restart}: transitions flow before the broker stops ({} so far); /readyz: {:?}; \
+             heartbeats end offsets {heartbeats_before:?} -> {:?}; facility-status end offsets {:?}; \
+             stage-1 committed {:?}; processor metrics:\n{}",
             reader.seen.len(),
-            get(&format!("{ops}/readyz")).await
+            get(&format!("{ops}/readyz")).await,
+            presence_core::testkit::end_offsets(&c, &c.topics.heartbeats),
+            presence_core::testkit::end_offsets(&c, &c.topics.facility_status),
+            presence_core::testkit::committed_offsets(
+                &c,
+                &format!("{}.sessions", c.processor.group_id),
+                &c.topics.heartbeats
+            ),
+            get(&format!("{ops}/metrics"))
+                .await
+                .map(|(_, body)| body
+                    .lines()
+                    .filter(|l| l.starts_with("presence_stage2_buffered_events")
+                        || l.starts_with("presence_consumer_lag")
+                        || l.starts_with("presence_heartbeats_processed_total")
+                        || l.starts_with("presence_transitions_emitted_total")
+                        || l.starts_with("presence_transaction_aborts_total"))
+                    .collect::<Vec<_>>()
+                    .join("\n"))
+                .unwrap_or_default(),
         );
         let stopping = Instant::now();
         kafka.stop();
