@@ -324,10 +324,19 @@ fn end_offsets_of(c: &Config, topic: &str, isolation: &str) -> Vec<(i32, i64)> {
     partitions_of(&consumer, topic)
         .into_iter()
         .map(|p| {
-            let (_, high) = consumer
-                .fetch_watermarks(topic, p, std::time::Duration::from_secs(15))
-                .unwrap_or_else(|e| panic!("end offset of {topic}/{p}: {e}"));
-            (p, high)
+            // A broker that was just killed (tests that inject faults) makes a request fail
+            // once while the client moves to another: retry within the deadline.
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+            loop {
+                match consumer.fetch_watermarks(topic, p, std::time::Duration::from_secs(15)) {
+                    Ok((_, high)) => return (p, high),
+                    Err(e) if std::time::Instant::now() < deadline => {
+                        eprintln!("end offset of {topic}/{p}: {e}; retrying");
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                    }
+                    Err(e) => panic!("end offset of {topic}/{p}: {e}"),
+                }
+            }
         })
         .collect()
 }
