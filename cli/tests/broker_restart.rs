@@ -232,8 +232,8 @@ async fn wait_ready(ops: &str, want: u16, within: Duration, what: &str) -> Durat
 // processor is ready (every /readyz component ok, partitions restored) but no new transition
 // reaches the test's reader for 60 s, and it is not yet known whether the processor, the
 // test's load producer or its reader is the one that stalls. Run it with
-// `cargo test -p presence --test broker_restart -- --ignored`. The broker faults in
-// `cli/tests/cluster.rs` (kill -9 of brokers under a running processor) stay in the suite.
+// `cargo test -p presence --test broker_restart -- --ignored`. When transitions stop, the
+// failure message says where (end offsets, committed offsets, the processor's metrics).
 #[ignore = "stalls in about one run in three after a broker restart, cause not yet found; see the comment above"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output() {
