@@ -91,6 +91,29 @@ impl Default for KafkaConfig {
     }
 }
 
+impl KafkaConfig {
+    /// Asks librdkafka whether it knows every pass-through property and accepts its value,
+    /// without connecting. The message names the key but never the value (it may be a
+    /// password). Here rather than in `kafka`, which builds on this module, so that the two
+    /// do not import each other.
+    pub fn check_properties(&self) -> Result<(), String> {
+        let mut c = rdkafka::config::ClientConfig::new();
+        for (key, value) in &self.properties {
+            c.set(key, value.expose());
+        }
+        match c.create_native_config() {
+            Ok(_) => Ok(()),
+            Err(rdkafka::error::KafkaError::ClientConfig(_, desc, key, _value)) => Err(format!(
+                "kafka.properties.\"{key}\" is rejected by librdkafka ({desc}); see librdkafka's CONFIGURATION.md for valid keys and values"
+            )),
+            Err(e) => Err(format!(
+                "kafka.properties are rejected by librdkafka: {}",
+                e.rdkafka_error_code().map(|c| c.to_string()).unwrap_or_default()
+            )),
+        }
+    }
+}
+
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicsConfig {
@@ -870,7 +893,7 @@ impl Config {
                 ));
             }
         }
-        if let Err(e) = crate::kafka::check_properties(&self.kafka) {
+        if let Err(e) = self.kafka.check_properties() {
             p.push(e);
         }
         for (name, url, schemes) in [

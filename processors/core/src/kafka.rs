@@ -1,5 +1,12 @@
 //! Kafka client builders: every client starts from the same base (brokers, client id,
-//! pass-through properties) and adds only what its role needs.
+//! pass-through properties) and adds only what its role needs. One function per role owns
+//! that role's settings and says why each number was chosen: [`idempotent_producer_config`]
+//! (gateway, load generator), [`consumer_config`] (notifier, sink, readers), and the
+//! processor's three: [`transactional_producer_config`], [`stage_consumer_config`] and
+//! [`restore_consumer_config`]. Run loops set nothing of their own.
+//!
+//! This module depends on [`crate::config`] (for [`KafkaConfig`]), never the other way
+//! round: the configuration checks its pass-through properties with librdkafka itself.
 
 use std::time::Duration;
 
@@ -30,18 +37,6 @@ pub fn base_config(k: &KafkaConfig, role: &str) -> ClientConfig {
     c
 }
 
-/// Asks librdkafka whether it knows every pass-through property and accepts its value,
-/// without connecting. The message names the key but never the value (it may be a password).
-pub fn check_properties(k: &KafkaConfig) -> Result<(), String> {
-    match base_config(k, "check").create_native_config() {
-        Ok(_) => Ok(()),
-        Err(KafkaError::ClientConfig(_, desc, key, _value)) => Err(format!(
-            "kafka.properties.\"{key}\" is rejected by librdkafka ({desc}); see librdkafka's CONFIGURATION.md for valid keys and values"
-        )),
-        Err(e) => Err(format!("kafka.properties are rejected by librdkafka: {}", e.rdkafka_error_code().map(|c| c.to_string()).unwrap_or_default())),
-    }
-}
-
 /// A producer that never loses or duplicates a record it was asked to send: idempotent,
 /// acks=all. For the gateway and the load generator.
 pub fn idempotent_producer_config(k: &KafkaConfig, role: &str) -> ClientConfig {
@@ -62,6 +57,92 @@ pub fn consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -> ClientCon
         .set("auto.offset.reset", "earliest")
         .set("partition.assignment.strategy", "cooperative-sticky");
     c
+}
+
+/// A stage's transactional producer (one per processor stage and instance).
+/// `transactional_id` must be unique per running instance and stable across its restarts:
+/// a restarted instance then aborts its predecessor's open transaction at once.
+pub fn transactional_producer_config(
+    k: &KafkaConfig,
+    role: &str,
+    transactional_id: &str,
+) -> ClientConfig {
+    let mut c = base_config(k, role);
+    c.set("transactional.id", transactional_id)
+        // A crashed instance's open transaction blocks read_committed readers until it
+        // times out; 10 s bounds that stall, and is well above a commit's duration.
+        .set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
+        .set("linger.ms", "5")
+        // Right after a commit the coordinator answers CONCURRENT_TRANSACTIONS until the
+        // markers are written; librdkafka retries after retry.backoff.ms (default 100 ms),
+        // which would add 100 ms to every commit.
+        .set("retry.backoff.ms", "5")
+        .set("retry.backoff.max.ms", "100")
+        .set("compression.type", "lz4")
+        // Broker reachability for readiness (BrokerWatch).
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
+    c
+}
+
+/// `transaction.timeout.ms` of the stages' producers, in ms (see
+/// [`transactional_producer_config`]).
+pub const TRANSACTION_TIMEOUT_MS: &str = "10000";
+
+/// `session.timeout.ms` of the stage consumers, in ms: a member that stops heartbeating
+/// (process gone, broker unreachable) loses its partitions after this. 10 s: fail-over
+/// within seconds, and several missed heartbeats (one a second) before a member counts
+/// as gone. The processor's assignment watchdog waits this long, too.
+pub const STAGE_SESSION_TIMEOUT_MS: u64 = 10_000;
+
+/// A stage's consumer-group member: read_committed, never commits by itself (offsets go
+/// into the stage's transactions), told where a partition ends (stage 1 expires sessions of
+/// caught-up partitions by wall clock), static membership under `group_instance_id`.
+pub fn stage_consumer_config(
+    k: &KafkaConfig,
+    role: &str,
+    group: &str,
+    group_instance_id: &str,
+) -> ClientConfig {
+    let mut c = consumer_config(k, role, group);
+    // Static membership: a restarted instance takes its partitions back at once instead of
+    // waiting for the group to notice that its predecessor is gone.
+    c.set("group.instance.id", group_instance_id)
+        .set("enable.partition.eof", "true")
+        // Live latency: a fetch returns after 10 ms even when it has little.
+        .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "4194304")
+        .set("fetch.max.bytes", "67108864")
+        // Lag metrics, the group state for the assignment watchdog, and broker
+        // reachability (with the producer's).
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
+        .set("session.timeout.ms", STAGE_SESSION_TIMEOUT_MS.to_string())
+        .set("heartbeat.interval.ms", "1000");
+    c
+}
+
+/// The consumers that read a partition back (changelogs, recent heartbeats) to rebuild a
+/// stage's state: read_committed, assigned by hand (`group` only names them), told where a
+/// partition ends, and with big fetches, since a restore reads whole partitions as fast as
+/// the broker serves them.
+pub fn restore_consumer_config(k: &KafkaConfig, role: &str, group: &str) -> ClientConfig {
+    let mut c = consumer_config(k, role, group);
+    c.set("enable.partition.eof", "true")
+        .set("fetch.wait.max.ms", "10")
+        .set("max.partition.fetch.bytes", "16777216")
+        .set("fetch.max.bytes", "67108864")
+        .set("queued.min.messages", "1000000");
+    c
+}
+
+/// librdkafka's error events as a warning, minus the end-of-partition notices that
+/// consumers with `enable.partition.eof` ask for on purpose.
+pub fn log_client_error(component: &str, error: KafkaError, reason: &str) {
+    if matches!(error, KafkaError::PartitionEOF(_))
+        || error.rdkafka_error_code() == Some(RDKafkaErrorCode::PartitionEOF)
+    {
+        return;
+    }
+    tracing::warn!(component, error = %error, reason, "Kafka client error");
 }
 
 /// How often a client watched by [`BrokerWatch`] reports librdkafka's statistics, in ms

@@ -17,8 +17,8 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::records::SessionState;
-use crate::runner::{now_ms, Committed, RestoreIo, Stage};
 use crate::sessions::{key_bytes, session_key};
+use crate::stage::{now_ms, Committed, RestoreIo, Stage};
 
 /// The config with fresh topic and group names, provisioned.
 pub async fn isolated(
@@ -122,7 +122,7 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     p.flush(Duration::from_secs(120))?;
     let written = started.elapsed();
     let end = 3 * sessions as i64;
-    let io_config = crate::restore::restore_config(
+    let io_config = presence_core::kafka::restore_consumer_config(
         &c.kafka,
         "bench-restore",
         &format!("{}.restore", c.processor.group_id),

@@ -9,9 +9,15 @@
 //! - [`records`]: the internal Avro records between and behind the stages.
 //! - [`stage1`], [`stage2`]: each stage's Kafka edge (decode, dead letters, changelog,
 //!   restore, checkpoints in the offset metadata).
-//! - [`runner`]: the transactional consume-process-produce loop both stages run in,
-//!   with rebalance handling and librdkafka's error classes; [`restore`]: reading a
-//!   partition back.
+//! - [`stage`]: the contract between a stage's logic and the runner (the [`stage::Stage`]
+//!   trait, output records, checkpoints).
+//! - [`runner`]: the consume-process-produce loop both stages run in, one consumer and one
+//!   transactional producer per stage, and the watchdogs that replace stuck clients;
+//!   around it [`member`] (commit, restore and rewind of the assigned partitions),
+//!   [`txn`] (the transaction state machine and librdkafka's error classes),
+//!   [`rebalance`] (the rebalance callback) and [`watchdog`] (when a client is stuck,
+//!   pure); [`restore`]: reading a partition back. Client settings live in
+//!   `presence_core::kafka`, one function per role.
 //! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`.
 //!
 //! Data flow: `heartbeats` → stage 1 → `<prefix>session-transitions` (keyed by facility,
@@ -20,13 +26,18 @@
 
 pub mod bench;
 pub mod facilities;
+pub mod member;
 pub mod metrics;
+pub mod rebalance;
 pub mod records;
 pub mod restore;
 pub mod runner;
 pub mod sessions;
+pub mod stage;
 pub mod stage1;
 pub mod stage2;
+pub mod txn;
+pub mod watchdog;
 
 use std::time::Duration;
 

@@ -17,6 +17,9 @@ pub struct Metrics {
     pub aborts: IntCounterVec,
     /// Kafka clients thrown away and built again after librdkafka declared them fatal.
     pub client_rebuilds: IntCounterVec,
+    /// Clients the stage watchdogs replaced (a consumer that lost its partitions for good,
+    /// a producer whose transaction calls kept failing).
+    pub watchdog: IntCounterVec,
     pub restore_seconds: HistogramVec,
     pub restored_records: IntCounterVec,
     pub expiry_delay: Histogram,
@@ -56,6 +59,8 @@ impl Metrics {
                 .expect("metric"),
             client_rebuilds: IntCounterVec::new(Opts::new("presence_kafka_client_rebuilds_total", "Kafka clients rebuilt after a fatal error (fenced consumer or producer)"), &["stage", "client"])
                 .expect("metric"),
+            watchdog: IntCounterVec::new(Opts::new("presence_watchdog_replacements_total", "Kafka clients a stage watchdog replaced: a consumer without partitions while its group left some unowned, a producer whose transaction calls kept failing"), &["stage", "client"])
+                .expect("metric"),
             restore_seconds: HistogramVec::new(
                 HistogramOpts::new("presence_restore_seconds", "Time to restore one partition's state").buckets(buckets()),
                 &["stage"],
@@ -86,6 +91,7 @@ impl Metrics {
             Box::new(m.commit_seconds.clone()),
             Box::new(m.aborts.clone()),
             Box::new(m.client_rebuilds.clone()),
+            Box::new(m.watchdog.clone()),
             Box::new(m.restore_seconds.clone()),
             Box::new(m.restored_records.clone()),
             Box::new(m.expiry_delay.clone()),

@@ -14,29 +14,12 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 /// How long a restore may see no progress before it gives up (and is retried).
 const STALL: Duration = Duration::from_secs(60);
 
-/// The config of the consumers that read partitions back: read_committed, told where a
-/// partition ends, and with big fetches, since a restore reads whole partitions as fast as
-/// the broker serves them.
-pub fn restore_config(
-    kafka: &presence_core::config::KafkaConfig,
-    role: &str,
-    group: &str,
-) -> ClientConfig {
-    let mut c = presence_core::kafka::consumer_config(kafka, role, group);
-    c.set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.max.bytes", "67108864")
-        .set("queued.min.messages", "1000000");
-    c
-}
-
 /// A context that keeps the end-of-partition notices out of the logs.
 struct Quiet;
 
 impl ClientContext for Quiet {
     fn error(&self, error: KafkaError, reason: &str) {
-        crate::runner::log_client_error("restore", error, reason);
+        presence_core::kafka::log_client_error("restore", error, reason);
     }
 }
 

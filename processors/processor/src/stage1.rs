@@ -12,10 +12,10 @@ use serde::{Deserialize, Serialize};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
 use crate::restore::{offset_for_time, read_partition};
-use crate::runner::{Committed, Out, RestoreIo, Stage};
 use crate::sessions::{
     key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
+use crate::stage::{Committed, Out, RestoreIo, Stage};
 
 #[derive(Clone, Copy)]
 pub struct Topics {
@@ -409,7 +409,7 @@ impl Stage for SessionsStage {
     fn backlogged(&self) -> bool {
         // Live records are stamped on receipt, so they are fresh; a partition whose latest
         // record is more than a second old, and that has not reached its end, is replaying.
-        let now = crate::runner::now_ms();
+        let now = crate::stage::now_ms();
         self.tasks.keys().any(|p| {
             !self.caught_up.contains(p)
                 && self.latest_record.get(p).is_none_or(|&ts| now - ts > 1_000)

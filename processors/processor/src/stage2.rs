@@ -13,7 +13,7 @@ use crate::facilities::{FacilityOutput, FacilityTask};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{FacilityState, SessionEvent};
 use crate::restore::read_partition;
-use crate::runner::{Committed, Out, RestoreIo, Stage};
+use crate::stage::{Committed, Out, RestoreIo, Stage};
 
 pub struct Topics {
     pub transitions: &'static str,

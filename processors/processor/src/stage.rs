@@ -1,0 +1,162 @@
+//! The contract between a stage's logic and the runner that drives it: what a stage is
+//! asked to do ([`Stage`]), what it hands back ([`Out`] records, a checkpoint per committed
+//! offset), and what it gets for rebuilding a partition ([`RestoreIo`], [`Committed`]).
+//! A stage knows nothing about transactions, rebalances or client rebuilds.
+
+use rdkafka::config::ClientConfig;
+use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+
+pub use presence_core::now_ms;
+
+/// What the broker keeps with a committed offset at most, in bytes: Kafka's default
+/// `offset.metadata.max.bytes`. A longer checkpoint would fail every commit, so the runner
+/// refuses to build one (an error naming the stage), and each stage's checkpoint is small
+/// by construction (stage 2 keeps its per-source table in its changelog).
+pub const OFFSET_METADATA_MAX_BYTES: usize = 4096;
+
+/// One record of the open transaction.
+pub struct Out {
+    pub topic: &'static str,
+    pub partition: Option<i32>,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Option<OwnedHeaders>,
+}
+
+impl Out {
+    /// A record with no headers; `partition: None` leaves it to the key's partitioner.
+    pub fn record(
+        topic: &'static str,
+        partition: Option<i32>,
+        key: Option<Vec<u8>>,
+        value: Option<Vec<u8>>,
+    ) -> Out {
+        Out {
+            topic,
+            partition,
+            key,
+            value,
+            headers: None,
+        }
+    }
+
+    /// `m` as a dead letter: original key and bytes, headers saying what and where.
+    pub fn dead_letter(
+        topic: &'static str,
+        source_topic: &str,
+        m: &BorrowedMessage<'_>,
+        code: &str,
+        message: &str,
+    ) -> Out {
+        Out {
+            topic,
+            partition: None,
+            key: m.key().map(<[u8]>::to_vec),
+            value: m.payload().map(<[u8]>::to_vec),
+            headers: Some(presence_core::kafka::dead_letter_headers(
+                code,
+                message,
+                source_topic,
+                m.partition(),
+                m.offset(),
+                m.timestamp().to_millis(),
+            )),
+        }
+    }
+}
+
+/// A partition's committed offset and the stage's checkpoint stored with it (`None` when
+/// the metadata is not a checkpoint of this stage).
+pub struct Committed<C> {
+    pub offset: i64,
+    pub checkpoint: Option<C>,
+}
+
+/// What the stage's rebuild of a partition needs from Kafka.
+pub struct RestoreIo<'a> {
+    pub config: &'a ClientConfig,
+}
+
+/// A stage's logic as the runner drives it. All methods run on the runner's thread.
+pub trait Stage: Send + 'static {
+    /// `sessions` or `facilities`: metric label, group and transactional-id suffix.
+    const NAME: &'static str;
+    /// What the stage stores with each committed offset (as JSON in the offset metadata, at
+    /// most [`OFFSET_METADATA_MAX_BYTES`]), so that it commits atomically with the offset.
+    type Checkpoint: Serialize + DeserializeOwned;
+    fn input_topic(&self) -> &'static str;
+    /// Rebuilds `partition`'s state for consuming from `committed` (or from the beginning
+    /// when nothing was committed).
+    fn restore(
+        &mut self,
+        partition: i32,
+        committed: Option<Committed<Self::Checkpoint>>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<()>;
+    fn revoke(&mut self, partition: i32);
+    fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
+    /// The partition has no more records for now.
+    fn on_eof(&mut self, partition: i32);
+    /// Wall-clock work (expiry on caught-up partitions).
+    fn on_tick(&mut self, now: i64, out: &mut Vec<Out>);
+    /// Just before a commit: watermarks, changelog flushes.
+    fn before_commit(&mut self, now: i64, out: &mut Vec<Out>);
+    /// The offset to commit for `partition` and the checkpoint to store with it.
+    fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Self::Checkpoint>);
+    /// When `on_tick` next has something to do (ms since the epoch).
+    fn next_wakeup(&self) -> Option<i64>;
+    /// Whether to commit even when nothing was consumed (stage 1: watermarks).
+    fn commits_when_idle(&self) -> bool;
+    /// Whether some partition is replaying a backlog. Commits are synchronous, so while
+    /// replaying the runner commits ten times less often (at most once a second): latency
+    /// does not matter for records that are already late, throughput does.
+    fn backlogged(&self) -> bool;
+    /// Whether the open transaction holds something a user waits for (a session event, a
+    /// facility transition): then it commits after a tenth of the commit interval instead
+    /// of the whole interval.
+    fn urgent(&self) -> bool;
+    /// For `/readyz`: why the stage holds part of its input back, if it does (a memory
+    /// bound). Default: never.
+    fn held_back(&self) -> Option<String> {
+        None
+    }
+    /// Input positions to read again: `(partition, offset)`. A stage that let records go
+    /// from memory to stay within a bound asks for them here once it can take them (they
+    /// are still in Kafka: nothing is lost). The runner seeks there. Default: none.
+    fn take_seeks(&mut self) -> Vec<(i32, i64)> {
+        Vec::new()
+    }
+    /// Publishes per-transaction tallies and gauges.
+    fn publish(&mut self, metrics: &Metrics);
+}
+
+/// The offset metadata that carries `checkpoint`: compact JSON, refused (an error naming the
+/// stage and the size) when it is longer than the broker keeps.
+pub fn encode_checkpoint<C: Serialize>(stage: &str, checkpoint: &C) -> anyhow::Result<String> {
+    let json = serde_json::to_string(checkpoint)
+        .map_err(|e| anyhow::anyhow!("the {stage} stage's checkpoint does not serialise: {e}"))?;
+    if json.len() > OFFSET_METADATA_MAX_BYTES {
+        anyhow::bail!(
+            "the {stage} stage's checkpoint is {} bytes, more than the {OFFSET_METADATA_MAX_BYTES} the broker keeps with an offset (offset.metadata.max.bytes); this is a defect of the stage",
+            json.len()
+        );
+    }
+    Ok(json)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_checkpoint_longer_than_the_broker_keeps_is_an_error() {
+        let small = encode_checkpoint("facilities", &vec![1i64; 3]).unwrap();
+        assert_eq!(small, "[1,1,1]");
+        let e = encode_checkpoint("facilities", &vec![1_000_000i64; 1000]).unwrap_err();
+        assert!(e.to_string().contains("offset.metadata.max.bytes"), "{e}");
+    }
+}
