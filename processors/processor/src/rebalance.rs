@@ -2,6 +2,7 @@
 //! are fetched; revoked ones committed or, when lost, aborted) and the statistics it reads
 //! (lag, broker reachability, the group state the assignment watchdog reports).
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use presence_core::kafka::{log_client_error, BrokerWatch};
@@ -31,6 +32,15 @@ pub struct StageContext<S: Stage> {
     /// Shared with the producer: either client's live connection keeps `<stage>.kafka` ready.
     pub brokers: BrokerWatch,
     pub group: Arc<Mutex<GroupState>>,
+    /// Set when the run loop has let this consumer go (it closes on a thread of its own):
+    /// from then on its callbacks leave the member alone, which the next consumer owns.
+    pub retired: AtomicBool,
+}
+
+impl<S: Stage> StageContext<S> {
+    fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
 }
 
 pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -47,6 +57,9 @@ impl<S: Stage> ClientContext for StageContext<S> {
     }
 
     fn stats(&self, statistics: Statistics) {
+        if self.is_retired() {
+            return;
+        }
         self.brokers.on_stats(&statistics);
         if let Some(cgrp) = &statistics.cgrp {
             *lock(&self.group) = GroupState {
@@ -75,6 +88,13 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
         err: RDKafkaRespErr,
         tpl: &mut TopicPartitionList,
     ) {
+        if self.is_retired() {
+            // Closing: give everything up, touch nothing of the member.
+            if err == RDKafkaRespErr::RD_KAFKA_RESP_ERR__REVOKE_PARTITIONS {
+                let _ = consumer.incremental_unassign(tpl);
+            }
+            return;
+        }
         let mut g = lock(&self.shared);
         match err {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {

@@ -39,6 +39,7 @@
 //! once it has not for [`STALL`].
 
 use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -75,6 +76,8 @@ const MAX_FENCES: usize = 3;
 /// A consumer is never rebuilt sooner than this after it was built (the broker may still
 /// be away).
 const REBUILD_PAUSE: Duration = Duration::from_secs(1);
+/// How long a new consumer waits for its predecessor to finish closing (see [`retire`]).
+const RETIRE_WAIT: Duration = Duration::from_secs(5);
 
 /// The assignment watchdog looks at the group after the consumer has held no partition for
 /// a group session timeout: by then a member that lost its partitions has joined again.
@@ -183,6 +186,7 @@ pub fn run_stage<S: Stage>(
             metrics: metrics.clone(),
             brokers: brokers.clone(),
             group: group_state.clone(),
+            retired: AtomicBool::new(false),
         })?;
         consumer.subscribe(&[topic])?;
         health.set_ready(health_name);
@@ -243,7 +247,7 @@ pub fn run_stage<S: Stage>(
             g.abort("consumer_fatal");
             g.needs_rewind = true;
         }
-        drop(consumer);
+        let closing = retire(consumer);
         let mut g = lock(&shared);
         let left: Vec<i32> = g.assigned.iter().copied().collect();
         for p in left {
@@ -254,6 +258,14 @@ pub fn run_stage<S: Stage>(
         drop(g);
         if created.elapsed() < REBUILD_PAUSE {
             std::thread::sleep(REBUILD_PAUSE);
+        }
+        // A static member's requests still in flight when its successor joins can fence
+        // the successor: give the old one a moment to finish closing, not a minute.
+        let waiting = Instant::now();
+        while closing.as_ref().is_some_and(|h| !h.is_finished()) && waiting.elapsed() < RETIRE_WAIT
+        {
+            pulse.beat();
+            std::thread::sleep(Duration::from_millis(50));
         }
         pulse.beat();
         if shutdown.is_triggered() {
@@ -509,6 +521,34 @@ fn group_view<S: Stage>(
     GroupView::Known {
         members,
         partitions,
+    }
+}
+
+/// Lets a consumer that is being replaced go without waiting for it: closing a consumer
+/// whose coordinator does not answer (typically a fenced static member, right after a
+/// broker restart) has been seen to block for a minute (requests time out after
+/// `socket.timeout.ms`), and the stage must not stand still meanwhile. It closes on a thread
+/// of its own; its callbacks no longer touch the member (see `StageContext::retired`).
+fn retire<S: Stage>(consumer: StageConsumer<S>) -> Option<std::thread::JoinHandle<()>> {
+    consumer.context().retired.store(true, Ordering::Release);
+    let spawned = std::thread::Builder::new()
+        .name(format!("{}-retired-consumer", S::NAME))
+        .spawn(move || {
+            let started = Instant::now();
+            drop(consumer);
+            tracing::debug!(
+                stage = S::NAME,
+                seconds = started.elapsed().as_secs_f64(),
+                "replaced consumer closed"
+            );
+        });
+    match spawned {
+        Ok(handle) => Some(handle),
+        Err(e) => {
+            // The consumer went with the closure: it is closed right here.
+            tracing::warn!(stage = S::NAME, error = %e, "cannot start a thread to close the replaced consumer; it was closed in place");
+            None
+        }
     }
 }
 

@@ -75,7 +75,9 @@ pub struct TxnIo {
 }
 
 pub struct Txn {
-    producer: TxnProducer,
+    /// `None` while a replacement is under way: the old producer is dropped as soon as the
+    /// replacement starts (it would only retry calls of a transaction that is given up).
+    producer: Option<TxnProducer>,
     config: ClientConfig,
     brokers: BrokerWatch,
     open: bool,
@@ -104,7 +106,7 @@ impl Txn {
     pub fn new(config: ClientConfig, brokers: BrokerWatch, io: TxnIo) -> KafkaResult<Txn> {
         let producer = create_producer(&config, &brokers)?;
         Ok(Txn {
-            producer,
+            producer: Some(producer),
             config,
             brokers,
             open: false,
@@ -126,7 +128,7 @@ impl Txn {
 
     /// librdkafka's fatal error of the producer, if it has one.
     pub fn fatal_error(&self) -> Option<(RDKafkaErrorCode, String)> {
-        self.producer.client().fatal_error()
+        self.producer.as_ref()?.client().fatal_error()
     }
 
     /// Opens a transaction unless one is open; whether one is open. A producer that cannot
@@ -135,10 +137,10 @@ impl Txn {
         if self.open {
             return true;
         }
-        if self.replacing.is_some() {
+        let Some(producer) = self.producer.as_ref() else {
             return false;
-        }
-        match self.producer.begin_transaction() {
+        };
+        match producer.begin_transaction() {
             Ok(()) => {
                 self.open = true;
                 self.started = Instant::now();
@@ -176,8 +178,12 @@ impl Txn {
             if let Some(h) = o.headers {
                 record = record.headers(h);
             }
+            let Some(producer) = self.producer.as_ref() else {
+                self.open = false;
+                return Err("the producer is being replaced".into());
+            };
             loop {
-                match self.producer.send(record) {
+                match producer.send(record) {
                     Ok(()) => break,
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
                         // The local queue is full: wait for deliveries to free it.
@@ -215,7 +221,12 @@ impl Txn {
         // threaded producer the delivery reports go to the producer's own thread, so each
         // commit would wait a full step. Wait for the deliveries here instead.
         let flush_deadline = Instant::now() + TXN_CALL_TIMEOUT;
-        while self.producer.in_flight_count() > 0 && Instant::now() < flush_deadline {
+        while self
+            .producer
+            .as_ref()
+            .is_some_and(|p| p.in_flight_count() > 0)
+            && Instant::now() < flush_deadline
+        {
             std::thread::sleep(Duration::from_micros(200));
         }
         self.retrying("commit_transaction", deadline, |p| {
@@ -270,7 +281,10 @@ impl Txn {
         mut step: impl FnMut(&TxnProducer) -> KafkaResult<()>,
     ) -> Result<(), TxnFailure> {
         loop {
-            match step(&self.producer) {
+            let Some(producer) = self.producer.as_ref() else {
+                return Err(TxnFailure::Fatal("the producer is being replaced".into()));
+            };
+            match step(producer) {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if classify(e)? && Instant::now() < deadline {
@@ -296,7 +310,11 @@ impl Txn {
             .aborts
             .with_label_values(&[self.io.stage, reason])
             .inc();
-        if let Err(e) = self.producer.abort_transaction(TXN_CALL_TIMEOUT) {
+        let aborted = match self.producer.as_ref() {
+            Some(p) => p.abort_transaction(TXN_CALL_TIMEOUT),
+            None => Ok(()),
+        };
+        if let Err(e) = aborted {
             tracing::error!(stage = self.io.stage, error = %e, "abort_transaction failed; rebuilding the producer");
             self.rebuild("abort_failed");
         }
@@ -317,6 +335,9 @@ impl Txn {
             .client_rebuilds
             .with_label_values(&[self.io.stage, "producer"])
             .inc();
+        // Dropped now (its queue purged, at most half a second): nothing more is committed
+        // with it, and the new one fences it anyway.
+        self.producer = None;
         self.replacing = Some(Replacement {
             why,
             since: Instant::now(),
@@ -352,7 +373,7 @@ impl Txn {
                     seconds = r.since.elapsed().as_secs_f64(),
                     "transactional producer replaced"
                 );
-                self.producer = candidate;
+                self.producer = Some(candidate);
                 self.replacing = None;
                 true
             }
