@@ -34,6 +34,7 @@ fn transition(i: usize, seq: i64) -> FacilityStatus {
         since: 1_764_201_600_000 + seq * 1000,
         seq,
         emitted_at: presence_core::now_ms(),
+        previous_since: None,
     }
 }
 

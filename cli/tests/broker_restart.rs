@@ -99,6 +99,7 @@ fn drive(c: &Config, stop: &AtomicBool) {
             region_id: region_of(f, 3),
             kind,
             client_sent_at: Some(ts),
+            client_version: None,
         };
         let bytes = encode(&h);
         let record = BaseRecord::to(&c.topics.heartbeats)

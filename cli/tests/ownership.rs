@@ -41,6 +41,7 @@ fn record(user: &str, session: &str, facility: &str, kind: HeartbeatKind, ts: i6
             region_id: "r".into(),
             kind,
             client_sent_at: None,
+            client_version: None,
         },
     }
 }

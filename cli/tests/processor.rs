@@ -10,7 +10,6 @@
 
 mod support;
 
-use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use presence_core::sim::{generate, oracle, Expected, SimConfig};
@@ -18,19 +17,6 @@ use presence_core::testkit::ChildProcess;
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
-
-/// The seed of this run: `PRESENCE_TEST_SEED` if set (to repeat a run), else random. Printed
-/// (libtest shows it with a failure) and named in every assertion.
-fn test_seed() -> u64 {
-    let seed = match std::env::var("PRESENCE_TEST_SEED") {
-        Ok(v) => v
-            .parse()
-            .unwrap_or_else(|e| panic!("PRESENCE_TEST_SEED={v:?} is not a u64: {e}")),
-        Err(_) => rand::random::<u64>() % 1_000_000_000,
-    };
-    eprintln!("PRESENCE_TEST_SEED={seed} (set it to repeat this run)");
-    seed
-}
 
 /// Fresh topics holding a generated log of `sessions` sessions over `facilities` facilities
 /// (hours ago, so everything is a replay; the log is long enough that its 10 ms-spaced
@@ -63,64 +49,6 @@ async fn case(
     (c, expected)
 }
 
-/// Waits until every expected transition arrived, then until both stages consumed their
-/// inputs to the end offsets (so anything a restored instance would still emit, such as a
-/// duplicate, has been emitted), stops every instance with SIGTERM (each must exit 0), reads
-/// `facility-status` to its end offsets and compares the whole multiset with the oracle.
-fn finish(
-    c: &presence_core::config::Config,
-    expected: &[Expected],
-    mut reader: StatusReader,
-    instances: Vec<ChildProcess>,
-    seed: u64,
-) {
-    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
-    assert!(
-        done,
-        "seed {seed}: output incomplete after 120 s\n{}",
-        diff(expected, &as_expected(&reader.seen))
-    );
-    wait_consumed_to_end(c, Duration::from_secs(60));
-    for mut p in instances {
-        terminate(&mut p);
-    }
-    let got = as_expected(&statuses_to_end(c));
-    assert!(got == expected, "seed {seed}: {}", diff(expected, &got));
-}
-
-/// What was committed when an instance was killed: fewer transitions than the oracle's (the
-/// kill landed mid-work), and, facility by facility, exactly the oracle's first ones (nothing
-/// doubled, nothing skipped, nothing the oracle does not have). Returns how many.
-fn check_committed_at_kill(
-    c: &presence_core::config::Config,
-    expected: &[Expected],
-    what: &str,
-) -> usize {
-    let committed = as_expected(&statuses_to_end(c));
-    assert!(
-        committed.len() < expected.len(),
-        "{what}: the output was already complete ({} transitions) when the kill landed, so it proved nothing; make the backlog larger",
-        committed.len()
-    );
-    let mut by_facility: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
-    for e in &committed {
-        by_facility.entry(&e.facility_id).or_default().push(e);
-    }
-    let mut oracle_of: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
-    for e in expected {
-        oracle_of.entry(&e.facility_id).or_default().push(e);
-    }
-    for (facility, got) in by_facility {
-        let want = oracle_of.get(facility).map(Vec::as_slice).unwrap_or(&[]);
-        assert!(
-            got.len() <= want.len() && got[..] == want[..got.len()],
-            "{what}: committed transitions of {facility} are not the oracle's first {}:\ncommitted {got:?}\noracle {want:?}",
-            got.len()
-        );
-    }
-    committed.len()
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn output_equals_the_oracle() {
     let _one = serial();
@@ -128,7 +56,7 @@ async fn output_equals_the_oracle() {
     let (c, expected) = case(seed, 2_000, 100).await;
     let reader = StatusReader::new(&c);
     let p = watched_processor(&c, "a", &[]);
-    finish(&c, &expected, reader, vec![p], seed);
+    finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
 }
 
 /// How many kill -9 the random phase makes, alternating between two instance ids.
@@ -212,7 +140,7 @@ async fn kill_9_at_any_instant_changes_nothing() {
         );
         running[victim] = watched_processor(&c, ids[victim], &fast_commits);
     }
-    finish(&c, &expected, reader, running, seed);
+    finish(&c, &expected, reader, running, &format!("seed {seed}"));
     eprintln!("seed {seed}: done in {:?}", started.elapsed());
 }
 
@@ -232,7 +160,7 @@ async fn two_instances_one_killed() {
     );
     kill9(&mut b);
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
-    finish(&c, &expected, reader, vec![a], seed);
+    finish(&c, &expected, reader, vec![a], &format!("seed {seed}"));
 }
 
 /// The sum of a counter over its labels in a Prometheus text page.
@@ -310,5 +238,5 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
             .collect::<Vec<_>>()
             .join(", ")
     );
-    finish(&c, &expected, reader, vec![p], seed);
+    finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
 }

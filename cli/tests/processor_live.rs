@@ -29,6 +29,7 @@ fn beat(session: &str, facility: &str, kind: HeartbeatKind, ts: i64) -> SimRecor
             region_id: "r".into(),
             kind,
             client_sent_at: None,
+            client_version: None,
         },
     }
 }

@@ -178,17 +178,43 @@ pub fn terminate(child: &mut impl Stoppable) -> std::process::ExitStatus {
 }
 
 pub async fn produce(c: &Config, records: &[SimRecord]) {
+    let encoded: Vec<Encoded> = records
+        .iter()
+        .map(|r| Encoded {
+            key: r.heartbeat.session_id.clone(),
+            value: encode(&r.heartbeat),
+            ts: r.ts,
+            partition: None,
+        })
+        .collect();
+    produce_encoded(c, &encoded).await;
+}
+
+/// A heartbeat already encoded (any schema version, or garbage), with its timestamp and,
+/// if set, the partition it must land on (else the key's).
+pub struct Encoded {
+    pub key: String,
+    pub value: Vec<u8>,
+    pub ts: i64,
+    pub partition: Option<i32>,
+}
+
+/// Produces `records` to `heartbeats` in order (idempotent producer: no duplicates, no
+/// reordering within a partition).
+pub async fn produce_encoded(c: &Config, records: &[Encoded]) {
     let mut pc = idempotent_producer_config(&c.kafka, "test-producer");
     pc.set("linger.ms", "20")
         .set("queue.buffering.max.messages", "1000000");
     let producer: FutureProducer = pc.create().expect("producer");
     let mut pending = Vec::with_capacity(records.len());
     for r in records {
-        let bytes = encode(&r.heartbeat);
         let mut rec = FutureRecord::to(&c.topics.heartbeats)
-            .key(r.heartbeat.session_id.as_bytes())
-            .payload(&bytes)
+            .key(r.key.as_bytes())
+            .payload(&r.value)
             .timestamp(r.ts);
+        if let Some(p) = r.partition {
+            rec = rec.partition(p);
+        }
         loop {
             match producer.send_result(rec) {
                 Ok(f) => {
@@ -413,4 +439,124 @@ pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) 
     })
     .await;
     base
+}
+
+/// The seed of this run: `PRESENCE_TEST_SEED` if set (to repeat a run), else random. Printed
+/// (libtest shows it with a failure); name it in every assertion.
+pub fn test_seed() -> u64 {
+    let seed = match std::env::var("PRESENCE_TEST_SEED") {
+        Ok(v) => v
+            .parse()
+            .unwrap_or_else(|e| panic!("PRESENCE_TEST_SEED={v:?} is not a u64: {e}")),
+        Err(_) => rand::random::<u64>() % 1_000_000_000,
+    };
+    eprintln!("PRESENCE_TEST_SEED={seed} (set it to repeat this run)");
+    seed
+}
+
+/// What was committed when an instance was killed: fewer transitions than the oracle's (the
+/// kill landed mid-work), and, facility by facility, exactly the oracle's first ones (nothing
+/// doubled, nothing skipped, nothing the oracle does not have). Returns how many.
+pub fn check_committed_at_kill(c: &Config, expected: &[Expected], what: &str) -> usize {
+    use std::collections::BTreeMap;
+    let committed = as_expected(&statuses_to_end(c));
+    assert!(
+        committed.len() < expected.len(),
+        "{what}: the output was already complete ({} transitions) when the kill landed, so it proved nothing; make the backlog larger",
+        committed.len()
+    );
+    let mut by_facility: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
+    for e in &committed {
+        by_facility.entry(&e.facility_id).or_default().push(e);
+    }
+    let mut oracle_of: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
+    for e in expected {
+        oracle_of.entry(&e.facility_id).or_default().push(e);
+    }
+    for (facility, got) in by_facility {
+        let want = oracle_of.get(facility).map(Vec::as_slice).unwrap_or(&[]);
+        assert!(
+            got.len() <= want.len() && got[..] == want[..got.len()],
+            "{what}: committed transitions of {facility} are not the oracle's first {}:\ncommitted {got:?}\noracle {want:?}",
+            got.len()
+        );
+    }
+    committed.len()
+}
+
+/// Waits until every expected transition arrived, then until both stages consumed their
+/// inputs to the end offsets (so anything a restored instance would still emit, such as a
+/// duplicate, has been emitted), stops every instance with SIGTERM (each must exit 0), reads
+/// `facility-status` to its end offsets and compares the whole multiset with the oracle.
+pub fn finish(
+    c: &Config,
+    expected: &[Expected],
+    mut reader: StatusReader,
+    instances: Vec<ChildProcess>,
+    what: &str,
+) {
+    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
+    assert!(
+        done,
+        "{what}: output incomplete after 120 s\n{}",
+        diff(expected, &as_expected(&reader.seen))
+    );
+    wait_consumed_to_end(c, Duration::from_secs(60));
+    for mut p in instances {
+        terminate(&mut p);
+    }
+    let got = as_expected(&statuses_to_end(c));
+    assert!(got == expected, "{what}: {}", diff(expected, &got));
+}
+
+/// Deletes every topic and consumer group of `c` (all named under one unique id) when
+/// dropped, so a test leaves nothing behind on the broker, also when it fails.
+pub struct Cleanup(Config);
+
+impl Cleanup {
+    pub fn new(c: &Config) -> Cleanup {
+        Cleanup(c.clone())
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        use rdkafka::admin::{AdminClient, AdminOptions};
+        use rdkafka::client::DefaultClientContext;
+        let c = &self.0;
+        let Some(id) = c.topics.heartbeats.strip_suffix("-heartbeats") else {
+            return;
+        };
+        let Ok(admin) = admin_config(c).create::<AdminClient<DefaultClientContext>>() else {
+            eprintln!("cleanup: no admin client; topics under {id} stay");
+            return;
+        };
+        let topics: Vec<String> = admin
+            .inner()
+            .fetch_metadata(None, Duration::from_secs(10))
+            .map(|md| {
+                md.topics()
+                    .iter()
+                    .map(|t| t.name().to_string())
+                    .filter(|n| n.starts_with(id))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let groups = [
+            format!("{}.sessions", c.processor.group_id),
+            format!("{}.facilities", c.processor.group_id),
+            format!("{}-reader", c.processor.group_id),
+        ];
+        let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
+        let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
+        let group_refs: Vec<&str> = groups.iter().map(String::as_str).collect();
+        let deleted = futures::executor::block_on(async {
+            let t = admin.delete_topics(&topic_refs, &opts).await;
+            let g = admin.delete_groups(&group_refs, &opts).await;
+            (t, g)
+        });
+        if let (Err(e), _) | (_, Err(e)) = deleted {
+            eprintln!("cleanup of {id}: {e}");
+        }
+    }
 }

@@ -88,20 +88,71 @@ pub struct Codec {
     current: Schema,
     fingerprint: u64,
     older: HashMap<u64, Schema>,
+    /// An older released version this process writes instead of the current one (see
+    /// [`WRITE_VERSIONS_ENV`]), with its fingerprint.
+    write_as: Option<(u64, Schema)>,
+}
+
+/// Rolling upgrades and roll-backs: `PRESENCE_SCHEMA_WRITE_VERSIONS=Heartbeat=1,FacilityStatus=1`
+/// makes this process write the named records with that released version (`vN` of
+/// `schemas/history/<record>/`) instead of the current one, while it still reads every
+/// version. Start new instances pinned to the version the running ones write, roll them all
+/// out, then drop the setting (Kafka Streams' `upgrade.from` works the same way); or pin a
+/// new build to the old versions before rolling back to the old build. A record type not
+/// named writes its current version. The pinned path re-encodes through apache-avro, so it
+/// is slower than the current one.
+pub const WRITE_VERSIONS_ENV: &str = "PRESENCE_SCHEMA_WRITE_VERSIONS";
+
+/// The version `record` is pinned to by [`WRITE_VERSIONS_ENV`], if any.
+fn write_version_pin(record: &str) -> Option<usize> {
+    let pins = std::env::var(WRITE_VERSIONS_ENV).ok()?;
+    pins.split(',').find_map(|pin| {
+        let (name, version) = pin.trim().split_once('=')?;
+        if name.trim() != record {
+            return None;
+        }
+        let version = version.trim().trim_start_matches('v');
+        Some(version.parse().unwrap_or_else(|_| {
+            panic!("{WRITE_VERSIONS_ENV}: {record}={version} is not a version number; write {record}=N with N a file schemas/history/{record}/vN.avsc")
+        }))
+    })
 }
 
 impl Codec {
     fn build<T: AvroRecord>() -> Codec {
-        Self::with_history::<T>(T::HISTORY)
+        Self::pinned::<T>(T::HISTORY, write_version_pin(T::NAME))
     }
 
+    #[cfg(test)]
     fn with_history<T: AvroRecord>(history: &[&str]) -> Codec {
+        Self::pinned::<T>(history, None)
+    }
+
+    /// `write_version`: the released version (1-based, in `history`) to write instead of
+    /// the current one.
+    fn pinned<T: AvroRecord>(history: &[&str], write_version: Option<usize>) -> Codec {
         // The schemas are compiled into the binary and covered by tests, so a parse failure
         // here is a build defect, not an input error.
         let current =
             Schema::parse_str(T::SCHEMA).unwrap_or_else(|e| panic!("schemas/{}: {e}", T::NAME));
         let fingerprint = fingerprint_of(&current);
         let mut older = HashMap::new();
+        let write_as = write_version.and_then(|n| {
+            let text = n
+                .checked_sub(1)
+                .and_then(|i| history.get(i))
+                .unwrap_or_else(|| {
+                    panic!(
+                        "{WRITE_VERSIONS_ENV}: {} has versions 1 to {}, not {n}",
+                        T::NAME,
+                        history.len()
+                    )
+                });
+            let s = Schema::parse_str(text)
+                .unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
+            let fp = fingerprint_of(&s);
+            (fp != fingerprint).then_some((fp, s))
+        });
         for text in history {
             let s = Schema::parse_str(text)
                 .unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
@@ -115,6 +166,7 @@ impl Codec {
             current,
             fingerprint,
             older,
+            write_as,
         }
     }
 
@@ -125,6 +177,19 @@ impl Codec {
     pub fn fingerprint(&self) -> u64 {
         self.fingerprint
     }
+}
+
+/// The fingerprint of each released version of `T` (`HISTORY`), oldest first: which
+/// version wrote a record is `bytes[2..10]` (little-endian) found in this list.
+pub fn history_fingerprints<T: AvroRecord>() -> Vec<u64> {
+    T::HISTORY
+        .iter()
+        .map(|text| {
+            let s = Schema::parse_str(text)
+                .unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
+            fingerprint_of(&s)
+        })
+        .collect()
 }
 
 /// The codec of `T`, parsed on first use.
@@ -146,10 +211,29 @@ macro_rules! codec_cell {
 /// Encodes `value` (single-object encoding) into `out`, which is cleared first so that hot
 /// paths can reuse one buffer.
 pub fn encode_into<T: AvroRecord + 'static>(value: &T, out: &mut Vec<u8>) {
+    encode_with(codec::<T>(), value, out)
+}
+
+fn encode_with<T: AvroRecord>(c: &Codec, value: &T, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&MARKER);
-    out.extend_from_slice(&codec::<T>().fingerprint.to_le_bytes());
+    out.extend_from_slice(&c.fingerprint.to_le_bytes());
     value.write_body(out);
+    if let Some((fp, older)) = &c.write_as {
+        if let Some(body) = rewrite_as(c, older, &out[HEADER_LEN..]) {
+            out.truncate(2);
+            out.extend_from_slice(&fp.to_le_bytes());
+            out.extend_from_slice(&body);
+        }
+    }
+}
+
+/// A current-version body re-encoded with an older released version (schema resolution:
+/// fields the older version lacks are dropped). `None` only if the versions were not
+/// mutually readable, which `verify_history` rules out; the record then stays current.
+fn rewrite_as(c: &Codec, older: &Schema, mut body: &[u8]) -> Option<Vec<u8>> {
+    let value = apache_avro::from_avro_datum(&c.current, &mut body, Some(older)).ok()?;
+    apache_avro::to_avro_datum(older, value).ok()
 }
 
 pub fn encode<T: AvroRecord + 'static>(value: &T) -> Vec<u8> {
@@ -414,6 +498,15 @@ impl<'a> BodyReader<'a> {
         }
     }
 
+    /// `["null", string]`.
+    pub fn read_optional_str(&mut self, field: &str) -> Result<Option<&'a str>, CodecError> {
+        match self.read_long(field)? {
+            0 => Ok(None),
+            1 => self.read_str(field).map(Some),
+            i => Err(self.malformed(format!("{field}: union branch {i} out of range 0..2"))),
+        }
+    }
+
     /// `["null", long]`.
     pub fn read_optional_long(&mut self, field: &str) -> Result<Option<i64>, CodecError> {
         match self.read_long(field)? {
@@ -430,6 +523,16 @@ pub fn write_optional_long(out: &mut Vec<u8>, v: Option<i64>) {
         Some(v) => {
             write_long(out, 1);
             write_long(out, v);
+        }
+    }
+}
+
+pub fn write_optional_str(out: &mut Vec<u8>, v: Option<&str>) {
+    match v {
+        None => write_long(out, 0),
+        Some(v) => {
+            write_long(out, 1);
+            write_str(out, v);
         }
     }
 }
@@ -583,6 +686,44 @@ mod tests {
                 .code(),
             "unknown_schema"
         );
+    }
+
+    /// Pinned to v1 (a rolling upgrade or a roll-back), a v2 heartbeat is written with v1's
+    /// fingerprint and body: v2's field is dropped, everything else read back as it was.
+    #[test]
+    fn a_pinned_codec_writes_the_older_version() {
+        use crate::records::{Heartbeat, HeartbeatKind};
+        let h = Heartbeat {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            kind: HeartbeatKind::End,
+            client_sent_at: Some(5),
+            client_version: Some("web-2.1".into()),
+        };
+        let v1 = Codec::pinned::<Heartbeat>(Heartbeat::HISTORY, Some(1));
+        let current = Codec::pinned::<Heartbeat>(Heartbeat::HISTORY, None);
+        let mut old = Vec::new();
+        encode_with(&v1, &h, &mut old);
+        let v1_schema = Schema::parse_str(Heartbeat::HISTORY[0]).unwrap();
+        assert_eq!(old[2..10], fingerprint_of(&v1_schema).to_le_bytes());
+        assert!(
+            apache_avro::from_avro_datum(&v1_schema, &mut &old[10..], None).is_ok(),
+            "a v1 reader reads it"
+        );
+        let back: Heartbeat = decode_with(&current, &old).unwrap();
+        assert_eq!(
+            back,
+            Heartbeat {
+                client_version: None,
+                ..h.clone()
+            }
+        );
+        let mut new = Vec::new();
+        encode_with(&current, &h, &mut new);
+        assert_eq!(new[2..10], current.fingerprint().to_le_bytes());
+        assert_eq!(decode_with::<Heartbeat>(&current, &new).unwrap(), h);
     }
 
     #[test]

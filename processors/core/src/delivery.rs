@@ -228,6 +228,7 @@ mod tests {
             since: 1,
             seq: 3,
             emitted_at: 4,
+            previous_since: None,
         };
         let json = serde_json::to_string(&t).unwrap();
         assert!(json.starts_with("{\"facility_id\":\"f\""), "{json}");

@@ -4,7 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::codec::{
-    check_id, write_long, write_optional_long, write_str, AvroRecord, BodyReader, CodecError,
+    check_id, write_long, write_optional_long, write_optional_str, write_str, AvroRecord,
+    BodyReader, CodecError,
 };
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -37,13 +38,18 @@ pub struct Heartbeat {
     pub kind: HeartbeatKind,
     /// The client's clock in ms since the epoch, for diagnostics only.
     pub client_sent_at: Option<i64>,
+    /// The client application's version, for diagnostics only (schema v2).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client_version: Option<String>,
 }
 
 impl AvroRecord for Heartbeat {
     const NAME: &'static str = "Heartbeat";
     const SCHEMA: &'static str = include_str!("../../../schemas/heartbeat.avsc");
-    const HISTORY: &'static [&'static str] =
-        &[include_str!("../../../schemas/history/heartbeat/v1.avsc")];
+    const HISTORY: &'static [&'static str] = &[
+        include_str!("../../../schemas/history/heartbeat/v1.avsc"),
+        include_str!("../../../schemas/history/heartbeat/v2.avsc"),
+    ];
 
     crate::codec_cell!();
 
@@ -54,6 +60,7 @@ impl AvroRecord for Heartbeat {
         write_str(out, &self.region_id);
         write_long(out, matches!(self.kind, HeartbeatKind::End) as i64);
         write_optional_long(out, self.client_sent_at);
+        write_optional_str(out, self.client_version.as_deref());
     }
 
     fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
@@ -74,6 +81,7 @@ pub struct HeartbeatRef<'a> {
     pub region_id: &'a str,
     pub kind: HeartbeatKind,
     pub client_sent_at: Option<i64>,
+    pub client_version: Option<&'a str>,
 }
 
 impl<'a> HeartbeatRef<'a> {
@@ -117,6 +125,7 @@ impl<'a> HeartbeatRef<'a> {
                 HeartbeatKind::End
             },
             client_sent_at: r.read_optional_long("client_sent_at")?,
+            client_version: r.read_optional_str("client_version")?,
         })
     }
 
@@ -125,7 +134,11 @@ impl<'a> HeartbeatRef<'a> {
         check_id(Heartbeat::NAME, "session_id", self.session_id)?;
         check_id(Heartbeat::NAME, "user_id", self.user_id)?;
         check_id(Heartbeat::NAME, "facility_id", self.facility_id)?;
-        check_id(Heartbeat::NAME, "region_id", self.region_id)
+        check_id(Heartbeat::NAME, "region_id", self.region_id)?;
+        match self.client_version {
+            Some(v) => check_id(Heartbeat::NAME, "client_version", v),
+            None => Ok(()),
+        }
     }
 
     pub fn to_owned(&self) -> Heartbeat {
@@ -136,6 +149,7 @@ impl<'a> HeartbeatRef<'a> {
             region_id: self.region_id.to_string(),
             kind: self.kind,
             client_sent_at: self.client_sent_at,
+            client_version: self.client_version.map(str::to_string),
         }
     }
 }
@@ -149,6 +163,7 @@ impl Heartbeat {
             region_id: &self.region_id,
             kind: self.kind,
             client_sent_at: self.client_sent_at,
+            client_version: self.client_version.as_deref(),
         }
     }
 }
@@ -182,14 +197,19 @@ pub struct FacilityStatus {
     pub seq: i64,
     /// Wall-clock ms when the processor emitted it.
     pub emitted_at: i64,
+    /// Event time of the facility's previous transition; `None` for its first (and in
+    /// records written with schema v1).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_since: Option<i64>,
 }
 
 impl AvroRecord for FacilityStatus {
     const NAME: &'static str = "FacilityStatus";
     const SCHEMA: &'static str = include_str!("../../../schemas/facility_status.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!(
-        "../../../schemas/history/facility_status/v1.avsc"
-    )];
+    const HISTORY: &'static [&'static str] = &[
+        include_str!("../../../schemas/history/facility_status/v1.avsc"),
+        include_str!("../../../schemas/history/facility_status/v2.avsc"),
+    ];
 
     crate::codec_cell!();
 
@@ -201,6 +221,7 @@ impl AvroRecord for FacilityStatus {
         write_long(out, self.since);
         write_long(out, self.seq);
         write_long(out, self.emitted_at);
+        write_optional_long(out, self.previous_since);
     }
 
     fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
@@ -216,6 +237,7 @@ impl AvroRecord for FacilityStatus {
             since: r.read_long("since")?,
             seq: r.read_long("seq")?,
             emitted_at: r.read_long("emitted_at")?,
+            previous_since: r.read_optional_long("previous_since")?,
         })
     }
 
@@ -261,6 +283,7 @@ mod tests {
             region_id: "r-1".into(),
             kind: HeartbeatKind::Beat,
             client_sent_at: Some(1_700_000_000_123),
+            client_version: None,
         }
     }
 
@@ -273,6 +296,7 @@ mod tests {
             since: 1_700_000_000_000,
             seq: 7,
             emitted_at: 1_700_000_000_050,
+            previous_since: None,
         }
     }
 
@@ -298,6 +322,13 @@ mod tests {
                     Some(t) => Value::Union(1, Box::new(Value::TimestampMillis(t))),
                 },
             ),
+            (
+                "client_version".into(),
+                match &h.client_version {
+                    None => Value::Union(0, Box::new(Value::Null)),
+                    Some(v) => Value::Union(1, Box::new(Value::String(v.clone()))),
+                },
+            ),
         ]);
         let mut w = apache_avro::GenericSingleObjectWriter::new_with_capacity(schema, 128).unwrap();
         let mut out = Vec::new();
@@ -314,6 +345,11 @@ mod tests {
             Heartbeat {
                 kind: HeartbeatKind::End,
                 client_sent_at: None,
+                client_version: None,
+                ..beat()
+            },
+            Heartbeat {
+                client_version: Some("web-2.1".into()),
                 ..beat()
             },
         ] {
@@ -376,9 +412,10 @@ mod tests {
         assert!(e.to_string().contains("trailing"), "{e}");
         let mut bad_enum = encode(&Heartbeat {
             client_sent_at: None,
+            client_version: None,
             ..beat()
         });
-        let kind_at = bad_enum.len() - 2;
+        let kind_at = bad_enum.len() - 3; // kind, client_sent_at's null, client_version's null
         bad_enum[kind_at] = 4; // zigzag 2: a third symbol that does not exist
         assert!(decode::<Heartbeat>(&bad_enum)
             .unwrap_err()
@@ -399,6 +436,7 @@ mod tests {
             Heartbeat {
                 kind: HeartbeatKind::End,
                 client_sent_at: None,
+                client_version: None,
                 ..beat()
             },
         ] {
@@ -465,7 +503,7 @@ mod tests {
         #[test]
         fn damaged_heartbeats_never_panic(s in "[a-z0-9-]{1,20}", t in any::<Option<i64>>(), at in any::<usize>(), byte in any::<u8>(), cut in any::<bool>()) {
             let h = Heartbeat { session_id: s.clone(), user_id: s.clone(), facility_id: s.clone(), region_id: s,
-                kind: HeartbeatKind::End, client_sent_at: t };
+                kind: HeartbeatKind::End, client_sent_at: t, client_version: None };
             let mut bytes = encode(&h);
             let at = at % bytes.len();
             if cut { bytes.truncate(at) } else { bytes[at] = byte }
@@ -477,7 +515,7 @@ mod tests {
         #[test]
         fn any_valid_heartbeat_round_trips(s in "[a-z0-9-]{1,40}", f in "[^\\p{Cc}]{1,30}", end in any::<bool>(), t in any::<Option<i64>>()) {
             let h = Heartbeat { session_id: s.clone(), user_id: s, facility_id: f.clone(), region_id: f,
-                kind: if end { HeartbeatKind::End } else { HeartbeatKind::Beat }, client_sent_at: t };
+                kind: if end { HeartbeatKind::End } else { HeartbeatKind::Beat }, client_sent_at: t, client_version: None };
             prop_assert_eq!(decode::<Heartbeat>(&encode(&h)).unwrap(), h);
         }
     }
@@ -495,33 +533,99 @@ mod tests {
     }
 
     /// A `doc` is not part of a schema's identity (the Parsing Canonical Form drops it):
-    /// heartbeat.avsc documents the session-ownership rule on `user_id` with no new version,
-    /// and its records keep v1's fingerprint.
+    /// heartbeat.avsc documented the session-ownership rule on `user_id` with no new
+    /// version, and its records kept v1's fingerprint; v2 added a field, which is one.
     #[test]
     fn a_doc_change_is_not_a_new_version() {
         let v1 = Heartbeat::HISTORY[0];
-        assert_ne!(Heartbeat::SCHEMA, v1, "the docs differ");
+        let redocumented = v1.replace("Opaque session id", "An opaque session id");
+        assert_ne!(redocumented, v1, "the docs differ");
         assert!(Heartbeat::SCHEMA.contains("A session is the pair (user_id, session_id)"));
-        assert_eq!(
-            fingerprint_of(&Schema::parse_str(Heartbeat::SCHEMA).unwrap()),
-            fingerprint_of(&Schema::parse_str(v1).unwrap())
-        );
+        let fp = |text: &str| fingerprint_of(&Schema::parse_str(text).unwrap());
+        assert_eq!(fp(&redocumented), fp(v1));
+        assert_ne!(fp(Heartbeat::SCHEMA), fp(v1), "v2 added client_version");
+        assert_eq!(fp(Heartbeat::SCHEMA), fp(Heartbeat::HISTORY[1]));
     }
 
-    /// A record written with every released version decodes with the current reader.
+    /// A record written with every released version decodes with the current reader, with
+    /// its unions on the null branch and on the other one.
     #[test]
     fn every_released_version_still_decodes() {
+        for branch in [0, 1] {
+            for text in Heartbeat::HISTORY {
+                let writer = Schema::parse_str(text).unwrap();
+                let bytes = single_object(&writer, &sample_value(&writer, branch));
+                let h = decode::<Heartbeat>(&bytes).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(h.session_id, "sample");
+                assert_eq!(h.client_sent_at, (branch == 1).then_some(1));
+                let has_version = writer.canonical_form().contains("client_version");
+                assert_eq!(
+                    h.client_version.as_deref(),
+                    (branch == 1 && has_version).then_some("sample")
+                );
+            }
+            for text in FacilityStatus::HISTORY {
+                let writer = Schema::parse_str(text).unwrap();
+                let bytes = single_object(&writer, &sample_value(&writer, branch));
+                let s = decode::<FacilityStatus>(&bytes).unwrap_or_else(|e| panic!("{e}"));
+                assert_eq!(s.facility_id, "sample");
+                let has_previous = writer.canonical_form().contains("previous_since");
+                assert_eq!(s.previous_since, (branch == 1 && has_previous).then_some(1));
+            }
+        }
+    }
+
+    /// FULL compatibility the other way: what the current version writes, every older
+    /// released version reads (an old consumer, or a processor rolled back), with the
+    /// fields it knows unchanged.
+    #[test]
+    fn every_released_version_reads_the_current_records() {
+        use apache_avro::types::Value;
+        let h = Heartbeat {
+            client_version: Some("web-2.1".into()),
+            ..beat()
+        };
+        let s = FacilityStatus {
+            previous_since: Some(1_699_999_000_000),
+            ..status()
+        };
+        let field = |v: &Value, name: &str| -> Value {
+            let Value::Record(fields) = v else {
+                panic!("not a record: {v:?}")
+            };
+            fields
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.clone())
+                .unwrap_or_else(|| panic!("no field {name}"))
+        };
+        let current = |text: &str| Schema::parse_str(text).unwrap();
         for text in Heartbeat::HISTORY {
-            let writer = Schema::parse_str(text).unwrap();
-            let bytes = single_object(&writer, &sample_value(&writer));
-            let h = decode::<Heartbeat>(&bytes).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(h.session_id, "sample");
+            let reader = Schema::parse_str(text).unwrap();
+            let bytes = encode(&h);
+            let v = apache_avro::from_avro_datum(
+                &current(Heartbeat::SCHEMA),
+                &mut &bytes[10..],
+                Some(&reader),
+            )
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(field(&v, "session_id"), Value::String("s-1".into()));
+            assert_eq!(field(&v, "kind"), Value::Enum(0, "BEAT".into()));
         }
         for text in FacilityStatus::HISTORY {
-            let writer = Schema::parse_str(text).unwrap();
-            let bytes = single_object(&writer, &sample_value(&writer));
-            let s = decode::<FacilityStatus>(&bytes).unwrap_or_else(|e| panic!("{e}"));
-            assert_eq!(s.facility_id, "sample");
+            let reader = Schema::parse_str(text).unwrap();
+            let bytes = encode(&s);
+            let v = apache_avro::from_avro_datum(
+                &current(FacilityStatus::SCHEMA),
+                &mut &bytes[10..],
+                Some(&reader),
+            )
+            .unwrap_or_else(|e| panic!("{text}: {e}"));
+            assert_eq!(field(&v, "seq"), Value::Long(7));
+            assert_eq!(
+                field(&v, "emitted_at"),
+                Value::TimestampMillis(1_700_000_000_050)
+            );
         }
     }
 
@@ -552,14 +656,15 @@ mod tests {
     }
 
     /// A value of the given (record) schema with recognisable contents: "sample" strings,
-    /// the first enum symbol, 1 for numbers (positive, so field rules hold), null unions.
-    fn sample_value(schema: &Schema) -> Value {
+    /// the first enum symbol, 1 for numbers (positive, so field rules hold), unions on
+    /// their variant `branch` (0: null; past the last, the last).
+    fn sample_value(schema: &Schema, branch: usize) -> Value {
         use apache_avro::schema::{RecordSchema, UnionSchema};
         match schema {
             Schema::Record(RecordSchema { fields, .. }) => Value::Record(
                 fields
                     .iter()
-                    .map(|f| (f.name.clone(), sample_value(&f.schema)))
+                    .map(|f| (f.name.clone(), sample_value(&f.schema, branch)))
                     .collect(),
             ),
             Schema::String => Value::String("sample".into()),
@@ -569,7 +674,8 @@ mod tests {
             Schema::TimestampMillis => Value::TimestampMillis(1),
             Schema::Union(u) => {
                 let u: &UnionSchema = u;
-                Value::Union(0, Box::new(sample_value(&u.variants()[0])))
+                let i = branch.min(u.variants().len() - 1);
+                Value::Union(i as u32, Box::new(sample_value(&u.variants()[i], branch)))
             }
             Schema::Null => Value::Null,
             other => panic!("sample_value: extend for {other:?}"),

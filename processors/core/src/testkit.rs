@@ -599,6 +599,7 @@ pub fn transition(
         since: 1_764_201_600_000 + seq * 60_000,
         seq,
         emitted_at: crate::now_ms(),
+        previous_since: None,
     }
 }
 

@@ -22,6 +22,7 @@ fn heartbeats() -> Vec<Heartbeat> {
             region_id: "north".into(),
             kind: HeartbeatKind::Beat,
             client_sent_at: Some(1_764_300_000_123),
+            client_version: Some("web-2.1".into()),
         },
         Heartbeat {
             session_id: "x".repeat(128),
@@ -30,6 +31,7 @@ fn heartbeats() -> Vec<Heartbeat> {
             region_id: "r".into(),
             kind: HeartbeatKind::End,
             client_sent_at: None,
+            client_version: None,
         },
     ]
 }
@@ -38,6 +40,7 @@ fn heartbeat_json(h: &Heartbeat) -> Value {
     json!({
         "session_id": h.session_id, "user_id": h.user_id, "facility_id": h.facility_id, "region_id": h.region_id,
         "kind": if h.kind == HeartbeatKind::End { "END" } else { "BEAT" }, "client_sent_at": h.client_sent_at,
+        "client_version": h.client_version,
     })
 }
 
@@ -72,9 +75,11 @@ fn facility_status_crosses_both_ways() {
         since: 1_764_300_000_000,
         seq: 12,
         emitted_at: 1_764_300_000_210,
+        previous_since: Some(1_764_299_000_000),
     };
     let as_json = json!({"facility_id": "clinic-42", "region_id": "north", "status": "OFFLINE", "open_sessions": 0,
-        "since": 1_764_300_000_000i64, "seq": 12, "emitted_at": 1_764_300_000_210i64});
+        "since": 1_764_300_000_000i64, "seq": 12, "emitted_at": 1_764_300_000_210i64,
+        "previous_since": 1_764_299_000_000i64});
     let decoded = fastavro(
         "decode",
         "facility_status.avsc",

@@ -174,6 +174,7 @@ impl HistoryReader {
                 since: row.get(4),
                 seq: row.get(5),
                 emitted_at: row.get(6),
+                previous_since: None,
             };
             if t.since < from {
                 initial = Some(t);

@@ -224,6 +224,7 @@ fn build(w: Wire<'_>, at: &str, claims: Option<&Claims>) -> Result<Heartbeat, Re
         region_id,
         kind,
         client_sent_at: w.client_sent_at,
+        client_version: None,
     })
 }
 

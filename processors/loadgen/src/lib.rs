@@ -516,6 +516,7 @@ fn step(
             region_id: region_of(session.facility, o.regions),
             kind,
             client_sent_at: Some(now_ms()),
+            client_version: None,
         };
         if send(&h) {
             s.sent += 1;

@@ -65,6 +65,7 @@ fn heartbeat(s: usize, kind: HeartbeatKind) -> Heartbeat {
         region_id: format!("region-{}", s % 16),
         kind,
         client_sent_at: Some(1_764_300_000_000),
+        client_version: None,
     }
 }
 

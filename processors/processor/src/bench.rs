@@ -57,6 +57,7 @@ fn beat(session: usize, facility: usize, kind: HeartbeatKind) -> Heartbeat {
         region_id: format!("region-{}", facility % 16),
         kind,
         client_sent_at: None,
+        client_version: None,
     }
 }
 

@@ -206,11 +206,12 @@ impl FacilityTask {
             let Some(since) = state.pending_offline_since.take() else {
                 continue;
             };
+            let previous = state.since;
             state.online = false;
             state.seq += 1;
             state.since = since;
             self.online -= 1;
-            out.status(status_of(state, now));
+            out.status(status_of(state, previous, now));
             self.dirty.insert(facility);
             fired += 1;
         }
@@ -229,10 +230,13 @@ impl FacilityTask {
                 seq: 0,
                 since: p.at,
                 pending_offline_since: None,
+                last_event_at: None,
             });
         if p.opened {
             state.region_id.clone_from(&p.region_id);
         }
+        state.last_event_at = Some(p.at);
+        let previous = state.since;
         let mut transitions = 0;
         if p.opened {
             state.open_sessions += 1;
@@ -246,7 +250,7 @@ impl FacilityTask {
                     state.seq += 1;
                     state.since = p.at;
                     self.online += 1;
-                    out.status(status_of(state, now));
+                    out.status(status_of(state, previous, now));
                     transitions += 1;
                 }
             }
@@ -266,7 +270,7 @@ impl FacilityTask {
                     state.seq += 1;
                     state.since = p.at;
                     self.online -= 1;
-                    out.status(status_of(state, now));
+                    out.status(status_of(state, previous, now));
                     transitions += 1;
                 }
             }
@@ -290,7 +294,9 @@ impl FacilityTask {
     }
 }
 
-fn status_of(state: &FacilityState, now: i64) -> FacilityStatus {
+/// The status record of `state` right after a transition; `previous` is the `since` it had
+/// before (meaningless before the first transition, seq 1).
+fn status_of(state: &FacilityState, previous: i64, now: i64) -> FacilityStatus {
     FacilityStatus {
         facility_id: state.facility_id.clone(),
         region_id: state.region_id.clone(),
@@ -303,6 +309,7 @@ fn status_of(state: &FacilityState, now: i64) -> FacilityStatus {
         since: state.since,
         seq: state.seq,
         emitted_at: now,
+        previous_since: (state.seq > 1).then_some(previous),
     }
 }
 
@@ -333,6 +340,7 @@ mod tests {
             at,
             facility_id: f.into(),
             region_id: "r".into(),
+            close_reason: None,
         }
     }
     fn open(src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {

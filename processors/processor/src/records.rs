@@ -12,6 +12,17 @@ pub enum SessionEventKind {
     Watermark,
 }
 
+/// Why a session closed (`SessionEvent.close_reason`, schema v2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum CloseReason {
+    /// The user's END (logout, page unload).
+    End,
+    /// `session_timeout` passed after its last beat.
+    Timeout,
+    /// A beat named another facility: closed here, opened there.
+    Moved,
+}
+
 /// Stage 1 → stage 2.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SessionEvent {
@@ -21,14 +32,17 @@ pub struct SessionEvent {
     pub at: i64,
     pub facility_id: String,
     pub region_id: String,
+    /// Set on CLOSED (schema v2); `None` otherwise and in records written with v1.
+    pub close_reason: Option<CloseReason>,
 }
 
 impl AvroRecord for SessionEvent {
     const NAME: &'static str = "SessionEvent";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_event.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!(
-        "../../../schemas/history/session_event/v1.avsc"
-    )];
+    const HISTORY: &'static [&'static str] = &[
+        include_str!("../../../schemas/history/session_event/v1.avsc"),
+        include_str!("../../../schemas/history/session_event/v2.avsc"),
+    ];
 
     presence_core::codec_cell!();
 
@@ -44,6 +58,20 @@ impl AvroRecord for SessionEvent {
         write_long(out, self.at);
         write_str(out, &self.facility_id);
         write_str(out, &self.region_id);
+        match self.close_reason {
+            None => write_long(out, 0),
+            Some(reason) => {
+                write_long(out, 1);
+                write_long(
+                    out,
+                    match reason {
+                        CloseReason::End => 0,
+                        CloseReason::Timeout => 1,
+                        CloseReason::Moved => 2,
+                    },
+                );
+            }
+        }
     }
 
     fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
@@ -58,6 +86,14 @@ impl AvroRecord for SessionEvent {
             at: r.read_long("at")?,
             facility_id: r.read_string("facility_id")?,
             region_id: r.read_string("region_id")?,
+            close_reason: match r.read_enum("close_reason", 2)? {
+                0 => None,
+                _ => Some(match r.read_enum("close_reason", 3)? {
+                    0 => CloseReason::End,
+                    1 => CloseReason::Timeout,
+                    _ => CloseReason::Moved,
+                }),
+            },
         })
     }
 }
@@ -115,14 +151,17 @@ pub struct FacilityState {
     pub seq: i64,
     pub since: i64,
     pub pending_offline_since: Option<i64>,
+    /// Event time of the last session event applied (schema v2; `None` in v1 records).
+    pub last_event_at: Option<i64>,
 }
 
 impl AvroRecord for FacilityState {
     const NAME: &'static str = "FacilityState";
     const SCHEMA: &'static str = include_str!("../../../schemas/internal/facility_state.avsc");
-    const HISTORY: &'static [&'static str] = &[include_str!(
-        "../../../schemas/history/facility_state/v1.avsc"
-    )];
+    const HISTORY: &'static [&'static str] = &[
+        include_str!("../../../schemas/history/facility_state/v1.avsc"),
+        include_str!("../../../schemas/history/facility_state/v2.avsc"),
+    ];
 
     presence_core::codec_cell!();
 
@@ -134,6 +173,7 @@ impl AvroRecord for FacilityState {
         write_long(out, self.seq);
         write_long(out, self.since);
         write_optional_long(out, self.pending_offline_since);
+        write_optional_long(out, self.last_event_at);
     }
 
     fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
@@ -145,6 +185,7 @@ impl AvroRecord for FacilityState {
             seq: r.read_long("seq")?,
             since: r.read_long("since")?,
             pending_offline_since: r.read_optional_long("pending_offline_since")?,
+            last_event_at: r.read_optional_long("last_event_at")?,
         })
     }
 }
@@ -201,19 +242,28 @@ mod tests {
             any::<i64>(),
             ".{0,8}",
             ".{0,8}",
+            0u8..4,
         )
             .prop_map(
-                |(k, source_partition, source_seq, at, facility_id, region_id)| SessionEvent {
-                    kind: [
-                        SessionEventKind::Opened,
-                        SessionEventKind::Closed,
-                        SessionEventKind::Watermark,
-                    ][k as usize],
-                    source_partition,
-                    source_seq,
-                    at,
-                    facility_id,
-                    region_id,
+                |(k, source_partition, source_seq, at, facility_id, region_id, reason)| {
+                    SessionEvent {
+                        kind: [
+                            SessionEventKind::Opened,
+                            SessionEventKind::Closed,
+                            SessionEventKind::Watermark,
+                        ][k as usize],
+                        source_partition,
+                        source_seq,
+                        at,
+                        facility_id,
+                        region_id,
+                        close_reason: [
+                            None,
+                            Some(CloseReason::End),
+                            Some(CloseReason::Timeout),
+                            Some(CloseReason::Moved),
+                        ][reason as usize],
+                    }
                 },
             )
     }
@@ -250,9 +300,10 @@ mod tests {
             any::<i64>(),
             any::<i64>(),
             any::<Option<i64>>(),
+            any::<Option<i64>>(),
         )
             .prop_map(
-                |(facility_id, region_id, open_sessions, online, seq, since, pending)| {
+                |(facility_id, region_id, open_sessions, online, seq, since, pending, last)| {
                     FacilityState {
                         facility_id,
                         region_id,
@@ -261,6 +312,7 @@ mod tests {
                         seq,
                         since,
                         pending_offline_since: pending,
+                        last_event_at: last,
                     }
                 },
             )
@@ -356,6 +408,71 @@ mod tests {
         );
     }
 
+    /// `value` as a processor writing the older version `v` (1-based) writes it: the
+    /// current body resolved to that version by apache-avro (which is also what a reader
+    /// of that version does with current bytes), behind its fingerprint.
+    fn as_version<T: AvroRecord + 'static>(value: &T, v: usize) -> Vec<u8> {
+        let current = apache_avro::Schema::parse_str(T::SCHEMA).unwrap();
+        let old = apache_avro::Schema::parse_str(T::HISTORY[v - 1]).unwrap();
+        let bytes = encode(value);
+        let resolved =
+            apache_avro::from_avro_datum(&current, &mut &bytes[10..], Some(&old)).unwrap();
+        let mut out = presence_core::codec::MARKER.to_vec();
+        out.extend_from_slice(&fingerprint_of(&old).to_le_bytes());
+        out.extend(apache_avro::to_avro_datum(&old, resolved).unwrap());
+        out
+    }
+
+    /// v2 of the session events and the facility changelog added one field each: their v2
+    /// records read back through v1 readers (FULL), and v1 records decode with the new
+    /// field's default.
+    #[test]
+    fn internal_v1_and_v2_records_read_each_other() {
+        let closed = SessionEvent {
+            kind: SessionEventKind::Closed,
+            source_partition: 1,
+            source_seq: 2,
+            at: 3,
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            close_reason: Some(CloseReason::Timeout),
+        };
+        let v1 = as_version(&closed, 1);
+        assert_ne!(v1[2..10], encode(&closed)[2..10]);
+        assert_eq!(
+            decode::<SessionEvent>(&v1).unwrap(),
+            SessionEvent {
+                close_reason: None,
+                ..closed.clone()
+            }
+        );
+        assert_eq!(
+            decode::<SessionEvent>(&as_version(&closed, 2)).unwrap(),
+            closed
+        );
+        let state = FacilityState {
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            open_sessions: 0,
+            online: true,
+            seq: 3,
+            since: 1,
+            pending_offline_since: Some(4),
+            last_event_at: Some(4),
+        };
+        assert_eq!(
+            decode::<FacilityState>(&as_version(&state, 1)).unwrap(),
+            FacilityState {
+                last_event_at: None,
+                ..state.clone()
+            }
+        );
+        assert_eq!(
+            decode::<FacilityState>(&as_version(&state, 2)).unwrap(),
+            state
+        );
+    }
+
     #[test]
     fn internal_records_round_trip() {
         let e = SessionEvent {
@@ -365,8 +482,17 @@ mod tests {
             at: 5,
             facility_id: String::new(),
             region_id: String::new(),
+            close_reason: None,
         };
         assert_eq!(decode::<SessionEvent>(&encode(&e)).unwrap(), e);
+        let closed = SessionEvent {
+            kind: SessionEventKind::Closed,
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            close_reason: Some(CloseReason::Moved),
+            ..e
+        };
+        assert_eq!(decode::<SessionEvent>(&encode(&closed)).unwrap(), closed);
         let s = SessionState {
             session_id: "s".into(),
             user_id: "u".into(),
@@ -384,6 +510,7 @@ mod tests {
             seq: 3,
             since: 1,
             pending_offline_since: Some(4),
+            last_event_at: Some(5),
         };
         assert_eq!(decode::<FacilityState>(&encode(&f)).unwrap(), f);
     }

@@ -21,7 +21,7 @@ use hashbrown::{HashMap, HashTable};
 use presence_core::codec::MAX_ID_BYTES;
 use presence_core::records::{HeartbeatKind, HeartbeatRef};
 
-use crate::records::{SessionEvent, SessionEventKind, SessionState};
+use crate::records::{CloseReason, SessionEvent, SessionEventKind, SessionState};
 
 /// A session's 128-bit hash over (user id, session id): the in-memory and changelog key.
 /// Collisions are as likely as two random UUIDs being equal.
@@ -288,7 +288,7 @@ impl SessionTask {
             }
             let facility = self.intern(beat.facility_id, beat.region_id);
             self.insert(key, facility, ts);
-            self.emit(SessionEventKind::Opened, facility, at, out);
+            self.emit(SessionEventKind::Opened, None, facility, at, out);
             out.put_session(key, self.state_of(beat, facility, ts, offset));
             return Ok(Applied::Opened);
         };
@@ -297,7 +297,13 @@ impl SessionTask {
             HeartbeatKind::End if ts < slot.last_seen => Ok(Applied::IgnoredEnd),
             HeartbeatKind::End => {
                 let changelog_key = self.remove(i);
-                self.emit(SessionEventKind::Closed, slot.facility, at, out);
+                self.emit(
+                    SessionEventKind::Closed,
+                    Some(CloseReason::End),
+                    slot.facility,
+                    at,
+                    out,
+                );
                 out.delete_session(changelog_key);
                 Ok(Applied::Closed)
             }
@@ -314,10 +320,16 @@ impl SessionTask {
                     return Ok(Applied::IgnoredLate);
                 }
                 let facility = self.intern(beat.facility_id, beat.region_id);
-                self.emit(SessionEventKind::Closed, slot.facility, at, out);
+                self.emit(
+                    SessionEventKind::Closed,
+                    Some(CloseReason::Moved),
+                    slot.facility,
+                    at,
+                    out,
+                );
                 self.slots[i as usize].facility = facility;
                 self.touch(i, ts);
-                self.emit(SessionEventKind::Opened, facility, at, out);
+                self.emit(SessionEventKind::Opened, None, facility, at, out);
                 out.put_session(key, self.state_of(beat, facility, ts, offset));
                 if let Some(old) = self.take_legacy(i) {
                     out.delete_session(old);
@@ -342,7 +354,13 @@ impl SessionTask {
                 break;
             }
             let changelog_key = self.remove(self.head);
-            self.emit(SessionEventKind::Closed, slot.facility, deadline, out);
+            self.emit(
+                SessionEventKind::Closed,
+                Some(CloseReason::Timeout),
+                slot.facility,
+                deadline,
+                out,
+            );
             out.delete_session(changelog_key);
             closed += 1;
         }
@@ -358,6 +376,7 @@ impl SessionTask {
             at: self.stream_time,
             facility_id: String::new(),
             region_id: String::new(),
+            close_reason: None,
         }
     }
 
@@ -408,7 +427,16 @@ impl SessionTask {
     /// A session restored from a v1 record is given the owner of the first beat at or after
     /// its open offset with its session id and facility: the beat that opened it when that
     /// is still in the window, which every later beat of the session agrees with.
+    ///
+    /// Call [`Self::set_clock`] first: a beat stamped after the checkpoint's stream time was
+    /// never applied (every beat the live path applies raises the stream time to at least
+    /// its timestamp), so it is one the live path refused (`timestamp_in_future`, a dead
+    /// letter) and refreshes nothing. Without this, a refused beat an hour ahead kept its
+    /// session open for that hour after a restart.
     pub fn refresh(&mut self, b: &WindowBeat) {
+        if b.ts > self.stream_time {
+            return;
+        }
         let Some(i) = self.find(b.key).or_else(|| self.claim_legacy(b)) else {
             return;
         };
@@ -489,6 +517,7 @@ impl SessionTask {
     fn emit(
         &mut self,
         kind: SessionEventKind,
+        close_reason: Option<CloseReason>,
         facility: u32,
         at: i64,
         out: &mut impl SessionOutput,
@@ -501,6 +530,7 @@ impl SessionTask {
             at,
             facility_id: f.to_string(),
             region_id: r.to_string(),
+            close_reason,
         });
         self.next_seq += 1;
     }
@@ -852,6 +882,26 @@ mod tests {
         assert_eq!(t.watermark().at, 200_000);
     }
 
+    /// A beat the live path refused (stamped past the clock's allowance) is still in the
+    /// re-read window after a crash; it must not keep its session open until its timestamp.
+    #[test]
+    fn a_refused_future_beat_refreshes_nothing_on_restore() {
+        let mut live = SessionTask::new(0, T, 60_000);
+        let mut out = Collected::default();
+        live.on_heartbeat(0, 1_000, &beat("s", "f"), 1_000, &mut out)
+            .unwrap();
+        let refused = live.on_heartbeat(1, 3_600_000, &beat("s", "f"), 1_000, &mut out);
+        assert_eq!(refused.map_err(|r| r.code), Err("timestamp_in_future"));
+        let (key, state) = out.puts[0].clone();
+        let mut restored = SessionTask::new(0, T, 60_000);
+        restored.restore_session(key, &state);
+        restored.set_clock(live.stream_time(), live.next_seq());
+        restored.refresh(&WindowBeat::new(&beat("s", "f"), 3_600_000, 1));
+        restored.finish_restore();
+        assert_eq!(restored.next_expiry(), live.next_expiry());
+        assert_eq!(restored.next_expiry(), Some(1_000 + T + 1));
+    }
+
     #[test]
     fn restore_then_refresh_reproduces_last_seen() {
         let mut live = SessionTask::new(0, T, 60_000);
@@ -1024,6 +1074,7 @@ mod tests {
         let mut t = SessionTask::new(0, T, 60_000);
         let (k1, state) = v1_record("s", "f", 1_000, 10);
         t.restore_session(k1, &state);
+        t.set_clock(40_000, 5);
         for b in [
             WindowBeat::new(&beat_as("victim", "s", "f"), 1_000, 10),
             WindowBeat::new(&beat_as("attacker", "s", "f"), 35_000, 11),
@@ -1044,9 +1095,9 @@ mod tests {
         let (k1, state) = v1_record("s", "f", 1_000, 10);
         t.restore_session(k1, &state);
         // A beat before the open offset is an older session's: it names no owner.
+        t.set_clock(2_000, 1);
         t.refresh(&WindowBeat::new(&beat_as("u", "s", "f"), 900, 9));
         t.finish_restore();
-        t.set_clock(2_000, 1);
         let mut out = Collected::default();
         assert_eq!(
             t.on_heartbeat(11, 3_000, &beat_as("u", "s", "f"), WALL, &mut out),
@@ -1127,6 +1178,7 @@ mod tests {
                     None => restored.restore_delete(*key),
                 }
             }
+            restored.set_clock(t.stream_time(), t.next_seq());
             for b in &window { restored.refresh(b); }
             restored.finish_restore();
             prop_assert_eq!(restored.open_sessions(), t.open_sessions());

@@ -252,13 +252,14 @@ impl Stage for SessionsStage {
                 "changelog records that do not decode were skipped"
             );
         }
+        // The clock first: refresh ignores beats stamped after it (refused ones).
+        if let Some(c) = committed.and_then(|c| c.checkpoint) {
+            task.set_clock(c.t, c.s);
+        }
         for b in &window_beats {
             task.refresh(b);
         }
         task.finish_restore();
-        if let Some(c) = committed.and_then(|c| c.checkpoint) {
-            task.set_clock(c.t, c.s);
-        }
         tracing::info!(
             partition,
             open_sessions = task.open_sessions(),
