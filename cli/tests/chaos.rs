@@ -188,6 +188,14 @@ impl Cluster {
         );
     }
 
+    /// SIGTERM to node `i` (a clean stop), without waiting for it to exit.
+    fn terminate(&self, node: u8) {
+        let pid = self.dir.join(format!("cluster/node-{node}/kafka.pid"));
+        if let Ok(pid) = std::fs::read_to_string(&pid) {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.trim()).status();
+        }
+    }
+
     /// The active controller, from the nodes' `quorum-state` files (the newest epoch).
     fn controller(&self) -> Option<u8> {
         (1..=3u8)
@@ -289,6 +297,8 @@ struct Proc {
     child: Option<Child>,
     paused: bool,
     starts: u32,
+    /// Told to stop (SIGTERM) at this instant: reaped by `exited`, killed after 30 s.
+    stopping: Option<Instant>,
 }
 
 impl Proc {
@@ -301,6 +311,7 @@ impl Proc {
             child: None,
             paused: false,
             starts: 0,
+            stopping: None,
         }
     }
 
@@ -326,6 +337,7 @@ impl Proc {
                 .unwrap_or_else(|e| panic!("cannot start {}: {e}", self.name)),
         );
         self.paused = false;
+        self.stopping = None;
         self.starts += 1;
     }
 
@@ -350,30 +362,37 @@ impl Proc {
         self.paused = false;
     }
 
-    /// SIGTERM and its exit within 30 s (then kill -9); the exit status, if it exited.
-    fn terminate(&mut self) -> Option<std::process::ExitStatus> {
+    /// SIGTERM; `exited` reaps it (and kills it -9 if it is still there after 30 s).
+    fn terminate(&mut self) {
         if self.paused {
             self.signal("CONT");
+            self.paused = false;
         }
         self.signal("TERM");
-        let mut c = self.child.take()?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            if let Ok(Some(s)) = c.try_wait() {
-                return Some(s);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
-        None
+        self.stopping = Some(Instant::now());
     }
 
-    /// If it exited without being told to: its status (the caller restarts it).
-    fn exited(&mut self) -> Option<String> {
-        let status = self.child.as_mut()?.try_wait().ok()??;
-        self.child = None;
-        Some(status.to_string())
+    /// If it exited without being told to: its status (the caller restarts it). A process
+    /// told to stop is reaped here: `Err` with what went wrong if it did not stop cleanly.
+    fn exited(&mut self) -> Option<Result<String, String>> {
+        let status = self.child.as_mut()?.try_wait().ok()?;
+        match (status, self.stopping) {
+            (Some(s), None) => {
+                self.child = None;
+                Some(Ok(s.to_string()))
+            }
+            (Some(s), Some(_)) => {
+                self.child = None;
+                self.stopping = None;
+                (!s.success()).then(|| Err(format!("{s} after SIGTERM")))
+            }
+            (None, Some(at)) if at.elapsed() > Duration::from_secs(30) => {
+                self.kill9();
+                self.stopping = None;
+                Some(Err("still running 30 s after SIGTERM: killed".into()))
+            }
+            (None, _) => None,
+        }
     }
 }
 
@@ -926,20 +945,25 @@ impl Run {
     /// The supervisor: restarts what exited on its own, and notes it.
     fn supervise(&mut self) {
         let t = self.since_start();
-        let mut restarted = Vec::new();
+        let mut noted = Vec::new();
         for (name, proc) in self.procs.iter_mut() {
-            if let Some(status) = proc.exited() {
-                restarted.push((name.clone(), status, t));
-                proc.start();
+            match proc.exited() {
+                Some(Ok(status)) => {
+                    eprintln!(
+                        "chaos: t+{:.1}s {name} exited on its own ({status}); restarted",
+                        t as f64 / 1e3
+                    );
+                    noted.push((name.clone(), status, t));
+                    proc.start();
+                }
+                Some(Err(problem)) => {
+                    eprintln!("chaos: t+{:.1}s {name}: {problem}", t as f64 / 1e3);
+                    noted.push((name.clone(), problem, t));
+                }
+                None => {}
             }
         }
-        for (name, status, t) in restarted {
-            eprintln!(
-                "chaos: t+{:.1}s {name} exited on its own ({status}); restarted",
-                t as f64 / 1e3
-            );
-            self.exits.push((name, status, t));
-        }
+        self.exits.extend(noted);
     }
 
     fn facilities_txn_id(&self) -> String {
@@ -1033,7 +1057,10 @@ impl Run {
                         if matches!(undo, Undo::BrokerUp(_)) {
                             broker_down = true;
                         }
-                        pending_undo.push((injected.len() - 1, t + f.lasts, undo));
+                        // Its length counts from when it took effect (a stop can take a
+                        // while on a loaded machine).
+                        let now = Duration::from_millis(self.since_start().max(0) as u64);
+                        pending_undo.push((injected.len() - 1, now + f.lasts, undo));
                     }
                 }
             }
@@ -1086,9 +1113,10 @@ impl Run {
                 )
             }
             Kind::BrokerStopPastTxnTimeout => {
+                // SIGTERM without waiting: a controlled shutdown takes seconds, during
+                // which the other faults go on (the restart waits for the exit).
                 let node = rng.gen_range(1..=3u8);
-                self.cluster
-                    .stack(&["cluster-node-down", &node.to_string()]);
+                self.cluster.terminate(node);
                 (
                     format!("stop broker {node} for {} s", f.lasts.as_secs()),
                     Some(Undo::BrokerUp(node)),
@@ -1161,17 +1189,13 @@ impl Run {
 
     fn undo(&mut self, undo: &Undo) {
         match undo {
-            Undo::BrokerUp(n) => self.cluster.stack(&["cluster-node-up", &n.to_string()]),
+            Undo::BrokerUp(n) => {
+                self.cluster.stack(&["cluster-node-down", &n.to_string()]);
+                self.cluster.stack(&["cluster-node-up", &n.to_string()]);
+            }
             Undo::ScaleDown => {
                 for n in ["processor-p1", "processor-p2"] {
-                    let name = n.to_string();
-                    if let Some(status) = self.proc(n).terminate() {
-                        if !status.success() {
-                            let t = self.since_start();
-                            self.exits
-                                .push((name, format!("{status} after SIGTERM"), t));
-                        }
-                    }
+                    self.proc(n).terminate();
                 }
             }
             Undo::Resume(name) => {
