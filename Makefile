@@ -8,7 +8,7 @@ PRESENCE := target/release/presence
 export PRESENCE_TEST_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
 export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 
-.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down
+.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down chaos chaos-short
 
 help:
 	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
@@ -16,6 +16,8 @@ help:
 	@echo "make down    stop the pipeline and the stack"
 	@echo "make lint    formatting and clippy, as CI runs them before the tests"
 	@echo "make cluster a replicated three-node Kafka (RF 3, min ISR 2) with the topics on it"
+	@echo "make chaos   the long chaos run: faults under load on a cluster of its own, judged by the ground truth"
+	@echo "             (CHAOS_SECONDS=900 CHAOS_SESSIONS=30000 CHAOS_SEED=<n>; make chaos-short: about 3 minutes)"
 	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down"
 
 stack:
@@ -32,6 +34,23 @@ cluster: build
 
 cluster-down:
 	@$(STACK) cluster-down
+
+# The long chaos run (cli/tests/chaos.rs, chaos_long): a three-node cluster, private Redis and
+# PostgreSQL, the whole pipeline, seeded overlapping faults under live load; prints the verdict
+# table and fails on any failed row.
+CHAOS_SECONDS ?= 900
+CHAOS_SESSIONS ?= 30000
+CHAOS_SEED ?=
+# The short run (about 3 minutes of load, one fault of each kind); to join `make test` once the
+# processor survives a broker being down (README, "Chaos").
+chaos-short: stack
+	$(if $(CHAOS_SEED),PRESENCE_CHAOS_SEED=$(CHAOS_SEED)) \
+	  cargo test --locked -p presence --test chaos -- --ignored chaos_short --nocapture
+
+chaos: stack build
+	PRESENCE_CHAOS_BIN=$(CURDIR)/$(PRESENCE) PRESENCE_CHAOS_SECONDS=$(CHAOS_SECONDS) PRESENCE_CHAOS_SESSIONS=$(CHAOS_SESSIONS) \
+	  $(if $(CHAOS_SEED),PRESENCE_CHAOS_SEED=$(CHAOS_SEED)) \
+	  cargo test --locked -p presence --test chaos -- --ignored chaos_long --nocapture
 
 stack-down:
 	@$(STACK) down

@@ -26,6 +26,9 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 #[derive(Debug, Clone)]
 pub struct Options {
     pub facilities: usize,
+    /// Index of the first facility (`facility-{first_facility:05}`); the run uses
+    /// `facilities` from there, so two runs side by side can keep to facilities of their own.
+    pub first_facility: usize,
     pub regions: usize,
     pub users_per_facility: usize,
     /// Default 30 s, as browsers beat.
@@ -46,6 +49,7 @@ impl Default for Options {
     fn default() -> Self {
         Options {
             facilities: 50,
+            first_facility: 0,
             regions: 5,
             users_per_facility: 4,
             beat_interval: Duration::from_secs(30),
@@ -152,31 +156,44 @@ impl Transport for KafkaTransport {
         (self.sent, self.failed)
     }
     fn finish(self: Box<Self>) -> anyhow::Result<(u64, u64)> {
-        self.producer.flush(Duration::from_secs(30))?;
+        // What is still unacknowledged after this counts as failed (a broker outage longer
+        // than the wait); the summary says how many.
+        if let Err(e) = self.producer.flush(Duration::from_secs(120)) {
+            tracing::warn!(error = %e, in_flight = self.producer.in_flight_count(), "heartbeats still unacknowledged after 120 s: counted as failed");
+        }
         let lost = self.producer.in_flight_count().max(0) as u64;
         Ok((self.sent - lost, self.failed + lost))
     }
 }
 
 /// Beats queue into worker tasks that POST them to the gateway; a beat counts as sent
-/// when the gateway answered 202.
+/// when the gateway answered 202, and only then goes into the ground truth: the truth of
+/// a run through the gateway is exactly what the gateway acknowledged.
 struct HttpTransport {
     runtime: tokio::runtime::Runtime,
-    queue: Option<tokio::sync::mpsc::Sender<Heartbeat>>,
+    queue: Option<tokio::sync::mpsc::Sender<(Heartbeat, i64)>>,
+    truth: Option<std::sync::Arc<std::sync::Mutex<Truth>>>,
     workers: Vec<tokio::task::JoinHandle<()>>,
     accepted: std::sync::Arc<std::sync::atomic::AtomicU64>,
     failed: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl HttpTransport {
-    fn new(base: &str, batch: usize, concurrency: usize) -> anyhow::Result<HttpTransport> {
+    fn new(
+        base: &str,
+        batch: usize,
+        concurrency: usize,
+        truth: Option<Truth>,
+    ) -> anyhow::Result<HttpTransport> {
         use std::sync::atomic::{AtomicU64, Ordering};
         use std::sync::Arc;
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let (tx, rx) = tokio::sync::mpsc::channel::<Heartbeat>(concurrency * batch.max(1) * 4);
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<(Heartbeat, i64)>(concurrency * batch.max(1) * 4);
+        let truth = truth.map(|t| Arc::new(std::sync::Mutex::new(t)));
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let accepted = Arc::new(AtomicU64::new(0));
         let failed = Arc::new(AtomicU64::new(0));
@@ -188,6 +205,7 @@ impl HttpTransport {
             .map(|_| {
                 let (rx, client, url) = (rx.clone(), client.clone(), url.clone());
                 let (accepted, failed) = (accepted.clone(), failed.clone());
+                let truth = truth.clone();
                 runtime.spawn(async move {
                     let mut beats = Vec::with_capacity(batch);
                     loop {
@@ -196,9 +214,9 @@ impl HttpTransport {
                             return;
                         }
                         let body = if batch <= 1 {
-                            serde_json::to_string(&beats[0])
+                            serde_json::to_string(&beats[0].0)
                         } else {
-                            serde_json::to_string(&beats)
+                            serde_json::to_string(&beats.iter().map(|(h, _)| h).collect::<Vec<_>>())
                         }
                         .unwrap_or_default();
                         let n = beats.len() as u64;
@@ -210,6 +228,12 @@ impl HttpTransport {
                             .await
                         {
                             Ok(r) if r.status().as_u16() == 202 => {
+                                if let Some(t) = &truth {
+                                    let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+                                    for (h, ts) in &beats {
+                                        t.write_or_remember(h, *ts);
+                                    }
+                                }
                                 accepted.fetch_add(n, Ordering::Relaxed)
                             }
                             Ok(r) => {
@@ -228,6 +252,7 @@ impl HttpTransport {
         Ok(HttpTransport {
             runtime,
             queue: Some(tx),
+            truth,
             workers,
             accepted,
             failed,
@@ -236,10 +261,10 @@ impl HttpTransport {
 }
 
 impl Transport for HttpTransport {
-    fn send(&mut self, h: &Heartbeat, _ts: i64) -> bool {
+    fn send(&mut self, h: &Heartbeat, ts: i64) -> bool {
         self.queue
             .as_ref()
-            .is_some_and(|q| q.blocking_send(h.clone()).is_ok())
+            .is_some_and(|q| q.blocking_send((h.clone(), ts)).is_ok())
     }
     fn progress(&self) -> (u64, u64) {
         use std::sync::atomic::Ordering;
@@ -256,6 +281,10 @@ impl Transport for HttpTransport {
                 let _ = w.await;
             }
         });
+        if let Some(t) = self.truth.take() {
+            let mut t = t.lock().unwrap_or_else(|p| p.into_inner());
+            t.flush()?;
+        }
         Ok(self.progress())
     }
 }
@@ -270,6 +299,8 @@ impl Transport for HttpTransport {
 /// for both facilities): with an odd session timeout, no expiry falls on a beat's instant.
 struct Truth {
     out: std::io::BufWriter<std::fs::File>,
+    /// The first write error (through the gateway, lines are written by the workers).
+    error: Option<std::io::Error>,
     last_at_facility: std::collections::HashMap<String, i64>,
     facility_of_session: std::collections::HashMap<String, String>,
 }
@@ -284,6 +315,7 @@ impl Truth {
         })?;
         Ok(Truth {
             out: std::io::BufWriter::new(file),
+            error: None,
             last_at_facility: Default::default(),
             facility_of_session: Default::default(),
         })
@@ -317,10 +349,25 @@ impl Truth {
     fn write(&mut self, h: &Heartbeat, ts: i64) -> std::io::Result<()> {
         writeln!(self.out, "{}", presence_core::sim::truth_line(h, ts))
     }
+
+    fn write_or_remember(&mut self, h: &Heartbeat, ts: i64) {
+        if let Err(e) = self.write(h, ts) {
+            self.error.get_or_insert(e);
+        }
+    }
+
+    fn flush(&mut self) -> anyhow::Result<()> {
+        if let Some(e) = self.error.take() {
+            anyhow::bail!("cannot write the ground-truth file: {e}");
+        }
+        self.out.flush()?;
+        Ok(())
+    }
 }
 
 /// Runs the simulation until `shutdown` or `options.duration`, sending to `target`, and
-/// writes every heartbeat to `truth` if given.
+/// writes every heartbeat to `truth` if given (through the gateway: every heartbeat it
+/// answered 202, with the time it was sent).
 pub fn run(
     config: &Config,
     options: &Options,
@@ -328,6 +375,7 @@ pub fn run(
     truth: Option<&std::path::Path>,
     shutdown: &Shutdown,
 ) -> anyhow::Result<Summary> {
+    let mut truth = truth.map(Truth::create).transpose()?;
     let mut transport: Box<dyn Transport> = match target {
         Target::Kafka => {
             let producer: ThreadedProducer<DefaultProducerContext> =
@@ -352,14 +400,18 @@ pub fn run(
             base,
             batch,
             concurrency,
-        } => Box::new(HttpTransport::new(base, *batch, *concurrency)?),
+        } => Box::new(HttpTransport::new(
+            base,
+            *batch,
+            *concurrency,
+            truth.take(),
+        )?),
     };
-    let mut truth = truth.map(Truth::create).transpose()?;
     let mut rng = StdRng::seed_from_u64(options.seed);
     let users = options.facilities * options.users_per_facility;
     let mut people: Vec<User> = (0..users)
         .map(|i| User {
-            home: i / options.users_per_facility.max(1),
+            home: options.first_facility + i / options.users_per_facility.max(1),
             session: None,
             sessions_started: 0,
         })
@@ -424,7 +476,7 @@ pub fn run(
         }
     }
     if let Some(mut t) = truth {
-        t.out.flush()?;
+        t.flush()?;
     }
     let (sent, failed) = transport.finish()?;
     summary.sent = sent;
@@ -554,8 +606,9 @@ fn step(
         }
         Some(mut session) => {
             if session.moves_at.is_some_and(|m| now >= m) && o.facilities > 1 {
-                session.facility =
-                    (session.facility + 1 + rng.gen_range(0..o.facilities - 1)) % o.facilities;
+                let from = session.facility - o.first_facility;
+                session.facility = o.first_facility
+                    + (from + 1 + rng.gen_range(0..o.facilities - 1)) % o.facilities;
                 session.moves_at = None;
                 s.moves += 1;
             }
