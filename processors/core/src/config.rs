@@ -91,29 +91,6 @@ impl Default for KafkaConfig {
     }
 }
 
-impl KafkaConfig {
-    /// Asks librdkafka whether it knows every pass-through property and accepts its value,
-    /// without connecting. The message names the key but never the value (it may be a
-    /// password). Here rather than in `kafka`, which builds on this module, so that the two
-    /// do not import each other.
-    pub fn check_properties(&self) -> Result<(), String> {
-        let mut c = rdkafka::config::ClientConfig::new();
-        for (key, value) in &self.properties {
-            c.set(key, value.expose());
-        }
-        match c.create_native_config() {
-            Ok(_) => Ok(()),
-            Err(rdkafka::error::KafkaError::ClientConfig(_, desc, key, _value)) => Err(format!(
-                "kafka.properties.\"{key}\" is rejected by librdkafka ({desc}); see librdkafka's CONFIGURATION.md for valid keys and values"
-            )),
-            Err(e) => Err(format!(
-                "kafka.properties are rejected by librdkafka: {}",
-                e.rdkafka_error_code().map(|c| c.to_string()).unwrap_or_default()
-            )),
-        }
-    }
-}
-
 #[derive(Clone, Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct TopicsConfig {
@@ -465,82 +442,94 @@ impl Default for GatewayConfig {
     }
 }
 
-/// The rules of the gateway's exposure and resource bounds.
-fn gateway_bounds_problems(g: &GatewayConfig, p: &mut Vec<String>) {
-    if g.auth == AuthMode::None && !g.listen.ip().is_loopback() && !g.allow_anonymous {
-        p.push(format!(
-            "gateway.listen = {} is not a loopback address and gateway.auth = \"none\": anyone who reaches it could report presence for any facility and watch every region. Set gateway.auth = \"jwt\" with gateway.jwt_secret, or listen on 127.0.0.1, or set gateway.allow_anonymous = true (PRESENCE_GATEWAY__ALLOW_ANONYMOUS=true) to accept that",
-            g.listen
-        ));
-    }
-    if g.ops_listen.port() != 0 && g.ops_listen == g.listen {
-        p.push(format!(
-            "gateway.ops_listen and gateway.listen are both {}: metrics and readiness need a port of their own (default 127.0.0.1:9104)",
-            g.listen
-        ));
-    }
-    for (key, d, min, max) in [
-        ("gateway.header_read_timeout", g.header_read_timeout, 1, 300),
-        ("gateway.idle_timeout", g.idle_timeout, 1, 3600),
-        ("gateway.body_read_timeout", g.body_read_timeout, 1, 300),
-        ("gateway.stream_keep_alive", g.stream_keep_alive, 1, 300),
-        (
-            "gateway.history_statement_timeout",
-            g.history_statement_timeout,
-            1,
-            600,
-        ),
-    ] {
-        if d < Duration::from_secs(min) || d > Duration::from_secs(max) {
-            p.push(format!("{key} = {d:?}: use {min}s to {max}s"));
-        }
-    }
-    if g.idle_timeout <= g.produce_timeout || g.idle_timeout <= g.stream_keep_alive {
-        p.push(format!(
-            "gateway.idle_timeout = {:?} must be longer than gateway.produce_timeout ({:?}) and gateway.stream_keep_alive ({:?}), or waiting requests and quiet streams are cut",
-            g.idle_timeout, g.produce_timeout, g.stream_keep_alive
-        ));
-    }
-    if g.history_max_range < Duration::from_secs(60) {
-        p.push(format!(
-            "gateway.history_max_range = {:?}: use at least 1m (default 31days)",
-            g.history_max_range
-        ));
-    }
-    if !(8192..=1024 * 1024).contains(&g.max_header_bytes) {
-        p.push(format!(
-            "gateway.max_header_bytes = {}: use 8192 to 1048576 (default 65536)",
-            g.max_header_bytes
-        ));
-    }
-    for (key, n, max) in [
-        ("gateway.max_connections", g.max_connections, 10_000_000),
-        ("gateway.max_streams", g.max_streams, 10_000_000),
-        (
-            "gateway.max_streams_per_identity",
-            g.max_streams_per_identity,
-            100_000,
-        ),
-        (
-            "gateway.ingest_identities",
-            g.ingest_identities,
-            100_000_000,
-        ),
-        ("gateway.history_pool_size", g.history_pool_size, 256),
-        ("gateway.ingest_burst", g.ingest_burst as usize, 1_000_000),
-        (
-            "gateway.ingest_per_minute",
-            g.ingest_per_minute as usize,
-            60_000_000,
-        ),
-    ] {
-        if n == 0 || n > max {
-            p.push(format!("{key} = {n}: use 1 to {max}"));
-        }
-    }
-}
-
 impl GatewayConfig {
+    /// The rules of the gateway's exposure and resource bounds.
+    fn bounds_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.auth == AuthMode::None && !self.listen.ip().is_loopback() && !self.allow_anonymous {
+            p.push(format!(
+                "gateway.listen = {} is not a loopback address and gateway.auth = \"none\": anyone who reaches it could report presence for any facility and watch every region. Set gateway.auth = \"jwt\" with gateway.jwt_secret, or listen on 127.0.0.1, or set gateway.allow_anonymous = true (PRESENCE_GATEWAY__ALLOW_ANONYMOUS=true) to accept that",
+                self.listen
+            ));
+        }
+        if self.ops_listen.port() != 0 && self.ops_listen == self.listen {
+            p.push(format!(
+                "gateway.ops_listen and gateway.listen are both {}: metrics and readiness need a port of their own (default 127.0.0.1:9104)",
+                self.listen
+            ));
+        }
+        for (key, d, min, max) in [
+            (
+                "gateway.header_read_timeout",
+                self.header_read_timeout,
+                1,
+                300,
+            ),
+            ("gateway.idle_timeout", self.idle_timeout, 1, 3600),
+            ("gateway.body_read_timeout", self.body_read_timeout, 1, 300),
+            ("gateway.stream_keep_alive", self.stream_keep_alive, 1, 300),
+            (
+                "gateway.history_statement_timeout",
+                self.history_statement_timeout,
+                1,
+                600,
+            ),
+        ] {
+            if d < Duration::from_secs(min) || d > Duration::from_secs(max) {
+                p.push(format!("{key} = {d:?}: use {min}s to {max}s"));
+            }
+        }
+        if self.idle_timeout <= self.produce_timeout || self.idle_timeout <= self.stream_keep_alive
+        {
+            p.push(format!(
+                "gateway.idle_timeout = {:?} must be longer than gateway.produce_timeout ({:?}) and gateway.stream_keep_alive ({:?}), or waiting requests and quiet streams are cut",
+                self.idle_timeout, self.produce_timeout, self.stream_keep_alive
+            ));
+        }
+        if self.history_max_range < Duration::from_secs(60) {
+            p.push(format!(
+                "gateway.history_max_range = {:?}: use at least 1m (default 31days)",
+                self.history_max_range
+            ));
+        }
+        if !(8192..=1024 * 1024).contains(&self.max_header_bytes) {
+            p.push(format!(
+                "gateway.max_header_bytes = {}: use 8192 to 1048576 (default 65536)",
+                self.max_header_bytes
+            ));
+        }
+        for (key, n, max) in [
+            ("gateway.max_connections", self.max_connections, 10_000_000),
+            ("gateway.max_streams", self.max_streams, 10_000_000),
+            (
+                "gateway.max_streams_per_identity",
+                self.max_streams_per_identity,
+                100_000,
+            ),
+            (
+                "gateway.ingest_identities",
+                self.ingest_identities,
+                100_000_000,
+            ),
+            ("gateway.history_pool_size", self.history_pool_size, 256),
+            (
+                "gateway.ingest_burst",
+                self.ingest_burst as usize,
+                1_000_000,
+            ),
+            (
+                "gateway.ingest_per_minute",
+                self.ingest_per_minute as usize,
+                60_000_000,
+            ),
+        ] {
+            if n == 0 || n > max {
+                p.push(format!("{key} = {n}: use 1 to {max}"));
+            }
+        }
+        p
+    }
+
     /// The rules of the identity block (tokens, JWKS, tickets).
     fn identity_problems(&self) -> Vec<String> {
         let mut p = Vec::new();
@@ -824,26 +813,184 @@ impl Config {
         c
     }
 
-    /// TLS to Redis and PostgreSQL: settings that contradict each other or the URL, and
-    /// certificate files that are missing or hold no PEM of the right kind.
-    fn tls_problems(&self) -> Vec<String> {
+    /// Every rule the typed fields cannot express; empty when the config is usable. Each
+    /// section checks its own fields ([`KafkaConfig::problems`] and the others); what spans
+    /// sections (consumer groups, ports) is checked here.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = self.kafka.problems();
+        p.extend(self.redis.problems());
+        p.extend(self.database.problems());
+        p.extend(self.topics.problems());
+        p.extend(self.processor.problems());
+        p.extend(self.gateway.problems());
+        p.extend(self.notifier.problems());
+        p.extend(self.sink.problems());
+        p.extend(self.telemetry.problems());
+        p.extend(self.cross_section_problems());
+        p
+    }
+
+    /// Rules between sections: the two delivery groups, and one port per listener.
+    fn cross_section_problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.notifier.group_id == self.sink.group_id {
+            p.push("notifier.group_id and sink.group_id are equal: they must be two groups so that a slow database never delays browsers".into());
+        }
+        let mut ports: BTreeMap<SocketAddr, &str> = BTreeMap::new();
+        for (key, addr) in [
+            ("gateway.listen", self.gateway.listen),
+            ("gateway.ops_listen", self.gateway.ops_listen),
+            ("processor.ops_listen", self.processor.ops_listen),
+            ("notifier.ops_listen", self.notifier.ops_listen),
+            ("sink.ops_listen", self.sink.ops_listen),
+        ] {
+            if addr.port() == 0 {
+                continue;
+            }
+            if let Some(other) = ports.insert(addr, key) {
+                p.push(format!(
+                    "{key} and {other} are both {addr}: give each process its own port"
+                ));
+            }
+        }
+        p
+    }
+}
+
+/// `key = n` must be 1 to `max`.
+fn count_problems(p: &mut Vec<String>, counts: &[(&str, usize, usize)]) {
+    for &(key, n, max) in counts {
+        if n == 0 || n > max {
+            p.push(format!("{key} = {n}: use 1 to {max}"));
+        }
+    }
+}
+
+/// `name` (its key and value for the message) must be a URL with one of `schemes`.
+fn url_problems(p: &mut Vec<String>, name: &str, url: &Secret, schemes: &[&str]) {
+    match url::Url::parse(url.expose()) {
+        Ok(u) if schemes.contains(&u.scheme()) => {}
+        Ok(u) => p.push(format!(
+            "{name} has scheme '{}': use {}://",
+            u.scheme(),
+            schemes[0]
+        )),
+        Err(e) => p.push(format!(
+            "{name} '{}' is not a URL ({e}): use {}://host:port",
+            url.redacted(),
+            schemes[0]
+        )),
+    }
+}
+
+impl KafkaConfig {
+    /// Asks librdkafka whether it knows every pass-through property and accepts its value,
+    /// without connecting. The message names the key but never the value (it may be a
+    /// password). Here rather than in `kafka`, which builds on this module, so that the two
+    /// do not import each other.
+    pub fn check_properties(&self) -> Result<(), String> {
+        let mut c = rdkafka::config::ClientConfig::new();
+        for (key, value) in &self.properties {
+            c.set(key, value.expose());
+        }
+        match c.create_native_config() {
+            Ok(_) => Ok(()),
+            Err(rdkafka::error::KafkaError::ClientConfig(_, desc, key, _value)) => Err(format!(
+                "kafka.properties.\"{key}\" is rejected by librdkafka ({desc}); see librdkafka's CONFIGURATION.md for valid keys and values"
+            )),
+            Err(e) => Err(format!(
+                "kafka.properties are rejected by librdkafka: {}",
+                e.rdkafka_error_code().map(|c| c.to_string()).unwrap_or_default()
+            )),
+        }
+    }
+
+    /// Brokers as host:port, and pass-through properties that do not fight ours.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.brokers.split(',').all(|b| b.trim().is_empty()) {
+            p.push("kafka.brokers is empty: set KAFKA_BROKERS to host:port[,host:port]".into());
+        }
+        for broker in self
+            .brokers
+            .split(',')
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
+        {
+            let ok = broker
+                .rsplit_once(':')
+                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
+            if !ok {
+                p.push(format!("kafka.brokers entry '{broker}' is not host:port: write it as e.g. 127.0.0.1:9092"));
+            }
+        }
+        for (key, why) in MANAGED_KAFKA_PROPERTIES {
+            if self.properties.contains_key(*key) {
+                p.push(format!(
+                    "kafka.properties.\"{key}\" cannot be passed through: {why}"
+                ));
+            }
+        }
+        if let Err(e) = self.check_properties() {
+            p.push(e);
+        }
+        p
+    }
+}
+
+impl RedisConfig {
+    /// The URL, TLS settings and files, the replay log's size and the key prefix.
+    pub fn problems(&self) -> Vec<String> {
         use crate::tls::{file_problems, PemKind};
-        let mut p = crate::tls::redis_problems(&self.redis);
-        let r = &self.redis;
+        let mut p = Vec::new();
+        url_problems(
+            &mut p,
+            "redis.url (REDIS_URL)",
+            &self.url,
+            &["redis", "rediss"],
+        );
+        p.extend(crate::tls::redis_problems(self));
         p.extend(file_problems(&[
-            ("redis.ca_file", r.ca_file.as_deref(), PemKind::Ca),
+            ("redis.ca_file", self.ca_file.as_deref(), PemKind::Ca),
             (
                 "redis.client_cert_file",
-                r.client_cert_file.as_deref(),
+                self.client_cert_file.as_deref(),
                 PemKind::Certificate,
             ),
             (
                 "redis.client_key_file",
-                r.client_key_file.as_deref(),
+                self.client_key_file.as_deref(),
                 PemKind::Key,
             ),
         ]));
-        match crate::tls::postgres_settings(&self.database) {
+        count_problems(
+            &mut p,
+            &[("redis.replay_events", self.replay_events, 1_000_000)],
+        );
+        let prefix = &self.key_prefix;
+        if prefix.is_empty()
+            || !prefix
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        {
+            p.push(format!("redis.key_prefix '{prefix}' must be non-empty and use a-z, A-Z, 0-9, '-', '_' and '.'"));
+        }
+        p
+    }
+}
+
+impl DatabaseConfig {
+    /// The URL, TLS settings (`sslmode` and the files) and the schema name.
+    pub fn problems(&self) -> Vec<String> {
+        use crate::tls::{file_problems, PemKind};
+        let mut p = Vec::new();
+        url_problems(
+            &mut p,
+            "database.url (DATABASE_URL)",
+            &self.url,
+            &["postgres", "postgresql"],
+        );
+        match crate::tls::postgres_settings(self) {
             Ok(s) => p.extend(file_problems(&[
                 (
                     "database.ca_file (sslrootcert)",
@@ -863,103 +1010,50 @@ impl Config {
             ])),
             Err(e) => p.extend(e),
         }
-        p
-    }
-
-    /// Every rule the typed fields cannot express; empty when the config is usable.
-    pub fn problems(&self) -> Vec<String> {
-        let mut p = Vec::new();
-        if self.kafka.brokers.split(',').all(|b| b.trim().is_empty()) {
-            p.push("kafka.brokers is empty: set KAFKA_BROKERS to host:port[,host:port]".into());
-        }
-        for broker in self
-            .kafka
-            .brokers
-            .split(',')
-            .map(str::trim)
-            .filter(|b| !b.is_empty())
-        {
-            let ok = broker
-                .rsplit_once(':')
-                .is_some_and(|(h, port)| !h.is_empty() && port.parse::<u16>().is_ok());
-            if !ok {
-                p.push(format!("kafka.brokers entry '{broker}' is not host:port: write it as e.g. 127.0.0.1:9092"));
-            }
-        }
-        for (key, why) in MANAGED_KAFKA_PROPERTIES {
-            if self.kafka.properties.contains_key(*key) {
-                p.push(format!(
-                    "kafka.properties.\"{key}\" cannot be passed through: {why}"
-                ));
-            }
-        }
-        if let Err(e) = self.kafka.check_properties() {
-            p.push(e);
-        }
-        for (name, url, schemes) in [
-            (
-                "redis.url (REDIS_URL)",
-                &self.redis.url,
-                &["redis", "rediss"][..],
-            ),
-            (
-                "database.url (DATABASE_URL)",
-                &self.database.url,
-                &["postgres", "postgresql"][..],
-            ),
-        ] {
-            match url::Url::parse(url.expose()) {
-                Ok(u) if schemes.contains(&u.scheme()) => {}
-                Ok(u) => p.push(format!(
-                    "{name} has scheme '{}': use {}://",
-                    u.scheme(),
-                    schemes[0]
-                )),
-                Err(e) => p.push(format!(
-                    "{name} '{}' is not a URL ({e}): use {}://host:port",
-                    url.redacted(),
-                    schemes[0]
-                )),
-            }
-        }
-        p.extend(self.tls_problems());
-        if !is_identifier(&self.database.schema) {
+        if !is_identifier(&self.schema) {
             p.push(format!(
                 "database.schema '{}' must be a lowercase SQL identifier (a-z, 0-9, _; not starting with a digit)",
-                self.database.schema
+                self.schema
             ));
         }
-        let t = &self.topics;
+        p
+    }
+}
+
+impl TopicsConfig {
+    /// Names Kafka accepts and that do not collide, partitions, replication, retention.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
         for (key, name) in [
-            ("topics.heartbeats", &t.heartbeats),
-            ("topics.facility_status", &t.facility_status),
-            ("topics.dead_letters", &t.dead_letters),
+            ("topics.heartbeats", &self.heartbeats),
+            ("topics.facility_status", &self.facility_status),
+            ("topics.dead_letters", &self.dead_letters),
         ] {
             if let Some(why) = invalid_topic_name(name) {
                 p.push(format!("{key} '{name}' {why}"));
             }
-            if name.starts_with(&t.internal_prefix) {
+            if name.starts_with(&self.internal_prefix) {
                 p.push(format!(
                     "{key} '{name}' starts with the internal prefix '{}': choose another name",
-                    t.internal_prefix
+                    self.internal_prefix
                 ));
             }
         }
-        if let Some(why) = invalid_topic_name(&format!("{}x", t.internal_prefix)) {
+        if let Some(why) = invalid_topic_name(&format!("{}x", self.internal_prefix)) {
             p.push(format!(
                 "topics.internal_prefix '{}' {why}",
-                t.internal_prefix
+                self.internal_prefix
             ));
         }
-        if t.heartbeats == t.facility_status
-            || t.heartbeats == t.dead_letters
-            || t.facility_status == t.dead_letters
+        if self.heartbeats == self.facility_status
+            || self.heartbeats == self.dead_letters
+            || self.facility_status == self.dead_letters
         {
             p.push("topics.heartbeats, topics.facility_status and topics.dead_letters must be three different topics".into());
         }
         for (key, n) in [
-            ("topics.heartbeats_partitions", t.heartbeats_partitions),
-            ("topics.facility_partitions", t.facility_partitions),
+            ("topics.heartbeats_partitions", self.heartbeats_partitions),
+            ("topics.facility_partitions", self.facility_partitions),
         ] {
             if !(1..=10_000).contains(&n) {
                 p.push(format!(
@@ -967,96 +1061,115 @@ impl Config {
                 ));
             }
         }
-        if !(1..=16).contains(&t.replication_factor) {
+        if !(1..=16).contains(&self.replication_factor) {
             p.push(format!(
                 "topics.replication_factor = {}: use 1 (local) or 3 (a real cluster)",
-                t.replication_factor
+                self.replication_factor
             ));
         }
         for (key, d) in [
-            ("topics.heartbeats_retention", t.heartbeats_retention),
-            ("topics.dead_letters_retention", t.dead_letters_retention),
-            ("topics.compacted_segment", t.compacted_segment),
+            ("topics.heartbeats_retention", self.heartbeats_retention),
+            ("topics.dead_letters_retention", self.dead_letters_retention),
+            ("topics.compacted_segment", self.compacted_segment),
         ] {
             if d < Duration::from_secs(1) {
                 p.push(format!("{key} = {d:?}: use at least 1s"));
             }
         }
-        let pr = &self.processor;
-        if pr.session_timeout < Duration::from_millis(500) {
+        p
+    }
+}
+
+impl ProcessorConfig {
+    /// Session timing, the commit interval, the group and the instance id.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        if self.session_timeout < Duration::from_millis(500) {
             p.push(format!(
                 "processor.session_timeout = {:?}: use at least 500ms (default 90s)",
-                pr.session_timeout
+                self.session_timeout
             ));
         }
-        if pr.flap_hold >= pr.session_timeout && !pr.flap_hold.is_zero() {
+        if self.flap_hold >= self.session_timeout && !self.flap_hold.is_zero() {
             p.push(format!(
                 "processor.flap_hold = {:?} is not shorter than processor.session_timeout = {:?}: a hold that long hides real outages; use 0 (off) or less than the timeout",
-                pr.flap_hold, pr.session_timeout
+                self.flap_hold, self.session_timeout
             ));
         }
-        if pr.commit_interval < Duration::from_millis(10)
-            || pr.commit_interval > Duration::from_secs(10)
+        if self.commit_interval < Duration::from_millis(10)
+            || self.commit_interval > Duration::from_secs(10)
         {
             p.push(format!(
                 "processor.commit_interval = {:?}: use 10ms to 10s (default 100ms)",
-                pr.commit_interval
+                self.commit_interval
             ));
         }
-        if pr.max_clock_skew < Duration::from_secs(1) {
+        if self.max_clock_skew < Duration::from_secs(1) {
             p.push(format!(
                 "processor.max_clock_skew = {:?}: use at least 1s (default 60s)",
-                pr.max_clock_skew
+                self.max_clock_skew
             ));
         }
-        if !pr
+        if !self
             .instance_id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
         {
             p.push(format!(
                 "processor.instance_id '{}' may only contain a-z, A-Z, 0-9, '-', '_' and '.'",
-                pr.instance_id
+                self.instance_id
             ));
         }
-        for (key, g) in [
-            ("processor.group_id", &pr.group_id),
-            ("notifier.group_id", &self.notifier.group_id),
-            ("sink.group_id", &self.sink.group_id),
-        ] {
-            if g.trim().is_empty() {
-                p.push(format!("{key} is empty: name the consumer group"));
-            }
+        group_problems(&mut p, "processor.group_id", &self.group_id);
+        p
+    }
+}
+
+/// A consumer group must have a name.
+fn group_problems(p: &mut Vec<String>, key: &str, group: &str) {
+    if group.trim().is_empty() {
+        p.push(format!("{key} is empty: name the consumer group"));
+    }
+}
+
+impl NotifierConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        group_problems(&mut p, "notifier.group_id", &self.group_id);
+        count_problems(&mut p, &[("notifier.batch_size", self.batch_size, 100_000)]);
+        p
+    }
+}
+
+impl SinkConfig {
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = Vec::new();
+        group_problems(&mut p, "sink.group_id", &self.group_id);
+        count_problems(&mut p, &[("sink.batch_size", self.batch_size, 100_000)]);
+        p
+    }
+}
+
+impl TelemetryConfig {
+    pub fn problems(&self) -> Vec<String> {
+        match tracing_subscriber::EnvFilter::try_new(&self.log_filter) {
+            Ok(_) => Vec::new(),
+            Err(e) => vec![format!("telemetry.log_filter '{}' is not a valid filter ({e}): e.g. 'info' or 'info,presence_processor=debug'", self.log_filter)],
         }
-        if self.notifier.group_id == self.sink.group_id {
-            p.push("notifier.group_id and sink.group_id are equal: they must be two groups so that a slow database never delays browsers".into());
-        }
-        let mut ports: BTreeMap<SocketAddr, &str> = BTreeMap::new();
-        for (key, addr) in [
-            ("gateway.listen", self.gateway.listen),
-            ("gateway.ops_listen", self.gateway.ops_listen),
-            ("processor.ops_listen", pr.ops_listen),
-            ("notifier.ops_listen", self.notifier.ops_listen),
-            ("sink.ops_listen", self.sink.ops_listen),
-        ] {
-            if addr.port() == 0 {
-                continue;
-            }
-            if let Some(other) = ports.insert(addr, key) {
-                p.push(format!(
-                    "{key} and {other} are both {addr}: give each process its own port"
-                ));
-            }
-        }
-        let g = &self.gateway;
-        p.extend(g.identity_problems());
-        if g.jwt_leeway > Duration::from_secs(300) {
+    }
+}
+
+impl GatewayConfig {
+    /// Identity (tokens, JWKS, tickets), request limits, exposure and resource bounds.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = self.identity_problems();
+        if self.jwt_leeway > Duration::from_secs(300) {
             p.push(format!(
                 "gateway.jwt_leeway = {:?}: tokens are short-lived, use at most 5m (default 5s)",
-                g.jwt_leeway
+                self.jwt_leeway
             ));
         }
-        for origin in &g.cors_origins {
+        for origin in &self.cors_origins {
             let ok = origin == "*"
                 || url::Url::parse(origin)
                     .is_ok_and(|u| u.has_host() && u.path() == "/" && !origin.ends_with('/'));
@@ -1064,41 +1177,26 @@ impl Config {
                 p.push(format!("gateway.cors_origins entry '{origin}' is not an origin: write scheme://host[:port] without a path, or *"));
             }
         }
-        if !(1024..=64 * 1024 * 1024).contains(&g.max_body_bytes) {
+        if !(1024..=64 * 1024 * 1024).contains(&self.max_body_bytes) {
             p.push(format!(
                 "gateway.max_body_bytes = {}: use 1024 to 67108864 (default 262144)",
-                g.max_body_bytes
+                self.max_body_bytes
             ));
         }
-        for (key, n, max) in [
-            ("gateway.max_batch", g.max_batch, 100_000),
-            ("gateway.max_in_flight", g.max_in_flight, 10_000_000),
-            ("notifier.batch_size", self.notifier.batch_size, 100_000),
-            ("sink.batch_size", self.sink.batch_size, 100_000),
-            ("redis.replay_events", self.redis.replay_events, 1_000_000),
-        ] {
-            if n == 0 || n > max {
-                p.push(format!("{key} = {n}: use 1 to {max}"));
-            }
-        }
-        if g.produce_timeout < Duration::from_millis(100) {
+        count_problems(
+            &mut p,
+            &[
+                ("gateway.max_batch", self.max_batch, 100_000),
+                ("gateway.max_in_flight", self.max_in_flight, 10_000_000),
+            ],
+        );
+        if self.produce_timeout < Duration::from_millis(100) {
             p.push(format!(
                 "gateway.produce_timeout = {:?}: use at least 100ms (default 5s)",
-                g.produce_timeout
+                self.produce_timeout
             ));
         }
-        gateway_bounds_problems(g, &mut p);
-        let prefix = &self.redis.key_prefix;
-        if prefix.is_empty()
-            || !prefix
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
-        {
-            p.push(format!("redis.key_prefix '{prefix}' must be non-empty and use a-z, A-Z, 0-9, '-', '_' and '.'"));
-        }
-        if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_filter) {
-            p.push(format!("telemetry.log_filter '{}' is not a valid filter ({e}): e.g. 'info' or 'info,presence_processor=debug'", self.telemetry.log_filter));
-        }
+        p.extend(self.bounds_problems());
         p
     }
 }

@@ -1,4 +1,6 @@
-//! Routes, status codes and error bodies.
+//! Routes and handlers. Each handler reads as the happy path: who is calling comes from an
+//! extractor ([`crate::caller`]), every refusal is an [`ApiError`] that renders the problem
+//! body and is counted by the router's outcome layer.
 //!
 //! | route | what |
 //! |---|---|
@@ -12,17 +14,17 @@
 //! | `GET /` | the dashboard |
 //! | `GET /healthz` | the process is alive (`/metrics` and `/readyz` are on `gateway.ops_listen`) |
 //!
-//! Every error is JSON: `{"error": code, "message": ..., "field"?: ..., "rule"?: ...}`.
-//! Refusals by a bound carry `Retry-After`: 429 for one caller over its share (ingest rate,
-//! streams per identity), 503 for the gateway as a whole (total streams, a dependency).
+//! Errors: [`crate::error`].
 
-use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant, UNIX_EPOCH};
+use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, FromRequest, Path, RawQuery, Request, State};
+use axum::extract::{
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State,
+};
+use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -31,180 +33,23 @@ use presence_core::now_ms;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 
-use crate::auth::{bearer, now_secs, AuthError, Claims, Grant, Verifier};
-use crate::history::{HistoryError, HistoryReader};
-use crate::ingest::{parse, Rejection};
-use crate::limits::{Limited, NoSlot, RateLimiter, StreamSlots};
-use crate::metrics::Metrics;
-use crate::publish::Publisher;
-use crate::store::Store;
-use crate::stream::Hub;
-
-/// Seconds a client should wait before retrying a 503.
-const RETRY_AFTER_SECONDS: &str = "1";
-/// Seconds a client over its stream cap should wait: until one of its streams has closed.
-const STREAM_RETRY_AFTER_SECONDS: &str = "10";
-
-#[derive(Clone)]
-pub struct App(Arc<Inner>);
-
-struct Inner {
-    verifier: Option<Verifier>,
-    max_batch: usize,
-    publisher: Arc<Publisher>,
-    store: Store,
-    hub: Hub,
-    history: HistoryReader,
-    metrics: Metrics,
-    /// The hot path's counter, resolved once.
-    accepted: prometheus::IntCounter,
-    limiter: RateLimiter,
-    slots: StreamSlots,
-    body_read_timeout: Duration,
-    history_max_range: Duration,
-}
-
-impl App {
-    pub fn new(
-        config: &presence_core::Config,
-        publisher: Arc<Publisher>,
-        store: Store,
-        hub: Hub,
-        history: HistoryReader,
-        metrics: Metrics,
-    ) -> anyhow::Result<App> {
-        Ok(App(Arc::new(Inner {
-            verifier: Verifier::from_config(&config.gateway)?,
-            max_batch: config.gateway.max_batch,
-            publisher,
-            store,
-            hub,
-            history,
-            accepted: metrics
-                .requests
-                .with_label_values(&["heartbeats", "accepted"]),
-            metrics,
-            limiter: RateLimiter::new(
-                config.gateway.ingest_per_minute,
-                config.gateway.ingest_burst,
-                config.gateway.ingest_identities,
-            ),
-            slots: StreamSlots::new(
-                config.gateway.max_streams,
-                config.gateway.max_streams_per_identity,
-            ),
-            body_read_timeout: config.gateway.body_read_timeout,
-            history_max_range: config.gateway.history_max_range,
-        })))
-    }
-
-    fn count(&self, route: &str, outcome: &str) {
-        self.0
-            .metrics
-            .requests
-            .with_label_values(&[route, outcome])
-            .inc();
-    }
-
-    /// The caller's verified claims; `Ok(None)` when tokens are off. The token comes from
-    /// the `Authorization` header, or from `?access_token=` where `query_allowed`
-    /// (heartbeats only: `sendBeacon`).
-    async fn authenticate(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-        query_allowed: bool,
-    ) -> Result<Option<Claims>, AuthError> {
-        match &self.0.verifier {
-            None => Ok(None),
-            Some(v) => {
-                let authorization = headers
-                    .get(header::AUTHORIZATION)
-                    .and_then(|h| h.to_str().ok());
-                let token = bearer(authorization, query, query_allowed)?;
-                v.verify(token.as_deref()).await.map(Some)
-            }
-        }
-    }
-
-    /// The caller's claims if they grant `region`; `Ok(None)` when tokens are off.
-    async fn authorize_region(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-        region: &str,
-    ) -> Result<Option<Claims>, AuthError> {
-        match self.authenticate(headers, query, false).await? {
-            Some(c) if !c.grants_region(region) => {
-                Err(AuthError::RegionNotGranted(region.to_string()))
-            }
-            c => Ok(c),
-        }
-    }
-
-    /// What a stream of `region` may show and until when: a `?ticket=`, else a token in
-    /// the header; `None` when tokens are off.
-    async fn stream_grant(
-        &self,
-        headers: &HeaderMap,
-        query: Option<&str>,
-        region: &str,
-    ) -> Result<Option<Grant>, AuthError> {
-        let Some(v) = &self.0.verifier else {
-            return Ok(None);
-        };
-        if let Some(ticket) = query_param(query, "ticket") {
-            return v.tickets().redeem(&ticket, region, now_secs()).map(Some);
-        }
-        match self.authenticate(headers, query, false).await? {
-            Some(c) if !c.grants_region(region) => {
-                Err(AuthError::RegionNotGranted(region.to_string()))
-            }
-            Some(c) => Ok(Some(Grant {
-                sub: c.sub,
-                regions: vec![region.to_string()],
-                open_by: now_secs(),
-                expires: c.exp,
-            })),
-            None => Ok(None),
-        }
-    }
-
-    /// Charges each identity its heartbeats: the token's subject, or, without tokens, each
-    /// beat's user id.
-    fn admit(
-        &self,
-        beats: &[presence_core::records::Heartbeat],
-        claims: Option<&Claims>,
-    ) -> Result<(), Limited> {
-        let mut costs: BTreeMap<&str, u32> = BTreeMap::new();
-        for b in beats {
-            let who = claims.map_or(b.user_id.as_str(), |c| c.sub.as_str());
-            *costs.entry(who).or_insert(0) += 1;
-        }
-        let costs: Vec<(&str, u32)> = costs.into_iter().collect();
-        let result = self.0.limiter.admit(&costs, Instant::now());
-        self.0
-            .metrics
-            .rate_identities
-            .set(self.0.limiter.tracked() as i64);
-        result
-    }
-}
+use crate::auth::{now_secs, AuthError};
+use crate::caller::{BeaconCaller, Caller, StreamAccess};
+use crate::error::{ApiError, Outcome};
+use crate::ingest::parse;
+use crate::query::query_param;
+pub use crate::state::App;
 
 pub fn router(app: App, config: &GatewayConfig) -> Router {
     let api = Router::new()
         .route(
             "/v1/heartbeats",
             post(post_heartbeats).fallback(|method: Method| async move {
-                let mut r = problem(
-                    StatusCode::METHOD_NOT_ALLOWED,
-                    "method_not_allowed",
-                    &format!("{method} is not allowed on /v1/heartbeats: use POST"),
-                );
-                r.headers_mut()
-                    .insert(header::ALLOW, HeaderValue::from_static("POST, OPTIONS"));
-                r
+                ApiError::MethodNotAllowed {
+                    method,
+                    path: "/v1/heartbeats",
+                    allow: "POST, OPTIONS",
+                }
             }),
         )
         .route("/v1/regions", get(get_regions))
@@ -215,12 +60,55 @@ pub fn router(app: App, config: &GatewayConfig) -> Router {
         .route("/v1/facilities/{id}/history", get(get_history))
         .route("/", get(|| async { Html(DASHBOARD) }))
         .route("/healthz", get(|| async { "ok\n" }))
+        .route_layer(middleware::from_fn_with_state(app.clone(), count_outcome))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
         .with_state(app);
     match cors(config) {
         Some(layer) => api.layer(layer),
         None => api,
     }
+}
+
+/// The metric's `route` label of a matched path.
+fn route_label(path: &str) -> &'static str {
+    match path {
+        "/v1/heartbeats" => "heartbeats",
+        "/v1/regions" => "regions",
+        "/v1/regions/{region}/facilities" => "region_facilities",
+        "/v1/stream-tickets" => "stream_tickets",
+        "/v1/regions/{region}/stream" => "stream",
+        "/v1/facilities/{id}" => "facility",
+        "/v1/facilities/{id}/history" => "history",
+        "/" => "dashboard",
+        "/healthz" => "healthz",
+        "/openapi.json" => "openapi",
+        _ => "other",
+    }
+}
+
+/// Counts every answer of a route once, by its [`Outcome`] (`ok` when it names none).
+async fn count_outcome(
+    State(app): State<App>,
+    path: MatchedPath,
+    request: Request,
+    next: Next,
+) -> Response {
+    let route = route_label(path.as_str());
+    let response = next.run(request).await;
+    response
+        .extensions()
+        .get::<Outcome>()
+        .copied()
+        .unwrap_or(Outcome::OK)
+        .record(&app.0.metrics, route);
+    response
+}
+
+/// `response` counted as `outcome` rather than `ok`.
+fn named(outcome: &'static str, response: impl IntoResponse) -> Response {
+    let mut response = response.into_response();
+    response.extensions_mut().insert(Outcome::success(outcome));
+    response
 }
 
 fn cors(config: &GatewayConfig) -> Option<CorsLayer> {
@@ -246,75 +134,8 @@ fn cors(config: &GatewayConfig) -> Option<CorsLayer> {
                 header::AUTHORIZATION,
                 header::HeaderName::from_static("last-event-id"),
             ])
-            .max_age(std::time::Duration::from_secs(600)),
+            .max_age(Duration::from_secs(600)),
     )
-}
-
-fn problem(status: StatusCode, code: &str, message: &str) -> Response {
-    (status, Json(json!({"error": code, "message": message}))).into_response()
-}
-
-/// 400 naming the field and the rule it breaks.
-fn invalid_field(field: &str, rule: &str) -> Response {
-    let message = format!("{field} {rule}");
-    (
-        StatusCode::BAD_REQUEST,
-        Json(json!({"error": "invalid_field", "message": message, "field": field, "rule": rule})),
-    )
-        .into_response()
-}
-
-fn auth_problem(e: &AuthError) -> Response {
-    let status = e.status();
-    let mut r = problem(status, e.code(), &e.to_string());
-    if status == StatusCode::UNAUTHORIZED {
-        r.headers_mut()
-            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-    }
-    r
-}
-
-fn unavailable(code: &str, message: &str) -> Response {
-    with_retry_after(
-        problem(StatusCode::SERVICE_UNAVAILABLE, code, message),
-        RETRY_AFTER_SECONDS,
-    )
-}
-
-fn with_retry_after(mut r: Response, seconds: &str) -> Response {
-    if let Ok(v) = HeaderValue::from_str(seconds) {
-        r.headers_mut().insert(header::RETRY_AFTER, v);
-    }
-    r
-}
-
-/// 429 or 503 for a request the ingest rate limit refused.
-fn rate_limited(e: &Limited) -> Response {
-    match e {
-        Limited::Rate { retry_after } => {
-            let seconds = retry_after.as_secs_f64().ceil().max(1.0) as u64;
-            with_retry_after(
-                problem(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "rate_limited",
-                    &format!("this identity sends heartbeats faster than gateway.ingest_per_minute allows; retry in {seconds} s"),
-                ),
-                &seconds.to_string(),
-            )
-        }
-        Limited::TooBig { cost, burst } => with_retry_after(
-            problem(
-                StatusCode::TOO_MANY_REQUESTS,
-                "rate_limited",
-                &format!("this request holds {cost} heartbeats of one identity; at most {burst} (gateway.ingest_burst) pass at once: split it"),
-            ),
-            "60",
-        ),
-        Limited::Full => unavailable(
-            "rate_table_full",
-            "the gateway tracks as many identities as gateway.ingest_identities allows; retry later",
-        ),
-    }
 }
 
 /// JSON, or the `text/plain` that `navigator.sendBeacon` sends for a string body.
@@ -334,222 +155,121 @@ fn acceptable_content_type(headers: &HeaderMap) -> bool {
     essence == "application/json" || essence == "text/plain"
 }
 
-async fn post_heartbeats(State(app): State<App>, request: Request) -> Response {
-    const ROUTE: &str = "heartbeats";
-    let received = now_ms();
-    let headers = request.headers().clone();
-    let query = request.uri().query().map(str::to_string);
-    if !acceptable_content_type(&headers) {
-        app.count(ROUTE, "unsupported_media_type");
-        return problem(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            "send Content-Type: application/json (or text/plain, as navigator.sendBeacon does)",
-        );
+/// When the request arrived (ms since the epoch): the heartbeats' event time. Taken before
+/// anything else is read, so that verifying the token or reading the body does not move it.
+struct ReceivedAt(i64);
+
+impl<S: Send + Sync> FromRequestParts<S> for ReceivedAt {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(_: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(ReceivedAt(now_ms()))
     }
+}
+
+/// A body `POST /v1/heartbeats` can read: [`acceptable_content_type`].
+struct HeartbeatContentType;
+
+impl<S: Send + Sync> FromRequestParts<S> for HeartbeatContentType {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        if acceptable_content_type(&parts.headers) {
+            Ok(HeartbeatContentType)
+        } else {
+            Err(ApiError::UnsupportedMediaType)
+        }
+    }
+}
+
+async fn post_heartbeats(
+    ReceivedAt(received): ReceivedAt,
+    State(app): State<App>,
+    _: HeartbeatContentType,
+    BeaconCaller(claims): BeaconCaller,
+    request: Request,
+) -> Result<Response, ApiError> {
     // The body within gateway.body_read_timeout: a client that sends it byte by byte does
     // not hold the request open.
-    let body = match tokio::time::timeout(
-        app.0.body_read_timeout,
-        Bytes::from_request(request, &()),
-    )
-    .await
-    {
-        Ok(b) => b,
-        Err(_) => {
-            app.count(ROUTE, "body_timeout");
-            return problem(
-                StatusCode::REQUEST_TIMEOUT,
-                "body_timeout",
-                "the body did not arrive within gateway.body_read_timeout: send it whole",
-            );
-        }
-    };
-    let body = match body {
-        Ok(b) => b,
-        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-            app.count(ROUTE, "too_large");
-            return problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "too_large",
-                "the body is larger than gateway.max_body_bytes: send smaller batches",
-            );
-        }
-        Err(e) => {
-            app.count(ROUTE, "invalid");
-            return problem(StatusCode::BAD_REQUEST, "unreadable_body", &e.body_text());
-        }
-    };
-    let claims = match app.authenticate(&headers, query.as_deref(), true).await {
-        Ok(c) => c,
-        Err(e) => {
-            app.count(ROUTE, e.code());
-            return auth_problem(&e);
-        }
-    };
-    let beats = match parse(&body, claims.as_ref(), app.0.max_batch) {
-        Ok(b) => b,
-        Err(Rejection::Forbidden(e)) => {
-            app.count(ROUTE, e.code());
-            return auth_problem(&e);
-        }
-        Err(Rejection::Invalid { field, rule }) => {
-            app.count(ROUTE, "invalid");
-            return invalid_field(&field, &rule);
-        }
-        Err(e @ Rejection::TooMany { .. }) => {
-            app.count(ROUTE, "too_large");
-            return problem(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "batch_too_large",
-                &e.to_string(),
-            );
-        }
-        Err(e @ Rejection::Malformed(_)) => {
-            app.count(ROUTE, "invalid");
-            return problem(StatusCode::BAD_REQUEST, "malformed_json", &e.to_string());
-        }
-    };
-    if let Err(e) = app.admit(&beats, claims.as_ref()) {
-        let reason = match e {
-            Limited::Rate { .. } => "rate",
-            Limited::TooBig { .. } => "batch",
-            Limited::Full => "full",
-        };
-        app.0
-            .metrics
-            .rate_limited
-            .with_label_values(&[reason])
-            .inc();
-        app.count(ROUTE, "rate_limited");
-        return rate_limited(&e);
-    }
-    match app.0.publisher.publish(&beats, received).await {
-        Ok(()) => {
-            app.0.accepted.inc();
-            app.0.metrics.heartbeats_accepted.inc_by(beats.len() as u64);
-            (
-                StatusCode::ACCEPTED,
-                [(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                )],
-                format!("{{\"accepted\":{}}}", beats.len()),
-            )
-                .into_response()
-        }
-        Err(e) => {
-            app.count(ROUTE, e.code());
-            unavailable(e.code(), &e.to_string())
-        }
-    }
+    let body = tokio::time::timeout(app.0.body_read_timeout, Bytes::from_request(request, &()))
+        .await
+        .map_err(|_| ApiError::BodyTimeout)?
+        .map_err(|e| match e.status() {
+            StatusCode::PAYLOAD_TOO_LARGE => ApiError::BodyTooLarge,
+            _ => ApiError::UnreadableBody(e.body_text()),
+        })?;
+    let beats = parse(&body, claims.as_ref(), app.0.max_batch)?;
+    app.admit(&beats, claims.as_ref())
+        .map_err(ApiError::RateLimited)?;
+    app.0.publisher.publish(&beats, received).await?;
+    app.0.metrics.heartbeats_accepted.inc_by(beats.len() as u64);
+    Ok(named(
+        "accepted",
+        (
+            StatusCode::ACCEPTED,
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            format!("{{\"accepted\":{}}}", beats.len()),
+        ),
+    ))
 }
 
-fn redis_down(app: &App, e: redis::RedisError) -> Response {
-    app.0.metrics.redis_errors.inc();
-    tracing::warn!(error = %e, "Redis read failed");
-    unavailable(
-        "redis_unavailable",
-        "Redis is unreachable: the current state cannot be read now; retry later",
-    )
-}
-
-async fn get_regions(
-    State(app): State<App>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(e) = app.authenticate(&headers, q.as_deref(), false).await {
-        return auth_problem(&e);
-    }
-    match app.0.store.regions().await {
-        Ok(r) => Json(json!({"regions": r})).into_response(),
-        Err(e) => redis_down(&app, e),
-    }
+async fn get_regions(State(app): State<App>, _: Caller) -> Result<Response, ApiError> {
+    let regions = app.0.store.regions().await.map_err(ApiError::RedisDown)?;
+    Ok(Json(json!({"regions": regions})).into_response())
 }
 
 async fn get_region(
     State(app): State<App>,
     Path(region): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    if let Err(e) = app.authorize_region(&headers, q.as_deref(), &region).await {
-        return auth_problem(&e);
-    }
-    match app.0.store.snapshot(&region).await {
-        Ok(s) => Json(s).into_response(),
-        Err(e) => redis_down(&app, e),
-    }
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.authorize_region(&region)?;
+    let snapshot = app
+        .0
+        .store
+        .snapshot(&region)
+        .await
+        .map_err(ApiError::RedisDown)?;
+    Ok(Json(snapshot).into_response())
 }
 
 async fn get_stream(
     State(app): State<App>,
-    Path(region): Path<String>,
+    StreamAccess { region, grant }: StreamAccess,
     headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    let grant = match app.stream_grant(&headers, q.as_deref(), &region).await {
-        Ok(g) => g,
-        Err(e) => {
-            app.count("stream", e.code());
-            return auth_problem(&e);
-        }
-    };
+) -> Result<Response, ApiError> {
     // Only regions the notifier has seen: a made-up name costs nothing.
-    match app.0.store.region_exists(&region).await {
-        Ok(true) => {}
-        Ok(false) => {
-            app.count("stream", "unknown_region");
-            return problem(
-                StatusCode::NOT_FOUND,
-                "unknown_region",
-                &format!("no transition of region '{region}' has been seen: GET /v1/regions lists the regions"),
-            );
-        }
-        Err(e) => return redis_down(&app, e),
+    if !app
+        .0
+        .store
+        .region_exists(&region)
+        .await
+        .map_err(ApiError::RedisDown)?
+    {
+        return Err(ApiError::UnknownRegion(region));
     }
-    let slot = match app.0.slots.acquire(grant.as_ref().map(|g| g.sub.as_str())) {
-        Ok(s) => s,
-        Err(refused) => {
-            let (status, cap, code, message) = match refused {
-                NoSlot::Identity { max } => (
-                    StatusCode::TOO_MANY_REQUESTS,
-                    "identity",
-                    "too_many_streams",
-                    format!("this identity has {max} streams open (gateway.max_streams_per_identity): close one"),
-                ),
-                NoSlot::Total { max } => (
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "total",
-                    "streams_full",
-                    format!("the gateway has {max} streams open (gateway.max_streams); retry later"),
-                ),
-            };
-            app.0
-                .metrics
-                .streams_refused
-                .with_label_values(&[cap])
-                .inc();
-            app.count("stream", code);
-            return with_retry_after(problem(status, code, &message), STREAM_RETRY_AFTER_SECONDS);
-        }
-    };
-    app.count("stream", "opened");
-    let last_event_id = last_event_id(&headers);
+    let slot = app
+        .0
+        .slots
+        .acquire(grant.as_ref().map(|g| g.sub.as_str()))
+        .map_err(ApiError::NoStreamSlot)?;
     let mut response = app
         .0
         .hub
-        .stream(region, last_event_id, slot)
+        .stream(region, last_event_id(&headers), slot)
         .into_response();
     // Proxies (nginx) must not buffer a live stream.
     response
         .headers_mut()
         .insert("x-accel-buffering", HeaderValue::from_static("no"));
-    match grant {
+    let response = match grant {
         Some(g) => crate::auth::end_stream_at(response, g.expires),
         None => response,
-    }
+    };
+    Ok(named("opened", response))
 }
 
 /// The `Last-Event-ID` an EventSource sends when it reconnects: the last region sequence
@@ -566,20 +286,11 @@ fn last_event_id(headers: &HeaderMap) -> Option<u64> {
 /// `GET /v1/regions/{region}/stream?ticket=`. With `auth = "none"` the ticket is empty.
 async fn post_stream_ticket(
     State(app): State<App>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
+    Caller(claims): Caller,
     body: Bytes,
-) -> Response {
-    const ROUTE: &str = "stream_tickets";
-    let claims = match app.authenticate(&headers, q.as_deref(), false).await {
-        Ok(c) => c,
-        Err(e) => {
-            app.count(ROUTE, e.code());
-            return auth_problem(&e);
-        }
-    };
+) -> Result<Response, ApiError> {
     let (Some(verifier), Some(claims)) = (&app.0.verifier, claims) else {
-        return Json(json!({"ticket": "", "regions": ["*"]})).into_response();
+        return Ok(Json(json!({"ticket": "", "regions": ["*"]})).into_response());
     };
     #[derive(serde::Deserialize)]
     #[serde(deny_unknown_fields)]
@@ -592,63 +303,45 @@ async fn post_stream_ticket(
         match serde_json::from_slice::<Wanted>(&body) {
             Ok(w) if !w.regions.is_empty() && w.regions.len() <= 100 => w.regions,
             _ => {
-                return invalid_field(
+                return Err(ApiError::invalid_field(
                     "regions",
                     "must be {\"regions\": [one to 100 region ids]} or an empty body",
-                )
+                ))
             }
         }
     };
     if let Some(r) = regions.iter().find(|r| !claims.grants_region(r)) {
-        let e = AuthError::RegionNotGranted(r.clone());
-        app.count(ROUTE, e.code());
-        return auth_problem(&e);
+        return Err(AuthError::RegionNotGranted(r.clone()).into());
     }
     let (ticket, grant) = verifier.tickets().issue(&claims, regions, now_secs());
-    app.count(ROUTE, "issued");
-    (
-        [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
-        Json(json!({
-            "ticket": ticket,
-            "regions": grant.regions,
-            "expires_in": verifier.tickets().ttl().as_secs(),
-            "grant_expires_at": grant.expires,
-        })),
-    )
-        .into_response()
+    Ok(named(
+        "issued",
+        (
+            [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))],
+            Json(json!({
+                "ticket": ticket,
+                "regions": grant.regions,
+                "expires_in": verifier.tickets().ttl().as_secs(),
+                "grant_expires_at": grant.expires,
+            })),
+        ),
+    ))
 }
 
 async fn get_facility(
     State(app): State<App>,
     Path(id): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    let claims = match app.authenticate(&headers, q.as_deref(), false).await {
-        Ok(c) => c,
-        Err(e) => return auth_problem(&e),
-    };
-    match app.0.store.facility(&id).await {
-        Ok(Some(t)) => match claims {
-            Some(c) if !c.grants_region(&t.region_id) => {
-                auth_problem(&AuthError::RegionNotGranted(t.region_id))
-            }
-            _ => Json(t).into_response(),
-        },
-        Ok(None) => problem(
-            StatusCode::NOT_FOUND,
-            "unknown_facility",
-            &format!("no transition of facility '{id}' has been seen"),
-        ),
-        Err(e) => redis_down(&app, e),
-    }
-}
-
-/// The first value of `name` in a query string, percent-decoded.
-pub fn query_param(query: Option<&str>, name: &str) -> Option<String> {
-    url::form_urlencoded::parse(query.unwrap_or("").as_bytes())
-        .find(|(k, _)| k == name)
-        .map(|(_, v)| v.into_owned())
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let transition = app
+        .0
+        .store
+        .facility(&id)
+        .await
+        .map_err(ApiError::RedisDown)?
+        .ok_or(ApiError::UnknownFacility(id))?;
+    caller.authorize_region(&transition.region_id)?;
+    Ok(Json(transition).into_response())
 }
 
 /// `from`/`to`: ms since the epoch or RFC 3339 (`2026-11-27T00:00:00Z`). Default: the last
@@ -665,65 +358,56 @@ fn parse_time(value: &str) -> Option<i64> {
 
 const TIME_RULE: &str = "must be ms since the epoch or RFC 3339 (2026-11-27T00:00:00Z)";
 
-async fn get_history(
-    State(app): State<App>,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    RawQuery(q): RawQuery,
-) -> Response {
-    let claims = match app.authenticate(&headers, q.as_deref(), false).await {
-        Ok(c) => c,
-        Err(e) => return auth_problem(&e),
-    };
-    let now = now_ms();
+/// `[from, to)` of a history request: checked before anything is asked of Redis or
+/// PostgreSQL.
+fn history_range(query: Option<&str>, now: i64, max: Duration) -> Result<(i64, i64), ApiError> {
     let mut range = [("from", now - 86_400_000), ("to", now)];
     for (name, value) in &mut range {
-        if let Some(text) = query_param(q.as_deref(), name) {
-            match parse_time(&text) {
-                Some(ms) => *value = ms,
-                None => return invalid_field(name, TIME_RULE),
-            }
+        if let Some(text) = query_param(query, name) {
+            *value = parse_time(&text).ok_or_else(|| ApiError::invalid_field(name, TIME_RULE))?;
         }
     }
     let [(_, from), (_, to)] = range;
     if to <= from {
-        return invalid_field("to", "must be after from");
+        return Err(ApiError::invalid_field("to", "must be after from"));
     }
-    let max = app.0.history_max_range;
     if i128::from(to) - i128::from(from) > max.as_millis() as i128 {
-        return invalid_field(
+        return Err(ApiError::invalid_field(
             "to",
-            &format!(
+            format!(
                 "must be at most {} after from (gateway.history_max_range): ask for a shorter range",
                 humantime::format_duration(max)
             ),
-        );
+        ));
     }
+    Ok((from, to))
+}
+
+async fn get_history(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let (from, to) = history_range(q.as_deref(), now_ms(), app.0.history_max_range)?;
     // Authorised before PostgreSQL is asked: the facility's region comes from Redis, and
     // the query reads only that region's rows.
-    let region = match &claims {
+    let region = match &caller.0 {
         None => None,
-        Some(c) => match app.0.store.facility(&id).await {
-            Ok(Some(t)) if c.grants_region(&t.region_id) => Some(t.region_id),
-            Ok(Some(t)) => return auth_problem(&AuthError::RegionNotGranted(t.region_id)),
-            Ok(None) => {
-                return problem(
-                    StatusCode::NOT_FOUND,
-                    "unknown_facility",
-                    &format!("no transition of facility '{id}' has been seen"),
-                )
-            }
-            Err(e) => return redis_down(&app, e),
-        },
-    };
-    match app.0.history.read(&id, region.as_deref(), from, to).await {
-        Ok(h) => Json(h).into_response(),
-        Err(e @ HistoryError::NoTables) => unavailable("no_history_tables", &e.to_string()),
-        Err(e @ HistoryError::Unavailable(_)) => {
-            unavailable("postgres_unavailable", &e.to_string())
+        Some(_) => {
+            let t = app
+                .0
+                .store
+                .facility(&id)
+                .await
+                .map_err(ApiError::RedisDown)?
+                .ok_or_else(|| ApiError::UnknownFacility(id.clone()))?;
+            caller.authorize_region(&t.region_id)?;
+            Some(t.region_id)
         }
-        Err(e @ HistoryError::TooSlow(_)) => unavailable("history_too_slow", &e.to_string()),
-    }
+    };
+    let history = app.0.history.read(&id, region.as_deref(), from, to).await?;
+    Ok(Json(history).into_response())
 }
 
 const DASHBOARD: &str = include_str!("dashboard.html");
@@ -731,6 +415,7 @@ const DASHBOARD: &str = include_str!("dashboard.html");
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::bearer;
     use proptest::prelude::*;
 
     /// Query strings as clients write them, good and bad: names, `=`, `&`, `+` and percent

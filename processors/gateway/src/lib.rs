@@ -10,20 +10,28 @@
 //! - [`publish`]: the Kafka edge (202 only after the broker's acknowledgement).
 //! - [`store`] and [`history`]: the Redis and PostgreSQL read edges.
 //! - [`stream`]: region channels to Server-Sent Events, with gap detection.
-//! - [`http`]: routes, status codes and error bodies; the dashboard page.
+//! - [`http`]: routes and handlers, which read as the happy path; the dashboard page.
+//! - [`caller`]: who is calling, as extractors (token, beacon token, stream ticket).
+//! - [`error`]: every refusal: its status, problem body and metric.
+//! - [`state`]: what the handlers share.
+//! - [`query`]: query-string values.
 //! - [`limits`]: the per-identity ingest rate and the stream caps (pure, time passed in).
 //! - [`server`]: the public listener with its timeouts and connection cap.
 //! - [`metrics`]: every metric the gateway exports, served with `/readyz` on
 //!   `gateway.ops_listen`, apart from the public port.
 
 pub mod auth;
+pub mod caller;
+pub mod error;
 pub mod history;
 pub mod http;
 pub mod ingest;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
+pub mod query;
 pub mod server;
+pub mod state;
 pub mod store;
 pub mod stream;
 

@@ -339,7 +339,7 @@ pub fn bearer(
     if let Some(h) = authorization {
         return Ok(h.strip_prefix("Bearer ").map(|t| t.trim().to_string()));
     }
-    match crate::http::query_param(query, "access_token") {
+    match crate::query::query_param(query, "access_token") {
         Some(_) if !query_allowed => Err(AuthError::TokenInUrl),
         t => Ok(t),
     }

@@ -1,0 +1,111 @@
+//! Who is calling, as extractors: a handler names what it needs ([`Caller`],
+//! [`BeaconCaller`], [`StreamAccess`]) and gets it verified, or the request is refused with
+//! the [`ApiError`] that says why (and is counted). With `gateway.auth = "none"` every
+//! extractor succeeds with no claims.
+
+use axum::extract::{FromRequestParts, Path};
+use axum::http::header;
+use axum::http::request::Parts;
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::{bearer, now_secs, AuthError, Claims, Grant};
+use crate::error::ApiError;
+use crate::query::query_param;
+use crate::state::App;
+
+/// The caller's verified claims from `Authorization: Bearer`; `None` when tokens are off.
+/// A token in the URL (`?access_token=`) is refused, so that the client learns why.
+pub struct Caller(pub Option<Claims>);
+
+/// As [`Caller`], but `?access_token=` is taken too: `POST /v1/heartbeats` only, for
+/// `navigator.sendBeacon`, which cannot set headers.
+pub struct BeaconCaller(pub Option<Claims>);
+
+impl Caller {
+    /// Refuses a caller whose token does not grant `region` (403).
+    pub fn authorize_region(&self, region: &str) -> Result<(), ApiError> {
+        match &self.0 {
+            Some(c) if !c.grants_region(region) => {
+                Err(AuthError::RegionNotGranted(region.to_string()).into())
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// The token of the request, verified; `None` when tokens are off.
+async fn authenticate(
+    app: &App,
+    parts: &Parts,
+    query_allowed: bool,
+) -> Result<Option<Claims>, AuthError> {
+    let Some(verifier) = &app.0.verifier else {
+        return Ok(None);
+    };
+    let authorization = parts
+        .headers
+        .get(header::AUTHORIZATION)
+        .and_then(|h| h.to_str().ok());
+    let token = bearer(authorization, parts.uri.query(), query_allowed)?;
+    verifier.verify(token.as_deref()).await.map(Some)
+}
+
+impl FromRequestParts<App> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        Ok(Caller(authenticate(app, parts, false).await?))
+    }
+}
+
+impl FromRequestParts<App> for BeaconCaller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        Ok(BeaconCaller(authenticate(app, parts, true).await?))
+    }
+}
+
+/// A stream of the path's `{region}` and what may open it: a `?ticket=` from
+/// `POST /v1/stream-tickets`, else a token in the header that grants the region. `grant`
+/// is `None` when tokens are off; otherwise the stream ends when the grant expires.
+pub struct StreamAccess {
+    pub region: String,
+    pub grant: Option<Grant>,
+}
+
+impl FromRequestParts<App> for StreamAccess {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let Path(region) = Path::<String>::from_request_parts(parts, app)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let grant = stream_grant(app, parts, &region)
+            .await
+            .map_err(|e| ApiError::from(e).into_response())?;
+        Ok(StreamAccess { region, grant })
+    }
+}
+
+async fn stream_grant(app: &App, parts: &Parts, region: &str) -> Result<Option<Grant>, AuthError> {
+    let Some(verifier) = &app.0.verifier else {
+        return Ok(None);
+    };
+    if let Some(ticket) = query_param(parts.uri.query(), "ticket") {
+        return verifier
+            .tickets()
+            .redeem(&ticket, region, now_secs())
+            .map(Some);
+    }
+    match authenticate(app, parts, false).await? {
+        Some(c) if !c.grants_region(region) => Err(AuthError::RegionNotGranted(region.to_string())),
+        Some(c) => Ok(Some(Grant {
+            sub: c.sub,
+            regions: vec![region.to_string()],
+            open_by: now_secs(),
+            expires: c.exp,
+        })),
+        None => Ok(None),
+    }
+}
