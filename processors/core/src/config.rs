@@ -67,6 +67,8 @@ pub struct Config {
     pub notifier: NotifierConfig,
     pub sink: SinkConfig,
     pub telemetry: TelemetryConfig,
+    /// `[schema_registry]`: see [`crate::registry::SchemaRegistryConfig`].
+    pub schema_registry: crate::registry::SchemaRegistryConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -798,6 +800,7 @@ impl Config {
         if !c.gateway.ticket_secret.expose().is_empty() {
             c.gateway.ticket_secret = Secret::new("***");
         }
+        c.schema_registry = c.schema_registry.redacted();
         c
     }
 
@@ -1076,6 +1079,7 @@ impl Config {
         if let Err(e) = tracing_subscriber::EnvFilter::try_new(&self.telemetry.log_filter) {
             p.push(format!("telemetry.log_filter '{}' is not a valid filter ({e}): e.g. 'info' or 'info,presence_processor=debug'", self.telemetry.log_filter));
         }
+        p.extend(self.schema_registry.problems());
         p
     }
 }
@@ -1117,6 +1121,7 @@ const SECTIONS: &[&str] = &[
     "notifier",
     "sink",
     "telemetry",
+    "schema_registry",
 ];
 
 /// Environment overrides. The three well-known names, `KAFKA_PROPERTY_<NAME>` (underscores
