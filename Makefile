@@ -7,6 +7,8 @@ PRESENCE := target/release/presence
 # Where the stack script keeps Kafka's jars and the Python with fastavro; tests read these.
 export PRESENCE_TEST_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
 export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
+# The schema registry `make stack` runs (Apicurio's Confluent-compatible API).
+export PRESENCE_TEST_REGISTRY_URL ?= $(shell bash deploy/stack.sh registry-url)
 
 .PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down chaos chaos-short
 

@@ -12,6 +12,11 @@
 #                            one service alone; with the settings below pointing at a
 #                            directory and ports of its own, this is how tests run a private
 #                            instance that they can stop and restart
+#   deploy/stack.sh registry-up | registry-down | registry-url
+#                            Apicurio Registry 2.4.2.Final (its /apis/ccompat/v7 is the
+#                            Confluent Schema Registry API), built once from Maven Central as a
+#                            Quarkus fast-jar (deploy/registry/pom.xml) into the cache, run on
+#                            127.0.0.1:$REGISTRY_PORT with in-memory storage; `up` starts it too
 #   deploy/stack.sh tls-certs DIR
 #                            a throw-away CA and certificates for TLS tests (openssl): ca.crt,
 #                            server.crt/.key (for 127.0.0.1 and localhost), client.crt/.key,
@@ -19,7 +24,7 @@
 #
 # Settings (environment): PRESENCE_STACK_DIR (state and logs, default ~/.cache/presence/stack),
 # KAFKA_VERSION (default 4.1.0), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
-# REDIS_PORT (6379), PG_PORT (5432), PG_DATA (default /var/lib/presence/postgres: the
+# REDIS_PORT (6379), PG_PORT (5432), REGISTRY_PORT (8081), PG_DATA (default /var/lib/presence/postgres: the
 # postgres user must be able to reach it, which rules out root's home).
 #
 # TLS (private instances for tests; absolute paths to PEM files):
@@ -41,6 +46,9 @@ KAFKA_CONTROLLER_PORT="${KAFKA_CONTROLLER_PORT:-9093}"
 CLUSTER_PORT="${CLUSTER_PORT:-19092}"
 REDIS_PORT="${REDIS_PORT:-6379}"
 PG_PORT="${PG_PORT:-5432}"
+REGISTRY_VERSION=2.4.2.Final
+REGISTRY_HOME="$CACHE/apicurio-registry-$REGISTRY_VERSION"
+REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PG_DATA="${PG_DATA:-/var/lib/presence/postgres}"
 PG_USER=presence
 PG_PASSWORD=presence
@@ -124,11 +132,63 @@ kafka_jars() {
 }
 
 python_env() {
-  # Python's Avro library for the cross-implementation codec test.
-  if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import fastavro' 2>/dev/null; then return 0; fi
-  say "creating $VENV with fastavro"
-  python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
-  "$VENV/bin/pip" install -q -r "$ROOT/deploy/python-requirements.txt"
+  # Python's Avro library for the cross-implementation codec test, Confluent's client for the
+  # registry test and the Python example. Reinstalled whenever the requirements change.
+  local req="$ROOT/deploy/python-requirements.txt"
+  if [[ -x "$VENV/bin/python" ]] && cmp -s "$req" "$VENV/.requirements"; then return 0; fi
+  say "installing deploy/python-requirements.txt into $VENV (pip)"
+  [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
+  "$VENV/bin/pip" install -q -r "$req" || die "pip could not install $req; check network access to PyPI"
+  cp "$req" "$VENV/.requirements"
+}
+
+# Apicurio Registry: built once (about two minutes cold, Maven Central only), then reused.
+registry_app() {
+  if [[ -f "$REGISTRY_HOME/.complete" ]]; then return 0; fi
+  command -v mvn >/dev/null || apt_install maven
+  mkdir -p "$REGISTRY_HOME"
+  say "building Apicurio Registry $REGISTRY_VERSION from Maven Central into $REGISTRY_HOME (log $REGISTRY_HOME/build.log)"
+  rm -rf "$REGISTRY_HOME/build"
+  mvn -B -s "$ROOT/deploy/registry/settings.xml" -f "$ROOT/deploy/registry/pom.xml" package \
+    -D%prod.quarkus.package.type=fast-jar -Dregistry.build.dir="$REGISTRY_HOME/build" \
+    >"$REGISTRY_HOME/build.log" 2>&1 \
+    || { grep -E 'ERROR|BUILD' "$REGISTRY_HOME/build.log" | head -n 20 >&2; die "building Apicurio Registry failed; read $REGISTRY_HOME/build.log (network access to Maven Central?)"; }
+  touch "$REGISTRY_HOME/.complete"
+}
+
+registry_url() { echo "http://127.0.0.1:$REGISTRY_PORT/apis/ccompat/v7"; }
+registry_ready() { curl -sf -o /dev/null --max-time 2 "$(registry_url)/subjects"; }
+
+registry_up() {
+  if registry_ready; then say "registry: reusing what answers at $(registry_url)"; return 0; fi
+  port_open "$REGISTRY_PORT" && die "127.0.0.1:$REGISTRY_PORT is taken by something that is not a schema registry; stop it or set REGISTRY_PORT"
+  command -v java >/dev/null || apt_install openjdk-17-jre-headless
+  registry_app
+  local dir="$STACK_DIR/registry"
+  mkdir -p "$dir"
+  say "registry: starting Apicurio Registry $REGISTRY_VERSION on 127.0.0.1:$REGISTRY_PORT, in-memory storage (log $dir/registry.log)"
+  # In-memory storage: subjects live as long as the process; `presence topics` registers
+  # them again after a restart.
+  setsid nohup java -Xms64m -Xmx384m -XX:+UseSerialGC -Djava.awt.headless=true \
+    -Dquarkus.http.host=127.0.0.1 -Dquarkus.http.port="$REGISTRY_PORT" \
+    -Dquarkus.log.level=WARN \
+    -jar "$REGISTRY_HOME/build/quarkus-app/quarkus-run.jar" >"$dir/registry.log" 2>&1 </dev/null &
+  echo $! >"$dir/registry.pid"
+  wait_for 180 "registry at $(registry_url)" "$dir/registry.log" registry_ready
+}
+
+registry_down() {
+  local pidfile="$STACK_DIR/registry/registry.pid"
+  [[ -f "$pidfile" ]] || return 0
+  local pid; pid=$(cat "$pidfile")
+  if kill -0 "$pid" 2>/dev/null; then
+    say "registry: stopping"
+    kill "$pid"
+    local deadline=$((SECONDS + 30))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.5; done
+    kill -0 "$pid" 2>/dev/null && kill -9 "$pid"
+  fi
+  rm -f "$pidfile"
 }
 
 kafka_ready() {
@@ -425,6 +485,7 @@ up() {
   kafka_up
   redis_up
   pg_up
+  registry_up
   status
 }
 
@@ -451,6 +512,7 @@ down() {
   kafka_down
   redis_down
   pg_down
+  registry_down
 }
 
 status() {
@@ -458,6 +520,7 @@ status() {
   if port_open "$KAFKA_PORT"; then say "kafka     up    KAFKA_BROKERS=127.0.0.1:$KAFKA_PORT   log $STACK_DIR/kafka/server.log"; else say "kafka     DOWN"; ok=1; fi
   if redis_ping; then say "redis     up    REDIS_URL=redis$(redis_tls && echo s)://127.0.0.1:$REDIS_PORT   log $STACK_DIR/redis/redis.log"; else say "redis     DOWN"; ok=1; fi
   if psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then say "postgres  up    DATABASE_URL=$(pg_url | sed 's/:[^:@]*@/:***@/')   log $PG_DATA/server.log"; else say "postgres  DOWN"; ok=1; fi
+  if registry_ready; then say "registry  up    PRESENCE_SCHEMA_REGISTRY__URL=$(registry_url)   log $STACK_DIR/registry/registry.log"; else say "registry  DOWN"; ok=1; fi
   say "kafka jars: $KAFKA_LIBS"
   return $ok
 }
@@ -481,9 +544,12 @@ case "${1:-up}" in
   redis-down) redis_down ;;
   pg-up) pg_up ;;
   pg-down) pg_down ;;
+  registry-up) mkdir -p "$STACK_DIR"; registry_up ;;
+  registry-down) registry_down ;;
+  registry-url) registry_url ;;
   tls-certs) tls_certs "${2:?usage: deploy/stack.sh tls-certs DIR}" ;;
   node-modules) echo "$CACHE/node/node_modules" ;;
   kafka-libs) echo "$KAFKA_LIBS" ;;
   venv-python) echo "$VENV/bin/python" ;;
-  *) die "unknown command '$1': use up, down, status, deps, tls-certs DIR, <kafka|redis|pg|cluster>-<up|down>, cluster-status, cluster-node-<up|down|kill> N" ;;
+  *) die "unknown command '$1': use up, down, status, deps, tls-certs DIR, <kafka|redis|pg|registry|cluster>-<up|down>, registry-url, cluster-status, cluster-node-<up|down|kill> N" ;;
 esac

@@ -159,6 +159,9 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Topics => {
             let report = topics::ensure(&config).await?;
             print!("{report}");
+            for line in topics::register_subjects(&config).await? {
+                println!("{line}");
+            }
             if report.is_ok() {
                 Ok(ExitCode::SUCCESS)
             } else {

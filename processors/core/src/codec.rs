@@ -2,6 +2,11 @@
 //! CRC-64-AVRO fingerprint, then the Avro binary body. Any Avro library decodes them with the
 //! `.avsc` files in `schemas/` alone.
 //!
+//! Public topics may instead carry the Schema Registry wire format (`confluent` framing): a
+//! zero byte, the writer schema's 4-byte big-endian registry id, then the same body. Readers
+//! tell the two apart by the first byte and turn a registry id into a fingerprint through a
+//! [`RegistryIds`] (the cache in [`crate::registry`]); from there both framings decode alike.
+//!
 //! The hot path encodes and decodes the current schema version by hand, straight into the
 //! record type (apache-avro's generic `Value` path is several times slower). Bytes written
 //! with an older released version (`schemas/history/`) are resolved against the current
@@ -18,6 +23,43 @@ use apache_avro::Schema;
 pub const MARKER: [u8; 2] = [0xC3, 0x01];
 const HEADER_LEN: usize = 10;
 
+/// The first byte of the Schema Registry wire format; the 4-byte big-endian schema id follows.
+pub const CONFLUENT_MAGIC: u8 = 0;
+const CONFLUENT_HEADER_LEN: usize = 5;
+
+/// What a writer puts before the body.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// `C3 01` and the schema's fingerprint (the default; no registry needed).
+    SingleObject,
+    /// The Schema Registry wire format, with the id the registry gave the current schema.
+    Confluent { id: u32 },
+}
+
+/// Registry ids resolved to schema fingerprints, for reading the `confluent` framing.
+pub trait RegistryIds {
+    /// The fingerprint of the schema registered under `id`; `None` while unresolved (or
+    /// when the registry does not know it).
+    fn fingerprint(&self, id: u32) -> Option<u64>;
+}
+
+/// For readers without a schema registry: every registry id is unresolved.
+pub struct NoRegistry;
+
+impl RegistryIds for NoRegistry {
+    fn fingerprint(&self, _id: u32) -> Option<u64> {
+        None
+    }
+}
+
+/// The registry id of a record in the `confluent` framing; `None` for anything else.
+pub fn confluent_id(bytes: &[u8]) -> Option<u32> {
+    match bytes {
+        [CONFLUENT_MAGIC, a, b, c, d, ..] => Some(u32::from_be_bytes([*a, *b, *c, *d])),
+        _ => None,
+    }
+}
+
 /// Ids (session, user, facility, region) are at most this many bytes.
 pub const MAX_ID_BYTES: usize = 128;
 
@@ -32,6 +74,8 @@ pub enum CodecError {
         record: &'static str,
         fingerprint: u64,
     },
+    #[error("{record}: record is in the Schema Registry framing with schema id {id}, which this reader could not resolve; set schema_registry.url (PRESENCE_SCHEMA_REGISTRY__URL) to the registry the producer registered it with")]
+    UnresolvedSchemaId { record: &'static str, id: u32 },
     #[error("{record}: malformed Avro body: {detail}")]
     Malformed {
         record: &'static str,
@@ -52,6 +96,7 @@ impl CodecError {
             CodecError::TooShort { .. } => "too_short",
             CodecError::BadMarker { .. } => "bad_marker",
             CodecError::UnknownSchema { .. } => "unknown_schema",
+            CodecError::UnresolvedSchemaId { .. } => "unresolved_schema_id",
             CodecError::Malformed { .. } => "malformed",
             CodecError::InvalidField { .. } => "invalid_field",
         }
@@ -211,10 +256,10 @@ macro_rules! codec_cell {
 /// Encodes `value` (single-object encoding) into `out`, which is cleared first so that hot
 /// paths can reuse one buffer.
 pub fn encode_into<T: AvroRecord + 'static>(value: &T, out: &mut Vec<u8>) {
-    encode_with(codec::<T>(), value, out)
+    encode_by(codec::<T>(), value, out)
 }
 
-fn encode_with<T: AvroRecord>(c: &Codec, value: &T, out: &mut Vec<u8>) {
+fn encode_by<T: AvroRecord>(c: &Codec, value: &T, out: &mut Vec<u8>) {
     out.clear();
     out.extend_from_slice(&MARKER);
     out.extend_from_slice(&c.fingerprint.to_le_bytes());
@@ -242,13 +287,40 @@ pub fn encode<T: AvroRecord + 'static>(value: &T) -> Vec<u8> {
     out
 }
 
+/// Encodes `value` with the given framing.
+pub fn encode_with<T: AvroRecord + 'static>(value: &T, header: Header) -> Vec<u8> {
+    match header {
+        Header::SingleObject => encode(value),
+        Header::Confluent { id } => {
+            let mut out = Vec::with_capacity(64);
+            out.push(CONFLUENT_MAGIC);
+            out.extend_from_slice(&id.to_be_bytes());
+            value.write_body(&mut out);
+            out
+        }
+    }
+}
+
 /// Decodes and validates one single-object-encoded record of type `T`.
 pub fn decode<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<T, CodecError> {
     decode_with(codec::<T>(), bytes)
 }
 
+/// Decodes and validates one record of type `T` in either framing; `ids` resolves the
+/// registry ids of the `confluent` one.
+pub fn decode_framed<T: AvroRecord + 'static>(
+    bytes: &[u8],
+    ids: &dyn RegistryIds,
+) -> Result<T, CodecError> {
+    decode_split(codec::<T>().split_framed(bytes, ids)?, codec::<T>())
+}
+
 fn decode_with<T: AvroRecord>(c: &Codec, bytes: &[u8]) -> Result<T, CodecError> {
-    let value = match c.split(bytes)? {
+    decode_split(c.split(bytes)?, c)
+}
+
+fn decode_split<T: AvroRecord>(body: Body<'_>, c: &Codec) -> Result<T, CodecError> {
+    let value = match body {
         Body::Current(body) => read_all::<T>(body)?,
         Body::Older(writer, body) => read_all::<T>(&resolve_old(c, writer, body)?)?,
     };
@@ -263,6 +335,23 @@ enum Body<'a> {
 }
 
 impl Codec {
+    /// Either framing: the registry id of a `confluent` record becomes its fingerprint
+    /// through `ids`, then the writer's version is found as for single-object records.
+    fn split_framed<'a>(
+        &'a self,
+        bytes: &'a [u8],
+        ids: &dyn RegistryIds,
+    ) -> Result<Body<'a>, CodecError> {
+        let Some(id) = confluent_id(bytes) else {
+            return self.split(bytes);
+        };
+        let fp = ids.fingerprint(id).ok_or(CodecError::UnresolvedSchemaId {
+            record: self.record,
+            id,
+        })?;
+        self.body_of(fp, &bytes[CONFLUENT_HEADER_LEN..])
+    }
+
     /// Checks the single-object header and finds the writer's schema version.
     fn split<'a>(&'a self, bytes: &'a [u8]) -> Result<Body<'a>, CodecError> {
         if bytes.len() < HEADER_LEN {
@@ -275,8 +364,10 @@ impl Codec {
         }
         let mut fp = [0u8; 8];
         fp.copy_from_slice(&bytes[2..HEADER_LEN]);
-        let fp = u64::from_le_bytes(fp);
-        let body = &bytes[HEADER_LEN..];
+        self.body_of(u64::from_le_bytes(fp), &bytes[HEADER_LEN..])
+    }
+
+    fn body_of<'a>(&'a self, fp: u64, body: &'a [u8]) -> Result<Body<'a>, CodecError> {
         if fp == self.fingerprint {
             Ok(Body::Current(body))
         } else if let Some(writer) = self.older.get(&fp) {
@@ -294,7 +385,15 @@ impl Codec {
 /// of `T`, `None` if an older released version (decode it with [`decode`]), an error for
 /// anything else.
 pub fn current_body<T: AvroRecord + 'static>(bytes: &[u8]) -> Result<Option<&[u8]>, CodecError> {
-    match codec::<T>().split(bytes)? {
+    current_body_framed::<T>(bytes, &NoRegistry)
+}
+
+/// [`current_body`] for either framing.
+pub fn current_body_framed<'a, T: AvroRecord + 'static>(
+    bytes: &'a [u8],
+    ids: &dyn RegistryIds,
+) -> Result<Option<&'a [u8]>, CodecError> {
+    match codec::<T>().split_framed(bytes, ids)? {
         Body::Current(body) => Ok(Some(body)),
         Body::Older(..) => Ok(None),
     }
@@ -705,7 +804,7 @@ mod tests {
         let v1 = Codec::pinned::<Heartbeat>(Heartbeat::HISTORY, Some(1));
         let current = Codec::pinned::<Heartbeat>(Heartbeat::HISTORY, None);
         let mut old = Vec::new();
-        encode_with(&v1, &h, &mut old);
+        encode_by(&v1, &h, &mut old);
         let v1_schema = Schema::parse_str(Heartbeat::HISTORY[0]).unwrap();
         assert_eq!(old[2..10], fingerprint_of(&v1_schema).to_le_bytes());
         assert!(
@@ -721,9 +820,64 @@ mod tests {
             }
         );
         let mut new = Vec::new();
-        encode_with(&current, &h, &mut new);
+        encode_by(&current, &h, &mut new);
         assert_eq!(new[2..10], current.fingerprint().to_le_bytes());
         assert_eq!(decode_with::<Heartbeat>(&current, &new).unwrap(), h);
+    }
+
+    /// Registry ids of a fixed map, for framing tests.
+    struct Ids(Vec<(u32, u64)>);
+
+    impl RegistryIds for Ids {
+        fn fingerprint(&self, id: u32) -> Option<u64> {
+            self.0.iter().find(|(i, _)| *i == id).map(|(_, fp)| *fp)
+        }
+    }
+
+    #[test]
+    fn both_framings_decode_to_the_same_record_and_the_first_byte_tells_them_apart() {
+        use crate::records::{Heartbeat, HeartbeatKind, HeartbeatRef};
+        let h = Heartbeat {
+            session_id: "s".into(),
+            user_id: "u".into(),
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            kind: HeartbeatKind::End,
+            client_sent_at: Some(7),
+            client_version: None,
+        };
+        let confluent = encode_with(&h, Header::Confluent { id: 0x0102_0304 });
+        assert_eq!(
+            &confluent[..5],
+            &[0, 1, 2, 3, 4],
+            "magic byte, big-endian id"
+        );
+        assert_eq!(&confluent[5..], &encode(&h)[HEADER_LEN..], "the same body");
+        assert_eq!(confluent_id(&confluent), Some(0x0102_0304));
+        assert_eq!(confluent_id(&encode(&h)), None);
+        assert_eq!(encode_with(&h, Header::SingleObject), encode(&h));
+
+        let ids = Ids(vec![(0x0102_0304, codec::<Heartbeat>().fingerprint())]);
+        assert_eq!(decode_framed::<Heartbeat>(&confluent, &ids).unwrap(), h);
+        assert_eq!(decode_framed::<Heartbeat>(&encode(&h), &ids).unwrap(), h);
+        assert_eq!(
+            HeartbeatRef::decode_framed(&confluent, &ids).unwrap(),
+            Some(h.as_ref())
+        );
+        // Unresolved: the error says to configure the registry.
+        let e = decode_framed::<Heartbeat>(&confluent, &NoRegistry).unwrap_err();
+        assert_eq!(e.code(), "unresolved_schema_id");
+        assert!(e.to_string().contains("schema_registry.url"), "{e}");
+        // An id resolved to a schema that is none of ours.
+        let e = decode_framed::<Heartbeat>(&confluent, &Ids(vec![(0x0102_0304, 42)])).unwrap_err();
+        assert_eq!(e.code(), "unknown_schema");
+        // Single-object-only readers keep refusing the registry framing.
+        assert_eq!(
+            decode::<Heartbeat>(&confluent).unwrap_err().code(),
+            "bad_marker"
+        );
+        // Too short for an id: not the registry framing.
+        assert_eq!(confluent_id(&[0, 1, 2]), None);
     }
 
     #[test]

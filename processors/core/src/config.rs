@@ -67,6 +67,8 @@ pub struct Config {
     pub notifier: NotifierConfig,
     pub sink: SinkConfig,
     pub telemetry: TelemetryConfig,
+    /// `[schema_registry]`: see [`crate::registry::SchemaRegistryConfig`].
+    pub schema_registry: crate::registry::SchemaRegistryConfig,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize)]
@@ -810,6 +812,7 @@ impl Config {
         if !c.gateway.ticket_secret.expose().is_empty() {
             c.gateway.ticket_secret = Secret::new("***");
         }
+        c.schema_registry = c.schema_registry.redacted();
         c
     }
 
@@ -826,6 +829,7 @@ impl Config {
         p.extend(self.notifier.problems());
         p.extend(self.sink.problems());
         p.extend(self.telemetry.problems());
+        p.extend(self.schema_registry.problems());
         p.extend(self.cross_section_problems());
         p
     }
@@ -1238,6 +1242,7 @@ const SECTIONS: &[&str] = &[
     "notifier",
     "sink",
     "telemetry",
+    "schema_registry",
 ];
 
 /// Environment overrides. The three well-known names, `KAFKA_PROPERTY_<NAME>` (underscores

@@ -32,7 +32,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::TopicPartitionList;
 
-use crate::codec::decode;
+use crate::codec::decode_framed;
 use crate::config::Config;
 use crate::kafka::{
     consumer_config, dead_letter_headers, idempotent_producer_config, BrokerWatch,
@@ -227,6 +227,10 @@ pub async fn run<W: Writer>(
         .create_with_context(watch)?;
     consumer.subscribe(&[topic])?;
     let mut dead_letters = DeadLetters::new(config, role, metrics.clone())?;
+    // Transitions in the `confluent` framing: registry ids resolved once each.
+    let ids = crate::registry::IdCache::new(&config.schema_registry)?;
+    ids.prewarm::<FacilityStatus>(&crate::registry::value_subject(topic))
+        .await;
     health.register(W::DEPENDENCY);
     health.set_ready(W::DEPENDENCY);
     metrics.dependency_up.set(1);
@@ -287,7 +291,16 @@ pub async fn run<W: Writer>(
                 payload: m.payload().unwrap_or_default().to_vec(),
                 timestamp: m.timestamp().to_millis(),
             };
-            match decode::<FacilityStatus>(&raw.payload) {
+            // Until the registry answers, nothing moves: the offset is not committed past
+            // a record that could not be read yet.
+            while let Err(e) = ids.ensure(&raw.payload).await {
+                tracing::warn!(partition, offset, error = %e, "cannot resolve the schema id of a transition; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = shutdown.wait() => return Ok(()),
+                }
+            }
+            match decode_framed::<FacilityStatus>(&raw.payload, &ids) {
                 Ok(status) => batch.push(Received {
                     status,
                     partition,

@@ -5,6 +5,8 @@
 //! - [`config`]: the one typed configuration (defaults, file, environment), validated at once.
 //! - [`codec`]: Avro single-object encoding with a hand-written fast path per record type;
 //!   [`records`]: the public records (`Heartbeat`, `FacilityStatus`).
+//! - [`registry`]: the Schema Registry behind the `confluent` framing (settings, client,
+//!   subject registration, the id cache readers resolve with).
 //! - [`kafka`]: client builders (idempotent producer, read-committed consumer, admin).
 //! - [`delivery`]: the Redis layout and transition JSON the notifier writes and the gateway
 //!   reads, and the names of the sink's tables.
@@ -26,6 +28,7 @@ pub mod delivery;
 pub mod downstream;
 pub mod kafka;
 pub mod records;
+pub mod registry;
 pub mod shutdown;
 pub mod sim;
 pub mod telemetry;

@@ -88,7 +88,15 @@ impl<'a> HeartbeatRef<'a> {
     /// Decodes and validates bytes of the current schema version without copying; `None`
     /// for an older released version, which [`crate::codec::decode`] resolves.
     pub fn decode(bytes: &'a [u8]) -> Result<Option<HeartbeatRef<'a>>, CodecError> {
-        let Some(body) = crate::codec::current_body::<Heartbeat>(bytes)? else {
+        Self::decode_framed(bytes, &crate::codec::NoRegistry)
+    }
+
+    /// [`HeartbeatRef::decode`] for either framing (`ids` resolves registry ids).
+    pub fn decode_framed(
+        bytes: &'a [u8],
+        ids: &dyn crate::codec::RegistryIds,
+    ) -> Result<Option<HeartbeatRef<'a>>, CodecError> {
+        let Some(body) = crate::codec::current_body_framed::<Heartbeat>(bytes, ids)? else {
             return Ok(None);
         };
         let mut r = BodyReader::new(body, Heartbeat::NAME);
@@ -104,10 +112,19 @@ impl<'a> HeartbeatRef<'a> {
         bytes: &'a [u8],
         slot: &'a mut Option<Heartbeat>,
     ) -> Result<HeartbeatRef<'a>, CodecError> {
-        match Self::decode(bytes)? {
+        Self::decode_any_framed(bytes, slot, &crate::codec::NoRegistry)
+    }
+
+    /// [`HeartbeatRef::decode_any`] for either framing (`ids` resolves registry ids).
+    pub fn decode_any_framed(
+        bytes: &'a [u8],
+        slot: &'a mut Option<Heartbeat>,
+        ids: &dyn crate::codec::RegistryIds,
+    ) -> Result<HeartbeatRef<'a>, CodecError> {
+        match Self::decode_framed(bytes, ids)? {
             Some(h) => Ok(h),
             None => Ok(slot
-                .insert(crate::codec::decode::<Heartbeat>(bytes)?)
+                .insert(crate::codec::decode_framed::<Heartbeat>(bytes, ids)?)
                 .as_ref()),
         }
     }

@@ -250,6 +250,47 @@ pub fn problems(
     out
 }
 
+/// With `schema_registry.framing = "confluent"`: registers the value subjects of the public
+/// topics (`<topic>-value` for `heartbeats` and `facility-status`) in the schema registry,
+/// every released schema version oldest first under FULL_TRANSITIVE compatibility, so that
+/// the registry refuses an incompatible schema from any producer. Returns one report line
+/// per subject; nothing with the default framing. Running it twice changes nothing.
+pub async fn register_subjects(
+    config: &Config,
+) -> Result<Vec<String>, crate::registry::RegistryError> {
+    use crate::records::{FacilityStatus, Heartbeat};
+    use crate::registry::{register_history, value_subject, Framing, RegistryClient};
+    let registry = &config.schema_registry;
+    if registry.framing != Framing::Confluent {
+        return Ok(Vec::new());
+    }
+    let Some(client) = RegistryClient::new(registry)? else {
+        return Ok(Vec::new());
+    };
+    let t = &config.topics;
+    let heartbeats = value_subject(&t.heartbeats);
+    let status = value_subject(&t.facility_status);
+    let lines = vec![
+        (
+            register_history::<Heartbeat>(&client, &heartbeats).await?,
+            heartbeats,
+        ),
+        (
+            register_history::<FacilityStatus>(&client, &status).await?,
+            status,
+        ),
+    ];
+    Ok(lines
+        .into_iter()
+        .map(|(id, subject)| {
+            format!(
+                "subject   {subject} (FULL_TRANSITIVE, current schema id {id}) at {}",
+                client.url()
+            )
+        })
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -43,6 +43,8 @@ use std::time::Duration;
 
 use anyhow::Context;
 use presence_core::kafka::{admin_client, ADMIN_TIMEOUT};
+use presence_core::records::{FacilityStatus, Heartbeat};
+use presence_core::registry::{header_for, value_subject, IdCache};
 use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
 use prometheus::Registry;
@@ -102,17 +104,26 @@ pub async fn run_with(
     tracing::info!(%addr, "processor ops endpoints listening");
     on_ready(addr);
 
+    // Heartbeats in either framing; `facility-status` in the configured one.
+    let ids = std::sync::Arc::new(IdCache::new(&config.schema_registry)?);
+    ids.prewarm::<Heartbeat>(&value_subject(&t.heartbeats))
+        .await;
+    let status_header =
+        header_for::<FacilityStatus>(&config.schema_registry, &t.facility_status).await?;
+
     let timeout = config.processor.session_timeout.as_millis() as i64;
     let stage1 = stage1::SessionsStage::new(
         stage1::Topics::of(t, transition_partitions),
         timeout,
         config.processor.max_clock_skew.as_millis() as i64,
-    );
+    )
+    .with_registry_ids(ids);
     let stage2 = stage2::FacilitiesStage::new(
         stage2::Topics::of(t),
         sources as usize,
         config.processor.flap_hold.as_millis() as i64,
-    );
+    )
+    .with_status_header(status_header);
     let (c1, m1, h1, s1) = (
         config.clone(),
         metrics.clone(),

@@ -2,9 +2,11 @@
 //! letters out. The rules live in [`crate::sessions`].
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 
 use presence_core::codec::{decode, encode};
 use presence_core::records::{HeartbeatKind, HeartbeatRef};
+use presence_core::registry::IdCache;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
 use serde::{Deserialize, Serialize};
@@ -64,6 +66,8 @@ pub struct SessionsStage {
     /// When a transaction with session events last committed.
     last_events: Option<std::time::Instant>,
     expiry_delays: Vec<f64>,
+    /// Registry ids of heartbeats in the `confluent` framing, resolved on first sight.
+    ids: Arc<IdCache>,
 }
 
 impl SessionsStage {
@@ -79,7 +83,15 @@ impl SessionsStage {
             events_pending: false,
             last_events: None,
             expiry_delays: Vec::new(),
+            ids: Arc::new(IdCache::none()),
         }
+    }
+
+    /// Reads heartbeats in the `confluent` framing too, resolving their ids through `ids`
+    /// (without it, such records are dead letters that say to configure the registry).
+    pub fn with_registry_ids(mut self, ids: Arc<IdCache>) -> SessionsStage {
+        self.ids = ids;
+        self
     }
 
     /// Open sessions over every partition this stage holds.
@@ -112,11 +124,13 @@ impl SessionsStage {
     }
 }
 
-fn window_beat(m: &BorrowedMessage<'_>) -> Option<WindowBeat> {
+fn window_beat(m: &BorrowedMessage<'_>, ids: &IdCache) -> Option<WindowBeat> {
     let ts = m.timestamp().to_millis()?;
     let payload = m.payload()?;
+    // A failed lookup leaves the id unresolved: the beat was a dead letter live too.
+    let _ = ids.ensure_blocking(payload);
     let mut slot = None;
-    let beat = HeartbeatRef::decode_any(payload, &mut slot).ok()?;
+    let beat = HeartbeatRef::decode_any_framed(payload, &mut slot, ids).ok()?;
     // What the live path refused (dead letters) or what does not extend: not a refresh.
     if beat.kind != HeartbeatKind::Beat || m.key() != Some(beat.session_id.as_bytes()) {
         return None;
@@ -202,6 +216,7 @@ impl Stage for SessionsStage {
         let (changelog_records, window_beats) =
             std::thread::scope(|scope| -> anyhow::Result<(u64, Vec<WindowBeat>)> {
                 let heartbeats = self.topics.heartbeats;
+                let ids = &*self.ids;
                 let reader = scope.spawn(move || -> anyhow::Result<Vec<WindowBeat>> {
                     let Some((from, until)) = window else {
                         return Ok(Vec::new());
@@ -214,7 +229,7 @@ impl Stage for SessionsStage {
                         Offset::Offset(from),
                         Some(until),
                         |m| {
-                            if let Some(b) = window_beat(m) {
+                            if let Some(b) = window_beat(m, ids) {
                                 beats.push(b);
                             }
                         },
@@ -290,8 +305,13 @@ impl Stage for SessionsStage {
                 out,
             );
         };
+        if let Err(e) = self.ids.ensure_blocking(payload) {
+            // The bytes stay in the dead-letter topic, to be replayed once the registry
+            // answers again.
+            return self.dead_letter(m, "unresolved_schema_id", &e.to_string(), out);
+        }
         let mut slot = None;
-        let beat = match HeartbeatRef::decode_any(payload, &mut slot) {
+        let beat = match HeartbeatRef::decode_any_framed(payload, &mut slot, &*self.ids) {
             Ok(b) => b,
             Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
         };

@@ -3,7 +3,7 @@
 
 use std::collections::HashMap;
 
-use presence_core::codec::{decode, encode};
+use presence_core::codec::{decode, encode, encode_with, Header};
 use presence_core::records::{FacilityStatus, Status};
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
@@ -93,6 +93,8 @@ pub struct FacilitiesStage {
     applied_written: HashMap<i32, Vec<i64>>,
     counts: Counts,
     latencies: Vec<f64>,
+    /// How `facility-status` records are framed (`schema_registry.framing`).
+    status_header: Header,
 }
 
 impl FacilitiesStage {
@@ -105,7 +107,15 @@ impl FacilitiesStage {
             applied_written: HashMap::new(),
             counts: Counts::default(),
             latencies: Vec::new(),
+            status_header: Header::SingleObject,
         }
+    }
+
+    /// Writes `facility-status` with `header` (the registry id of the current schema, for
+    /// the `confluent` framing) instead of single-object encoding.
+    pub fn with_status_header(mut self, header: Header) -> FacilitiesStage {
+        self.status_header = header;
+        self
     }
 
     fn dead_letter(
@@ -135,6 +145,7 @@ impl FacilitiesStage {
 
 struct Emitter<'a> {
     topics: &'a Topics,
+    status_header: Header,
     partition: i32,
     out: &'a mut Vec<Out>,
     counts: &'a mut Counts,
@@ -149,7 +160,7 @@ impl FacilityOutput for Emitter<'_> {
         }
         self.latencies
             .push((status.emitted_at - status.since) as f64 / 1000.0);
-        let value = encode(&status);
+        let value = encode_with(&status, self.status_header);
         self.out.push(Out::record(
             self.topics.status,
             None,
@@ -278,6 +289,7 @@ impl Stage for FacilitiesStage {
         };
         let mut emitter = Emitter {
             topics: &self.topics,
+            status_header: self.status_header,
             partition,
             out,
             counts: &mut self.counts,
@@ -296,6 +308,7 @@ impl Stage for FacilitiesStage {
         for (p, task) in self.tasks.iter_mut() {
             let mut emitter = Emitter {
                 topics: &self.topics,
+                status_header: self.status_header,
                 partition: *p,
                 out,
                 counts: &mut self.counts,

@@ -1,0 +1,327 @@
+//! The `confluent` framing against a real schema registry: Apicurio Registry 2.4.2 through its
+//! Confluent-compatible API (`bash deploy/stack.sh registry-up`, which `make stack` runs).
+//! `presence topics` registers FULL_TRANSITIVE subjects, the processor reads heartbeats in
+//! both framings and writes `facility-status` in the registry's, and Confluent's own Python
+//! deserializer (the README's example consumer with `--registry-url`) decodes it. Every test
+//! deletes the subjects it registered.
+
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard only keeps the heavy end-to-end tests of this binary from running at once.
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use presence_core::codec::AvroRecord;
+use presence_core::codec::{confluent_id, decode_framed, encode, encode_with, Header, RegistryIds};
+use presence_core::config::Config;
+use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
+use presence_core::registry::{
+    header_for, value_subject, Framing, IdCache, RegistryClient, RegistryError,
+};
+use presence_core::testkit::{python, read_to_end, read_to_end_until, repo_root, spawn_process};
+use presence_core::{topics, Shutdown};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use support::*;
+
+/// The registry `make stack` runs, or the one `PRESENCE_TEST_REGISTRY_URL` names.
+fn registry_url() -> String {
+    std::env::var("PRESENCE_TEST_REGISTRY_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into())
+}
+
+/// Isolated topics with the `confluent` framing on the test registry.
+async fn setup_confluent(timeout_ms: u64) -> Config {
+    let mut c = setup(timeout_ms).await;
+    c.schema_registry.framing = Framing::Confluent;
+    c.schema_registry.url = registry_url();
+    assert!(
+        c.schema_registry.problems().is_empty(),
+        "{:?}",
+        c.schema_registry.problems()
+    );
+    c
+}
+
+fn client(c: &Config) -> RegistryClient {
+    RegistryClient::new(&c.schema_registry)
+        .expect("registry client")
+        .expect("a registry is configured")
+}
+
+/// Deletes the value subjects of `c`'s public topics when dropped (also when the test
+/// fails), on a runtime of its own.
+struct Subjects(Config);
+
+impl Drop for Subjects {
+    fn drop(&mut self) {
+        let c = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let client = client(&c);
+                for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
+                    if let Err(e) = client.delete_subject(&value_subject(topic)).await {
+                        eprintln!("cleaning up subject {}: {e}", value_subject(topic));
+                    }
+                }
+            })
+        })
+        .join();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() {
+    let c = setup_confluent(90_000).await;
+    let _cleanup = Subjects(c.clone());
+    let first = topics::register_subjects(&c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(first.len(), 2, "{first:?}");
+    let again = topics::register_subjects(&c).await.expect("second run");
+    assert_eq!(first, again, "a second run changes nothing");
+
+    let client = client(&c);
+    for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
+        let subject = value_subject(topic);
+        assert_eq!(
+            client.compatibility(&subject).await.expect("config"),
+            Some("FULL_TRANSITIVE".to_string()),
+            "{subject}"
+        );
+    }
+    // A new field without a default breaks FULL_TRANSITIVE: old readers could read new data,
+    // but new readers could not read old data. The registry refuses it.
+    let breaking = Heartbeat::SCHEMA.replacen(
+        r#""fields": ["#,
+        r#""fields": [{"name": "tenant", "type": "string"},"#,
+        1,
+    );
+    assert_ne!(
+        breaking,
+        Heartbeat::SCHEMA,
+        "the test must change the schema"
+    );
+    match client
+        .register(&value_subject(&c.topics.heartbeats), &breaking)
+        .await
+    {
+        Err(RegistryError::Refused { status: 409, .. }) => {}
+        other => panic!("an incompatible schema must be refused with 409, got {other:?}"),
+    }
+    // Writers find the id of the current schema.
+    let header = header_for::<FacilityStatus>(&c.schema_registry, &c.topics.facility_status)
+        .await
+        .expect("registered");
+    assert!(matches!(header, Header::Confluent { .. }), "{header:?}");
+
+    // Without registration, a writer is told what to run.
+    let mut unregistered = c.clone();
+    unregistered.topics.facility_status = format!("{}-never-registered", c.topics.facility_status);
+    let e = header_for::<FacilityStatus>(
+        &unregistered.schema_registry,
+        &unregistered.topics.facility_status,
+    )
+    .await
+    .expect_err("not registered");
+    let text = e.to_string();
+    assert!(text.contains(&registry_url()), "names the registry: {text}");
+    assert!(text.contains("presence topics"), "names the fix: {text}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unreachable_registry_is_named_with_the_fix_and_no_password() {
+    let mut c = Config::default();
+    c.schema_registry.framing = Framing::Confluent;
+    c.schema_registry.url = format!("http://127.0.0.1:{}/apis/ccompat/v7", free_port());
+    c.schema_registry.username = "svc".into();
+    c.schema_registry.password = presence_core::Secret::new("s3cret-pw");
+    let e = header_for::<FacilityStatus>(&c.schema_registry, "facility-status")
+        .await
+        .expect_err("nothing listens there");
+    let text = e.to_string();
+    assert!(text.contains(&c.schema_registry.url), "{text}");
+    assert!(text.contains("registry-up"), "{text}");
+    assert!(!text.contains("s3cret-pw"), "{text}");
+    let shown = format!("{:?}", c.redacted());
+    assert!(!shown.contains("s3cret-pw"), "{shown}");
+}
+
+fn free_port() -> u16 {
+    presence_core::testkit::free_port()
+}
+
+/// Produces `(key, value, timestamp)` records to the heartbeats topic.
+async fn produce_raw(c: &Config, records: &[(String, Vec<u8>, i64)]) {
+    let producer: FutureProducer =
+        presence_core::kafka::idempotent_producer_config(&c.kafka, "test-producer")
+            .create()
+            .expect("producer");
+    for (key, value, ts) in records {
+        producer
+            .send(
+                FutureRecord::to(&c.topics.heartbeats)
+                    .key(key)
+                    .payload(value)
+                    .timestamp(*ts),
+                Duration::from_secs(30),
+            )
+            .await
+            .unwrap_or_else(|(e, _)| panic!("producing: {e}"));
+    }
+}
+
+fn beat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
+    Heartbeat {
+        session_id: session.into(),
+        user_id: "u".into(),
+        facility_id: facility.into(),
+        region_id: "r".into(),
+        kind,
+        client_sent_at: None,
+        client_version: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its_output() {
+    let _one = serial();
+    let c = setup_confluent(90_000).await;
+    let _cleanup = Subjects(c.clone());
+    topics::register_subjects(&c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = client(&c);
+    let heartbeat_id = client
+        .lookup(&value_subject(&c.topics.heartbeats), Heartbeat::SCHEMA)
+        .await
+        .expect("lookup")
+        .expect("registered by presence topics");
+    let confluent = Header::Confluent { id: heartbeat_id };
+
+    let shutdown = Shutdown::new();
+    let pc = c.clone();
+    let processor = spawn_process("processor", &shutdown, move |s| {
+        presence_processor::run(pc, s)
+    });
+    let now = now_ms();
+    let unknown_id = Header::Confluent { id: 0x7fff_fff0 };
+    let end = |s, f| beat(s, f, HeartbeatKind::End);
+    let open = |s, f| beat(s, f, HeartbeatKind::Beat);
+    produce_raw(
+        &c,
+        &[
+            (
+                "a".into(),
+                encode_with(&open("a", "CONFLUENT"), confluent),
+                now,
+            ),
+            ("b".into(), encode(&open("b", "SINGLE")), now),
+            // An id the registry never gave out: a dead letter, never a stall.
+            (
+                "x".into(),
+                encode_with(&open("x", "NEVER"), unknown_id),
+                now,
+            ),
+            (
+                "a".into(),
+                encode_with(&end("a", "CONFLUENT"), confluent),
+                now + 1,
+            ),
+            ("b".into(), encode(&end("b", "SINGLE")), now + 1),
+        ],
+    )
+    .await;
+    let records = read_to_end_until(
+        &c,
+        &c.topics.facility_status,
+        Duration::from_secs(60),
+        |r| r.len() >= 4,
+    );
+    processor.stop(Duration::from_secs(30)).await;
+
+    // Every transition in the registry's framing, with the id of the current schema.
+    let status_id = client
+        .lookup(
+            &value_subject(&c.topics.facility_status),
+            FacilityStatus::SCHEMA,
+        )
+        .await
+        .expect("lookup")
+        .expect("registered");
+    let ids = IdCache::new(&c.schema_registry).expect("cache");
+    let mut ours = BTreeSet::new();
+    for m in &records {
+        let value = m.payload().unwrap_or_default();
+        assert_eq!(
+            confluent_id(value),
+            Some(status_id),
+            "framing of {value:02x?}"
+        );
+        ids.ensure(value).await.expect("resolves");
+        assert!(ids.fingerprint(status_id).is_some());
+        let s: FacilityStatus = decode_framed(value, &ids).expect("decodes");
+        assert_eq!(m.key(), Some(s.facility_id.as_bytes()));
+        ours.insert((s.facility_id.clone(), s.status.as_str().to_string(), s.seq));
+    }
+    let expected: BTreeSet<(String, String, i64)> = [
+        ("CONFLUENT", "ONLINE", 1),
+        ("CONFLUENT", "OFFLINE", 2),
+        ("SINGLE", "ONLINE", 1),
+        ("SINGLE", "OFFLINE", 2),
+    ]
+    .into_iter()
+    .map(|(f, s, n)| (f.to_string(), s.to_string(), n))
+    .collect();
+    assert_eq!(ours, expected);
+    assert_eq!(records.len(), 4, "nothing else");
+
+    let letters = read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30));
+    let codes: Vec<String> = letters
+        .iter()
+        .map(|m| {
+            m.headers()
+                .and_then(|h| h.iter().find(|x| x.key == "presence.error.code"))
+                .and_then(|x| x.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        })
+        .collect();
+    assert_eq!(codes, vec!["unresolved_schema_id"], "the unknown id only");
+
+    // Confluent's AvroDeserializer with its SchemaRegistryClient, in the example consumer.
+    let out = std::process::Command::new(python())
+        .arg(repo_root().join("examples/python/consume_facility_status.py"))
+        .args(["--bootstrap-servers", &c.kafka.brokers])
+        .args(["--topic", &c.topics.facility_status])
+        .args(["--registry-url", &registry_url()])
+        .args(["--from-beginning", "--max-records", "4", "--timeout", "60"])
+        .output()
+        .expect("run the Python example (make stack installs its packages)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "the Python consumer failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: BTreeSet<(String, String, i64)> = stdout
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value =
+                serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}"));
+            (
+                v["facility_id"].as_str().unwrap_or_default().to_string(),
+                v["status"].as_str().unwrap_or_default().to_string(),
+                v["seq"].as_i64().unwrap_or_default(),
+            )
+        })
+        .collect();
+    assert_eq!(theirs, expected, "what confluent-kafka decoded");
+}
