@@ -8,7 +8,7 @@ PRESENCE := target/release/presence
 export PRESENCE_TEST_KAFKA_LIBS ?= $(shell bash deploy/stack.sh kafka-libs)
 export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 
-.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down
+.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down monitor monitor-down check-packaging
 
 help:
 	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
@@ -16,7 +16,8 @@ help:
 	@echo "make down    stop the pipeline and the stack"
 	@echo "make lint    formatting and clippy, as CI runs them before the tests"
 	@echo "make cluster a replicated three-node Kafka (RF 3, min ISR 2) with the topics on it"
-	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down"
+	@echo "make monitor a real Prometheus on 127.0.0.1:9090 scraping every process, with the alert rules"
+	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down | monitor-down | check-packaging"
 
 stack:
 	@$(STACK) up
@@ -75,7 +76,24 @@ lint:
 unit:
 	cargo test --workspace --locked --lib --bins
 
+# Prometheus (Debian's package) with its own configuration and data directory under
+# ~/.cache/presence/stack/prometheus, scraping the ops ports of `make up`'s processes (jobs
+# presence-<process>) and evaluating deploy/prometheus/rules. Idempotent.
+monitor:
+	@$(STACK) prometheus-up
+	@echo "Prometheus: http://127.0.0.1:9090 (targets /targets, alerts /alerts); Grafana dashboard to import: deploy/grafana/presence.json"
+
+monitor-down:
+	@$(STACK) prometheus-down
+
+# The Helm chart rendered for every value set and validated strictly against the Kubernetes
+# schemas; docker-compose.yml against the Compose Specification.
+check-packaging:
+	bash deploy/check-packaging.sh
+
 test: stack
+	$(STACK) prometheus-rules-test
+	bash deploy/check-packaging.sh
 	cargo test --workspace --locked
 
 # Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of

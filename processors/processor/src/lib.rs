@@ -34,7 +34,6 @@ use anyhow::Context;
 use presence_core::kafka::{admin_client, ADMIN_TIMEOUT};
 use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
-use prometheus::Registry;
 
 pub(crate) fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
@@ -78,7 +77,7 @@ pub async fn run_with(
     if sources != t.heartbeats_partitions {
         tracing::warn!(topic = %t.heartbeats, actual = sources, configured = t.heartbeats_partitions, "heartbeats has another partition count than configured; using the topic's");
     }
-    let registry = Registry::new();
+    let registry = presence_core::metrics::registry();
     let health = Health::new(&registry);
     let metrics = metrics::Metrics::new(&registry);
     let (addr, ops) = serve_ops(

@@ -35,6 +35,7 @@ use std::time::{Duration, Instant};
 
 use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config, BrokerWatch, BROKER_WATCH_INTERVAL_MS};
+use presence_core::metrics::ConsumerLag;
 use presence_core::telemetry::{Health, Pulse};
 use presence_core::Shutdown;
 use rdkafka::client::ClientContext;
@@ -199,9 +200,10 @@ struct Shared<S: Stage> {
 
 struct StageContext<S: Stage> {
     shared: Arc<Mutex<Shared<S>>>,
-    metrics: Metrics,
     /// Shared with the producer: either client's live connection keeps `<stage>.kafka` ready.
     brokers: BrokerWatch,
+    /// This stage's `presence_consumer_lag` series: only assigned partitions have one.
+    lag: ConsumerLag,
 }
 
 fn lock<S: Stage>(m: &Mutex<Shared<S>>) -> MutexGuard<'_, Shared<S>> {
@@ -219,16 +221,7 @@ impl<S: Stage> ClientContext for StageContext<S> {
 
     fn stats(&self, statistics: Statistics) {
         self.brokers.on_stats(&statistics);
-        for topic in statistics.topics.values() {
-            for (p, part) in &topic.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics
-                        .consumer_lag
-                        .with_label_values(&[S::NAME, &p.to_string()])
-                        .set(part.consumer_lag);
-                }
-            }
-        }
+        self.lag.on_stats(&statistics);
     }
 }
 
@@ -284,10 +277,7 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                     g.stage.revoke(e.partition());
                     g.assigned.remove(&e.partition());
                     g.positions.remove(&e.partition());
-                    self.metrics
-                        .consumer_lag
-                        .with_label_values(&[S::NAME, &e.partition().to_string()])
-                        .set(0);
+                    self.lag.forget(e.partition());
                 }
                 tracing::info!(stage = S::NAME, lost, partitions = ?tpl.elements().iter().map(|e| e.partition()).collect::<Vec<_>>(), "partitions revoked");
                 if let Err(e) = consumer.incremental_unassign(tpl) {
@@ -778,8 +768,8 @@ pub fn run_stage<S: Stage>(
     loop {
         let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext {
             shared: shared.clone(),
-            metrics: metrics.clone(),
             brokers: lock(&shared).brokers.clone(),
+            lag: ConsumerLag::for_stage(&metrics.consumer_lag, S::NAME),
         })?;
         consumer.subscribe(&[topic])?;
         health.set_ready(health_name);
@@ -825,10 +815,7 @@ pub fn run_stage<S: Stage>(
         let left: Vec<i32> = std::mem::take(&mut g.assigned).into_iter().collect();
         for p in left {
             g.stage.revoke(p);
-            metrics
-                .consumer_lag
-                .with_label_values(&[S::NAME, &p.to_string()])
-                .set(0);
+            ConsumerLag::for_stage(&metrics.consumer_lag, S::NAME).forget(p);
         }
         g.positions.clear();
         g.needs_rewind = false;
