@@ -141,18 +141,26 @@ impl ConsumerLag {
         self.shown.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// From the consumer's `ClientContext::stats`: partitions with a known lag (librdkafka
-    /// reports -1 for a partition it does not fetch) are set, every other one dropped.
+    /// From the consumer's `ClientContext::stats`.
     pub fn on_stats(&self, statistics: &Statistics) {
+        self.observe(
+            statistics
+                .topics
+                .values()
+                .flat_map(|t| t.partitions.iter().map(|(&p, part)| (p, part.consumer_lag))),
+        );
+    }
+
+    /// `(partition, lag)` as librdkafka reports them: a partition with a known lag is set;
+    /// every other one (-1: not fetched here; absent) is dropped.
+    pub fn observe(&self, lags: impl IntoIterator<Item = (i32, i64)>) {
         let mut now = BTreeSet::new();
-        for topic in statistics.topics.values() {
-            for (&p, part) in &topic.partitions {
-                if p >= 0 && part.consumer_lag >= 0 {
-                    now.insert(p);
-                    self.gauge
-                        .with_label_values(&[self.stage, &p.to_string()])
-                        .set(part.consumer_lag);
-                }
+        for (p, lag) in lags {
+            if p >= 0 && lag >= 0 {
+                now.insert(p);
+                self.gauge
+                    .with_label_values(&[self.stage, &p.to_string()])
+                    .set(lag);
             }
         }
         let mut shown = self.shown();
@@ -407,16 +415,7 @@ mod tests {
         let r = Registry::new();
         let gauge = ConsumerLag::register(&r);
         let lag = ConsumerLag::for_stage(&gauge, "sink");
-        let stats = |parts: &[(i32, i64)]| -> Statistics {
-            let partitions: serde_json::Map<String, serde_json::Value> = parts
-                .iter()
-                .map(|(p, l)| (p.to_string(), stats_partition(*p, *l)))
-                .collect();
-            let mut s = base_stats();
-            s["topics"] = serde_json::json!({"t": {"topic": "t", "age": 0, "metadata_age": 0, "batchsize": {}, "batchcnt": {}, "partitions": partitions}});
-            serde_json::from_value(s).unwrap()
-        };
-        lag.on_stats(&stats(&[(0, 5), (1, 7), (-1, 0)]));
+        lag.observe([(0, 5), (1, 7), (-1, 0)]);
         let text = encode(&r);
         assert!(
             text.contains("presence_consumer_lag{partition=\"0\",stage=\"sink\"} 5"),
@@ -430,7 +429,7 @@ mod tests {
         lag.forget(1);
         assert!(!encode(&r).contains("partition=\"1\""));
         // No longer fetched (-1): gone.
-        lag.on_stats(&stats(&[(0, -1), (2, 3)]));
+        lag.observe([(0, -1), (2, 3)]);
         let text = encode(&r);
         assert!(!text.contains("partition=\"0\""), "{text}");
         assert!(text.contains("partition=\"2\""), "{text}");
@@ -445,30 +444,5 @@ mod tests {
             .encode(&r.gather(), &mut buf)
             .unwrap();
         String::from_utf8(buf).unwrap()
-    }
-
-    fn base_stats() -> serde_json::Value {
-        serde_json::json!({
-            "name": "c", "client_id": "c", "type": "consumer", "ts": 0, "time": 0, "age": 0,
-            "replyq": 0, "msg_cnt": 0, "msg_size": 0, "msg_max": 0, "msg_size_max": 0,
-            "simple_cnt": 0, "metadata_cache_cnt": 0, "brokers": {}, "topics": {},
-            "tx": 0, "tx_bytes": 0, "rx": 0, "rx_bytes": 0, "txmsgs": 0, "txmsg_bytes": 0,
-            "rxmsgs": 0, "rxmsg_bytes": 0
-        })
-    }
-
-    fn stats_partition(p: i32, lag: i64) -> serde_json::Value {
-        let mut v = serde_json::json!({
-            "partition": p, "broker": 1, "leader": 1, "desired": true, "unknown": false,
-            "msgq_cnt": 0, "msgq_bytes": 0, "xmit_msgq_cnt": 0, "xmit_msgq_bytes": 0,
-            "fetchq_cnt": 0, "fetchq_size": 0, "fetch_state": "active", "query_offset": 0,
-            "next_offset": 0, "app_offset": 0, "stored_offset": 0, "committed_offset": 0,
-            "eof_offset": 0, "lo_offset": 0, "hi_offset": 0, "consumer_lag": lag,
-            "consumer_lag_stored": lag, "txmsgs": 0, "txbytes": 0, "rxmsgs": 0, "rxbytes": 0,
-            "msgs": 0, "rx_ver_drops": 0, "msgs_inflight": 0, "next_ack_seq": 0,
-            "next_err_seq": 0, "acked_msgid": 0
-        });
-        v["committed_leader_epoch"] = serde_json::json!(0);
-        v
     }
 }

@@ -243,6 +243,9 @@ impl Outcome {
     }
 }
 
+/// How long a topic's settings may take to show after it was created.
+const DESCRIBE_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
+
 async fn verify(
     admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
     opts: &AdminOptions,
@@ -254,20 +257,32 @@ async fn verify(
         topic: spec.name.clone(),
         detail,
     };
-    let results = admin
-        .describe_configs([&ResourceSpecifier::Topic(&spec.name)], opts)
-        .await
-        .map_err(|e| describe_err(e.to_string()))?;
-    let resource = match results.into_iter().next() {
-        Some(Ok(r)) => r,
-        Some(Err(code)) => return Err(describe_err(code.to_string())),
-        None => return Err(describe_err("no answer".into())),
+    // A topic created a moment ago can be described before the broker answering has its
+    // configuration, and then comes back without entries: every broker reports every
+    // setting it has, and `cleanup.policy` is one, so ask again for a while.
+    let deadline = std::time::Instant::now() + DESCRIBE_SETTLE;
+    let actual = loop {
+        let results = admin
+            .describe_configs([&ResourceSpecifier::Topic(&spec.name)], opts)
+            .await
+            .map_err(|e| describe_err(e.to_string()))?;
+        let resource = match results.into_iter().next() {
+            Some(Ok(r)) => r,
+            Some(Err(code)) => return Err(describe_err(code.to_string())),
+            None => return Err(describe_err("no answer".into())),
+        };
+        let actual: Vec<(String, Option<String>)> = resource
+            .entries
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        let complete = actual.iter().any(|(k, _)| k == "cleanup.policy");
+        if complete || std::time::Instant::now() >= deadline {
+            break actual;
+        }
+        tracing::debug!(topic = %spec.name, entries = actual.len(), "topic settings not reported yet; asking again");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     };
-    let actual: Vec<(String, Option<String>)> = resource
-        .entries
-        .iter()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect();
     let judged = problems(spec, partitions, &actual, brokers);
     for w in &judged.1 {
         tracing::warn!(topic = %spec.name, "{w}");
