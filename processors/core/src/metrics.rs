@@ -124,7 +124,7 @@ impl ConsumerLag {
         gauge_vec(
             registry,
             "presence_consumer_lag",
-            "Records not consumed yet, per assigned input partition (librdkafka's consumer_lag)",
+            "Records not consumed yet per assigned input partition: the position behind the last stable offset",
             &["stage", "partition"],
         )
     }
@@ -141,18 +141,22 @@ impl ConsumerLag {
         self.shown.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// From the consumer's `ClientContext::stats`.
+    /// From the consumer's `ClientContext::stats`. The lag is the consumer's position
+    /// behind the last stable offset (`ls_offset - app_offset`: every consumer here reads
+    /// committed records only), not librdkafka's `consumer_lag`, which counts from the
+    /// committed offset as this consumer knows it: the processor commits through its
+    /// transactional producer and starts from restored positions, so its consumers never
+    /// know one.
     pub fn on_stats(&self, statistics: &Statistics) {
-        self.observe(
-            statistics
-                .topics
-                .values()
-                .flat_map(|t| t.partitions.iter().map(|(&p, part)| (p, part.consumer_lag))),
-        );
+        self.observe(statistics.topics.values().flat_map(|t| {
+            t.partitions
+                .iter()
+                .map(|(&p, part)| (p, position_lag(part.ls_offset, part.app_offset)))
+        }));
     }
 
-    /// `(partition, lag)` as librdkafka reports them: a partition with a known lag is set;
-    /// every other one (-1: not fetched here; absent) is dropped.
+    /// `(partition, lag)`: a partition with a known lag is set; every other one (-1: not
+    /// fetched here; absent) is dropped.
     pub fn observe(&self, lags: impl IntoIterator<Item = (i32, i64)>) {
         let mut now = BTreeSet::new();
         for (p, lag) in lags {
@@ -188,6 +192,17 @@ impl ConsumerLag {
                 .gauge
                 .remove_label_values(&[self.stage, &p.to_string()]);
         }
+    }
+}
+
+/// Records between a consumer's position (`app_offset`, the next offset it hands to the
+/// application) and the last stable offset; -1 while either is unknown (-1001 in librdkafka's
+/// statistics: a partition this consumer does not fetch).
+fn position_lag(ls_offset: i64, app_offset: i64) -> i64 {
+    if ls_offset >= 0 && app_offset >= 0 {
+        (ls_offset - app_offset).max(0)
+    } else {
+        -1
     }
 }
 
@@ -435,6 +450,16 @@ mod tests {
         assert!(text.contains("partition=\"2\""), "{text}");
         lag.forget_all();
         assert!(!encode(&r).contains("presence_consumer_lag{"));
+    }
+
+    #[test]
+    fn lag_is_the_position_behind_the_last_stable_offset() {
+        assert_eq!(position_lag(120, 100), 20);
+        assert_eq!(position_lag(100, 100), 0);
+        // A commit marker read past the last stable offset: never negative.
+        assert_eq!(position_lag(100, 101), 0);
+        assert_eq!(position_lag(100, -1001), -1, "not fetched yet");
+        assert_eq!(position_lag(-1001, 5), -1, "end unknown");
     }
 
     fn encode(r: &Registry) -> String {
