@@ -10,7 +10,7 @@ export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 # The schema registry `make stack` runs (Apicurio's Confluent-compatible API).
 export PRESENCE_TEST_REGISTRY_URL ?= $(shell bash deploy/stack.sh registry-url)
 
-.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down chaos chaos-short
+.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down chaos chaos-short monitor monitor-down check-packaging
 
 help:
 	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
@@ -20,7 +20,8 @@ help:
 	@echo "make cluster a replicated three-node Kafka (RF 3, min ISR 2) with the topics on it"
 	@echo "make chaos   the long chaos run: faults under load on a cluster of its own, judged by the ground truth"
 	@echo "             (CHAOS_SECONDS=900 CHAOS_SESSIONS=30000 CHAOS_SEED=<n>; make chaos-short: about 3 minutes)"
-	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down"
+	@echo "make monitor a real Prometheus on 127.0.0.1:9090 scraping every process, with the alert rules"
+	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down | monitor-down | check-packaging"
 
 stack:
 	@$(STACK) up
@@ -96,7 +97,24 @@ lint:
 unit:
 	cargo test --workspace --locked --lib --bins
 
+# Prometheus (Debian's package) with its own configuration and data directory under
+# ~/.cache/presence/stack/prometheus, scraping the ops ports of `make up`'s processes (jobs
+# presence-<process>) and evaluating deploy/prometheus/rules. Idempotent.
+monitor:
+	@$(STACK) prometheus-up
+	@echo "Prometheus: http://127.0.0.1:9090 (targets /targets, alerts /alerts); Grafana dashboard to import: deploy/grafana/presence.json"
+
+monitor-down:
+	@$(STACK) prometheus-down
+
+# The Helm chart rendered for every value set and validated strictly against the Kubernetes
+# schemas; docker-compose.yml against the Compose Specification.
+check-packaging:
+	bash deploy/check-packaging.sh
+
 test: stack
+	$(STACK) prometheus-rules-test
+	bash deploy/check-packaging.sh
 	cargo test --workspace --locked
 
 # Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of

@@ -17,6 +17,11 @@
 #                            Confluent Schema Registry API), built once from Maven Central as a
 #                            Quarkus fast-jar (deploy/registry/pom.xml) into the cache, run on
 #                            127.0.0.1:$REGISTRY_PORT with in-memory storage; `up` starts it too
+#   deploy/stack.sh prometheus-up | prometheus-down
+#                            a real Prometheus scraping every process (make monitor; below)
+#   deploy/stack.sh prometheus-rules-test
+#                            promtool check + unit tests of deploy/prometheus/rules
+#   deploy/stack.sh helm     builds helm (go install, cached) and prints its path
 #   deploy/stack.sh tls-certs DIR
 #                            a throw-away CA and certificates for TLS tests (openssl): ca.crt,
 #                            server.crt/.key (for 127.0.0.1 and localhost), client.crt/.key,
@@ -133,7 +138,8 @@ kafka_jars() {
 
 python_env() {
   # Python's Avro library for the cross-implementation codec test, Confluent's client for the
-  # registry test and the Python example. Reinstalled whenever the requirements change.
+  # registry test and the Python example, kubernetes-validate, jsonschema and PyYAML for the
+  # chart and compose checks (deploy/check-packaging.sh). Reinstalled whenever the requirements change.
   local req="$ROOT/deploy/python-requirements.txt"
   if [[ -x "$VENV/bin/python" ]] && cmp -s "$req" "$VENV/.requirements"; then return 0; fi
   say "installing deploy/python-requirements.txt into $VENV (pip)"
@@ -525,6 +531,91 @@ status() {
   return $ok
 }
 
+
+# --- Monitoring and packaging tools -----------------------------------------------------
+# Prometheus from Debian's package, run from the command line with a configuration and data
+# directory of its own (PROM_DIR, default $STACK_DIR/prometheus), on 127.0.0.1:PROM_PORT
+# (9090). It scrapes PROM_TARGETS ("<process>=<host:port> ...", default the four ops ports of
+# `make up`) every PROM_SCRAPE_INTERVAL (5s), one job `presence-<process>` each, and
+# evaluates deploy/prometheus/rules/*.yml. Idempotent: a running one with the same
+# configuration is reused; a changed configuration is reloaded.
+PROM_PORT="${PROM_PORT:-9090}"
+PROM_DIR="${PROM_DIR:-$STACK_DIR/prometheus}"
+PROM_TARGETS="${PROM_TARGETS:-processor=127.0.0.1:9101 notifier=127.0.0.1:9102 sink=127.0.0.1:9103 gateway=127.0.0.1:9104}"
+PROM_SCRAPE_INTERVAL="${PROM_SCRAPE_INTERVAL:-5s}"
+
+prometheus_config() {
+  printf 'global:\n  scrape_interval: %s\n  evaluation_interval: %s\n' "$PROM_SCRAPE_INTERVAL" "$PROM_SCRAPE_INTERVAL"
+  printf 'rule_files:\n  - %s/deploy/prometheus/rules/*.yml\n' "$ROOT"
+  printf 'scrape_configs:\n'
+  local t
+  for t in $PROM_TARGETS; do
+    [[ "$t" == *=*:* ]] || die "PROM_TARGETS entry '$t' is not <process>=<host:port>"
+    printf '  - job_name: presence-%s\n    static_configs:\n      - targets: ["%s"]\n' "${t%%=*}" "${t#*=}"
+  done
+}
+
+prometheus_ready() { curl -sf "http://127.0.0.1:$PROM_PORT/-/ready" >/dev/null; }
+
+prometheus_up() {
+  command -v prometheus >/dev/null && command -v promtool >/dev/null || apt_install prometheus
+  mkdir -p "$PROM_DIR/data"
+  prometheus_config >"$PROM_DIR/prometheus.yml.new"
+  promtool check config "$PROM_DIR/prometheus.yml.new" >"$PROM_DIR/check.log" 2>&1 \
+    || { cat "$PROM_DIR/check.log" >&2; die "the generated Prometheus configuration is invalid (PROM_TARGETS?)"; }
+  local pid=""
+  [[ -f "$PROM_DIR/prometheus.pid" ]] && pid=$(cat "$PROM_DIR/prometheus.pid")
+  if [[ -n "$pid" ]] && kill -0 "$pid" 2>/dev/null && prometheus_ready; then
+    if cmp -s "$PROM_DIR/prometheus.yml.new" "$PROM_DIR/prometheus.yml"; then
+      rm -f "$PROM_DIR/prometheus.yml.new"
+      say "prometheus: reusing what answers on http://127.0.0.1:$PROM_PORT"; return 0
+    fi
+    mv "$PROM_DIR/prometheus.yml.new" "$PROM_DIR/prometheus.yml"
+    say "prometheus: configuration changed; reloading"
+    kill -HUP "$pid"; return 0
+  fi
+  port_open "$PROM_PORT" && die "port $PROM_PORT is taken by something else; set PROM_PORT"
+  mv "$PROM_DIR/prometheus.yml.new" "$PROM_DIR/prometheus.yml"
+  say "prometheus: starting on http://127.0.0.1:$PROM_PORT (log $PROM_DIR/prometheus.log)"
+  nohup prometheus --config.file="$PROM_DIR/prometheus.yml" --storage.tsdb.path="$PROM_DIR/data" \
+    --storage.tsdb.retention.time=2d --web.listen-address="127.0.0.1:$PROM_PORT" \
+    --web.enable-lifecycle >"$PROM_DIR/prometheus.log" 2>&1 </dev/null &
+  echo $! >"$PROM_DIR/prometheus.pid"
+  wait_for 60 "prometheus on 127.0.0.1:$PROM_PORT" "$PROM_DIR/prometheus.log" prometheus_ready
+}
+
+prometheus_down() {
+  [[ -f "$PROM_DIR/prometheus.pid" ]] || return 0
+  local pid; pid=$(cat "$PROM_DIR/prometheus.pid")
+  if kill -0 "$pid" 2>/dev/null; then
+    say "prometheus: stopping"
+    kill "$pid"
+    local deadline=$((SECONDS + 30))
+    while kill -0 "$pid" 2>/dev/null && ((SECONDS < deadline)); do sleep 0.2; done
+  fi
+  rm -f "$PROM_DIR/prometheus.pid"
+}
+
+# The alert and recording rules: syntax, then their unit tests.
+prometheus_rules_test() {
+  command -v promtool >/dev/null || apt_install prometheus
+  promtool check rules "$ROOT"/deploy/prometheus/rules/*.yml
+  promtool test rules "$ROOT"/deploy/prometheus/tests/*.yml
+}
+
+# Helm 4 built from the Go module proxy (no other download), cached; prints its path.
+HELM_VERSION="${HELM_VERSION:-v4.3.1}"
+helm_bin() {
+  local dir="$CACHE/helm-$HELM_VERSION"
+  if [[ ! -x "$dir/helm" ]]; then
+    command -v go >/dev/null || die "helm is built with Go (go install); install Go 1.24+ first"
+    say "building helm $HELM_VERSION into $dir (go install, ~2 min the first time)" >&2
+    GOBIN="$dir" go install "helm.sh/helm/v4/cmd/helm@$HELM_VERSION" >&2 \
+      || die "go install helm.sh/helm/v4/cmd/helm@$HELM_VERSION failed; check access to the Go module proxy"
+  fi
+  echo "$dir/helm"
+}
+
 case "${1:-up}" in
   up) up ;;
   down) down ;;
@@ -551,5 +642,9 @@ case "${1:-up}" in
   node-modules) echo "$CACHE/node/node_modules" ;;
   kafka-libs) echo "$KAFKA_LIBS" ;;
   venv-python) echo "$VENV/bin/python" ;;
-  *) die "unknown command '$1': use up, down, status, deps, tls-certs DIR, <kafka|redis|pg|registry|cluster>-<up|down>, registry-url, cluster-status, cluster-node-<up|down|kill> N" ;;
+  prometheus-up) mkdir -p "$STACK_DIR"; prometheus_up ;;
+  prometheus-down) prometheus_down ;;
+  prometheus-rules-test) prometheus_rules_test ;;
+  helm) helm_bin ;;
+  *) die "unknown command '$1': use up, down, status, deps, tls-certs DIR, <kafka|redis|pg|registry|cluster|prometheus>-<up|down>, registry-url, prometheus-rules-test, helm, cluster-status, cluster-node-<up|down|kill> N" ;;
 esac

@@ -128,6 +128,7 @@ fn main() -> ExitCode {
         }
     };
     telemetry::init_logging(&config.telemetry);
+    presence_core::metrics::set_build_commit(env!("PRESENCE_COMMIT"));
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -26,10 +26,14 @@ use std::collections::BTreeMap;
 use std::future::Future;
 use std::time::{Duration, Instant};
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{Histogram, IntCounter, IntCounterVec, Registry};
+use rdkafka::client::ClientContext;
+use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance};
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use rdkafka::statistics::Statistics;
 use rdkafka::TopicPartitionList;
 
 use crate::codec::decode_framed;
@@ -38,9 +42,16 @@ use crate::kafka::{
     consumer_config, dead_letter_headers, idempotent_producer_config, BrokerWatch,
     BROKER_WATCH_INTERVAL_MS,
 };
+use crate::metrics::{self, ConsumerLag};
 use crate::records::FacilityStatus;
 use crate::telemetry::Health;
 use crate::Shutdown;
+use events::{
+    BatchWritten, DeadLetterCause, DeadLettered, StoreEmptied, StoreRecovered, StoreRefused,
+    StoreUnavailable,
+};
+
+mod events;
 
 /// One transition and where it came from.
 #[derive(Debug, Clone)]
@@ -95,6 +106,10 @@ pub struct Batching {
     pub linger: Duration,
 }
 
+/// The loop's metrics, `presence_<role>_*`, and the consumer's lag
+/// (`presence_consumer_lag{stage="<role>"}`). Store health is `presence_dependency_up`
+/// (the readiness component named after the store). What is counted is also logged, in one
+/// place: [`events`].
 #[derive(Clone)]
 pub struct Metrics {
     pub applied: IntCounter,
@@ -103,73 +118,78 @@ pub struct Metrics {
     pub dead_letters: IntCounterVec,
     /// Wall time from the processor's emission to this writer taking the transition.
     pub delivery_seconds: Histogram,
-    /// 1 while the dependency takes writes, 0 while it is being retried.
-    pub dependency_up: IntGauge,
     pub rewinds: IntCounter,
+    pub lag: ConsumerLag,
 }
 
 impl Metrics {
     /// Metric names start with `presence_<role>_`.
-    pub fn new(registry: &Registry, role: &str) -> Metrics {
-        let must = |r: prometheus::Result<()>| r.expect("metric definitions are static and valid");
-        let m = Metrics {
-            applied: IntCounter::new(
-                format!("presence_{role}_transitions_total"),
+    pub fn new(registry: &Registry, role: &'static str) -> Metrics {
+        let name = |thing: &str| format!("presence_{role}_{thing}");
+        Metrics {
+            applied: metrics::counter(
+                registry,
+                &name("transitions_total"),
                 "Transitions written (replays included)",
-            )
-            .expect("metric"),
-            batch_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    format!("presence_{role}_batch_seconds"),
-                    "Time to write one batch",
-                )
-                .buckets(vec![
-                    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
-                ]),
-            )
-            .expect("metric"),
-            errors: IntCounter::new(
-                format!("presence_{role}_write_errors_total"),
+            ),
+            batch_seconds: metrics::histogram(
+                registry,
+                &name("batch_seconds"),
+                "Time to write one batch",
+                &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5],
+            ),
+            errors: metrics::counter(
+                registry,
+                &name("write_errors_total"),
                 "Failed batch writes (each retried)",
-            )
-            .expect("metric"),
-            dead_letters: IntCounterVec::new(
-                Opts::new(
-                    format!("presence_{role}_dead_letters_total"),
-                    "facility-status records sent to the dead-letter topic: undecodable, or refused by the store POISON_ATTEMPTS times",
-                ),
+            ),
+            dead_letters: metrics::counter_vec(
+                registry,
+                &name("dead_letters_total"),
+                "facility-status records sent to the dead-letter topic: undecodable, or refused by the store POISON_ATTEMPTS times",
                 &["error_code"],
-            )
-            .expect("metric"),
-            delivery_seconds: Histogram::with_opts(
-                HistogramOpts::new(
-                    format!("presence_{role}_delivery_seconds"),
-                    "From the processor's emission to this write",
-                )
-                .buckets(vec![
-                    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0,
-                ]),
-            )
-            .expect("metric"),
-            dependency_up: IntGauge::new(
-                format!("presence_{role}_dependency_up"),
-                "1 while the store takes writes",
-            )
-            .expect("metric"),
-            rewinds: IntCounter::new(
-                format!("presence_{role}_rewinds_total"),
+            ),
+            delivery_seconds: metrics::histogram(
+                registry,
+                &name("delivery_seconds"),
+                "From the processor's emission to this write",
+                &[0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0],
+            ),
+            rewinds: metrics::counter(
+                registry,
+                &name("rewinds_total"),
                 "Re-reads of facility-status from the beginning after the store lost its data",
-            )
-            .expect("metric"),
-        };
-        must(registry.register(Box::new(m.rewinds.clone())));
-        must(registry.register(Box::new(m.applied.clone())));
-        must(registry.register(Box::new(m.batch_seconds.clone())));
-        must(registry.register(Box::new(m.errors.clone())));
-        must(registry.register(Box::new(m.dead_letters.clone())));
-        must(registry.register(Box::new(m.delivery_seconds.clone())));
-        must(registry.register(Box::new(m.dependency_up.clone())));
-        m
+            ),
+            lag: ConsumerLag::for_stage(&ConsumerLag::register(registry), role),
+        }
+    }
+}
+
+/// The consumer's context: broker readiness and consumer lag from librdkafka's statistics;
+/// a revoked partition's lag series goes with it.
+struct DownstreamContext {
+    watch: BrokerWatch,
+    lag: ConsumerLag,
+}
+
+impl ClientContext for DownstreamContext {
+    fn stats(&self, statistics: Statistics) {
+        self.watch.on_stats(&statistics);
+        self.lag.on_stats(&statistics);
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.watch.error(error, reason);
+    }
+}
+
+impl ConsumerContext for DownstreamContext {
+    fn post_rebalance(&self, _: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            for e in tpl.elements() {
+                self.lag.forget(e.partition());
+            }
+        }
     }
 }
 
@@ -184,7 +204,7 @@ pub async fn serve<W: Writer>(
     writer: W,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let registry = Registry::new();
+    let registry = metrics::registry();
     let health = Health::new(&registry);
     let metrics = Metrics::new(&registry, role);
     let (addr, server) =
@@ -220,20 +240,24 @@ pub async fn run<W: Writer>(
 ) -> anyhow::Result<()> {
     let topic = config.topics.facility_status.as_str();
     let watch = BrokerWatch::new(&health, "kafka", &config.kafka.brokers);
-    let consumer: StreamConsumer<BrokerWatch> = consumer_config(&config.kafka, role, group_id)
-        // Downstream latency: fetch as soon as the processor commits.
-        .set("fetch.wait.max.ms", "10")
-        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
-        .create_with_context(watch)?;
+    let context = DownstreamContext {
+        watch,
+        lag: metrics.lag.clone(),
+    };
+    let consumer: StreamConsumer<DownstreamContext> =
+        consumer_config(&config.kafka, role, group_id)
+            // Downstream latency: fetch as soon as the processor commits.
+            .set("fetch.wait.max.ms", "10")
+            .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
+            .create_with_context(context)?;
     consumer.subscribe(&[topic])?;
-    let mut dead_letters = DeadLetters::new(config, role, metrics.clone())?;
+    let mut dead_letters = DeadLetters::new(config, role)?;
     // Transitions in the `confluent` framing: registry ids resolved once each.
     let ids = crate::registry::IdCache::new(&config.schema_registry)?;
     ids.prewarm::<FacilityStatus>(&crate::registry::value_subject(topic))
         .await;
     health.register(W::DEPENDENCY);
     health.set_ready(W::DEPENDENCY);
-    metrics.dependency_up.set(1);
     tracing::info!(
         topic,
         group_id,
@@ -312,13 +336,22 @@ pub async fn run<W: Writer>(
                 }
                 Err(e) => {
                     let from = (topic, partition, offset);
+                    let message = e.to_string();
                     if !dead_letters
-                        .send(from, &raw, e.code(), &e.to_string(), &shutdown)
+                        .send(from, &raw, e.code(), &message, &shutdown)
                         .await
                     {
                         return Ok(());
                     }
-                    tracing::warn!(partition, offset, error = %e, "undecodable transition sent to the dead-letter topic");
+                    DeadLettered {
+                        cause: DeadLetterCause::Undecodable,
+                        code: e.code(),
+                        message: &message,
+                        partition,
+                        offset,
+                        dead_letter_topic: &config.topics.dead_letters,
+                    }
+                    .emit(&metrics);
                 }
             }
             mark(&mut undecodable_handled, partition, offset);
@@ -355,7 +388,19 @@ pub async fn run<W: Writer>(
                             {
                                 return Ok(());
                             }
-                            tracing::error!(store = W::DEPENDENCY, facility = %r.status.facility_id, seq = r.status.seq, partition = r.partition, offset = r.offset, code, error = %message, "the store refused a transition {POISON_ATTEMPTS} times; sent it to the dead-letter topic {} and moving on", config.topics.dead_letters);
+                            DeadLettered {
+                                cause: DeadLetterCause::Refused {
+                                    store: W::DEPENDENCY,
+                                    facility: &r.status.facility_id,
+                                    seq: r.status.seq,
+                                },
+                                code,
+                                message: &message,
+                                partition: r.partition,
+                                offset: r.offset,
+                                dead_letter_topic: &config.topics.dead_letters,
+                            }
+                            .emit(&metrics);
                         }
                         other => {
                             outcome = other;
@@ -369,14 +414,13 @@ pub async fn run<W: Writer>(
                 Done::Written | Done::Refused { .. } => {}
                 Done::Stopped => return Ok(()),
                 Done::Rewind(why) => {
-                    metrics.rewinds.inc();
                     let assignment = consumer.assignment()?;
-                    tracing::warn!(
-                        store = W::DEPENDENCY,
-                        why,
-                        partitions = assignment.count(),
-                        "the store lost its data; reading facility-status again from the beginning"
-                    );
+                    StoreEmptied {
+                        store: W::DEPENDENCY,
+                        why: &why,
+                        partitions: assignment.count(),
+                    }
+                    .emit(&metrics);
                     for e in assignment.elements() {
                         consumer.seek(
                             e.topic(),
@@ -413,22 +457,20 @@ struct DeadLetters {
     topic: String,
     producer: FutureProducer,
     config: rdkafka::ClientConfig,
-    metrics: Metrics,
 }
 
 impl DeadLetters {
-    fn new(config: &Config, role: &str, metrics: Metrics) -> anyhow::Result<DeadLetters> {
+    fn new(config: &Config, role: &str) -> anyhow::Result<DeadLetters> {
         let client_config = idempotent_producer_config(&config.kafka, role);
         Ok(DeadLetters {
             topic: config.topics.dead_letters.clone(),
             producer: client_config.create()?,
             config: client_config,
-            metrics,
         })
     }
 
     /// Sends `r`, read `from` (topic, partition, offset), with headers saying why (`code`,
-    /// `message`) and where from, and counts it. Returns false on shutdown before it was sent.
+    /// `message`) and where from. Returns false on shutdown before it was sent.
     async fn send(
         &mut self,
         from: (&str, i32, i64),
@@ -454,10 +496,7 @@ impl DeadLetters {
                 record = record.key(k);
             }
             match self.producer.send(record, Duration::from_secs(30)).await {
-                Ok(_) => {
-                    self.metrics.dead_letters.with_label_values(&[code]).inc();
-                    return true;
-                }
+                Ok(_) => return true,
                 Err((e, _)) => {
                     tracing::warn!(topic = %self.topic, error = %e, retry_in = ?backoff, "cannot write to the dead-letter topic; retrying (offsets are not committed past the record)");
                 }
@@ -499,35 +538,39 @@ async fn write_until_done<W: Writer>(
         let started = Instant::now();
         match writer.write(batch).await {
             Ok(()) => {
-                metrics
-                    .batch_seconds
-                    .observe(started.elapsed().as_secs_f64());
-                metrics.applied.inc_by(batch.len() as u64);
-                let now = crate::now_ms();
-                for r in batch {
-                    metrics
-                        .delivery_seconds
-                        .observe((now - r.status.emitted_at).max(0) as f64 / 1000.0);
+                let emitted_at: Vec<i64> = batch.iter().map(|r| r.status.emitted_at).collect();
+                BatchWritten {
+                    records: batch.len(),
+                    elapsed: started.elapsed(),
+                    emitted_at: &emitted_at,
+                    now_ms: crate::now_ms(),
                 }
+                .emit(metrics);
                 if failures > 0 {
-                    tracing::info!(
-                        store = W::DEPENDENCY,
+                    StoreRecovered {
+                        store: W::DEPENDENCY,
                         failures,
-                        "the store takes writes again; resuming"
-                    );
-                    health.set_ready(W::DEPENDENCY);
-                    metrics.dependency_up.set(1);
+                    }
+                    .emit(health);
                 }
                 return Done::Written;
             }
             Err(WriteError::Rewind(why)) => return Done::Rewind(why),
             Err(WriteError::Refused { code, message }) => {
                 refusals += 1;
-                metrics.errors.inc();
-                if refusals >= POISON_ATTEMPTS {
+                let last = refusals >= POISON_ATTEMPTS;
+                StoreRefused {
+                    store: W::DEPENDENCY,
+                    code,
+                    message: &message,
+                    refusals,
+                    records: batch.len(),
+                    retry_in: (!last).then_some(backoff),
+                }
+                .emit(metrics);
+                if last {
                     return Done::Refused { code, message };
                 }
-                tracing::warn!(store = W::DEPENDENCY, code, error = %message, refusals, records = batch.len(), retry_in = ?backoff, "the store refused transitions; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.wait() => return Done::Stopped,
@@ -536,15 +579,13 @@ async fn write_until_done<W: Writer>(
             }
             Err(WriteError::Retry(e)) => {
                 failures += 1;
-                metrics.errors.inc();
-                metrics.dependency_up.set(0);
-                health.set_unready(
-                    W::DEPENDENCY,
-                    format!("{} write failing: {e}", W::DEPENDENCY),
-                );
-                if failures == 1 || failures.is_power_of_two() {
-                    tracing::warn!(store = W::DEPENDENCY, error = %e, failures, retry_in = ?backoff, "cannot write transitions; retrying the same batch (offsets are not committed)");
+                StoreUnavailable {
+                    store: W::DEPENDENCY,
+                    error: &e,
+                    failures,
+                    retry_in: backoff,
                 }
+                .emit(metrics, health);
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.wait() => return Done::Stopped,

@@ -15,7 +15,9 @@
 //! - [`tls`]: TLS to Redis and PostgreSQL (rustls): libpq's `sslmode`, CA and client
 //!   certificates, the handshake tokio-postgres runs.
 //! - [`topics`]: provisioning and verification of every topic (`presence topics`).
-//! - [`telemetry`]: logging, Prometheus metrics, `/metrics` `/healthz` `/readyz`.
+//! - [`telemetry`]: logging, health, `/metrics` `/healthz` `/readyz`.
+//! - [`metrics`]: how every metric is registered (one way), the `process_*` metrics and
+//!   `presence_build_info`, and the consumer-lag gauge.
 //! - [`sim`]: the seeded simulation of users (load generator) and its reference model.
 //! - [`shutdown`]: one token tripped by SIGTERM that every task watches.
 //!
@@ -27,6 +29,7 @@ pub mod config;
 pub mod delivery;
 pub mod downstream;
 pub mod kafka;
+pub mod metrics;
 pub mod records;
 pub mod registry;
 pub mod shutdown;

@@ -15,7 +15,7 @@ use axum::http::{header, StatusCode};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
-use prometheus::{Encoder, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{Encoder, IntGaugeVec, Registry, TextEncoder};
 
 use crate::config::{LogFormat, TelemetryConfig};
 use crate::shutdown::Shutdown;
@@ -37,14 +37,21 @@ pub fn init_logging(c: &TelemetryConfig) {
     };
 }
 
-/// Readiness of named dependencies (`kafka`, `redis`, ...). A process is ready when every
-/// registered component is. Also exported as `presence_dependency_up{dependency}`.
+/// Readiness of named components (`kafka`, `redis`, `sessions`, `sessions.kafka`...). A
+/// process is ready when every registered component is.
+///
+/// The one dependency-health metric, `presence_dependency_up{dependency}` (`kafka`, `redis`,
+/// `postgres`), follows the components named after a dependency (`kafka`, or
+/// `<anything>.kafka`: 1 while every one of them is ready) and the dependencies a process
+/// watches without gating readiness on them ([`Health::observe`]: the gateway's Redis).
 ///
 /// Liveness of named loops: each one holds a [`Pulse`] and beats it as it goes round; the
 /// process is live while every pulse beat within its stall limit.
 #[derive(Clone)]
 pub struct Health {
     inner: Arc<Mutex<BTreeMap<&'static str, Result<(), String>>>>,
+    /// Dependencies watched outside readiness, and whether each answers.
+    observed: Arc<Mutex<BTreeMap<&'static str, bool>>>,
     gauge: IntGaugeVec,
     pulses: Arc<Mutex<BTreeMap<&'static str, Arc<Pulse>>>>,
 }
@@ -110,18 +117,15 @@ impl Drop for PulseHold<'_> {
 
 impl Health {
     pub fn new(registry: &Registry) -> Health {
-        let gauge = IntGaugeVec::new(
-            Opts::new(
-                "presence_dependency_up",
-                "1 while the dependency answers, 0 while it does not",
-            ),
+        let gauge = crate::metrics::gauge_vec(
+            registry,
+            "presence_dependency_up",
+            "1 while the dependency (kafka, redis, postgres) answers, 0 while it does not",
             &["dependency"],
-        )
-        .expect("static metric definition");
-        // Registering twice in one registry is a programming error; ignore for idempotence.
-        let _ = registry.register(Box::new(gauge.clone()));
+        );
         Health {
             inner: Arc::default(),
+            observed: Arc::default(),
             gauge,
             pulses: Arc::default(),
         }
@@ -170,14 +174,44 @@ impl Health {
         self.set(component, Err(reason.into()));
     }
 
+    /// Dependency `dependency` (`redis`) answers or not, without a say in readiness: the
+    /// gateway takes heartbeats while Redis is down.
+    pub fn observe(&self, dependency: &'static str, up: bool) {
+        self.observed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(dependency, up);
+        self.update_dependency(dependency);
+    }
+
     fn set(&self, component: &'static str, state: Result<(), String>) {
-        self.gauge
-            .with_label_values(&[component])
-            .set(state.is_ok() as i64);
         self.inner
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(component, state);
+        if let Some(dependency) = dependency_of(component) {
+            self.update_dependency(dependency);
+        }
+    }
+
+    fn update_dependency(&self, dependency: &str) {
+        let components_up = self
+            .inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|(c, _)| dependency_of(c) == Some(dependency))
+            .all(|(_, s)| s.is_ok());
+        let observed_up = self
+            .observed
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(dependency)
+            .copied()
+            .unwrap_or(true);
+        self.gauge
+            .with_label_values(&[dependency])
+            .set(i64::from(components_up && observed_up));
     }
 
     pub fn is_ready(&self) -> bool {
@@ -198,6 +232,16 @@ impl Health {
             })
             .collect()
     }
+}
+
+/// The dependencies `presence_dependency_up` reports.
+pub const DEPENDENCIES: [&str; 3] = ["kafka", "redis", "postgres"];
+
+/// The dependency a readiness component stands for: `kafka` and `sessions.kafka` are Kafka;
+/// `sessions` (a stage restoring) is no dependency.
+fn dependency_of(component: &str) -> Option<&'static str> {
+    let last = component.rsplit('.').next().unwrap_or(component);
+    DEPENDENCIES.into_iter().find(|d| *d == last)
 }
 
 #[derive(Clone)]
@@ -308,6 +352,38 @@ mod tests {
         );
         assert!(!h.is_ready());
         assert!(h.describe().contains("redis: redis at"));
+    }
+
+    #[test]
+    fn one_dependency_gauge_follows_every_component_of_that_dependency() {
+        use prometheus::Encoder;
+        let registry = Registry::new();
+        let h = Health::new(&registry);
+        let text = || {
+            let mut buf = Vec::new();
+            TextEncoder::new()
+                .encode(&registry.gather(), &mut buf)
+                .unwrap();
+            String::from_utf8(buf).unwrap()
+        };
+        h.set_ready("sessions.kafka");
+        h.set_ready("facilities.kafka");
+        h.register("sessions");
+        assert!(text().contains("presence_dependency_up{dependency=\"kafka\"} 1"));
+        assert!(!text().contains("dependency=\"sessions"), "{}", text());
+        h.set_unready("facilities.kafka", "no broker");
+        assert!(text().contains("presence_dependency_up{dependency=\"kafka\"} 0"));
+        h.set_ready("facilities.kafka");
+        h.set_ready("sessions");
+        h.observe("redis", false);
+        assert!(text().contains("presence_dependency_up{dependency=\"redis\"} 0"));
+        assert!(
+            h.is_ready(),
+            "an observed dependency has no say in readiness"
+        );
+        h.observe("redis", true);
+        assert!(text().contains("presence_dependency_up{dependency=\"redis\"} 1"));
+        assert!(text().contains("presence_dependency_up{dependency=\"kafka\"} 1"));
     }
 
     #[test]

@@ -1,6 +1,11 @@
 //! Topic provisioning (`presence topics`): creates what is missing, verifies what exists,
 //! and reports a topic with the wrong settings as an error that says how to fix it. Running
 //! it twice changes nothing.
+//!
+//! Verification refuses only what the product depends on: the cleanup policy, the partition
+//! count, and a retention shorter than the processor needs ([`Rule`]). A longer retention,
+//! different tuning (`segment.ms`, `min.cleanable.dirty.ratio`) or a setting the broker does
+//! not have at all (Redpanda has no `min.cleanable.dirty.ratio`) is accepted with a warning.
 
 use std::fmt;
 
@@ -16,28 +21,64 @@ pub struct TopicSpec {
     pub name: String,
     pub partitions: i32,
     pub replication: i32,
-    /// Topic-level settings that must have exactly these values.
-    pub configs: Vec<(&'static str, String)>,
+    /// Topic-level settings a new topic gets, and how an existing topic's value is judged.
+    pub configs: Vec<(&'static str, String, Rule)>,
     /// Why the topic exists, for error messages.
     pub role: &'static str,
 }
 
-/// Every topic presence uses, public and internal.
-pub fn specs(t: &TopicsConfig) -> Vec<TopicSpec> {
+impl TopicSpec {
+    /// The value a new topic gets for `key`.
+    pub fn config(&self, key: &str) -> Option<&str> {
+        self.configs
+            .iter()
+            .find(|(k, _, _)| *k == key)
+            .map(|(_, v, _)| v.as_str())
+    }
+}
+
+/// How an existing topic's setting is judged against the value presence creates it with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rule {
+    /// The product depends on this value (`cleanup.policy`): anything else is refused.
+    Exact,
+    /// A retention in ms of at least this much (-1, unlimited, counts as longer): shorter is
+    /// refused; longer, or shorter than presence's default but enough, is accepted with a
+    /// warning.
+    AtLeastMs(i64),
+    /// Tuning: a different value, or a broker without the setting, is a warning.
+    Preferred,
+}
+
+/// The shortest retention of the processor's inputs (`heartbeats`, session transitions):
+/// stage-1 restore re-reads the heartbeats of the last session timeout before its
+/// checkpoint, and a restart needs as much again to find its committed offsets' records.
+pub fn min_input_retention(session_timeout: std::time::Duration) -> std::time::Duration {
+    session_timeout * 2
+}
+
+/// Every topic presence uses, public and internal, for processes whose sessions time out
+/// after `session_timeout` (`processor.session_timeout`).
+pub fn specs(t: &TopicsConfig, session_timeout: std::time::Duration) -> Vec<TopicSpec> {
     let ms = |d: std::time::Duration| d.as_millis().to_string();
-    let delete = |retention: std::time::Duration| {
+    let min_input = min_input_retention(session_timeout).as_millis() as i64;
+    let delete = |retention: std::time::Duration, min_ms: i64| {
         vec![
-            ("cleanup.policy", "delete".to_string()),
-            ("retention.ms", ms(retention)),
+            ("cleanup.policy", "delete".to_string(), Rule::Exact),
+            ("retention.ms", ms(retention), Rule::AtLeastMs(min_ms)),
         ]
     };
     // Compaction that really happens: segments roll at least every `compacted_segment`, and
     // the cleaner runs once 10% of the log is dirty (the broker default is 50%).
     let compact = || {
         vec![
-            ("cleanup.policy", "compact".to_string()),
-            ("segment.ms", ms(t.compacted_segment)),
-            ("min.cleanable.dirty.ratio", "0.1".to_string()),
+            ("cleanup.policy", "compact".to_string(), Rule::Exact),
+            ("segment.ms", ms(t.compacted_segment), Rule::Preferred),
+            (
+                "min.cleanable.dirty.ratio",
+                "0.1".to_string(),
+                Rule::Preferred,
+            ),
         ]
     };
     let spec = |name: String, partitions, configs, role| TopicSpec {
@@ -48,10 +89,11 @@ pub fn specs(t: &TopicsConfig) -> Vec<TopicSpec> {
         role,
     };
     vec![
-        spec(t.heartbeats.clone(), t.heartbeats_partitions, delete(t.heartbeats_retention), "heartbeats, keyed by session id"),
+        spec(t.heartbeats.clone(), t.heartbeats_partitions, delete(t.heartbeats_retention, min_input), "heartbeats, keyed by session id"),
         spec(t.facility_status.clone(), t.facility_partitions, compact(), "facility transitions; the latest record per facility is its status, so it must be compacted"),
-        spec(t.dead_letters.clone(), t.heartbeats_partitions, delete(t.dead_letters_retention), "records that could not be processed"),
-        spec(t.session_transitions(), t.facility_partitions, delete(t.heartbeats_retention), "internal: session transitions re-keyed by facility"),
+        // Dead letters are for operators: any retention will do.
+        spec(t.dead_letters.clone(), t.heartbeats_partitions, delete(t.dead_letters_retention, 0), "records that could not be processed"),
+        spec(t.session_transitions(), t.facility_partitions, delete(t.heartbeats_retention, min_input), "internal: session transitions re-keyed by facility"),
         spec(t.sessions_changelog(), t.heartbeats_partitions, compact(), "internal: stage-1 state, one partition per heartbeats partition"),
         spec(t.facilities_changelog(), t.facility_partitions, compact(), "internal: stage-2 state, one partition per facility partition"),
     ]
@@ -61,6 +103,9 @@ pub fn specs(t: &TopicsConfig) -> Vec<TopicSpec> {
 pub enum Outcome {
     Created,
     Verified,
+    /// Exists with settings that differ from presence's but that it can work with (a longer
+    /// retention, other tuning, a setting the broker does not have); each line says which.
+    Accepted(Vec<String>),
     /// Exists with the wrong settings; each line says what is wrong and how to fix it.
     Wrong(Vec<String>),
 }
@@ -84,6 +129,12 @@ impl fmt::Display for Report {
             match outcome {
                 Outcome::Created => writeln!(f, "created   {name}")?,
                 Outcome::Verified => writeln!(f, "ok        {name}")?,
+                Outcome::Accepted(warnings) => {
+                    writeln!(f, "ok        {name}")?;
+                    for w in warnings {
+                        writeln!(f, "          ! {w}")?;
+                    }
+                }
                 Outcome::Wrong(problems) => {
                     writeln!(f, "WRONG     {name}")?;
                     for p in problems {
@@ -136,7 +187,7 @@ pub async fn ensure(config: &Config) -> Result<Report, TopicsError> {
         .request_timeout(Some(ADMIN_TIMEOUT))
         .operation_timeout(Some(ADMIN_TIMEOUT));
     let mut report = Report { topics: Vec::new() };
-    for spec in specs(&config.topics) {
+    for spec in specs(&config.topics, config.processor.session_timeout) {
         let outcome = match existing.get(spec.name.as_str()) {
             Some(&partitions) => {
                 Outcome::from_problems(verify(&admin, &opts, &spec, partitions, &brokers).await?)
@@ -147,7 +198,7 @@ pub async fn ensure(config: &Config) -> Result<Report, TopicsError> {
                     spec.partitions,
                     TopicReplication::Fixed(spec.replication),
                 );
-                for (k, v) in &spec.configs {
+                for (k, v, _) in &spec.configs {
                     new = new.set(k, v);
                 }
                 let results = admin
@@ -181,14 +232,19 @@ pub async fn ensure(config: &Config) -> Result<Report, TopicsError> {
 }
 
 impl Outcome {
-    fn from_problems(problems: Vec<String>) -> Outcome {
-        if problems.is_empty() {
-            Outcome::Verified
-        } else {
+    fn from_problems((problems, warnings): (Vec<String>, Vec<String>)) -> Outcome {
+        if !problems.is_empty() {
             Outcome::Wrong(problems)
+        } else if !warnings.is_empty() {
+            Outcome::Accepted(warnings)
+        } else {
+            Outcome::Verified
         }
     }
 }
+
+/// How long a topic's settings may take to show after it was created.
+const DESCRIBE_SETTLE: std::time::Duration = std::time::Duration::from_secs(10);
 
 async fn verify(
     admin: &rdkafka::admin::AdminClient<rdkafka::client::DefaultClientContext>,
@@ -196,36 +252,54 @@ async fn verify(
     spec: &TopicSpec,
     partitions: i32,
     brokers: &str,
-) -> Result<Vec<String>, TopicsError> {
+) -> Result<(Vec<String>, Vec<String>), TopicsError> {
     let describe_err = |detail: String| TopicsError::Describe {
         topic: spec.name.clone(),
         detail,
     };
-    let results = admin
-        .describe_configs([&ResourceSpecifier::Topic(&spec.name)], opts)
-        .await
-        .map_err(|e| describe_err(e.to_string()))?;
-    let resource = match results.into_iter().next() {
-        Some(Ok(r)) => r,
-        Some(Err(code)) => return Err(describe_err(code.to_string())),
-        None => return Err(describe_err("no answer".into())),
+    // A topic created a moment ago can be described before the broker answering has its
+    // configuration, and then comes back without entries: every broker reports every
+    // setting it has, and `cleanup.policy` is one, so ask again for a while.
+    let deadline = std::time::Instant::now() + DESCRIBE_SETTLE;
+    let actual = loop {
+        let results = admin
+            .describe_configs([&ResourceSpecifier::Topic(&spec.name)], opts)
+            .await
+            .map_err(|e| describe_err(e.to_string()))?;
+        let resource = match results.into_iter().next() {
+            Some(Ok(r)) => r,
+            Some(Err(code)) => return Err(describe_err(code.to_string())),
+            None => return Err(describe_err("no answer".into())),
+        };
+        let actual: Vec<(String, Option<String>)> = resource
+            .entries
+            .iter()
+            .map(|e| (e.name.clone(), e.value.clone()))
+            .collect();
+        let complete = actual.iter().any(|(k, _)| k == "cleanup.policy");
+        if complete || std::time::Instant::now() >= deadline {
+            break actual;
+        }
+        tracing::debug!(topic = %spec.name, entries = actual.len(), "topic settings not reported yet; asking again");
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
     };
-    let actual: Vec<(String, Option<String>)> = resource
-        .entries
-        .iter()
-        .map(|e| (e.name.clone(), e.value.clone()))
-        .collect();
-    Ok(problems(spec, partitions, &actual, brokers))
+    let judged = problems(spec, partitions, &actual, brokers);
+    for w in &judged.1 {
+        tracing::warn!(topic = %spec.name, "{w}");
+    }
+    Ok(judged)
 }
 
-/// What is wrong with an existing topic, each item with its fix. Pure, so it is unit-tested.
+/// What is wrong with an existing topic, each item with its fix, and what differs but is
+/// accepted (warnings). Pure, so it is unit-tested.
 pub fn problems(
     spec: &TopicSpec,
     partitions: i32,
     actual: &[(String, Option<String>)],
     brokers: &str,
-) -> Vec<String> {
+) -> (Vec<String>, Vec<String>) {
     let mut out = Vec::new();
+    let mut warnings = Vec::new();
     if partitions != spec.partitions {
         out.push(format!(
             "has {partitions} partitions, the configuration says {}: partitions cannot change under running state (keys would move); \
@@ -233,21 +307,66 @@ pub fn problems(
             spec.partitions, spec.role
         ));
     }
-    for (key, want) in &spec.configs {
-        let have = actual
-            .iter()
-            .find(|(k, _)| k == key)
-            .and_then(|(_, v)| v.clone());
-        if have.as_deref() != Some(want.as_str()) {
-            out.push(format!(
-                "{key}={} but must be {want} ({}): run kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics --entity-name {} --add-config {key}={want}",
-                have.as_deref().unwrap_or("<unset>"),
-                spec.role,
+    for (key, want, rule) in &spec.configs {
+        let fix = || {
+            format!(
+                "kafka-configs.sh --bootstrap-server {brokers} --alter --entity-type topics --entity-name {} --add-config {key}={want}",
                 spec.name
-            ));
+            )
+        };
+        let Some(entry) = actual.iter().find(|(k, _)| k == key) else {
+            // The broker does not know the setting at all (describe lists every setting a
+            // broker has, set or not).
+            match rule {
+                Rule::Exact => out.push(format!(
+                    "{key} is not reported by the broker but must be {want} ({}): this broker cannot hold the topic presence needs",
+                    spec.role
+                )),
+                _ => warnings.push(format!(
+                    "{key} is not supported by this broker; presence would set {want} ({}): accepted",
+                    spec.role
+                )),
+            }
+            continue;
+        };
+        let have = entry.1.as_deref();
+        if have == Some(want.as_str()) {
+            continue;
+        }
+        let shown = have.unwrap_or("<unset>");
+        match rule {
+            Rule::Exact => out.push(format!(
+                "{key}={shown} but must be {want} ({}): run {}",
+                spec.role,
+                fix()
+            )),
+            Rule::AtLeastMs(min) => match have.and_then(|h| h.parse::<i64>().ok()) {
+                Some(h) if h < 0 || h >= *min => {
+                    let how = if h < 0 { "unlimited".to_string() } else { format!("{h} ms") };
+                    let needed = if *min > 0 {
+                        format!("at least {min} ms is needed")
+                    } else {
+                        "any retention will do".to_string()
+                    };
+                    warnings.push(format!(
+                        "{key} is {how} where presence would set {want} ms; {needed} ({}): accepted",
+                        spec.role
+                    ));
+                }
+                _ => out.push(format!(
+                    "{key}={shown} is shorter than the {min} ms the processor needs (twice processor.session_timeout) ({}): run {}",
+                    spec.role,
+                    fix()
+                )),
+            },
+            Rule::Preferred => warnings.push(format!(
+                "{key}={shown} where presence would set {want} ({}): accepted; to match, run {}",
+                spec.role,
+                fix()
+            )),
         }
     }
-    out
+    (out, warnings)
 }
 
 /// With `schema_registry.framing = "confluent"`: registers the value subjects of the public
@@ -295,10 +414,12 @@ pub async fn register_subjects(
 mod tests {
     use super::*;
 
+    const TIMEOUT: std::time::Duration = std::time::Duration::from_secs(90);
+
     #[test]
     fn every_topic_is_covered_and_internal_ones_share_the_prefix() {
         let t = TopicsConfig::default();
-        let s = specs(&t);
+        let s = specs(&t, TIMEOUT);
         assert_eq!(s.len(), 6);
         assert_eq!(
             s.iter()
@@ -307,9 +428,7 @@ mod tests {
             3
         );
         let status = s.iter().find(|s| s.name == "facility-status").unwrap();
-        assert!(status
-            .configs
-            .contains(&("cleanup.policy", "compact".into())));
+        assert_eq!(status.config("cleanup.policy"), Some("compact"));
         // Stage-1 state is co-partitioned with its input.
         let sessions = s.iter().find(|s| s.name == t.sessions_changelog()).unwrap();
         assert_eq!(sessions.partitions, t.heartbeats_partitions);
@@ -318,7 +437,7 @@ mod tests {
     #[test]
     fn a_wrong_cleanup_policy_is_reported_with_its_fix() {
         let t = TopicsConfig::default();
-        let spec = specs(&t)
+        let spec = specs(&t, TIMEOUT)
             .into_iter()
             .find(|s| s.name == "facility-status")
             .unwrap();
@@ -330,7 +449,7 @@ mod tests {
                 Some("0.1".to_string()),
             ),
         ];
-        let p = problems(&spec, spec.partitions, &actual, "b:9092");
+        let (p, _) = problems(&spec, spec.partitions, &actual, "b:9092");
         assert_eq!(p.len(), 1, "{p:?}");
         assert!(
             p[0].starts_with("cleanup.policy=delete but must be compact"),
@@ -342,8 +461,99 @@ mod tests {
             "{}",
             p[0]
         );
-        let p = problems(&spec, spec.partitions + 1, &actual, "b:9092");
+        let (p, _) = problems(&spec, spec.partitions + 1, &actual, "b:9092");
         assert_eq!(p.len(), 2);
         assert!(p[0].contains("partitions"));
+    }
+
+    fn entries(pairs: &[(&str, &str)]) -> Vec<(String, Option<String>)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), Some(v.to_string())))
+            .collect()
+    }
+
+    #[test]
+    fn a_broker_without_a_tuning_setting_is_accepted_with_a_warning() {
+        // Redpanda: no min.cleanable.dirty.ratio at all, another segment.ms.
+        let t = TopicsConfig::default();
+        let spec = specs(&t, TIMEOUT)
+            .into_iter()
+            .find(|s| s.name == "facility-status")
+            .unwrap();
+        let actual = entries(&[("cleanup.policy", "compact"), ("segment.ms", "3600000")]);
+        let (p, w) = problems(&spec, spec.partitions, &actual, "b:9092");
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("min.cleanable.dirty.ratio is not supported")),
+            "{w:?}"
+        );
+        assert!(
+            w.iter()
+                .any(|w| w.starts_with("segment.ms=3600000 where presence would set 600000")),
+            "{w:?}"
+        );
+        // Without cleanup.policy the topic is refused: compaction is what the product needs.
+        let (p, _) = problems(
+            &spec,
+            spec.partitions,
+            &entries(&[("segment.ms", "600000")]),
+            "b",
+        );
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].starts_with("cleanup.policy is not reported"), "{p:?}");
+    }
+
+    #[test]
+    fn retention_longer_or_enough_is_accepted_shorter_than_needed_is_refused() {
+        let t = TopicsConfig::default();
+        let spec = specs(&t, TIMEOUT)
+            .into_iter()
+            .find(|s| s.name == "heartbeats")
+            .unwrap();
+        let judge = |retention: &str| {
+            problems(
+                &spec,
+                spec.partitions,
+                &entries(&[("cleanup.policy", "delete"), ("retention.ms", retention)]),
+                "b:9092",
+            )
+        };
+        assert_eq!(
+            judge("86400000"),
+            (vec![], vec![]),
+            "the default: no remark"
+        );
+        for accepted in ["604800000", "-1", "3600000", "180000"] {
+            let (p, w) = judge(accepted);
+            assert!(p.is_empty(), "{accepted}: {p:?}");
+            assert_eq!(w.len(), 1, "{accepted}: {w:?}");
+            assert!(w[0].contains("at least 180000 ms is needed"), "{w:?}");
+        }
+        for refused in ["179999", "0", "soon"] {
+            let (p, w) = judge(refused);
+            assert!(w.is_empty(), "{refused}: {w:?}");
+            assert_eq!(p.len(), 1, "{refused}: {p:?}");
+            assert!(
+                p[0].contains("shorter than the 180000 ms the processor needs"),
+                "{p:?}"
+            );
+            assert!(p[0].contains("--add-config retention.ms=86400000"), "{p:?}");
+        }
+        // Dead letters: any retention, with a remark.
+        let dlq = specs(&t, TIMEOUT)
+            .into_iter()
+            .find(|s| s.name == t.dead_letters)
+            .unwrap();
+        let (p, w) = problems(
+            &dlq,
+            dlq.partitions,
+            &entries(&[("cleanup.policy", "delete"), ("retention.ms", "60000")]),
+            "b",
+        );
+        assert!(p.is_empty(), "{p:?}");
+        assert_eq!(w.len(), 1, "{w:?}");
     }
 }

@@ -45,7 +45,10 @@ async fn creates_every_topic_then_changes_nothing() {
         first.topics.iter().all(|(_, o)| *o == Outcome::Created),
         "{first}"
     );
-    assert_eq!(first.topics.len(), specs(&config.topics).len());
+    assert_eq!(
+        first.topics.len(),
+        specs(&config.topics, config.processor.session_timeout).len()
+    );
 
     let second = ensure(&config).await.expect("second run");
     assert!(
@@ -124,4 +127,113 @@ async fn a_status_topic_that_is_not_compacted_is_an_error_with_its_fix() {
             == report.topics.len() - 1,
         "{report}"
     );
+}
+
+/// Topics made by someone else with a longer retention and other tuning are accepted with
+/// warnings (the second run too: nothing is altered); a retention shorter than the processor
+/// needs is refused with its fix.
+#[tokio::test]
+async fn longer_retention_and_other_tuning_are_accepted_too_short_a_retention_is_refused() {
+    let config = isolated_config();
+    let _cleanup = DeleteTopics(config.clone());
+    let t = &config.topics;
+    let admin = presence_core::kafka::admin_client(&config.kafka).unwrap();
+    let week = (7 * 24 * 3600 * 1000u64).to_string();
+    let too_short = (config.processor.session_timeout.as_millis() as u64).to_string();
+    let transitions = t.session_transitions();
+    let made = [
+        NewTopic::new(
+            &t.heartbeats,
+            t.heartbeats_partitions,
+            TopicReplication::Fixed(1),
+        )
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", &week),
+        NewTopic::new(
+            &t.facility_status,
+            t.facility_partitions,
+            TopicReplication::Fixed(1),
+        )
+        .set("cleanup.policy", "compact")
+        .set("segment.ms", "3600000"),
+        NewTopic::new(
+            &transitions,
+            t.facility_partitions,
+            TopicReplication::Fixed(1),
+        )
+        .set("cleanup.policy", "delete")
+        .set("retention.ms", &too_short),
+    ];
+    let created = admin
+        .create_topics(made.iter(), &AdminOptions::new())
+        .await
+        .unwrap();
+    assert!(created.iter().all(Result::is_ok), "{created:?}");
+
+    for run in ["first", "second"] {
+        let report = ensure(&config).await.expect("runs");
+        let outcome = |topic: &str| {
+            report
+                .topics
+                .iter()
+                .find(|(n, _)| n == topic)
+                .map(|(_, o)| o.clone())
+                .unwrap()
+        };
+        let Outcome::Accepted(w) = outcome(&t.heartbeats) else {
+            panic!("{run}: heartbeats with a week of retention: {report}")
+        };
+        assert!(
+            w.len() == 1 && w[0].starts_with(&format!("retention.ms is {week} ms")),
+            "{run}: {w:?}"
+        );
+        let Outcome::Accepted(w) = outcome(&t.facility_status) else {
+            panic!("{run}: facility-status with another segment.ms: {report}")
+        };
+        assert!(
+            w.iter().any(|w| w.starts_with("segment.ms=3600000")),
+            "{run}: {w:?}"
+        );
+        let Outcome::Wrong(p) = outcome(&t.session_transitions()) else {
+            panic!("{run}: session transitions kept shorter than needed: {report}")
+        };
+        assert!(
+            p.len() == 1 && p[0].contains("shorter than") && p[0].contains("kafka-configs.sh"),
+            "{run}: {p:?}"
+        );
+        assert!(!report.is_ok(), "{run}: {report}");
+        assert!(
+            report.to_string().contains("          ! retention.ms is"),
+            "{report}"
+        );
+    }
+    // Nothing was altered behind the operator's back.
+    let beats = describe_with_kafka_tools(&config.kafka.brokers, &t.heartbeats);
+    assert!(beats.contains(&format!("retention.ms={week}")), "{beats}");
+}
+
+/// Deletes every topic of `config` when dropped, also when the test fails.
+struct DeleteTopics(presence_core::Config);
+
+impl Drop for DeleteTopics {
+    fn drop(&mut self) {
+        let config = self.0.clone();
+        // Drop runs inside the test's runtime: delete from a thread with a runtime of its own.
+        let _ = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async {
+                let admin = presence_core::kafka::admin_client(&config.kafka).expect("admin");
+                let names: Vec<String> = specs(&config.topics, config.processor.session_timeout)
+                    .into_iter()
+                    .map(|s| s.name)
+                    .collect();
+                let names: Vec<&str> = names.iter().map(String::as_str).collect();
+                let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
+            })
+        })
+        .join();
+    }
 }

@@ -17,6 +17,7 @@
 //! - [`query`]: query-string values.
 //! - [`limits`]: the per-identity ingest rate and the stream caps (pure, time passed in).
 //! - [`server`]: the public listener with its timeouts and connection cap.
+//! - [`latency`]: the request-latency histogram, one layer around every route.
 //! - [`metrics`]: every metric the gateway exports, served with `/readyz` on
 //!   `gateway.ops_listen`, apart from the public port.
 
@@ -26,6 +27,7 @@ pub mod error;
 pub mod history;
 pub mod http;
 pub mod ingest;
+pub mod latency;
 pub mod limits;
 pub mod metrics;
 pub mod publish;
@@ -43,7 +45,6 @@ use anyhow::Context;
 use presence_core::delivery::{RedisKeys, Tables};
 use presence_core::telemetry::{self, Health};
 use presence_core::{Config, Shutdown};
-use prometheus::Registry;
 
 /// A running gateway: where it listens, and its server task.
 pub struct Running {
@@ -66,7 +67,7 @@ impl Running {
 
 /// Starts the gateway on `config.gateway.listen` (port 0: any free port).
 pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running> {
-    let registry = Registry::new();
+    let registry = presence_core::metrics::registry();
     let health = Health::new(&registry);
     let metrics = metrics::Metrics::new(&registry);
     let publisher =
@@ -89,7 +90,7 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         shutdown.clone(),
     );
     hub.spawn();
-    spawn_redis_probe(store.clone(), metrics.clone(), shutdown.clone());
+    spawn_redis_probe(store.clone(), health.clone(), shutdown.clone());
 
     let history = history::HistoryReader::new(
         &config.database,
@@ -114,7 +115,10 @@ pub async fn start(config: Config, shutdown: Shutdown) -> anyhow::Result<Running
         history,
         metrics.clone(),
     )?;
-    let router = http::router(state, &config.gateway);
+    let router = latency::layer(
+        http::router(state, &config.gateway),
+        metrics.request_seconds.clone(),
+    );
     let (addr, server) = server::serve(
         config.gateway.listen,
         router,
@@ -139,9 +143,9 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
 }
 
 /// Redis is watched but not part of readiness: heartbeats must keep flowing to Kafka while
-/// Redis is down (streams and reads wait for it and say so); `presence_gateway_redis_up`
-/// shows it.
-fn spawn_redis_probe(store: store::Store, metrics: metrics::Metrics, shutdown: Shutdown) {
+/// Redis is down (streams and reads wait for it and say so);
+/// `presence_dependency_up{dependency="redis"}` shows it.
+fn spawn_redis_probe(store: store::Store, health: Health, shutdown: Shutdown) {
     let check = move || {
         let store = store.clone();
         async move {
@@ -157,7 +161,7 @@ fn spawn_redis_probe(store: store::Store, metrics: metrics::Metrics, shutdown: S
         shutdown,
         check,
         move |result, changed| {
-            metrics.redis_up.set(i64::from(result.is_ok()));
+            health.observe("redis", result.is_ok());
             match result {
                 Err(e) if changed => {
                     tracing::warn!(error = %e, "Redis is unreachable: streams and reads wait for it; heartbeats are not affected")

@@ -1,7 +1,8 @@
 //! The gateway's metrics, in one place. Label values come from small fixed sets: a route
 //! name and an outcome code, never an id or a message.
 
-use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use presence_core::metrics::{counter, counter_vec, gauge, histogram, histogram_vec};
+use prometheus::{Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, Registry};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -32,119 +33,101 @@ pub struct Metrics {
     /// `last_event_id_too_old`).
     pub stream_resyncs: IntCounterVec,
     pub redis_errors: IntCounter,
-    /// 1 while Redis answers PING.
-    pub redis_up: IntGauge,
-}
-
-fn must<T>(r: prometheus::Result<T>) -> T {
-    r.expect("metric definitions are static and valid")
+    /// Time from a request's arrival to its response's head, by route, method and status
+    /// class; applied by [`crate::latency`] to every route.
+    pub request_seconds: HistogramVec,
 }
 
 impl Metrics {
-    pub fn new(registry: &Registry) -> Metrics {
-        let m = Metrics {
-            requests: must(IntCounterVec::new(
-                Opts::new(
-                    "presence_gateway_requests_total",
-                    "HTTP requests by route and outcome",
-                ),
+    pub fn new(r: &Registry) -> Metrics {
+        Metrics {
+            requests: counter_vec(
+                r,
+                "presence_gateway_requests_total",
+                "HTTP requests by route and outcome",
                 &["route", "outcome"],
-            )),
-            heartbeats_accepted: must(IntCounter::new(
+            ),
+            heartbeats_accepted: counter(
+                r,
                 "presence_gateway_heartbeats_accepted_total",
                 "Heartbeats acknowledged by the broker and answered 202",
-            )),
-            produce_seconds: must(Histogram::with_opts(
-                HistogramOpts::new(
-                    "presence_gateway_produce_seconds",
-                    "Time from producing a request's heartbeats to the broker's acknowledgement",
-                )
-                .buckets(vec![
-                    0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
-                ]),
-            )),
-            producer_queue: must(IntGauge::new(
+            ),
+            produce_seconds: histogram(
+                r,
+                "presence_gateway_produce_seconds",
+                "Time from producing a request's heartbeats to the broker's acknowledgement",
+                &[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0],
+            ),
+            producer_queue: gauge(
+                r,
                 "presence_gateway_producer_queue",
                 "Heartbeats handed to the Kafka producer and not acknowledged yet",
-            )),
-            stream_clients: must(IntGauge::new(
+            ),
+            stream_clients: gauge(
+                r,
                 "presence_gateway_stream_clients",
                 "Open Server-Sent Events streams",
-            )),
-            stream_regions: must(IntGauge::new(
+            ),
+            stream_regions: gauge(
+                r,
                 "presence_gateway_stream_regions",
                 "Region channels open: one per region with at least one stream",
-            )),
-            streams_refused: must(IntCounterVec::new(
-                Opts::new(
-                    "presence_gateway_streams_refused_total",
-                    "Streams refused by a cap (identity: 429, total: 503)",
-                ),
+            ),
+            streams_refused: counter_vec(
+                r,
+                "presence_gateway_streams_refused_total",
+                "Streams refused by a cap (identity: 429, total: 503)",
                 &["cap"],
-            )),
-            connections: must(IntGauge::new(
+            ),
+            connections: gauge(
+                r,
                 "presence_gateway_connections",
                 "Open TCP connections on the public port",
-            )),
-            connections_refused: must(IntCounter::new(
+            ),
+            connections_refused: counter(
+                r,
                 "presence_gateway_connections_refused_total",
                 "Connections closed at once because gateway.max_connections were open",
-            )),
-            rate_limited: must(IntCounterVec::new(
-                Opts::new(
-                    "presence_gateway_rate_limited_total",
-                    "Heartbeat requests refused by the per-identity rate limit, by reason",
-                ),
+            ),
+            rate_limited: counter_vec(
+                r,
+                "presence_gateway_rate_limited_total",
+                "Heartbeat requests refused by the per-identity rate limit, by reason",
                 &["reason"],
-            )),
-            rate_identities: must(IntGauge::new(
+            ),
+            rate_identities: gauge(
+                r,
                 "presence_gateway_rate_identities",
                 "Identities whose heartbeat rate is being tracked",
-            )),
-            history_queries: must(IntCounter::new(
+            ),
+            history_queries: counter(
+                r,
                 "presence_gateway_history_queries_total",
                 "History reads sent to PostgreSQL",
-            )),
-            stream_events: must(IntCounter::new(
+            ),
+            stream_events: counter(
+                r,
                 "presence_gateway_stream_events_total",
                 "Transitions received from region channels",
-            )),
-            stream_resyncs: must(IntCounterVec::new(
-                Opts::new(
-                    "presence_gateway_stream_resyncs_total",
-                    "Streams sent a fresh snapshot instead of the next event, by reason",
-                ),
+            ),
+            stream_resyncs: counter_vec(
+                r,
+                "presence_gateway_stream_resyncs_total",
+                "Streams sent a fresh snapshot instead of the next event, by reason",
                 &["reason"],
-            )),
-            redis_errors: must(IntCounter::new(
+            ),
+            redis_errors: counter(
+                r,
                 "presence_gateway_redis_errors_total",
                 "Failed Redis calls (reads, subscription)",
-            )),
-            redis_up: must(IntGauge::new(
-                "presence_gateway_redis_up",
-                "1 while Redis answers PING",
-            )),
-        };
-        for c in [
-            Box::new(m.requests.clone()) as Box<dyn prometheus::core::Collector>,
-            Box::new(m.heartbeats_accepted.clone()),
-            Box::new(m.produce_seconds.clone()),
-            Box::new(m.producer_queue.clone()),
-            Box::new(m.stream_clients.clone()),
-            Box::new(m.stream_regions.clone()),
-            Box::new(m.streams_refused.clone()),
-            Box::new(m.connections.clone()),
-            Box::new(m.connections_refused.clone()),
-            Box::new(m.rate_limited.clone()),
-            Box::new(m.rate_identities.clone()),
-            Box::new(m.history_queries.clone()),
-            Box::new(m.stream_events.clone()),
-            Box::new(m.stream_resyncs.clone()),
-            Box::new(m.redis_errors.clone()),
-            Box::new(m.redis_up.clone()),
-        ] {
-            must(registry.register(c));
+            ),
+            request_seconds: histogram_vec(
+                r,
+                "presence_gateway_request_duration_seconds",
+                "Time from a request's arrival to its response's head (for a stream: until it opens), by route, method and status class",
+                &["route", "method", "status"],
+                &[0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0],
+            ),
         }
-        m
     }
 }

@@ -47,7 +47,6 @@ use presence_core::records::{FacilityStatus, Heartbeat};
 use presence_core::registry::{header_for, value_subject, IdCache};
 use presence_core::telemetry::{serve_ops, Health};
 use presence_core::{Config, Shutdown};
-use prometheus::Registry;
 
 pub(crate) fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
@@ -91,7 +90,7 @@ pub async fn run_with(
     if sources != t.heartbeats_partitions {
         tracing::warn!(topic = %t.heartbeats, actual = sources, configured = t.heartbeats_partitions, "heartbeats has another partition count than configured; using the topic's");
     }
-    let registry = Registry::new();
+    let registry = presence_core::metrics::registry();
     let health = Health::new(&registry);
     let metrics = metrics::Metrics::new(&registry);
     let (addr, ops) = serve_ops(

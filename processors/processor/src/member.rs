@@ -13,6 +13,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::metrics::Metrics;
+use presence_core::metrics::ConsumerLag;
 use crate::stage::{encode_checkpoint, Committed, Out, RestoreIo, Stage};
 use crate::txn::Txn;
 use presence_core::telemetry::{Health, Pulse};
@@ -235,9 +236,6 @@ impl<S: Stage> Member<S> {
         self.stage.revoke(partition);
         self.assigned.remove(&partition);
         self.positions.remove(&partition);
-        self.metrics
-            .consumer_lag
-            .with_label_values(&[S::NAME, &partition.to_string()])
-            .set(0);
+        ConsumerLag::for_stage(&self.metrics.consumer_lag, S::NAME).forget(partition);
     }
 }

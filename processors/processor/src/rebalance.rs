@@ -5,6 +5,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use presence_core::metrics::ConsumerLag;
 use presence_core::kafka::{log_client_error, BrokerWatch};
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
@@ -14,7 +15,6 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
 
 use crate::member::Member;
-use crate::metrics::Metrics;
 use crate::stage::Stage;
 
 /// The consumer group handler's state as librdkafka's last statistics showed it (for the
@@ -28,7 +28,8 @@ pub struct GroupState {
 
 pub struct StageContext<S: Stage> {
     pub shared: Arc<Mutex<Member<S>>>,
-    pub metrics: Metrics,
+    /// This stage's `presence_consumer_lag` series: only assigned partitions have one.
+    pub lag: ConsumerLag,
     /// Shared with the producer: either client's live connection keeps `<stage>.kafka` ready.
     pub brokers: BrokerWatch,
     pub group: Arc<Mutex<GroupState>>,
@@ -68,16 +69,7 @@ impl<S: Stage> ClientContext for StageContext<S> {
                 assignment_size: cgrp.assignment_size,
             };
         }
-        for topic in statistics.topics.values() {
-            for (p, part) in &topic.partitions {
-                if *p >= 0 && part.consumer_lag >= 0 {
-                    self.metrics
-                        .consumer_lag
-                        .with_label_values(&[S::NAME, &p.to_string()])
-                        .set(part.consumer_lag);
-                }
-            }
-        }
+        self.lag.on_stats(&statistics);
     }
 }
 

@@ -48,6 +48,7 @@ use presence_core::kafka::{
     restore_consumer_config, stage_consumer_config, transactional_producer_config, BrokerWatch,
     STAGE_SESSION_TIMEOUT_MS,
 };
+use presence_core::metrics::ConsumerLag;
 use presence_core::telemetry::{Health, Pulse};
 use presence_core::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
@@ -183,7 +184,7 @@ pub fn run_stage<S: Stage>(
         let group_state = Arc::new(Mutex::new(GroupState::default()));
         let consumer: StageConsumer<S> = consumer_config.create_with_context(StageContext {
             shared: shared.clone(),
-            metrics: metrics.clone(),
+            lag: ConsumerLag::for_stage(&metrics.consumer_lag, S::NAME),
             brokers: brokers.clone(),
             group: group_state.clone(),
             retired: AtomicBool::new(false),
