@@ -2,10 +2,12 @@
 //!
 //! # Layout
 //!
+//! - [`allocator`]: glibc malloc bounds for long-running processes (arenas, mmap threshold).
 //! - [`config`]: the one typed configuration (defaults, file, environment), validated at once.
 //! - [`codec`]: Avro single-object encoding with a hand-written fast path per record type;
 //!   [`records`]: the public records (`Heartbeat`, `FacilityStatus`).
-//! - [`kafka`]: client builders (idempotent producer, read-committed consumer, admin).
+//! - [`kafka`]: client builders (idempotent producer, read-committed consumer, admin);
+//!   [`kafka_memory`]: the processor's memory budget for its clients' buffers.
 //! - [`delivery`]: the Redis layout and transition JSON the notifier writes and the gateway
 //!   reads, and the names of the sink's tables.
 //! - [`downstream`]: the batch consumer loop of `facility-status` that the notifier and the
@@ -20,11 +22,13 @@
 //! Data never flows through this crate: processors use it to talk to Kafka, never to each
 //! other.
 
+pub mod allocator;
 pub mod codec;
 pub mod config;
 pub mod delivery;
 pub mod downstream;
 pub mod kafka;
+pub mod kafka_memory;
 pub mod records;
 pub mod shutdown;
 pub mod sim;

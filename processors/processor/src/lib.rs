@@ -12,7 +12,8 @@
 //! - [`runner`]: the transactional consume-process-produce loop both stages run in,
 //!   with rebalance handling and librdkafka's error classes; [`restore`]: reading a
 //!   partition back.
-//! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`.
+//! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`, with
+//!   [`measured`]: the processor as a child process whose memory is sampled from `/proc`.
 //!
 //! Data flow: `heartbeats` → stage 1 → `<prefix>session-transitions` (keyed by facility,
 //! plus watermarks to every partition) → stage 2 → `facility-status`. Each stage is its own
@@ -20,6 +21,7 @@
 
 pub mod bench;
 pub mod facilities;
+pub mod measured;
 pub mod metrics;
 pub mod records;
 pub mod restore;

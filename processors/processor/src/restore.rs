@@ -28,6 +28,7 @@ pub fn restore_config(
         .set("max.partition.fetch.bytes", "16777216")
         .set("fetch.max.bytes", "67108864")
         .set("queued.min.messages", "1000000");
+    presence_core::kafka_memory::restore_consumer(&mut c, kafka);
     c
 }
 

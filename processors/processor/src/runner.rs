@@ -727,6 +727,7 @@ pub fn run_stage<S: Stage>(
         .set("compression.type", "lz4")
         // Broker reachability for readiness (BrokerWatch).
         .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
+    presence_core::kafka_memory::transactional_producer(&mut producer_config, &config.kafka);
     let restore_config = crate::restore::restore_config(
         &config.kafka,
         &format!("processor-{}-restore", S::NAME),
@@ -774,6 +775,7 @@ pub fn run_stage<S: Stage>(
         .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
         .set("session.timeout.ms", "10000")
         .set("heartbeat.interval.ms", "1000");
+    presence_core::kafka_memory::stage_consumer(&mut cc, &config.kafka);
     let mut fences: Vec<Instant> = Vec::new();
     loop {
         let consumer: BaseConsumer<StageContext<S>> = cc.create_with_context(StageContext {
