@@ -196,9 +196,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Gateway => presence_gateway::run(config, Shutdown::on_signals())
             .await
             .map(|_| ExitCode::SUCCESS),
-        Command::Processor => presence_processor::run(config, Shutdown::on_signals())
-            .await
-            .map(|_| ExitCode::SUCCESS),
+        Command::Processor => {
+            presence_core::allocator::trim_when_idle();
+            presence_processor::run(config, Shutdown::on_signals())
+                .await
+                .map(|_| ExitCode::SUCCESS)
+        }
         Command::Notifier => presence_notifier::run(config, Shutdown::on_signals())
             .await
             .map(|_| ExitCode::SUCCESS),

@@ -46,13 +46,49 @@ pub fn bound() {
     }
 }
 
+/// Free memory the arenas may hold before [`trim_when_idle`] gives it back: 32 MiB, about
+/// a third of a million sessions' state, and far below the tens of MiB a backlog's burst of
+/// small librdkafka allocations leaves behind.
+pub const FREE_HELD_MAX: usize = 32 * 1024 * 1024;
+
+/// How often [`trim_when_idle`] looks (one `mallinfo2`, microseconds); a trim, when due,
+/// takes a few ms with the arenas locked, so at most once per period.
+pub const TRIM_PERIOD: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// Gives free memory at the top of every arena, and whole free pages inside them, back to
-/// the system (glibc `malloc_trim(0)`). For a process that has just shed a burst (a drained
-/// backlog) and will sit idle: its resident memory falls back to what it holds.
+/// the system (glibc `malloc_trim(0)`).
 pub fn release_free_memory() {
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     // SAFETY: malloc_trim only walks glibc's own free lists.
     unsafe {
         libc::malloc_trim(0);
+    }
+}
+
+/// Bytes free inside the arenas (glibc `mallinfo2().fordblks`); 0 elsewhere.
+pub fn free_held() -> usize {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallinfo2 only reads glibc's own statistics.
+    unsafe {
+        libc::mallinfo2().fordblks
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
+}
+
+/// A thread that, every [`TRIM_PERIOD`], gives free arena memory back once more than
+/// [`FREE_HELD_MAX`] of it is held: after a burst (a drained backlog, a restore) the
+/// process's resident memory falls back to what it uses.
+pub fn trim_when_idle() {
+    let spawned = std::thread::Builder::new()
+        .name("malloc-trim".into())
+        .spawn(|| loop {
+            std::thread::sleep(TRIM_PERIOD);
+            if free_held() > FREE_HELD_MAX {
+                release_free_memory();
+            }
+        });
+    if let Err(e) = spawned {
+        tracing::warn!(error = %e, "cannot start the allocator's trim thread; memory freed after bursts stays with the process");
     }
 }
