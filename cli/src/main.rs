@@ -90,10 +90,23 @@ enum Bench {
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
-    /// Processor throughput against a plain consumer's ceiling on the same topic.
+    /// Processor throughput (as a child process) against a plain consumer's ceiling on the
+    /// same topic, with the processor's peak and idle resident memory.
     Throughput {
         #[arg(long, default_value_t = 2_000_000)]
         heartbeats: usize,
+        /// Sessions the heartbeats are spread over (default: heartbeats / 20).
+        #[arg(long)]
+        sessions: Option<usize>,
+        /// Processor runs (per binary); medians are reported.
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Another `presence` binary to compare with, run for run on the same input.
+        #[arg(long)]
+        against: Option<PathBuf>,
+        /// Seconds the processor stays up after the drain before its idle memory is read.
+        #[arg(long, default_value_t = 10)]
+        idle_seconds: u64,
     },
     /// Heartbeat-to-facility-status latency at a steady rate.
     Latency {
@@ -101,6 +114,19 @@ enum Bench {
         rate: usize,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+    },
+    /// Offline detection: OFFLINE emission minus the true deadline, while sessions stop
+    /// beating at a steady rate.
+    Offline {
+        #[arg(long, default_value_t = 100_000)]
+        sessions: usize,
+        #[arg(long, default_value_t = 1_000)]
+        stop_rate: usize,
+        #[arg(long, default_value_t = 30)]
+        stop_seconds: u64,
+        /// The processor's session timeout in seconds (beats every third of it).
+        #[arg(long, default_value_t = 30)]
+        timeout_seconds: u64,
     },
     /// Transitions per second from facility-status into PostgreSQL.
     Sink {
@@ -119,6 +145,7 @@ enum Bench {
 }
 
 fn main() -> ExitCode {
+    presence_core::allocator::bound();
     let cli = Cli::parse();
     let config = match Config::load(cli.config.as_deref()) {
         Ok(c) => c,
@@ -173,9 +200,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
         Command::Gateway => presence_gateway::run(config, Shutdown::on_signals())
             .await
             .map(|_| ExitCode::SUCCESS),
-        Command::Processor => presence_processor::run(config, Shutdown::on_signals())
-            .await
-            .map(|_| ExitCode::SUCCESS),
+        Command::Processor => {
+            presence_core::allocator::trim_when_idle();
+            presence_processor::run(config, Shutdown::on_signals())
+                .await
+                .map(|_| ExitCode::SUCCESS)
+        }
         Command::Notifier => presence_notifier::run(config, Shutdown::on_signals())
             .await
             .map(|_| ExitCode::SUCCESS),
@@ -187,11 +217,38 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 Bench::Restore { sessions, runs } => {
                     presence_processor::bench::restore(&config, sessions, runs).await?
                 }
-                Bench::Throughput { heartbeats } => {
-                    presence_processor::bench::throughput(&config, heartbeats).await?
+                Bench::Throughput {
+                    heartbeats,
+                    sessions,
+                    runs,
+                    against,
+                    idle_seconds,
+                } => {
+                    let options = presence_processor::bench::ThroughputOptions {
+                        heartbeats,
+                        sessions,
+                        runs,
+                        against,
+                        idle: std::time::Duration::from_secs(idle_seconds),
+                    };
+                    presence_processor::bench::throughput(&config, &options).await?
                 }
                 Bench::Latency { rate, seconds } => {
                     presence_processor::bench::latency(&config, rate, seconds).await?
+                }
+                Bench::Offline {
+                    sessions,
+                    stop_rate,
+                    stop_seconds,
+                    timeout_seconds,
+                } => {
+                    let options = presence_processor::bench::OfflineOptions {
+                        sessions,
+                        stop_rate,
+                        stop_seconds,
+                        timeout: std::time::Duration::from_secs(timeout_seconds),
+                    };
+                    presence_processor::bench::offline(&config, &options).await?
                 }
                 Bench::Sink { transitions, runs } => {
                     bench::sink(&config, transitions, runs).await?

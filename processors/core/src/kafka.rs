@@ -81,6 +81,8 @@ pub fn transactional_producer_config(
         .set("compression.type", "lz4")
         // Broker reachability for readiness (BrokerWatch).
         .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
+    // Queue and batch sizes: the memory budget (after the settings above, so it wins).
+    crate::kafka_memory::transactional_producer(&mut c, k);
     c
 }
 
@@ -117,6 +119,8 @@ pub fn stage_consumer_config(
         .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
         .set("session.timeout.ms", STAGE_SESSION_TIMEOUT_MS.to_string())
         .set("heartbeat.interval.ms", "1000");
+    // Prefetch bounds: the memory budget (after the settings above, so it wins).
+    crate::kafka_memory::stage_consumer(&mut c, k);
     c
 }
 
@@ -131,6 +135,8 @@ pub fn restore_consumer_config(k: &KafkaConfig, role: &str, group: &str) -> Clie
         .set("max.partition.fetch.bytes", "16777216")
         .set("fetch.max.bytes", "67108864")
         .set("queued.min.messages", "1000000");
+    // Prefetch bounds: the memory budget (after the settings above, so it wins).
+    crate::kafka_memory::restore_consumer(&mut c, k);
     c
 }
 

@@ -2,12 +2,14 @@
 //!
 //! # Layout
 //!
+//! - [`allocator`]: glibc malloc bounds for long-running processes (arenas, mmap threshold).
 //! - [`config`]: the one typed configuration (defaults, file, environment), validated at once.
 //! - [`codec`]: Avro single-object encoding with a hand-written fast path per record type;
 //!   [`records`]: the public records (`Heartbeat`, `FacilityStatus`).
 //! - [`registry`]: the Schema Registry behind the `confluent` framing (settings, client,
 //!   subject registration, the id cache readers resolve with).
 //! - [`kafka`]: client builders (idempotent producer, read-committed consumer, admin).
+//!   [`kafka_memory`]: the processor's memory budget for its clients' buffers.
 //! - [`delivery`]: the Redis layout and transition JSON the notifier writes and the gateway
 //!   reads, and the names of the sink's tables.
 //! - [`downstream`]: the batch consumer loop of `facility-status` that the notifier and the
@@ -24,12 +26,14 @@
 //! Data never flows through this crate: processors use it to talk to Kafka, never to each
 //! other.
 
+pub mod allocator;
 pub mod codec;
 pub mod config;
 pub mod delivery;
 pub mod downstream;
 pub mod kafka;
 pub mod metrics;
+pub mod kafka_memory;
 pub mod records;
 pub mod registry;
 pub mod shutdown;

@@ -178,7 +178,7 @@ fn main() {
     );
     println!("baseline: our decoder alone:                {:>12.0} heartbeats/s  (stage 1 = {:.2}x of it)", dec, full / dec);
     println!("baseline: apache-avro generic Value decode: {:>12.0} heartbeats/s  (our decoder = {:.1}x of it)", generic, dec / generic);
-    for n in [100_000, 1_000_000] {
+    for n in [100_000, 1_000_000, 10_000_000] {
         let (live, estimate) = memory_per_session(n);
         println!("memory with {n:>9} open sessions: {live:.1} bytes/session measured by the allocator ({estimate:.1} by heap_bytes())");
     }

@@ -16,6 +16,7 @@ use rdkafka::message::Message;
 use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
+use crate::measured::mib;
 use crate::records::SessionState;
 use crate::sessions::{key_bytes, session_key};
 use crate::stage::{now_ms, Committed, RestoreIo, Stage};
@@ -164,20 +165,56 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     ))
 }
 
-/// Heartbeats per second through the whole processor (both stages, transactions) against
-/// the rate at which a plain read_committed consumer reads the same topic: the ceiling.
-pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<String> {
+/// What `presence bench throughput` runs.
+pub struct ThroughputOptions {
+    pub heartbeats: usize,
+    /// Open sessions the heartbeats are spread over (default: heartbeats / 20).
+    pub sessions: Option<usize>,
+    /// Processor runs per binary; medians are reported.
+    pub runs: usize,
+    /// Another build of `presence` to run on the same input in the same benchmark, run for
+    /// run alternating with this one (e.g. the build before a change).
+    pub against: Option<std::path::PathBuf>,
+    /// How long the processor stays up after it drained the backlog, before its idle
+    /// memory is read.
+    pub idle: Duration,
+}
+
+/// One processor run of the throughput benchmark.
+struct DrainRun {
+    rate: f64,
+    /// VmHWM when the backlog was drained: the peak over the whole run.
+    peak_kib: u64,
+    /// VmRSS after `idle` with every session still open.
+    idle_kib: u64,
+    state_bytes: f64,
+    open_sessions: f64,
+}
+
+/// Heartbeats per second through the whole processor (both stages, transactions), run as a
+/// child process, against the rate at which a plain read_committed consumer reads the same
+/// topic (the ceiling); with the processor's peak and idle resident memory.
+///
+/// Every session beats every 30 s of event time, as browsers do, and the last round ends
+/// just before the benchmark starts; the processor gets a one-hour session timeout, so that
+/// once it has drained the backlog every session is still open and the idle memory is that
+/// of `sessions` open sessions.
+pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<String> {
     let c = isolated(base, "throughput", base.topics.heartbeats_partitions).await?;
     let p = producer(&c)?;
-    let sessions = (heartbeats / 20).max(1);
+    let heartbeats = o.heartbeats;
+    let sessions = o
+        .sessions
+        .unwrap_or(heartbeats / 20)
+        .clamp(1, heartbeats.max(1));
     let facilities = (sessions / 50).max(1);
-    let t0 = now_ms() - 3_600_000;
-    // Every session beats every 30 s of event time, as browsers do.
+    let t_end = now_ms() - 5_000;
+    let produced = Instant::now();
     for i in 0..heartbeats {
         let s = i % sessions;
         let h = beat(s, s % facilities, HeartbeatKind::Beat);
         let bytes = encode(&h);
-        let ts = t0 + i as i64 * 30_000 / sessions as i64;
+        let ts = t_end - ((heartbeats - i) as i64 * 30_000 / sessions as i64);
         send(
             &p,
             BaseRecord::to(&c.topics.heartbeats)
@@ -187,22 +224,23 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
         )?;
     }
     p.flush(Duration::from_secs(300))?;
+    drop(p);
+    let produced = produced.elapsed();
     let ends = end_offsets(&c, &c.topics.heartbeats)?;
     let total: i64 = ends.values().sum();
 
-    // The ceiling: a plain consumer reading everything, touching each payload.
+    // The ceiling: a plain consumer with the processor's fetch settings reading everything,
+    // touching each payload.
     let mut ceilings = Vec::new();
     for run in 0..3 {
-        // The same fetch settings as the processor's consumers.
-        let consumer: BaseConsumer = consumer_config(
+        let mut cc = consumer_config(
             &c.kafka,
             "bench-ceiling",
             &format!("{}-ceiling-{run}", c.processor.group_id),
-        )
-        .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "4194304")
-        .set("fetch.max.bytes", "67108864")
-        .create()?;
+        );
+        cc.set("fetch.wait.max.ms", "10");
+        presence_core::kafka_memory::stage_consumer(&mut cc, &c.kafka);
+        let consumer: BaseConsumer = cc.create()?;
         let mut tpl = TopicPartitionList::new();
         for p in ends.keys() {
             tpl.add_partition_offset(&c.topics.heartbeats, *p, Offset::Beginning)?;
@@ -225,16 +263,98 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
     }
     let ceiling = median(ceilings);
 
-    // The processor, in this process: sustained rate from 10% committed (start-up, group
-    // join and the burst of sessions opening for the first time are behind it) to 100%.
-    let shutdown = Shutdown::new();
-    let pc = c.clone();
-    let s2 = shutdown.clone();
-    let proc_task = tokio::spawn(async move { crate::run(pc, s2).await });
+    let this = crate::measured::this_binary()?;
+    let mut binaries = vec![("this build", this)];
+    if let Some(other) = &o.against {
+        binaries.push(("--against", other.clone()));
+    }
+    let mut report = format!(
+        "{total} heartbeats of {sessions} sessions ({facilities} facilities) on {} partitions, written in {:.1} s; \
+         plain read_committed consumer with the processor's fetch settings (ceiling, median of 3): {ceiling:.0}/s\n",
+        ends.len(),
+        produced.as_secs_f64()
+    );
+    let mut results: Vec<Vec<DrainRun>> = binaries.iter().map(|_| Vec::new()).collect();
+    let mut configs = Vec::new();
+    for run in 0..o.runs.max(1) {
+        for (b, (label, binary)) in binaries.iter().enumerate() {
+            // Everything but the input is the run's own: groups, internal and output topics.
+            let mut rc = c.clone();
+            let tag = format!("r{run}b{b}");
+            rc.processor.group_id = format!("{}-{tag}", c.processor.group_id);
+            rc.topics.internal_prefix = format!("{}{tag}.", c.topics.internal_prefix);
+            rc.topics.facility_status = format!("{}-{tag}", c.topics.facility_status);
+            rc.topics.dead_letters = format!("{}-{tag}", c.topics.dead_letters);
+            rc.processor.session_timeout = Duration::from_secs(3600);
+            let report_ = presence_core::topics::ensure(&rc).await?;
+            anyhow::ensure!(report_.is_ok(), "bench topics: {report_}");
+            configs.push(rc.clone());
+            let (binary, rc2, idle) = (binary.clone(), rc.clone(), o.idle);
+            let r =
+                tokio::task::spawn_blocking(move || drain(&binary, &rc2, total, idle)).await??;
+            report.push_str(&format!(
+                "run {} {label}: {:.0} heartbeats/s ({:.0}% of the ceiling); peak RSS {:.0} MiB; idle {:.0} MiB with {:.0} open sessions holding {:.1} MiB of state ({:.1} B each)\n",
+                run + 1,
+                r.rate,
+                100.0 * r.rate / ceiling,
+                mib(r.peak_kib),
+                mib(r.idle_kib),
+                r.open_sessions,
+                r.state_bytes / 1048576.0,
+                r.state_bytes / r.open_sessions.max(1.0),
+            ));
+            results[b].push(r);
+        }
+    }
+    let summary = |runs: &[DrainRun]| {
+        (
+            median(runs.iter().map(|r| r.rate).collect()),
+            median(runs.iter().map(|r| r.peak_kib as f64).collect()),
+            median(runs.iter().map(|r| r.idle_kib as f64).collect()),
+            median(runs.iter().map(|r| r.state_bytes).collect()),
+        )
+    };
+    for (b, (label, binary)) in binaries.iter().enumerate() {
+        let (rate, peak, idle, state) = summary(&results[b]);
+        report.push_str(&format!(
+            "median of {} runs, {label} ({}): processor sustained {rate:.0} heartbeats/s (from 10% to 100% committed), {:.0}% of the ceiling; \
+             peak RSS {:.0} MiB; idle RSS {:.0} MiB = {:.2}x its session state ({:.1} MiB)\n",
+            results[b].len(),
+            binary.display(),
+            100.0 * rate / ceiling,
+            peak / 1024.0,
+            idle / 1024.0,
+            idle * 1024.0 / state.max(1.0),
+            state / 1048576.0
+        ));
+    }
+    if results.len() == 2 {
+        let (a, _, _, _) = summary(&results[0]);
+        let (b, _, _, _) = summary(&results[1]);
+        report.push_str(&format!(
+            "throughput of this build / --against: {:.2}\n",
+            a / b
+        ));
+    }
+    configs.push(c);
+    delete_topics(&configs).await;
+    Ok(report)
+}
+
+/// Runs `binary processor` on `c` until stage 1 has committed `total` heartbeats, then
+/// `idle` longer; its rate from 10% to 100% committed and its memory.
+fn drain(
+    binary: &std::path::Path,
+    c: &Config,
+    total: i64,
+    idle: Duration,
+) -> anyhow::Result<DrainRun> {
+    let ends = end_offsets(c, &c.topics.heartbeats)?;
+    let processor = crate::measured::Processor::start(binary, c, Duration::from_secs(120))?;
     let group = format!("{}.sessions", c.processor.group_id);
     let watcher: BaseConsumer = consumer_config(&c.kafka, "bench-watch", &group).create()?;
     let mut first: Option<(Instant, i64)> = None;
-    let deadline = Instant::now() + Duration::from_secs(600);
+    let deadline = Instant::now() + Duration::from_secs(900);
     let finished = loop {
         let done = committed_total(&watcher, &c.topics.heartbeats, &ends)?;
         if first.is_none() && done >= total / 10 {
@@ -245,22 +365,50 @@ pub async fn throughput(base: &Config, heartbeats: usize) -> anyhow::Result<Stri
         }
         anyhow::ensure!(
             Instant::now() < deadline,
-            "processor did not finish in 600 s ({done}/{total})"
+            "processor did not finish in 900 s ({done}/{total})"
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        std::thread::sleep(Duration::from_millis(50));
     };
-    shutdown.trigger();
-    proc_task.await??;
     let (t_first, n_first) = first.context("no commit observed")?;
     let rate = (total - n_first) as f64 / finished.duration_since(t_first).as_secs_f64();
-    Ok(format!(
-        "end to end through the local broker, {total} heartbeats on {} partitions, exactly-once: processor sustained {:.0} heartbeats/s \
-         (from 10% to 100% committed); plain read_committed consumer with the same fetch settings (ceiling, median of 3) {:.0}/s; ratio {:.0}%",
-        ends.len(),
+    let (at_end, sampled_peak) = processor.memory();
+    std::thread::sleep(idle);
+    let (now, _) = processor.memory();
+    let state_bytes = processor
+        .metric("presence_session_state_bytes")
+        .unwrap_or(f64::NAN);
+    let open_sessions = processor.metric("presence_open_sessions").unwrap_or(0.0);
+    processor.stop()?;
+    Ok(DrainRun {
         rate,
-        ceiling,
-        100.0 * rate / ceiling
-    ))
+        peak_kib: at_end.hwm_kib.max(sampled_peak),
+        idle_kib: now.rss_kib,
+        state_bytes,
+        open_sessions,
+    })
+}
+
+/// Deletes every topic of `configs` (benchmarks leave nothing behind on the broker).
+async fn delete_topics(configs: &[Config]) {
+    let Some(first) = configs.first() else {
+        return;
+    };
+    let Ok(admin) = presence_core::kafka::admin_client(&first.kafka) else {
+        return;
+    };
+    let mut names: Vec<String> = configs
+        .iter()
+        .flat_map(|c| presence_core::topics::specs(&c.topics, c.processor.session_timeout))
+        .map(|s| s.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = rdkafka::admin::AdminOptions::new()
+        .operation_timeout(Some(presence_core::kafka::ADMIN_TIMEOUT));
+    if let Err(e) = admin.delete_topics(&refs, &opts).await {
+        tracing::warn!(error = %e, "could not delete the benchmark's topics");
+    }
 }
 
 fn end_offsets(c: &Config, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
@@ -301,8 +449,17 @@ fn committed_total(
 pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result<String> {
     let c = isolated(base, "latency", base.topics.heartbeats_partitions).await?;
     let shutdown = Shutdown::new();
-    let (pc, s2) = (c.clone(), shutdown.clone());
-    let proc_task = tokio::spawn(async move { crate::run(pc, s2).await });
+    let processor = {
+        let c = c.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::measured::Processor::start(
+                &crate::measured::this_binary()?,
+                &c,
+                Duration::from_secs(120),
+            )
+        })
+        .await??
+    };
     // A downstream consumer tuned for latency: with read_committed, a fetch that finds no
     // committed data waits fetch.wait.max.ms (default 500 ms) before it looks again.
     let reader: BaseConsumer = consumer_config(
@@ -390,7 +547,8 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
         .join()
         .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     shutdown.trigger();
-    proc_task.await??;
+    let (memory, sampled_peak) = processor.memory();
+    tokio::task::spawn_blocking(move || processor.stop()).await??;
     reader.commit_consumer_state(CommitMode::Async).ok();
     let mut lat: Vec<f64> = probes
         .iter()
@@ -404,16 +562,174 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
         .collect();
     emit.sort_by(|a, b| a.total_cmp(b));
     let missing = probes.len() - lat.len();
-    Ok(format!(
+    let report = format!(
         "latency at {:.0} heartbeats/s for {seconds} s ({} probes, {missing} not seen): beat timestamp to read_committed arrival \
-         p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms (commit interval {} ms); of which beat to stage-2 emission p50 {:.0} ms, p99 {:.0} ms",
+         p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms, max {:.0} ms (commit interval {} ms); of which beat to stage-2 emission p50 {:.0} ms, p99 {:.0} ms; \
+         processor peak RSS {:.0} MiB",
         sent as f64 / seconds as f64,
         probes.len(),
         percentile(&lat, 0.5),
         percentile(&lat, 0.99),
+        percentile(&lat, 0.999),
         lat.last().copied().unwrap_or(f64::NAN),
         c.processor.commit_interval.as_millis(),
         percentile(&emit, 0.5),
-        percentile(&emit, 0.99)
+        percentile(&emit, 0.99),
+        mib(memory.hwm_kib.max(sampled_peak)),
+    );
+    delete_topics(&[c]).await;
+    Ok(report)
+}
+
+/// What `presence bench offline` runs.
+pub struct OfflineOptions {
+    /// Open sessions, each alone at its facility, so that each one that stops takes its
+    /// facility OFFLINE.
+    pub sessions: usize,
+    /// Sessions that stop beating per second, in order, for `stop_seconds`.
+    pub stop_rate: usize,
+    pub stop_seconds: u64,
+    /// The processor's session timeout; sessions beat every third of it (browsers: 30 s
+    /// beats, 90 s timeout).
+    pub timeout: Duration,
+}
+
+/// Offline detection: sessions stop beating at a steady rate while the rest keep beating;
+/// for each facility that goes OFFLINE, its emission time (`emitted_at`) and its arrival at
+/// a read_committed reader, minus its true deadline (the session's last beat + timeout).
+pub async fn offline(base: &Config, o: &OfflineOptions) -> anyhow::Result<String> {
+    let mut c = isolated(base, "offline", base.topics.heartbeats_partitions).await?;
+    c.processor.session_timeout = o.timeout;
+    let timeout = o.timeout.as_millis() as i64;
+    let processor = {
+        let c = c.clone();
+        tokio::task::spawn_blocking(move || {
+            crate::measured::Processor::start(
+                &crate::measured::this_binary()?,
+                &c,
+                Duration::from_secs(120),
+            )
+        })
+        .await??
+    };
+    let reader: BaseConsumer = consumer_config(
+        &c.kafka,
+        "bench-offline",
+        &format!("{}-reader", c.processor.group_id),
+    )
+    .set("fetch.wait.max.ms", "10")
+    .create()?;
+    reader.subscribe(&[&c.topics.facility_status])?;
+    let stopping = (o.stop_rate * o.stop_seconds as usize).min(o.sessions);
+    let beat_interval = timeout / 3;
+    // The load: every session beats every `beat_interval`, spread evenly; after one full
+    // round, session s (s < stopping) stops at `stop_from + s / stop_rate`.
+    let load = {
+        let (c, sessions, stop_rate) = (c.clone(), o.sessions, o.stop_rate.max(1));
+        std::thread::spawn(move || -> anyhow::Result<(u64, Vec<i64>, i64)> {
+            let p = producer(&c)?;
+            let t0 = now_ms();
+            let stop_from = t0 + beat_interval;
+            let stop_end = stop_from + (stopping as i64 * 1000) / stop_rate as i64;
+            let mut last = vec![i64::MIN; stopping];
+            let mut sent = 0u64;
+            // The k-th beat goes to session k % sessions at t0 + k * interval / sessions.
+            let mut k = 0u64;
+            loop {
+                let now = now_ms();
+                if now > stop_end + beat_interval {
+                    break;
+                }
+                let due = ((now - t0) as u64 * sessions as u64) / beat_interval as u64;
+                while k <= due {
+                    let s = (k % sessions as u64) as usize;
+                    k += 1;
+                    if s < stopping && now >= stop_from + (s as i64 * 1000) / stop_rate as i64 {
+                        continue;
+                    }
+                    let h = beat(s, s, HeartbeatKind::Beat);
+                    let bytes = encode(&h);
+                    send(
+                        &p,
+                        BaseRecord::to(&c.topics.heartbeats)
+                            .key(h.session_id.as_bytes())
+                            .payload(&bytes[..])
+                            .timestamp(now),
+                    )?;
+                    if s < stopping {
+                        last[s] = now;
+                    }
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            p.flush(Duration::from_secs(30))?;
+            Ok((sent, last, stop_end))
+        })
+    };
+    // Read facility-status until every stopped session's facility is OFFLINE, or until well
+    // past the last deadline.
+    let load_ends = Instant::now()
+        + Duration::from_millis((beat_interval * 2) as u64)
+        + Duration::from_secs(o.stop_seconds)
+        + o.timeout
+        + Duration::from_secs(20);
+    let mut offline: HashMap<String, (i64, i64)> = HashMap::new();
+    while Instant::now() < load_ends && offline.len() < stopping {
+        let polled = {
+            let r = &reader;
+            tokio::task::block_in_place(|| r.poll(Duration::from_millis(50)))
+        };
+        if let Some(Ok(m)) = polled {
+            let at = now_ms();
+            if let Some(Ok(s)) = m.payload().map(decode::<FacilityStatus>) {
+                if s.status == Status::Offline {
+                    offline.entry(s.facility_id).or_insert((s.emitted_at, at));
+                }
+            }
+        }
+    }
+    let (sent, last, _) = load
+        .join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let (memory, sampled_peak) = processor.memory();
+    tokio::task::spawn_blocking(move || processor.stop()).await??;
+    let mut emitted = Vec::new();
+    let mut arrived = Vec::new();
+    let mut early = 0;
+    for (s, &last_beat) in last.iter().enumerate() {
+        if last_beat == i64::MIN {
+            continue;
+        }
+        let facility = beat(s, s, HeartbeatKind::Beat).facility_id;
+        if let Some(&(emitted_at, at)) = offline.get(&facility) {
+            let deadline = last_beat + timeout;
+            if emitted_at < deadline {
+                early += 1;
+            }
+            emitted.push((emitted_at - deadline) as f64);
+            arrived.push((at - deadline) as f64);
+        }
+    }
+    emitted.sort_by(f64::total_cmp);
+    arrived.sort_by(f64::total_cmp);
+    delete_topics(&[c]).await;
+    Ok(format!(
+        "offline detection: {} sessions each alone at its facility, beating every {} ms (timeout {} ms; {sent} beats); {stopping} stop at {}/s; \
+         {} facilities went OFFLINE ({} missing, {early} before their deadline): emission - deadline p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; \
+         read_committed arrival - deadline p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; processor peak RSS {:.0} MiB",
+        o.sessions,
+        beat_interval,
+        timeout,
+        o.stop_rate,
+        emitted.len(),
+        stopping - emitted.len(),
+        percentile(&emitted, 0.5),
+        percentile(&emitted, 0.99),
+        emitted.last().copied().unwrap_or(f64::NAN),
+        percentile(&arrived, 0.5),
+        percentile(&arrived, 0.99),
+        arrived.last().copied().unwrap_or(f64::NAN),
+        mib(memory.hwm_kib.max(sampled_peak)),
     ))
 }

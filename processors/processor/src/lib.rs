@@ -18,7 +18,8 @@
 //!   [`rebalance`] (the rebalance callback) and [`watchdog`] (when a client is stuck,
 //!   pure); [`restore`]: reading a partition back. Client settings live in
 //!   `presence_core::kafka`, one function per role.
-//! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`.
+//! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`, with
+//!   [`measured`]: the processor as a child process whose memory is sampled from `/proc`.
 //!
 //! Data flow: `heartbeats` → stage 1 → `<prefix>session-transitions` (keyed by facility,
 //! plus watermarks to every partition) → stage 2 → `facility-status`. Each stage is its own
@@ -27,6 +28,7 @@
 pub mod bench;
 pub mod facilities;
 pub mod member;
+pub mod measured;
 pub mod metrics;
 pub mod rebalance;
 pub mod records;
