@@ -42,6 +42,8 @@ impl PublishError {
 pub struct Publisher {
     producer: FutureProducer,
     topic: String,
+    /// A request waits this long for its acknowledgements (`gateway.produce_timeout`).
+    produce_timeout: Duration,
     metrics: Metrics,
     /// Set by the probe: while false, requests are refused at once instead of waiting for
     /// the produce timeout.
@@ -49,6 +51,14 @@ pub struct Publisher {
 }
 
 const COMPONENT: &str = "kafka";
+
+/// How long the producer keeps a record before giving it up (`message.timeout.ms`), far
+/// longer than a request waits (`gateway.produce_timeout`) on purpose: a record that times
+/// out while in flight makes the idempotent producer bump its epoch, and what it then sends
+/// again is no longer deduplicated by the broker, so a beat answered 202 could be written
+/// twice (the chaos run saw 1–15 per run across broker failovers). The request gets its 503
+/// at `produce_timeout`; its record may still be written later, once.
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl Publisher {
     pub fn new(config: &Config, metrics: Metrics) -> Result<Publisher, KafkaError> {
@@ -58,13 +68,17 @@ impl Publisher {
             .set("linger.ms", "1")
             .set(
                 "message.timeout.ms",
-                g.produce_timeout.as_millis().to_string(),
+                DELIVERY_TIMEOUT
+                    .max(g.produce_timeout)
+                    .as_millis()
+                    .to_string(),
             )
             .set("queue.buffering.max.messages", g.max_in_flight.to_string())
             .create()?;
         Ok(Publisher {
             producer,
             topic: config.topics.heartbeats.clone(),
+            produce_timeout: g.produce_timeout,
             metrics,
             broker_up: AtomicBool::new(false),
         })
@@ -94,8 +108,18 @@ impl Publisher {
         self.metrics
             .producer_queue
             .set(i64::from(self.producer.in_flight_count()));
+        let Ok(outcomes) = tokio::time::timeout(self.produce_timeout, join_all(pending)).await
+        else {
+            self.metrics
+                .produce_seconds
+                .observe(started.elapsed().as_secs_f64());
+            return Err(PublishError::NotAcknowledged(format!(
+                "no acknowledgement within gateway.produce_timeout = {:?}",
+                self.produce_timeout
+            )));
+        };
         let mut failure = None;
-        for outcome in join_all(pending).await {
+        for outcome in outcomes {
             match outcome {
                 Ok(Ok(_)) => {}
                 Ok(Err((e, _))) => failure = Some(e.to_string()),
