@@ -27,8 +27,8 @@
 
 pub mod bench;
 pub mod facilities;
-pub mod member;
 pub mod measured;
+pub mod member;
 pub mod metrics;
 pub mod rebalance;
 pub mod records;

@@ -13,9 +13,9 @@ use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::metrics::Metrics;
-use presence_core::metrics::ConsumerLag;
 use crate::stage::{encode_checkpoint, Committed, Out, RestoreIo, Stage};
 use crate::txn::Txn;
+use presence_core::metrics::ConsumerLag;
 use presence_core::telemetry::{Health, Pulse};
 
 /// How long reading the committed offsets may block. Short: while the group coordinator

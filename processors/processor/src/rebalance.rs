@@ -5,8 +5,8 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
-use presence_core::metrics::ConsumerLag;
 use presence_core::kafka::{log_client_error, BrokerWatch};
+use presence_core::metrics::ConsumerLag;
 use rdkafka::client::ClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
