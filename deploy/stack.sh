@@ -124,11 +124,15 @@ kafka_jars() {
 }
 
 python_env() {
-  # Python's Avro library for the cross-implementation codec test.
-  if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c 'import fastavro' 2>/dev/null; then return 0; fi
-  say "creating $VENV with fastavro"
-  python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
-  "$VENV/bin/pip" install -q -r "$ROOT/deploy/python-requirements.txt"
+  # Python libraries the tests use (deploy/python-requirements.txt): fastavro for the
+  # cross-implementation codec test, openapi-spec-validator for the gateway's OpenAPI
+  # document. Installed again whenever the requirements file changes.
+  local want="$ROOT/deploy/python-requirements.txt"
+  if [[ -x "$VENV/bin/python" ]] && cmp -s "$want" "$VENV/.requirements"; then return 0; fi
+  say "installing deploy/python-requirements.txt into $VENV"
+  [[ -x "$VENV/bin/python" ]] || python3 -m venv "$VENV" || { apt_install python3-venv; python3 -m venv "$VENV"; }
+  "$VENV/bin/pip" install -q -r "$want"
+  cp "$want" "$VENV/.requirements"
 }
 
 kafka_ready() {
