@@ -139,7 +139,8 @@ kafka_jars() {
 python_env() {
   # Python's Avro library for the cross-implementation codec test, Confluent's client for the
   # registry test and the Python example, kubernetes-validate, jsonschema and PyYAML for the
-  # chart and compose checks (deploy/check-packaging.sh). Reinstalled whenever the requirements change.
+  # chart and compose checks (deploy/check-packaging.sh), openapi-spec-validator for the
+  # gateway's OpenAPI document. Reinstalled whenever the requirements change.
   local req="$ROOT/deploy/python-requirements.txt"
   if [[ -x "$VENV/bin/python" ]] && cmp -s "$req" "$VENV/.requirements"; then return 0; fi
   say "installing deploy/python-requirements.txt into $VENV (pip)"

@@ -637,6 +637,128 @@ pub async fn ensure_topics(c: &Config) {
     assert!(report.is_ok(), "{report}");
 }
 
+/// A test's topics and consumer groups, deleted when it is dropped, also when the test
+/// fails (the drop runs while a panic unwinds), so that a developer's broker does not
+/// collect them. Hold it for the whole test, declared before anything that consumes, so
+/// that it is dropped last: a group is deleted only once its members have left.
+#[must_use = "the topics are deleted when this is dropped"]
+pub struct TestTopics(Names);
+
+/// What a [`TestTopics`] deletes.
+struct Names {
+    kafka: crate::config::KafkaConfig,
+    topics: Vec<String>,
+    groups: Vec<String>,
+}
+
+impl TestTopics {
+    /// Creates `c`'s topics (as [`ensure_topics`]) and owns them and `c`'s consumer groups.
+    pub async fn create(c: &Config) -> TestTopics {
+        ensure_topics(c).await;
+        TestTopics::own(c)
+    }
+
+    /// Owns `c`'s topics and groups without creating anything (a process under test
+    /// creates them).
+    pub fn own(c: &Config) -> TestTopics {
+        TestTopics(Names {
+            kafka: c.kafka.clone(),
+            topics: crate::topics::specs(&c.topics)
+                .into_iter()
+                .map(|s| s.name)
+                .collect(),
+            groups: vec![
+                c.processor.group_id.clone(),
+                c.notifier.group_id.clone(),
+                c.sink.group_id.clone(),
+            ],
+        })
+    }
+
+    /// Deletes the topics and groups now (they are deleted again, harmlessly, on drop).
+    pub fn delete(&self) -> Vec<String> {
+        self.0.delete()
+    }
+}
+
+impl Names {
+    /// Deletes the groups (retrying for 10 s while members are still leaving), then the
+    /// topics. Returns what could not be deleted; a name that never existed is not an error.
+    pub fn delete(&self) -> Vec<String> {
+        use rdkafka::admin::AdminOptions;
+        use rdkafka::types::RDKafkaErrorCode;
+        let admin = match crate::kafka::admin_client(&self.kafka) {
+            Ok(a) => a,
+            Err(e) => return vec![format!("admin client: {e}")],
+        };
+        let opts = AdminOptions::new().operation_timeout(Some(std::time::Duration::from_secs(10)));
+        let mut left = Vec::new();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let mut groups: Vec<&str> = self.groups.iter().map(String::as_str).collect();
+        while !groups.is_empty() {
+            let results = match futures::executor::block_on(admin.delete_groups(&groups, &opts)) {
+                Ok(r) => r,
+                Err(e) => {
+                    left.push(format!("groups {groups:?}: {e}"));
+                    break;
+                }
+            };
+            let mut busy = Vec::new();
+            for r in results {
+                match r {
+                    Ok(_) => {}
+                    Err((_, RDKafkaErrorCode::GroupIdNotFound)) => {}
+                    Err((g, RDKafkaErrorCode::NonEmptyGroup))
+                        if std::time::Instant::now() < deadline =>
+                    {
+                        if let Some(g) = groups.iter().find(|x| **x == g) {
+                            busy.push(*g);
+                        }
+                    }
+                    Err((g, code)) => left.push(format!("group {g}: {code}")),
+                }
+            }
+            groups = busy;
+            if !groups.is_empty() {
+                std::thread::sleep(std::time::Duration::from_millis(200));
+            }
+        }
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        match futures::executor::block_on(admin.delete_topics(&topics, &opts)) {
+            Ok(results) => {
+                for r in results {
+                    match r {
+                        Ok(_) | Err((_, RDKafkaErrorCode::UnknownTopicOrPartition)) => {}
+                        Err((t, code)) => left.push(format!("topic {t}: {code}")),
+                    }
+                }
+            }
+            Err(e) => left.push(format!("topics {topics:?}: {e}")),
+        }
+        left
+    }
+}
+
+impl Drop for TestTopics {
+    fn drop(&mut self) {
+        // On a thread of its own: the admin calls block, and a drop may run inside a runtime.
+        let names = Names {
+            kafka: self.0.kafka.clone(),
+            topics: std::mem::take(&mut self.0.topics),
+            groups: std::mem::take(&mut self.0.groups),
+        };
+        let left = std::thread::spawn(move || names.delete())
+            .join()
+            .unwrap_or_default();
+        if !left.is_empty() {
+            eprintln!(
+                "[testkit] left behind (delete by hand): {}",
+                left.join("; ")
+            );
+        }
+    }
+}
+
 /// Background processes of tests, by the thread of the test that started them, so that any
 /// wait of that test (`eventually`, `read_to_end`, `check_processes`) fails at once when one
 /// of them dies, with what it said, instead of timing out later on a generic message.

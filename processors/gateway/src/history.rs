@@ -17,13 +17,15 @@ use tokio_postgres::Client;
 
 use crate::metrics::Metrics;
 
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct History {
     pub facility_id: String,
     pub from: i64,
     pub to: i64,
     /// The facility's state when the range starts (its newest transition before `from`).
+    #[schema(value_type = Option<crate::openapi::FacilityStatus>)]
     pub initial: Option<FacilityStatus>,
+    #[schema(value_type = Vec<crate::openapi::FacilityStatus>)]
     pub transitions: Vec<FacilityStatus>,
     /// Seconds ONLINE within [from, to).
     pub online_seconds: f64,

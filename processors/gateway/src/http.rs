@@ -16,6 +16,7 @@
 //!
 //! Errors: [`crate::error`].
 
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Bytes;
@@ -26,47 +27,89 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use presence_core::config::GatewayConfig;
 use presence_core::now_ms;
 use serde_json::json;
 use tower_http::cors::{AllowOrigin, CorsLayer};
+use utoipa::OpenApi;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use crate::auth::{now_secs, AuthError};
 use crate::caller::{BeaconCaller, Caller, StreamAccess};
 use crate::error::{ApiError, Outcome};
 use crate::ingest::parse;
+use crate::openapi::{
+    Accepted, ApiDoc, FacilityStatus, Heartbeats, Problem, Regions, Ticket, TicketRequest,
+};
 use crate::query::query_param;
 pub use crate::state::App;
 
 pub fn router(app: App, config: &GatewayConfig) -> Router {
-    let api = Router::new()
-        .route(
-            "/v1/heartbeats",
-            post(post_heartbeats).fallback(|method: Method| async move {
-                ApiError::MethodNotAllowed {
-                    method,
-                    path: "/v1/heartbeats",
-                    allow: "POST, OPTIONS",
-                }
-            }),
-        )
-        .route("/v1/regions", get(get_regions))
-        .route("/v1/regions/{region}/facilities", get(get_region))
-        .route("/v1/stream-tickets", post(post_stream_ticket))
-        .route("/v1/regions/{region}/stream", get(get_stream))
-        .route("/v1/facilities/{id}", get(get_facility))
-        .route("/v1/facilities/{id}/history", get(get_history))
-        .route("/", get(|| async { Html(DASHBOARD) }))
-        .route("/healthz", get(|| async { "ok\n" }))
+    let (schemas, paths, heartbeats) = routes!(post_heartbeats);
+    let heartbeats = heartbeats.fallback(|method: Method| async move {
+        ApiError::MethodNotAllowed {
+            method,
+            path: "/v1/heartbeats",
+            allow: "POST, OPTIONS",
+        }
+    });
+    let (api, doc) = OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes((schemas, paths, heartbeats))
+        .routes(routes!(get_regions))
+        .routes(routes!(get_region))
+        .routes(routes!(post_stream_ticket))
+        .routes(routes!(get_stream))
+        .routes(routes!(get_facility))
+        .routes(routes!(get_history))
+        .routes(routes!(get_dashboard))
+        .routes(routes!(get_healthz))
+        .routes(routes!(get_openapi))
         .route_layer(middleware::from_fn_with_state(app.clone(), count_outcome))
         .layer(DefaultBodyLimit::max(config.max_body_bytes))
-        .with_state(app);
+        .with_state(app)
+        .split_for_parts();
+    let doc = OpenApiJson(Arc::from(doc.to_pretty_json().unwrap_or_else(|e| {
+        format!("{{\"error\": \"the OpenAPI document does not serialise: {e}\"}}")
+    })));
+    let api = api.layer(Extension(doc));
     match cors(config) {
         Some(layer) => api.layer(layer),
         None => api,
     }
+}
+
+/// The OpenAPI document, serialised once when the router is built.
+#[derive(Clone)]
+struct OpenApiJson(Arc<str>);
+
+/// This document: the HTTP API in OpenAPI 3.1.
+#[utoipa::path(get, path = "/openapi.json", tag = "ops",
+    responses((status = 200, description = "The OpenAPI 3.1 document of this API", content_type = "application/json", body = Object)))]
+async fn get_openapi(Extension(OpenApiJson(json)): Extension<OpenApiJson>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        )],
+        json.to_string(),
+    )
+        .into_response()
+}
+
+/// The dashboard: a page that lists regions and follows one live.
+#[utoipa::path(get, path = "/", tag = "ops",
+    responses((status = 200, description = "The dashboard page", content_type = "text/html", body = String)))]
+async fn get_dashboard() -> Html<&'static str> {
+    Html(DASHBOARD)
+}
+
+/// The process is alive. Readiness and metrics are on `gateway.ops_listen`, not here.
+#[utoipa::path(get, path = "/healthz", tag = "ops",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
+async fn get_healthz() -> &'static str {
+    "ok\n"
 }
 
 /// The metric's `route` label of a matched path.
@@ -182,6 +225,24 @@ impl<S: Send + Sync> FromRequestParts<S> for HeartbeatContentType {
     }
 }
 
+/// Heartbeats in: one (an object) or a batch (an array), answered 202 only after the
+/// broker has acknowledged every one.
+#[utoipa::path(post, path = "/v1/heartbeats", tag = "ingest",
+    request_body(description = "One heartbeat or a batch; `text/plain` is what navigator.sendBeacon sends for the same JSON",
+        content((Heartbeats = "application/json"), (Heartbeats = "text/plain"))),
+    security((), ("bearer" = []), ("access_token" = [])),
+    responses(
+        (status = 202, description = "Every heartbeat is stored in Kafka", body = Accepted),
+        (status = 400, description = "Not JSON, or a field breaks a rule (`invalid_field` names it)", body = Problem),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 405, description = "Only POST (and the CORS preflight)", body = Problem, headers(("Allow" = String))),
+        (status = 408, description = "The body did not arrive within gateway.body_read_timeout", body = Problem),
+        (status = 413, description = "The body or the batch is too large (`too_large`, `batch_too_large`)", body = Problem),
+        (status = 415, description = "Not application/json or text/plain", body = Problem),
+        (status = 429, description = "This identity is over its rate (gateway.ingest_per_minute, gateway.ingest_burst)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "A dependency cannot answer now (`broker_down, queue_full, not_acknowledged, rate_table_full`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn post_heartbeats(
     ReceivedAt(received): ReceivedAt,
     State(app): State<App>,
@@ -216,11 +277,27 @@ async fn post_heartbeats(
     ))
 }
 
+/// Every region the notifier has seen.
+#[utoipa::path(get, path = "/v1/regions", tag = "read", security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The regions", body = Regions),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 503, description = "A dependency cannot answer now (`redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn get_regions(State(app): State<App>, _: Caller) -> Result<Response, ApiError> {
     let regions = app.0.store.regions().await.map_err(ApiError::RedisDown)?;
     Ok(Json(json!({"regions": regions})).into_response())
 }
 
+/// A region's facilities now: a snapshot as of one region sequence.
+#[utoipa::path(get, path = "/v1/regions/{region}/facilities", tag = "read", security((), ("bearer" = [])),
+    params(("region" = String, Path, description = "A region id")),
+    responses(
+        (status = 200, description = "The region's facilities (none for a region never seen)", body = crate::store::Snapshot),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 503, description = "A dependency cannot answer now (`redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn get_region(
     State(app): State<App>,
     Path(region): Path<String>,
@@ -236,6 +313,23 @@ async fn get_region(
     Ok(Json(snapshot).into_response())
 }
 
+/// A region, live: Server-Sent Events, first a `snapshot`, then each `transition` (its
+/// `id` is the region sequence; `Last-Event-ID` resumes), and `expired` when the grant
+/// behind the stream ends.
+#[utoipa::path(get, path = "/v1/regions/{region}/stream", tag = "stream",
+    security((), ("ticket" = []), ("bearer" = [])),
+    params(
+        ("region" = String, Path, description = "A region id the notifier has seen"),
+        ("Last-Event-ID" = Option<u64>, Header, description = "The last region sequence received: the stream resumes after it, or starts with a snapshot"),
+    ),
+    responses(
+        (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 404, description = "No transition of this region has been seen (`unknown_region`)", body = Problem),
+        (status = 429, description = "This identity has gateway.max_streams_per_identity streams open", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "A dependency cannot answer now (`streams_full, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn get_stream(
     State(app): State<App>,
     StreamAccess { region, grant }: StreamAccess,
@@ -284,6 +378,16 @@ fn last_event_id(headers: &HeaderMap) -> Option<u64> {
 /// `POST /v1/stream-tickets`, token in the `Authorization` header, optional body
 /// `{"regions": [...]}` (default: every region the token grants): a ticket for
 /// `GET /v1/regions/{region}/stream?ticket=`. With `auth = "none"` the ticket is empty.
+#[utoipa::path(post, path = "/v1/stream-tickets", tag = "stream",
+    request_body(description = "The regions to open; an empty body asks for every region the token grants", content = Option<TicketRequest>, content_type = "application/json"),
+    security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "A ticket for `?ticket=` of the stream", body = Ticket, headers(("Cache-Control" = String, description = "`no-store`"))),
+        (status = 400, description = "The body is not `{\"regions\": [...]}` (`invalid_field`)", body = Problem),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 503, description = "A dependency cannot answer now (`keys_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn post_stream_ticket(
     State(app): State<App>,
     Caller(claims): Caller,
@@ -328,6 +432,16 @@ async fn post_stream_ticket(
     ))
 }
 
+/// A facility's newest transition.
+#[utoipa::path(get, path = "/v1/facilities/{id}", tag = "read", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "A facility id")),
+    responses(
+        (status = 200, description = "The facility's newest transition", body = FacilityStatus),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 404, description = "No transition of this facility has been seen (`unknown_facility`)", body = Problem),
+        (status = 503, description = "A dependency cannot answer now (`redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn get_facility(
     State(app): State<App>,
     Path(id): Path<String>,
@@ -383,6 +497,22 @@ fn history_range(query: Option<&str>, now: i64, max: Duration) -> Result<(i64, i
     Ok((from, to))
 }
 
+/// A facility's transitions in `[from, to)`, its state when the range starts, and the
+/// seconds it was ONLINE within the range.
+#[utoipa::path(get, path = "/v1/facilities/{id}/history", tag = "read", security((), ("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "A facility id"),
+        ("from" = Option<String>, Query, description = "ms since the epoch or RFC 3339; default 24 h before `to`"),
+        ("to" = Option<String>, Query, description = "ms since the epoch or RFC 3339; default now; at most gateway.history_max_range after `from`"),
+    ),
+    responses(
+        (status = 200, description = "The history", body = crate::history::History),
+        (status = 400, description = "`from`/`to` unreadable, reversed or too far apart (`invalid_field`)", body = Problem),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 404, description = "With tokens: no transition of this facility has been seen (`unknown_facility`)", body = Problem),
+        (status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
 async fn get_history(
     State(app): State<App>,
     Path(id): Path<String>,

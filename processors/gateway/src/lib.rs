@@ -15,6 +15,7 @@
 //! - [`error`]: every refusal: its status, problem body and metric.
 //! - [`state`]: what the handlers share.
 //! - [`query`]: query-string values.
+//! - [`openapi`]: the OpenAPI 3.1 document (`GET /openapi.json`), generated from the handlers.
 //! - [`limits`]: the per-identity ingest rate and the stream caps (pure, time passed in).
 //! - [`server`]: the public listener with its timeouts and connection cap.
 //! - [`latency`]: the request-latency histogram, one layer around every route.
@@ -30,6 +31,7 @@ pub mod ingest;
 pub mod latency;
 pub mod limits;
 pub mod metrics;
+pub mod openapi;
 pub mod publish;
 pub mod query;
 pub mod server;

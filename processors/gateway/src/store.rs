@@ -7,12 +7,13 @@ use redis::aio::ConnectionManager;
 use redis::{AsyncCommands, RedisResult};
 
 /// A region as of one region sequence: every facility's newest transition.
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, utoipa::ToSchema)]
 pub struct Snapshot {
     pub region: String,
     pub region_seq: u64,
     pub online: usize,
     pub offline: usize,
+    #[schema(value_type = Vec<crate::openapi::FacilityStatus>)]
     pub facilities: Vec<FacilityStatus>,
 }
 

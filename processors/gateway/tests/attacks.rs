@@ -23,6 +23,8 @@ struct Gateway {
     ops: String,
     http: reqwest::Client,
     shutdown: Shutdown,
+    /// Deleted when the test ends, also when it fails.
+    _topics: presence_core::testkit::TestTopics,
     redis: redis::aio::MultiplexedConnection,
     keys: RedisKeys,
 }
@@ -35,7 +37,7 @@ impl Drop for Gateway {
 
 impl Gateway {
     async fn start(config: &Config) -> Gateway {
-        presence_core::testkit::ensure_topics(config).await;
+        let topics = presence_core::testkit::TestTopics::create(config).await;
         let shutdown = Shutdown::new();
         let running = presence_gateway::start(config.clone(), shutdown.clone())
             .await
@@ -51,6 +53,7 @@ impl Gateway {
             ops: format!("http://{}", running.ops_addr),
             http: reqwest::Client::new(),
             shutdown,
+            _topics: topics,
             redis,
             keys: RedisKeys::new(&config.redis.key_prefix),
         }

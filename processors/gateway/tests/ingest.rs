@@ -21,6 +21,8 @@ struct Gateway {
     /// `/metrics` and `/readyz`, apart from the public port.
     ops: String,
     shutdown: Shutdown,
+    /// Deleted when the test ends, also when it fails.
+    _topics: presence_core::testkit::TestTopics,
     http: reqwest::Client,
 }
 
@@ -31,7 +33,7 @@ impl Drop for Gateway {
 }
 
 async fn start(config: &Config) -> Gateway {
-    presence_core::testkit::ensure_topics(config).await;
+    let topics = presence_core::testkit::TestTopics::create(config).await;
     let shutdown = Shutdown::new();
     let running = presence_gateway::start(config.clone(), shutdown.clone())
         .await
@@ -41,6 +43,7 @@ async fn start(config: &Config) -> Gateway {
         ops: format!("http://{}", running.ops_addr),
         shutdown,
         http: reqwest::Client::new(),
+        _topics: topics,
     };
     ready(&g, true).await;
     g
