@@ -27,8 +27,8 @@ async fn case(seed: u64) -> (Config, Vec<Expected>) {
     let c = setup(TIMEOUT_MS).await;
     let log = generate(&SimConfig::compressed(
         seed,
-        800,
-        50,
+        1_500,
+        80,
         now_ms() - 6 * 3_600_000,
     ));
     let expected = oracle(&log, TIMEOUT_MS as i64);
@@ -86,8 +86,8 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
         ],
     );
     assert!(
-        reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len() / 5),
-        "seed {seed}: a fifth of the output within 120 s"
+        reader.read_until(Duration::from_secs(120), |s| !s.is_empty()),
+        "seed {seed}: output within 120 s"
     );
     // Another producer initialises the processor's transactional ids: the broker bumps
     // their epochs, and the processor's producers are fenced at their next request.

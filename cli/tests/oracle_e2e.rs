@@ -28,7 +28,7 @@ const PARTITIONS: i32 = 3;
 
 /// A generated log, disturbed: per record, with the seed's dice, late by up to two
 /// timeouts (5%), tied with the record before it (5%), ahead of the rest by up to 5 s (1%),
-/// exactly at its session's deadline (3%), or stamped two hours past the wall clock
+/// exactly at its session's deadline (3%), or stamped ten minutes past the wall clock
 /// (refused, 0.3%). Each record goes to its session's partition, in log order.
 fn disturbed_log(seed: u64, start_ms: i64, refuse_at: i64) -> (Vec<Placed>, usize) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ 0x5eed);
@@ -82,7 +82,9 @@ async fn a_disturbed_log_with_a_flap_hold_and_a_kill_equals_the_oracle() {
     c.processor.flap_hold = Duration::from_millis(HOLD_MS as u64);
     let _cleanup = Cleanup::new(&c);
     let now = now_ms();
-    let refuse_at = now + 2 * 3_600_000;
+    // Past the processor's allowance (60 s) but within the broker's own
+    // (`log.message.timestamp.after.max.ms`, 1 h), which would refuse the whole batch.
+    let refuse_at = now + 10 * 60_000;
     let (log, refused) = disturbed_log(seed, now - 6 * 3_600_000, refuse_at);
     let expected = oracle_placed(
         &log,
@@ -90,7 +92,7 @@ async fn a_disturbed_log_with_a_flap_hold_and_a_kill_equals_the_oracle() {
             timeout_ms: TIMEOUT_MS,
             flap_hold_ms: HOLD_MS,
             // Anything up to the processor's allowance (max_clock_skew, 60 s) past the wall
-            // clock is taken; the refused records are two hours past it.
+            // clock is taken; the refused records are ten minutes past it.
             reject_after: now + 60_000,
         },
     );

@@ -97,11 +97,13 @@ async fn a_second_instance_joins_and_leaves_under_live_load() {
     let ops_b = presence_core::testkit::free_port();
     let listen_b = format!("127.0.0.1:{ops_b}");
     let mut b = None;
+    let mut joined = false;
     let load_start = Instant::now();
     while load_start.elapsed() < LOAD {
         presence_core::testkit::check_processes();
         let t = load_start.elapsed();
-        if b.is_none() && t >= LOAD / 3 {
+        if !joined && t >= LOAD / 3 {
+            joined = true;
             b = Some(watched_processor(
                 &c,
                 "b",
@@ -151,7 +153,7 @@ async fn a_second_instance_joins_and_leaves_under_live_load() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(b.is_none(), "b has left");
+    assert!(joined && b.is_none(), "b has joined and left");
     let expected = oracle_placed(
         &log,
         &OracleConfig {
