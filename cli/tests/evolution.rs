@@ -40,8 +40,10 @@ const PIN_V1: &str = "Heartbeat=1,FacilityStatus=1,SessionEvent=1,FacilityState=
 /// A heartbeat as a producer that only knows v1 writes it: v1's fingerprint and v1's body,
 /// written here field by field from `schemas/history/heartbeat/v1.avsc`, not by the codec.
 fn heartbeat_v1(h: &Heartbeat) -> Vec<u8> {
+    static V1: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    let v1 = V1.get_or_init(|| history_fingerprints::<Heartbeat>()[0]);
     let mut out = MARKER.to_vec();
-    out.extend_from_slice(&history_fingerprints::<Heartbeat>()[0].to_le_bytes());
+    out.extend_from_slice(&v1.to_le_bytes());
     write_str(&mut out, &h.session_id);
     write_str(&mut out, &h.user_id);
     write_str(&mut out, &h.facility_id);

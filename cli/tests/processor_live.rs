@@ -249,10 +249,9 @@ async fn bad_records_go_to_the_dead_letter_topic() {
 /// A record made to be refused: key, value, timestamp, the error code it must get.
 type Bad = (&'static str, Option<Vec<u8>>, i64, &'static str);
 
-/// Every dead-letter code either stage can give a record made by hand (stage 2's
-/// `unknown_source`, `malformed` and `invalid_field` need a well-formed session event of an
-/// unknown source or with a broken field, which only the processor's own encoder makes) is
-/// written exactly once, even though the first two instances die between
+/// Every dead-letter code either stage can give (stage 2's session events are made with the
+/// processor's own encoder; `SessionEvent` has no field rules, so stage 2 has no
+/// `invalid_field`) is written exactly once, even though the first two instances die between
 /// send_offsets_to_transaction and commit_transaction: the dead letters of an aborted
 /// transaction are never seen, and the next instance writes them once.
 #[tokio::test(flavor = "multi_thread")]
@@ -283,11 +282,28 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
             "timestamp_in_future",
         ),
     ];
+    let event = presence_processor::records::SessionEvent {
+        kind: presence_processor::records::SessionEventKind::Opened,
+        source_partition: 0,
+        source_seq: 1,
+        at: now,
+        facility_id: "f".into(),
+        region_id: "r".into(),
+        close_reason: None,
+    };
+    let mut trailing_event = encode(&event);
+    trailing_event.push(0);
+    let stranger = presence_processor::records::SessionEvent {
+        source_partition: 99,
+        ..event
+    };
     let bad_events: Vec<Bad> = vec![
         ("f", None, now, "missing_value"),
         ("f", Some(vec![0xC3]), now, "too_short"),
         ("f", Some(b"not avro at all".to_vec()), now, "bad_marker"),
         ("f", Some(unknown), now, "unknown_schema"),
+        ("f", Some(trailing_event), now, "malformed"),
+        ("f", Some(encode(&stranger)), now, "unknown_source"),
     ];
     let producer: FutureProducer = idempotent_producer_config(&c.kafka, "test")
         .create()

@@ -1,12 +1,15 @@
-//! A seeded simulation of facilities full of users, and the reference model ("oracle")
-//! that says which transitions a correct pipeline emits for it. The load generator sends
-//! what [`generate`] makes; the processor's end-to-end tests compare `facility-status`
-//! with [`oracle`].
+//! A seeded simulation of facilities full of users (a compressed log for the tests), and
+//! the reference model ("oracle") that says which transitions a correct pipeline emits for
+//! a heartbeat log. The processor's end-to-end tests compare `facility-status` with
+//! [`oracle`] (sorted logs) or [`oracle_placed`] (several partitions, late, out-of-order,
+//! tied, future-dated and refused beats, flap hold). `presence loadgen` runs a real-time
+//! simulation of its own (`processors/loadgen`); its `--truth` file, read back with
+//! [`read_truth`], goes through the same oracle.
 //!
-//! The oracle is deliberately naive: per session, its open intervals; per facility, the
-//! union of its sessions' intervals. A session is the pair (user id, session id): a beat
-//! or END only ever touches the session its own user opened. It shares no code with the
-//! processor.
+//! The oracle is deliberately naive: per partition, a stream time and the open sessions,
+//! expired by scanning them all; per facility, a count. A session is the pair (user id,
+//! session id): a beat or END only ever touches the session its own user opened. It shares
+//! no code with the processor.
 
 use std::collections::{BTreeMap, HashMap};
 
