@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use presence_core::codec::{decode, encode};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::testkit::{read_to_end_until, spawn_process};
+use presence_core::testkit::read_to_end_until;
 use presence_core::Shutdown;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -34,10 +34,7 @@ fn beat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
 async fn heartbeats_in_every_codec_are_read() {
     let c = setup(90_000).await;
     let shutdown = Shutdown::new();
-    let pc = c.clone();
-    let processor = spawn_process("processor", &shutdown, move |s| {
-        presence_processor::run(pc, s)
-    });
+    let processor = processor_in_process(&c, &shutdown).await;
     for codec in CODECS {
         let producer: FutureProducer =
             presence_core::kafka::idempotent_producer_config(&c.kafka, "test-producer")

@@ -13,7 +13,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use presence_core::config::Config;
-use presence_core::testkit::{python, read_to_end_until, repo_root, spawn_process};
+use presence_core::testkit::{python, read_to_end_until, repo_root};
 use presence_core::Shutdown;
 use support::*;
 
@@ -106,10 +106,7 @@ fn examples_dir(name: &str) -> PathBuf {
 async fn every_example_prints_the_transitions_the_producer_example_caused() {
     let c = setup(90_000).await;
     let shutdown = Shutdown::new();
-    let pc = c.clone();
-    let processor = spawn_process("processor", &shutdown, move |s| {
-        presence_processor::run(pc, s)
-    });
+    let processor = processor_in_process(&c, &shutdown).await;
     // Two runs, so that every END is stamped after its BEAT.
     produce_with_example(&c, &beats("BEAT"));
     read_to_end_until(

@@ -1,9 +1,9 @@
 //! The `confluent` framing against a real schema registry: Apicurio Registry 2.4.2 through its
 //! Confluent-compatible API (`bash deploy/stack.sh registry-up`, which `make stack` runs).
 //! `presence topics` registers FULL_TRANSITIVE subjects, the processor reads heartbeats in
-//! both framings and writes `facility-status` in the registry's, and Confluent's own Python
-//! deserializer (the README's example consumer with `--registry-url`) decodes it. Every test
-//! deletes the subjects it registered.
+//! both framings and writes `facility-status` in the registry's, which the sink reads into
+//! PostgreSQL and Confluent's own Python deserializer (the README's example consumer with
+//! `--registry-url`) decodes. Every test deletes the subjects it registered.
 
 // `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
 // guard only keeps the heavy end-to-end tests of this binary from running at once.
@@ -21,7 +21,7 @@ use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
 use presence_core::registry::{
     header_for, value_subject, Framing, IdCache, RegistryClient, RegistryError,
 };
-use presence_core::testkit::{python, read_to_end, read_to_end_until, repo_root, spawn_process};
+use presence_core::testkit::{python, read_to_end, read_to_end_until, repo_root};
 use presence_core::{topics, Shutdown};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -79,6 +79,9 @@ impl Drop for Subjects {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() {
+    // One registering test at a time: Apicurio's in-memory storage can fail two concurrent
+    // first registrations (a content-id clash), which `register` retries but need not meet.
+    let _one = serial();
     let c = setup_confluent(90_000).await;
     let _cleanup = Subjects(c.clone());
     let first = topics::register_subjects(&c)
@@ -207,10 +210,7 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
     let confluent = Header::Confluent { id: heartbeat_id };
 
     let shutdown = Shutdown::new();
-    let pc = c.clone();
-    let processor = spawn_process("processor", &shutdown, move |s| {
-        presence_processor::run(pc, s)
-    });
+    let processor = processor_in_process(&c, &shutdown).await;
     let now = now_ms();
     let unknown_id = Header::Confluent { id: 0x7fff_fff0 };
     let end = |s, f| beat(s, f, HeartbeatKind::End);
@@ -295,6 +295,47 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
         })
         .collect();
     assert_eq!(codes, vec!["unresolved_schema_id"], "the unknown id only");
+
+    // The sink reads the registry framing too: every transition lands in PostgreSQL.
+    let sink_shutdown = Shutdown::new();
+    let sc = c.clone();
+    let sink = presence_core::testkit::spawn_process("sink", &sink_shutdown, move |s| {
+        presence_sink::run(sc, s)
+    });
+    let (db, connection) = tokio_postgres::connect(c.database.url.expose(), tokio_postgres::NoTls)
+        .await
+        .expect("PostgreSQL of the stack");
+    tokio::spawn(connection);
+    let schema = c.database.schema.clone();
+    let stored: BTreeSet<(String, String, i64)> = presence_core::testkit::eventually(
+        "the sink's four transitions in PostgreSQL",
+        Duration::from_secs(60),
+        || {
+            let (db, schema) = (&db, &schema);
+            async move {
+                let rows = db
+                    .query(
+                        &format!(
+                            "SELECT facility_id, status, seq FROM \"{schema}\".facility_transitions"
+                        ),
+                        &[],
+                    )
+                    .await
+                    .ok()?;
+                let set: BTreeSet<(String, String, i64)> = rows
+                    .iter()
+                    .map(|r| (r.get(0), r.get(1), r.get(2)))
+                    .collect();
+                (set.len() >= 4).then_some(set)
+            }
+        },
+    )
+    .await;
+    sink.stop(Duration::from_secs(30)).await;
+    db.batch_execute(&format!("DROP SCHEMA \"{schema}\" CASCADE"))
+        .await
+        .expect("drop the sink's schema");
+    assert_eq!(stored, expected, "what the sink stored");
 
     // Confluent's AvroDeserializer with its SchemaRegistryClient, in the example consumer.
     let out = std::process::Command::new(python())

@@ -26,6 +26,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"time"
 
@@ -63,7 +64,7 @@ func loadSchemas(dir string) (*decoder, error) {
 		if err != nil {
 			return nil, 0, fmt.Errorf("%s: %w", path, err)
 		}
-		return s, crc64Avro([]byte(s.String())), nil
+		return s, crc64Avro([]byte(canonical(s))), nil
 	}
 	reader, fp, err := parse(filepath.Join(dir, "facility_status.avsc"))
 	if err != nil {
@@ -100,8 +101,19 @@ func (d *decoder) decode(value []byte) (FacilityStatus, error) {
 	return out, avro.Unmarshal(writer, value[10:], &out)
 }
 
+// withLogicalType is a primitive with a logical type in hamba/avro's Schema.String().
+var withLogicalType = regexp.MustCompile(`\{"type":"(int|long|bytes|string)","logicalType":"[^"]*"\}`)
+
+// canonical is the specification's Parsing Canonical Form. hamba/avro's Schema.String() is
+// that form except that it keeps logical types, which the specification strips
+// ({"type":"long","logicalType":"timestamp-millis"} is "long"); fingerprints computed on it
+// would match no other implementation.
+func canonical(s avro.Schema) string {
+	return withLogicalType.ReplaceAllString(s.String(), `"$1"`)
+}
+
 // crc64Avro is the Avro specification's CRC-64-AVRO (Rabin) fingerprint of a schema's
-// Parsing Canonical Form, which hamba/avro's Schema.String() returns.
+// Parsing Canonical Form.
 func crc64Avro(data []byte) uint64 {
 	const empty = 0xc15d213aa4d7a795
 	var table [256]uint64

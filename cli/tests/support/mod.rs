@@ -559,4 +559,43 @@ impl Drop for Cleanup {
             eprintln!("cleanup of {id}: {e}");
         }
     }
+/// The processor as a task of this test (`testkit::spawn_process`), started once every topic
+/// of `c` is in the broker's metadata: a topic just created may take a moment to show, and
+/// the processor refuses to start without its topics.
+pub async fn processor_in_process(
+    c: &Config,
+    shutdown: &presence_core::Shutdown,
+) -> presence_core::testkit::Process {
+    let admin = admin_config(c);
+    let consumer: BaseConsumer = admin.create().expect("metadata client");
+    let names = [
+        c.topics.heartbeats.clone(),
+        c.topics.facility_status.clone(),
+        c.topics.session_transitions(),
+        c.topics.sessions_changelog(),
+        c.topics.facilities_changelog(),
+    ];
+    presence_core::testkit::eventually(
+        "the topics in the broker's metadata",
+        Duration::from_secs(30),
+        || {
+            let ok = names.iter().all(|t| {
+                consumer
+                    .fetch_metadata(Some(t), Duration::from_secs(5))
+                    .ok()
+                    .and_then(|md| {
+                        md.topics()
+                            .first()
+                            .map(|t| t.error().is_none() && !t.partitions().is_empty())
+                    })
+                    .unwrap_or(false)
+            });
+            async move { ok.then_some(()) }
+        },
+    )
+    .await;
+    let pc = c.clone();
+    presence_core::testkit::spawn_process("processor", shutdown, move |s| {
+        presence_processor::run(pc, s)
+    })
 }

@@ -286,14 +286,32 @@ impl RegistryClient {
     /// Registers `schema` under `subject` (a schema already there keeps its id).
     pub async fn register(&self, subject: &str, schema: &str) -> Result<u32, RegistryError> {
         let what = format!("registering a schema under subject {subject}");
-        let answer: Option<IdAnswer> = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/subjects/{subject}/versions"),
-                Some(serde_json::json!({ "schema": schema })),
-                &what,
-            )
-            .await?;
+        let mut attempt = 0;
+        let answer: Option<IdAnswer> = loop {
+            let result = self
+                .call(
+                    reqwest::Method::POST,
+                    &format!("/subjects/{subject}/versions"),
+                    Some(serde_json::json!({ "schema": schema })),
+                    &what,
+                )
+                .await;
+            match result {
+                // Registering is idempotent, so a failure of the registry itself is worth
+                // another try; so is Apicurio 2.4's "artifact already exists", its answer to
+                // a registration that races the subject's creation (asked again, it adds the
+                // version). Other 4xx (an incompatible schema: 409) are final.
+                Err(RegistryError::Refused {
+                    status, ref body, ..
+                }) if (status >= 500 || (status == 409 && body.contains("already exists")))
+                    && attempt < 5 =>
+                {
+                    attempt += 1;
+                    tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+                }
+                other => break other?,
+            }
+        };
         answer.map(|a| a.id).ok_or(RegistryError::BadAnswer {
             url: self.base.clone(),
             what,
