@@ -229,13 +229,17 @@ async fn wait_ready(ops: &str, want: u16, within: Duration, what: &str) -> Durat
     }
 }
 
-// Out of `make test` for now: in about one run in three, after the first restart the
-// processor is ready (every /readyz component ok, partitions restored) but no new transition
-// reaches the test's reader for 60 s, and it is not yet known whether the processor, the
-// test's load producer or its reader is the one that stalls. Run it with
-// `cargo test -p presence --test broker_restart -- --ignored`. When transitions stop, the
-// failure message says where (end offsets, committed offsets, the processor's metrics).
-#[ignore = "stalls in about one run in three after a broker restart, cause not yet found; see the comment above"]
+// Out of `make test` until it has a clean record: run it with
+// `cargo test -p presence --test broker_restart -- --ignored --nocapture`. The stages now
+// keep serving their consumers while a producer is replaced, let a replaced consumer close
+// on a thread of their own, and replace stuck clients by watchdog (`processor::runner`);
+// on a machine at load average 20-50 (other builds) runs still failed, on output (extra
+// ONLINE/OFFLINE pairs: possibly wall-clock expiry of a session whose next beat
+// the slowed broker served more than the 3 s timeout late) and on the last transitions not
+// arriving within 60 s. When transitions stop, the failure message says where (end offsets,
+// committed offsets, the processor's metrics); `KAFKA_PROPERTY_DEBUG=cgrp,eos` on the test
+// adds librdkafka's debug log of the processor's clients.
+#[ignore = "not yet 5 clean runs in a row; see the comment above"]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output() {
     let t0 = Instant::now();
@@ -276,17 +280,24 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     let port = free_port().to_string();
     let ops = format!("http://127.0.0.1:{port}");
     let listen = format!("127.0.0.1:{port}");
-    let mut processor = Running(spawn_processor(
-        &c,
-        "a",
-        &[
-            ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen),
-            (
-                "PRESENCE_TELEMETRY__LOG_FILTER",
-                "warn,presence_processor=info",
-            ),
-        ],
-    ));
+    // Diagnosing: `KAFKA_PROPERTY_DEBUG=cgrp,eos` on the test passes librdkafka's debug
+    // contexts to the processor's clients and logs them.
+    let debug = std::env::var("KAFKA_PROPERTY_DEBUG").unwrap_or_default();
+    let mut env = vec![
+        ("PRESENCE_PROCESSOR__OPS_LISTEN", listen.as_str()),
+        (
+            "PRESENCE_TELEMETRY__LOG_FILTER",
+            if debug.is_empty() {
+                "warn,presence_processor=info"
+            } else {
+                "warn,presence_processor=debug,librdkafka=debug,rdkafka=debug"
+            },
+        ),
+    ];
+    if !debug.is_empty() {
+        env.push(("KAFKA_PROPERTY_DEBUG", debug.as_str()));
+    }
+    let mut processor = Running(spawn_processor(&c, "a", &env));
     wait_ready(&ops, 200, Duration::from_secs(60), "the processor ready").await;
 
     let stop = Arc::new(AtomicBool::new(false));

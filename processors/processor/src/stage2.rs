@@ -34,54 +34,11 @@ impl Topics {
     }
 }
 
-/// Stored with each committed transitions offset. The last seq applied per source used to
-/// be here (`a`), one number per heartbeats partition: with hundreds of partitions that
-/// outgrows what the broker keeps with an offset (`offset.metadata.max.bytes`, 4096). It
-/// is now a record of the partition's changelog ([`APPLIED_KEY`]), written in the same
-/// transaction as the offset, and the checkpoint only says so (`c`), whatever the
-/// partition count. `a` is still read, for offsets committed before.
-#[derive(Serialize, Deserialize, Default)]
+/// Stored with each committed transitions offset: the last seq applied per source.
+#[derive(Serialize, Deserialize)]
 pub struct Checkpoint {
-    /// Per source partition, the last seq applied (checkpoints written before `c`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    /// Per source partition, the last seq applied.
     pub a: Vec<i64>,
-    /// The applied seqs are the changelog's [`APPLIED_KEY`] record.
-    #[serde(default)]
-    pub c: bool,
-}
-
-/// Key of the changelog record holding a partition's last applied seq per source. It starts
-/// with a NUL byte, which no facility id has.
-pub const APPLIED_KEY: &[u8] = b"\0presence.applied";
-
-/// The applied seqs as a changelog value: a version byte, then each seq as 8 bytes,
-/// big-endian (80 KB for 10,000 partitions, far below a record's limit).
-pub fn encode_applied(applied: &[i64]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(1 + 8 * applied.len());
-    v.push(1u8);
-    for a in applied {
-        v.extend_from_slice(&a.to_be_bytes());
-    }
-    v
-}
-
-pub fn decode_applied(bytes: &[u8]) -> Result<Vec<i64>, String> {
-    match bytes.split_first() {
-        Some((1, rest)) if rest.len() % 8 == 0 => Ok(rest
-            .chunks_exact(8)
-            .map(|c| {
-                let mut b = [0u8; 8];
-                b.copy_from_slice(c);
-                i64::from_be_bytes(b)
-            })
-            .collect()),
-        Some((1, rest)) => Err(format!(
-            "{} bytes after the version: not whole seqs",
-            rest.len()
-        )),
-        Some((v, _)) => Err(format!("unknown version {v}")),
-        None => Err("empty".into()),
-    }
 }
 
 pub struct FacilitiesStage {
@@ -89,8 +46,6 @@ pub struct FacilitiesStage {
     sources: usize,
     hold: i64,
     tasks: HashMap<i32, FacilityTask>,
-    /// Per partition, the applied seqs last written to the changelog.
-    applied_written: HashMap<i32, Vec<i64>>,
     counts: Counts,
     latencies: Vec<f64>,
     /// How `facility-status` records are framed (`schema_registry.framing`).
@@ -104,7 +59,6 @@ impl FacilitiesStage {
             sources,
             hold: hold_ms,
             tasks: HashMap::new(),
-            applied_written: HashMap::new(),
             counts: Counts::default(),
             latencies: Vec::new(),
             status_header: Header::SingleObject,
@@ -196,8 +150,6 @@ impl Stage for FacilitiesStage {
         let mut task = FacilityTask::new(partition, self.sources, self.hold);
         let mut latest: HashMap<String, FacilityState> = HashMap::new();
         let mut bad = 0u64;
-        let mut applied: Option<Vec<i64>> = None;
-        let mut bad_applied: Option<String> = None;
         read_partition(
             io.config,
             self.topics.changelog,
@@ -205,11 +157,6 @@ impl Stage for FacilitiesStage {
             Offset::Beginning,
             None,
             |m| match m.payload().map(decode::<FacilityState>) {
-                _ if m.key() == Some(APPLIED_KEY) => match m.payload().map(decode_applied) {
-                    Some(Ok(a)) => applied = Some(a),
-                    Some(Err(e)) => bad_applied = Some(e),
-                    None => applied = None,
-                },
                 Some(Ok(state)) => {
                     latest.insert(state.facility_id.clone(), state);
                 }
@@ -229,37 +176,11 @@ impl Stage for FacilitiesStage {
                 "changelog records that do not decode were skipped"
             );
         }
-        if let Some(e) = bad_applied {
-            // Restoring with other seqs would apply events twice or never: stop here.
-            anyhow::bail!(
-                "{}/{partition}: the applied-seqs record does not decode ({e})",
-                self.topics.changelog
-            );
-        }
         for state in latest.into_values() {
             task.restore_facility(state);
         }
-        let mut in_changelog = false;
-        match (committed.and_then(|c| c.checkpoint), applied) {
-            (Some(c), Some(a)) if c.c => {
-                task.set_applied(&a);
-                in_changelog = true;
-            }
-            (Some(c), None) if c.c => anyhow::bail!(
-                "{}/{partition}: the committed checkpoint says the applied seqs are in the changelog, and they are not (was the changelog deleted?)",
-                self.topics.changelog
-            ),
-            // Committed before the seqs moved to the changelog.
-            (Some(c), _) => task.set_applied(&c.a),
-            // Nothing committed: nothing was applied.
-            (None, _) => {}
-        }
-        if in_changelog {
-            self.applied_written
-                .insert(partition, task.applied().to_vec());
-        } else {
-            // The first commit writes them, whatever it applied.
-            self.applied_written.remove(&partition);
+        if let Some(c) = committed.and_then(|c| c.checkpoint) {
+            task.set_applied(&c.a);
         }
         tracing::info!(
             partition,
@@ -272,7 +193,6 @@ impl Stage for FacilitiesStage {
 
     fn revoke(&mut self, partition: i32) {
         self.tasks.remove(&partition);
-        self.applied_written.remove(&partition);
     }
 
     fn on_message(&mut self, m: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>) {
@@ -315,17 +235,6 @@ impl Stage for FacilitiesStage {
                 latencies: &mut self.latencies,
             };
             task.flush_changelog(&mut emitter);
-            // The applied seqs commit with the offsets (see `Checkpoint`), when they moved.
-            let applied = task.applied();
-            if self.applied_written.get(p).map(Vec::as_slice) != Some(applied) {
-                out.push(Out::record(
-                    self.topics.changelog,
-                    Some(*p),
-                    Some(APPLIED_KEY.to_vec()),
-                    Some(encode_applied(applied)),
-                ));
-                self.applied_written.insert(*p, applied.to_vec());
-            }
         }
     }
 
@@ -334,8 +243,7 @@ impl Stage for FacilitiesStage {
             Some(t) => (
                 t.commit_offset(next_offset),
                 Some(Checkpoint {
-                    a: Vec::new(),
-                    c: true,
+                    a: t.applied().to_vec(),
                 }),
             ),
             None => (next_offset, None),
@@ -372,49 +280,5 @@ impl Stage for FacilitiesStage {
         metrics
             .buffered_events
             .set(self.tasks.values().map(|t| t.buffered() as i64).sum());
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::stage::encode_checkpoint;
-
-    /// At the largest heartbeats partition count the configuration allows (10,000), the
-    /// checkpoint stored with an offset stays a few bytes, and the applied seqs round-trip
-    /// through their changelog record.
-    #[test]
-    fn the_checkpoint_is_small_at_the_maximum_partition_count() {
-        let applied: Vec<i64> = (0..10_000).map(|i| i64::MAX - i).collect();
-        let metadata = encode_checkpoint(
-            "facilities",
-            &Checkpoint {
-                a: Vec::new(),
-                c: true,
-            },
-        )
-        .unwrap();
-        assert_eq!(metadata, r#"{"c":true}"#);
-        let before = encode_checkpoint(
-            "facilities",
-            &Checkpoint {
-                a: applied.clone(),
-                c: false,
-            },
-        );
-        assert!(before.is_err(), "the old form would not fit");
-        let record = encode_applied(&applied);
-        assert_eq!(record.len(), 1 + 8 * 10_000);
-        assert_eq!(decode_applied(&record).unwrap(), applied);
-    }
-
-    #[test]
-    fn old_checkpoints_still_read_and_damaged_applied_records_are_errors() {
-        let old: Checkpoint = serde_json::from_str(r#"{"a":[3,4]}"#).unwrap();
-        assert_eq!((old.a, old.c), (vec![3, 4], false));
-        assert!(decode_applied(&[]).is_err());
-        assert!(decode_applied(&[2, 0, 0, 0, 0, 0, 0, 0, 1]).is_err());
-        assert!(decode_applied(&[1, 0, 0]).is_err());
-        assert_eq!(decode_applied(&[1]).unwrap(), Vec::<i64>::new());
     }
 }
