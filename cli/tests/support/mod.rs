@@ -559,6 +559,8 @@ impl Drop for Cleanup {
             eprintln!("cleanup of {id}: {e}");
         }
     }
+}
+
 /// The processor as a task of this test (`testkit::spawn_process`), started once every topic
 /// of `c` is in the broker's metadata: a topic just created may take a moment to show, and
 /// the processor refuses to start without its topics.

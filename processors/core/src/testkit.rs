@@ -663,7 +663,7 @@ impl TestTopics {
     pub fn own(c: &Config) -> TestTopics {
         TestTopics(Names {
             kafka: c.kafka.clone(),
-            topics: crate::topics::specs(&c.topics)
+            topics: crate::topics::specs(&c.topics, c.processor.session_timeout)
                 .into_iter()
                 .map(|s| s.name)
                 .collect(),

@@ -9,7 +9,9 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 use presence_core::codec::{decode, encode, AvroRecord};
 use presence_core::testkit::repo_root;
-use presence_processor::records::{FacilityState, SessionEvent, SessionEventKind, SessionState};
+use presence_processor::records::{
+    CloseReason, FacilityState, SessionEvent, SessionEventKind, SessionState,
+};
 use proptest::prelude::*;
 
 /// Single-object header: two marker bytes and the 8-byte fingerprint.
@@ -65,6 +67,20 @@ fn session_event_value(e: &SessionEvent) -> Value {
         ("at".into(), Value::TimestampMillis(e.at)),
         ("facility_id".into(), Value::String(e.facility_id.clone())),
         ("region_id".into(), Value::String(e.region_id.clone())),
+        (
+            "close_reason".into(),
+            match e.close_reason {
+                None => Value::Union(0, Box::new(Value::Null)),
+                Some(r) => {
+                    let (i, symbol) = match r {
+                        CloseReason::End => (0, "END"),
+                        CloseReason::Timeout => (1, "TIMEOUT"),
+                        CloseReason::Moved => (2, "MOVED"),
+                    };
+                    Value::Union(1, Box::new(Value::Enum(i, symbol.into())))
+                }
+            },
+        ),
     ])
 }
 
@@ -94,6 +110,21 @@ fn facility_state_value(f: &FacilityState) -> Value {
                 Some(t) => Value::Union(1, Box::new(Value::TimestampMillis(t))),
             },
         ),
+        (
+            "last_event_at".into(),
+            match f.last_event_at {
+                None => Value::Union(0, Box::new(Value::Null)),
+                Some(t) => Value::Union(1, Box::new(Value::TimestampMillis(t))),
+            },
+        ),
+    ])
+}
+
+fn close_reason() -> impl Strategy<Value = Option<CloseReason>> {
+    proptest::option::of(prop_oneof![
+        Just(CloseReason::End),
+        Just(CloseReason::Timeout),
+        Just(CloseReason::Moved),
     ])
 }
 
@@ -108,8 +139,8 @@ fn kind() -> impl Strategy<Value = SessionEventKind> {
 // 256 cases each (proptest's default). Text includes any Unicode; numbers span their types.
 proptest! {
     #[test]
-    fn session_events_match_their_schema_file(kind in kind(), source_partition in any::<i32>(), source_seq in any::<i64>(), at in any::<i64>(), facility_id in ".{0,40}", region_id in ".{0,20}") {
-        let e = SessionEvent { kind, source_partition, source_seq, at, facility_id, region_id };
+    fn session_events_match_their_schema_file(kind in kind(), source_partition in any::<i32>(), source_seq in any::<i64>(), at in any::<i64>(), facility_id in ".{0,40}", region_id in ".{0,20}", close_reason in close_reason()) {
+        let e = SessionEvent { kind, source_partition, source_seq, at, facility_id, region_id, close_reason };
         check("session_event.avsc", &e, session_event_value(&e));
     }
 
@@ -120,8 +151,8 @@ proptest! {
     }
 
     #[test]
-    fn facility_states_match_their_schema_file(facility_id in ".{0,40}", region_id in ".{0,20}", open_sessions in any::<i32>(), online in any::<bool>(), seq in any::<i64>(), since in any::<i64>(), pending in proptest::option::of(any::<i64>())) {
-        let f = FacilityState { facility_id, region_id, open_sessions, online, seq, since, pending_offline_since: pending };
+    fn facility_states_match_their_schema_file(facility_id in ".{0,40}", region_id in ".{0,20}", open_sessions in any::<i32>(), online in any::<bool>(), seq in any::<i64>(), since in any::<i64>(), pending in proptest::option::of(any::<i64>()), last_event_at in proptest::option::of(any::<i64>())) {
+        let f = FacilityState { facility_id, region_id, open_sessions, online, seq, since, pending_offline_since: pending, last_event_at };
         check("facility_state.avsc", &f, facility_state_value(&f));
     }
 }
