@@ -19,15 +19,7 @@ use support::*;
 const CODECS: [&str; 4] = ["gzip", "snappy", "lz4", "zstd"];
 
 fn beat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
-    Heartbeat {
-        session_id: session.into(),
-        user_id: "u".into(),
-        facility_id: facility.into(),
-        region_id: "r".into(),
-        kind,
-        client_sent_at: None,
-        client_version: None,
-    }
+    heartbeat(session, facility, kind)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use presence_core::codec::encode;
 use presence_core::kafka::idempotent_producer_config;
-use presence_core::records::{Heartbeat, HeartbeatKind, Status};
+use presence_core::records::{HeartbeatKind, Status};
 use presence_core::sim::SimRecord;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -22,15 +22,7 @@ const TIMEOUT_MS: i64 = 2_005;
 fn beat(session: &str, facility: &str, kind: HeartbeatKind, ts: i64) -> SimRecord {
     SimRecord {
         ts,
-        heartbeat: Heartbeat {
-            session_id: session.into(),
-            user_id: "u".into(),
-            facility_id: facility.into(),
-            region_id: "r".into(),
-            kind,
-            client_sent_at: None,
-            client_version: None,
-        },
+        heartbeat: heartbeat(session, facility, kind),
     }
 }
 

@@ -182,15 +182,7 @@ async fn produce_raw(c: &Config, records: &[(String, Vec<u8>, i64)]) {
 }
 
 fn beat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
-    Heartbeat {
-        session_id: session.into(),
-        user_id: "u".into(),
-        facility_id: facility.into(),
-        region_id: "r".into(),
-        kind,
-        client_sent_at: None,
-        client_version: None,
-    }
+    heartbeat(session, facility, kind)
 }
 
 #[tokio::test(flavor = "multi_thread")]

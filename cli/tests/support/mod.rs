@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use presence_core::codec::{decode, encode};
 use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config, idempotent_producer_config};
-use presence_core::records::FacilityStatus;
+use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
 use presence_core::sim::{Expected, SimRecord};
 use presence_core::testkit::{
     check_processes, isolated_config, read_to_end, spawn_child, ChildProcess,
@@ -600,4 +600,17 @@ pub async fn processor_in_process(
     presence_core::testkit::spawn_process("processor", shutdown, move |s| {
         presence_processor::run(pc, s)
     })
+}
+
+/// A heartbeat of user `u` in region `r`: what most tests send.
+pub fn heartbeat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
+    Heartbeat {
+        session_id: session.into(),
+        user_id: "u".into(),
+        facility_id: facility.into(),
+        region_id: "r".into(),
+        kind,
+        client_sent_at: None,
+        client_version: None,
+    }
 }
