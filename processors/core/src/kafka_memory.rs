@@ -21,12 +21,17 @@ use rdkafka::config::ClientConfig;
 
 use crate::config::KafkaConfig;
 
+/// Measured (`presence bench throughput --heartbeats 2000000 --sessions 200000`, one run
+/// each, load 4–8): 8 MiB of queue with 1 MiB partition fetches and 4 MiB responses kept the
+/// processor at 125 MiB peak but cut its rate to 0.35x of the old settings (104 k/s against
+/// 300 k/s, 655 MiB); 32 MiB / 4 MiB / 16 MiB (the values below) gave 236 k/s at 464 MiB.
+/// Neither meets issue 13 (256 MiB at 90% of the rate): the fetch response and its
+/// decompressed batches, not the queue, are what the rate needs. Revisit with more runs.
+///
 /// Prefetch of a stage consumer: at most this many KiB of records wait in its queue before
-/// it stops fetching (librdkafka default 65,536 = 64 MiB). 8 MiB is about 60,000 heartbeats
-/// of ~140 bytes (key and value), 90 ms of stage 1's work at 700 k/s: far more than a fetch
-/// round trip to a broker (a few ms locally, tens of ms across zones), so the stage never
-/// waits for records, and an eighth of the default.
-pub const STAGE_QUEUED_MAX_KBYTES: u32 = 8 * 1024;
+/// it stops fetching (librdkafka default 65,536 = 64 MiB). 32 MiB, half the default: 8 MiB
+/// (about 60,000 heartbeats) starved the stage (see above).
+pub const STAGE_QUEUED_MAX_KBYTES: u32 = 32 * 1024;
 
 /// Prefetch of a stage consumer in records (librdkafka default 100,000, each costing about
 /// 200 bytes of librdkafka bookkeeping besides its bytes): 50,000 records, the same order as
@@ -35,17 +40,16 @@ pub const STAGE_QUEUED_MAX_KBYTES: u32 = 8 * 1024;
 pub const STAGE_QUEUED_MIN_MESSAGES: u32 = 50_000;
 
 /// Largest fetch response a consumer asks for (librdkafka default 52,428,800 = 50 MiB); a
-/// response arrives on top of what is queued, so this bounds the overshoot. 4 MiB is four
-/// partitions' worth at [`PARTITION_FETCH_BYTES`]: one response still feeds the stage for
-/// ~40 ms. librdkafka raises it to `message.max.bytes` (1 MB) at least, and the broker
+/// response arrives on top of what is queued, so this bounds the overshoot. 16 MiB is four
+/// partitions' worth at [`PARTITION_FETCH_BYTES`] (the processor asked for 64 MiB before;
+/// 4 MiB starved the stage). librdkafka raises it to `message.max.bytes` (1 MB) at least, and the broker
 /// always returns at least one record batch, so large batches still get through.
-pub const FETCH_MAX_BYTES: u32 = 4 * 1024 * 1024;
+pub const FETCH_MAX_BYTES: u32 = 16 * 1024 * 1024;
 
 /// Largest share of a fetch response one partition gets (librdkafka default 1,048,576;
-/// the processor used 4 MiB before issue 13). 1 MiB: a producer's batch (`batch.size`,
-/// 1 MB by default) fits whole, and twelve partitions' shares can no longer add up to
-/// 48 MiB per response.
-pub const PARTITION_FETCH_BYTES: u32 = 1024 * 1024;
+/// the processor used 4 MiB before issue 13, and keeps it: 1 MiB cut the rate to a third,
+/// see above); [`FETCH_MAX_BYTES`] is what bounds a response now.
+pub const PARTITION_FETCH_BYTES: u32 = 4 * 1024 * 1024;
 
 /// Restore consumers read one partition each (the changelog, and for stage 1 the
 /// heartbeats of the timeout window, two at a time) as fast as the broker serves them, and
@@ -140,8 +144,8 @@ mod tests {
         let k = KafkaConfig::default();
         let mut c = ClientConfig::new();
         stage_consumer(&mut c, &k);
-        assert_eq!(c.get("queued.max.messages.kbytes"), Some("8192"));
-        assert_eq!(c.get("max.partition.fetch.bytes"), Some("1048576"));
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("32768"));
+        assert_eq!(c.get("max.partition.fetch.bytes"), Some("4194304"));
         let mut p = ClientConfig::new();
         transactional_producer(&mut p, &k);
         assert_eq!(p.get("queue.buffering.max.messages"), Some("50000"));
@@ -161,6 +165,6 @@ mod tests {
         let mut c = crate::kafka::base_config(&k, "test");
         stage_consumer(&mut c, &k);
         assert_eq!(c.get("queued.min.messages"), Some("100000"));
-        assert_eq!(c.get("fetch.max.bytes"), Some("4194304"));
+        assert_eq!(c.get("fetch.max.bytes"), Some("16777216"));
     }
 }
