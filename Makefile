@@ -112,10 +112,14 @@ monitor-down:
 check-packaging:
 	bash deploy/check-packaging.sh
 
+# Sweeps before and after: whatever finished test processes left on the shared stack (topics,
+# groups, schemas, keys named after their process id) is removed, even when a test failed or
+# was killed, so the broker never accumulates earlier runs' partitions.
 test: stack
+	$(STACK) sweep
 	$(STACK) prometheus-rules-test
 	bash deploy/check-packaging.sh
-	cargo test --workspace --locked
+	cargo test --workspace --locked; status=$$?; $(STACK) sweep; exit $$status
 
 # Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of
 # their own (restore, end-to-end throughput against a plain consumer, latency), the gateway

@@ -12,6 +12,8 @@
 #                            one service alone; with the settings below pointing at a
 #                            directory and ports of its own, this is how tests run a private
 #                            instance that they can stop and restart
+#   deploy/stack.sh sweep    removes the topics, consumer groups, schemas and keys that finished
+#                            test processes left (their names carry the process id)
 #   deploy/stack.sh registry-up | registry-down | registry-url
 #                            Apicurio Registry 2.4.2.Final (its /apis/ccompat/v7 is the
 #                            Confluent Schema Registry API), built once from Maven Central as a
@@ -28,7 +30,9 @@
 #                            other-ca.crt (a CA that signed nothing here)
 #
 # Settings (environment): PRESENCE_STACK_DIR (state and logs, default ~/.cache/presence/stack),
-# KAFKA_VERSION (default 4.1.0), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093),
+# KAFKA_VERSION (default 4.1.0), KAFKA_PORT (9092), KAFKA_CONTROLLER_PORT (9093), KAFKA_FRESH
+# (1: a single node that is not running starts from an empty data directory; CI sets it),
+# KAFKA_START_SECONDS (how long a starting node may take to listen, default 600),
 # REDIS_PORT (6379), PG_PORT (5432), REGISTRY_PORT (8081), PG_DATA (default /var/lib/presence/postgres: the
 # postgres user must be able to reach it, which rules out root's home).
 #
@@ -125,15 +129,20 @@ browser_env() {
     || die "npm could not install playwright-core; check network access to the npm registry"
 }
 
+# Kafka's jars, resolved once per version of deploy/kafka/pom.xml: the marker holds the pom's
+# checksum, so a changed pom (a pinned dependency) re-resolves into a clean directory.
 kafka_jars() {
-  if [[ -f "$KAFKA_LIBS/.complete" ]]; then return 0; fi
+  local pom="$ROOT/deploy/kafka/pom.xml" sum
+  sum=$(sha256sum "$pom" | cut -d' ' -f1)
+  if [[ -f "$KAFKA_LIBS/.complete" ]] && [[ "$(cat "$KAFKA_LIBS/.complete")" == "$sum" ]]; then return 0; fi
   command -v mvn >/dev/null || apt_install maven
   say "resolving Apache Kafka $KAFKA_VERSION from Maven Central into $KAFKA_LIBS"
+  rm -rf "$KAFKA_LIBS"
   mkdir -p "$KAFKA_LIBS"
-  mvn -q -B -f "$ROOT/deploy/kafka/pom.xml" -Dkafka.version="$KAFKA_VERSION" \
+  mvn -q -B -f "$pom" -Dkafka.version="$KAFKA_VERSION" \
     dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIBS" \
     || die "mvn could not resolve Kafka $KAFKA_VERSION; check network access to Maven Central"
-  touch "$KAFKA_LIBS/.complete"
+  echo "$sum" >"$KAFKA_LIBS/.complete"
 }
 
 python_env() {
@@ -285,6 +294,31 @@ kafka_node_start() {
   echo $! >"$dir/kafka.pid"
 }
 
+# kafka_node_wait <dir> <port>: waits for a started node to listen. A node loading many
+# partitions (a data directory full of earlier runs' topics) takes minutes, so the deadline is
+# long (KAFKA_START_SECONDS, default 600) but the wait ends at once, with the JVM's own output,
+# if the process dies; progress is reported every 30 s.
+kafka_node_wait() {
+  local dir="$1" port="$2" pid secs="${KAFKA_START_SECONDS:-600}"
+  pid=$(cat "$dir/kafka.pid")
+  local start=$SECONDS next=$((SECONDS + 30))
+  until port_open "$port"; do
+    if ! kill -0 "$pid" 2>/dev/null; then
+      tail -n 30 "$dir/stdout.log" "$dir/server.log" >&2 2>/dev/null || true
+      die "kafka (pid $pid) exited before listening on 127.0.0.1:$port; read $dir/stdout.log and $dir/server.log"
+    fi
+    if ((SECONDS - start >= secs)); then
+      tail -n 30 "$dir/server.log" >&2 2>/dev/null || true
+      die "kafka on 127.0.0.1:$port did not listen within ${secs}s (still running as pid $pid); read $dir/server.log"
+    fi
+    if ((SECONDS >= next)); then
+      say "kafka: still starting after $((SECONDS - start)) s ($(find "$dir/data" -mindepth 1 -maxdepth 1 -type d | wc -l) partition directories to load; log $dir/server.log)"
+      next=$((SECONDS + 30))
+    fi
+    sleep 0.5
+  done
+}
+
 # kafka_node_stop <dir> [TERM|KILL]: a clean stop (waits up to 60 s, then kill -9) or kill -9.
 kafka_node_stop() {
   local dir="$1" sig="${2:-TERM}"
@@ -305,10 +339,20 @@ kafka_up() {
   kafka_jars
   tools_log_config
   local dir="$STACK_DIR/kafka"
-  kafka_node_config "$dir" 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "1@127.0.0.1:$KAFKA_CONTROLLER_PORT" 1 1
-  kafka_node_format "$dir" "$(new_cluster_id)"
-  kafka_node_start "$dir" "$KAFKA_PORT" 1g
-  wait_for 120 "kafka on 127.0.0.1:$KAFKA_PORT" "$dir/server.log" port_open "$KAFKA_PORT"
+  if [[ -f "$dir/kafka.pid" ]] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
+    # Started earlier (by another `up`) and still loading: wait for it, never start a second
+    # JVM on the same data directory and ports.
+    say "kafka: pid $(cat "$dir/kafka.pid") is starting already; waiting for it"
+  else
+    if [[ "${KAFKA_FRESH:-0}" == 1 && -d "$dir/data" ]]; then
+      say "kafka: KAFKA_FRESH=1: starting from an empty data directory ($dir/data)"
+      rm -rf "$dir/data"
+    fi
+    kafka_node_config "$dir" 1 "$KAFKA_PORT" "$KAFKA_CONTROLLER_PORT" "1@127.0.0.1:$KAFKA_CONTROLLER_PORT" 1 1
+    kafka_node_format "$dir" "$(new_cluster_id)"
+    kafka_node_start "$dir" "$KAFKA_PORT" 1g
+  fi
+  kafka_node_wait "$dir" "$KAFKA_PORT"
   wait_for 120 "kafka metadata" "$dir/server.log" kafka_ready "$KAFKA_PORT"
 }
 
@@ -349,8 +393,7 @@ cluster_up() {
   local i
   for i in 1 2 3; do cluster_node_up "$i"; done
   for i in 1 2 3; do
-    wait_for 120 "kafka node $i on 127.0.0.1:$(cluster_port "$i")" "$(cluster_dir "$i")/server.log" \
-      port_open "$(cluster_port "$i")"
+    kafka_node_wait "$(cluster_dir "$i")" "$(cluster_port "$i")"
   done
   wait_for 120 "kafka cluster metadata" "$(cluster_dir 1)/server.log" kafka_ready "$(cluster_port 1)"
   say "cluster   up    KAFKA_BROKERS=$(cluster_brokers)   logs $STACK_DIR/cluster/node-*/server.log"
@@ -483,6 +526,69 @@ tls_certs() {
     done
     chmod 600 ./*.key
   ) >"$dir/openssl.log" 2>&1 || { cat "$dir/openssl.log" >&2; die "openssl could not make test certificates in $dir"; }
+}
+
+# sweep: removes from the shared stack what test processes that no longer run left behind.
+# Test names carry their process id (testkit::unique: t-<pid>-<nanos>-<n>), so a name whose
+# process is gone is garbage whether the test cleaned up or was killed: its topics and
+# consumer groups in Kafka, its schema in PostgreSQL (t_<pid>_...), its keys in Redis.
+# `make test` sweeps before and after the tests; a running test's names are never touched.
+dead_test_pids() {
+  grep -oE "^t[-_][0-9]+[-_]" | tr -d -- '-_t' | sort -u | while read -r pid; do
+    kill -0 "$pid" 2>/dev/null || echo "$pid"
+  done
+}
+
+kafka_tool() {
+  java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka-tools-log4j2.properties" "$@"
+}
+
+sweep() {
+  tools_log_config
+  local boot="127.0.0.1:$KAFKA_PORT" names pids alt
+  if port_open "$KAFKA_PORT"; then
+    names=$(kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$boot" --list)
+    pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
+    if [[ -n "$pids" ]]; then
+      say "sweep: deleting $(grep -cE "^t-($pids)-" <<<"$names") topics of $(tr '|' '\n' <<<"$pids" | wc -l) finished test processes"
+      kafka_tool org.apache.kafka.tools.TopicCommand --bootstrap-server "$boot" --delete \
+        --topic "t-($pids)-[0-9]+-[0-9]+[-.].*" >/dev/null \
+        || say "sweep: some topics could not be deleted (a later sweep retries)"
+    fi
+    names=$(kafka_tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --bootstrap-server "$boot" --list 2>/dev/null || true)
+    pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
+    if [[ -n "$pids" ]]; then
+      local groups; groups=$(grep -E "^t-($pids)-" <<<"$names" || true)
+      say "sweep: deleting $(wc -l <<<"$groups") consumer groups of finished test processes"
+      xargs -r -n 200 <<<"$groups" | while read -r batch; do
+        alt=()
+        for g in $batch; do alt+=(--group "$g"); done
+        kafka_tool org.apache.kafka.tools.consumer.group.ConsumerGroupCommand --bootstrap-server "$boot" \
+          --delete "${alt[@]}" >/dev/null 2>&1 || true
+      done
+    fi
+  fi
+  if command -v psql >/dev/null && psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then
+    names=$(psql "$(pg_url)" -qAtc "select nspname from pg_namespace where nspname ~ '^t_[0-9]+_'")
+    pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
+    if [[ -n "$pids" ]]; then
+      local schemas; schemas=$(grep -E "^t_($pids)_" <<<"$names")
+      say "sweep: dropping $(wc -l <<<"$schemas") PostgreSQL schemas of finished test processes"
+      while read -r schema; do
+        psql "$(pg_url)" -qAtc "drop schema if exists \"$schema\" cascade" >/dev/null 2>&1 || true
+      done <<<"$schemas"
+    fi
+  fi
+  if command -v redis-cli >/dev/null && redis_ping; then
+    names=$(redis_cli --scan --pattern 't-*')
+    pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
+    if [[ -n "$pids" ]]; then
+      local keys; keys=$(grep -E "^t-($pids)-" <<<"$names")
+      say "sweep: deleting $(wc -l <<<"$keys") Redis keys of finished test processes"
+      xargs -r -n 500 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" unlink <<<"$keys" >/dev/null
+    fi
+  fi
+  return 0
 }
 
 up() {
@@ -639,6 +745,7 @@ case "${1:-up}" in
   registry-up) mkdir -p "$STACK_DIR"; registry_up ;;
   registry-down) registry_down ;;
   registry-url) registry_url ;;
+  sweep) sweep ;;
   tls-certs) tls_certs "${2:?usage: deploy/stack.sh tls-certs DIR}" ;;
   node-modules) echo "$CACHE/node/node_modules" ;;
   kafka-libs) echo "$KAFKA_LIBS" ;;
