@@ -36,64 +36,6 @@ async fn case(seed: u64) -> (Config, Vec<Expected>) {
     (c, expected)
 }
 
-/// `presence_kafka_client_rebuilds_total{..client="<client>"..}`, summed over stages.
-async fn rebuilds(ops: u16, client: &str) -> f64 {
-    let Ok(page) = reqwest::get(format!("http://127.0.0.1:{ops}/metrics")).await else {
-        return 0.0;
-    };
-    let text = page.text().await.unwrap_or_default();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("presence_kafka_client_rebuilds_total")
-                && l.contains(&format!("client=\"{client}\""))
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
-}
-
-/// Polls the processor's metrics until stage 1 has applied some heartbeats (published once
-/// per committed transaction), at most `within`.
-async fn wait_processed(ops: u16, within: Duration, what: &str) {
-    let deadline = Instant::now() + within;
-    loop {
-        presence_core::testkit::check_processes();
-        let text = match reqwest::get(format!("http://127.0.0.1:{ops}/metrics")).await {
-            Ok(page) => page.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        let applied: f64 = text
-            .lines()
-            .filter(|l| l.starts_with("presence_heartbeats_processed_total"))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum();
-        if applied > 0.0 {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: no heartbeat applied within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Polls the processor's metrics until `client` was rebuilt, at most `within`.
-async fn wait_rebuilt(ops: u16, client: &str, within: Duration, what: &str) -> f64 {
-    let deadline = Instant::now() + within;
-    loop {
-        presence_core::testkit::check_processes();
-        let n = rebuilds(ops, client).await;
-        if n > 0.0 {
-            return n;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: no {client} rebuild within {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_changes() {
     let _one = serial();
@@ -114,7 +56,14 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
     // Steal as soon as stage 1 has committed its first heartbeats, while the backlog is
     // still being worked through: waiting for the first transition let a fast (quiet)
     // machine finish the whole output before the thief landed.
-    wait_processed(ops, Duration::from_secs(120), &format!("seed {seed}")).await;
+    wait_metric(
+        ops,
+        "presence_heartbeats_processed_total",
+        "",
+        Duration::from_secs(120),
+        &format!("seed {seed}"),
+    )
+    .await;
     // Another producer initialises the processor's transactional ids: the broker bumps
     // their epochs, and the processor's producers are fenced at their next request.
     for stage in ["sessions", "facilities"] {
@@ -128,9 +77,10 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
             .unwrap_or_else(|e| panic!("init_transactions({id}): {e}"));
     }
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, fencing"));
-    let n = wait_rebuilt(
+    let n = wait_metric(
         ops,
-        "producer",
+        "presence_kafka_client_rebuilds_total",
+        "client=\"producer\"",
         Duration::from_secs(60),
         &format!("seed {seed}"),
     )
@@ -187,9 +137,10 @@ async fn a_static_member_fenced_by_its_instance_id_rejoins_and_nothing_changes()
     // processor's rebuilt consumer takes the place back by fencing it in turn.
     drop(impostor);
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, fencing"));
-    let n = wait_rebuilt(
+    let n = wait_metric(
         ops,
-        "consumer",
+        "presence_kafka_client_rebuilds_total",
+        "client=\"consumer\"",
         Duration::from_secs(60),
         &format!("seed {seed}"),
     )

@@ -614,3 +614,44 @@ pub fn heartbeat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbea
         client_version: None,
     }
 }
+
+/// The sum of the samples of `metric` whose line contains `having` (`""`: every label set)
+/// on the process whose ops port is `ops`; 0 when the page cannot be read (not up yet).
+pub async fn metric_sum(ops: u16, metric: &str, having: &str) -> f64 {
+    let Ok(page) = reqwest::get(format!("http://127.0.0.1:{ops}/metrics")).await else {
+        return 0.0;
+    };
+    let text = page.text().await.unwrap_or_default();
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(metric)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter(|l| l.contains(having))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Polls `metric_sum(ops, metric, having)` until it is above 0 (returned), at most `within`;
+/// a watched child that died fails the test at once.
+pub async fn wait_metric(
+    ops: u16,
+    metric: &str,
+    having: &str,
+    within: Duration,
+    what: &str,
+) -> f64 {
+    let deadline = Instant::now() + within;
+    loop {
+        presence_core::testkit::check_processes();
+        let n = metric_sum(ops, metric, having).await;
+        if n > 0.0 {
+            return n;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: no {metric}{{{having}}} within {within:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

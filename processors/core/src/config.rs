@@ -244,6 +244,11 @@ pub struct ProcessorConfig {
     /// dead-letter topic, so one bad clock cannot expire a partition's sessions. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// Stage 2 applies session events in time order once every heartbeats partition's
+    /// watermark has passed them; while one stands still (its stage-1 owner is slow or gone),
+    /// each facilities partition keeps at most this many events in memory (about 100 bytes
+    /// each) and reads the rest again from Kafka later. Default 500000.
+    pub max_buffered_events: usize,
     /// Where `/metrics`, `/healthz` and `/readyz` are served. Default 127.0.0.1:9101.
     pub ops_listen: SocketAddr,
 }
@@ -257,6 +262,7 @@ impl Default for ProcessorConfig {
             group_id: "presence-processor".into(),
             instance_id: String::new(),
             max_clock_skew: Duration::from_secs(60),
+            max_buffered_events: 500_000,
             ops_listen: ([127, 0, 0, 1], 9101).into(),
         }
     }
@@ -1106,6 +1112,12 @@ impl ProcessorConfig {
             p.push(format!(
                 "processor.commit_interval = {:?}: use 10ms to 10s (default 100ms)",
                 self.commit_interval
+            ));
+        }
+        if self.max_buffered_events < 100 {
+            p.push(format!(
+                "processor.max_buffered_events = {}: use at least 100 (default 500000); below that stage 2 reads its input again too often",
+                self.max_buffered_events
             ));
         }
         if self.max_clock_skew < Duration::from_secs(1) {

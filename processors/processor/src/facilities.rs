@@ -7,6 +7,22 @@
 //! source seq)` order once every source's watermark has passed their `at`. A source's
 //! events are skipped when their seq is not above the last one applied, so replaying the
 //! partition from an earlier offset applies nothing twice.
+//!
+//! The buffer is bounded. While one source's watermark stands still (its stage-1 owner is
+//! slow, stalled or gone), the other sources' events would otherwise pile up without limit.
+//! Beyond `max_buffered` events the task lets the latest ones go: it keeps the events before
+//! a threshold time `T` and drops every event at or after `T` (now and as they arrive),
+//! remembering the first offset it dropped. Releasing stays in order, since nothing kept comes
+//! after anything dropped, and watermarks keep being read. Once every source's watermark has
+//! reached `T` (everything kept is applied), the task asks to read the partition again from that offset ([`FacilityTask::take_seek`]):
+//! the dropped events come back from Kafka, those applied meanwhile are skipped by seq. While
+//! it reads again up to where it had been, the watermarks it knows are ahead of the events it
+//! reads, so it releases nothing at or after `T` until it is back there (and events let go
+//! again meanwhile wait for the next round, each round's `T` later than the last). The committed offset
+//! never passes a dropped event, so a crash loses nothing either. Within one source, `at`
+//! never decreases with seq (stage 1 stamps events with its partition clock), so "every event
+//! at or after `T`" is a suffix of each source's events. The bound is exceeded only by events
+//! that all share one millisecond `at`, which cannot be split.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap};
@@ -15,6 +31,10 @@ use hashbrown::HashMap;
 use presence_core::records::{FacilityStatus, Status};
 
 use crate::records::{FacilityState, SessionEvent, SessionEventKind};
+
+/// Events one partition's task holds at most while a source's watermark stands still
+/// (`processor.max_buffered_events`): about 100 bytes each.
+pub const DEFAULT_MAX_BUFFERED: usize = 500_000;
 
 pub trait FacilityOutput {
     /// A transition for `facility-status`.
@@ -34,6 +54,21 @@ struct Pending {
     region_id: String,
 }
 
+/// Events at or after `at` were let go; the first of them is at offset `from`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Spill {
+    at: i64,
+    from: i64,
+}
+
+/// Reading a partition again after a spill: up to offset `until` the watermarks are ahead of
+/// the events, so only events before `below` may be released.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Replay {
+    until: i64,
+    below: i64,
+}
+
 /// What was applied, for metrics: latency from each transition's event time to emission.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct Released {
@@ -50,6 +85,18 @@ pub struct FacilityTask {
     applied: Vec<i64>,
     watermarks: Vec<i64>,
     buffer: BinaryHeap<Reverse<Pending>>,
+    /// At most this many events wait in `buffer`.
+    max_buffered: usize,
+    /// Events let go because the buffer was full: to read again from `from`.
+    spill: Option<Spill>,
+    /// A read-again position not yet taken by the runner.
+    seek: Option<i64>,
+    /// While reading again: nothing at or after `below` is released before offset `until`.
+    replay: Option<Replay>,
+    /// The offset after the furthest record taken.
+    reached: i64,
+    /// Events let go from memory (read again later), for metrics.
+    pub spilled: u64,
     /// Flap hold: (when OFFLINE is due, facility).
     timers: BTreeSet<(i64, String)>,
     dirty: hashbrown::HashSet<String>,
@@ -69,11 +116,41 @@ impl FacilityTask {
             applied: vec![0; sources],
             watermarks: vec![i64::MIN; sources],
             buffer: BinaryHeap::new(),
+            max_buffered: DEFAULT_MAX_BUFFERED,
+            spill: None,
+            seek: None,
+            replay: None,
+            reached: 0,
+            spilled: 0,
             timers: BTreeSet::new(),
             dirty: Default::default(),
             online: 0,
             negative_counts: 0,
         }
+    }
+
+    /// Bounds the buffer at `n` events (at least 2; see the module documentation).
+    pub fn with_max_buffered(mut self, n: usize) -> FacilityTask {
+        self.max_buffered = n.max(2);
+        self
+    }
+
+    /// Where to read this partition again (events let go to stay within the bound), once.
+    pub fn take_seek(&mut self) -> Option<i64> {
+        self.seek.take()
+    }
+
+    /// While events are let go: the source whose watermark is lowest (the one everything
+    /// waits for), its watermark, and the offset they will be read again from.
+    pub fn spilling(&self) -> Option<(usize, i64, i64)> {
+        let spill = self.spill?;
+        let (source, w) = self
+            .watermarks
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by_key(|&(_, w)| w)?;
+        Some((source, w, spill.from))
     }
 
     pub fn partition(&self) -> i32 {
@@ -119,11 +196,12 @@ impl FacilityTask {
     /// The offset to commit for this partition: the first event not applied yet, so a
     /// restart re-reads everything still in the buffer.
     pub fn commit_offset(&self, next_offset: i64) -> i64 {
-        self.buffer
-            .iter()
-            .map(|p| p.0.offset)
-            .min()
-            .map_or(next_offset, |o| o.min(next_offset))
+        let buffered = self.buffer.iter().map(|p| p.0.offset).min();
+        let spilled = self.spill.map(|s| s.from);
+        [buffered, spilled, self.seek]
+            .into_iter()
+            .flatten()
+            .fold(next_offset, i64::min)
     }
 
     /// Takes one record of the partition at `offset`; applies whatever became final.
@@ -134,6 +212,11 @@ impl FacilityTask {
         now: i64,
         out: &mut impl FacilityOutput,
     ) -> Result<Released, String> {
+        if self.seek.is_some() {
+            // Asked to read again from an earlier offset: the records after it in this burst
+            // come again after the seek.
+            return Ok(Released::default());
+        }
         let source = usize::try_from(event.source_partition)
             .ok()
             .filter(|&s| s < self.watermarks.len())
@@ -149,23 +232,92 @@ impl FacilityTask {
                         ..Default::default()
                     });
                 }
-                self.buffer.push(Reverse(Pending {
-                    at: event.at,
-                    source: event.source_partition,
-                    seq: event.source_seq,
-                    offset,
-                    opened: event.kind == SessionEventKind::Opened,
-                    facility_id: event.facility_id,
-                    region_id: event.region_id,
-                }));
+                if let Some(spill) = self.spill.as_mut().filter(|s| event.at >= s.at) {
+                    spill.from = spill.from.min(offset);
+                    self.spilled += 1;
+                } else {
+                    self.buffer.push(Reverse(Pending {
+                        at: event.at,
+                        source: event.source_partition,
+                        seq: event.source_seq,
+                        offset,
+                        opened: event.kind == SessionEventKind::Opened,
+                        facility_id: event.facility_id,
+                        region_id: event.region_id,
+                    }));
+                    if self.buffer.len() > self.max_buffered {
+                        self.let_go();
+                    }
+                }
             }
         }
-        Ok(self.release(now, out))
+        self.reached = self.reached.max(offset + 1);
+        if self.replay.is_some_and(|r| offset + 1 >= r.until) {
+            self.replay = None;
+        }
+        let released = self.release(now, out);
+        if self.replay.is_none() && self.spill.is_some_and(|s| self.watermark() >= s.at) {
+            if let Some(spill) = self.spill.take() {
+                // Every source has passed the events let go and no earlier read-again is under
+                // way: everything kept is applied, so read them again (the runner seeks there).
+                self.seek = Some(spill.from);
+                self.replay = Some(Replay {
+                    until: self.reached,
+                    below: spill.at,
+                });
+            }
+        }
+        Ok(released)
+    }
+
+    /// Lets the latest quarter of the buffer go: keeps the events before a threshold time,
+    /// drops every event at or after it and remembers the first offset dropped.
+    fn let_go(&mut self) {
+        let mut events: Vec<Pending> = std::mem::take(&mut self.buffer)
+            .into_iter()
+            .map(|Reverse(p)| p)
+            .collect();
+        events.sort_unstable();
+        let keep = self.max_buffered - self.max_buffered / 4;
+        let mut threshold = events[keep.min(events.len() - 1)].at;
+        let mut first_dropped = events.partition_point(|p| p.at < threshold);
+        if first_dropped == 0 {
+            // Everything kept would share the first `at`: keep that millisecond whole.
+            threshold += 1;
+            first_dropped = events.partition_point(|p| p.at < threshold);
+        }
+        if first_dropped == events.len() {
+            self.buffer = events.into_iter().map(Reverse).collect();
+            return;
+        }
+        let dropped = events.split_off(first_dropped);
+        self.spilled += dropped.len() as u64;
+        let from = dropped.iter().map(|p| p.offset).min().unwrap_or(i64::MAX);
+        self.spill = Some(match self.spill {
+            Some(s) => Spill {
+                at: s.at.min(threshold),
+                from: s.from.min(from),
+            },
+            None => Spill {
+                at: threshold,
+                from,
+            },
+        });
+        self.buffer = events.into_iter().map(Reverse).collect();
     }
 
     /// Applies, in order, every buffered event and due flap timer before the watermark.
     pub fn release(&mut self, now: i64, out: &mut impl FacilityOutput) -> Released {
-        let w = self.watermark();
+        // Nothing at or after an event let go, or not yet read again, is final: neither
+        // events nor flap timers pass it.
+        let w = [
+            Some(self.watermark()),
+            self.replay.map(|r| r.below),
+            self.spill.map(|s| s.at),
+        ]
+        .into_iter()
+        .flatten()
+        .fold(i64::MAX, i64::min);
         let mut r = Released::default();
         while let Some(Reverse(top)) = self.buffer.peek() {
             if top.at >= w {
@@ -331,6 +483,7 @@ impl FacilityOutput for Collected {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     fn ev(kind: SessionEventKind, src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
         SessionEvent {
@@ -514,6 +667,160 @@ mod tests {
         assert_eq!(t.flush_changelog(&mut out), 0);
         let a = out.states.iter().find(|s| s.facility_id == "a").unwrap();
         assert_eq!(a.open_sessions, 2);
+    }
+
+    /// Reads `log` like the runner does: one record at a time, seeking back when the task
+    /// asks. Checks the bound and that the commit offset never passes an event not yet
+    /// applied; returns the transitions and the final changelog.
+    fn read_bounded(
+        log: &[SessionEvent],
+        sources: usize,
+        hold: i64,
+        max: usize,
+    ) -> (Collected, usize) {
+        let mut t = FacilityTask::new(0, sources, hold).with_max_buffered(max);
+        let mut out = Collected::default();
+        let (mut pos, mut reads) = (0usize, 0usize);
+        while pos < log.len() {
+            // Bursts of three records, as the runner polls: a seek is taken after the burst.
+            for _ in 0..3 {
+                if pos == log.len() {
+                    break;
+                }
+                t.on_event(pos as i64, log[pos].clone(), 0, &mut out)
+                    .unwrap();
+                reads += 1;
+                // Events of one millisecond are never split: each source has at most one per
+                // millisecond, and an event not applied yet can be buffered twice while read again.
+                let bound = if max >= 2 * sources { max } else { 2 * sources };
+                assert!(
+                    t.buffered() <= bound,
+                    "{} events buffered, bound {max}",
+                    t.buffered()
+                );
+                pos += 1;
+                assert!(t.commit_offset(pos as i64) <= pos as i64);
+            }
+            assert!(
+                reads <= 50 * log.len() + 100,
+                "still reading again after {reads} records of {}",
+                log.len()
+            );
+            if let Some(from) = t.take_seek() {
+                assert!(from < pos as i64, "seek forward to {from} from {pos}");
+                pos = from as usize;
+            }
+        }
+        t.flush_changelog(&mut out);
+        (out, reads)
+    }
+
+    fn read_unbounded(log: &[SessionEvent], sources: usize, hold: i64) -> Collected {
+        let mut t = FacilityTask::new(0, sources, hold).with_max_buffered(usize::MAX);
+        let mut out = Collected::default();
+        for (o, e) in log.iter().enumerate() {
+            t.on_event(o as i64, e.clone(), 0, &mut out).unwrap();
+        }
+        t.flush_changelog(&mut out);
+        out
+    }
+
+    fn changelog(c: &Collected) -> BTreeMap<String, (bool, i32, i64, i64)> {
+        c.states
+            .iter()
+            .map(|s| {
+                (
+                    s.facility_id.clone(),
+                    (s.online, s.open_sessions, s.seq, s.since),
+                )
+            })
+            .collect()
+    }
+
+    /// Source 1 stands still while source 0 keeps sending: the buffer stays within its
+    /// bound, the events let go are read again, and the output is what an unbounded buffer
+    /// gives.
+    #[test]
+    fn a_stalled_source_does_not_grow_the_buffer_and_changes_nothing() {
+        let mut log = vec![open(1, 1, 5, "g"), wm(1, 6)];
+        for i in 0..200i64 {
+            let f = format!("f{}", i % 7);
+            log.push(if i % 2 == 0 {
+                open(0, i + 1, 10 + i, &f)
+            } else {
+                close(0, i + 1, 10 + i, &f)
+            });
+            log.push(wm(0, 10 + i));
+        }
+        log.push(close(1, 2, 300, "g"));
+        log.push(wm(1, 1_000));
+        log.push(wm(0, 1_000));
+        let (bounded, reads) = read_bounded(&log, 2, 0, 16);
+        let unbounded = read_unbounded(&log, 2, 0);
+        assert_eq!(summary(&bounded), summary(&unbounded));
+        assert_eq!(changelog(&bounded), changelog(&unbounded));
+        assert!(
+            reads > log.len(),
+            "events were let go and read again ({reads} reads)"
+        );
+        assert!(summary(&unbounded).len() > 50, "the load makes transitions");
+    }
+
+    #[test]
+    fn while_events_are_let_go_the_task_names_the_source_it_waits_for() {
+        let mut t = FacilityTask::new(0, 2, 0).with_max_buffered(4);
+        let mut out = Collected::default();
+        t.on_event(0, wm(0, 9), 0, &mut out).unwrap();
+        t.on_event(0, wm(1, 5), 0, &mut out).unwrap();
+        for i in 0..6i64 {
+            t.on_event(i + 1, open(0, i + 1, 10 + i, "f"), 0, &mut out)
+                .unwrap();
+        }
+        let (source, watermark, from) = t.spilling().expect("over the bound");
+        assert_eq!((source, watermark), (1, 5));
+        assert!(t.commit_offset(7) <= from);
+        assert_eq!(t.take_seek(), None, "source 1 has not passed them yet");
+        t.on_event(7, wm(1, 100), 0, &mut out).unwrap();
+        t.on_event(8, wm(0, 100), 0, &mut out).unwrap();
+        assert_eq!(
+            t.take_seek(),
+            Some(from),
+            "every source passed them: read from the first let go"
+        );
+        assert!(t.spilling().is_none());
+    }
+
+    proptest::proptest! {
+        /// Any interleaving of sources (each in at order, with watermarks that never pass
+        /// its own later events), any bound, with or without a flap hold: the output equals
+        /// the unbounded buffer's.
+        #[test]
+        fn a_bounded_buffer_gives_the_unbounded_output(
+            steps in proptest::collection::vec((0usize..3, 1i64..4, 0u8..4, 0usize..5), 1..300),
+            max in 2usize..24,
+            hold in 0i64..6,
+        ) {
+            let sources = 3;
+            let mut at = [0i64; 3];
+            let mut seq = [0i64; 3];
+            let mut log = Vec::new();
+            for (src, dt, what, f) in steps {
+                at[src] += dt;
+                let facility = format!("f{f}");
+                match what {
+                    0 => log.push(wm(src as i32, at[src])),
+                    1 => { seq[src] += 1; log.push(close(src as i32, seq[src], at[src], &facility)) }
+                    _ => { seq[src] += 1; log.push(open(src as i32, seq[src], at[src], &facility)) }
+                }
+            }
+            for src in 0..sources {
+                log.push(wm(src as i32, 1_000_000));
+            }
+            let (bounded, _) = read_bounded(&log, sources, hold, max);
+            let unbounded = read_unbounded(&log, sources, hold);
+            proptest::prop_assert_eq!(summary(&bounded), summary(&unbounded));
+            proptest::prop_assert_eq!(changelog(&bounded), changelog(&unbounded));
+        }
     }
 
     #[test]

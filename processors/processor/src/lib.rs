@@ -124,6 +124,7 @@ pub async fn run_with(
         sources as usize,
         config.processor.flap_hold.as_millis() as i64,
     )
+    .with_max_buffered(config.processor.max_buffered_events)
     .with_status_header(status_header);
     let (c1, m1, h1, s1) = (
         config.clone(),

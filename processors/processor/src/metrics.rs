@@ -2,9 +2,11 @@
 //! ([`Counts`]) and publish here once per transaction.
 
 use presence_core::metrics::{
-    counter_vec, gauge, histogram, histogram_vec, ConsumerLag, LATENCY_BUCKETS,
+    counter, counter_vec, gauge, histogram, histogram_vec, ConsumerLag, LATENCY_BUCKETS,
 };
-use prometheus::{Histogram, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Registry};
+use prometheus::{
+    Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
+};
 
 #[derive(Clone)]
 pub struct Metrics {
@@ -27,6 +29,7 @@ pub struct Metrics {
     pub expiry_delay: Histogram,
     pub transition_latency: Histogram,
     pub buffered_events: IntGauge,
+    pub spilled_events: IntCounter,
     pub state_bytes: IntGauge,
 }
 
@@ -116,6 +119,11 @@ impl Metrics {
                 r,
                 "presence_stage2_buffered_events",
                 "Session events waiting for every source's watermark",
+            ),
+            spilled_events: counter(
+                r,
+                "presence_stage2_spilled_events_total",
+                "Session events let go from memory while a source's watermark stood still (processor.max_buffered_events), read again from Kafka later",
             ),
             state_bytes: gauge(
                 r,

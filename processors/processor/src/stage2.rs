@@ -45,6 +45,10 @@ pub struct FacilitiesStage {
     topics: Topics,
     sources: usize,
     hold: i64,
+    /// Per partition, at most this many events wait for a stalled source.
+    max_buffered: usize,
+    /// Events let go from memory and read again later, not yet in the metrics.
+    spilled: u64,
     tasks: HashMap<i32, FacilityTask>,
     counts: Counts,
     latencies: Vec<f64>,
@@ -58,11 +62,19 @@ impl FacilitiesStage {
             topics,
             sources,
             hold: hold_ms,
+            max_buffered: crate::facilities::DEFAULT_MAX_BUFFERED,
+            spilled: 0,
             tasks: HashMap::new(),
             counts: Counts::default(),
             latencies: Vec::new(),
             status_header: Header::SingleObject,
         }
+    }
+
+    /// Bounds each partition's buffer (`processor.max_buffered_events`).
+    pub fn with_max_buffered(mut self, events: usize) -> FacilitiesStage {
+        self.max_buffered = events;
+        self
     }
 
     /// Writes `facility-status` with `header` (the registry id of the current schema, for
@@ -147,7 +159,8 @@ impl Stage for FacilitiesStage {
         committed: Option<Committed<Checkpoint>>,
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<()> {
-        let mut task = FacilityTask::new(partition, self.sources, self.hold);
+        let mut task = FacilityTask::new(partition, self.sources, self.hold)
+            .with_max_buffered(self.max_buffered);
         let mut latest: HashMap<String, FacilityState> = HashMap::new();
         let mut bad = 0u64;
         read_partition(
@@ -266,8 +279,41 @@ impl Stage for FacilitiesStage {
         !self.latencies.is_empty()
     }
 
+    fn held_back(&self) -> Option<String> {
+        let (partition, (source, watermark, from)) = self
+            .tasks
+            .iter()
+            .filter_map(|(p, t)| t.spilling().map(|s| (*p, s)))
+            .min_by_key(|(p, _)| *p)?;
+        let behind = if watermark == i64::MIN {
+            "has sent no watermark yet".to_string()
+        } else {
+            format!(
+                "is {} s behind the clock",
+                (presence_core::now_ms() - watermark) / 1000
+            )
+        };
+        Some(format!(
+            "stage 2 partition {partition} holds processor.max_buffered_events = {} session events and reads the rest again later from offset {from}: heartbeats partition {source} {behind} (its stage-1 owner is slow, stalled or gone; see presence_consumer_lag{{stage=\"sessions\"}})",
+            self.max_buffered
+        ))
+    }
+
+    fn take_seeks(&mut self) -> Vec<(i32, i64)> {
+        for t in self.tasks.values_mut() {
+            self.spilled += std::mem::take(&mut t.spilled);
+        }
+        self.tasks
+            .iter_mut()
+            .filter_map(|(p, t)| t.take_seek().map(|o| (*p, o)))
+            .collect()
+    }
+
     fn publish(&mut self, metrics: &Metrics) {
         self.counts.publish(metrics);
+        metrics
+            .spilled_events
+            .inc_by(std::mem::take(&mut self.spilled));
         for l in self.latencies.drain(..) {
             metrics.transition_latency.observe(l.max(0.0));
         }
