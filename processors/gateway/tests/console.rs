@@ -140,9 +140,15 @@ impl World {
         }
     }
 
-    /// A facility's newest transition in Redis, and its region's sequence moved on.
+    /// A facility's newest transition in Redis as the notifier writes it: the facility, the
+    /// region's hash, the region sequence, the replay log and the region channel.
     async fn set_now(&mut self, s: &FacilityStatus) {
         let json = serde_json::to_string(s).expect("json");
+        let region_seq: u64 =
+            redis::AsyncCommands::incr(&mut self.redis, self.keys.region_seq(&s.region_id), 1)
+                .await
+                .expect("incr");
+        let message = format!("{{\"region_seq\":{region_seq},{}", &json[1..]);
         let _: () = redis::pipe()
             .atomic()
             .sadd(self.keys.regions(), &s.region_id)
@@ -152,7 +158,8 @@ impl World {
                 &s.facility_id,
                 &json,
             )
-            .incr(self.keys.region_seq(&s.region_id), 1)
+            .zadd(self.keys.region_log(&s.region_id), &message, region_seq)
+            .publish(self.keys.region_channel(&s.region_id), &message)
             .query_async(&mut self.redis)
             .await
             .expect("redis");
@@ -460,5 +467,248 @@ async fn uptime_sessions_and_overview_match_the_history() {
         .expect("stream");
     assert_eq!(r.status().as_u16(), 401);
     shutdown.trigger();
+    w.clean().await;
+}
+
+/// The console in headless Chromium (tests/browser/console.cjs) over the same kind of world,
+/// bigger: 260 facilities in one region (paged), seven regions. What each view shows is
+/// compared with the ground truth written here; the 90-day bar with the oracle in the
+/// viewer's time zone (Asia/Tokyo, UTC+9 all year); a facility turned OFFLINE in Redis must
+/// turn so on the page within a second. Screenshots: target/console-screenshots/.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_console_in_chromium_shows_the_truth() {
+    let mut w = World::new().await;
+    let now = now_ms();
+    let midnight = now - now.rem_euclid(DAY);
+    let mut history: Vec<T> = vec![
+        ("f1", "north", midnight - 40 * DAY, true),
+        ("f1", "north", midnight - 20 * DAY + 3 * HOUR, false),
+        ("f1", "north", midnight - 20 * DAY + 9 * HOUR, true),
+        ("f1", "north", midnight - 2 * DAY + 6 * HOUR, false),
+        ("f1", "north", midnight - 2 * DAY + 15 * HOUR / 2, true),
+        ("f3", "south", midnight - 10 * DAY, true),
+    ];
+    // Generated facilities: ids and regions must be 'static for T; leaked once per test run.
+    let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
+    for i in 0..260 {
+        history.push((
+            leak(format!("n-{i:03}")),
+            "north",
+            midnight - 5 * DAY,
+            i % 3 != 0,
+        ));
+    }
+    for r in 0..5 {
+        for i in 0..(r + 2) {
+            history.push((
+                leak(format!("r{r}-{i}")),
+                leak(format!("region-{r}")),
+                midnight - DAY,
+                i >= r,
+            ));
+        }
+    }
+    w.write(&history).await;
+    let schema = w.config.database.schema.clone();
+    for (key, user) in [(1u8, "alice"), (2, "bob")] {
+        w.db.execute(
+            &format!("INSERT INTO \"{schema}\".open_sessions VALUES (0, $1, $2, $3, 'f1', 'north', to_timestamp($4::bigint / 1000.0), to_timestamp($4::bigint / 1000.0), 0)"),
+            &[&vec![key; 16], &format!("s-{key}"), &user, &(now - i64::from(key) * 60_000)],
+        )
+        .await
+        .expect("session row");
+    }
+    // A fixed port, so that the gateway can be restarted under the page.
+    w.config.gateway.listen = ([127, 0, 0, 1], presence_core::testkit::free_port()).into();
+    let mut shutdown = Shutdown::new();
+    let mut running = presence_gateway::start(w.config.clone(), shutdown.clone())
+        .await
+        .expect("gateway starts");
+    let base = format!("http://{}", running.addr);
+
+    // Ground truth: each region's facilities by their newest transition.
+    let mut newest: std::collections::BTreeMap<&str, &T> = Default::default();
+    for t in &history {
+        newest.insert(t.0, t);
+    }
+    let mut truth: std::collections::BTreeMap<&str, (u64, u64)> = Default::default();
+    for t in newest.values() {
+        let e = truth.entry(t.1).or_default();
+        if t.3 {
+            e.0 += 1;
+        } else {
+            e.1 += 1;
+        }
+    }
+
+    let shots = presence_core::testkit::repo_root().join("target/console-screenshots");
+    std::fs::create_dir_all(&shots).expect("screenshot dir");
+    let mut node = std::process::Command::new("node")
+        .arg(presence_core::testkit::repo_root().join("tests/browser/console.cjs"))
+        .args([base.as_str(), "north", "f1", "f3"])
+        .arg(&shots)
+        .env("NODE_PATH", presence_core::testkit::node_modules())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("node runs (install Node.js; make stack installs playwright-core and chromium)");
+    let stdout = node.stdout.take().expect("stdout");
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(180), lines.recv())
+            .await
+            .expect("console.cjs says something within 180 s")
+            .unwrap_or_default()
+    };
+    assert_eq!(
+        next_line().await,
+        "RESTART",
+        "console.cjs failed (its stderr is above)"
+    );
+    shutdown.trigger();
+    running.wait().await;
+    shutdown = Shutdown::new();
+    running = presence_gateway::start(w.config.clone(), shutdown.clone())
+        .await
+        .expect("gateway starts again on its port");
+    assert_eq!(
+        next_line().await,
+        "READY",
+        "console.cjs failed (its stderr is above)"
+    );
+    let turned_off_at = now_ms();
+    w.set_now(&status(&("f3", "south", turned_off_at, false), 2))
+        .await;
+    let out = next_line().await;
+    let status_code = node.wait().expect("node exits");
+    assert!(status_code.success(), "console.cjs failed: {out:?}");
+    let out: Value = serde_json::from_str(&out).expect("the script's JSON");
+
+    // Regions at a glance: every region with its true counts, worst first.
+    let overview = out["overview"].as_array().expect("overview");
+    assert_eq!(overview.len(), truth.len(), "{out}");
+    for r in overview {
+        let name = r["region"].as_str().unwrap_or("");
+        let (on, off) = truth[name];
+        assert_eq!(
+            (r["online"].as_u64(), r["offline"].as_u64()),
+            (Some(on), Some(off)),
+            "{name}"
+        );
+    }
+    let shares: Vec<f64> = overview
+        .iter()
+        .map(|r| {
+            let (on, off) = (
+                r["online"].as_f64().unwrap_or(0.0),
+                r["offline"].as_f64().unwrap_or(0.0),
+            );
+            off / (on + off)
+        })
+        .collect();
+    assert!(
+        shares.windows(2).all(|p| p[0] >= p[1]),
+        "worst first: {shares:?}"
+    );
+    assert_eq!(out["tz"], "times in Asia/Tokyo");
+    assert_eq!(
+        out["keyboard_opened"], overview[0]["region"],
+        "Enter on the focused region opens it"
+    );
+
+    // The region: true counts, one page of 200 tiles, search finds one.
+    let (on, off) = truth["north"];
+    assert_eq!(
+        (
+            out["region"]["online"].as_u64(),
+            out["region"]["offline"].as_u64()
+        ),
+        (Some(on), Some(off)),
+        "{out}"
+    );
+    assert_eq!(out["region"]["tiles_on_page"], 200);
+    assert_eq!(out["region"]["pager"], format!("1–200 of {}", on + off));
+    assert_eq!(out["region"]["search"], serde_json::json!(["f1"]));
+    assert!(
+        out["region"]["back"]
+            .as_str()
+            .unwrap_or("")
+            .starts_with("live"),
+        "{out}"
+    );
+
+    // The facility: the 90-day bar equals the oracle in Tokyo's days.
+    let tokyo = 9 * HOUR;
+    let today = (now + tokyo) - (now + tokyo).rem_euclid(DAY) - tokyo;
+    let days = out["facility"]["days"].as_array().expect("days");
+    assert_eq!(days.len(), 90);
+    let asked_at = now_ms();
+    for (i, d) in days.iter().enumerate() {
+        let d0 = today - (89 - i as i64) * DAY;
+        let (online, known, outages) = oracle(&history, "f1", d0, d0 + DAY, asked_at);
+        let slack = if i == 89 { 120.0 } else { 0.001 };
+        assert!(
+            (d["online"].as_f64().unwrap_or(-1.0) - online).abs() <= slack
+                && (d["known"].as_f64().unwrap_or(-1.0) - known).abs() <= slack
+                && d["outages"].as_u64() == Some(outages.len() as u64),
+            "day {i} {d} vs oracle online {online} known {known} outages {}",
+            outages.len()
+        );
+    }
+    let with_outage = days.iter().filter(|d| d["outages"] == 1).count();
+    assert_eq!(with_outage, 2, "two outage days within 90 days");
+    assert!(
+        out["facility"]["hover"]
+            .as_str()
+            .unwrap_or("")
+            .contains("outage"),
+        "{out}"
+    );
+    assert_eq!(
+        out["facility"]["sessions"],
+        serde_json::json!(["bob", "alice"])
+    );
+    assert_eq!(out["facility"]["status"], "ONLINE");
+    assert!(
+        out["facility"]["transitions_7d"].as_u64().unwrap_or(0) >= 2,
+        "{out}"
+    );
+
+    // OFFLINE within a second of the change reaching Redis.
+    assert_eq!(out["watched_before"], "ONLINE");
+    let seen = out["offline_seen_at"].as_i64().expect("seen");
+    assert!(
+        seen - turned_off_at < 1000,
+        "OFFLINE on the page after {} ms",
+        seen - turned_off_at
+    );
+    for shot in [
+        "1-regions",
+        "2-region",
+        "3-region-reconnecting",
+        "4-facility",
+        "5-facility-offline",
+    ] {
+        assert!(shots.join(format!("{shot}.png")).exists(), "{shot}.png");
+    }
+    assert!(
+        out["region"]["dropped"]
+            .as_str()
+            .unwrap_or("")
+            .contains("reconnect"),
+        "{out}"
+    );
+    shutdown.trigger();
+    running.wait().await;
     w.clean().await;
 }
