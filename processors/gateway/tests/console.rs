@@ -213,7 +213,7 @@ async fn uptime_sessions_and_overview_match_the_history() {
         ("f3", "south", midnight - 10 * DAY, true),
         ("f1", "north", midnight - 2 * DAY + 6 * HOUR, false),
         ("f1", "north", midnight - 2 * DAY + 15 * HOUR / 2, true),
-        ("f1", "north", midnight - 1 * DAY + 23 * HOUR, false),
+        ("f1", "north", midnight - DAY + 23 * HOUR, false),
         ("f1", "north", midnight - HOUR / 2, true),
     ];
     w.write(&history).await;
