@@ -3,11 +3,12 @@
 // turns OFFLINE, the directory for screenshots. Prints "READY" when the last facility's page
 // is live (the test then turns it OFFLINE and notes the time), then one line of JSON with
 // what each view showed. Prints "RESTART" when the region view is live: the test restarts
-// the gateway on the same port.
+// the gateway on the same port (not with a sixth argument "no-restart").
 const { chromium } = require("playwright-core");
 const path = require("path");
 
-const [gateway, region, historic, watched, shots] = process.argv.slice(2);
+const [gateway, region, historic, watched, shots, mode] = process.argv.slice(2);
+const restart = mode !== "no-restart";
 
 (async () => {
   const browser = await chromium.launch({ executablePath: process.env.CHROMIUM || "/usr/bin/chromium", args: ["--no-sandbox"] });
@@ -48,13 +49,15 @@ const [gateway, region, historic, watched, shots] = process.argv.slice(2);
     out.region.search = await page.$$eval("#tiles .tile", (t) => t.map((x) => x.dataset.facility));
     // The gateway restarts under the page (the test does it on "RESTART"): the page says
     // that it lost the stream, then is live again by itself.
-    console.log("RESTART");
-    await page.waitForFunction(() => /reconnect|lost|cannot reach/.test(document.getElementById("state").textContent), null, { timeout: 30000 });
-    out.region.dropped = await page.textContent("#state");
-    await page.screenshot({ path: path.join(shots, "3-region-reconnecting.png") });
-    await page.waitForFunction(() => /^live/.test(document.getElementById("state").textContent), null, { timeout: 60000 })
-      .catch(async (e) => { throw new Error("not live again after the restart: " + (await page.textContent("#state")) + ": " + e.message); });
-    out.region.back = await page.textContent("#state");
+    if (restart) {
+      console.log("RESTART");
+      await page.waitForFunction(() => /reconnect|lost|cannot reach/.test(document.getElementById("state").textContent), null, { timeout: 30000 });
+      out.region.dropped = await page.textContent("#state");
+      await page.screenshot({ path: path.join(shots, "3-region-reconnecting.png") });
+      await page.waitForFunction(() => /^live/.test(document.getElementById("state").textContent), null, { timeout: 60000 })
+        .catch(async (e) => { throw new Error("not live again after the restart: " + (await page.textContent("#state")) + ": " + e.message); });
+      out.region.back = await page.textContent("#state");
+    }
 
     // A facility: the 90-day bar, the windows, the timeline, who is online.
     await page.goto(gateway + "/?facility=" + encodeURIComponent(historic));
@@ -70,7 +73,7 @@ const [gateway, region, historic, watched, shots] = process.argv.slice(2);
     await page.hover("#days .day[data-outages='1']").catch(() => {});
     out.facility.hover = await page.textContent("#day-detail");
     await page.selectOption("#range", "7");
-    await page.waitForFunction(() => document.querySelectorAll("#transitions tr").length > 1, null, { timeout: 10000 });
+    await page.waitForFunction(() => document.querySelectorAll("#transitions tr").length > 1, null, { timeout: 10000 }).catch(() => {});
     out.facility.transitions_7d = await page.$$eval("#transitions tr", (r) => r.length);
     await page.screenshot({ path: path.join(shots, "4-facility.png"), fullPage: true });
 
@@ -79,6 +82,8 @@ const [gateway, region, historic, watched, shots] = process.argv.slice(2);
     await ready();
     await page.waitForFunction(() => /^live/.test(document.getElementById("state").textContent), null, { timeout: 20000 });
     out.watched_before = await page.textContent("#facility-status");
+    await page.waitForSelector("#sessions tr td", { timeout: 10000 });
+    out.watched_sessions = await page.$$eval("#sessions tr", (r) => r.map((x) => x.cells[0].textContent));
     console.log("READY");
     await page.waitForFunction(() => (document.getElementById("facility-status") || {}).textContent === "OFFLINE", null, { timeout: 20000, polling: "raf" });
     out.offline_seen_at = Date.now();
