@@ -471,7 +471,7 @@ async fn uptime_sessions_and_overview_match_the_history() {
 }
 
 /// The console in headless Chromium (tests/browser/console.cjs) over the same kind of world,
-/// bigger: 260 facilities in one region (paged), seven regions. What each view shows is
+/// bigger: 1,000 facilities in one region (paged), 50 regions. What each view shows is
 /// compared with the ground truth written here; the 90-day bar with the oracle in the
 /// viewer's time zone (Asia/Tokyo, UTC+9 all year); a facility turned OFFLINE in Redis must
 /// turn so on the page within a second. Screenshots: target/console-screenshots/.
@@ -490,21 +490,21 @@ async fn the_console_in_chromium_shows_the_truth() {
     ];
     // Generated facilities: ids and regions must be 'static for T; leaked once per test run.
     let leak = |s: String| -> &'static str { Box::leak(s.into_boxed_str()) };
-    for i in 0..260 {
+    for i in 0..1000 {
         history.push((
-            leak(format!("n-{i:03}")),
+            leak(format!("n-{i:04}")),
             "north",
             midnight - 5 * DAY,
             i % 3 != 0,
         ));
     }
-    for r in 0..5 {
-        for i in 0..(r + 2) {
+    for r in 0..48 {
+        for i in 0..(r % 5 + 2) {
             history.push((
                 leak(format!("r{r}-{i}")),
-                leak(format!("region-{r}")),
+                leak(format!("region-{r:02}")),
                 midnight - DAY,
-                i >= r,
+                i >= r % 5,
             ));
         }
     }

@@ -197,8 +197,23 @@ pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     );
 
     // Then both topics, live; beats from now on.
+    let beat_partitions = loop {
+        match partitions(&consumer, &heartbeats) {
+            Ok(p) if !p.is_empty() => break p,
+            Ok(_) => {
+                tracing::warn!(topic = %heartbeats, "the heartbeats topic does not exist yet (`presence topics` creates it); waiting")
+            }
+            Err(e) => {
+                tracing::warn!(topic = %heartbeats, error = %e, "cannot read the heartbeats topic's metadata; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait() => return Ok(()),
+        }
+    };
     let mut more = TopicPartitionList::new();
-    for p in partitions(&consumer, &heartbeats)? {
+    for p in beat_partitions {
         more.add_partition_offset(&heartbeats, p, Offset::End)?;
     }
     consumer.incremental_assign(&more)?;
