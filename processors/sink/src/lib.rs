@@ -29,10 +29,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         linger: s.batch_linger,
     };
     // Who is online, beside the transitions; its failure stops the sink (non-zero exit).
+    let registry = presence_core::metrics::registry();
     let follower = {
         let (config, shutdown) = (config.clone(), shutdown.clone());
+        let metrics = sessions::Metrics::new(&registry);
         tokio::spawn(async move {
-            let result = sessions::follow(config, shutdown.clone()).await;
+            let result = sessions::follow(config, metrics, shutdown.clone()).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "the open-sessions follower stopped; stopping the sink");
                 shutdown.trigger();
@@ -40,7 +42,8 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             result
         })
     };
-    let served = downstream::serve(
+    let served = downstream::serve_with(
+        registry,
         &config,
         "sink",
         &s.group_id,

@@ -116,10 +116,51 @@ impl Changes {
     }
 }
 
+/// The follower's metrics, beside the sink's `presence_sink_*` of transitions.
+#[derive(Clone)]
+pub struct Metrics {
+    /// Changelog records applied (opens, moves, closes; the rebuild's included).
+    pub changes: prometheus::IntCounter,
+    /// BEATs read from `heartbeats` for `last_beat`.
+    pub beats: prometheus::IntCounter,
+    /// Writes to PostgreSQL that failed and are retried.
+    pub write_errors: prometheus::IntCounter,
+    /// Sessions in the table after the rebuild at start-up.
+    pub rebuilt: prometheus::IntGauge,
+}
+
+impl Metrics {
+    pub fn new(registry: &prometheus::Registry) -> Metrics {
+        use presence_core::metrics::{counter, gauge};
+        Metrics {
+            changes: counter(
+                registry,
+                "presence_sink_session_changes_total",
+                "Sessions changelog records applied to open_sessions (rebuild included)",
+            ),
+            beats: counter(
+                registry,
+                "presence_sink_session_beats_total",
+                "BEATs read from heartbeats for open_sessions.last_beat",
+            ),
+            write_errors: counter(
+                registry,
+                "presence_sink_session_write_errors_total",
+                "open_sessions writes that failed (retried every second)",
+            ),
+            rebuilt: gauge(
+                registry,
+                "presence_sink_open_sessions_rebuilt",
+                "Open sessions found in the sessions changelog at start-up",
+            ),
+        }
+    }
+}
+
 /// Follows the changelog and the beats into PostgreSQL until `shutdown`. An error is fatal
 /// for the process (the caller stops the sink); PostgreSQL being away is not an error (the
 /// batch is retried).
-pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> anyhow::Result<()> {
     let changelog = config.topics.sessions_changelog();
     let heartbeats = config.topics.heartbeats.clone();
     let group = format!("{}.sessions", config.sink.group_id);
@@ -164,6 +205,7 @@ pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         match m {
             Ok(m) => {
                 let key = (m.partition(), m.key().unwrap_or_default().to_vec());
+                metrics.changes.inc();
                 match read_session(m.payload()) {
                     Some(Some(s)) => {
                         open.insert(key, (s, m.offset()));
@@ -184,13 +226,17 @@ pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     loop {
         match db.replace(&open).await {
             Ok(()) => break,
-            Err(e) => db.wait(&e, &shutdown).await,
+            Err(e) => {
+                metrics.write_errors.inc();
+                db.wait(&e, &shutdown).await
+            }
         }
         if shutdown.is_triggered() {
             return Ok(());
         }
     }
     drop(open);
+    metrics.rebuilt.set(rebuilt as i64);
     tracing::info!(
         open_sessions = rebuilt,
         "open sessions rebuilt from the sessions changelog; following it and the heartbeats"
@@ -224,13 +270,14 @@ pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         };
         let deadline = tokio::time::Instant::now() + LINGER;
         let mut changes = Changes::default();
-        let mut n = 0;
+        let (mut n, mut changed, mut beats) = (0, 0u64, 0u64);
         let mut next = Some(first);
         loop {
             match next.take() {
                 Some(Ok(m)) => {
                     n += 1;
                     if m.topic() == changelog {
+                        changed += 1;
                         if let Some(value) = read_session(m.payload()) {
                             changes.session(
                                 (m.partition(), m.key().unwrap_or_default().to_vec()),
@@ -241,6 +288,7 @@ pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                         HeartbeatRef::decode(p).map(|h| h.filter(|h| h.kind == HeartbeatKind::Beat))
                     }) {
                         if let Some(at) = m.timestamp().to_millis() {
+                            beats += 1;
                             changes.beat(h.user_id, h.session_id, at);
                         }
                     }
@@ -257,10 +305,16 @@ pub async fn follow(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 Err(_) => break,
             }
         }
+        // Per batch, not per record: beats are the sink's busiest input.
+        metrics.changes.inc_by(changed);
+        metrics.beats.inc_by(beats);
         while !changes.is_empty() {
             match db.apply(&changes).await {
                 Ok(()) => break,
-                Err(e) => db.wait(&e, &shutdown).await,
+                Err(e) => {
+                    metrics.write_errors.inc();
+                    db.wait(&e, &shutdown).await
+                }
             }
             if shutdown.is_triggered() {
                 return Ok(());

@@ -105,7 +105,8 @@ async fn wait_for(c: &Config, what: &str, want: impl Fn(&[(String, String, i64, 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_sessions_follow_the_changelog_and_a_restart_rebuilds_them() {
-    let config = isolated_config();
+    let mut config = isolated_config();
+    config.sink.ops_listen = ([127, 0, 0, 1], presence_core::testkit::free_port()).into();
     let _topics = TestTopics::create(&config).await;
     let p = Producer::new(&config);
     let t0 = now_ms() - 60_000;
@@ -147,6 +148,33 @@ async fn open_sessions_follow_the_changelog_and_a_restart_rebuilds_them() {
     // Bob closes: his row goes.
     p.changelog(2, None).await;
     wait_for(&config, "bob closed", |r| r.len() == 1).await;
+    // Counted: 2 opens, a move and a close; the two beats read (mallory's included).
+    let metrics = reqwest::get(format!("http://{}/metrics", config.sink.ops_listen))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    let value = |name: &str| -> Option<f64> {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+    };
+    assert_eq!(
+        value("presence_sink_session_changes_total"),
+        Some(4.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("presence_sink_session_beats_total"),
+        Some(2.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        value("presence_sink_open_sessions_rebuilt"),
+        Some(2.0),
+        "{metrics}"
+    );
     sink.stop(Duration::from_secs(30)).await;
 
     // While the sink is down: alice closes, carol opens. A row the sink would never see a
