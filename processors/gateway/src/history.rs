@@ -344,13 +344,12 @@ impl HistoryReader {
         })
     }
 
-    /// Each of `regions`' ONLINE and known seconds over [from, to) (ms); regions without
-    /// history are left out.
+    /// Each of `regions`' ONLINE and known seconds from `from` (ms) until now; regions
+    /// without history are left out.
     pub async fn region_uptime(
         &self,
         regions: &[String],
         from: i64,
-        to: i64,
     ) -> Result<Vec<RegionUptime>, HistoryError> {
         let lease = self.lease().await?;
         let Some(client) = lease.client.as_ref() else {
@@ -360,10 +359,10 @@ impl HistoryReader {
         let rows = client
             .query(
                 &format!(
-                    "SELECT region_id, online_seconds, known_seconds FROM \"{}\".region_uptime($1, to_timestamp($2::bigint / 1000.0), to_timestamp($3::bigint / 1000.0))",
+                    "SELECT region_id, online_seconds, known_seconds FROM \"{}\".region_uptime($1, to_timestamp($2::bigint / 1000.0))",
                     self.tables.schema
                 ),
-                &[&regions, &from, &to],
+                &[&regions, &from],
             )
             .await
             .map_err(|e| self.classify(e))?;

@@ -666,10 +666,7 @@ async fn get_overview(
     OverviewAccess { grant }: OverviewAccess,
 ) -> Result<Response, ApiError> {
     let mut watcher = crate::overview::Watcher::new(grant);
-    watcher
-        .refresh(&app.0.store, &app.0.history)
-        .await
-        .map_err(ApiError::RedisDown)?;
+    watcher.refresh(&app).await.map_err(ApiError::RedisDown)?;
     Ok(Json(watcher.overview()).into_response())
 }
 

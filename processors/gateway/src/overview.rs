@@ -73,12 +73,77 @@ pub fn worst_first(regions: &mut [RegionSummary]) {
     });
 }
 
+/// Retry delay of the 24 h uptimes after PostgreSQL failed to give them.
+const UPTIME_RETRY: Duration = Duration::from_secs(10);
+
+/// Every region's 24 h uptime, computed at most once per [`UPTIME_EVERY`] per gateway
+/// whatever the number of viewers (the query reads every transition of the last day: about
+/// 4 s for 50,000 facilities flapping hourly on a loaded 2-core machine), then filtered per
+/// caller. One computation at a time; callers meanwhile wait for it.
+#[derive(Default)]
+pub struct UptimeCache(tokio::sync::Mutex<Option<Cached>>);
+
+struct Cached {
+    at: Instant,
+    /// When it was computed (ms since the epoch) and the percentages; `None` after a failure.
+    value: Option<(i64, BTreeMap<String, f64>)>,
+}
+
+impl UptimeCache {
+    /// When the uptimes were computed and each region's, or `None` while PostgreSQL cannot
+    /// give them.
+    pub async fn get(
+        &self,
+        store: &Store,
+        history: &HistoryReader,
+    ) -> Option<(i64, BTreeMap<String, f64>)> {
+        let mut cached = self.0.lock().await;
+        let fresh = cached.as_ref().is_some_and(|c| {
+            c.at.elapsed()
+                < if c.value.is_some() {
+                    UPTIME_EVERY
+                } else {
+                    UPTIME_RETRY
+                }
+        });
+        if !fresh {
+            let now = now_ms();
+            let result = match store.regions().await {
+                Ok(regions) => history
+                    .region_uptime(&regions, now - 86_400_000)
+                    .await
+                    .map_err(|e| e.to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let value = match result {
+                Ok(rows) => Some((
+                    now,
+                    rows.into_iter()
+                        .filter_map(|r| {
+                            Some((r.region, percent(r.online_seconds, r.known_seconds)?))
+                        })
+                        .collect(),
+                )),
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot compute the regions' 24 h uptime; the overview shows counts only until PostgreSQL answers (asked again in 10 s)");
+                    None
+                }
+            };
+            *cached = Some(Cached {
+                at: Instant::now(),
+                value,
+            });
+        }
+        cached.as_ref().and_then(|c| c.value.clone())
+    }
+}
+
 /// The overview of one caller, kept current by [`Watcher::refresh`].
 pub struct Watcher {
     grant: Option<Grant>,
     regions: BTreeMap<String, RegionSummary>,
     uptime: BTreeMap<String, f64>,
-    uptime_at: Option<(Instant, i64)>,
+    uptime_at: Option<i64>,
 }
 
 impl Watcher {
@@ -92,11 +157,8 @@ impl Watcher {
     }
 
     /// Reads what moved; true when the overview differs from the one before.
-    pub async fn refresh(
-        &mut self,
-        store: &Store,
-        history: &HistoryReader,
-    ) -> redis::RedisResult<bool> {
+    pub async fn refresh(&mut self, app: &App) -> redis::RedisResult<bool> {
+        let (store, history) = (&app.0.store, &app.0.history);
         let before = self.overview();
         let names = visible(self.grant.as_ref(), store.regions().await?);
         let seqs = store.region_seqs(&names).await?;
@@ -117,26 +179,14 @@ impl Watcher {
                 },
             );
         }
-        let stale = self
-            .uptime_at
-            .is_none_or(|(at, _)| at.elapsed() >= UPTIME_EVERY);
-        if stale && !names.is_empty() {
-            let now = now_ms();
-            match history.region_uptime(&names, now - 86_400_000, now).await {
-                Ok(rows) => {
-                    self.uptime = rows
-                        .into_iter()
-                        .filter_map(|r| {
-                            Some((r.region, percent(r.online_seconds, r.known_seconds)?))
-                        })
-                        .collect();
-                    self.uptime_at = Some((Instant::now(), now));
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot compute the regions' 24 h uptime; the overview shows counts only until PostgreSQL answers");
-                    // Asked again at the next tick.
-                    self.uptime_at = None;
-                }
+        match app.0.uptime.get(store, history).await {
+            Some((at, uptime)) => {
+                self.uptime = uptime;
+                self.uptime_at = Some(at);
+            }
+            None => {
+                self.uptime.clear();
+                self.uptime_at = None;
             }
         }
         Ok(self.overview() != before)
@@ -154,7 +204,7 @@ impl Watcher {
         worst_first(&mut regions);
         Overview {
             regions,
-            uptime_at: self.uptime_at.map(|(_, ms)| ms),
+            uptime_at: self.uptime_at,
         }
     }
 }
@@ -172,7 +222,7 @@ pub fn stream(app: App, grant: Option<Grant>, slot: Slot) -> impl axum::response
         let mut watcher = Watcher::new(grant);
         let mut first = true;
         loop {
-            let event = match watcher.refresh(&app.0.store, &app.0.history).await {
+            let event = match watcher.refresh(&app).await {
                 Ok(changed) if changed || first => {
                     first = false;
                     let data = serde_json::to_string(&watcher.overview()).unwrap_or_default();

@@ -56,17 +56,38 @@ SET search_path FROM CURRENT AS $$
     ORDER BY days.day
 $$;
 
--- Per region of `regions`: seconds ONLINE and seconds known of all its facilities within
--- [t0, t1) ("the region's uptime over the last 24 h" = online / known).
-CREATE FUNCTION region_uptime(regions text[], t0 timestamptz, t1 timestamptz)
+-- Per region of `regions`: seconds ONLINE and seconds known of all its facilities from t0
+-- until now ("the region's uptime over the last 24 h" = online / known). Set-based, one
+-- pass over the transitions since t0 (a per-facility lookup of the state before t0 cost
+-- 40 s at 50,000 facilities): transitions alternate, so the state before a facility's first
+-- transition since t0 is the opposite of it (unknown for its first transition ever, seq 1),
+-- and a facility without a transition since t0 was in its current state all along.
+CREATE FUNCTION region_uptime(regions text[], t0 timestamptz)
 RETURNS TABLE (region_id text, online_seconds double precision, known_seconds double precision)
 LANGUAGE sql STABLE
 SET search_path FROM CURRENT AS $$
+    WITH f AS (
+        SELECT facility_id, region_id, status, since FROM facility_status WHERE region_id = ANY(regions)
+    ), w AS (
+        SELECT t.facility_id, t.status, t.since, t.seq,
+               lead(t.since) OVER (PARTITION BY t.facility_id ORDER BY t.seq) AS next,
+               row_number() OVER (PARTITION BY t.facility_id ORDER BY t.seq) AS n
+        FROM facility_transitions t JOIN f ON f.facility_id = t.facility_id AND f.region_id = t.region_id
+        WHERE t.since >= t0
+    ), spans AS (
+        SELECT facility_id, status, since AS s, coalesce(next, now()) AS e FROM w
+        UNION ALL
+        SELECT facility_id, CASE status WHEN 'ONLINE' THEN 'OFFLINE' ELSE 'ONLINE' END, t0, since
+        FROM w WHERE n = 1 AND seq > 1
+        UNION ALL
+        SELECT f.facility_id, f.status, t0, now() FROM f
+        WHERE f.since < t0 AND NOT EXISTS (SELECT 1 FROM w WHERE w.facility_id = f.facility_id)
+    )
     SELECT f.region_id,
-           coalesce(sum(extract(epoch FROM s.ended - s.started)) FILTER (WHERE s.status = 'ONLINE'), 0)::double precision,
-           coalesce(sum(extract(epoch FROM s.ended - s.started)), 0)::double precision
-    FROM facility_status f CROSS JOIN LATERAL facility_spans(f.facility_id, f.region_id, t0, t1) s
-    WHERE f.region_id = ANY(regions)
+           coalesce(sum(extract(epoch FROM spans.e - spans.s)) FILTER (WHERE spans.status = 'ONLINE'), 0)::double precision,
+           coalesce(sum(extract(epoch FROM spans.e - spans.s)), 0)::double precision
+    FROM spans JOIN f USING (facility_id)
+    WHERE spans.e > spans.s
     GROUP BY f.region_id
 $$;
 
