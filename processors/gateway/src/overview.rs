@@ -19,10 +19,9 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::auth::Grant;
 use crate::caller::visible;
-use crate::history::{percent, HistoryReader};
+use crate::history::percent;
 use crate::limits::Slot;
 use crate::state::App;
-use crate::store::Store;
 
 /// How often a live overview looks for changes.
 pub const TICK: Duration = Duration::from_secs(1);
@@ -78,63 +77,94 @@ const UPTIME_RETRY: Duration = Duration::from_secs(10);
 
 /// Every region's 24 h uptime, computed at most once per [`UPTIME_EVERY`] per gateway
 /// whatever the number of viewers (the query reads every transition of the last day: about
-/// 4 s for 50,000 facilities flapping hourly on a loaded 2-core machine), then filtered per
-/// caller. One computation at a time; callers meanwhile wait for it.
+/// 5 s for 50,000 facilities flapping hourly on a loaded 2-core machine), then filtered per
+/// caller. Only the first computation is waited for; later ones run in the background while
+/// every overview keeps the previous value, so a live overview never stalls on it.
 #[derive(Default)]
-pub struct UptimeCache(tokio::sync::Mutex<Option<Cached>>);
+pub struct UptimeCache {
+    value: std::sync::Mutex<Option<Cached>>,
+    computing: std::sync::Arc<tokio::sync::Mutex<()>>,
+}
 
+#[derive(Clone)]
 struct Cached {
     at: Instant,
     /// When it was computed (ms since the epoch) and the percentages; `None` after a failure.
     value: Option<(i64, BTreeMap<String, f64>)>,
 }
 
+impl Cached {
+    fn fresh(&self) -> bool {
+        let every = if self.value.is_some() {
+            UPTIME_EVERY
+        } else {
+            UPTIME_RETRY
+        };
+        self.at.elapsed() < every
+    }
+}
+
 impl UptimeCache {
+    fn current(&self) -> Option<Cached> {
+        self.value.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    fn store(&self, c: Cached) {
+        *self.value.lock().unwrap_or_else(|p| p.into_inner()) = Some(c);
+    }
+
     /// When the uptimes were computed and each region's, or `None` while PostgreSQL cannot
     /// give them.
-    pub async fn get(
-        &self,
-        store: &Store,
-        history: &HistoryReader,
-    ) -> Option<(i64, BTreeMap<String, f64>)> {
-        let mut cached = self.0.lock().await;
-        let fresh = cached.as_ref().is_some_and(|c| {
-            c.at.elapsed()
-                < if c.value.is_some() {
-                    UPTIME_EVERY
-                } else {
-                    UPTIME_RETRY
+    pub async fn get(&self, app: &App) -> Option<(i64, BTreeMap<String, f64>)> {
+        match self.current() {
+            None => {
+                let _computing = self.computing.lock().await;
+                if self.current().is_none() {
+                    self.store(compute(app).await);
                 }
-        });
-        if !fresh {
-            let now = now_ms();
-            let result = match store.regions().await {
-                Ok(regions) => history
-                    .region_uptime(&regions, now - 86_400_000)
-                    .await
-                    .map_err(|e| e.to_string()),
-                Err(e) => Err(e.to_string()),
-            };
-            let value = match result {
-                Ok(rows) => Some((
-                    now,
-                    rows.into_iter()
-                        .filter_map(|r| {
-                            Some((r.region, percent(r.online_seconds, r.known_seconds)?))
-                        })
-                        .collect(),
-                )),
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot compute the regions' 24 h uptime; the overview shows counts only until PostgreSQL answers (asked again in 10 s)");
-                    None
+            }
+            Some(c) if !c.fresh() => {
+                if let Ok(computing) = self.computing.clone().try_lock_owned() {
+                    let app = app.clone();
+                    tokio::spawn(async move {
+                        let c = compute(&app).await;
+                        app.0.uptime.store(c);
+                        drop(computing);
+                    });
                 }
-            };
-            *cached = Some(Cached {
-                at: Instant::now(),
-                value,
-            });
+            }
+            Some(_) => {}
         }
-        cached.as_ref().and_then(|c| c.value.clone())
+        self.current().and_then(|c| c.value)
+    }
+}
+
+async fn compute(app: &App) -> Cached {
+    let now = now_ms();
+    let result = match app.0.store.regions().await {
+        Ok(regions) => app
+            .0
+            .history
+            .region_uptime(&regions, now - 86_400_000)
+            .await
+            .map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    let value = match result {
+        Ok(rows) => Some((
+            now,
+            rows.into_iter()
+                .filter_map(|r| Some((r.region, percent(r.online_seconds, r.known_seconds)?)))
+                .collect(),
+        )),
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot compute the regions' 24 h uptime; the overview shows counts only until PostgreSQL answers (asked again in 10 s)");
+            None
+        }
+    };
+    Cached {
+        at: Instant::now(),
+        value,
     }
 }
 
@@ -158,7 +188,7 @@ impl Watcher {
 
     /// Reads what moved; true when the overview differs from the one before.
     pub async fn refresh(&mut self, app: &App) -> redis::RedisResult<bool> {
-        let (store, history) = (&app.0.store, &app.0.history);
+        let store = &app.0.store;
         let before = self.overview();
         let names = visible(self.grant.as_ref(), store.regions().await?);
         let seqs = store.region_seqs(&names).await?;
@@ -179,7 +209,7 @@ impl Watcher {
                 },
             );
         }
-        match app.0.uptime.get(store, history).await {
+        match app.0.uptime.get(app).await {
             Some((at, uptime)) => {
                 self.uptime = uptime;
                 self.uptime_at = Some(at);
