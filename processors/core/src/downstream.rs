@@ -204,7 +204,32 @@ pub async fn serve<W: Writer>(
     writer: W,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let registry = metrics::registry();
+    serve_with(
+        metrics::registry(),
+        config,
+        role,
+        group_id,
+        ops_listen,
+        batching,
+        writer,
+        shutdown,
+    )
+    .await
+}
+
+/// [`serve`] with a registry that already holds the process's other metrics (the sink's
+/// open-sessions follower), so that one `/metrics` serves them all.
+#[allow(clippy::too_many_arguments)]
+pub async fn serve_with<W: Writer>(
+    registry: Registry,
+    config: &Config,
+    role: &'static str,
+    group_id: &str,
+    ops_listen: std::net::SocketAddr,
+    batching: Batching,
+    writer: W,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let health = Health::new(&registry);
     let metrics = Metrics::new(&registry, role);
     let (addr, server) =

@@ -88,6 +88,41 @@ impl FromRequestParts<App> for StreamAccess {
     }
 }
 
+/// The overview stream's access: a `?ticket=` (any regions it opens), else a token in the
+/// header (every region it grants). `grant` is `None` when tokens are off (every region).
+pub struct OverviewAccess {
+    pub grant: Option<Grant>,
+}
+
+impl FromRequestParts<App> for OverviewAccess {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let Some(verifier) = &app.0.verifier else {
+            return Ok(OverviewAccess { grant: None });
+        };
+        if let Some(ticket) = query_param(parts.uri.query(), "ticket") {
+            let grant = verifier.tickets().redeem_any(&ticket, now_secs())?;
+            return Ok(OverviewAccess { grant: Some(grant) });
+        }
+        let grant = authenticate(app, parts, false).await?.map(|c| Grant {
+            regions: c.granted_regions(),
+            sub: c.sub,
+            open_by: now_secs(),
+            expires: c.exp,
+        });
+        Ok(OverviewAccess { grant })
+    }
+}
+
+/// Of `regions`, those `grant` opens (all without tokens).
+pub fn visible(grant: Option<&Grant>, regions: Vec<String>) -> Vec<String> {
+    match grant {
+        None => regions,
+        Some(g) => regions.into_iter().filter(|r| g.allows(r)).collect(),
+    }
+}
+
 async fn stream_grant(app: &App, parts: &Parts, region: &str) -> Result<Option<Grant>, AuthError> {
     let Some(verifier) = &app.0.verifier else {
         return Ok(None);

@@ -148,6 +148,7 @@ impl ApiError {
             }
             ApiError::UnknownRegion(_) | ApiError::UnknownFacility(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::History(HistoryError::UnknownTimeZone(_)) => StatusCode::BAD_REQUEST,
             ApiError::RedisDown(_) | ApiError::Publish(_) | ApiError::History(_) => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -177,6 +178,7 @@ impl ApiError {
             ApiError::History(HistoryError::NoTables) => "no_history_tables",
             ApiError::History(HistoryError::Unavailable(_)) => "postgres_unavailable",
             ApiError::History(HistoryError::TooSlow(_)) => "history_too_slow",
+            ApiError::History(HistoryError::UnknownTimeZone(_)) => "invalid_field",
         }
     }
 

@@ -11,6 +11,10 @@
 //! | `GET /v1/regions/{region}/stream` | Server-Sent Events: snapshot, then transitions |
 //! | `GET /v1/facilities/{id}` | one facility's newest transition |
 //! | `GET /v1/facilities/{id}/history?from=&to=` | transitions in a range, and seconds online |
+//! | `GET /v1/facilities/{id}/uptime?days=&tz=` | uptime per calendar day (outages included) and over 24 h / 7 d / 30 d |
+//! | `GET /v1/facilities/{id}/sessions` | the sessions open now (who is online) |
+//! | `GET /v1/overview` | every visible region's counts and 24 h uptime, worst first |
+//! | `GET /v1/overview/stream` | the same, live (Server-Sent Events) |
 //! | `GET /` | the dashboard |
 //! | `GET /healthz` | the process is alive (`/metrics` and `/readyz` are on `gateway.ops_listen`) |
 //!
@@ -37,7 +41,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{now_secs, AuthError};
-use crate::caller::{BeaconCaller, Caller, StreamAccess};
+use crate::caller::{BeaconCaller, Caller, OverviewAccess, StreamAccess};
 use crate::error::{ApiError, Outcome};
 use crate::ingest::parse;
 use crate::openapi::{
@@ -63,6 +67,10 @@ pub fn router(app: App, config: &GatewayConfig) -> Router {
         .routes(routes!(get_stream))
         .routes(routes!(get_facility))
         .routes(routes!(get_history))
+        .routes(routes!(get_uptime))
+        .routes(routes!(get_sessions))
+        .routes(routes!(get_overview))
+        .routes(routes!(get_overview_stream))
         .routes(routes!(get_dashboard))
         .routes(routes!(get_healthz))
         .routes(routes!(get_openapi))
@@ -122,6 +130,10 @@ fn route_label(path: &str) -> &'static str {
         "/v1/regions/{region}/stream" => "stream",
         "/v1/facilities/{id}" => "facility",
         "/v1/facilities/{id}/history" => "history",
+        "/v1/facilities/{id}/uptime" => "uptime",
+        "/v1/facilities/{id}/sessions" => "sessions",
+        "/v1/overview" => "overview",
+        "/v1/overview/stream" => "overview_stream",
         "/" => "dashboard",
         "/healthz" => "healthz",
         "/openapi.json" => "openapi",
@@ -520,24 +532,174 @@ async fn get_history(
     RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     let (from, to) = history_range(q.as_deref(), now_ms(), app.0.history_max_range)?;
-    // Authorised before PostgreSQL is asked: the facility's region comes from Redis, and
-    // the query reads only that region's rows.
-    let region = match &caller.0 {
-        None => None,
-        Some(_) => {
-            let t = app
-                .0
-                .store
-                .facility(&id)
-                .await
-                .map_err(ApiError::RedisDown)?
-                .ok_or_else(|| ApiError::UnknownFacility(id.clone()))?;
-            caller.authorize_region(&t.region_id)?;
-            Some(t.region_id)
-        }
-    };
+    let region = authorized_region(&app, &caller, &id).await?;
     let history = app.0.history.read(&id, region.as_deref(), from, to).await?;
     Ok(Json(history).into_response())
+}
+
+/// With tokens, the region a facility's PostgreSQL rows are read from: its region in Redis,
+/// which the caller must be granted (checked before PostgreSQL is asked; the queries then
+/// read only that region's rows). `None` without tokens: every row.
+async fn authorized_region(
+    app: &App,
+    caller: &Caller,
+    id: &str,
+) -> Result<Option<String>, ApiError> {
+    if caller.0.is_none() {
+        return Ok(None);
+    }
+    let t = app
+        .0
+        .store
+        .facility(id)
+        .await
+        .map_err(ApiError::RedisDown)?
+        .ok_or_else(|| ApiError::UnknownFacility(id.to_string()))?;
+    caller.authorize_region(&t.region_id)?;
+    Ok(Some(t.region_id))
+}
+
+/// Most days `GET /v1/facilities/{id}/uptime` answers for (a year and a day).
+const MAX_UPTIME_DAYS: i32 = 366;
+
+/// `days` (1 to [`MAX_UPTIME_DAYS`], default 90) and `tz` (an IANA name, default `UTC`).
+fn uptime_params(query: Option<&str>) -> Result<(i32, String), ApiError> {
+    let days = match query_param(query, "days") {
+        None => 90,
+        Some(d) => d
+            .parse::<i32>()
+            .ok()
+            .filter(|d| (1..=MAX_UPTIME_DAYS).contains(d))
+            .ok_or_else(|| {
+                ApiError::invalid_field(
+                    "days",
+                    format!("must be a whole number from 1 to {MAX_UPTIME_DAYS}"),
+                )
+            })?,
+    };
+    let tz = query_param(query, "tz").unwrap_or_else(|| "UTC".into());
+    let well_formed = !tz.is_empty()
+        && tz.len() <= 64
+        && tz
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_+-/".contains(c));
+    if !well_formed {
+        return Err(ApiError::invalid_field(
+            "tz",
+            "must be an IANA time zone name such as Europe/Berlin or UTC",
+        ));
+    }
+    Ok((days, tz))
+}
+
+/// A facility's uptime: one entry per calendar day of the last `days` in time zone `tz`
+/// (seconds ONLINE, seconds known, the outages of the day), and the ONLINE share over the
+/// last 24 h, 7 d and 30 d. Computed in PostgreSQL from the transition history.
+#[utoipa::path(get, path = "/v1/facilities/{id}/uptime", tag = "read", security((), ("bearer" = [])),
+    params(
+        ("id" = String, Path, description = "A facility id"),
+        ("days" = Option<i32>, Query, description = "Calendar days up to today, 1 to 366; default 90"),
+        ("tz" = Option<String>, Query, description = "The IANA time zone the days are cut in (the viewer's); default UTC"),
+    ),
+    responses(
+        (status = 200, description = "The uptime", body = crate::history::Uptime),
+        (status = 400, description = "`days` or `tz` unreadable or unknown (`invalid_field`)", body = Problem),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 404, description = "With tokens: no transition of this facility has been seen (`unknown_facility`)", body = Problem),
+        (status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
+async fn get_uptime(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    caller: Caller,
+    RawQuery(q): RawQuery,
+) -> Result<Response, ApiError> {
+    let (days, tz) = uptime_params(q.as_deref())?;
+    let region = authorized_region(&app, &caller, &id).await?;
+    let uptime = app
+        .0
+        .history
+        .uptime(&id, region.as_deref(), days, &tz)
+        .await
+        .map_err(|e| match e {
+            crate::history::HistoryError::UnknownTimeZone(_) => ApiError::invalid_field(
+                "tz",
+                "must be an IANA time zone name PostgreSQL knows, such as Europe/Berlin or UTC",
+            ),
+            e => e.into(),
+        })?;
+    Ok(Json(uptime).into_response())
+}
+
+/// Who is online: the sessions open now at a facility (user id, since, last beat), as the
+/// sink keeps them from the processor's sessions changelog.
+#[utoipa::path(get, path = "/v1/facilities/{id}/sessions", tag = "read", security((), ("bearer" = [])),
+    params(("id" = String, Path, description = "A facility id")),
+    responses(
+        (status = 200, description = "The open sessions, oldest first", body = crate::history::Sessions),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
+        (status = 404, description = "With tokens: no transition of this facility has been seen (`unknown_facility`)", body = Problem),
+        (status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
+async fn get_sessions(
+    State(app): State<App>,
+    Path(id): Path<String>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    let region = authorized_region(&app, &caller, &id).await?;
+    let sessions = app.0.history.sessions(&id, region.as_deref()).await?;
+    Ok(Json(sessions).into_response())
+}
+
+/// Every region the caller may see, with its ONLINE/OFFLINE counts now and its uptime over
+/// the last 24 h, worst first.
+#[utoipa::path(get, path = "/v1/overview", tag = "read", security((), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The regions", body = crate::overview::Overview),
+        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 503, description = "A dependency cannot answer now (`redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
+async fn get_overview(
+    State(app): State<App>,
+    OverviewAccess { grant }: OverviewAccess,
+) -> Result<Response, ApiError> {
+    let mut watcher = crate::overview::Watcher::new(grant);
+    watcher.refresh(&app).await.map_err(ApiError::RedisDown)?;
+    Ok(Json(watcher.overview()).into_response())
+}
+
+/// The overview, live over one connection: Server-Sent Events, an `overview` (the body of
+/// `GET /v1/overview`) now and whenever a count or an uptime changes, `expired` when the
+/// grant behind the stream ends.
+#[utoipa::path(get, path = "/v1/overview/stream", tag = "stream",
+    security((), ("ticket" = []), ("bearer" = [])),
+    responses(
+        (status = 200, description = "The stream", content_type = "text/event-stream", body = String),
+        (status = 401, description = "No valid token or ticket (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
+        (status = 429, description = "This identity has gateway.max_streams_per_identity streams open", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        (status = 503, description = "A dependency cannot answer now (`streams_full`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+    ))]
+async fn get_overview_stream(
+    State(app): State<App>,
+    OverviewAccess { grant }: OverviewAccess,
+) -> Result<Response, ApiError> {
+    let slot = app
+        .0
+        .slots
+        .acquire(grant.as_ref().map(|g| g.sub.as_str()))
+        .map_err(ApiError::NoStreamSlot)?;
+    let expires = grant.as_ref().map(|g| g.expires);
+    let mut response = crate::overview::stream(app, grant, slot).into_response();
+    response
+        .headers_mut()
+        .insert("x-accel-buffering", HeaderValue::from_static("no"));
+    let response = match expires {
+        Some(at) => crate::auth::end_stream_at(response, at),
+        None => response,
+    };
+    Ok(named("opened", response))
 }
 
 const DASHBOARD: &str = include_str!("dashboard.html");

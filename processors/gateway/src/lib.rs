@@ -15,6 +15,7 @@
 //! - [`error`]: every refusal: its status, problem body and metric.
 //! - [`state`]: what the handlers share.
 //! - [`query`]: query-string values.
+//! - [`overview`]: every visible region's counts and 24 h uptime, once or live.
 //! - [`openapi`]: the OpenAPI 3.1 document (`GET /openapi.json`), generated from the handlers.
 //! - [`limits`]: the per-identity ingest rate and the stream caps (pure, time passed in).
 //! - [`server`]: the public listener with its timeouts and connection cap.
@@ -32,6 +33,7 @@ pub mod latency;
 pub mod limits;
 pub mod metrics;
 pub mod openapi;
+pub mod overview;
 pub mod publish;
 pub mod query;
 pub mod server;

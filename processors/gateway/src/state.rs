@@ -29,6 +29,8 @@ pub(crate) struct Inner {
     pub slots: StreamSlots,
     pub body_read_timeout: Duration,
     pub history_max_range: Duration,
+    /// The regions' 24 h uptime, shared by every overview.
+    pub uptime: crate::overview::UptimeCache,
 }
 
 impl App {
@@ -59,6 +61,7 @@ impl App {
             ),
             body_read_timeout: config.gateway.body_read_timeout,
             history_max_range: config.gateway.history_max_range,
+            uptime: Default::default(),
         })))
     }
 

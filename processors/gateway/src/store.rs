@@ -147,6 +147,18 @@ impl Store {
         Ok(r)
     }
 
+    /// The region sequences of `regions`, in order (0 for a region never seen); one round
+    /// trip, so that a watcher of many regions notices which moved.
+    pub async fn region_seqs(&self, regions: &[String]) -> RedisResult<Vec<u64>> {
+        if regions.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut c = self.conn().await?;
+        let keys: Vec<String> = regions.iter().map(|r| self.keys.region_seq(r)).collect();
+        let seqs: Vec<Option<u64>> = redis::cmd("MGET").arg(&keys).query_async(&mut c).await?;
+        Ok(seqs.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
     /// Whether the notifier has seen a transition of `region` (`<prefix>:regions`).
     pub async fn region_exists(&self, region: &str) -> RedisResult<bool> {
         let mut c = self.conn().await?;

@@ -93,6 +93,16 @@ impl Hub {
         }
     }
 
+    /// What ends every stream (the server's shutdown).
+    pub fn shutdown(&self) -> Shutdown {
+        self.shutdown.clone()
+    }
+
+    /// How often a quiet stream gets a keep-alive comment (`gateway.stream_keep_alive`).
+    pub fn keep_alive(&self) -> Duration {
+        self.keep_alive
+    }
+
     /// Region channels open now (one per region with at least one client).
     pub fn regions_open(&self) -> usize {
         self.regions.lock().unwrap_or_else(|p| p.into_inner()).len()

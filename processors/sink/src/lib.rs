@@ -10,9 +10,12 @@
 //!   moves forward in `seq`, each one multi-row statement over arrays.
 //! - The consumer loop (batches, retries, commits after PostgreSQL took the batch) is
 //!   `presence_core::downstream`, shared with the notifier.
+//! - [`sessions`]: who is online, `open_sessions`, from the processor's sessions changelog
+//!   and the newest beats, beside the transitions loop.
 
 pub mod migrations;
 pub mod postgres_writer;
+pub mod sessions;
 
 use presence_core::downstream::{self, Batching};
 use presence_core::{Config, Shutdown};
@@ -25,14 +28,34 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         max_records: s.batch_size,
         linger: s.batch_linger,
     };
-    downstream::serve(
+    // Who is online, beside the transitions; its failure stops the sink (non-zero exit).
+    let registry = presence_core::metrics::registry();
+    let follower = {
+        let (config, shutdown) = (config.clone(), shutdown.clone());
+        let metrics = sessions::Metrics::new(&registry);
+        tokio::spawn(async move {
+            let result = sessions::follow(config, metrics, shutdown.clone()).await;
+            if let Err(e) = &result {
+                tracing::error!(error = %e, "the open-sessions follower stopped; stopping the sink");
+                shutdown.trigger();
+            }
+            result
+        })
+    };
+    let served = downstream::serve_with(
+        registry,
         &config,
         "sink",
         &s.group_id,
         s.ops_listen,
         batching,
         writer,
-        shutdown,
+        shutdown.clone(),
     )
-    .await
+    .await;
+    shutdown.trigger();
+    let followed = follower
+        .await
+        .unwrap_or_else(|e| Err(anyhow::anyhow!("the open-sessions follower panicked: {e}")));
+    served.and(followed)
 }

@@ -5,11 +5,14 @@
 use tokio_postgres::Client;
 
 /// (version, name, SQL). Unqualified names in the SQL land in the configured schema.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(
-    1,
-    "status_and_history",
-    include_str!("../migrations/0001_status_and_history.sql"),
-)];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (
+        1,
+        "status_and_history",
+        include_str!("../migrations/0001_status_and_history.sql"),
+    ),
+    (2, "console", include_str!("../migrations/0002_console.sql")),
+];
 
 /// Creates the schema if needed and applies what is missing; returns the versions applied.
 /// Concurrent sinks serialise on an advisory lock, so each version runs exactly once.
