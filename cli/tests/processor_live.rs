@@ -400,3 +400,38 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
         "each bad record dead-lettered once, with its code"
     );
 }
+
+/// Started before its topics exist (an operator's `presence topics` still running, or a
+/// broker slow to list new topics): the processor waits for them instead of exiting, then
+/// works.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_processor_started_before_its_topics_waits_for_them() {
+    let _one = serial();
+    let mut c = presence_core::testkit::isolated_config();
+    c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS as u64);
+    let _cleanup = Cleanup::new(&c);
+    // Watched: exiting (the old behaviour, "topic ... does not exist") fails the reads below.
+    let mut p = watched_processor(&c, "a", &[]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !p
+        .log_tail(50)
+        .contains("topic not listed by the broker yet")
+    {
+        presence_core::testkit::check_processes();
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the processor never said it waits for its topics:\n{}",
+            p.log_tail(20)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    presence_core::testkit::ensure_topics(&c).await;
+    let mut reader = StatusReader::new(&c);
+    produce(&c, &[beat("s", "F", HeartbeatKind::Beat, now_ms())]).await;
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !s.is_empty()),
+        "no transition from a processor started before its topics"
+    );
+    assert_eq!(reader.seen[0].status, Status::Online);
+    terminate(&mut p);
+}

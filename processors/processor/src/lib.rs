@@ -54,25 +54,45 @@ pub(crate) fn leak(s: String) -> &'static str {
     Box::leak(s.into_boxed_str())
 }
 
-/// Partition counts of the topics the stages are wired by, read from the broker.
-fn partitions_of(config: &Config, topic: &str) -> anyhow::Result<i32> {
+/// How long the processor waits at start for its topics to appear: right after `presence
+/// topics` a broker can take a moment to list a new topic, and a loaded one longer.
+const TOPIC_WAIT: Duration = Duration::from_secs(30);
+
+/// Partition counts of the topics the stages are wired by, read from the broker. A topic
+/// that is missing (or has no leaders yet) is asked for again, with backoff, for
+/// [`TOPIC_WAIT`] before it is an error.
+async fn partitions_of(config: &Config, topic: &str) -> anyhow::Result<i32> {
     let admin = admin_client(&config.kafka)?;
-    let md = admin
-        .inner()
-        .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
-        .with_context(|| {
-            format!(
-                "cannot reach Kafka at {}; start it (make stack) or set KAFKA_BROKERS",
-                config.kafka.brokers
-            )
-        })?;
-    let t = md
-        .topics()
-        .first()
-        .filter(|t| t.error().is_none() && !t.partitions().is_empty());
-    t.map(|t| t.partitions().len() as i32).ok_or_else(|| {
-        anyhow::anyhow!("topic {topic} does not exist; create the topics with `presence topics`")
-    })
+    let deadline = tokio::time::Instant::now() + TOPIC_WAIT;
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        let md = admin
+            .inner()
+            .fetch_metadata(Some(topic), ADMIN_TIMEOUT)
+            .with_context(|| {
+                format!(
+                    "cannot reach Kafka at {}; start it (make stack) or set KAFKA_BROKERS",
+                    config.kafka.brokers
+                )
+            })?;
+        let found = md
+            .topics()
+            .first()
+            .filter(|t| t.error().is_none() && !t.partitions().is_empty())
+            .map(|t| t.partitions().len() as i32);
+        if let Some(n) = found {
+            return Ok(n);
+        }
+        if tokio::time::Instant::now() + backoff > deadline {
+            anyhow::bail!(
+                "topic {topic} does not exist (waited {} s); create the topics with `presence topics`",
+                TOPIC_WAIT.as_secs()
+            );
+        }
+        tracing::warn!(%topic, "topic not listed by the broker yet; waiting (create it with `presence topics`)");
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(Duration::from_secs(2));
+    }
 }
 
 /// Runs both stages until `shutdown`, serving `/metrics`, `/healthz`, `/readyz` on
@@ -87,8 +107,8 @@ pub async fn run_with(
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
     let t = &config.topics;
-    let sources = partitions_of(&config, &t.heartbeats)?;
-    let transition_partitions = partitions_of(&config, &t.session_transitions())?;
+    let sources = partitions_of(&config, &t.heartbeats).await?;
+    let transition_partitions = partitions_of(&config, &t.session_transitions()).await?;
     if sources != t.heartbeats_partitions {
         tracing::warn!(topic = %t.heartbeats, actual = sources, configured = t.heartbeats_partitions, "heartbeats has another partition count than configured; using the topic's");
     }
