@@ -47,6 +47,7 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
     let mut sustained_rates = Vec::new();
     for run in 0..runs.max(1) {
         let c = isolate(config, "sink");
+        let _topics = presence_core::topics::Throwaway::of(&c);
         presence_core::topics::ensure(&c).await?;
         let producer: ThreadedProducer<_> =
             presence_core::kafka::idempotent_producer_config(&c.kafka, "bench")
@@ -156,6 +157,7 @@ pub async fn sink(config: &Config, transitions: usize, runs: usize) -> anyhow::R
 /// the notifier's own Redis writer, `interval` apart.
 pub async fn fanout(config: &Config, clients: usize, events: usize) -> anyhow::Result<String> {
     let c = isolate(config, "fanout");
+    let _topics = presence_core::topics::Throwaway::of(&c);
     presence_core::topics::ensure(&c).await?;
     let shutdown = Shutdown::new();
     let gateway = presence_gateway::start(c.clone(), shutdown.clone()).await?;

@@ -557,3 +557,68 @@ mod tests {
         assert_eq!(w.len(), 1, "{w:?}");
     }
 }
+
+/// Deletes every topic of `configs` (throw-away topics of benchmarks). Errors are logged:
+/// whatever is left, `deploy/stack.sh sweep` does not know, so it is named.
+pub async fn delete(configs: &[Config]) {
+    let Some(first) = configs.first() else {
+        return;
+    };
+    let admin = match admin_client(&first.kafka) {
+        Ok(a) => a,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot delete throw-away topics: no admin client");
+            return;
+        }
+    };
+    let mut names: Vec<String> = configs
+        .iter()
+        .flat_map(|c| specs(&c.topics, c.processor.session_timeout))
+        .map(|s| s.name)
+        .collect();
+    names.sort();
+    names.dedup();
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(ADMIN_TIMEOUT));
+    if let Err(e) = admin.delete_topics(&refs, &opts).await {
+        tracing::warn!(error = %e, topics = ?names, "could not delete throw-away topics; delete them by hand");
+    }
+}
+
+/// Throw-away topics, deleted when this is dropped: on success, on an early `?` return and
+/// on a panic alike (benchmarks make fresh topics per run and must leave nothing behind).
+#[derive(Default)]
+pub struct Throwaway(Vec<Config>);
+
+impl Throwaway {
+    pub fn of(c: &Config) -> Throwaway {
+        Throwaway(vec![c.clone()])
+    }
+
+    pub fn add(&mut self, c: &Config) {
+        self.0.push(c.clone());
+    }
+}
+
+impl Drop for Throwaway {
+    fn drop(&mut self) {
+        let configs = std::mem::take(&mut self.0);
+        if configs.is_empty() {
+            return;
+        }
+        // A thread of its own: drop may run inside a runtime, which cannot block on another.
+        let done = std::thread::spawn(move || {
+            match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt.block_on(delete(&configs)),
+                Err(e) => tracing::warn!(error = %e, "cannot delete throw-away topics: no runtime"),
+            }
+        })
+        .join();
+        if done.is_err() {
+            tracing::warn!("deleting throw-away topics panicked");
+        }
+    }
+}

@@ -17,6 +17,8 @@ use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedPr
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::measured::mib;
+use presence_core::topics::Throwaway;
+
 use crate::records::SessionState;
 use crate::sessions::{key_bytes, session_key};
 use crate::stage::{now_ms, Committed, RestoreIo, Stage};
@@ -79,6 +81,7 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// beats since the checkpoint's timeout window.
 pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Result<String> {
     let c = isolated(base, "restore", 1).await?;
+    let _topics = Throwaway::of(&c);
     let timeout = c.processor.session_timeout.as_millis() as i64;
     let p = producer(&c)?;
     let t0 = now_ms() - timeout + 5_000;
@@ -201,6 +204,7 @@ struct DrainRun {
 /// of `sessions` open sessions.
 pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<String> {
     let c = isolated(base, "throughput", base.topics.heartbeats_partitions).await?;
+    let mut topics = Throwaway::of(&c);
     let p = producer(&c)?;
     let heartbeats = o.heartbeats;
     let sessions = o
@@ -275,7 +279,6 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
         produced.as_secs_f64()
     );
     let mut results: Vec<Vec<DrainRun>> = binaries.iter().map(|_| Vec::new()).collect();
-    let mut configs = Vec::new();
     for run in 0..o.runs.max(1) {
         for (b, (label, binary)) in binaries.iter().enumerate() {
             // Everything but the input is the run's own: groups, internal and output topics.
@@ -288,7 +291,7 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
             rc.processor.session_timeout = Duration::from_secs(3600);
             let report_ = presence_core::topics::ensure(&rc).await?;
             anyhow::ensure!(report_.is_ok(), "bench topics: {report_}");
-            configs.push(rc.clone());
+            topics.add(&rc);
             let (binary, rc2, idle) = (binary.clone(), rc.clone(), o.idle);
             let r =
                 tokio::task::spawn_blocking(move || drain(&binary, &rc2, total, idle)).await??;
@@ -336,8 +339,6 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
             a / b
         ));
     }
-    configs.push(c);
-    delete_topics(&configs).await;
     Ok(report)
 }
 
@@ -388,29 +389,6 @@ fn drain(
     })
 }
 
-/// Deletes every topic of `configs` (benchmarks leave nothing behind on the broker).
-async fn delete_topics(configs: &[Config]) {
-    let Some(first) = configs.first() else {
-        return;
-    };
-    let Ok(admin) = presence_core::kafka::admin_client(&first.kafka) else {
-        return;
-    };
-    let mut names: Vec<String> = configs
-        .iter()
-        .flat_map(|c| presence_core::topics::specs(&c.topics, c.processor.session_timeout))
-        .map(|s| s.name)
-        .collect();
-    names.sort();
-    names.dedup();
-    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
-    let opts = rdkafka::admin::AdminOptions::new()
-        .operation_timeout(Some(presence_core::kafka::ADMIN_TIMEOUT));
-    if let Err(e) = admin.delete_topics(&refs, &opts).await {
-        tracing::warn!(error = %e, "could not delete the benchmark's topics");
-    }
-}
-
 fn end_offsets(c: &Config, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
     let consumer: BaseConsumer = consumer_config(&c.kafka, "bench-meta", "bench-meta").create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -448,6 +426,7 @@ fn committed_total(
 /// arrival at a read_committed consumer.
 pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result<String> {
     let c = isolated(base, "latency", base.topics.heartbeats_partitions).await?;
+    let _topics = Throwaway::of(&c);
     let shutdown = Shutdown::new();
     let processor = {
         let c = c.clone();
@@ -577,7 +556,6 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
         percentile(&emit, 0.99),
         mib(memory.hwm_kib.max(sampled_peak)),
     );
-    delete_topics(&[c]).await;
     Ok(report)
 }
 
@@ -599,6 +577,7 @@ pub struct OfflineOptions {
 /// a read_committed reader, minus its true deadline (the session's last beat + timeout).
 pub async fn offline(base: &Config, o: &OfflineOptions) -> anyhow::Result<String> {
     let mut c = isolated(base, "offline", base.topics.heartbeats_partitions).await?;
+    let _topics = Throwaway::of(&c);
     c.processor.session_timeout = o.timeout;
     let timeout = o.timeout.as_millis() as i64;
     let processor = {
@@ -713,7 +692,6 @@ pub async fn offline(base: &Config, o: &OfflineOptions) -> anyhow::Result<String
     }
     emitted.sort_by(f64::total_cmp);
     arrived.sort_by(f64::total_cmp);
-    delete_topics(&[c]).await;
     Ok(format!(
         "offline detection: {} sessions each alone at its facility, beating every {} ms (timeout {} ms; {sent} beats); {stopping} stop at {}/s; \
          {} facilities went OFFLINE ({} missing, {early} before their deadline): emission - deadline p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms; \
