@@ -119,7 +119,7 @@ test: stack
 	$(STACK) sweep
 	$(STACK) prometheus-rules-test
 	bash deploy/check-packaging.sh
-	cargo test --workspace --locked; status=$$?; $(STACK) sweep; exit $$status
+	cargo test --workspace --locked --no-fail-fast; status=$$?; $(STACK) sweep; exit $$status
 
 # Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of
 # their own (restore, end-to-end throughput against a plain consumer, latency), the gateway
