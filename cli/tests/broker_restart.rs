@@ -25,22 +25,27 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use presence_core::codec::{decode, encode};
 use presence_core::config::Config;
 use presence_core::kafka::{consumer_config, idempotent_producer_config};
-use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::sim::{facility_id, oracle, region_of, Expected, SimRecord};
+use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
+use presence_core::sim::{
+    facility_id, oracle, oracle_placed, region_of, Expected, OracleConfig, Placed, SimRecord,
+};
 use presence_core::testkit::{free_port, isolated_config, PrivateService};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::producer::{BaseRecord, DefaultProducerContext, Producer, ThreadedProducer};
+use rdkafka::client::ClientContext;
+use rdkafka::producer::{
+    BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer,
+};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use support::*;
 
@@ -53,18 +58,50 @@ const OUTAGE: Duration = Duration::from_secs(12);
 /// How far from the oracle's `since` the processor's may be (see the module doc).
 const SINCE_BOUND_MS: i64 = 2_500;
 
+/// The load producer's delivery reports: how many records the broker acknowledged and how
+/// many failed (timed out while the broker was away), so that the test can tell when the load
+/// reaches the topic again after a restart.
+#[derive(Default)]
+struct Deliveries {
+    acked: AtomicU64,
+    failed: AtomicU64,
+}
+
+struct Counting(Arc<Deliveries>);
+
+impl ClientContext for Counting {}
+
+impl ProducerContext for Counting {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &DeliveryResult<'_>, _: ()) {
+        let counter = if result.is_ok() {
+            &self.0.acked
+        } else {
+            &self.0.failed
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
 /// One user per facility, logging in and out in real time until `stop`; records are
 /// stamped when handed to the producer (even, strictly increasing ms). What reaches the
 /// topic is the ground truth, so records lost to an outage simply are not part of it.
-fn drive(c: &Config, stop: &AtomicBool) {
+fn drive(c: &Config, stop: &AtomicBool, deliveries: &Arc<Deliveries>) {
     let mut config = idempotent_producer_config(&c.kafka, "test-load");
     config
         .set("linger.ms", "2")
         // A record either lands within a second of its timestamp or is dropped: that
         // bounds how late any record can reach the processor.
-        .set("message.timeout.ms", "1000");
-    let new_producer =
-        || -> ThreadedProducer<DefaultProducerContext> { config.create().expect("load producer") };
+        .set("message.timeout.ms", "1000")
+        // Reconnect to the restarted broker within a quarter of a second, not after
+        // librdkafka's default backoff of up to 10 s (during which every record expires).
+        .set("reconnect.backoff.ms", "50")
+        .set("reconnect.backoff.max.ms", "250");
+    let new_producer = || -> ThreadedProducer<Counting> {
+        config
+            .create_with_context(Counting(deliveries.clone()))
+            .expect("load producer")
+    };
     let mut producer = new_producer();
     let mut rng = StdRng::seed_from_u64(7);
     // Per user: the current session (id, when it ends, whether it ends with END) and when
@@ -151,6 +188,33 @@ fn drive(c: &Config, stop: &AtomicBool) {
     producer.flush(Duration::from_secs(10)).expect("flush");
 }
 
+/// When each `heartbeats` record (partition, offset) became readable, wall-clock ms, as a
+/// reader that follows the topic live sees it: how late the processor could see it at best.
+fn watch_arrivals(c: &Config, stop: &AtomicBool) -> BTreeMap<(i32, i64), i64> {
+    let consumer: BaseConsumer = consumer_config(&c.kafka, "test-arrivals", "unused")
+        .set("fetch.wait.max.ms", "10")
+        .set("reconnect.backoff.max.ms", "250")
+        .create()
+        .expect("arrivals reader");
+    let topic = &c.topics.heartbeats;
+    let md = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .expect("metadata");
+    let mut tpl = TopicPartitionList::new();
+    for p in md.topics()[0].partitions() {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)
+            .expect("partition");
+    }
+    consumer.assign(&tpl).expect("assign");
+    let mut seen = BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+            seen.insert((m.partition(), m.offset()), presence_core::now_ms());
+        }
+    }
+    seen
+}
+
 /// Every record of `topic` (read_committed) up to the end offsets it has now.
 fn read_to_end(c: &Config, topic: &str) -> Vec<OwnedMessage> {
     let consumer: BaseConsumer = consumer_config(&c.kafka, "test-reader", "unused")
@@ -194,6 +258,33 @@ fn read_to_end(c: &Config, topic: &str) -> Vec<OwnedMessage> {
     out
 }
 
+/// On a failure, keeps the private broker's log (its directory goes with the broker) as
+/// `<tmp>/broker_restart-<port>-{stdout,server}.log`, and says where.
+struct KeepBrokerLog(u16);
+
+impl Drop for KeepBrokerLog {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        let needle = format!("127.0.0.1:{}", self.0);
+        let Ok(dirs) = std::fs::read_dir(std::env::temp_dir()) else {
+            return;
+        };
+        for d in dirs.flatten() {
+            let kafka = d.path().join("kafka");
+            let ours = std::fs::read_to_string(kafka.join("server.properties"))
+                .is_ok_and(|p| p.contains(&needle));
+            for log in ["stdout.log", "server.log"].iter().filter(|_| ours) {
+                let keep = std::env::temp_dir().join(format!("broker_restart-{}-{log}", self.0));
+                if std::fs::copy(kafka.join(log), &keep).is_ok() {
+                    eprintln!("the private broker's {log}: {}", keep.display());
+                }
+            }
+        }
+    }
+}
+
 /// Kills the processor if the test fails half-way, so that no process outlives it.
 struct Running(std::process::Child);
 
@@ -211,6 +302,57 @@ async fn get(url: &str) -> Option<(u16, String)> {
     let r = client.get(url).send().await.ok()?;
     let status = r.status().as_u16();
     Some((status, r.text().await.ok()?))
+}
+
+/// Where the pipeline stands, for a failure message: readiness, end and committed offsets
+/// of both stages' inputs, and the processor's metrics that show where records stop.
+async fn where_it_stands(c: &Config, ops: &str, pid: u32) -> String {
+    let transitions = c.topics.session_transitions();
+    // Every thread's stack of the processor (gdb, when the machine has it): where a stage
+    // that stopped taking records waits.
+    let stacks = std::env::temp_dir().join(format!("broker_restart-stacks-{pid}.txt"));
+    let dumped = std::process::Command::new("gdb")
+        .args(["-p", &pid.to_string(), "-batch", "-ex", "thread apply all bt"])
+        .output()
+        .is_ok_and(|o| std::fs::write(&stacks, &o.stdout).is_ok());
+    format!(
+        "processor stacks: {}; /readyz: {:?}; heartbeats end offsets {:?}, stage 1 committed {:?}; \
+         session-transitions end offsets {:?}, stage 2 committed {:?}; \
+         facility-status end offsets {:?}; processor metrics:\n{}",
+        if dumped {
+            stacks.display().to_string()
+        } else {
+            "(no gdb)".into()
+        },
+        get(&format!("{ops}/readyz")).await,
+        presence_core::testkit::end_offsets(c, &c.topics.heartbeats),
+        presence_core::testkit::committed_offsets(
+            c,
+            &format!("{}.sessions", c.processor.group_id),
+            &c.topics.heartbeats
+        ),
+        presence_core::testkit::end_offsets(c, &transitions),
+        presence_core::testkit::committed_offsets(
+            c,
+            &format!("{}.facilities", c.processor.group_id),
+            &transitions
+        ),
+        presence_core::testkit::end_offsets(c, &c.topics.facility_status),
+        get(&format!("{ops}/metrics"))
+            .await
+            .map(|(_, body)| body
+                .lines()
+                .filter(|l| l.starts_with("presence_stage2_buffered_events")
+                    || l.starts_with("presence_consumer_lag")
+                    || l.starts_with("presence_open_sessions")
+                    || l.starts_with("presence_heartbeats_processed_total")
+                    || l.starts_with("presence_transitions_emitted_total")
+                    || l.starts_with("presence_transaction_aborts_total")
+                    || l.starts_with("presence_kafka_client_rebuilds_total"))
+                .collect::<Vec<_>>()
+                .join("\n"))
+            .unwrap_or_default(),
+    )
 }
 
 /// Polls `/readyz` until it answers `want`; on timeout, fails with its last answer.
@@ -245,6 +387,7 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     let t0 = Instant::now();
     let kafka = PrivateService::kafka();
     kafka.start();
+    let _log = KeepBrokerLog(kafka.port());
     let mut c = isolated_config();
     c.kafka.brokers = kafka.address();
     c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS as u64);
@@ -301,42 +444,43 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     wait_ready(&ops, 200, Duration::from_secs(60), "the processor ready").await;
 
     let stop = Arc::new(AtomicBool::new(false));
+    let deliveries = Arc::new(Deliveries::default());
+    let watching = Arc::new(AtomicBool::new(false));
+    let arrivals = {
+        let (c, watching) = (c.clone(), watching.clone());
+        std::thread::spawn(move || watch_arrivals(&c, &watching))
+    };
     let load = {
-        let (c, stop) = (c.clone(), stop.clone());
-        std::thread::spawn(move || drive(&c, &stop))
+        let (c, stop, deliveries) = (c.clone(), stop.clone(), deliveries.clone());
+        std::thread::spawn(move || drive(&c, &stop, &deliveries))
     };
     let mut reader = StatusReader::new(&c);
-    for restart in 1..=2 {
-        let before = reader.seen.len();
-        let heartbeats_before = presence_core::testkit::end_offsets(&c, &c.topics.heartbeats);
-        let flowing = reader.read_until(Duration::from_secs(60), |s| s.len() >= before + 10);
+    // Before each restart and after the last: the load reaches the topic again and the
+    // processor turns it into new transitions (logins after the broker came back), not only
+    // into the expiries of the sessions the outage cut off.
+    let mut flowing_since = presence_core::now_ms();
+    for restart in 0..=2 {
+        let acked = deliveries.acked.load(Ordering::Relaxed);
+        let fresh_logins = |s: &[FacilityStatus]| {
+            s.iter()
+                .filter(|t| t.status == Status::Online && t.since >= flowing_since)
+                .count()
+        };
+        let flowing = reader.read_until(Duration::from_secs(60), |s| {
+            fresh_logins(s) >= 10 && deliveries.acked.load(Ordering::Relaxed) >= acked + 100
+        });
         assert!(
             flowing,
-            "restart {restart}: transitions flow before the broker stops ({} so far); /readyz: {:?}; \
-             heartbeats end offsets {heartbeats_before:?} -> {:?}; facility-status end offsets {:?}; \
-             stage-1 committed {:?}; processor metrics:\n{}",
-            reader.seen.len(),
-            get(&format!("{ops}/readyz")).await,
-            presence_core::testkit::end_offsets(&c, &c.topics.heartbeats),
-            presence_core::testkit::end_offsets(&c, &c.topics.facility_status),
-            presence_core::testkit::committed_offsets(
-                &c,
-                &format!("{}.sessions", c.processor.group_id),
-                &c.topics.heartbeats
-            ),
-            get(&format!("{ops}/metrics"))
-                .await
-                .map(|(_, body)| body
-                    .lines()
-                    .filter(|l| l.starts_with("presence_stage2_buffered_events")
-                        || l.starts_with("presence_consumer_lag")
-                        || l.starts_with("presence_heartbeats_processed_total")
-                        || l.starts_with("presence_transitions_emitted_total")
-                        || l.starts_with("presence_transaction_aborts_total"))
-                    .collect::<Vec<_>>()
-                    .join("\n"))
-                .unwrap_or_default(),
+            "after restart {restart} (0: the start): {} logins since the load flows again (10 wanted), \
+             {} records acknowledged since ({} failed in all); {}",
+            fresh_logins(&reader.seen),
+            deliveries.acked.load(Ordering::Relaxed) - acked,
+            deliveries.failed.load(Ordering::Relaxed),
+            where_it_stands(&c, &ops, processor.0.id()).await
         );
+        if restart == 2 {
+            break;
+        }
         let stopping = Instant::now();
         kafka.stop();
         let stopped_in = stopping.elapsed();
@@ -354,6 +498,7 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
         let starting = Instant::now();
         kafka.start();
         let started_in = starting.elapsed();
+        flowing_since = presence_core::now_ms();
         let back = wait_ready(
             &ops,
             200,
@@ -361,32 +506,105 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
             "/readyz 200 after the broker is back",
         )
         .await;
-        eprintln!("restart {restart}: broker stopped in {stopped_in:?}, /readyz 503 {noticed:?} after; started in {started_in:?}, /readyz 200 {back:?} after (at {:?})", t0.elapsed());
+        eprintln!(
+            "restart {}: broker stopped in {stopped_in:?}, /readyz 503 {noticed:?} after; started in {started_in:?}, /readyz 200 {back:?} after (at {:?})",
+            restart + 1,
+            t0.elapsed()
+        );
         assert!(
             processor.0.try_wait().expect("child status").is_none(),
-            "the processor kept running through restart {restart}"
+            "the processor kept running through restart {}",
+            restart + 1
         );
     }
-    let before = reader.seen.len();
-    assert!(
-        reader.read_until(Duration::from_secs(60), |s| s.len() >= before + 10),
-        "transitions flow after the second restart"
-    );
     stop.store(true, Ordering::Relaxed);
     load.join().expect("load thread");
+    eprintln!(
+        "load: {} records acknowledged, {} failed (timed out while the broker was away)",
+        deliveries.acked.load(Ordering::Relaxed),
+        deliveries.failed.load(Ordering::Relaxed)
+    );
 
-    let truth: Vec<SimRecord> = {
-        let mut v: Vec<SimRecord> = read_to_end(&c, &c.topics.heartbeats)
-            .iter()
-            .map(|m| SimRecord {
-                ts: m.timestamp().to_millis().expect("timestamped"),
-                heartbeat: decode::<Heartbeat>(m.payload().expect("value")).expect("decodes"),
-            })
-            .collect();
-        v.sort_by_key(|r| r.ts);
-        v
-    };
-    let expected = oracle(&truth, TIMEOUT_MS);
+    // The ground truth in the order the processor met it: each partition's log, by offset.
+    let mut log: Vec<(i32, i64, SimRecord)> = read_to_end(&c, &c.topics.heartbeats)
+        .iter()
+        .map(|m| {
+            (
+                m.partition(),
+                m.offset(),
+                SimRecord {
+                    ts: m.timestamp().to_millis().expect("timestamped"),
+                    heartbeat: decode::<Heartbeat>(m.payload().expect("value")).expect("decodes"),
+                },
+            )
+        })
+        .collect();
+    log.sort_by_key(|(p, o, _)| (*p, *o));
+    watching.store(true, Ordering::Relaxed);
+    let arrivals = arrivals.join().expect("arrivals thread");
+    // How late each record became readable after its timestamp (None: not seen live).
+    let lateness = |p: i32, o: i64, ts: i64| arrivals.get(&(p, o)).map(|&at| at - ts);
+    let late: Vec<i64> = log
+        .iter()
+        .filter_map(|(p, o, r)| lateness(*p, *o, r.ts))
+        .collect();
+    eprintln!(
+        "records readable after their timestamp: at most {} ms; {} of {} later than the timeout less a beat ({} ms), {} not seen live",
+        late.iter().max().copied().unwrap_or(0),
+        late.iter().filter(|&&l| l > TIMEOUT_MS - BEAT_MS as i64).count(),
+        log.len(),
+        TIMEOUT_MS - BEAT_MS as i64,
+        log.len() - late.len()
+    );
+    let truth: Vec<Placed> = log
+        .iter()
+        .map(|(p, _, r)| Placed {
+            partition: *p,
+            record: r.clone(),
+        })
+        .collect();
+    let expected = oracle_placed(
+        &truth,
+        &OracleConfig {
+            timeout_ms: TIMEOUT_MS,
+            flap_hold_ms: 0,
+            reject_after: i64::MAX,
+        },
+    );
+    // DIAGNOSTIC: the same truth sorted by timestamp, and duplicated records.
+    {
+        let mut by_ts: Vec<SimRecord> = log.iter().map(|(_, _, r)| r.clone()).collect();
+        by_ts.sort_by_key(|r| r.ts);
+        let sorted = oracle(&by_ts, TIMEOUT_MS);
+        eprintln!(
+            "DIAG oracle by offset: {} transitions, by timestamp: {}\n{}",
+            expected.len(),
+            sorted.len(),
+            diff(&sorted, &expected)
+        );
+        let mut seen: BTreeMap<(String, bool, Option<i64>), Vec<(i32, i64, i64)>> = BTreeMap::new();
+        for (p, o, r) in &log {
+            let h = &r.heartbeat;
+            seen.entry((
+                h.session_id.clone(),
+                h.kind == HeartbeatKind::End,
+                h.client_sent_at,
+            ))
+            .or_default()
+            .push((*p, *o, r.ts));
+        }
+        let dups: Vec<_> = seen.iter().filter(|(_, v)| v.len() > 1).collect();
+        eprintln!("DIAG {} records, {} duplicated", log.len(), dups.len());
+        let first = log.iter().map(|(_, _, r)| r.ts).min().unwrap_or(0);
+        let mut per: BTreeMap<i64, usize> = BTreeMap::new();
+        for (_, _, r) in &log {
+            *per.entry((r.ts - first) / 5_000 * 5).or_default() += 1;
+        }
+        eprintln!("DIAG records per 5 s from the first: {per:?}");
+        for (k, v) in dups.iter().take(40) {
+            eprintln!("DIAG dup {k:?} at {v:?}");
+        }
+    }
     assert!(
         expected.len() > 100,
         "a run with churn: {} transitions",
@@ -395,9 +613,10 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     // Everything ends by END or by expiry within the timeout: wait for the last transition.
     assert!(
         reader.read_until(Duration::from_secs(60), |s| s.len() >= expected.len()),
-        "{} of {} transitions",
+        "{} of {} transitions; {}",
         reader.seen.len(),
-        expected.len()
+        expected.len(),
+        where_it_stands(&c, &ops, processor.0.id()).await
     );
     wait_ready(&ops, 200, Duration::from_secs(5), "/readyz 200 at the end").await;
     assert!(
@@ -436,6 +655,46 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
             })
             .collect()
     };
+    if without_since(&got) != without_since(&expected) {
+        let bad: std::collections::BTreeSet<String> = expected
+            .iter()
+            .chain(&got)
+            .map(|e| e.facility_id.clone())
+            .filter(|f| {
+                let of = |v: &[Expected]| {
+                    without_since(v)
+                        .into_iter()
+                        .filter(|e| &e.facility_id == f)
+                        .collect::<Vec<_>>()
+                };
+                of(&expected) != of(&got)
+            })
+            .collect();
+        let events: Vec<presence_processor::records::SessionEvent> =
+            read_to_end(&c, &c.topics.session_transitions())
+                .iter()
+                .filter_map(|m| decode(m.payload()?).ok())
+                .collect();
+        for f in &bad {
+            for e in events.iter().filter(|e| &e.facility_id == f) {
+                eprintln!(
+                    "DIAG   stage 1: {:?} at {} ({:?}) from {}/{}",
+                    e.kind, e.at, e.close_reason, e.source_partition, e.source_seq
+                );
+            }
+            eprintln!("DIAG facility {f}: expected {:?}", expected.iter().filter(|e| &e.facility_id == f).collect::<Vec<_>>());
+            eprintln!("DIAG facility {f}: got {:?}", got.iter().filter(|e| &e.facility_id == f).collect::<Vec<_>>());
+            for (p, o, r) in log.iter().filter(|(_, _, r)| &r.heartbeat.facility_id == f) {
+                eprintln!(
+                    "DIAG   {p}/{o} ts {} {} {:?} readable {:?} ms after",
+                    r.ts,
+                    r.heartbeat.session_id,
+                    r.heartbeat.kind,
+                    lateness(*p, *o, r.ts)
+                );
+            }
+        }
+    }
     assert!(
         without_since(&got) == without_since(&expected),
         "status and seq per facility differ from the oracle:\n{}",
