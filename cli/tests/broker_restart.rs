@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 
 use presence_core::codec::{decode, encode};
 use presence_core::config::Config;
-use presence_core::kafka::{consumer_config, idempotent_producer_config};
+use presence_core::kafka::{base_config, consumer_config};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
 use presence_core::sim::{
     facility_id, oracle, oracle_placed, region_of, Expected, OracleConfig, Placed, SimRecord,
@@ -87,12 +87,21 @@ impl ProducerContext for Counting {
 /// stamped when handed to the producer (even, strictly increasing ms). What reaches the
 /// topic is the ground truth, so records lost to an outage simply are not part of it.
 fn drive(c: &Config, stop: &AtomicBool, deliveries: &Arc<Deliveries>) {
-    let mut config = idempotent_producer_config(&c.kafka, "test-load");
+    // A plain producer that sends each record once, one request at a time: a record is
+    // written once or not at all, in the order it was sent. An idempotent producer was tried
+    // first: after an outage it timed records out and had to bump its epoch, and more than
+    // once it then delivered nothing for over a minute after the broker was back.
+    let mut config = base_config(&c.kafka, "test-load");
     config
+        .set("acks", "all")
+        .set("enable.idempotence", "false")
+        .set("message.send.max.retries", "0")
+        .set("max.in.flight.requests.per.connection", "1")
         .set("linger.ms", "2")
         // A record either lands within a second of its timestamp or is dropped: that
         // bounds how late any record can reach the processor.
         .set("message.timeout.ms", "1000")
+        .set("request.timeout.ms", "1000")
         // Reconnect to the restarted broker within a quarter of a second, not after
         // librdkafka's default backoff of up to 10 s (during which every record expires).
         .set("reconnect.backoff.ms", "50")
