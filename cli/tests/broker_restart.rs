@@ -24,7 +24,9 @@
 //! twice the session timeout; so no two events of one facility are close enough to swap.
 //! Its producer sends each record once (no retries, one request in flight), so a record is
 //! in the topic once or not at all, in the order it was sent, and gives up on a record
-//! after a second; what the outages cost simply is not part of the truth.
+//! after a second; what the outages cost simply is not part of the truth. A producer that
+//! has had nothing acknowledged for [`LOAD_STALE`] is replaced (librdkafka producers were
+//! seen to stay silent for over a minute after a restart, with the broker taking writes).
 //!
 //! # Progress
 //!
@@ -76,7 +78,15 @@ const SINCE_BOUND_MS: i64 = 2_500;
 struct Deliveries {
     acked: AtomicU64,
     failed: AtomicU64,
+    /// Producers given up because nothing was acknowledged for [`LOAD_STALE`].
+    replaced: AtomicU64,
 }
+
+/// The load's producer is replaced when nothing it sent was acknowledged for this long.
+/// librdkafka 2.12 producers (idempotent, and plain ones too) were seen to deliver nothing
+/// for over a minute after a broker restart, with the broker taking writes again; a new
+/// producer delivers at once. Outside the product: this is the test's load.
+const LOAD_STALE: Duration = Duration::from_secs(5);
 
 struct Counting(Arc<Deliveries>);
 
@@ -123,6 +133,7 @@ fn drive(c: &Config, stop: &AtomicBool, deliveries: &Arc<Deliveries>) {
             .expect("load producer")
     };
     let mut producer = new_producer();
+    let (mut last_acked, mut acked_at, mut built_at) = (0, Instant::now(), Instant::now());
     let mut rng = StdRng::seed_from_u64(7);
     // Per user: the current session (id, when it ends, whether it ends with END) and when
     // to act next.
@@ -145,6 +156,15 @@ fn drive(c: &Config, stop: &AtomicBool, deliveries: &Arc<Deliveries>) {
             // The load must go on; this is the test's producer, not the processor.
             eprintln!("load producer fatal ({code:?}: {reason}); building a new one");
             producer = new_producer();
+            built_at = Instant::now();
+        }
+        let acked = deliveries.acked.load(Ordering::Relaxed);
+        if acked != last_acked {
+            (last_acked, acked_at) = (acked, Instant::now());
+        } else if acked_at.elapsed() > LOAD_STALE && built_at.elapsed() > LOAD_STALE {
+            producer = new_producer();
+            built_at = Instant::now();
+            deliveries.replaced.fetch_add(1, Ordering::Relaxed);
         }
         let now = now_ms();
         let ts = (now - now.rem_euclid(2)).max(last_ts + 2);
@@ -400,8 +420,8 @@ async fn wait_ready(ops: &str, want: u16, within: Duration, what: &str) -> Durat
 // In `make test`: about two minutes (two 12 s outages, the waits for the load to flow
 // again, the last sessions' expiry). It found two stalls, both fixed: a stage blocked for
 // good in librdkafka's `send_offsets_to_transaction` when the broker stopped during the
-// call (`processor::txn::SEND_OFFSETS_LIMIT`), and an idempotent load producer that
-// delivered nothing for a minute after an outage. `KAFKA_PROPERTY_DEBUG=cgrp,eos` on the
+// call (`processor::txn::SEND_OFFSETS_LIMIT`), and a load producer that delivered nothing
+// for a minute after an outage (the test's own client: now replaced after `LOAD_STALE`). `KAFKA_PROPERTY_DEBUG=cgrp,eos` on the
 // test adds librdkafka's debug log of the processor's clients.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output() {
@@ -541,9 +561,10 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     stop.store(true, Ordering::Relaxed);
     load.join().expect("load thread");
     eprintln!(
-        "load: {} records acknowledged, {} failed (timed out while the broker was away)",
+        "load: {} records acknowledged, {} failed (timed out while the broker was away); producer replaced {} times (nothing acknowledged for {LOAD_STALE:?})",
         deliveries.acked.load(Ordering::Relaxed),
-        deliveries.failed.load(Ordering::Relaxed)
+        deliveries.failed.load(Ordering::Relaxed),
+        deliveries.replaced.load(Ordering::Relaxed)
     );
 
     // The ground truth in the order the processor met it: each partition's log, by offset.
