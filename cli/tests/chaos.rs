@@ -129,12 +129,12 @@ fn seed_from_env() -> u64 {
 }
 
 /// About 3 minutes of load with one fault of each kind (`make chaos-short`).
-// Out of `make test` until the processor survives a broker being down: every seed run so far
-// failed on it (README, "Chaos": stage 1's restore takes librdkafka's BrokerTransportFailure
-// for the dead broker as a failed read, rejoins, and starts again, for as long as the broker
-// is away; seed 2 emitted no transition in the whole run). Un-ignore it with that fix.
+// Out of `make test` until it passes: since the restore and send_offsets fixes transitions
+// flow through every fault (seed 4), but the run still fails on its first 78 s (the
+// assignment watchdog replaces consumers whose first join is under way) and on late first
+// beats that flap facilities (README, "Chaos").
 #[test]
-#[ignore = "fails until stage-1 restore survives one broker of three being down (README, Chaos)"]
+#[ignore = "fails: assignment watchdog during a first join, late first beats (README, Chaos)"]
 fn chaos_short() {
     let _one = support::serial();
     let p = Params::new(seed_from_env(), CYCLE_S, 1_500);
