@@ -39,7 +39,7 @@ use presence_core::codec::decode;
 use presence_core::config::Config;
 use presence_core::kafka::consumer_config;
 use presence_core::records::{FacilityStatus, Heartbeat, Status};
-use presence_core::sim::{oracle, read_truth, Expected, SimRecord};
+use presence_core::sim::{oracle_placed, read_truth, Expected, OracleConfig, Placed, SimRecord};
 use presence_core::testkit::{consumed_to_end, PrivateService};
 use presence_core::testkit::{free_port, isolated_config, read_to_end, repo_root, unique};
 use presence_core::{now_ms, Shutdown};
@@ -129,12 +129,11 @@ fn seed_from_env() -> u64 {
 }
 
 /// About 3 minutes of load with one fault of each kind (`make chaos-short`).
-// Out of `make test` until the processor survives a broker being down: every seed run so far
-// failed on it (README, "Chaos": stage 1's restore takes librdkafka's BrokerTransportFailure
-// for the dead broker as a failed read, rejoins, and starts again, for as long as the broker
-// is away; seed 2 emitted no transition in the whole run). Un-ignore it with that fix.
+// Out of `make test` until it passes: since the restore, send_offsets and assignment
+// watchdog fixes, transitions flow through every fault (seed 4), but late first beats still
+// flap facilities (false OFFLINEs reopened within ~1-3 s) and shift `seq` (README, "Chaos").
 #[test]
-#[ignore = "fails until stage-1 restore survives one broker of three being down (README, Chaos)"]
+#[ignore = "fails on late first beats that flap facilities (README, Chaos)"]
 fn chaos_short() {
     let _one = support::serial();
     let p = Params::new(seed_from_env(), CYCLE_S, 1_500);
@@ -1572,7 +1571,8 @@ impl Run {
             read_to_end(&c, &c.topics.heartbeats, Duration::from_secs(120))
         });
         let mut in_topic: HashMap<BeatId, (usize, i64)> = HashMap::new();
-        let mut input: Vec<SimRecord> = Vec::with_capacity(records.len());
+        // (partition, offset, record): the oracle takes each partition in offset order.
+        let mut input: Vec<(i32, i64, SimRecord)> = Vec::with_capacity(records.len());
         let mut undecodable = 0;
         for m in &records {
             match decode::<Heartbeat>(m.payload().unwrap_or_default()) {
@@ -1580,7 +1580,7 @@ impl Run {
                     let ts = m.timestamp().to_millis().unwrap_or(0);
                     let e = in_topic.entry(beat_id(&h)).or_insert((0, ts));
                     e.0 += 1;
-                    input.push(SimRecord { ts, heartbeat: h });
+                    input.push((m.partition(), m.offset(), SimRecord { ts, heartbeat: h }));
                 }
                 Err(_) => undecodable += 1,
             }
@@ -1656,9 +1656,26 @@ impl Run {
 
         // 2. The oracle over what `heartbeats` holds (the processor's input), then the
         // output, once every session has expired and the processor has caught up.
-        input.sort_by_key(|r| r.ts);
-        let expected = oracle(&input, timeout_ms());
-        let last_ts = input.last().map_or(0, |r| r.ts);
+        // In each partition's offset order, as the processor met it: a beat written after the
+        // END of its session, or stamped before the record ahead of it, counts as the
+        // processor counts it (sorting by timestamp would hide exactly those).
+        input.sort_by_key(|(p, o, _)| (*p, *o));
+        let placed: Vec<Placed> = input
+            .iter()
+            .map(|(p, _, r)| Placed {
+                partition: *p,
+                record: r.clone(),
+            })
+            .collect();
+        let expected = oracle_placed(
+            &placed,
+            &OracleConfig {
+                timeout_ms: timeout_ms(),
+                flap_hold_ms: 0,
+                reject_after: i64::MAX,
+            },
+        );
+        let last_ts = input.iter().map(|(_, _, r)| r.ts).max().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {
             self.supervise();

@@ -94,7 +94,7 @@ impl<S: Stage> Member<S> {
         };
         let before_commit = started.elapsed();
         let group = consumer.group_metadata();
-        match self.txn.commit(&tpl, group.as_ref()) {
+        match self.txn.commit(&tpl, group) {
             Ok(()) => {
                 self.consumed_since_commit = false;
                 self.metrics

@@ -335,7 +335,8 @@ fn consume<S: Stage>(
         if let Some(empty) = watch.observe(holds_partitions, Instant::now()) {
             let view = group_view(consumer, group, shared);
             let state = lock(group_state).clone();
-            match assignment_verdict(&view, empty, ASSIGNMENT_GIVE_UP) {
+            let joining = state.join_state.starts_with("wait-");
+            match assignment_verdict(&view, empty, ASSIGNMENT_GIVE_UP, joining) {
                 Some(reason) => {
                     return Ended::Watchdog(format!(
                         "{reason} (its group handler: state {}, join state {})",

@@ -11,6 +11,7 @@
 //! consumer (rebalance events, the group session) while the broker is away. Until the new
 //! producer is ready no transaction opens; the stage holds its input and rewinds after.
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use presence_core::kafka::BrokerWatch;
@@ -45,6 +46,33 @@ pub const INIT_ATTEMPT_TIMEOUT: Duration = Duration::from_secs(1);
 /// does not trigger it; below the stage's liveness limit (`runner::STALL`).
 pub const PRODUCER_FAILING_LIMIT: Duration = Duration::from_secs(60);
 
+/// How long `send_offsets_to_transaction` may block, whatever librdkafka does with its own
+/// timeout ([`TXN_CALL_TIMEOUT`]): past this the call is left on its thread and the producer
+/// is replaced. librdkafka 2.12 does not time out the call while the group coordinator is
+/// away (its coordinator requests never expire: librdkafka issue #5456); seen in
+/// `cli/tests/broker_restart.rs`, where a call made as the broker stopped had not returned
+/// 90 s later, long after the broker was back, and the stage's loop stood still with it.
+pub const SEND_OFFSETS_LIMIT: Duration = Duration::from_secs(15);
+
+/// Runs `call` on a thread of its own and waits at most `limit` for its result: `None` if
+/// it has not returned by then (the thread is left to finish or block on its own). For
+/// librdkafka calls that may block past their own timeout.
+pub fn within<T: Send + 'static>(
+    limit: Duration,
+    name: &str,
+    call: impl FnOnce() -> T + Send + 'static,
+) -> Option<T> {
+    let (tx, rx) = std::sync::mpsc::sync_channel(1);
+    std::thread::Builder::new()
+        .name(name.to_string())
+        .spawn(move || {
+            // The receiver is gone when the caller stopped waiting: nothing to tell.
+            let _ = tx.send(call());
+        })
+        .ok()?;
+    rx.recv_timeout(limit).ok()
+}
+
 /// Why a transaction step failed, in librdkafka's classes.
 pub enum TxnFailure {
     /// Abort, rewind, go on.
@@ -77,7 +105,8 @@ pub struct TxnIo {
 pub struct Txn {
     /// `None` while a replacement is under way: the old producer is dropped as soon as the
     /// replacement starts (it would only retry calls of a transaction that is given up).
-    producer: Option<TxnProducer>,
+    /// Shared only with a call that runs on a thread of its own ([`within`]).
+    producer: Option<Arc<TxnProducer>>,
     config: ClientConfig,
     brokers: BrokerWatch,
     open: bool,
@@ -106,7 +135,7 @@ impl Txn {
     pub fn new(config: ClientConfig, brokers: BrokerWatch, io: TxnIo) -> KafkaResult<Txn> {
         let producer = create_producer(&config, &brokers)?;
         Ok(Txn {
-            producer: Some(producer),
+            producer: Some(Arc::new(producer)),
             config,
             brokers,
             open: false,
@@ -206,14 +235,20 @@ impl Txn {
     pub fn commit(
         &mut self,
         offsets: &TopicPartitionList,
-        group: Option<&ConsumerGroupMetadata>,
+        group: Option<ConsumerGroupMetadata>,
     ) -> Result<(), TxnFailure> {
         let deadline = Instant::now() + TXN_RETRY_DEADLINE;
         if offsets.count() > 0 {
-            let cgm =
-                group.ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?;
+            let cgm = Arc::new(
+                group.ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?,
+            );
+            let offsets = Arc::new(offsets.clone());
+            let thread = format!("{}-send-offsets", self.io.stage);
             self.retrying("send_offsets_to_transaction", deadline, |p| {
-                p.send_offsets_to_transaction(offsets, cgm, TXN_CALL_TIMEOUT)
+                let (p, offsets, cgm) = (p.clone(), offsets.clone(), cgm.clone());
+                within(SEND_OFFSETS_LIMIT, &thread, move || {
+                    p.send_offsets_to_transaction(&offsets, &cgm, TXN_CALL_TIMEOUT)
+                })
             })?;
             crash_point_after_offsets();
         }
@@ -230,7 +265,7 @@ impl Txn {
             std::thread::sleep(Duration::from_micros(200));
         }
         self.retrying("commit_transaction", deadline, |p| {
-            p.commit_transaction(TXN_CALL_TIMEOUT)
+            Some(p.commit_transaction(TXN_CALL_TIMEOUT))
         })?;
         self.open = false;
         self.failing.succeeded();
@@ -273,18 +308,31 @@ impl Txn {
     }
 
     /// Runs one transaction step, repeating it while librdkafka calls its error retriable
-    /// and `deadline` has not passed; other errors are classified by [`classify`].
+    /// and `deadline` has not passed; other errors are classified by [`classify`]. A step
+    /// that returns `None` did not return in time ([`within`]): the producer is unusable.
     fn retrying(
         &mut self,
         what: &str,
         deadline: Instant,
-        mut step: impl FnMut(&TxnProducer) -> KafkaResult<()>,
+        mut step: impl FnMut(&Arc<TxnProducer>) -> Option<KafkaResult<()>>,
     ) -> Result<(), TxnFailure> {
         loop {
             let Some(producer) = self.producer.as_ref() else {
                 return Err(TxnFailure::Fatal("the producer is being replaced".into()));
             };
-            match step(producer) {
+            let Some(result) = step(producer) else {
+                tracing::error!(
+                    stage = self.io.stage,
+                    call = what,
+                    limit_s = SEND_OFFSETS_LIMIT.as_secs(),
+                    "a transaction call did not return in time (librdkafka issue #5456: the group coordinator went away during the call); leaving it blocked on its thread and replacing the producer"
+                );
+                return Err(TxnFailure::Fatal(format!(
+                    "{what} did not return within {} s",
+                    SEND_OFFSETS_LIMIT.as_secs()
+                )));
+            };
+            match result {
                 Ok(()) => return Ok(()),
                 Err(e) => {
                     if classify(e)? && Instant::now() < deadline {
@@ -373,7 +421,7 @@ impl Txn {
                     seconds = r.since.elapsed().as_secs_f64(),
                     "transactional producer replaced"
                 );
-                self.producer = Some(candidate);
+                self.producer = Some(Arc::new(candidate));
                 self.replacing = None;
                 true
             }
@@ -418,5 +466,39 @@ fn crash_point_after_offsets() {
             eprintln!("FAILPOINT_CRASH_AFTER_OFFSETS={at}: aborting between send_offsets_to_transaction and commit_transaction");
             std::process::abort();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_call_that_returns_in_time_gives_its_result() {
+        assert_eq!(within(Duration::from_secs(30), "test-call", || 7), Some(7));
+    }
+
+    #[test]
+    fn a_call_that_blocks_past_the_limit_is_left_behind_and_the_caller_goes_on() {
+        // The call blocks until the test releases it, as librdkafka's send_offsets does
+        // while the group coordinator is away (issue #5456).
+        let (release, blocked) = std::sync::mpsc::channel::<()>();
+        let (done_tx, done) = std::sync::mpsc::channel();
+        let started = Instant::now();
+        let result = within(Duration::from_millis(50), "test-call", move || {
+            let _ = blocked.recv();
+            let _ = done_tx.send(());
+            7
+        });
+        assert_eq!(result, None, "no result from a call that has not returned");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the caller waited {:?}, not the 50 ms limit",
+            started.elapsed()
+        );
+        // The call still finishes on its own thread once it is released.
+        release.send(()).expect("the call is waiting");
+        done.recv_timeout(Duration::from_secs(10))
+            .expect("the left call finished once released");
     }
 }
