@@ -534,7 +534,7 @@ tls_certs() {
 # consumer groups in Kafka, its schema in PostgreSQL (t_<pid>_...), its keys in Redis.
 # `make test` sweeps before and after the tests; a running test's names are never touched.
 dead_test_pids() {
-  grep -oE "^t[-_][0-9]+[-_]" | tr -d -- '-_t' | sort -u | while read -r pid; do
+  { grep -oE "^t[-_][0-9]+[-_]" || true; } | tr -d -- '-_t' | sort -u | while read -r pid; do
     kill -0 "$pid" 2>/dev/null || echo "$pid"
   done
 }
@@ -572,7 +572,7 @@ sweep() {
     names=$(psql "$(pg_url)" -qAtc "select nspname from pg_namespace where nspname ~ '^t_[0-9]+_'")
     pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
     if [[ -n "$pids" ]]; then
-      local schemas; schemas=$(grep -E "^t_($pids)_" <<<"$names")
+      local schemas; schemas=$(grep -E "^t_($pids)_" <<<"$names" || true)
       say "sweep: dropping $(wc -l <<<"$schemas") PostgreSQL schemas of finished test processes"
       while read -r schema; do
         psql "$(pg_url)" -qAtc "drop schema if exists \"$schema\" cascade" >/dev/null 2>&1 || true
@@ -583,7 +583,7 @@ sweep() {
     names=$(redis_cli --scan --pattern 't-*')
     pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
     if [[ -n "$pids" ]]; then
-      local keys; keys=$(grep -E "^t-($pids)-" <<<"$names")
+      local keys; keys=$(grep -E "^t-($pids)-" <<<"$names" || true)
       say "sweep: deleting $(wc -l <<<"$keys") Redis keys of finished test processes"
       xargs -r -n 500 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" unlink <<<"$keys" >/dev/null
     fi

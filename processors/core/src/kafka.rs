@@ -171,6 +171,38 @@ pub struct BrokerWatch {
     brokers: String,
     /// When some client last showed a live broker connection (ms since the epoch; 0: never).
     last_up: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// After an outage: when connections came back, and the last live moment before (when
+    /// the outage began). 0: no outage seen.
+    back_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    outage_began: std::sync::Arc<std::sync::atomic::AtomicI64>,
+}
+
+/// How long after the brokers come back from an outage the wall clock stays where the
+/// outage began (see [`BrokerWatch::wall_clock_limit`]): producers reconnect with backoff
+/// (librdkafka's `reconnect.backoff.max.ms`, 10 s by default) and then deliver what they
+/// held, stamped before the outage ended.
+pub const RECONNECT_SETTLE_MS: i64 = 10_000;
+
+/// [`BrokerWatch::wall_clock_limit`] on plain numbers (ms since the epoch; 0: never).
+pub fn wall_clock_limit(
+    now: i64,
+    last_up: i64,
+    back_at: i64,
+    outage_began: i64,
+    down_after: i64,
+    settle: i64,
+) -> i64 {
+    if last_up == 0 {
+        // Not connected yet since the start: nothing was held back from us.
+        return now;
+    }
+    if now - last_up > down_after {
+        return last_up.min(now);
+    }
+    if outage_began != 0 && now - back_at < settle {
+        return outage_began.min(now);
+    }
+    now
 }
 
 impl BrokerWatch {
@@ -182,6 +214,8 @@ impl BrokerWatch {
             component,
             brokers: brokers.to_string(),
             last_up: Default::default(),
+            back_at: Default::default(),
+            outage_began: Default::default(),
         }
     }
 
@@ -217,14 +251,38 @@ impl BrokerWatch {
             .values()
             .any(|b| b.source != "internal" && b.state == "UP");
         if up {
-            self.last_up.store(now, Ordering::Relaxed);
-            self.health.set_ready(self.component);
-        } else {
-            let grace = 2 * BROKER_WATCH_INTERVAL_MS.parse::<i64>().unwrap_or(1000);
-            if now - self.last_up.load(Ordering::Relaxed) > grace {
-                self.down("no broker connection is up");
+            let before = self.last_up.swap(now, Ordering::Relaxed);
+            if before != 0 && now - before > Self::down_after() {
+                self.outage_began.store(before, Ordering::Relaxed);
+                self.back_at.store(now, Ordering::Relaxed);
             }
+            self.health.set_ready(self.component);
+        } else if now - self.last_up.load(Ordering::Relaxed) > Self::down_after() {
+            self.down("no broker connection is up");
         }
+    }
+
+    /// How long without a live connection counts as an outage: two statistics intervals.
+    fn down_after() -> i64 {
+        2 * BROKER_WATCH_INTERVAL_MS.parse::<i64>().unwrap_or(1000)
+    }
+
+    /// How far a clock driven by the wall clock may go at `now`: during an outage, and for
+    /// [`RECONNECT_SETTLE_MS`] after it, no further than where it began. Producers hold
+    /// what they could not deliver meanwhile and send it once they reconnect, stamped
+    /// before; a session whose beats are in there has not ended, so its deadline must not
+    /// pass on the wall clock before they arrive. Before the first connection and long
+    /// after an outage: `now`.
+    pub fn wall_clock_limit(&self, now: i64) -> i64 {
+        use std::sync::atomic::Ordering;
+        wall_clock_limit(
+            now,
+            self.last_up.load(Ordering::Relaxed),
+            self.back_at.load(Ordering::Relaxed),
+            self.outage_began.load(Ordering::Relaxed),
+            Self::down_after(),
+            RECONNECT_SETTLE_MS,
+        )
     }
 }
 
@@ -336,5 +394,36 @@ where
             }
             Err((e, _)) => return Err(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DOWN: i64 = 2_000;
+    const SETTLE: i64 = RECONNECT_SETTLE_MS;
+
+    #[test]
+    fn the_wall_clock_runs_before_the_first_connection_and_while_connected() {
+        assert_eq!(wall_clock_limit(5_000, 0, 0, 0, DOWN, SETTLE), 5_000);
+        assert_eq!(wall_clock_limit(5_000, 4_500, 0, 0, DOWN, SETTLE), 5_000);
+    }
+
+    #[test]
+    fn during_an_outage_it_stops_where_the_brokers_went_away() {
+        // Last live at 10 s, now 30 s: down.
+        assert_eq!(wall_clock_limit(30_000, 10_000, 0, 0, DOWN, SETTLE), 10_000);
+        // A gap shorter than two statistics intervals is no outage.
+        assert_eq!(wall_clock_limit(11_500, 10_000, 0, 0, DOWN, SETTLE), 11_500);
+    }
+
+    #[test]
+    fn after_an_outage_it_waits_for_the_producers_to_settle() {
+        // Down from 10 s, back at 30 s: held at 10 s until 40 s, then free.
+        let at = |now| wall_clock_limit(now, now - 500, 30_000, 10_000, DOWN, SETTLE);
+        assert_eq!(at(30_500), 10_000);
+        assert_eq!(at(39_999), 10_000);
+        assert_eq!(at(40_000), 40_000);
     }
 }

@@ -322,7 +322,9 @@ fn consume<S: Stage>(
                 base_interval
             };
             let mut t = POLL_WAIT;
-            if let Some(wake) = g.stage.next_wakeup() {
+            // A held clock (below) has nothing due before it moves again.
+            let held = consumer.context().brokers.wall_clock_limit(now_ms()) < now_ms();
+            if let Some(wake) = g.stage.next_wakeup().filter(|_| !held) {
                 t = t.min(Duration::from_millis(
                     (wake - now_ms()).clamp(0, POLL_WAIT.as_millis() as i64) as u64,
                 ));
@@ -389,7 +391,10 @@ fn consume<S: Stage>(
         let mut g = lock(shared);
         let now = now_ms();
         if !g.needs_rewind {
-            g.stage.on_tick(now, &mut out);
+            // The wall clock as far as it may go: held while the brokers are away and until
+            // producers have delivered what they held (`BrokerWatch::wall_clock_limit`).
+            let clock = consumer.context().brokers.wall_clock_limit(now);
+            g.stage.on_tick(clock, &mut out);
             g.send(&mut out);
         }
         let commit_due = until_commit(&g, commit_interval).is_zero();
