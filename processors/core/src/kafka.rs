@@ -177,6 +177,39 @@ pub struct BrokerWatch {
     outage_began: std::sync::Arc<std::sync::atomic::AtomicI64>,
 }
 
+/// No broker connection (all down, or this one's transport failed): librdkafka reconnects.
+pub fn is_connection_error(error: &KafkaError) -> bool {
+    matches!(
+        error.rdkafka_error_code(),
+        Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
+    )
+}
+
+/// Errors a client reports while the cluster changes under it, which librdkafka recovers
+/// from by itself (reconnect, metadata refresh, fetch from the new leader, a new
+/// coordinator): connection errors and leadership or coordinator moves.
+pub fn is_transient(error: &KafkaError) -> bool {
+    use RDKafkaErrorCode as C;
+    is_connection_error(error)
+        || matches!(
+            error.rdkafka_error_code(),
+            Some(
+                C::Resolve
+                    | C::OperationTimedOut
+                    | C::RequestTimedOut
+                    | C::NetworkException
+                    | C::LeaderNotAvailable
+                    | C::NotLeaderForPartition
+                    | C::FencedLeaderEpoch
+                    | C::UnknownLeaderEpoch
+                    | C::ReplicaNotAvailable
+                    | C::NotCoordinator
+                    | C::CoordinatorNotAvailable
+                    | C::CoordinatorLoadInProgress
+            )
+        )
+}
+
 /// How long after the brokers come back from an outage the wall clock stays where the
 /// outage began (see [`BrokerWatch::wall_clock_limit`]): producers reconnect with backoff
 /// (librdkafka's `reconnect.backoff.max.ms`, 10 s by default) and then deliver what they
@@ -232,10 +265,7 @@ impl BrokerWatch {
     /// From `ClientContext::error`: whether the error is a connection error, which
     /// readiness reports, so that callers need not log each one.
     pub fn is_connection_error(error: &KafkaError) -> bool {
-        matches!(
-            error.rdkafka_error_code(),
-            Some(RDKafkaErrorCode::AllBrokersDown | RDKafkaErrorCode::BrokerTransportFailure)
-        )
+        is_connection_error(error)
     }
 
     /// From `ClientContext::stats`: ready while some broker connection of some client is
@@ -400,6 +430,21 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_broker_away_is_transient_and_a_missing_topic_is_not() {
+        let e = |c| KafkaError::MessageConsumption(c);
+        assert!(is_transient(&e(RDKafkaErrorCode::BrokerTransportFailure)));
+        assert!(is_connection_error(&e(RDKafkaErrorCode::AllBrokersDown)));
+        assert!(is_transient(&e(RDKafkaErrorCode::NotLeaderForPartition)));
+        assert!(!is_connection_error(&e(
+            RDKafkaErrorCode::NotLeaderForPartition
+        )));
+        assert!(!is_transient(&e(RDKafkaErrorCode::UnknownTopicOrPartition)));
+        assert!(!is_transient(&e(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+        )));
+    }
 
     const DOWN: i64 = 2_000;
     const SETTLE: i64 = RECONNECT_SETTLE_MS;

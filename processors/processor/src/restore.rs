@@ -70,7 +70,7 @@ pub fn read_partition(
             // librdkafka reconnects and fetches from the new leader by itself. Giving up here
             // restarted whole restores for as long as one broker of three was down (chaos
             // run, seed 4); the no-progress bound below still ends a read that never moves.
-            Some(Err(e)) if is_transient(&e) => {
+            Some(Err(e)) if presence_core::kafka::is_transient(&e) => {
                 tracing::debug!(topic, partition, error = %e, "restore read: transient broker error; librdkafka retries");
             }
             Some(Err(e)) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
@@ -81,31 +81,6 @@ pub fn read_partition(
         }
     }
     Ok(n)
-}
-
-/// Errors a consumer reports while the cluster changes under it, which librdkafka recovers
-/// from by itself (reconnect, metadata refresh, fetch from the new leader).
-pub fn is_transient(error: &KafkaError) -> bool {
-    use rdkafka::error::RDKafkaErrorCode as C;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(
-            C::AllBrokersDown
-                | C::BrokerTransportFailure
-                | C::Resolve
-                | C::OperationTimedOut
-                | C::RequestTimedOut
-                | C::NetworkException
-                | C::LeaderNotAvailable
-                | C::NotLeaderForPartition
-                | C::FencedLeaderEpoch
-                | C::UnknownLeaderEpoch
-                | C::ReplicaNotAvailable
-                | C::NotCoordinator
-                | C::CoordinatorNotAvailable
-                | C::CoordinatorLoadInProgress
-        )
-    )
 }
 
 /// The first offset of `topic`/`partition` whose timestamp is at or after `ts`, if any.
@@ -123,22 +98,4 @@ pub fn offset_for_time(
         Offset::Offset(o) => Some(o),
         _ => None,
     }))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use rdkafka::error::RDKafkaErrorCode;
-
-    #[test]
-    fn a_broker_away_is_transient_and_a_missing_topic_is_not() {
-        let e = |c| KafkaError::MessageConsumption(c);
-        assert!(is_transient(&e(RDKafkaErrorCode::BrokerTransportFailure)));
-        assert!(is_transient(&e(RDKafkaErrorCode::AllBrokersDown)));
-        assert!(is_transient(&e(RDKafkaErrorCode::NotLeaderForPartition)));
-        assert!(!is_transient(&e(RDKafkaErrorCode::UnknownTopicOrPartition)));
-        assert!(!is_transient(&e(
-            RDKafkaErrorCode::TopicAuthorizationFailed
-        )));
-    }
 }
