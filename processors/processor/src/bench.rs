@@ -389,6 +389,33 @@ fn drain(
     })
 }
 
+/// The processor binary as a measured child process on `c`, once its stages are ready.
+async fn start_processor(c: &Config) -> anyhow::Result<crate::measured::Processor> {
+    let c = c.clone();
+    tokio::task::spawn_blocking(move || {
+        crate::measured::Processor::start(
+            &crate::measured::this_binary()?,
+            &c,
+            Duration::from_secs(120),
+        )
+    })
+    .await?
+}
+
+/// A `facility-status` reader tuned for latency: with read_committed, a fetch that finds no
+/// committed data waits `fetch.wait.max.ms` (default 500 ms) before it looks again.
+fn status_reader(c: &Config, client: &str) -> anyhow::Result<BaseConsumer> {
+    let reader: BaseConsumer = consumer_config(
+        &c.kafka,
+        client,
+        &format!("{}-reader", c.processor.group_id),
+    )
+    .set("fetch.wait.max.ms", "10")
+    .create()?;
+    reader.subscribe(&[&c.topics.facility_status])?;
+    Ok(reader)
+}
+
 fn end_offsets(c: &Config, topic: &str) -> anyhow::Result<HashMap<i32, i64>> {
     let consumer: BaseConsumer = consumer_config(&c.kafka, "bench-meta", "bench-meta").create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
@@ -428,27 +455,8 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
     let c = isolated(base, "latency", base.topics.heartbeats_partitions).await?;
     let _topics = Throwaway::of(&c);
     let shutdown = Shutdown::new();
-    let processor = {
-        let c = c.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::measured::Processor::start(
-                &crate::measured::this_binary()?,
-                &c,
-                Duration::from_secs(120),
-            )
-        })
-        .await??
-    };
-    // A downstream consumer tuned for latency: with read_committed, a fetch that finds no
-    // committed data waits fetch.wait.max.ms (default 500 ms) before it looks again.
-    let reader: BaseConsumer = consumer_config(
-        &c.kafka,
-        "bench-latency",
-        &format!("{}-reader", c.processor.group_id),
-    )
-    .set("fetch.wait.max.ms", "10")
-    .create()?;
-    reader.subscribe(&[&c.topics.facility_status])?;
+    let processor = start_processor(&c).await?;
+    let reader = status_reader(&c, "bench-latency")?;
     // Wait for the processor: one probe round trip.
     let p = producer(&c)?;
     let warm = beat(usize::MAX / 2, 999_999, HeartbeatKind::Beat);
@@ -580,25 +588,8 @@ pub async fn offline(base: &Config, o: &OfflineOptions) -> anyhow::Result<String
     let _topics = Throwaway::of(&c);
     c.processor.session_timeout = o.timeout;
     let timeout = o.timeout.as_millis() as i64;
-    let processor = {
-        let c = c.clone();
-        tokio::task::spawn_blocking(move || {
-            crate::measured::Processor::start(
-                &crate::measured::this_binary()?,
-                &c,
-                Duration::from_secs(120),
-            )
-        })
-        .await??
-    };
-    let reader: BaseConsumer = consumer_config(
-        &c.kafka,
-        "bench-offline",
-        &format!("{}-reader", c.processor.group_id),
-    )
-    .set("fetch.wait.max.ms", "10")
-    .create()?;
-    reader.subscribe(&[&c.topics.facility_status])?;
+    let processor = start_processor(&c).await?;
+    let reader = status_reader(&c, "bench-offline")?;
     let stopping = (o.stop_rate * o.stop_seconds as usize).min(o.sessions);
     let beat_interval = timeout / 3;
     // The load: every session beats every `beat_interval`, spread evenly; after one full
