@@ -358,3 +358,75 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
         .collect();
     assert_eq!(theirs, expected, "what confluent-kafka decoded");
 }
+
+/// A processor pinned to write `FacilityStatus` v1 (`PRESENCE_SCHEMA_WRITE_VERSIONS`, as in
+/// a rolling upgrade) with the registry's framing: each record's id is v1's and its body is
+/// v1's, so a reader that resolves the id (an old instance, any Confluent deserializer) reads
+/// exactly what was written. Before, the pin was ignored with this framing: current bytes.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pinned_writer_frames_its_records_with_the_pinned_versions_id() {
+    let _one = serial();
+    let c = setup_confluent(90_000).await;
+    let _cleanup = Subjects(c.clone());
+    let _topics = Cleanup::new(&c);
+    topics::register_subjects(&c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let client = client(&c);
+    let subject = value_subject(&c.topics.facility_status);
+    let v1_text = FacilityStatus::HISTORY[0];
+    let v1_id = client
+        .lookup(&subject, v1_text)
+        .await
+        .expect("lookup")
+        .expect("presence topics registers every released version");
+    let current_id = client
+        .lookup(&subject, FacilityStatus::SCHEMA)
+        .await
+        .expect("lookup")
+        .expect("registered");
+    assert_ne!(v1_id, current_id);
+    let url = c.schema_registry.url.clone();
+    let mut p = watched_processor(
+        &c,
+        "a",
+        &[
+            ("PRESENCE_SCHEMA_REGISTRY__URL", url.as_str()),
+            ("PRESENCE_SCHEMA_REGISTRY__FRAMING", "confluent"),
+            ("PRESENCE_SCHEMA_WRITE_VERSIONS", "FacilityStatus=1"),
+        ],
+    );
+    let now = now_ms();
+    produce_raw(
+        &c,
+        &[
+            (
+                "s".into(),
+                encode(&beat("s", "PINNED", HeartbeatKind::Beat)),
+                now,
+            ),
+            (
+                "s".into(),
+                encode(&beat("s", "PINNED", HeartbeatKind::End)),
+                now + 1,
+            ),
+        ],
+    )
+    .await;
+    let records = read_to_end_until(
+        &c,
+        &c.topics.facility_status,
+        Duration::from_secs(60),
+        |r| r.len() >= 2,
+    );
+    terminate(&mut p);
+    let v1 = apache_avro::Schema::parse_str(v1_text).expect("v1 parses");
+    for m in &records {
+        let value = m.payload().unwrap_or_default();
+        assert_eq!(confluent_id(value), Some(v1_id), "the pinned version's id");
+        let mut body = &value[5..];
+        apache_avro::from_avro_datum(&v1, &mut body, None).expect("a v1 body");
+        assert!(body.is_empty(), "v1's body, nothing after it: {value:02x?}");
+    }
+    assert_eq!(records.len(), 2);
+}

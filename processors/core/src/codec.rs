@@ -136,6 +136,9 @@ pub struct Codec {
     /// An older released version this process writes instead of the current one (see
     /// [`WRITE_VERSIONS_ENV`]), with its fingerprint.
     write_as: Option<(u64, Schema)>,
+    /// The text of the schema this process writes (the pinned version's, or the current):
+    /// what the `confluent` framing looks up its registry id by.
+    written_text: String,
 }
 
 /// Rolling upgrades and roll-backs: `PRESENCE_SCHEMA_WRITE_VERSIONS=Heartbeat=1,FacilityStatus=1`
@@ -196,8 +199,12 @@ impl Codec {
             let s = Schema::parse_str(text)
                 .unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
             let fp = fingerprint_of(&s);
-            (fp != fingerprint).then_some((fp, s))
+            (fp != fingerprint).then_some((fp, s, text.to_string()))
         });
+        let (write_as, written_text) = match write_as {
+            Some((fp, s, text)) => (Some((fp, s)), text),
+            None => (None, T::SCHEMA.to_string()),
+        };
         for text in history {
             let s = Schema::parse_str(text)
                 .unwrap_or_else(|e| panic!("schemas/history ({}): {e}", T::NAME));
@@ -212,7 +219,14 @@ impl Codec {
             fingerprint,
             older,
             write_as,
+            written_text,
         }
+    }
+
+    /// The schema this process writes: the version [`WRITE_VERSIONS_ENV`] pins, or the
+    /// current one. A registry id for the `confluent` framing must be this schema's.
+    pub fn written_schema(&self) -> &str {
+        &self.written_text
     }
 
     pub fn schema(&self) -> &Schema {
@@ -292,10 +306,19 @@ pub fn encode_with<T: AvroRecord + 'static>(value: &T, header: Header) -> Vec<u8
     match header {
         Header::SingleObject => encode(value),
         Header::Confluent { id } => {
+            let c = codec::<T>();
             let mut out = Vec::with_capacity(64);
             out.push(CONFLUENT_MAGIC);
             out.extend_from_slice(&id.to_be_bytes());
             value.write_body(&mut out);
+            // Pinned to an older version: that version's body (and `id` is its id, see
+            // `registry::header_for`), as with the single-object framing.
+            if let Some((_, older)) = &c.write_as {
+                if let Some(body) = rewrite_as(c, older, &out[CONFLUENT_HEADER_LEN..]) {
+                    out.truncate(CONFLUENT_HEADER_LEN);
+                    out.extend_from_slice(&body);
+                }
+            }
             out
         }
     }

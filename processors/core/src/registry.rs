@@ -413,8 +413,9 @@ pub async fn register_history<T: AvroRecord>(
 }
 
 /// How a writer of `T` on `topic` frames its records: single-object, or the registry id of
-/// the current schema under `<topic>-value` (which `presence topics` registered).
-pub async fn header_for<T: AvroRecord>(
+/// the schema it writes (current, or pinned) under `<topic>-value` (which `presence topics`
+/// registered with every released version).
+pub async fn header_for<T: AvroRecord + 'static>(
     config: &SchemaRegistryConfig,
     topic: &str,
 ) -> Result<Header, RegistryError> {
@@ -426,7 +427,10 @@ pub async fn header_for<T: AvroRecord>(
         return Ok(Header::SingleObject);
     };
     let subject = value_subject(topic);
-    match client.lookup(&subject, T::SCHEMA).await? {
+    // The schema this process writes: a pinned older version's id when
+    // PRESENCE_SCHEMA_WRITE_VERSIONS names `T`, so the id always describes the bytes.
+    let written = crate::codec::codec::<T>().written_schema();
+    match client.lookup(&subject, written).await? {
         Some(id) => Ok(Header::Confluent { id }),
         None => Err(RegistryError::NotRegistered {
             url: client.base.clone(),
