@@ -34,6 +34,7 @@ async fn the_notifier_writes_through_rediss_and_wrong_trust_is_refused() {
     server.start();
 
     let mut config = isolated_config();
+    let _topics = presence_core::testkit::TestTopics::own(&config);
     config.redis.url = Secret::new(format!("rediss://127.0.0.1:{}", server.port()));
     config.redis.ca_file = Some(certs.path("ca.crt"));
     config.redis.client_cert_file = Some(certs.path("client.crt"));

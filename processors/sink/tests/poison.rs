@@ -29,6 +29,7 @@ async fn rows(config: &Config, sql: &str) -> Option<Vec<(String, i64)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_transition_is_dead_lettered_and_the_partition_flows_on() {
     let mut config = isolated_config();
+    let _topics = presence_core::testkit::TestTopics::own(&config);
     // One partition: the good records sit behind the poison one.
     config.topics.facility_partitions = 1;
     config.sink.ops_listen = ([127, 0, 0, 1], free_port()).into();

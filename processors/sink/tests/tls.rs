@@ -44,6 +44,7 @@ async fn the_sink_writes_under_verify_full_and_wrong_trust_or_names_are_refused(
     let user = "presence:presence";
 
     let mut config = isolated_config();
+    let _topics = presence_core::testkit::TestTopics::own(&config);
     config.database = DatabaseConfig {
         schema: config.database.schema.clone(),
         ..database(
