@@ -129,20 +129,10 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
     };
 
     // The whole changelog first: every partition to its end.
-    let changelog_partitions = loop {
-        match partitions(&consumer, &changelog) {
-            Ok(p) if !p.is_empty() => break p,
-            Ok(_) => {
-                tracing::warn!(topic = %changelog, "the sessions changelog does not exist yet (`presence topics` creates it); waiting")
-            }
-            Err(e) => {
-                tracing::warn!(topic = %changelog, error = %e, "cannot read the sessions changelog's metadata; retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait() => return Ok(()),
-        }
+    let Some(changelog_partitions) =
+        wait_for_partitions(&consumer, &changelog, "the sessions changelog", &shutdown).await
+    else {
+        return Ok(());
     };
     let mut tpl = TopicPartitionList::new();
     for p in &changelog_partitions {
@@ -197,20 +187,10 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
     );
 
     // Then both topics, live; beats from now on.
-    let beat_partitions = loop {
-        match partitions(&consumer, &heartbeats) {
-            Ok(p) if !p.is_empty() => break p,
-            Ok(_) => {
-                tracing::warn!(topic = %heartbeats, "the heartbeats topic does not exist yet (`presence topics` creates it); waiting")
-            }
-            Err(e) => {
-                tracing::warn!(topic = %heartbeats, error = %e, "cannot read the heartbeats topic's metadata; retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait() => return Ok(()),
-        }
+    let Some(beat_partitions) =
+        wait_for_partitions(&consumer, &heartbeats, "the heartbeats topic", &shutdown).await
+    else {
+        return Ok(());
     };
     let mut more = TopicPartitionList::new();
     for p in beat_partitions {
@@ -289,6 +269,34 @@ fn read_session(payload: Option<&[u8]>) -> Option<Option<SessionState>> {
         Err(e) => {
             tracing::warn!(error = %e, "a sessions changelog record does not decode; skipped (is this sink older than the processor? upgrade it)");
             None
+        }
+    }
+}
+
+/// `topic`'s partitions, once the broker lists the topic (asked again every second; `what`
+/// names it in the logs); `None` if `shutdown` comes first.
+async fn wait_for_partitions(
+    consumer: &StreamConsumer,
+    topic: &str,
+    what: &str,
+    shutdown: &Shutdown,
+) -> Option<Vec<i32>> {
+    loop {
+        match partitions(consumer, topic) {
+            Ok(p) if !p.is_empty() => return Some(p),
+            Ok(_) => {
+                tracing::warn!(
+                    topic,
+                    "{what} does not exist yet (`presence topics` creates it); waiting"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "cannot read {what}'s metadata; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait() => return None,
         }
     }
 }
