@@ -306,41 +306,19 @@ async fn console_follows_the_real_pipeline() {
 
     let shots = presence_core::testkit::repo_root().join("target/console-screenshots/pipeline");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let mut node = std::process::Command::new("node")
-        .arg(presence_core::testkit::repo_root().join("tests/browser/console.cjs"))
-        .args([
+    let mut node = presence_core::testkit::BrowserScript::spawn(
+        "console.cjs",
+        &[
             base.as_str(),
             historic_region.as_str(),
             historic.as_str(),
             keepers[0],
-        ])
-        .arg(&shots)
-        .arg("no-restart")
-        .env("NODE_PATH", presence_core::testkit::node_modules())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("node runs (install Node.js; make stack installs playwright-core and chromium)");
-    let stdout = node.stdout.take().expect("stdout");
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(180), lines.recv())
-            .await
-            .expect("console.cjs says something within 180 s")
-            .unwrap_or_default()
-    };
+            shots.to_str().expect("a UTF-8 path"),
+            "no-restart",
+        ],
+    );
     assert_eq!(
-        next_line().await,
+        node.next_line().await,
         "READY",
         "console.cjs failed (its stderr is above)"
     );
@@ -349,8 +327,8 @@ async fn console_follows_the_real_pipeline() {
     let _ = keeping.1.await;
     assert_eq!(beat(keepers[0], "END").await.ok(), Some(202));
     let ended_at = presence_core::now_ms();
-    let out = next_line().await;
-    let exit = node.wait().expect("node exits");
+    let out = node.next_line().await;
+    let exit = node.wait();
     assert!(exit.success(), "console.cjs failed: {out}");
     let out: serde_json::Value = serde_json::from_str(&out).expect("the script's JSON");
 

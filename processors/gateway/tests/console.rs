@@ -543,35 +543,18 @@ async fn the_console_in_chromium_shows_the_truth() {
 
     let shots = presence_core::testkit::repo_root().join("target/console-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let mut node = std::process::Command::new("node")
-        .arg(presence_core::testkit::repo_root().join("tests/browser/console.cjs"))
-        .args([base.as_str(), "north", "f1", "f3"])
-        .arg(&shots)
-        .env("NODE_PATH", presence_core::testkit::node_modules())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("node runs (install Node.js; make stack installs playwright-core and chromium)");
-    let stdout = node.stdout.take().expect("stdout");
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(180), lines.recv())
-            .await
-            .expect("console.cjs says something within 180 s")
-            .unwrap_or_default()
-    };
+    let mut node = presence_core::testkit::BrowserScript::spawn(
+        "console.cjs",
+        &[
+            base.as_str(),
+            "north",
+            "f1",
+            "f3",
+            shots.to_str().expect("a UTF-8 path"),
+        ],
+    );
     assert_eq!(
-        next_line().await,
+        node.next_line().await,
         "RESTART",
         "console.cjs failed (its stderr is above)"
     );
@@ -582,15 +565,15 @@ async fn the_console_in_chromium_shows_the_truth() {
         .await
         .expect("gateway starts again on its port");
     assert_eq!(
-        next_line().await,
+        node.next_line().await,
         "READY",
         "console.cjs failed (its stderr is above)"
     );
     let turned_off_at = now_ms();
     w.set_now(&status(&("f3", "south", turned_off_at, false), 2))
         .await;
-    let out = next_line().await;
-    let status_code = node.wait().expect("node exits");
+    let out = node.next_line().await;
+    let status_code = node.wait();
     assert!(status_code.success(), "console.cjs failed: {out:?}");
     let out: Value = serde_json::from_str(&out).expect("the script's JSON");
 
