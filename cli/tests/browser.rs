@@ -230,27 +230,8 @@ async fn console_follows_the_real_pipeline() {
         "the overview equals the ground truth",
         Duration::from_secs(60),
         || async {
-            let v: serde_json::Value = http
-                .get(format!("{base}/v1/overview"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let got: std::collections::BTreeMap<String, (u64, u64)> = v["regions"]
-                .as_array()?
-                .iter()
-                .map(|r| {
-                    (
-                        r["region"].as_str().unwrap_or("").to_string(),
-                        (
-                            r["online"].as_u64().unwrap_or(0),
-                            r["offline"].as_u64().unwrap_or(0),
-                        ),
-                    )
-                })
-                .collect();
+            let v = support::json_of(http.get(format!("{base}/v1/overview"))).await?;
+            let got = region_counts(v["regions"].as_array()?);
             (got == expected).then_some(v)
         },
     )
@@ -287,18 +268,12 @@ async fn console_follows_the_real_pipeline() {
         "the sink wrote the historic facility's history",
         Duration::from_secs(30),
         || async {
-            let v: serde_json::Value = http
-                .get(format!(
-                    "{base}/v1/facilities/{historic}/history?from={}&to={}",
-                    presence_core::now_ms() - 3_600_000,
-                    presence_core::now_ms() + 1000
-                ))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = support::json_of(http.get(format!(
+                "{base}/v1/facilities/{historic}/history?from={}&to={}",
+                presence_core::now_ms() - 3_600_000,
+                presence_core::now_ms() + 1000
+            )))
+            .await?;
             (v["transitions"].as_array()?.len() == transitions.len()).then_some(())
         },
     )
@@ -333,20 +308,7 @@ async fn console_follows_the_real_pipeline() {
     let out: serde_json::Value = serde_json::from_str(&out).expect("the script's JSON");
 
     // Regions at a glance: the ground truth, worst first.
-    let shown: std::collections::BTreeMap<String, (u64, u64)> = out["overview"]
-        .as_array()
-        .expect("overview")
-        .iter()
-        .map(|r| {
-            (
-                r["region"].as_str().unwrap_or("").to_string(),
-                (
-                    r["online"].as_u64().unwrap_or(0),
-                    r["offline"].as_u64().unwrap_or(0),
-                ),
-            )
-        })
-        .collect();
+    let shown = region_counts(out["overview"].as_array().expect("overview"));
     assert_eq!(shown, expected, "{out}");
     assert_eq!(
         settled["regions"].as_array().map(Vec::len),
@@ -410,4 +372,20 @@ async fn console_follows_the_real_pipeline() {
             ))
             .await;
     }
+}
+
+/// (ONLINE, OFFLINE) by region, from rows `{"region", "online", "offline"}` (the overview's
+/// answer, or what the page showed).
+fn region_counts(rows: &[serde_json::Value]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["region"].as_str().unwrap_or("").to_string(),
+                (
+                    r["online"].as_u64().unwrap_or(0),
+                    r["offline"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
 }
