@@ -3,16 +3,16 @@
 //! written here, Redis holds what the notifier would; every answer is compared with an
 //! oracle computed here from the same transitions.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::StreamExt;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use presence_core::config::{AuthMode, Config};
 use presence_core::delivery::RedisKeys;
 use presence_core::records::{FacilityStatus, Status};
 use presence_core::testkit::isolated_config;
 use presence_core::{now_ms, Secret, Shutdown};
-use presence_gateway::auth::Claims;
 use serde_json::Value;
 
 const SECRET: &str = "console-secret-console-secret-console";
@@ -63,20 +63,8 @@ fn status(t: &T, seq: i64) -> FacilityStatus {
 }
 
 fn token(sub: &str, region: &str) -> String {
-    let claims = Claims {
-        sub: sub.into(),
-        facility: format!("f-{sub}"),
-        region: region.into(),
-        regions: vec![],
-        exp: (now_ms() / 1000) as u64 + 600,
-        nbf: None,
-    };
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
+    let exp = (now_ms() / 1000) as u64 + 600;
+    support::hs256_token(SECRET, sub, &format!("f-{sub}"), region, exp)
 }
 
 struct World {
