@@ -167,17 +167,8 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
         }
     }
     let rebuilt = open.len();
-    loop {
-        match db.replace(&open).await {
-            Ok(()) => break,
-            Err(e) => {
-                metrics.write_errors.inc();
-                db.wait(&e, &shutdown).await
-            }
-        }
-        if shutdown.is_triggered() {
-            return Ok(());
-        }
+    if !db.write(Write::Replace(&open), &metrics, &shutdown).await {
+        return Ok(());
     }
     drop(open);
     metrics.rebuilt.set(rebuilt as i64);
@@ -242,17 +233,8 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
         // Per batch, not per record: beats are the sink's busiest input.
         metrics.changes.inc_by(changed);
         metrics.beats.inc_by(beats);
-        while !changes.is_empty() {
-            match db.apply(&changes).await {
-                Ok(()) => break,
-                Err(e) => {
-                    metrics.write_errors.inc();
-                    db.wait(&e, &shutdown).await
-                }
-            }
-            if shutdown.is_triggered() {
-                return Ok(());
-            }
+        if !changes.is_empty() && !db.write(Write::Apply(&changes), &metrics, &shutdown).await {
+            return Ok(());
         }
     }
 }
@@ -319,6 +301,13 @@ fn fatal_or_transient(consumer: &StreamConsumer, topic: &str, e: KafkaError) -> 
     Ok(())
 }
 
+/// What [`Db::write`] writes: the whole table once on start, then each batch's changes.
+#[derive(Clone, Copy)]
+enum Write<'a> {
+    Replace(&'a HashMap<SessionKey, (SessionState, i64)>),
+    Apply(&'a Changes),
+}
+
 /// The PostgreSQL edge: one connection, made (after the sink's migrations) on first use.
 struct Db<'a> {
     config: &'a Config,
@@ -341,6 +330,27 @@ impl Db<'_> {
         self.client
             .as_mut()
             .ok_or_else(|| "no connection".to_string())
+    }
+
+    /// Writes `what` until PostgreSQL takes it (each failure counted, logged and followed by
+    /// a fresh connection a second later); `false` if `shutdown` came first.
+    async fn write(&mut self, what: Write<'_>, metrics: &Metrics, shutdown: &Shutdown) -> bool {
+        loop {
+            let written = match what {
+                Write::Replace(open) => self.replace(open).await,
+                Write::Apply(changes) => self.apply(changes).await,
+            };
+            match written {
+                Ok(()) => return true,
+                Err(e) => {
+                    metrics.write_errors.inc();
+                    self.wait(&e, shutdown).await
+                }
+            }
+            if shutdown.is_triggered() {
+                return false;
+            }
+        }
     }
 
     async fn wait(&mut self, error: &str, shutdown: &Shutdown) {
