@@ -230,27 +230,8 @@ async fn console_follows_the_real_pipeline() {
         "the overview equals the ground truth",
         Duration::from_secs(60),
         || async {
-            let v: serde_json::Value = http
-                .get(format!("{base}/v1/overview"))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
-            let got: std::collections::BTreeMap<String, (u64, u64)> = v["regions"]
-                .as_array()?
-                .iter()
-                .map(|r| {
-                    (
-                        r["region"].as_str().unwrap_or("").to_string(),
-                        (
-                            r["online"].as_u64().unwrap_or(0),
-                            r["offline"].as_u64().unwrap_or(0),
-                        ),
-                    )
-                })
-                .collect();
+            let v = support::json_of(http.get(format!("{base}/v1/overview"))).await?;
+            let got = region_counts(v["regions"].as_array()?);
             (got == expected).then_some(v)
         },
     )
@@ -287,18 +268,12 @@ async fn console_follows_the_real_pipeline() {
         "the sink wrote the historic facility's history",
         Duration::from_secs(30),
         || async {
-            let v: serde_json::Value = http
-                .get(format!(
-                    "{base}/v1/facilities/{historic}/history?from={}&to={}",
-                    presence_core::now_ms() - 3_600_000,
-                    presence_core::now_ms() + 1000
-                ))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = support::json_of(http.get(format!(
+                "{base}/v1/facilities/{historic}/history?from={}&to={}",
+                presence_core::now_ms() - 3_600_000,
+                presence_core::now_ms() + 1000
+            )))
+            .await?;
             (v["transitions"].as_array()?.len() == transitions.len()).then_some(())
         },
     )
@@ -306,41 +281,19 @@ async fn console_follows_the_real_pipeline() {
 
     let shots = presence_core::testkit::repo_root().join("target/console-screenshots/pipeline");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let mut node = std::process::Command::new("node")
-        .arg(presence_core::testkit::repo_root().join("tests/browser/console.cjs"))
-        .args([
+    let mut node = presence_core::testkit::BrowserScript::spawn(
+        "console.cjs",
+        &[
             base.as_str(),
             historic_region.as_str(),
             historic.as_str(),
             keepers[0],
-        ])
-        .arg(&shots)
-        .arg("no-restart")
-        .env("NODE_PATH", presence_core::testkit::node_modules())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("node runs (install Node.js; make stack installs playwright-core and chromium)");
-    let stdout = node.stdout.take().expect("stdout");
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(180), lines.recv())
-            .await
-            .expect("console.cjs says something within 180 s")
-            .unwrap_or_default()
-    };
+            shots.to_str().expect("a UTF-8 path"),
+            "no-restart",
+        ],
+    );
     assert_eq!(
-        next_line().await,
+        node.next_line().await,
         "READY",
         "console.cjs failed (its stderr is above)"
     );
@@ -349,26 +302,13 @@ async fn console_follows_the_real_pipeline() {
     let _ = keeping.1.await;
     assert_eq!(beat(keepers[0], "END").await.ok(), Some(202));
     let ended_at = presence_core::now_ms();
-    let out = next_line().await;
-    let exit = node.wait().expect("node exits");
+    let out = node.next_line().await;
+    let exit = node.wait();
     assert!(exit.success(), "console.cjs failed: {out}");
     let out: serde_json::Value = serde_json::from_str(&out).expect("the script's JSON");
 
     // Regions at a glance: the ground truth, worst first.
-    let shown: std::collections::BTreeMap<String, (u64, u64)> = out["overview"]
-        .as_array()
-        .expect("overview")
-        .iter()
-        .map(|r| {
-            (
-                r["region"].as_str().unwrap_or("").to_string(),
-                (
-                    r["online"].as_u64().unwrap_or(0),
-                    r["offline"].as_u64().unwrap_or(0),
-                ),
-            )
-        })
-        .collect();
+    let shown = region_counts(out["overview"].as_array().expect("overview"));
     assert_eq!(shown, expected, "{out}");
     assert_eq!(
         settled["regions"].as_array().map(Vec::len),
@@ -432,4 +372,20 @@ async fn console_follows_the_real_pipeline() {
             ))
             .await;
     }
+}
+
+/// (ONLINE, OFFLINE) by region, from rows `{"region", "online", "offline"}` (the overview's
+/// answer, or what the page showed).
+fn region_counts(rows: &[serde_json::Value]) -> std::collections::BTreeMap<String, (u64, u64)> {
+    rows.iter()
+        .map(|r| {
+            (
+                r["region"].as_str().unwrap_or("").to_string(),
+                (
+                    r["online"].as_u64().unwrap_or(0),
+                    r["offline"].as_u64().unwrap_or(0),
+                ),
+            )
+        })
+        .collect()
 }

@@ -60,15 +60,11 @@ impl Pipeline {
             &format!("region {region} at sequence {want}"),
             Duration::from_secs(30),
             || async {
-                let v: Value = self
-                    .http
-                    .get(format!("{}/v1/regions/{region}/facilities", self.base))
-                    .send()
-                    .await
-                    .ok()?
-                    .json()
-                    .await
-                    .ok()?;
+                let v = support::json_of(
+                    self.http
+                        .get(format!("{}/v1/regions/{region}/facilities", self.base)),
+                )
+                .await?;
                 (v["region_seq"].as_u64() == Some(want)).then_some(())
             },
         )
@@ -241,20 +237,13 @@ async fn snapshot_then_transitions_and_reconnect_misses_nothing() {
         "history of a in PostgreSQL",
         Duration::from_secs(30),
         || async {
-            let v: Value = p
-                .http
-                .get(format!(
-                    "{}/v1/facilities/a/history?from={}&to={}",
-                    p.base,
-                    start,
-                    start + 300_000
-                ))
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let v = support::json_of(p.http.get(format!(
+                "{}/v1/facilities/a/history?from={}&to={}",
+                p.base,
+                start,
+                start + 300_000
+            )))
+            .await?;
             (v["transitions"].as_array()?.len() == 3).then_some(v)
         },
     )

@@ -65,15 +65,12 @@ impl Prometheus {
     }
 
     async fn api(&self, path: &str, query: &[(&str, &str)]) -> Option<Value> {
-        let v: Value = reqwest::Client::new()
-            .get(format!("http://127.0.0.1:{}/api/v1/{path}", self.port))
-            .query(query)
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let v = support::json_of(
+            reqwest::Client::new()
+                .get(format!("http://127.0.0.1:{}/api/v1/{path}", self.port))
+                .query(query),
+        )
+        .await?;
         (v["status"] == "success").then(|| v["data"].clone())
     }
 }

@@ -655,3 +655,9 @@ pub async fn wait_metric(
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// The JSON body `request` answers with; `None` if it cannot be sent or the body is not
+/// JSON (for polling with `eventually`).
+pub async fn json_of(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
+    request.send().await.ok()?.json().await.ok()
+}

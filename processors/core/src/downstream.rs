@@ -194,33 +194,11 @@ impl ConsumerContext for DownstreamContext {
 }
 
 /// A whole downstream process: `/metrics`, `/healthz` and `/readyz` on `ops_listen`, and
-/// [`run`] with metrics named `presence_<role>_*`, until `shutdown`.
-pub async fn serve<W: Writer>(
-    config: &Config,
-    role: &'static str,
-    group_id: &str,
-    ops_listen: std::net::SocketAddr,
-    batching: Batching,
-    writer: W,
-    shutdown: Shutdown,
-) -> anyhow::Result<()> {
-    serve_with(
-        metrics::registry(),
-        config,
-        role,
-        group_id,
-        ops_listen,
-        batching,
-        writer,
-        shutdown,
-    )
-    .await
-}
-
-/// [`serve`] with a registry that already holds the process's other metrics (the sink's
-/// open-sessions follower), so that one `/metrics` serves them all.
+/// [`run`] with metrics named `presence_<role>_*`, until `shutdown`. `registry` may already
+/// hold the process's other metrics (the sink's open-sessions follower), so that one
+/// `/metrics` serves them all.
 #[allow(clippy::too_many_arguments)]
-pub async fn serve_with<W: Writer>(
+pub async fn serve<W: Writer>(
     registry: Registry,
     config: &Config,
     role: &'static str,

@@ -1,5 +1,6 @@
 //! The public records (`schemas/*.avsc`) as Rust types, with their hand-written body codecs
-//! and field rules.
+//! and field rules; and [`SessionState`], the one internal record that two processes read
+//! (the processor's sessions changelog, followed by the sink).
 
 use serde::{Deserialize, Serialize};
 
@@ -280,6 +281,52 @@ impl AvroRecord for FacilityStatus {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// Stage-1 changelog value (`schemas/internal/session_state.avsc`), an internal record: the
+/// processor writes it when a session opens or moves, and the sink reads it back to know who
+/// is online (in the changelog `last_seen` is the event time of the beat that opened the
+/// session or moved it, as the changelog is not written per beat).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionState {
+    pub session_id: String,
+    /// The session's owner; empty in records of schema v1 (written before sessions had one).
+    pub user_id: String,
+    pub facility_id: String,
+    pub region_id: String,
+    pub last_seen: i64,
+    pub open_offset: i64,
+}
+
+impl AvroRecord for SessionState {
+    const NAME: &'static str = "SessionState";
+    const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
+    const HISTORY: &'static [&'static str] = &[
+        include_str!("../../../schemas/history/session_state/v1.avsc"),
+        include_str!("../../../schemas/history/session_state/v2.avsc"),
+    ];
+
+    crate::codec_cell!();
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        write_str(out, &self.session_id);
+        write_str(out, &self.facility_id);
+        write_str(out, &self.region_id);
+        write_long(out, self.last_seen);
+        write_long(out, self.open_offset);
+        write_str(out, &self.user_id);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(SessionState {
+            session_id: r.read_string("session_id")?,
+            facility_id: r.read_string("facility_id")?,
+            region_id: r.read_string("region_id")?,
+            last_seen: r.read_long("last_seen")?,
+            open_offset: r.read_long("open_offset")?,
+            user_id: r.read_string("user_id")?,
+        })
     }
 }
 

@@ -631,6 +631,61 @@ pub fn browser_script(script: &str, args: &[&str]) -> serde_json::Value {
         .unwrap_or_else(|e| panic!("{script} printed no JSON ({e}): {stdout}"))
 }
 
+/// `node tests/browser/<script> <args>` with playwright-core on its path, running beside the
+/// test: the script prints a line whenever the test is to act (`READY`, `RESTART`, then its
+/// JSON), read with [`BrowserScript::next_line`].
+pub struct BrowserScript {
+    script: String,
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl BrowserScript {
+    /// Starts `script` with `args`.
+    pub fn spawn(script: &str, args: &[&str]) -> BrowserScript {
+        let mut child = std::process::Command::new("node")
+            .arg(repo_root().join("tests/browser").join(script))
+            .args(args)
+            .env("NODE_PATH", node_modules())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect(
+                "node runs (install Node.js; make stack installs playwright-core and chromium)",
+            );
+        let stdout = child.stdout.take().expect("stdout");
+        let (lines_tx, lines) = tokio::sync::mpsc::unbounded_channel();
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        BrowserScript {
+            script: script.to_string(),
+            child,
+            lines,
+        }
+    }
+
+    /// The script's next line (empty once it has exited); panics after 180 s of silence.
+    pub async fn next_line(&mut self) -> String {
+        tokio::time::timeout(std::time::Duration::from_secs(180), self.lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("{} says something within 180 s", self.script))
+            .unwrap_or_default()
+    }
+
+    /// Waits for the script to exit.
+    pub fn wait(&mut self) -> std::process::ExitStatus {
+        self.child.wait().expect("node exits")
+    }
+}
+
 /// Creates `c`'s topics and panics with the report if any is wrong.
 pub async fn ensure_topics(c: &Config) {
     let report = crate::topics::ensure(c).await.expect("topics");

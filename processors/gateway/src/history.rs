@@ -351,12 +351,7 @@ impl HistoryReader {
         regions: &[String],
         from: i64,
     ) -> Result<Vec<RegionUptime>, HistoryError> {
-        let lease = self.lease().await?;
-        let Some(client) = lease.client.as_ref() else {
-            return Err(HistoryError::Unavailable("no connection".into()));
-        };
-        self.metrics.history_queries.inc();
-        let rows = client
+        let rows = self
             .query(
                 &format!(
                     "SELECT region_id, online_seconds, known_seconds FROM \"{}\".region_uptime($1, to_timestamp($2::bigint / 1000.0))",
@@ -364,8 +359,7 @@ impl HistoryReader {
                 ),
                 &[&regions, &from],
             )
-            .await
-            .map_err(|e| self.classify(e))?;
+            .await?;
         Ok(rows
             .iter()
             .map(|r| RegionUptime {
@@ -383,12 +377,7 @@ impl HistoryReader {
         facility: &str,
         region: Option<&str>,
     ) -> Result<Sessions, HistoryError> {
-        let lease = self.lease().await?;
-        let Some(client) = lease.client.as_ref() else {
-            return Err(HistoryError::Unavailable("no connection".into()));
-        };
-        self.metrics.history_queries.inc();
-        let rows = client
+        let rows = self
             .query(
                 &format!(
                     "SELECT user_id, (extract(epoch FROM opened_at) * 1000)::bigint, (extract(epoch FROM last_beat) * 1000)::bigint
@@ -399,8 +388,7 @@ impl HistoryReader {
                 ),
                 &[&facility, &region],
             )
-            .await
-            .map_err(|e| self.classify(e))?;
+            .await?;
         let truncated = rows.len() as i64 > MAX_SESSIONS;
         Ok(Sessions {
             facility_id: facility.to_string(),
@@ -415,6 +403,23 @@ impl HistoryReader {
                 .collect(),
             truncated,
         })
+    }
+
+    /// One statement on a leased connection, counted in `history_queries`.
+    async fn query(
+        &self,
+        statement: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, HistoryError> {
+        let lease = self.lease().await?;
+        let Some(client) = lease.client.as_ref() else {
+            return Err(HistoryError::Unavailable("no connection".into()));
+        };
+        self.metrics.history_queries.inc();
+        client
+            .query(statement, params)
+            .await
+            .map_err(|e| self.classify(e))
     }
 
     /// As [`HistoryReader::classify`], and an unknown time zone is the caller's.

@@ -509,6 +509,28 @@ fn history_range(query: Option<&str>, now: i64, max: Duration) -> Result<(i64, i
     Ok((from, to))
 }
 
+/// The refusals the console's reads of one facility's PostgreSQL rows share (history,
+/// uptime, who is online), for the OpenAPI document; the answers themselves are
+/// [`ApiError`]s.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+enum FacilityReadRefusals {
+    #[response(status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", headers(("WWW-Authenticate" = String, description = "`Bearer`")))]
+    Unauthorized(Problem),
+    #[response(
+        status = 403,
+        description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)"
+    )]
+    NotGranted(Problem),
+    #[response(
+        status = 404,
+        description = "With tokens: no transition of this facility has been seen (`unknown_facility`)"
+    )]
+    UnknownFacility(Problem),
+    #[response(status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", headers(("Retry-After" = u64, description = "Seconds to wait")))]
+    Unavailable(Problem),
+}
+
 /// A facility's transitions in `[from, to)`, its state when the range starts, and the
 /// seconds it was ONLINE within the range.
 #[utoipa::path(get, path = "/v1/facilities/{id}/history", tag = "read", security((), ("bearer" = [])),
@@ -520,10 +542,7 @@ fn history_range(query: Option<&str>, now: i64, max: Duration) -> Result<(i64, i
     responses(
         (status = 200, description = "The history", body = crate::history::History),
         (status = 400, description = "`from`/`to` unreadable, reversed or too far apart (`invalid_field`)", body = Problem),
-        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
-        (status = 404, description = "With tokens: no transition of this facility has been seen (`unknown_facility`)", body = Problem),
-        (status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        FacilityReadRefusals,
     ))]
 async fn get_history(
     State(app): State<App>,
@@ -604,10 +623,7 @@ fn uptime_params(query: Option<&str>) -> Result<(i32, String), ApiError> {
     responses(
         (status = 200, description = "The uptime", body = crate::history::Uptime),
         (status = 400, description = "`days` or `tz` unreadable or unknown (`invalid_field`)", body = Problem),
-        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
-        (status = 404, description = "With tokens: no transition of this facility has been seen (`unknown_facility`)", body = Problem),
-        (status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        FacilityReadRefusals,
     ))]
 async fn get_uptime(
     State(app): State<App>,
@@ -638,10 +654,7 @@ async fn get_uptime(
     params(("id" = String, Path, description = "A facility id")),
     responses(
         (status = 200, description = "The open sessions, oldest first", body = crate::history::Sessions),
-        (status = 401, description = "No valid token (only with `gateway.auth = \"jwt\"`)", body = Problem, headers(("WWW-Authenticate" = String, description = "`Bearer`"))),
-        (status = 403, description = "The token does not grant this (`region_not_granted`, `claim_mismatch`)", body = Problem),
-        (status = 404, description = "With tokens: no transition of this facility has been seen (`unknown_facility`)", body = Problem),
-        (status = 503, description = "A dependency cannot answer now (`postgres_unavailable, history_too_slow, no_history_tables, redis_unavailable`; also `keys_unavailable`: the identity provider's keys)", body = Problem, headers(("Retry-After" = u64, description = "Seconds to wait"))),
+        FacilityReadRefusals,
     ))]
 async fn get_sessions(
     State(app): State<App>,

@@ -2,15 +2,15 @@
 //! real broker, Redis and PostgreSQL: each probe asserts the safe outcome. The same gateway
 //! as a separate process (RSS, start-up refusal) is in `cli/tests/gateway_attacks.rs`.
 
+mod support;
+
 use futures::StreamExt;
 use std::time::{Duration, Instant};
 
-use jsonwebtoken::{encode, EncodingKey, Header};
 use presence_core::config::{AuthMode, Config};
 use presence_core::delivery::RedisKeys;
 use presence_core::testkit::{eventually, isolated_config, transition};
 use presence_core::{Secret, Shutdown};
-use presence_gateway::auth::Claims;
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -117,20 +117,7 @@ fn token(sub: &str, region: &str) -> String {
         .map(|d| d.as_secs())
         .unwrap_or(0)
         + 600;
-    let claims = Claims {
-        sub: sub.into(),
-        facility: format!("f-{sub}"),
-        region: region.into(),
-        regions: vec![],
-        exp,
-        nbf: None,
-    };
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
+    support::hs256_token(SECRET, sub, &format!("f-{sub}"), region, exp)
 }
 
 fn jwt_config() -> Config {

@@ -3,16 +3,16 @@
 //! written here, Redis holds what the notifier would; every answer is compared with an
 //! oracle computed here from the same transitions.
 
+mod support;
+
 use std::time::Duration;
 
 use futures::StreamExt;
-use jsonwebtoken::{encode, EncodingKey, Header};
 use presence_core::config::{AuthMode, Config};
 use presence_core::delivery::RedisKeys;
 use presence_core::records::{FacilityStatus, Status};
 use presence_core::testkit::isolated_config;
 use presence_core::{now_ms, Secret, Shutdown};
-use presence_gateway::auth::Claims;
 use serde_json::Value;
 
 const SECRET: &str = "console-secret-console-secret-console";
@@ -63,20 +63,8 @@ fn status(t: &T, seq: i64) -> FacilityStatus {
 }
 
 fn token(sub: &str, region: &str) -> String {
-    let claims = Claims {
-        sub: sub.into(),
-        facility: format!("f-{sub}"),
-        region: region.into(),
-        regions: vec![],
-        exp: (now_ms() / 1000) as u64 + 600,
-        nbf: None,
-    };
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
+    let exp = (now_ms() / 1000) as u64 + 600;
+    support::hs256_token(SECRET, sub, &format!("f-{sub}"), region, exp)
 }
 
 struct World {
@@ -543,35 +531,18 @@ async fn the_console_in_chromium_shows_the_truth() {
 
     let shots = presence_core::testkit::repo_root().join("target/console-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let mut node = std::process::Command::new("node")
-        .arg(presence_core::testkit::repo_root().join("tests/browser/console.cjs"))
-        .args([base.as_str(), "north", "f1", "f3"])
-        .arg(&shots)
-        .env("NODE_PATH", presence_core::testkit::node_modules())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("node runs (install Node.js; make stack installs playwright-core and chromium)");
-    let stdout = node.stdout.take().expect("stdout");
-    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    std::thread::spawn(move || {
-        use std::io::BufRead;
-        for line in std::io::BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-        {
-            if lines_tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let mut next_line = async || {
-        tokio::time::timeout(Duration::from_secs(180), lines.recv())
-            .await
-            .expect("console.cjs says something within 180 s")
-            .unwrap_or_default()
-    };
+    let mut node = presence_core::testkit::BrowserScript::spawn(
+        "console.cjs",
+        &[
+            base.as_str(),
+            "north",
+            "f1",
+            "f3",
+            shots.to_str().expect("a UTF-8 path"),
+        ],
+    );
     assert_eq!(
-        next_line().await,
+        node.next_line().await,
         "RESTART",
         "console.cjs failed (its stderr is above)"
     );
@@ -582,15 +553,15 @@ async fn the_console_in_chromium_shows_the_truth() {
         .await
         .expect("gateway starts again on its port");
     assert_eq!(
-        next_line().await,
+        node.next_line().await,
         "READY",
         "console.cjs failed (its stderr is above)"
     );
     let turned_off_at = now_ms();
     w.set_now(&status(&("f3", "south", turned_off_at, false), 2))
         .await;
-    let out = next_line().await;
-    let status_code = node.wait().expect("node exits");
+    let out = node.next_line().await;
+    let status_code = node.wait();
     assert!(status_code.success(), "console.cjs failed: {out:?}");
     let out: Value = serde_json::from_str(&out).expect("the script's JSON");
 

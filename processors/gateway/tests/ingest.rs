@@ -1,16 +1,16 @@
 //! `POST /v1/heartbeats` against the real broker: what arrives, what is refused, tokens, and
 //! a broker that goes away and comes back.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use jsonwebtoken::{encode, EncodingKey, Header};
 use presence_core::config::{AuthMode, Config};
 use presence_core::testkit::{
     eventually, fastavro, hex, isolated_config, read_to_end, PrivateService,
 };
 use presence_core::{Secret, Shutdown};
-use presence_gateway::auth::Claims;
 use rdkafka::message::{Message, Timestamp};
 use serde_json::{json, Value};
 
@@ -226,20 +226,7 @@ async fn bad_requests_get_their_status_and_message_and_produce_nothing() {
 
 fn token(sub: &str, facility: &str, region: &str, exp_offset: i64, secret: &str) -> String {
     let exp = (presence_core::now_ms() / 1000 + exp_offset) as u64;
-    let claims = Claims {
-        sub: sub.into(),
-        facility: facility.into(),
-        region: region.into(),
-        regions: vec![],
-        exp,
-        nbf: None,
-    };
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(secret.as_bytes()),
-    )
-    .expect("token")
+    support::hs256_token(secret, sub, facility, region, exp)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

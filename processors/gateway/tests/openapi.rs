@@ -4,33 +4,21 @@
 //! every operation is called, and its status, content type and body are checked against
 //! the document with a JSON Schema validator.
 
+mod support;
+
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use jsonwebtoken::{encode, EncodingKey, Header};
 use presence_core::config::AuthMode;
 use presence_core::testkit::{isolated_config, python, repo_root};
 use presence_core::{Secret, Shutdown};
-use presence_gateway::auth::Claims;
 use serde_json::{json, Value};
 
 const SECRET: &str = "test-secret-test-secret-test-secret-123";
 
 fn token(sub: &str, region: &str) -> String {
-    let claims = Claims {
-        sub: sub.into(),
-        facility: "f".into(),
-        region: region.into(),
-        regions: vec![],
-        exp: (presence_core::now_ms() / 1000 + 600) as u64,
-        nbf: None,
-    };
-    encode(
-        &Header::default(),
-        &claims,
-        &EncodingKey::from_secret(SECRET.as_bytes()),
-    )
-    .expect("token")
+    let exp = (presence_core::now_ms() / 1000 + 600) as u64;
+    support::hs256_token(SECRET, sub, "f", region, exp)
 }
 
 /// `(METHOD, path)` of every row of the endpoints table in `docs/DESIGN.md`.

@@ -24,6 +24,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let n = &config.notifier;
     downstream::serve(
+        presence_core::metrics::registry(),
         &config,
         "notifier",
         &n.group_id,

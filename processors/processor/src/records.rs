@@ -4,6 +4,8 @@
 use presence_core::codec::{
     write_bool, write_long, write_optional_long, write_str, AvroRecord, BodyReader, CodecError,
 };
+/// Stage 1's changelog value lives in `presence-core`: the sink reads the changelog too.
+pub use presence_core::records::SessionState;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum SessionEventKind {
@@ -94,49 +96,6 @@ impl AvroRecord for SessionEvent {
                     _ => CloseReason::Moved,
                 }),
             },
-        })
-    }
-}
-
-/// Stage-1 changelog value.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionState {
-    pub session_id: String,
-    /// The session's owner; empty in records of schema v1 (written before sessions had one).
-    pub user_id: String,
-    pub facility_id: String,
-    pub region_id: String,
-    pub last_seen: i64,
-    pub open_offset: i64,
-}
-
-impl AvroRecord for SessionState {
-    const NAME: &'static str = "SessionState";
-    const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
-    const HISTORY: &'static [&'static str] = &[
-        include_str!("../../../schemas/history/session_state/v1.avsc"),
-        include_str!("../../../schemas/history/session_state/v2.avsc"),
-    ];
-
-    presence_core::codec_cell!();
-
-    fn write_body(&self, out: &mut Vec<u8>) {
-        write_str(out, &self.session_id);
-        write_str(out, &self.facility_id);
-        write_str(out, &self.region_id);
-        write_long(out, self.last_seen);
-        write_long(out, self.open_offset);
-        write_str(out, &self.user_id);
-    }
-
-    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
-        Ok(SessionState {
-            session_id: r.read_string("session_id")?,
-            facility_id: r.read_string("facility_id")?,
-            region_id: r.read_string("region_id")?,
-            last_seen: r.read_long("last_seen")?,
-            open_offset: r.read_long("open_offset")?,
-            user_id: r.read_string("user_id")?,
         })
     }
 }

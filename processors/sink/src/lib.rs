@@ -42,7 +42,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             result
         })
     };
-    let served = downstream::serve_with(
+    let served = downstream::serve(
         registry,
         &config,
         "sink",

@@ -19,11 +19,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
-use presence_core::codec::{decode, AvroRecord, BodyReader, CodecError};
+use presence_core::codec::decode;
 use presence_core::config::Config;
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::kafka::restore_consumer_config;
-use presence_core::records::{HeartbeatKind, HeartbeatRef};
+use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionState};
 use presence_core::Shutdown;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -38,52 +38,6 @@ const BATCH: usize = 5000;
 /// Newest beats reach `last_beat` within this (plus the write).
 const LINGER: Duration = Duration::from_millis(200);
 
-/// A session as the changelog holds it (`schemas/internal/session_state.avsc`). The
-/// processor has the same record (`presence_processor::records::SessionState`); the sink
-/// may not depend on the processor, so it reads the schema's fields itself.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OpenSession {
-    pub session_id: String,
-    pub user_id: String,
-    pub facility_id: String,
-    pub region_id: String,
-    /// Event time of the beat that opened the session (or moved it here), ms.
-    pub opened_at: i64,
-    pub open_offset: i64,
-}
-
-impl AvroRecord for OpenSession {
-    const NAME: &'static str = "SessionState";
-    const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_state.avsc");
-    const HISTORY: &'static [&'static str] = &[
-        include_str!("../../../schemas/history/session_state/v1.avsc"),
-        include_str!("../../../schemas/history/session_state/v2.avsc"),
-    ];
-
-    presence_core::codec_cell!();
-
-    fn write_body(&self, out: &mut Vec<u8>) {
-        use presence_core::codec::{write_long, write_str};
-        write_str(out, &self.session_id);
-        write_str(out, &self.facility_id);
-        write_str(out, &self.region_id);
-        write_long(out, self.opened_at);
-        write_long(out, self.open_offset);
-        write_str(out, &self.user_id);
-    }
-
-    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
-        Ok(OpenSession {
-            session_id: r.read_string("session_id")?,
-            facility_id: r.read_string("facility_id")?,
-            region_id: r.read_string("region_id")?,
-            opened_at: r.read_long("last_seen")?,
-            open_offset: r.read_long("open_offset")?,
-            user_id: r.read_string("user_id")?,
-        })
-    }
-}
-
 /// Where a changelog record lives: its partition and key.
 pub type SessionKey = (i32, Vec<u8>);
 
@@ -92,13 +46,13 @@ pub type SessionKey = (i32, Vec<u8>);
 /// (user id, session id).
 #[derive(Debug, Default, PartialEq)]
 pub struct Changes {
-    pub sessions: BTreeMap<SessionKey, Option<(OpenSession, i64)>>,
+    pub sessions: BTreeMap<SessionKey, Option<(SessionState, i64)>>,
     pub beats: BTreeMap<(String, String), i64>,
 }
 
 impl Changes {
     /// A changelog record: a session (with its offset), or `None` for a tombstone.
-    pub fn session(&mut self, key: SessionKey, value: Option<(OpenSession, i64)>) {
+    pub fn session(&mut self, key: SessionKey, value: Option<(SessionState, i64)>) {
         self.sessions.insert(key, value);
     }
 
@@ -175,27 +129,17 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
     };
 
     // The whole changelog first: every partition to its end.
-    let changelog_partitions = loop {
-        match partitions(&consumer, &changelog) {
-            Ok(p) if !p.is_empty() => break p,
-            Ok(_) => {
-                tracing::warn!(topic = %changelog, "the sessions changelog does not exist yet (`presence topics` creates it); waiting")
-            }
-            Err(e) => {
-                tracing::warn!(topic = %changelog, error = %e, "cannot read the sessions changelog's metadata; retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait() => return Ok(()),
-        }
+    let Some(changelog_partitions) =
+        wait_for_partitions(&consumer, &changelog, "the sessions changelog", &shutdown).await
+    else {
+        return Ok(());
     };
     let mut tpl = TopicPartitionList::new();
     for p in &changelog_partitions {
         tpl.add_partition_offset(&changelog, *p, Offset::Beginning)?;
     }
     consumer.assign(&tpl)?;
-    let mut open: HashMap<SessionKey, (OpenSession, i64)> = HashMap::new();
+    let mut open: HashMap<SessionKey, (SessionState, i64)> = HashMap::new();
     let mut at_end: std::collections::BTreeSet<i32> = Default::default();
     while at_end.len() < changelog_partitions.len() {
         let m = tokio::select! {
@@ -223,17 +167,8 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
         }
     }
     let rebuilt = open.len();
-    loop {
-        match db.replace(&open).await {
-            Ok(()) => break,
-            Err(e) => {
-                metrics.write_errors.inc();
-                db.wait(&e, &shutdown).await
-            }
-        }
-        if shutdown.is_triggered() {
-            return Ok(());
-        }
+    if !db.write(Write::Replace(&open), &metrics, &shutdown).await {
+        return Ok(());
     }
     drop(open);
     metrics.rebuilt.set(rebuilt as i64);
@@ -243,20 +178,10 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
     );
 
     // Then both topics, live; beats from now on.
-    let beat_partitions = loop {
-        match partitions(&consumer, &heartbeats) {
-            Ok(p) if !p.is_empty() => break p,
-            Ok(_) => {
-                tracing::warn!(topic = %heartbeats, "the heartbeats topic does not exist yet (`presence topics` creates it); waiting")
-            }
-            Err(e) => {
-                tracing::warn!(topic = %heartbeats, error = %e, "cannot read the heartbeats topic's metadata; retrying")
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.wait() => return Ok(()),
-        }
+    let Some(beat_partitions) =
+        wait_for_partitions(&consumer, &heartbeats, "the heartbeats topic", &shutdown).await
+    else {
+        return Ok(());
     };
     let mut more = TopicPartitionList::new();
     for p in beat_partitions {
@@ -308,17 +233,8 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
         // Per batch, not per record: beats are the sink's busiest input.
         metrics.changes.inc_by(changed);
         metrics.beats.inc_by(beats);
-        while !changes.is_empty() {
-            match db.apply(&changes).await {
-                Ok(()) => break,
-                Err(e) => {
-                    metrics.write_errors.inc();
-                    db.wait(&e, &shutdown).await
-                }
-            }
-            if shutdown.is_triggered() {
-                return Ok(());
-            }
+        if !changes.is_empty() && !db.write(Write::Apply(&changes), &metrics, &shutdown).await {
+            return Ok(());
         }
     }
 }
@@ -326,15 +242,43 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
 /// A changelog value: `Some(Some)` a session, `Some(None)` a tombstone, `None` a record that
 /// does not decode (skipped and logged: the processor wrote it, so this sink is older than
 /// the schema; upgrade it).
-fn read_session(payload: Option<&[u8]>) -> Option<Option<OpenSession>> {
+fn read_session(payload: Option<&[u8]>) -> Option<Option<SessionState>> {
     let Some(bytes) = payload else {
         return Some(None);
     };
-    match decode::<OpenSession>(bytes) {
+    match decode::<SessionState>(bytes) {
         Ok(s) => Some(Some(s)),
         Err(e) => {
             tracing::warn!(error = %e, "a sessions changelog record does not decode; skipped (is this sink older than the processor? upgrade it)");
             None
+        }
+    }
+}
+
+/// `topic`'s partitions, once the broker lists the topic (asked again every second; `what`
+/// names it in the logs); `None` if `shutdown` comes first.
+async fn wait_for_partitions(
+    consumer: &StreamConsumer,
+    topic: &str,
+    what: &str,
+    shutdown: &Shutdown,
+) -> Option<Vec<i32>> {
+    loop {
+        match partitions(consumer, topic) {
+            Ok(p) if !p.is_empty() => return Some(p),
+            Ok(_) => {
+                tracing::warn!(
+                    topic,
+                    "{what} does not exist yet (`presence topics` creates it); waiting"
+                )
+            }
+            Err(e) => {
+                tracing::warn!(topic, error = %e, "cannot read {what}'s metadata; retrying")
+            }
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.wait() => return None,
         }
     }
 }
@@ -355,6 +299,13 @@ fn fatal_or_transient(consumer: &StreamConsumer, topic: &str, e: KafkaError) -> 
     }
     tracing::warn!(error = %e, "Kafka consumer error in the sessions follower; librdkafka retries by itself");
     Ok(())
+}
+
+/// What [`Db::write`] writes: the whole table once on start, then each batch's changes.
+#[derive(Clone, Copy)]
+enum Write<'a> {
+    Replace(&'a HashMap<SessionKey, (SessionState, i64)>),
+    Apply(&'a Changes),
 }
 
 /// The PostgreSQL edge: one connection, made (after the sink's migrations) on first use.
@@ -381,6 +332,27 @@ impl Db<'_> {
             .ok_or_else(|| "no connection".to_string())
     }
 
+    /// Writes `what` until PostgreSQL takes it (each failure counted, logged and followed by
+    /// a fresh connection a second later); `false` if `shutdown` came first.
+    async fn write(&mut self, what: Write<'_>, metrics: &Metrics, shutdown: &Shutdown) -> bool {
+        loop {
+            let written = match what {
+                Write::Replace(open) => self.replace(open).await,
+                Write::Apply(changes) => self.apply(changes).await,
+            };
+            match written {
+                Ok(()) => return true,
+                Err(e) => {
+                    metrics.write_errors.inc();
+                    self.wait(&e, shutdown).await
+                }
+            }
+            if shutdown.is_triggered() {
+                return false;
+            }
+        }
+    }
+
     async fn wait(&mut self, error: &str, shutdown: &Shutdown) {
         tracing::warn!(
             error,
@@ -397,7 +369,7 @@ impl Db<'_> {
     /// `last_beat`).
     async fn replace(
         &mut self,
-        open: &HashMap<SessionKey, (OpenSession, i64)>,
+        open: &HashMap<SessionKey, (SessionState, i64)>,
     ) -> Result<(), String> {
         let table = self.table.clone();
         let client = self.client().await?;
@@ -473,7 +445,7 @@ impl Db<'_> {
 async fn upsert(
     tx: &tokio_postgres::Transaction<'_>,
     table: &str,
-    rows: &[(&SessionKey, &OpenSession, i64)],
+    rows: &[(&SessionKey, &SessionState, i64)],
 ) -> Result<(), tokio_postgres::Error> {
     if rows.is_empty() {
         return Ok(());
@@ -498,7 +470,7 @@ async fn upsert(
         uid.push(s.user_id.as_str());
         fid.push(s.facility_id.as_str());
         rid.push(s.region_id.as_str());
-        at.push(s.opened_at);
+        at.push(s.last_seen); // in the changelog: when the session opened or moved here
         off.push(*offset);
     }
     tx.execute(
@@ -523,13 +495,13 @@ async fn upsert(
 mod tests {
     use super::*;
 
-    fn session(id: &str, facility: &str, at: i64) -> OpenSession {
-        OpenSession {
+    fn session(id: &str, facility: &str, at: i64) -> SessionState {
+        SessionState {
             session_id: id.into(),
             user_id: format!("u-{id}"),
             facility_id: facility.into(),
             region_id: "r".into(),
-            opened_at: at,
+            last_seen: at,
             open_offset: at,
         }
     }
@@ -557,8 +529,8 @@ mod tests {
     fn changelog_records_of_every_released_version_decode() {
         let s = session("s-1", "f-1", 1_700_000_000_000);
         let bytes = presence_core::codec::encode(&s);
-        assert_eq!(decode::<OpenSession>(&bytes).unwrap(), s);
-        presence_core::codec::verify_history::<OpenSession>(
+        assert_eq!(decode::<SessionState>(&bytes).unwrap(), s);
+        presence_core::codec::verify_history::<SessionState>(
             &std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
                 .join("../../schemas/history/session_state"),
         )

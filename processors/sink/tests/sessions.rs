@@ -7,19 +7,18 @@ use std::time::Duration;
 
 use presence_core::codec::encode;
 use presence_core::config::Config;
-use presence_core::records::{Heartbeat, HeartbeatKind};
+use presence_core::records::{Heartbeat, HeartbeatKind, SessionState};
 use presence_core::testkit::{eventually, isolated_config, spawn_process, TestTopics};
 use presence_core::{now_ms, Shutdown};
-use presence_sink::sessions::OpenSession;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
-fn session(id: &str, user: &str, facility: &str, at: i64) -> OpenSession {
-    OpenSession {
+fn session(id: &str, user: &str, facility: &str, at: i64) -> SessionState {
+    SessionState {
         session_id: id.into(),
         user_id: user.into(),
         facility_id: facility.into(),
         region_id: "north".into(),
-        opened_at: at,
+        last_seen: at,
         open_offset: 0,
     }
 }
@@ -38,7 +37,7 @@ impl Producer {
         )
     }
 
-    async fn changelog(&self, key: u8, value: Option<&OpenSession>) {
+    async fn changelog(&self, key: u8, value: Option<&SessionState>) {
         let topic = self.1.topics.sessions_changelog();
         let key = [key; 16];
         let payload = value.map(encode);
@@ -54,7 +53,7 @@ impl Producer {
             .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
     }
 
-    async fn beat(&self, s: &OpenSession, at: i64) {
+    async fn beat(&self, s: &SessionState, at: i64) {
         let beat = Heartbeat {
             session_id: s.session_id.clone(),
             user_id: s.user_id.clone(),
