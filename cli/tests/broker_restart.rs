@@ -48,9 +48,7 @@ use presence_core::codec::{decode, encode};
 use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
-use presence_core::sim::{
-    facility_id, oracle_placed, region_of, Expected, OracleConfig, Placed, SimRecord,
-};
+use presence_core::sim::{facility_id, region_of, Expected, SimRecord};
 use presence_core::testkit::{free_port, isolated_config, PrivateService};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -600,21 +598,7 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
         TIMEOUT_MS - BEAT_MS as i64,
         log.len() - late.len()
     );
-    let truth: Vec<Placed> = log
-        .iter()
-        .map(|(p, _, r)| Placed {
-            partition: *p,
-            record: r.clone(),
-        })
-        .collect();
-    let expected = oracle_placed(
-        &truth,
-        &OracleConfig {
-            timeout_ms: TIMEOUT_MS,
-            flap_hold_ms: 0,
-            reject_after: i64::MAX,
-        },
-    );
+    let expected = oracle_as_read(&log, TIMEOUT_MS);
     // Duplicates are part of the truth (the processor and the oracle both take the log as it
     // is); the load's producer sends each record once, so there should be none.
     let mut copies: BTreeMap<(&str, bool, Option<i64>), usize> = BTreeMap::new();

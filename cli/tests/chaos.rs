@@ -39,7 +39,7 @@ use presence_core::codec::decode;
 use presence_core::config::Config;
 use presence_core::kafka::consumer_config;
 use presence_core::records::{FacilityStatus, Heartbeat, Status};
-use presence_core::sim::{oracle_placed, read_truth, Expected, OracleConfig, Placed, SimRecord};
+use presence_core::sim::{read_truth, Expected, SimRecord};
 use presence_core::testkit::{consumed_to_end, PrivateService};
 use presence_core::testkit::{free_port, isolated_config, read_to_end, repo_root, unique};
 use presence_core::{now_ms, Shutdown};
@@ -1659,22 +1659,7 @@ impl Run {
         // In each partition's offset order, as the processor met it: a beat written after the
         // END of its session, or stamped before the record ahead of it, counts as the
         // processor counts it (sorting by timestamp would hide exactly those).
-        input.sort_by_key(|(p, o, _)| (*p, *o));
-        let placed: Vec<Placed> = input
-            .iter()
-            .map(|(p, _, r)| Placed {
-                partition: *p,
-                record: r.clone(),
-            })
-            .collect();
-        let expected = oracle_placed(
-            &placed,
-            &OracleConfig {
-                timeout_ms: timeout_ms(),
-                flap_hold_ms: 0,
-                reject_after: i64::MAX,
-            },
-        );
+        let expected = support::oracle_as_read(&input, timeout_ms());
         let last_ts = input.iter().map(|(_, _, r)| r.ts).max().unwrap_or(0);
         let deadline = Instant::now() + Duration::from_secs(240);
         loop {

@@ -661,3 +661,36 @@ pub async fn wait_metric(
 pub async fn json_of(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
     request.send().await.ok()?.json().await.ok()
 }
+
+/// The oracle over records read back from `heartbeats` as `(partition, offset, record)`,
+/// taken in that order, as the processor met them (a beat written after its session's END,
+/// or stamped before the record ahead of it, counts as the processor counts it; sorting by
+/// timestamp would hide exactly those). No flap hold, nothing refused.
+pub fn oracle_as_read(
+    records: &[(i32, i64, SimRecord)],
+    timeout_ms: i64,
+) -> Vec<presence_core::sim::Expected> {
+    let mut placed: Vec<(i32, i64, presence_core::sim::Placed)> = records
+        .iter()
+        .map(|(p, o, r)| {
+            (
+                *p,
+                *o,
+                presence_core::sim::Placed {
+                    partition: *p,
+                    record: r.clone(),
+                },
+            )
+        })
+        .collect();
+    placed.sort_by_key(|(p, o, _)| (*p, *o));
+    let placed: Vec<presence_core::sim::Placed> = placed.into_iter().map(|(_, _, x)| x).collect();
+    presence_core::sim::oracle_placed(
+        &placed,
+        &presence_core::sim::OracleConfig {
+            timeout_ms,
+            flap_hold_ms: 0,
+            reject_after: i64::MAX,
+        },
+    )
+}
