@@ -294,6 +294,18 @@ kafka_node_start() {
   echo $! >"$dir/kafka.pid"
 }
 
+# kafka_node_pid <dir>: the pid in the node's pid file if that process is this node's JVM (its
+# command line names the node's directory). A pid file left from an earlier boot can name a
+# process that is something else now: that is never waited for or signalled.
+kafka_node_pid() {
+  local dir="$1" pid
+  [[ -f "$dir/kafka.pid" ]] || return 1
+  pid=$(cat "$dir/kafka.pid")
+  [[ "$pid" =~ ^[0-9]+$ ]] || return 1
+  tr '\0' ' ' <"/proc/$pid/cmdline" 2>/dev/null | grep -qF "$dir/log4j2.properties" || return 1
+  echo "$pid"
+}
+
 # kafka_node_wait <dir> <port>: waits for a started node to listen. A node loading many
 # partitions (a data directory full of earlier runs' topics) takes minutes, so the deadline is
 # long (KAFKA_START_SECONDS, default 600) but the wait ends at once, with the JVM's own output,
@@ -303,7 +315,7 @@ kafka_node_wait() {
   pid=$(cat "$dir/kafka.pid")
   local start=$SECONDS next=$((SECONDS + 30))
   until port_open "$port"; do
-    if ! kill -0 "$pid" 2>/dev/null; then
+    if ! kafka_node_pid "$dir" >/dev/null; then
       tail -n 30 "$dir/stdout.log" "$dir/server.log" >&2 2>/dev/null || true
       die "kafka (pid $pid) exited before listening on 127.0.0.1:$port; read $dir/stdout.log and $dir/server.log"
     fi
@@ -323,8 +335,8 @@ kafka_node_wait() {
 kafka_node_stop() {
   local dir="$1" sig="${2:-TERM}"
   [[ -f "$dir/kafka.pid" ]] || return 0
-  local pid; pid=$(cat "$dir/kafka.pid")
-  if kill -0 "$pid" 2>/dev/null; then
+  local pid
+  if pid=$(kafka_node_pid "$dir"); then
     say "kafka: stopping $dir ($sig)"
     kill "-$sig" "$pid"
     local deadline=$((SECONDS + 60))
@@ -339,7 +351,7 @@ kafka_up() {
   kafka_jars
   tools_log_config
   local dir="$STACK_DIR/kafka"
-  if [[ -f "$dir/kafka.pid" ]] && kill -0 "$(cat "$dir/kafka.pid")" 2>/dev/null; then
+  if kafka_node_pid "$dir" >/dev/null; then
     # Started earlier (by another `up`) and still loading: wait for it, never start a second
     # JVM on the same data directory and ports.
     say "kafka: pid $(cat "$dir/kafka.pid") is starting already; waiting for it"
