@@ -195,11 +195,12 @@ impl ConsumerContext for DownstreamContext {
 
 /// A whole downstream process: `/metrics`, `/healthz` and `/readyz` on `ops_listen`, and
 /// [`run`] with metrics named `presence_<role>_*`, until `shutdown`. `registry` may already
-/// hold the process's other metrics (the sink's open-sessions follower), so that one
-/// `/metrics` serves them all.
+/// hold the process's other metrics, and `health` its other readiness components (the sink's
+/// open-sessions follower), so that one `/metrics` and one `/readyz` serve them all.
 #[allow(clippy::too_many_arguments)]
 pub async fn serve<W: Writer>(
     registry: Registry,
+    health: Health,
     config: &Config,
     role: &'static str,
     group_id: &str,
@@ -208,7 +209,6 @@ pub async fn serve<W: Writer>(
     writer: W,
     shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let health = Health::new(&registry);
     let metrics = Metrics::new(&registry, role);
     let (addr, server) =
         crate::telemetry::serve_ops(ops_listen, registry, health.clone(), shutdown.clone()).await?;

@@ -23,8 +23,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         linger: std::time::Duration::from_millis(2),
     };
     let n = &config.notifier;
+    let registry = presence_core::metrics::registry();
+    let health = presence_core::telemetry::Health::new(&registry);
     downstream::serve(
-        presence_core::metrics::registry(),
+        registry,
+        health,
         &config,
         "notifier",
         &n.group_id,

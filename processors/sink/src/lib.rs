@@ -30,11 +30,12 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     // Who is online, beside the transitions; its failure stops the sink (non-zero exit).
     let registry = presence_core::metrics::registry();
+    let health = presence_core::telemetry::Health::new(&registry);
     let follower = {
-        let (config, shutdown) = (config.clone(), shutdown.clone());
+        let (config, shutdown, health) = (config.clone(), shutdown.clone(), health.clone());
         let metrics = sessions::Metrics::new(&registry);
         tokio::spawn(async move {
-            let result = sessions::follow(config, metrics, shutdown.clone()).await;
+            let result = sessions::follow(config, metrics, health, shutdown.clone()).await;
             if let Err(e) = &result {
                 tracing::error!(error = %e, "the open-sessions follower stopped; stopping the sink");
                 shutdown.trigger();
@@ -44,6 +45,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     };
     let served = downstream::serve(
         registry,
+        health,
         &config,
         "sink",
         &s.group_id,

@@ -24,6 +24,7 @@ use presence_core::config::Config;
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::kafka::restore_consumer_config;
 use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionState};
+use presence_core::telemetry::Health;
 use presence_core::Shutdown;
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
@@ -114,7 +115,19 @@ impl Metrics {
 /// Follows the changelog and the beats into PostgreSQL until `shutdown`. An error is fatal
 /// for the process (the caller stops the sink); PostgreSQL being away is not an error (the
 /// batch is retried).
-pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> anyhow::Result<()> {
+/// Readiness component of the follower on the sink's `/readyz`.
+pub const HEALTH: &str = "open_sessions";
+
+pub async fn follow(
+    config: Config,
+    metrics: Metrics,
+    health: Health,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
+    health.set_unready(
+        HEALTH,
+        "rebuilding the open sessions from the sessions changelog",
+    );
     let changelog = config.topics.sessions_changelog();
     let heartbeats = config.topics.heartbeats.clone();
     let group = format!("{}.sessions", config.sink.group_id);
@@ -126,6 +139,7 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
         config: &config,
         client: None,
         table: format!("\"{}\".open_sessions", tables.schema),
+        health,
     };
 
     // The whole changelog first: every partition to its end.
@@ -170,6 +184,7 @@ pub async fn follow(config: Config, metrics: Metrics, shutdown: Shutdown) -> any
     if !db.write(Write::Replace(&open), &metrics, &shutdown).await {
         return Ok(());
     }
+    db.health.set_ready(HEALTH);
     drop(open);
     metrics.rebuilt.set(rebuilt as i64);
     tracing::info!(
@@ -313,6 +328,8 @@ struct Db<'a> {
     config: &'a Config,
     client: Option<Client>,
     table: String,
+    /// `/readyz`: [`HEALTH`] is 503 with the reason while a write fails.
+    health: Health,
 }
 
 impl Db<'_> {
@@ -341,9 +358,20 @@ impl Db<'_> {
                 Write::Apply(changes) => self.apply(changes).await,
             };
             match written {
-                Ok(()) => return true,
+                Ok(()) => {
+                    if matches!(what, Write::Apply(_)) {
+                        self.health.set_ready(HEALTH);
+                    }
+                    return true;
+                }
                 Err(e) => {
                     metrics.write_errors.inc();
+                    self.health.set_unready(
+                        HEALTH,
+                        format!(
+                            "cannot write open sessions to PostgreSQL ({e}); retrying every second"
+                        ),
+                    );
                     self.wait(&e, shutdown).await
                 }
             }
