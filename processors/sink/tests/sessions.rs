@@ -147,16 +147,15 @@ async fn open_sessions_follow_the_changelog_and_a_restart_rebuilds_them() {
     // Bob closes: his row goes.
     p.changelog(2, None).await;
     wait_for(&config, "bob closed", |r| r.len() == 1).await;
-    // The follower is a readiness component of its own, ready once rebuilt and written.
-    let ready = reqwest::get(format!("http://{}/readyz", config.sink.ops_listen))
+    // The follower is a readiness component of its own, ready once rebuilt and written (the
+    // page's other components, such as the Kafka connection, have their own pace).
+    let body = reqwest::get(format!("http://{}/readyz", config.sink.ops_listen))
         .await
-        .expect("readyz");
-    let status = ready.status();
-    let body = ready.text().await.unwrap_or_default();
-    assert!(
-        status.is_success() && body.contains("open_sessions: ok"),
-        "{status} {body}"
-    );
+        .expect("readyz")
+        .text()
+        .await
+        .unwrap_or_default();
+    assert!(body.contains("open_sessions: ok"), "{body}");
     // Counted: 2 opens, a move and a close; the two beats read (mallory's included).
     let metrics = reqwest::get(format!("http://{}/metrics", config.sink.ops_listen))
         .await
