@@ -26,7 +26,10 @@ use crate::config::KafkaConfig;
 /// processor at 125 MiB peak but cut its rate to 0.35x of the old settings (104 k/s against
 /// 300 k/s, 655 MiB); 32 MiB / 4 MiB / 16 MiB (the values below) gave 236 k/s at 464 MiB.
 /// Neither meets issue 13 (256 MiB at 90% of the rate): the fetch response and its
-/// decompressed batches, not the queue, are what the rate needs. Revisit with more runs.
+/// decompressed batches, not the queue, are what the rate needs. Those runs shared the two
+/// cores with builds. Measured again alone (release, three runs per invocation, the old
+/// settings passed as `kafka.properties`): these values 375 k/s and 409 k/s at 291 and 281 MiB
+/// peak, the old ones 381 k/s at 679 MiB: the same rate at 0.42x the memory.
 ///
 /// Prefetch of a stage consumer: at most this many KiB of records wait in its queue before
 /// it stops fetching (librdkafka default 65,536 = 64 MiB). 32 MiB, half the default: 8 MiB
