@@ -217,6 +217,13 @@ impl FacilityTask {
             // come again after the seek.
             return Ok(Released::default());
         }
+        // Back where a read-again started (this record included, it is taken below): the
+        // watermarks known are this far's again. Before any early return, so that a record
+        // skipped as a duplicate counts too.
+        self.reached = self.reached.max(offset + 1);
+        if self.replay.is_some_and(|r| offset + 1 >= r.until) {
+            self.replay = None;
+        }
         let source = usize::try_from(event.source_partition)
             .ok()
             .filter(|&s| s < self.watermarks.len())
@@ -250,10 +257,6 @@ impl FacilityTask {
                     }
                 }
             }
-        }
-        self.reached = self.reached.max(offset + 1);
-        if self.replay.is_some_and(|r| offset + 1 >= r.until) {
-            self.replay = None;
         }
         let released = self.release(now, out);
         if self.replay.is_none() && self.spill.is_some_and(|s| self.watermark() >= s.at) {
