@@ -323,7 +323,8 @@ fn consume<S: Stage>(
             };
             let mut t = POLL_WAIT;
             // A held clock (below) has nothing due before it moves again.
-            let held = consumer.context().brokers.wall_clock_limit(now_ms()) < now_ms();
+            let wall = now_ms();
+            let held = consumer.context().brokers.wall_clock_limit(wall) < wall;
             if let Some(wake) = g.stage.next_wakeup().filter(|_| !held) {
                 t = t.min(Duration::from_millis(
                     (wake - now_ms()).clamp(0, POLL_WAIT.as_millis() as i64) as u64,
