@@ -41,7 +41,7 @@ use presence_core::kafka::consumer_config;
 use presence_core::records::{FacilityStatus, Heartbeat, Status};
 use presence_core::sim::{read_truth, Expected, SimRecord};
 use presence_core::testkit::{consumed_to_end, PrivateService};
-use presence_core::testkit::{free_port, isolated_config, read_to_end, repo_root, unique};
+use presence_core::testkit::{free_port, isolated_config, read_to_end, unique};
 use presence_core::{now_ms, Shutdown};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
@@ -186,20 +186,7 @@ impl Cluster {
     }
 
     fn stack(&self, args: &[&str]) {
-        let script = repo_root().join("deploy/stack.sh");
-        let out = Command::new("bash")
-            .arg(&script)
-            .args(args)
-            .env("PRESENCE_STACK_DIR", &self.dir)
-            .env("CLUSTER_PORT", self.base.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "stack.sh {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::cluster_stack(&self.dir, self.base, args);
     }
 
     /// SIGTERM to node `i` (a clean stop), without waiting for it to exit.

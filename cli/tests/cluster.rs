@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use presence_core::sim::{generate, oracle, SimConfig};
-use presence_core::testkit::{free_port, isolated_config, repo_root, unique};
+use presence_core::testkit::{free_port, isolated_config, unique};
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
@@ -44,20 +44,7 @@ impl Cluster {
     }
 
     fn stack(&self, args: &[&str]) {
-        let script = repo_root().join("deploy/stack.sh");
-        let out = std::process::Command::new("bash")
-            .arg(&script)
-            .args(args)
-            .env("PRESENCE_STACK_DIR", &self.dir)
-            .env("CLUSTER_PORT", self.base.to_string())
-            .output()
-            .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
-        assert!(
-            out.status.success(),
-            "stack.sh {args:?} failed:\n{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
+        support::cluster_stack(&self.dir, self.base, args);
     }
 
     /// kill -9 of node `i` (1..3).

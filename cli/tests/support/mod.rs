@@ -694,3 +694,23 @@ pub fn oracle_as_read(
         },
     )
 }
+
+/// Runs `deploy/stack.sh args` for a private three-node cluster whose state lives in `dir`
+/// and whose first client port is `base` (`cluster-up`, `cluster-node-kill 2`, ...); a
+/// failure fails the test with the script's output.
+pub fn cluster_stack(dir: &std::path::Path, base: u16, args: &[&str]) {
+    let script = presence_core::testkit::repo_root().join("deploy/stack.sh");
+    let out = Command::new("bash")
+        .arg(&script)
+        .args(args)
+        .env("PRESENCE_STACK_DIR", dir)
+        .env("CLUSTER_PORT", base.to_string())
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", script.display()));
+    assert!(
+        out.status.success(),
+        "stack.sh {args:?} failed:\n{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
