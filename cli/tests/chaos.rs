@@ -67,6 +67,18 @@ fn timeout_ms() -> i64 {
     env_or("PRESENCE_CHAOS_TIMEOUT_MS", 30_001)
 }
 
+/// `processor.allowed_lateness` of the run, ms (`PRESENCE_CHAOS_LATENESS_MS`, default
+/// 5 000): how far behind the wall clock a caught-up partition's expiry clock runs, so that
+/// beats stamped before it still count at their own time. The product's default (100 ms)
+/// covers an idle host's in-flight time; this run shares two cores between three brokers,
+/// up to three processors, two loadgens, the gateway, notifier and sink (debug builds), so
+/// a beat can spend seconds between its stamp and the processor. Beats later than this may
+/// open their session at the clock's time (a false OFFLINE, checked below); a leader's
+/// failover is covered apart (the partition's clock holds while its leader is away).
+fn lateness_ms() -> i64 {
+    env_or("PRESENCE_CHAOS_LATENESS_MS", 5_000)
+}
+
 fn since_bound_ms() -> i64 {
     timeout_ms() - BEAT.as_millis() as i64
 }
@@ -766,6 +778,7 @@ fn run_and_judge(p: Params) {
     c.topics.heartbeats_partitions = 6;
     c.topics.facility_partitions = 6;
     c.processor.session_timeout = Duration::from_millis(timeout_ms() as u64);
+    c.processor.allowed_lateness = Duration::from_millis(lateness_ms() as u64);
     rt.block_on(presence_core::testkit::ensure_topics(&c));
     wait_transactions_ready(&c);
 
@@ -1738,6 +1751,15 @@ impl Run {
             ),
         );
         let (mismatch, max_late, detail) = compare(&expected, &got);
+        if let Some(dir) = kafka_truth.parent() {
+            dump_mismatches(
+                &dir.join("mismatches.txt"),
+                &mismatch,
+                &input,
+                &expected,
+                &got,
+            );
+        }
         v.row(
             "facility-status == oracle (status, seq, open, region)",
             mismatch.is_empty(),
@@ -2102,6 +2124,57 @@ fn last_per_key(seen: &[Seen]) -> BTreeMap<String, (i64, Status)> {
 
 /// Per facility, got against expected: (facilities that differ, (min, max) of since − the
 /// oracle's since over transitions that match, a sample of the differences).
+/// For the first differing facilities: what the oracle expected, what came out (with when
+/// it was emitted), and every record of `heartbeats` that touched the facility (partition,
+/// offset, timestamp, user, session, kind, `client_sent_at`), so that a failed run can be
+/// read without the cluster it ran on.
+fn dump_mismatches(
+    path: &Path,
+    facilities: &[String],
+    input: &[(i32, i64, SimRecord)],
+    expected: &[Expected],
+    got: &[FacilityStatus],
+) {
+    use std::fmt::Write as _;
+    let mut out = String::new();
+    for f in facilities.iter().take(8) {
+        let _ = writeln!(out, "== {f}\nexpected:");
+        for e in expected.iter().filter(|e| &e.facility_id == f) {
+            let _ = writeln!(out, "  {e:?}");
+        }
+        let _ = writeln!(out, "got:");
+        for g in got.iter().filter(|g| &g.facility_id == f) {
+            let _ = writeln!(
+                out,
+                "  seq {} {:?} open {} since {} emitted {} (+{} ms)",
+                g.seq,
+                g.status,
+                g.open_sessions,
+                g.since,
+                g.emitted_at,
+                g.emitted_at - g.since
+            );
+        }
+        let _ = writeln!(out, "input (partition/offset ts user session kind sent):");
+        for (p, o, r) in input
+            .iter()
+            .filter(|(_, _, r)| &r.heartbeat.facility_id == f)
+        {
+            let h = &r.heartbeat;
+            let _ = writeln!(
+                out,
+                "  {p}/{o} {} {} {} {:?} {:?}",
+                r.ts, h.user_id, h.session_id, h.kind, h.client_sent_at
+            );
+        }
+    }
+    if !out.is_empty() {
+        if let Err(e) = std::fs::write(path, out) {
+            eprintln!("cannot write {}: {e}", path.display());
+        }
+    }
+}
+
 fn compare(expected: &[Expected], got: &[FacilityStatus]) -> (Vec<String>, (i64, i64), String) {
     let mut e: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
     for x in expected {

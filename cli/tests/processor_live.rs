@@ -159,6 +159,65 @@ async fn idle_partition_expires_within_250_ms_of_the_deadline() {
     );
 }
 
+/// A session's first beat that reaches the processor after the other session's deadline,
+/// but stamped before it and within `processor.allowed_lateness`, counts at its own time:
+/// the facility never went OFFLINE in between. (With the clock on the wall clock itself,
+/// the first session expired at its deadline, the facility flapped OFFLINE and ONLINE, and
+/// every later `seq` shifted: the chaos run's "late first beats".)
+#[tokio::test(flavor = "multi_thread")]
+async fn a_first_beat_within_the_allowed_lateness_never_flaps_its_facility() {
+    let _one = serial();
+    let mut c = setup(TIMEOUT_MS as u64).await;
+    const LATENESS_MS: i64 = 1_000;
+    c.processor.allowed_lateness = Duration::from_millis(LATENESS_MS as u64);
+    let mut reader = StatusReader::new(&c);
+    let mut p = watched_processor(&c, "a", &[]);
+    let first = now_ms();
+    produce(&c, &[beat("first", "F", HeartbeatKind::Beat, first)]).await;
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| !statuses_of(s, "F").is_empty()),
+        "F online: {:?}",
+        reader.seen
+    );
+    // The second session's first beat is stamped 100 ms before the first one's deadline
+    // and sent 200 ms after it: 300 ms late (the scenario's lateness, not a synchronisation).
+    let deadline = first + TIMEOUT_MS;
+    let second = deadline - 100;
+    tokio::time::sleep(Duration::from_millis(
+        (deadline + 200 - now_ms()).max(0) as u64
+    ))
+    .await;
+    produce(&c, &[beat("second", "F", HeartbeatKind::Beat, second)]).await;
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| {
+            statuses_of(s, "F")
+                .iter()
+                .any(|x| x.status == Status::Offline && x.since == second + TIMEOUT_MS)
+        }),
+        "F offline once the second session ends: {:?}",
+        reader.seen
+    );
+    wait_consumed_to_end(&c, Duration::from_secs(30));
+    terminate(&mut p);
+    let all = statuses_to_end(&c);
+    let f = statuses_of(&all, "F");
+    assert_eq!(
+        f.iter()
+            .map(|x| (x.status, x.seq, x.since))
+            .collect::<Vec<_>>(),
+        vec![
+            (Status::Online, 1, first),
+            (Status::Offline, 2, second + TIMEOUT_MS)
+        ],
+        "F stayed ONLINE from the first beat to the second session's deadline: {all:?}"
+    );
+    let late = f[1].emitted_at - f[1].since;
+    assert!(
+        late >= LATENESS_MS,
+        "OFFLINE emitted {late} ms after its deadline: the clock trails the wall clock by the allowed lateness ({LATENESS_MS} ms)"
+    );
+}
+
 /// Undecodable or invalid heartbeats go to the dead-letter topic with headers that say what
 /// and where; the partition keeps flowing.
 #[tokio::test(flavor = "multi_thread")]

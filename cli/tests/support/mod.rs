@@ -72,6 +72,10 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
             format!("{}ms", c.processor.flap_hold.as_millis()),
         ),
         (
+            "PRESENCE_PROCESSOR__ALLOWED_LATENESS".into(),
+            format!("{}ms", c.processor.allowed_lateness.as_millis()),
+        ),
+        (
             "PRESENCE_PROCESSOR__GROUP_ID".into(),
             c.processor.group_id.clone(),
         ),

@@ -244,6 +244,15 @@ pub struct ProcessorConfig {
     /// dead-letter topic, so one bad clock cannot expire a partition's sessions. Default 60 s.
     #[serde(with = "humantime_serde")]
     pub max_clock_skew: Duration,
+    /// How far behind the wall clock a caught-up partition's expiry clock runs, so that a
+    /// beat still on its way (stamped by its producer, not yet fetched: producer linger,
+    /// the broker's append, the fetch; on a loaded host, scheduling) counts at its own
+    /// time. A session's first beat that arrives later than this opens at the clock's
+    /// time instead, which can flap its facility if another session closed in between.
+    /// It delays offline detection by as much. Default 100ms: tens of times the in-flight
+    /// time on an idle host, and within the second of the deadline that DESIGN.md promises.
+    #[serde(with = "humantime_serde")]
+    pub allowed_lateness: Duration,
     /// Stage 2 applies session events in time order once every heartbeats partition's
     /// watermark has passed them; while one stands still (its stage-1 owner is slow or gone),
     /// each facilities partition keeps at most this many events in memory (about 100 bytes
@@ -262,6 +271,7 @@ impl Default for ProcessorConfig {
             group_id: "presence-processor".into(),
             instance_id: String::new(),
             max_clock_skew: Duration::from_secs(60),
+            allowed_lateness: Duration::from_millis(100),
             max_buffered_events: 500_000,
             ops_listen: ([127, 0, 0, 1], 9101).into(),
         }
@@ -1104,6 +1114,12 @@ impl ProcessorConfig {
             p.push(format!(
                 "processor.flap_hold = {:?} is not shorter than processor.session_timeout = {:?}: a hold that long hides real outages; use 0 (off) or less than the timeout",
                 self.flap_hold, self.session_timeout
+            ));
+        }
+        if self.allowed_lateness * 2 > self.session_timeout {
+            p.push(format!(
+                "processor.allowed_lateness = {:?} is more than half of processor.session_timeout = {:?}: offline detection would wait longer than sessions last; use 100ms (default) to a few seconds",
+                self.allowed_lateness, self.session_timeout
             ));
         }
         if self.commit_interval < Duration::from_millis(10)

@@ -175,6 +175,64 @@ pub struct BrokerWatch {
     /// the outage began). 0: no outage seen.
     back_at: std::sync::Arc<std::sync::atomic::AtomicI64>,
     outage_began: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    /// Per (topic, partition): whether its leader's connection was up, as the statistics
+    /// of the clients that share this watch showed it.
+    leaders:
+        std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), Reachability>>>,
+}
+
+/// Whether one partition's leader was reachable, from statistics (ms since the epoch).
+///
+/// A partition whose leader is away (killed, partitioned off, not yet elected) looks
+/// caught up to its consumer: nothing arrives. Meanwhile producers hold its records,
+/// stamped while they waited, and deliver them once a new leader is elected (after the
+/// broker's session timeout, 9 s by default, and the election). A clock that expires
+/// sessions on the wall clock must not pass where the leader went away until then.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Reachability {
+    /// The last statistics that showed the leader up (0: never).
+    last_up: i64,
+    /// The statistics since then showed it away.
+    away: bool,
+    /// The last outage: when it began (the last moment up before it) and when the leader
+    /// came back (0: none yet).
+    outage_began: i64,
+    back_at: i64,
+}
+
+impl Reachability {
+    /// Statistics at `now` showed the leader up. A gap in the statistics longer than
+    /// `down_after` counts as an outage, as an explicit `away` does.
+    pub fn saw_up(&mut self, now: i64, down_after: i64) {
+        if self.last_up != 0 && (self.away || now - self.last_up > down_after) {
+            self.outage_began = self.last_up;
+            self.back_at = now;
+        }
+        self.last_up = now;
+        self.away = false;
+    }
+
+    /// Statistics showed the leader away (no leader, or no connection to it).
+    pub fn saw_away(&mut self) {
+        self.away = true;
+    }
+
+    /// How far a wall-clock-driven clock of this partition may go at `now`: where the
+    /// leader went away, while it is away and for `settle` after it is back (producers
+    /// find the new leader and deliver what they held); otherwise `now`. Never held
+    /// before the leader was first seen up: nothing was held back from us.
+    pub fn limit(&self, now: i64, down_after: i64, settle: i64) -> i64 {
+        if self.last_up == 0 {
+            return now;
+        }
+        if self.away || now - self.last_up > down_after {
+            return self.last_up.min(now);
+        }
+        if self.outage_began != 0 && now - self.back_at < settle {
+            return self.outage_began.min(now);
+        }
+        now
+    }
 }
 
 /// No broker connection (all down, or this one's transport failed): librdkafka reconnects.
@@ -249,6 +307,7 @@ impl BrokerWatch {
             last_up: Default::default(),
             back_at: Default::default(),
             outage_began: Default::default(),
+            leaders: Default::default(),
         }
     }
 
@@ -289,6 +348,70 @@ impl BrokerWatch {
             self.health.set_ready(self.component);
         } else if now - self.last_up.load(Ordering::Relaxed) > Self::down_after() {
             self.down("no broker connection is up");
+        }
+        self.on_leader_stats(statistics, now);
+    }
+
+    /// Per partition of every topic the statistics list: is its leader's connection up?
+    fn on_leader_stats(&self, statistics: &Statistics, now: i64) {
+        let up_nodes: std::collections::HashSet<i32> = statistics
+            .brokers
+            .values()
+            .filter(|b| b.source != "internal" && b.state == "UP")
+            .map(|b| b.nodeid)
+            .collect();
+        let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        for (name, topic) in &statistics.topics {
+            for part in topic.partitions.values() {
+                if part.partition < 0 {
+                    // librdkafka's unassigned-partition pseudo entry.
+                    continue;
+                }
+                let key = (name.clone(), part.partition);
+                if part.fetch_state == "none" {
+                    // Not fetched by this client (not assigned, or a producer's): forgotten,
+                    // so that a partition assigned later starts free, not "back from an
+                    // outage" because no connection to its leader was needed meanwhile.
+                    leaders.remove(&key);
+                    continue;
+                }
+                let r = leaders.entry(key).or_default();
+                let was_held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
+                if part.leader >= 0 && up_nodes.contains(&part.leader) {
+                    r.saw_up(now, Self::down_after());
+                } else {
+                    r.saw_away();
+                }
+                let held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
+                if held != was_held {
+                    tracing::info!(
+                        component = self.component,
+                        topic = %name,
+                        partition = part.partition,
+                        leader = part.leader,
+                        held,
+                        "partition leader {}: its expiry clock {}",
+                        if held { "away or just back" } else { "reachable" },
+                        if held {
+                            "stays where the leader went away until producers have delivered what they held"
+                        } else {
+                            "follows the wall clock again"
+                        }
+                    );
+                }
+            }
+        }
+    }
+
+    /// [`Self::wall_clock_limit`] for one partition of `topic`: also held while that
+    /// partition's leader is away and until producers have delivered to the new one
+    /// ([`Reachability`]).
+    pub fn partition_clock_limit(&self, topic: &str, partition: i32, now: i64) -> i64 {
+        let all = self.wall_clock_limit(now);
+        let leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
+        match leaders.get(&(topic.to_string(), partition)) {
+            Some(r) => all.min(r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS)),
+            None => all,
         }
     }
 
@@ -461,6 +584,44 @@ mod tests {
         assert_eq!(wall_clock_limit(30_000, 10_000, 0, 0, DOWN, SETTLE), 10_000);
         // A gap shorter than two statistics intervals is no outage.
         assert_eq!(wall_clock_limit(11_500, 10_000, 0, 0, DOWN, SETTLE), 11_500);
+    }
+
+    #[test]
+    fn a_partition_clock_holds_where_its_leader_went_away_until_producers_settle() {
+        let mut r = Reachability::default();
+        // Never seen: free.
+        assert_eq!(r.limit(1_000, DOWN, SETTLE), 1_000);
+        r.saw_up(1_000, DOWN);
+        r.saw_up(2_000, DOWN);
+        assert_eq!(r.limit(2_500, DOWN, SETTLE), 2_500);
+        // The leader is killed: held at once where it was last seen up.
+        r.saw_away();
+        assert_eq!(r.limit(3_000, DOWN, SETTLE), 2_000);
+        assert_eq!(r.limit(12_000, DOWN, SETTLE), 2_000);
+        // A new leader at 12 s: held until producers had `settle` to deliver.
+        r.saw_up(12_000, DOWN);
+        assert_eq!(r.limit(12_000, DOWN, SETTLE), 2_000);
+        // Statistics every second meanwhile.
+        for t in (13_000..12_000 + SETTLE).step_by(1_000) {
+            r.saw_up(t, DOWN);
+            assert_eq!(r.limit(t, DOWN, SETTLE), 2_000, "at {t}");
+        }
+        r.saw_up(12_000 + SETTLE, DOWN);
+        assert_eq!(r.limit(12_000 + SETTLE, DOWN, SETTLE), 12_000 + SETTLE);
+        // Statistics that stop coming count as an outage too.
+        assert_eq!(
+            r.limit(12_000 + SETTLE + 5_000, DOWN, SETTLE),
+            12_000 + SETTLE
+        );
+    }
+
+    #[test]
+    fn a_partition_first_seen_without_a_leader_is_not_held() {
+        let mut r = Reachability::default();
+        r.saw_away();
+        assert_eq!(r.limit(5_000, DOWN, SETTLE), 5_000);
+        r.saw_up(6_000, DOWN);
+        assert_eq!(r.limit(6_000, DOWN, SETTLE), 6_000);
     }
 
     #[test]

@@ -59,7 +59,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::member::{Member, SEEK_TIMEOUT};
 use crate::metrics::Metrics;
 use crate::rebalance::{lock, GroupState, StageContext};
-use crate::stage::{now_ms, Stage};
+use crate::stage::{now_ms, Clock, Stage};
 use crate::txn::{Txn, TxnIo};
 use crate::watchdog::{assignment_verdict, AssignmentWatch, GroupView};
 
@@ -293,6 +293,8 @@ fn consume<S: Stage>(
     let mut out = Vec::new();
     let mut watch = AssignmentWatch::new(ASSIGNMENT_LIMIT);
     let mut held_back = false;
+    let topic = lock(shared).topic;
+    let lateness = config.processor.allowed_lateness.as_millis() as i64;
     while !shutdown.is_triggered() {
         pulse.beat();
         if let Some((code, reason)) = consumer.client().fatal_error() {
@@ -324,8 +326,13 @@ fn consume<S: Stage>(
             let mut t = POLL_WAIT;
             // A held clock (below) has nothing due before it moves again.
             let wall = now_ms();
-            let held = consumer.context().brokers.wall_clock_limit(wall) < wall;
-            if let Some(wake) = g.stage.next_wakeup().filter(|_| !held) {
+            let limit = |p| {
+                consumer
+                    .context()
+                    .brokers
+                    .partition_clock_limit(topic, p, wall)
+            };
+            if let Some(wake) = g.stage.next_wakeup(&Clock::new(wall, lateness, &limit)) {
                 t = t.min(Duration::from_millis(
                     (wake - now_ms()).clamp(0, POLL_WAIT.as_millis() as i64) as u64,
                 ));
@@ -392,10 +399,17 @@ fn consume<S: Stage>(
         let mut g = lock(shared);
         let now = now_ms();
         if !g.needs_rewind {
-            // The wall clock as far as it may go: held while the brokers are away and until
-            // producers have delivered what they held (`BrokerWatch::wall_clock_limit`).
-            let clock = consumer.context().brokers.wall_clock_limit(now);
-            g.stage.on_tick(clock, &mut out);
+            // The wall clock as far as each partition may go (`Clock`): behind by the
+            // allowed lateness, and held while the brokers or its leader are away and until
+            // producers have delivered what they held (`BrokerWatch::partition_clock_limit`).
+            let limit = |p| {
+                consumer
+                    .context()
+                    .brokers
+                    .partition_clock_limit(topic, p, now)
+            };
+            g.stage
+                .on_tick(&Clock::new(now, lateness, &limit), &mut out);
             g.send(&mut out);
         }
         let commit_due = until_commit(&g, commit_interval).is_zero();

@@ -81,6 +81,43 @@ pub struct RestoreIo<'a> {
     pub config: &'a ClientConfig,
 }
 
+/// The wall clock as each input partition's expiry may follow it (stage 1). Replays
+/// advance time with the records; a caught-up partition follows the wall clock, except
+/// that it trails it by `processor.allowed_lateness` (beats still on their way count at
+/// their own time) and stands still where the brokers, or the partition's leader, went
+/// away until producers have delivered what they held (`BrokerWatch`).
+pub struct Clock<'a> {
+    /// The wall clock (ms since the epoch).
+    pub now: i64,
+    lateness: i64,
+    limit: &'a dyn Fn(i32) -> i64,
+}
+
+impl<'a> Clock<'a> {
+    /// `limit(partition)`: how far the wall clock may go for that partition at `now`.
+    pub fn new(now: i64, lateness: i64, limit: &'a dyn Fn(i32) -> i64) -> Clock<'a> {
+        Clock {
+            now,
+            lateness,
+            limit,
+        }
+    }
+
+    /// Where `partition`'s clock may be now.
+    pub fn at(&self, partition: i32) -> i64 {
+        (self.limit)(partition).min(self.now) - self.lateness
+    }
+
+    /// When (on the wall clock) `partition`'s clock reaches `t`; `None` while it is held,
+    /// since a held clock moves only when the brokers come back, which nothing can wait for.
+    pub fn reaches(&self, partition: i32, t: i64) -> Option<i64> {
+        if (self.limit)(partition) < self.now {
+            return None;
+        }
+        Some(t.saturating_add(self.lateness))
+    }
+}
+
 /// A stage's logic as the runner drives it. All methods run on the runner's thread.
 pub trait Stage: Send + 'static {
     /// `sessions` or `facilities`: metric label, group and transactional-id suffix.
@@ -101,14 +138,15 @@ pub trait Stage: Send + 'static {
     fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
     /// The partition has no more records for now.
     fn on_eof(&mut self, partition: i32);
-    /// Wall-clock work (expiry on caught-up partitions).
-    fn on_tick(&mut self, now: i64, out: &mut Vec<Out>);
+    /// Wall-clock work (expiry on caught-up partitions), each partition as far as `clock`
+    /// lets it go.
+    fn on_tick(&mut self, clock: &Clock<'_>, out: &mut Vec<Out>);
     /// Just before a commit: watermarks, changelog flushes.
     fn before_commit(&mut self, now: i64, out: &mut Vec<Out>);
     /// The offset to commit for `partition` and the checkpoint to store with it.
     fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Self::Checkpoint>);
-    /// When `on_tick` next has something to do (ms since the epoch).
-    fn next_wakeup(&self) -> Option<i64>;
+    /// When `on_tick` next has something to do (wall clock, ms since the epoch).
+    fn next_wakeup(&self, clock: &Clock<'_>) -> Option<i64>;
     /// Whether to commit even when nothing was consumed (stage 1: watermarks).
     fn commits_when_idle(&self) -> bool;
     /// Whether some partition is replaying a backlog. Commits are synchronous, so while

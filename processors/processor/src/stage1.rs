@@ -17,7 +17,7 @@ use crate::restore::{offset_for_time, read_partition};
 use crate::sessions::{
     key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
-use crate::stage::{Committed, Out, RestoreIo, Stage};
+use crate::stage::{Clock, Committed, Out, RestoreIo, Stage};
 
 #[derive(Clone, Copy)]
 pub struct Topics {
@@ -363,16 +363,17 @@ impl Stage for SessionsStage {
         self.caught_up.insert(partition);
     }
 
-    fn on_tick(&mut self, now: i64, out: &mut Vec<Out>) {
+    fn on_tick(&mut self, clock: &Clock<'_>, out: &mut Vec<Out>) {
         for p in &self.caught_up {
             let Some(task) = self.tasks.get_mut(p) else {
                 continue;
             };
+            let now = clock.at(*p);
             let mut emitter = Emitter {
                 topics: &self.topics,
                 partition: *p,
                 out,
-                expiry_delays: Some((now, &mut self.expiry_delays)),
+                expiry_delays: Some((clock.now, &mut self.expiry_delays)),
             };
             if task.advance_to(now, &mut emitter) > 0 {
                 self.events_pending = true;
@@ -406,10 +407,10 @@ impl Stage for SessionsStage {
         (next_offset, checkpoint)
     }
 
-    fn next_wakeup(&self) -> Option<i64> {
+    fn next_wakeup(&self, clock: &Clock<'_>) -> Option<i64> {
         self.caught_up
             .iter()
-            .filter_map(|p| self.tasks.get(p)?.next_expiry())
+            .filter_map(|p| clock.reaches(*p, self.tasks.get(p)?.next_expiry()?))
             .min()
     }
 

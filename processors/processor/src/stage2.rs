@@ -13,7 +13,7 @@ use crate::facilities::{FacilityOutput, FacilityTask};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{FacilityState, SessionEvent};
 use crate::restore::read_partition;
-use crate::stage::{Committed, Out, RestoreIo, Stage};
+use crate::stage::{Clock, Committed, Out, RestoreIo, Stage};
 
 pub struct Topics {
     pub transitions: &'static str,
@@ -235,7 +235,7 @@ impl Stage for FacilitiesStage {
 
     fn on_eof(&mut self, _partition: i32) {}
 
-    fn on_tick(&mut self, _now: i64, _out: &mut Vec<Out>) {}
+    fn on_tick(&mut self, _clock: &Clock<'_>, _out: &mut Vec<Out>) {}
 
     fn before_commit(&mut self, _now: i64, out: &mut Vec<Out>) {
         for (p, task) in self.tasks.iter_mut() {
@@ -263,7 +263,7 @@ impl Stage for FacilitiesStage {
         }
     }
 
-    fn next_wakeup(&self) -> Option<i64> {
+    fn next_wakeup(&self, _clock: &Clock<'_>) -> Option<i64> {
         None
     }
 
