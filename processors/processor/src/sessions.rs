@@ -154,8 +154,14 @@ pub struct SessionTask {
     max_future: i64,
     stream_time: i64,
     next_seq: i64,
+    /// Facilities with open sessions here: (facility id, region id), by index. An index
+    /// whose last session closed is freed (ids dropped, index reused), so facilities that
+    /// stop appearing do not stay in memory.
     facilities: Vec<(Box<str>, Box<str>)>,
     facility_index: HashMap<Box<str>, u32>,
+    /// Open sessions per facility index.
+    facility_sessions: Vec<u32>,
+    free_facilities: Vec<u32>,
     slots: Vec<Slot>,
     free: u32,
     table: HashTable<u32>,
@@ -208,6 +214,8 @@ impl SessionTask {
             next_seq: 1,
             facilities: Vec::new(),
             facility_index: HashMap::new(),
+            facility_sessions: Vec::new(),
+            free_facilities: Vec::new(),
             slots: Vec::new(),
             free: NIL,
             table: HashTable::new(),
@@ -256,6 +264,7 @@ impl SessionTask {
                 .map(|(f, r)| f.len() + r.len() + 32)
                 .sum::<usize>()
             + self.facility_index.capacity() * 24
+            + (self.facility_sessions.capacity() + self.free_facilities.capacity()) * 4
             + self.legacy.capacity() * 25
     }
 
@@ -299,7 +308,6 @@ impl SessionTask {
         match beat.kind {
             HeartbeatKind::End if ts < slot.last_seen => Ok(Applied::IgnoredEnd),
             HeartbeatKind::End => {
-                let changelog_key = self.remove(i);
                 self.emit(
                     SessionEventKind::Closed,
                     Some(CloseReason::End),
@@ -307,6 +315,7 @@ impl SessionTask {
                     at,
                     out,
                 );
+                let changelog_key = self.remove(i);
                 out.delete_session(changelog_key);
                 Ok(Applied::Closed)
             }
@@ -330,7 +339,7 @@ impl SessionTask {
                     at,
                     out,
                 );
-                self.slots[i as usize].facility = facility;
+                self.set_facility(i, facility);
                 self.touch(i, ts);
                 self.emit(SessionEventKind::Opened, None, facility, at, out);
                 out.put_session(key, self.state_of(beat, facility, ts, offset));
@@ -356,7 +365,6 @@ impl SessionTask {
             if deadline >= t {
                 break;
             }
-            let changelog_key = self.remove(self.head);
             self.emit(
                 SessionEventKind::Closed,
                 Some(CloseReason::Timeout),
@@ -364,6 +372,7 @@ impl SessionTask {
                 deadline,
                 out,
             );
+            let changelog_key = self.remove(self.head);
             out.delete_session(changelog_key);
             closed += 1;
         }
@@ -390,7 +399,7 @@ impl SessionTask {
         let facility = self.intern(&state.facility_id, &state.region_id);
         let i = match self.find(key) {
             Some(i) => {
-                self.slots[i as usize].facility = facility;
+                self.set_facility(i, facility);
                 self.touch(i, state.last_seen);
                 i
             }
@@ -546,10 +555,44 @@ impl SessionTask {
             }
             return i;
         }
-        let i = self.facilities.len() as u32;
-        self.facilities.push((facility_id.into(), region_id.into()));
+        let ids = (facility_id.into(), region_id.into());
+        let i = match self.free_facilities.pop() {
+            Some(i) => {
+                self.facilities[i as usize] = ids;
+                i
+            }
+            None => {
+                self.facilities.push(ids);
+                self.facility_sessions.push(0);
+                (self.facilities.len() - 1) as u32
+            }
+        };
         self.facility_index.insert(facility_id.into(), i);
         i
+    }
+
+    /// One session fewer at `facility`; its ids are dropped with its last session.
+    fn release(&mut self, facility: u32) {
+        let n = &mut self.facility_sessions[facility as usize];
+        *n -= 1;
+        if *n == 0 {
+            let (f, _) = std::mem::take(&mut self.facilities[facility as usize]);
+            self.facility_index.remove(&f);
+            self.free_facilities.push(facility);
+        }
+    }
+
+    /// Moves slot `i` to `facility` (counted there first, so that a move to the same
+    /// facility never frees it).
+    fn set_facility(&mut self, i: u32, facility: u32) {
+        self.facility_sessions[facility as usize] += 1;
+        let old = std::mem::replace(&mut self.slots[i as usize].facility, facility);
+        self.release(old);
+    }
+
+    /// Facilities this partition holds ids of (those with open sessions here).
+    pub fn facilities_held(&self) -> usize {
+        self.facility_index.len()
     }
 
     fn insert(&mut self, key: SessionKey, facility: u32, last_seen: i64) -> u32 {
@@ -581,6 +624,7 @@ impl SessionTask {
             .insert_unique(key[0], i, |&j| slots[j as usize].key[0]);
         self.link_sorted(i);
         self.open += 1;
+        self.facility_sessions[facility as usize] += 1;
         i
     }
 
@@ -594,6 +638,7 @@ impl SessionTask {
         self.slots[i as usize].next = self.free;
         self.free = i;
         self.open -= 1;
+        self.release(self.slots[i as usize].facility);
         self.take_legacy(i).unwrap_or(key)
     }
 
@@ -728,6 +773,49 @@ mod tests {
             "one changelog write per open, none per beat"
         );
         assert_eq!(t.open_sessions(), 1);
+    }
+
+    #[test]
+    fn facilities_whose_sessions_all_closed_are_forgotten() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let mut out = Collected::default();
+        let ids: Vec<(String, String)> = (0..1_000)
+            .map(|i| (format!("s{i}"), format!("f{i}")))
+            .collect();
+        for (o, (s, f)) in ids.iter().enumerate() {
+            t.on_heartbeat(o as i64, 1_000, &beat(s, f), WALL, &mut out)
+                .unwrap();
+        }
+        assert_eq!(t.facilities_held(), 1_000);
+        // Half end, the other half time out; one moves first (from f0 to "elsewhere").
+        t.on_heartbeat(1_000, 2_000, &beat("s0", "elsewhere"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(t.facilities_held(), 1_000, "f0 freed, elsewhere taken");
+        for (o, (s, _)) in ids.iter().enumerate().take(500) {
+            t.on_heartbeat(2_000 + o as i64, 3_000, &end(s), WALL, &mut out)
+                .unwrap();
+        }
+        assert_eq!(t.facilities_held(), 500);
+        t.advance_to(2_000 + T + 1, &mut out);
+        assert_eq!(t.open_sessions(), 0);
+        assert_eq!(t.facilities_held(), 0, "no ids kept without sessions");
+        // Every close named its facility (emitted before the ids were dropped).
+        let closed: Vec<&str> = out
+            .events
+            .iter()
+            .filter(|e| e.kind == Closed)
+            .map(|e| e.facility_id.as_str())
+            .collect();
+        assert_eq!(closed.len(), 1_001);
+        assert!(closed.iter().all(|f| !f.is_empty()));
+        // Indexes are reused: new facilities do not grow the table.
+        for i in 0..1_000 {
+            let (s, f) = (format!("n{i}"), format!("g{i}"));
+            t.on_heartbeat(5_000 + i, 200_000, &beat(&s, &f), WALL, &mut out)
+                .unwrap();
+        }
+        assert_eq!(t.facilities_held(), 1_000);
+        assert!(t.facilities.len() <= 1_001, "{}", t.facilities.len());
     }
 
     #[test]
