@@ -128,6 +128,19 @@ enum Bench {
         #[arg(long, default_value_t = 30)]
         timeout_seconds: u64,
     },
+    /// Failover: kill -9 of a processor instance under live load until every heartbeats
+    /// partition emits again (restarted at once with the same id; taken over by a second
+    /// instance).
+    Failover {
+        /// Background heartbeats per second (one probe per 100 on top).
+        #[arg(long, default_value_t = 5_000)]
+        rate: usize,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        /// Seconds of load before the kill.
+        #[arg(long, default_value_t = 15)]
+        warm_seconds: u64,
+    },
     /// Transitions per second from facility-status into PostgreSQL.
     Sink {
         #[arg(long, default_value_t = 200_000)]
@@ -249,6 +262,18 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                         timeout: std::time::Duration::from_secs(timeout_seconds),
                     };
                     presence_processor::bench::offline(&config, &options).await?
+                }
+                Bench::Failover {
+                    rate,
+                    runs,
+                    warm_seconds,
+                } => {
+                    let options = presence_processor::bench::FailoverOptions {
+                        rate,
+                        runs,
+                        warm_seconds,
+                    };
+                    presence_processor::bench::failover(&config, &options).await?
                 }
                 Bench::Sink { transitions, runs } => {
                     bench::sink(&config, transitions, runs).await?

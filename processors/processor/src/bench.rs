@@ -702,3 +702,206 @@ pub async fn offline(base: &Config, o: &OfflineOptions) -> anyhow::Result<String
         mib(memory.hwm_kib.max(sampled_peak)),
     ))
 }
+
+/// What `presence bench failover` runs.
+pub struct FailoverOptions {
+    /// Background heartbeats per second (probes come on top, one per 100).
+    pub rate: usize,
+    pub runs: usize,
+    /// Seconds of load before the kill.
+    pub warm_seconds: u64,
+}
+
+/// How a killed instance's partitions get an owner again.
+#[derive(Clone, Copy, Debug)]
+enum Failover {
+    /// kill -9 and restarted at once with the same instance id (a supervisor's restart):
+    /// the static member rejoins without a rebalance.
+    Restart,
+    /// Two instances; one killed -9 and not restarted: the other takes its partitions once
+    /// the group drops the dead static member (`session.timeout.ms` of the stage consumers).
+    Takeover,
+}
+
+/// Failover: kill -9 of a processor instance under live load, until every heartbeats
+/// partition emits again. Probe sessions open fresh facilities on each partition in turn;
+/// a partition has failed over once a probe sent to it after the kill reaches a
+/// read_committed reader. Reported per way of failing over, median and max over runs.
+pub async fn failover(base: &Config, o: &FailoverOptions) -> anyhow::Result<String> {
+    let mut lines = Vec::new();
+    for mode in [Failover::Restart, Failover::Takeover] {
+        let mut times = Vec::new();
+        let mut before = Vec::new();
+        for run in 0..o.runs {
+            let (t, baseline) = failover_run(base, o, mode).await?;
+            tracing::info!(?mode, run, seconds = t, "failover run");
+            times.push(t);
+            before.push(baseline);
+        }
+        let max = times.iter().copied().fold(f64::NAN, f64::max);
+        lines.push(format!(
+            "failover ({}): kill -9 -> every heartbeats partition emitting again: median {:.1} s, max {:.1} s over {} runs ({}); probe latency before the kill p50 {:.0} ms",
+            match mode {
+                Failover::Restart => "restarted at once with the same instance id",
+                Failover::Takeover => "the other of two instances takes over",
+            },
+            median(times.clone()),
+            max,
+            o.runs,
+            times.iter().map(|t| format!("{t:.1}")).collect::<Vec<_>>().join(", "),
+            median(before),
+        ));
+    }
+    Ok(lines.join("\n"))
+}
+
+/// One run: (seconds from the kill until every partition emitted again, probe latency
+/// p50 before the kill in ms).
+async fn failover_run(
+    base: &Config,
+    o: &FailoverOptions,
+    mode: Failover,
+) -> anyhow::Result<(f64, f64)> {
+    let c = isolated(base, "failover", base.topics.heartbeats_partitions).await?;
+    let _topics = Throwaway::of(&c);
+    let partitions = c.topics.heartbeats_partitions;
+    let first = start_processor(&c).await?;
+    let second = match mode {
+        Failover::Restart => None,
+        Failover::Takeover => {
+            let mut b = c.clone();
+            b.processor.instance_id = "bench-b".into();
+            Some(start_processor(&b).await?)
+        }
+    };
+    let reader = status_reader(&c, "bench-failover")?;
+    let shutdown = Shutdown::new();
+    // Probe facility -> (heartbeats partition, sent at).
+    let probes: std::sync::Arc<std::sync::Mutex<HashMap<String, (i32, i64)>>> = Default::default();
+    // The load: background sessions keep facilities online; every 100th beat is a probe
+    // that opens a fresh facility on partition `probe % partitions`.
+    let load = {
+        let (c, stop, rate) = (c.clone(), shutdown.clone(), o.rate.max(100));
+        let probes = probes.clone();
+        std::thread::spawn(move || -> anyhow::Result<()> {
+            let p = producer(&c)?;
+            let (sessions, facilities) = (10_000usize, 500usize);
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let mut probe = 0usize;
+            while !stop.is_triggered() {
+                let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                while sent < due {
+                    let now = now_ms();
+                    let mut record_partition = None;
+                    let h = if sent.is_multiple_of(100) {
+                        probe += 1;
+                        let h = beat(1_000_000_000 + probe, 100_000 + probe, HeartbeatKind::Beat);
+                        let part = (probe % partitions as usize) as i32;
+                        probes
+                            .lock()
+                            .unwrap_or_else(|e| e.into_inner())
+                            .insert(h.facility_id.clone(), (part, now));
+                        record_partition = Some(part);
+                        h
+                    } else {
+                        let s = (sent as usize) % sessions;
+                        beat(s, s % facilities, HeartbeatKind::Beat)
+                    };
+                    let bytes = encode(&h);
+                    let mut r = BaseRecord::to(&c.topics.heartbeats)
+                        .key(h.session_id.as_bytes())
+                        .payload(&bytes[..])
+                        .timestamp(now);
+                    if let Some(part) = record_partition {
+                        r = r.partition(part);
+                    }
+                    send(&p, r)?;
+                    sent += 1;
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            p.flush(Duration::from_secs(30))?;
+            Ok(())
+        })
+    };
+    // Arrivals of probe ONLINEs: facility -> arrival time.
+    let mut arrivals: HashMap<String, i64> = HashMap::new();
+    let poll_for = |until: Instant, arrivals: &mut HashMap<String, i64>| {
+        while Instant::now() < until {
+            let polled = tokio::task::block_in_place(|| reader.poll(Duration::from_millis(20)));
+            if let Some(Ok(m)) = polled {
+                let at = now_ms();
+                if let Some(Ok(s)) = m.payload().map(decode::<FacilityStatus>) {
+                    if s.status == Status::Online && s.facility_id.starts_with("facility-1") {
+                        arrivals.entry(s.facility_id).or_insert(at);
+                    }
+                }
+            }
+        }
+    };
+    poll_for(
+        Instant::now() + Duration::from_secs(o.warm_seconds),
+        &mut arrivals,
+    );
+    let killed_at = now_ms();
+    first.kill9()?;
+    let restarted = match mode {
+        Failover::Restart => {
+            let c = c.clone();
+            Some(tokio::task::spawn_blocking(move || {
+                crate::measured::Processor::start(
+                    &crate::measured::this_binary()?,
+                    &c,
+                    Duration::from_secs(120),
+                )
+            }))
+        }
+        Failover::Takeover => None,
+    };
+    // Per partition: the first arrival of a probe sent to it after the kill. Until every
+    // partition has one, or two minutes.
+    let give_up = Instant::now() + Duration::from_secs(120);
+    let recovered = |arrivals: &HashMap<String, i64>| -> HashMap<i32, i64> {
+        let mut per_partition: HashMap<i32, i64> = HashMap::new();
+        for (f, (part, sent_at)) in probes.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+            if *sent_at < killed_at {
+                continue;
+            }
+            if let Some(at) = arrivals.get(f) {
+                let e = per_partition.entry(*part).or_insert(i64::MAX);
+                *e = (*e).min(*at);
+            }
+        }
+        per_partition
+    };
+    while Instant::now() < give_up && (recovered(&arrivals).len() as i32) < partitions {
+        poll_for(Instant::now() + Duration::from_millis(200), &mut arrivals);
+    }
+    shutdown.trigger();
+    load.join()
+        .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    let per_partition = recovered(&arrivals);
+    let probes = probes.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    let mut baseline: Vec<f64> = probes
+        .iter()
+        .filter(|(_, (_, sent_at))| *sent_at < killed_at - 1_000)
+        .filter_map(|(f, (_, sent_at))| arrivals.get(f).map(|at| (at - sent_at) as f64))
+        .collect();
+    baseline.sort_by(f64::total_cmp);
+    let stopped = match restarted {
+        Some(h) => h.await??.stop(),
+        None => second
+            .map(|s| s.stop())
+            .transpose()
+            .map(|m| m.unwrap_or_default()),
+    };
+    stopped.context("stopping the processor after a failover run")?;
+    anyhow::ensure!(
+        per_partition.len() as i32 == partitions,
+        "{mode:?}: only {} of {partitions} partitions emitted again within 120 s of the kill",
+        per_partition.len()
+    );
+    let worst = per_partition.values().max().copied().unwrap_or(killed_at);
+    Ok(((worst - killed_at) as f64 / 1e3, percentile(&baseline, 0.5)))
+}

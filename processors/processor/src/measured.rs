@@ -215,6 +215,13 @@ impl Processor {
         (!values.is_empty()).then(|| values.iter().sum())
     }
 
+    /// kill -9, and reaps it.
+    pub fn kill9(mut self) -> anyhow::Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// SIGTERM, then waits (up to a minute) for the clean shutdown; memory just before.
     pub fn stop(mut self) -> anyhow::Result<Memory> {
         let before = Memory::of(self.pid()).unwrap_or_default();
