@@ -1752,12 +1752,76 @@ impl Run {
         );
         let (mismatch, max_late, detail) = compare(&expected, &got);
         if let Some(dir) = kafka_truth.parent() {
+            let events = if mismatch.is_empty() {
+                Vec::new()
+            } else {
+                // Stage 1's output for those facilities, as stage 2 read it (read_committed).
+                let all = retrying("reading session transitions", || {
+                    read_to_end(
+                        &c,
+                        &c.topics.session_transitions(),
+                        Duration::from_secs(120),
+                    )
+                });
+                // Every (source partition, seq) should appear once (stage 1's chain of events
+                // per heartbeats partition); twice with different content means two histories.
+                let mut by_seq: BTreeMap<(i32, i64), Vec<String>> = BTreeMap::new();
+                for m in &all {
+                    if let Ok(e) = decode::<presence_processor::records::SessionEvent>(
+                        m.payload().unwrap_or_default(),
+                    ) {
+                        if e.kind != presence_processor::records::SessionEventKind::Watermark {
+                            by_seq
+                                .entry((e.source_partition, e.source_seq))
+                                .or_default()
+                                .push(format!("{:?} {} at {}", e.kind, e.facility_id, e.at));
+                        }
+                    }
+                }
+                let twice: Vec<String> = by_seq
+                    .iter()
+                    .filter(|(_, v)| v.len() > 1)
+                    .map(|((p, q), v)| format!("  src {p}#{q}: {v:?}"))
+                    .collect();
+                eprintln!(
+                    "chaos: session events: {} (source, seq) pairs, {} more than once{}",
+                    by_seq.len(),
+                    twice.len(),
+                    twice
+                        .iter()
+                        .take(20)
+                        .fold(String::new(), |a, l| a + "\n" + l)
+                );
+                all.iter()
+                    .filter_map(|m| {
+                        let e = decode::<presence_processor::records::SessionEvent>(
+                            m.payload().unwrap_or_default(),
+                        )
+                        .ok()?;
+                        mismatch.contains(&e.facility_id).then(|| {
+                            format!(
+                                "  {}/{} {:?} {:?} src {}#{} at {} written {} [{}]",
+                                m.partition(),
+                                m.offset(),
+                                e.kind,
+                                e.close_reason,
+                                e.source_partition,
+                                e.source_seq,
+                                e.at,
+                                m.timestamp().to_millis().unwrap_or(0),
+                                e.facility_id
+                            )
+                        })
+                    })
+                    .collect::<Vec<_>>()
+            };
             dump_mismatches(
                 &dir.join("mismatches.txt"),
                 &mismatch,
                 &input,
                 &expected,
                 &got,
+                &events,
             );
         }
         v.row(
@@ -2134,11 +2198,20 @@ fn dump_mismatches(
     input: &[(i32, i64, SimRecord)],
     expected: &[Expected],
     got: &[FacilityStatus],
+    events: &[String],
 ) {
     use std::fmt::Write as _;
     let mut out = String::new();
     for f in facilities.iter().take(8) {
-        let _ = writeln!(out, "== {f}\nexpected:");
+        let _ = writeln!(
+            out,
+            "== {f}\nsession events (partition/offset kind reason source#seq at written):"
+        );
+        let tag = format!(" [{f}]");
+        for e in events.iter().filter(|e| e.ends_with(&tag)) {
+            let _ = writeln!(out, "{}", e.trim_end_matches(&tag));
+        }
+        let _ = writeln!(out, "expected:");
         for e in expected.iter().filter(|e| &e.facility_id == f) {
             let _ = writeln!(out, "  {e:?}");
         }

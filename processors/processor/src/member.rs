@@ -166,6 +166,16 @@ impl<S: Stage> Member<S> {
         let mut starts = Vec::new();
         for e in committed.elements() {
             let p = e.partition();
+            // A partition whose committed offset could not be read (its coordinator moving,
+            // an offset commit still in a transaction after librdkafka's retries) must not
+            // count as "nothing committed": that restarts it from the beginning with a fresh
+            // sequence, whose events stage 2 takes for ones it has already applied.
+            if let Err(err) = e.error() {
+                anyhow::bail!(
+                    "cannot read the committed offset of {}/{p}: {err}; restoring again",
+                    self.topic
+                );
+            }
             let c = match e.offset() {
                 Offset::Offset(offset) => Some(Committed {
                     offset,
