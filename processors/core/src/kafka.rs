@@ -188,28 +188,47 @@ pub struct BrokerWatch {
 /// stamped while they waited, and deliver them once a new leader is elected (after the
 /// broker's session timeout, 9 s by default, and the election). A clock that expires
 /// sessions on the wall clock must not pass where the leader went away until then.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reachability {
     /// The last statistics that showed the leader up (0: never).
     last_up: i64,
     /// The statistics since then showed it away.
     away: bool,
+    /// The leader's broker id the last statistics showed (-1: none yet).
+    leader: i32,
     /// The last outage: when it began (the last moment up before it) and when the leader
     /// came back (0: none yet).
     outage_began: i64,
     back_at: i64,
 }
 
+impl Default for Reachability {
+    fn default() -> Self {
+        Reachability {
+            last_up: 0,
+            away: false,
+            leader: -1,
+            outage_began: 0,
+            back_at: 0,
+        }
+    }
+}
+
 impl Reachability {
-    /// Statistics at `now` showed the leader up. A gap in the statistics longer than
-    /// `down_after` counts as an outage, as an explicit `away` does.
-    pub fn saw_up(&mut self, now: i64, down_after: i64) {
-        if self.last_up != 0 && (self.away || now - self.last_up > down_after) {
+    /// Statistics at `now` showed `leader` up. A gap in the statistics longer than
+    /// `down_after` counts as an outage, as an explicit `away` does, and so does a new
+    /// leader: a leadership move (a broker's controlled shutdown, a preferred-leader
+    /// election) sends producers back to their metadata before they deliver what they held,
+    /// and the statistics may never show the partition without a leader in between.
+    pub fn saw_up(&mut self, now: i64, leader: i32, down_after: i64) {
+        let moved = self.leader >= 0 && leader != self.leader;
+        if self.last_up != 0 && (self.away || moved || now - self.last_up > down_after) {
             self.outage_began = self.last_up;
             self.back_at = now;
         }
         self.last_up = now;
         self.away = false;
+        self.leader = leader;
     }
 
     /// Statistics showed the leader away (no leader, or no connection to it).
@@ -378,7 +397,7 @@ impl BrokerWatch {
                 let r = leaders.entry(key).or_default();
                 let was_held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
                 if part.leader >= 0 && up_nodes.contains(&part.leader) {
-                    r.saw_up(now, Self::down_after());
+                    r.saw_up(now, part.leader, Self::down_after());
                 } else {
                     r.saw_away();
                 }
@@ -591,22 +610,22 @@ mod tests {
         let mut r = Reachability::default();
         // Never seen: free.
         assert_eq!(r.limit(1_000, DOWN, SETTLE), 1_000);
-        r.saw_up(1_000, DOWN);
-        r.saw_up(2_000, DOWN);
+        r.saw_up(1_000, 1, DOWN);
+        r.saw_up(2_000, 1, DOWN);
         assert_eq!(r.limit(2_500, DOWN, SETTLE), 2_500);
         // The leader is killed: held at once where it was last seen up.
         r.saw_away();
         assert_eq!(r.limit(3_000, DOWN, SETTLE), 2_000);
         assert_eq!(r.limit(12_000, DOWN, SETTLE), 2_000);
         // A new leader at 12 s: held until producers had `settle` to deliver.
-        r.saw_up(12_000, DOWN);
+        r.saw_up(12_000, 2, DOWN);
         assert_eq!(r.limit(12_000, DOWN, SETTLE), 2_000);
         // Statistics every second meanwhile.
         for t in (13_000..12_000 + SETTLE).step_by(1_000) {
-            r.saw_up(t, DOWN);
+            r.saw_up(t, 2, DOWN);
             assert_eq!(r.limit(t, DOWN, SETTLE), 2_000, "at {t}");
         }
-        r.saw_up(12_000 + SETTLE, DOWN);
+        r.saw_up(12_000 + SETTLE, 2, DOWN);
         assert_eq!(r.limit(12_000 + SETTLE, DOWN, SETTLE), 12_000 + SETTLE);
         // Statistics that stop coming count as an outage too.
         assert_eq!(
@@ -616,11 +635,27 @@ mod tests {
     }
 
     #[test]
+    fn a_leadership_move_holds_the_partition_clock_until_producers_settle() {
+        let mut r = Reachability::default();
+        r.saw_up(1_000, 1, DOWN);
+        r.saw_up(2_000, 1, DOWN);
+        // Broker 1 shut down cleanly: the next statistics already show broker 3 leading.
+        r.saw_up(3_000, 3, DOWN);
+        assert_eq!(r.limit(3_000, DOWN, SETTLE), 2_000);
+        for t in (4_000..3_000 + SETTLE).step_by(1_000) {
+            r.saw_up(t, 3, DOWN);
+            assert_eq!(r.limit(t, DOWN, SETTLE), 2_000, "at {t}");
+        }
+        r.saw_up(3_000 + SETTLE, 3, DOWN);
+        assert_eq!(r.limit(3_000 + SETTLE, DOWN, SETTLE), 3_000 + SETTLE);
+    }
+
+    #[test]
     fn a_partition_first_seen_without_a_leader_is_not_held() {
         let mut r = Reachability::default();
         r.saw_away();
         assert_eq!(r.limit(5_000, DOWN, SETTLE), 5_000);
-        r.saw_up(6_000, DOWN);
+        r.saw_up(6_000, 1, DOWN);
         assert_eq!(r.limit(6_000, DOWN, SETTLE), 6_000);
     }
 

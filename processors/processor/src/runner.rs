@@ -92,6 +92,9 @@ const GROUP_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 const POLL_WAIT: Duration = Duration::from_millis(50);
 /// Records taken per burst before the clock, ticks and commit checks run again.
 const BURST: usize = 1024;
+/// Longer than this away from the consumer (between polls, or blocked inside one), and the
+/// expiry clock waits until the queue has been read to empty (`consume`).
+const AWAY_MS: i64 = 100;
 
 /// Why one consumer's run ended.
 enum Ended {
@@ -295,6 +298,11 @@ fn consume<S: Stage>(
     let mut held_back = false;
     let topic = lock(shared).topic;
     let lateness = config.processor.allowed_lateness.as_millis() as i64;
+    // When the loop last returned from a poll, and, after it was away from the consumer
+    // for longer than `AWAY_MS`, since when records may be waiting unread in librdkafka's
+    // queue (cleared by a poll that finds the queue empty).
+    let mut last_poll = now_ms();
+    let mut unread_since: Option<i64> = None;
     while !shutdown.is_triggered() {
         pulse.beat();
         if let Some((code, reason)) = consumer.client().fatal_error() {
@@ -361,7 +369,25 @@ fn consume<S: Stage>(
         // a rebalance inside the next poll may commit the transaction.
         let mut wait = timeout;
         for _ in 0..BURST {
-            let Some(polled) = consumer.poll(wait) else {
+            // Time the loop spent away from its consumer (a commit, a restore, a replaced
+            // producer) or blocked inside a poll (a rebalance callback): librdkafka went on
+            // fetching meanwhile, so records stamped then may sit in its queue, unread.
+            let before = now_ms();
+            if before - last_poll > AWAY_MS {
+                unread_since.get_or_insert(last_poll);
+            }
+            let started = Instant::now();
+            let polled = consumer.poll(wait);
+            last_poll = now_ms();
+            let blocked = started.elapsed() > wait + Duration::from_millis(AWAY_MS as u64);
+            if blocked {
+                unread_since.get_or_insert(before);
+            }
+            let Some(polled) = polled else {
+                if !blocked {
+                    // An empty queue: everything fetched so far has been read.
+                    unread_since = None;
+                }
                 break;
             };
             wait = Duration::ZERO;
@@ -401,7 +427,10 @@ fn consume<S: Stage>(
         if !g.needs_rewind {
             // The wall clock as far as each partition may go (`Clock`): behind by the
             // allowed lateness, and held while the brokers or its leader are away and until
-            // producers have delivered what they held (`BrokerWatch::partition_clock_limit`).
+            // producers have delivered what they held (`BrokerWatch::partition_clock_limit`);
+            // and not past the moment the loop last left its consumer until the queue it
+            // left has been read to empty.
+            let now = unread_since.map_or(now, |t| t.min(now));
             let limit = |p| {
                 consumer
                     .context()
