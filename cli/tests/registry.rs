@@ -21,8 +21,8 @@ use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
 use presence_core::registry::{
     header_for, value_subject, Framing, IdCache, RegistryClient, RegistryError,
 };
-use presence_core::testkit::{python, read_to_end, read_to_end_until, repo_root};
 use presence_core::{topics, Shutdown};
+use presence_testkit::{python, read_to_end, read_to_end_until, repo_root};
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
@@ -158,7 +158,7 @@ async fn an_unreachable_registry_is_named_with_the_fix_and_no_password() {
 }
 
 fn free_port() -> u16 {
-    presence_core::testkit::free_port()
+    presence_testkit::free_port()
 }
 
 /// Produces `(key, value, timestamp)` records to the heartbeats topic.
@@ -291,15 +291,14 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
     // The sink reads the registry framing too: every transition lands in PostgreSQL.
     let sink_shutdown = Shutdown::new();
     let sc = c.clone();
-    let sink = presence_core::testkit::spawn_process("sink", &sink_shutdown, move |s| {
-        presence_sink::run(sc, s)
-    });
+    let sink =
+        presence_testkit::spawn_process("sink", &sink_shutdown, move |s| presence_sink::run(sc, s));
     let (db, connection) = tokio_postgres::connect(c.database.url.expose(), tokio_postgres::NoTls)
         .await
         .expect("PostgreSQL of the stack");
     tokio::spawn(connection);
     let schema = c.database.schema.clone();
-    let stored: BTreeSet<(String, String, i64)> = presence_core::testkit::eventually(
+    let stored: BTreeSet<(String, String, i64)> = presence_testkit::eventually(
         "the sink's four transitions in PostgreSQL",
         Duration::from_secs(60),
         || {
