@@ -207,18 +207,10 @@ async fn every_target_is_up_and_every_dashboard_panel_has_data() {
     }
     let http = reqwest::Client::new();
     for (process, port) in &ports {
-        eventually(
-            &format!("{process} ready on 127.0.0.1:{port}"),
+        support::ready(
+            process,
+            &format!("127.0.0.1:{port}"),
             Duration::from_secs(60),
-            || async {
-                http.get(format!("http://127.0.0.1:{port}/readyz"))
-                    .send()
-                    .await
-                    .ok()?
-                    .status()
-                    .is_success()
-                    .then_some(())
-            },
         )
         .await;
     }

@@ -19,7 +19,6 @@ use presence_core::codec::encode;
 use presence_testkit::oracle::{oracle_placed, OracleConfig, Placed};
 use presence_testkit::sim::{generate, SimConfig};
 use rand::{Rng, SeedableRng};
-use rdkafka::message::{Headers, Message};
 use support::*;
 
 /// Even, so deadlines land on the log's 10 ms grid and beats can hit them exactly.
@@ -168,13 +167,7 @@ async fn a_disturbed_log_with_a_flap_hold_and_a_kill_equals_the_oracle() {
     let letters: Vec<String> =
         presence_testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(60))
             .iter()
-            .map(|m| {
-                m.headers()
-                    .and_then(|h| h.iter().find(|x| x.key == "presence.error.code"))
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default()
-            })
+            .map(|m| presence_testkit::header(m, "presence.error.code"))
             .collect();
     assert_eq!(
         letters,

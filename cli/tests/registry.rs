@@ -23,7 +23,7 @@ use presence_core::registry::{
 };
 use presence_core::{topics, Shutdown};
 use presence_testkit::{python, read_to_end, read_to_end_until, repo_root};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
 
@@ -278,13 +278,7 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
     let letters = read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30));
     let codes: Vec<String> = letters
         .iter()
-        .map(|m| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == "presence.error.code"))
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        })
+        .map(|m| presence_testkit::header(m, "presence.error.code"))
         .collect();
     assert_eq!(codes, vec!["unresolved_schema_id"], "the unknown id only");
 

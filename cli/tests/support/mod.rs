@@ -427,9 +427,20 @@ pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) 
         .expect("gateway starts");
     let base = format!("http://{}", running.addr);
     // Readiness is on the ops port, apart from the public one.
-    let ops = format!("http://{}", running.ops_addr);
-    presence_testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{ops}/readyz"))
+    ready(
+        "gateway",
+        &running.ops_addr.to_string(),
+        Duration::from_secs(30),
+    )
+    .await;
+    base
+}
+
+/// Waits until `what`'s `/readyz` on its ops listener `ops` (`127.0.0.1:9090`) answers 2xx;
+/// fails the test after `within`.
+pub async fn ready(what: &str, ops: &str, within: Duration) {
+    presence_testkit::eventually(&format!("{what} ready on {ops}"), within, || async {
+        reqwest::get(format!("http://{ops}/readyz"))
             .await
             .ok()?
             .status()
@@ -437,7 +448,6 @@ pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) 
             .then_some(())
     })
     .await;
-    base
 }
 
 /// The seed of this run: `PRESENCE_TEST_SEED` if set (to repeat a run), else random. Printed

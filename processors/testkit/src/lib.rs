@@ -394,6 +394,17 @@ pub fn read_to_end(
     read_to_end_of(c, topic, within, "read_committed")
 }
 
+/// The value of header `key` of `m` (a dead letter's `presence.error.code`, say); empty
+/// if it has none.
+pub fn header(m: &impl rdkafka::message::Message, key: &str) -> String {
+    use rdkafka::message::Headers;
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == key))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
+}
+
 /// `read_to_end` with read_uncommitted: the records of aborted transactions too (what a
 /// crashed writer had written), up to the high watermarks.
 pub fn read_to_end_uncommitted(
