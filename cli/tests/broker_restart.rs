@@ -6,7 +6,7 @@
 //! # What "equal" means under live timing
 //!
 //! The ground truth is the `heartbeats` topic itself (what the processor consumed), read
-//! back to its end offsets and given to `sim::oracle_placed` in each partition's offset
+//! back to its end offsets and given to `oracle::oracle_placed` in each partition's offset
 //! order, the order the processor met it (a record written twice, or with a timestamp older
 //! than the one before it, counts as the processor counts it). `facility-status` is read
 //! with read_committed to its end offsets. Status, `seq`, open sessions and region must

@@ -128,7 +128,7 @@ async fn straight_to_kafka_the_truth_has_the_record_timestamps() {
 
 /// The truth file is the processor's oracle: live users from loadgen (logins, END, silent
 /// vanishing, moves), then the real processor over what they sent, give exactly the
-/// transitions that `sim::oracle` computes from the truth file. (The processor reads the
+/// transitions that `oracle::oracle` computes from the truth file. (The processor reads the
 /// run afterwards, as after a restart: read live, a beat that reaches it after its clock
 /// passed the beat's timestamp counts at the clock's time, which no oracle of timestamps
 /// can predict to the millisecond.)
