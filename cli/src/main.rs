@@ -44,23 +44,25 @@ enum Command {
     Bench(Bench),
 }
 
+/// The flags of `presence loadgen`. Their defaults are `presence_loadgen::Options`'
+/// ([`loadgen_default`]), the one place they are written.
 #[derive(clap::Args)]
 struct LoadgenArgs {
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, default_value_t = loadgen_default().facilities)]
     facilities: usize,
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = loadgen_default().regions)]
     regions: usize,
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, default_value_t = loadgen_default().users_per_facility)]
     users_per_facility: usize,
     /// Seconds between a user's beats (browsers: 30).
-    #[arg(long, default_value_t = 30.0)]
+    #[arg(long, default_value_t = loadgen_default().beat_interval.as_secs_f64())]
     beat_seconds: f64,
     /// Mean seconds a user stays logged in, and logged out between sessions.
-    #[arg(long, default_value_t = 600.0)]
+    #[arg(long, default_value_t = loadgen_default().mean_session.as_secs_f64())]
     mean_session_seconds: f64,
-    #[arg(long, default_value_t = 300.0)]
+    #[arg(long, default_value_t = loadgen_default().mean_offline.as_secs_f64())]
     mean_offline_seconds: f64,
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, default_value_t = loadgen_default().seed)]
     seed: u64,
     /// Stop after this many seconds (default: until SIGTERM).
     #[arg(long)]
@@ -76,9 +78,14 @@ struct LoadgenArgs {
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Write every heartbeat with its event time to this file (JSON lines), the ground
-    /// truth that `presence_core::sim::read_truth` + `oracle` turn into expected transitions.
+    /// truth that `presence_loadgen::read_truth` reads back and the tests' oracle
+    /// (`presence_testkit::oracle`) turns into expected transitions.
     #[arg(long)]
     truth: Option<PathBuf>,
+}
+
+fn loadgen_default() -> presence_loadgen::Options {
+    presence_loadgen::Options::default()
 }
 
 #[derive(Subcommand)]

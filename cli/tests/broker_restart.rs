@@ -6,7 +6,7 @@
 //! # What "equal" means under live timing
 //!
 //! The ground truth is the `heartbeats` topic itself (what the processor consumed), read
-//! back to its end offsets and given to `sim::oracle_placed` in each partition's offset
+//! back to its end offsets and given to `oracle::oracle_placed` in each partition's offset
 //! order, the order the processor met it (a record written twice, or with a timestamp older
 //! than the one before it, counts as the processor counts it). `facility-status` is read
 //! with read_committed to its end offsets. Status, `seq`, open sessions and region must
@@ -48,8 +48,9 @@ use presence_core::codec::{decode, encode};
 use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
-use presence_core::sim::{facility_id, region_of, Expected, SimRecord};
-use presence_core::testkit::{free_port, isolated_config, PrivateService};
+use presence_testkit::oracle::Expected;
+use presence_testkit::sim::{facility_id, region_of, SimRecord};
+use presence_testkit::{free_port, isolated_config, PrivateService};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rdkafka::client::ClientContext;
@@ -371,19 +372,19 @@ async fn where_it_stands(c: &Config, ops: &str, pid: u32) -> String {
             "(no gdb)".into()
         },
         get(&format!("{ops}/readyz")).await,
-        presence_core::testkit::end_offsets(c, &c.topics.heartbeats),
-        presence_core::testkit::committed_offsets(
+        presence_testkit::end_offsets(c, &c.topics.heartbeats),
+        presence_testkit::committed_offsets(
             c,
             &format!("{}.sessions", c.processor.group_id),
             &c.topics.heartbeats
         ),
-        presence_core::testkit::end_offsets(c, &transitions),
-        presence_core::testkit::committed_offsets(
+        presence_testkit::end_offsets(c, &transitions),
+        presence_testkit::committed_offsets(
             c,
             &format!("{}.facilities", c.processor.group_id),
             &transitions
         ),
-        presence_core::testkit::end_offsets(c, &c.topics.facility_status),
+        presence_testkit::end_offsets(c, &c.topics.facility_status),
         get(&format!("{ops}/metrics"))
             .await
             .map(|(_, body)| body
@@ -432,7 +433,7 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
     let mut c = isolated_config();
     c.kafka.brokers = kafka.address();
     c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS as u64);
-    presence_core::testkit::ensure_topics(&c).await;
+    presence_testkit::ensure_topics(&c).await;
     // A broker that has just created topics may not list them in its metadata yet.
     let admin: BaseConsumer = consumer_config(&c.kafka, "test-admin", "unused")
         .create()
@@ -442,7 +443,7 @@ async fn the_processor_recovers_from_broker_restarts_by_itself_with_exact_output
         c.topics.session_transitions(),
         c.topics.facility_status.clone(),
     ];
-    presence_core::testkit::eventually(
+    presence_testkit::eventually(
         "the topics in the metadata",
         Duration::from_secs(30),
         || async {

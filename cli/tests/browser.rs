@@ -6,17 +6,15 @@ mod support;
 
 use std::time::Duration;
 
-use presence_core::testkit::{
-    browser_script, isolated_config, read_to_end_until, spawn_process, unique,
-};
 use presence_core::Shutdown;
+use presence_testkit::{browser_script, isolated_config, read_to_end_until, spawn_process, unique};
 use rdkafka::message::Message;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fetch_beats_and_an_unload_beacon_arrive() {
     let mut config = isolated_config();
     config.gateway.cors_origins = vec!["*".into()];
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
     let base = support::start_gateway(&config, &shutdown).await;
     let session = unique("browser");
@@ -62,7 +60,7 @@ async fn fetch_beats_and_an_unload_beacon_arrive() {
 async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() {
     let mut config = isolated_config();
     config.processor.session_timeout = Duration::from_secs(3);
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
     let processor = spawn_process("processor", &shutdown, |s| {
         presence_processor::run(config.clone(), s)
@@ -90,7 +88,7 @@ async fn dashboard_tile_turns_online_with_beats_and_offline_after_the_timeout() 
     assert_eq!(result["online_count"], "1", "{result}");
     assert_eq!(result["offline_count"], "1", "{result}");
     assert_ne!(result["last_change"], "–", "{result}");
-    presence_core::testkit::check_processes();
+    presence_testkit::check_processes();
     processor.stop(Duration::from_secs(30)).await;
     notifier.stop(Duration::from_secs(30)).await;
 }
@@ -126,7 +124,7 @@ async fn console_follows_the_real_pipeline() {
     use presence_core::records::{FacilityStatus, Status};
     let mut config = isolated_config();
     config.processor.session_timeout = Duration::from_secs(3);
-    let _topics = presence_core::testkit::TestTopics::create(&config).await;
+    let _topics = presence_testkit::TestTopics::create(&config).await;
     let shutdown = Shutdown::new();
     let processor = spawn_process("processor", &shutdown, |s| {
         presence_processor::run(config.clone(), s)
@@ -158,7 +156,7 @@ async fn console_follows_the_real_pipeline() {
         move |facility: &str, kind: &str| {
             let i = &facility[facility.len() - 1..];
             let body = serde_json::json!({"session_id": format!("keep-{i}"), "user_id": format!("keeper-{i}"),
-            "facility_id": facility, "region_id": presence_core::sim::region_of(i.parse().unwrap_or(0), 3), "kind": kind});
+            "facility_id": facility, "region_id": presence_testkit::sim::region_of(i.parse().unwrap_or(0), 3), "kind": kind});
             let (http, url) = (http.clone(), format!("{base}/v1/heartbeats"));
             async move {
                 http.post(url)
@@ -197,7 +195,7 @@ async fn console_follows_the_real_pipeline() {
     .expect("join")
     .expect("loadgen");
     assert!(summary.sent > 0, "{summary}");
-    let truth = presence_core::sim::read_truth(&truth_path).expect("truth");
+    let truth = presence_testkit::sim::read_truth(&truth_path).expect("truth");
     let _ = std::fs::remove_file(&truth_path);
 
     // Once every loadgen session has ended or timed out: the keepers' facilities ONLINE,
@@ -214,7 +212,7 @@ async fn console_follows_the_real_pipeline() {
         .chain(keepers.iter().map(|k| {
             (
                 k.to_string(),
-                presence_core::sim::region_of(k[k.len() - 1..].parse().unwrap_or(0), 3),
+                presence_testkit::sim::region_of(k[k.len() - 1..].parse().unwrap_or(0), 3),
             )
         }))
         .collect();
@@ -226,7 +224,7 @@ async fn console_follows_the_real_pipeline() {
             e.1 += 1;
         }
     }
-    let settled = presence_core::testkit::eventually(
+    let settled = presence_testkit::eventually(
         "the overview equals the ground truth",
         Duration::from_secs(60),
         || async {
@@ -249,7 +247,7 @@ async fn console_follows_the_real_pipeline() {
         .map(|(_, r)| r.clone())
         .unwrap_or_default();
     // The sink has written them all once the history answers with the topic's count.
-    let records = presence_core::testkit::read_to_end(
+    let records = presence_testkit::read_to_end(
         &config,
         &config.topics.facility_status,
         Duration::from_secs(30),
@@ -264,7 +262,7 @@ async fn console_follows_the_real_pipeline() {
         .collect();
     transitions.sort();
     assert!(!transitions.is_empty(), "{historic} has transitions");
-    presence_core::testkit::eventually(
+    presence_testkit::eventually(
         "the sink wrote the historic facility's history",
         Duration::from_secs(30),
         || async {
@@ -279,9 +277,9 @@ async fn console_follows_the_real_pipeline() {
     )
     .await;
 
-    let shots = presence_core::testkit::repo_root().join("target/console-screenshots/pipeline");
+    let shots = presence_testkit::repo_root().join("target/console-screenshots/pipeline");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let mut node = presence_core::testkit::BrowserScript::spawn(
+    let mut node = presence_testkit::BrowserScript::spawn(
         "console.cjs",
         &[
             base.as_str(),
@@ -359,7 +357,7 @@ async fn console_follows_the_real_pipeline() {
         seen - ended_at
     );
 
-    presence_core::testkit::check_processes();
+    presence_testkit::check_processes();
     shutdown.trigger();
     for p in [processor, notifier, sink] {
         p.stop(Duration::from_secs(30)).await;

@@ -39,10 +39,11 @@ use presence_core::codec::decode;
 use presence_core::config::Config;
 use presence_core::kafka::consumer_config;
 use presence_core::records::{FacilityStatus, Heartbeat, Status};
-use presence_core::sim::{read_truth, Expected, SimRecord};
-use presence_core::testkit::{consumed_to_end, PrivateService};
-use presence_core::testkit::{free_port, isolated_config, read_to_end, unique};
 use presence_core::{now_ms, Shutdown};
+use presence_testkit::oracle::Expected;
+use presence_testkit::sim::{read_truth, SimRecord};
+use presence_testkit::{consumed_to_end, PrivateService};
+use presence_testkit::{free_port, isolated_config, read_to_end, unique};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -777,7 +778,7 @@ fn run_and_judge(p: Params) {
     c.topics.facility_partitions = 6;
     c.processor.session_timeout = Duration::from_millis(timeout_ms() as u64);
     c.processor.allowed_lateness = Duration::from_millis(lateness_ms() as u64);
-    rt.block_on(presence_core::testkit::ensure_topics(&c));
+    rt.block_on(presence_testkit::ensure_topics(&c));
     wait_transactions_ready(&c);
 
     let gateway_port = free_port();

@@ -12,8 +12,9 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use presence_core::sim::{generate, oracle, SimConfig};
-use presence_core::testkit::{free_port, isolated_config, unique};
+use presence_testkit::oracle::oracle;
+use presence_testkit::sim::{generate, SimConfig};
+use presence_testkit::{free_port, isolated_config, unique};
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
@@ -94,7 +95,7 @@ async fn broker_and_processor_kills_on_a_replicated_cluster_change_nothing() {
     c.kafka.brokers = cluster.brokers();
     c.topics.replication_factor = 3;
     c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS);
-    presence_core::testkit::ensure_topics(&c).await;
+    presence_testkit::ensure_topics(&c).await;
 
     let log = generate(&SimConfig::compressed(21, 2_000, 100, now_ms() - 3_600_000));
     let expected = oracle(&log, TIMEOUT_MS as i64);

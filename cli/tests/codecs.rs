@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use presence_core::codec::{decode, encode};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::testkit::read_to_end_until;
 use presence_core::Shutdown;
+use presence_testkit::read_to_end_until;
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;

@@ -8,10 +8,10 @@ use std::time::Duration;
 use futures::StreamExt;
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
-use presence_core::testkit::{
+use presence_core::Shutdown;
+use presence_testkit::{
     eventually, isolated_config, produce, spawn_process, status_records, transition,
 };
-use presence_core::Shutdown;
 use serde_json::Value;
 
 struct Pipeline {
@@ -30,7 +30,7 @@ impl Drop for Pipeline {
 async fn pipeline(replay_events: usize) -> Pipeline {
     let mut config = isolated_config();
     config.redis.replay_events = replay_events;
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_testkit::ensure_topics(&config).await;
     let shutdown = Shutdown::new();
     spawn_process("notifier", &shutdown, |s| {
         presence_notifier::run(config.clone(), s)

@@ -26,8 +26,9 @@ use presence_core::codec::{
     encode, history_fingerprints, write_long, write_optional_long, write_str, AvroRecord, MARKER,
 };
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::sim::{generate, oracle, SimConfig};
 use presence_processor::records::{FacilityState, SessionEvent};
+use presence_testkit::oracle::oracle;
+use presence_testkit::sim::{generate, SimConfig};
 use rdkafka::message::Message;
 use support::*;
 
@@ -58,7 +59,7 @@ fn heartbeat_v1(h: &Heartbeat) -> Vec<u8> {
 fn versions_in<T: AvroRecord>(c: &presence_core::config::Config, topic: &str) -> Vec<usize> {
     let fps = history_fingerprints::<T>();
     let mut count = vec![0; fps.len()];
-    for m in presence_core::testkit::read_to_end(c, topic, Duration::from_secs(60)) {
+    for m in presence_testkit::read_to_end(c, topic, Duration::from_secs(60)) {
         let Some(v) = m.payload() else { continue };
         let fp = v
             .get(2..10)
@@ -190,9 +191,7 @@ async fn v1_and_v2_records_through_an_upgrade_and_a_roll_back() {
         .collect();
     let v2 = history_fingerprints::<FacilityStatus>()[1];
     let mut checked: BTreeMap<bool, usize> = BTreeMap::new();
-    for m in
-        presence_core::testkit::read_to_end(&c, &c.topics.facility_status, Duration::from_secs(60))
-    {
+    for m in presence_testkit::read_to_end(&c, &c.topics.facility_status, Duration::from_secs(60)) {
         let bytes = m.payload().unwrap_or_default();
         if bytes.get(2..10) != Some(&v2.to_le_bytes()[..]) {
             continue;

@@ -13,8 +13,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use presence_core::config::Config;
-use presence_core::testkit::{python, read_to_end_until, repo_root};
 use presence_core::Shutdown;
+use presence_testkit::{python, read_to_end_until, repo_root};
 use support::*;
 
 type Transition = (String, String, i64);

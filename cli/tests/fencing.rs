@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config};
-use presence_core::sim::{generate, oracle, Expected, SimConfig};
+use presence_testkit::oracle::{oracle, Expected};
+use presence_testkit::sim::{generate, SimConfig};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, Producer};
 use support::*;
@@ -43,7 +44,7 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
     let (c, expected) = case(seed).await;
     let _cleanup = Cleanup::new(&c);
     let reader = StatusReader::new(&c);
-    let ops = presence_core::testkit::free_port();
+    let ops = presence_testkit::free_port();
     let listen = format!("127.0.0.1:{ops}");
     let p = watched_processor(
         &c,
@@ -96,7 +97,7 @@ async fn a_static_member_fenced_by_its_instance_id_rejoins_and_nothing_changes()
     let (c, expected) = case(seed).await;
     let _cleanup = Cleanup::new(&c);
     let mut reader = StatusReader::new(&c);
-    let ops = presence_core::testkit::free_port();
+    let ops = presence_testkit::free_port();
     let listen = format!("127.0.0.1:{ops}");
     let p = watched_processor(
         &c,
@@ -126,7 +127,7 @@ async fn a_static_member_fenced_by_its_instance_id_rejoins_and_nothing_changes()
         .expect("subscribe");
     let deadline = Instant::now() + Duration::from_secs(60);
     while impostor.assignment().map(|a| a.count()).unwrap_or(0) == 0 {
-        presence_core::testkit::check_processes();
+        presence_testkit::check_processes();
         assert!(
             Instant::now() < deadline,
             "seed {seed}: the impostor got no partitions within 60 s"

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
-use presence_core::testkit::{eventually, free_port, isolated_config};
+use presence_testkit::{eventually, free_port, isolated_config};
 
 /// A `presence gateway` child process; SIGTERM and reaped on drop.
 struct GatewayProcess {

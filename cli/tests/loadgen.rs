@@ -8,10 +8,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use presence_core::config::Config;
-use presence_core::sim::read_truth;
-use presence_core::testkit::{isolated_config, read_to_end, unique};
 use presence_core::Shutdown;
 use presence_loadgen::{Options, Target};
+use presence_testkit::sim::read_truth;
+use presence_testkit::{isolated_config, read_to_end, unique};
 use rdkafka::message::Message;
 
 fn options() -> Options {
@@ -30,7 +30,7 @@ fn options() -> Options {
 
 async fn setup() -> Config {
     let config = isolated_config();
-    presence_core::testkit::ensure_topics(&config).await;
+    presence_testkit::ensure_topics(&config).await;
     config
 }
 
@@ -128,7 +128,7 @@ async fn straight_to_kafka_the_truth_has_the_record_timestamps() {
 
 /// The truth file is the processor's oracle: live users from loadgen (logins, END, silent
 /// vanishing, moves), then the real processor over what they sent, give exactly the
-/// transitions that `sim::oracle` computes from the truth file. (The processor reads the
+/// transitions that `oracle::oracle` computes from the truth file. (The processor reads the
 /// run afterwards, as after a restart: read live, a beat that reaches it after its clock
 /// passed the beat's timestamp counts at the clock's time, which no oracle of timestamps
 /// can predict to the millisecond.)
@@ -156,7 +156,7 @@ async fn the_truth_file_predicts_the_processors_output() {
         "{summary}"
     );
     let expected =
-        presence_core::sim::oracle(&read_truth(&truth).expect("truth"), TIMEOUT_MS as i64);
+        presence_testkit::oracle::oracle(&read_truth(&truth).expect("truth"), TIMEOUT_MS as i64);
     assert!(
         expected.len() > 20,
         "a run with churn: {} transitions",

@@ -17,8 +17,9 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use presence_core::config::Config;
-use presence_core::testkit::{
+use presence_testkit::{
     check_processes, eventually, free_port, produce, repo_root, spawn_child, unique, ChildProcess,
+    TestTopics,
 };
 use serde_json::Value;
 
@@ -82,29 +83,31 @@ impl Drop for Prometheus {
     }
 }
 
-/// Deletes the test's topics, Redis keys and database schema, also when it fails.
-struct Cleanup(Config);
+/// Deletes the test's topics and groups (its [`TestTopics`]), Redis keys and database
+/// schema, also when it fails.
+struct Cleanup {
+    config: Config,
+    _topics: TestTopics,
+}
+
+impl Cleanup {
+    fn new(config: &Config) -> Cleanup {
+        Cleanup {
+            config: config.clone(),
+            _topics: TestTopics::own(config),
+        }
+    }
+}
 
 impl Drop for Cleanup {
     fn drop(&mut self) {
-        let c = self.0.clone();
+        let c = self.config.clone();
         let _ = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .expect("runtime");
             runtime.block_on(async {
-                if let Ok(admin) = presence_core::kafka::admin_client(&c.kafka) {
-                    let names: Vec<String> =
-                        presence_core::topics::specs(&c.topics, c.processor.session_timeout)
-                            .into_iter()
-                            .map(|s| s.name)
-                            .collect();
-                    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                    let _ = admin
-                        .delete_topics(&names, &rdkafka::admin::AdminOptions::new())
-                        .await;
-                }
                 if let Ok((db, conn)) =
                     tokio_postgres::connect(c.database.url.expose(), tokio_postgres::NoTls).await
                 {
@@ -185,7 +188,7 @@ async fn every_target_is_up_and_every_dashboard_panel_has_data() {
     // A session timeout of a few seconds, so that silent sessions expire within the test
     // (offline-detection delay).
     let config = support::setup(4005).await;
-    let _cleanup = Cleanup(config.clone());
+    let _cleanup = Cleanup::new(&config);
     let ports: Vec<(&str, u16)> = PROCESSES.iter().map(|p| (*p, free_port())).collect();
     let public = free_port();
     let mut children: Vec<ChildProcess> = Vec::new();
@@ -204,18 +207,10 @@ async fn every_target_is_up_and_every_dashboard_panel_has_data() {
     }
     let http = reqwest::Client::new();
     for (process, port) in &ports {
-        eventually(
-            &format!("{process} ready on 127.0.0.1:{port}"),
+        support::ready(
+            process,
+            &format!("127.0.0.1:{port}"),
             Duration::from_secs(60),
-            || async {
-                http.get(format!("http://127.0.0.1:{port}/readyz"))
-                    .send()
-                    .await
-                    .ok()?
-                    .status()
-                    .is_success()
-                    .then_some(())
-            },
         )
         .await;
     }

@@ -1,4 +1,4 @@
-//! The processor against the wider oracle (`presence_core::sim::oracle_placed`) through the
+//! The processor against the wider oracle (`presence_testkit::oracle::oracle_placed`) through the
 //! real broker: a log with late, out-of-order, tied and future-dated beats, beats exactly at
 //! a session's deadline, beats refused for a timestamp past the clock's allowance, and a flap
 //! hold, each record produced to a partition the test chooses (the oracle models each
@@ -16,9 +16,9 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use presence_core::codec::encode;
-use presence_core::sim::{generate, oracle_placed, OracleConfig, Placed, SimConfig};
+use presence_testkit::oracle::{oracle_placed, OracleConfig, Placed};
+use presence_testkit::sim::{generate, SimConfig};
 use rand::{Rng, SeedableRng};
-use rdkafka::message::{Headers, Message};
 use support::*;
 
 /// Even, so deadlines land on the log's 10 ms grid and beats can hit them exactly.
@@ -123,7 +123,7 @@ async fn a_disturbed_log_with_a_flap_hold_and_a_kill_equals_the_oracle() {
     // A backlog read from the start: stage 1's partitions advance at their own pace, so stage
     // 2 waits for the slowest source's watermark; with a bound of 100 events it lets events
     // go and reads them again (counted, and checked below), and the output must not change.
-    let ops = presence_core::testkit::free_port().to_string();
+    let ops = presence_testkit::free_port().to_string();
     let ops_listen = format!("127.0.0.1:{ops}");
     let fast = [
         ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "20ms"),
@@ -165,15 +165,9 @@ async fn a_disturbed_log_with_a_flap_hold_and_a_kill_equals_the_oracle() {
     );
     finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
     let letters: Vec<String> =
-        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(60))
+        presence_testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(60))
             .iter()
-            .map(|m| {
-                m.headers()
-                    .and_then(|h| h.iter().find(|x| x.key == "presence.error.code"))
-                    .and_then(|x| x.value)
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-                    .unwrap_or_default()
-            })
+            .map(|m| presence_testkit::header(m, "presence.error.code"))
             .collect();
     assert_eq!(
         letters,

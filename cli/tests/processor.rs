@@ -1,5 +1,5 @@
 //! The processor end to end against the real broker: its `facility-status` output must equal
-//! what the reference model (presence_core::sim::oracle) computes from the heartbeat log,
+//! what the reference model (presence_testkit::oracle::oracle) computes from the heartbeat log,
 //! however the processor is killed, restarted or scaled. Every comparison reads the topic to
 //! its end offsets after the processor consumed its inputs to the end and stopped cleanly,
 //! so a duplicate or an extra transition fails as surely as a missing one.
@@ -12,8 +12,9 @@ mod support;
 
 use std::time::{Duration, Instant};
 
-use presence_core::sim::{generate, oracle, Expected, SimConfig};
-use presence_core::testkit::ChildProcess;
+use presence_testkit::oracle::{oracle, Expected};
+use presence_testkit::sim::{generate, SimConfig};
+use presence_testkit::ChildProcess;
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
@@ -182,7 +183,7 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
     let seed = test_seed();
     let (c, expected) = case(seed, 2_000, 100).await;
     let mut reader = StatusReader::new(&c);
-    let ops = presence_core::testkit::free_port();
+    let ops = presence_testkit::free_port();
     let p = watched_processor(
         &c,
         "a",

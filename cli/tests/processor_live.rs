@@ -12,7 +12,7 @@ use std::time::Duration;
 use presence_core::codec::encode;
 use presence_core::kafka::idempotent_producer_config;
 use presence_core::records::{HeartbeatKind, Status};
-use presence_core::sim::SimRecord;
+use presence_testkit::sim::SimRecord;
 use rdkafka::message::{Headers, Message};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
@@ -258,7 +258,7 @@ async fn bad_records_go_to_the_dead_letter_topic() {
     terminate(&mut p);
     // Every dead letter, read to the end offsets: each bad record exactly once.
     let letters: Vec<_> =
-        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
+        presence_testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
             .iter()
             .map(|m| {
                 let h = m.headers().expect("dead letters carry headers");
@@ -408,7 +408,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
     wait_consumed_to_end(&c, Duration::from_secs(60));
     terminate(&mut p);
     let mut letters: Vec<(String, String, String, String)> =
-        presence_core::testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
+        presence_testkit::read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30))
             .iter()
             .map(|m| {
                 let h = m.headers().expect("dead letters carry headers");
@@ -430,7 +430,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
     letters.sort();
     // The crashes hit transactions that held dead letters: read_uncommitted also sees the
     // letters those aborted transactions had written.
-    let attempts = presence_core::testkit::read_to_end_uncommitted(
+    let attempts = presence_testkit::read_to_end_uncommitted(
         &c,
         &c.topics.dead_letters,
         Duration::from_secs(30),
@@ -471,7 +471,7 @@ async fn every_error_code_is_dead_lettered_exactly_once_across_crashes() {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_processor_started_before_its_topics_waits_for_them() {
     let _one = serial();
-    let mut c = presence_core::testkit::isolated_config();
+    let mut c = presence_testkit::isolated_config();
     c.processor.session_timeout = Duration::from_millis(TIMEOUT_MS as u64);
     let _cleanup = Cleanup::new(&c);
     // Watched: exiting (the old behaviour, "topic ... does not exist") fails the reads below.
@@ -481,7 +481,7 @@ async fn a_processor_started_before_its_topics_waits_for_them() {
         .log_tail(50)
         .contains("topic not listed by the broker yet")
     {
-        presence_core::testkit::check_processes();
+        presence_testkit::check_processes();
         assert!(
             std::time::Instant::now() < deadline,
             "the processor never said it waits for its topics:\n{}",
@@ -489,7 +489,7 @@ async fn a_processor_started_before_its_topics_waits_for_them() {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-    presence_core::testkit::ensure_topics(&c).await;
+    presence_testkit::ensure_topics(&c).await;
     let mut reader = StatusReader::new(&c);
     produce(&c, &[beat("s", "F", HeartbeatKind::Beat, now_ms())]).await;
     assert!(

@@ -19,7 +19,8 @@ use std::time::{Duration, Instant};
 
 use presence_core::codec::encode;
 use presence_core::records::{Heartbeat, HeartbeatKind};
-use presence_core::sim::{facility_id, oracle_placed, region_of, OracleConfig, Placed, SimRecord};
+use presence_testkit::oracle::{oracle_placed, OracleConfig, Placed};
+use presence_testkit::sim::{facility_id, region_of, SimRecord};
 use rand::{Rng, SeedableRng};
 use support::*;
 
@@ -94,13 +95,13 @@ async fn a_second_instance_joins_and_leaves_under_live_load() {
     produce_encoded(&c, &[encoded(&warm)]).await;
     wait_consumed_to_end(&c, Duration::from_secs(60));
 
-    let ops_b = presence_core::testkit::free_port();
+    let ops_b = presence_testkit::free_port();
     let listen_b = format!("127.0.0.1:{ops_b}");
     let mut b = None;
     let mut joined = false;
     let load_start = Instant::now();
     while load_start.elapsed() < LOAD {
-        presence_core::testkit::check_processes();
+        presence_testkit::check_processes();
         let t = load_start.elapsed();
         if !joined && t >= LOAD / 3 {
             joined = true;

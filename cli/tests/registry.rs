@@ -21,9 +21,9 @@ use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
 use presence_core::registry::{
     header_for, value_subject, Framing, IdCache, RegistryClient, RegistryError,
 };
-use presence_core::testkit::{python, read_to_end, read_to_end_until, repo_root};
 use presence_core::{topics, Shutdown};
-use rdkafka::message::{Headers, Message};
+use presence_testkit::{python, read_to_end, read_to_end_until, repo_root};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
 
@@ -158,7 +158,7 @@ async fn an_unreachable_registry_is_named_with_the_fix_and_no_password() {
 }
 
 fn free_port() -> u16 {
-    presence_core::testkit::free_port()
+    presence_testkit::free_port()
 }
 
 /// Produces `(key, value, timestamp)` records to the heartbeats topic.
@@ -278,28 +278,21 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
     let letters = read_to_end(&c, &c.topics.dead_letters, Duration::from_secs(30));
     let codes: Vec<String> = letters
         .iter()
-        .map(|m| {
-            m.headers()
-                .and_then(|h| h.iter().find(|x| x.key == "presence.error.code"))
-                .and_then(|x| x.value)
-                .map(|v| String::from_utf8_lossy(v).into_owned())
-                .unwrap_or_default()
-        })
+        .map(|m| presence_testkit::header(m, "presence.error.code"))
         .collect();
     assert_eq!(codes, vec!["unresolved_schema_id"], "the unknown id only");
 
     // The sink reads the registry framing too: every transition lands in PostgreSQL.
     let sink_shutdown = Shutdown::new();
     let sc = c.clone();
-    let sink = presence_core::testkit::spawn_process("sink", &sink_shutdown, move |s| {
-        presence_sink::run(sc, s)
-    });
+    let sink =
+        presence_testkit::spawn_process("sink", &sink_shutdown, move |s| presence_sink::run(sc, s));
     let (db, connection) = tokio_postgres::connect(c.database.url.expose(), tokio_postgres::NoTls)
         .await
         .expect("PostgreSQL of the stack");
     tokio::spawn(connection);
     let schema = c.database.schema.clone();
-    let stored: BTreeSet<(String, String, i64)> = presence_core::testkit::eventually(
+    let stored: BTreeSet<(String, String, i64)> = presence_testkit::eventually(
         "the sink's four transitions in PostgreSQL",
         Duration::from_secs(60),
         || {

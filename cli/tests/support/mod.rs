@@ -12,10 +12,9 @@ use presence_core::codec::{decode, encode};
 use presence_core::config::Config;
 use presence_core::kafka::{base_config, consumer_config, idempotent_producer_config};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::sim::{Expected, SimRecord};
-use presence_core::testkit::{
-    check_processes, isolated_config, read_to_end, spawn_child, ChildProcess,
-};
+use presence_testkit::oracle::Expected;
+use presence_testkit::sim::SimRecord;
+use presence_testkit::{check_processes, isolated_config, read_to_end, spawn_child, ChildProcess};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
@@ -33,7 +32,7 @@ pub fn serial() -> std::sync::MutexGuard<'static, ()> {
 pub async fn setup(timeout_ms: u64) -> Config {
     let mut c = isolated_config();
     c.processor.session_timeout = Duration::from_millis(timeout_ms);
-    presence_core::testkit::ensure_topics(&c).await;
+    presence_testkit::ensure_topics(&c).await;
     c
 }
 
@@ -349,7 +348,7 @@ pub fn wait_consumed_to_end(c: &Config, within: Duration) {
         check_processes();
         if stages
             .iter()
-            .all(|(group, topic)| presence_core::testkit::consumed_to_end(c, group, topic))
+            .all(|(group, topic)| presence_testkit::consumed_to_end(c, group, topic))
         {
             return;
         }
@@ -360,8 +359,8 @@ pub fn wait_consumed_to_end(c: &Config, within: Duration) {
                 .iter()
                 .map(|(g, t)| (
                     t,
-                    presence_core::testkit::committed_offsets(c, g, t),
-                    presence_core::testkit::end_offsets(c, t)
+                    presence_testkit::committed_offsets(c, g, t),
+                    presence_testkit::end_offsets(c, t)
                 ))
                 .collect::<Vec<_>>()
         );
@@ -432,9 +431,20 @@ pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) 
         .expect("gateway starts");
     let base = format!("http://{}", running.addr);
     // Readiness is on the ops port, apart from the public one.
-    let ops = format!("http://{}", running.ops_addr);
-    presence_core::testkit::eventually("gateway ready", Duration::from_secs(30), || async {
-        reqwest::get(format!("{ops}/readyz"))
+    ready(
+        "gateway",
+        &running.ops_addr.to_string(),
+        Duration::from_secs(30),
+    )
+    .await;
+    base
+}
+
+/// Waits until `what`'s `/readyz` on its ops listener `ops` (`127.0.0.1:9090`) answers 2xx;
+/// fails the test after `within`.
+pub async fn ready(what: &str, ops: &str, within: Duration) {
+    presence_testkit::eventually(&format!("{what} ready on {ops}"), within, || async {
+        reqwest::get(format!("http://{ops}/readyz"))
             .await
             .ok()?
             .status()
@@ -442,7 +452,6 @@ pub async fn start_gateway(config: &Config, shutdown: &presence_core::Shutdown) 
             .then_some(())
     })
     .await;
-    base
 }
 
 /// The seed of this run: `PRESENCE_TEST_SEED` if set (to repeat a run), else random. Printed
@@ -571,7 +580,7 @@ impl Drop for Cleanup {
 pub async fn processor_in_process(
     c: &Config,
     shutdown: &presence_core::Shutdown,
-) -> presence_core::testkit::Process {
+) -> presence_testkit::Process {
     let admin = admin_config(c);
     let consumer: BaseConsumer = admin.create().expect("metadata client");
     let names = [
@@ -581,7 +590,7 @@ pub async fn processor_in_process(
         c.topics.sessions_changelog(),
         c.topics.facilities_changelog(),
     ];
-    presence_core::testkit::eventually(
+    presence_testkit::eventually(
         "the topics in the broker's metadata",
         Duration::from_secs(30),
         || {
@@ -601,7 +610,7 @@ pub async fn processor_in_process(
     )
     .await;
     let pc = c.clone();
-    presence_core::testkit::spawn_process("processor", shutdown, move |s| {
+    presence_testkit::spawn_process("processor", shutdown, move |s| {
         presence_processor::run(pc, s)
     })
 }
@@ -647,7 +656,7 @@ pub async fn wait_metric(
 ) -> f64 {
     let deadline = Instant::now() + within;
     loop {
-        presence_core::testkit::check_processes();
+        presence_testkit::check_processes();
         let n = metric_sum(ops, metric, having).await;
         if n > 0.0 {
             return n;
@@ -673,14 +682,14 @@ pub async fn json_of(request: reqwest::RequestBuilder) -> Option<serde_json::Val
 pub fn oracle_as_read(
     records: &[(i32, i64, SimRecord)],
     timeout_ms: i64,
-) -> Vec<presence_core::sim::Expected> {
-    let mut placed: Vec<(i32, i64, presence_core::sim::Placed)> = records
+) -> Vec<presence_testkit::oracle::Expected> {
+    let mut placed: Vec<(i32, i64, presence_testkit::oracle::Placed)> = records
         .iter()
         .map(|(p, o, r)| {
             (
                 *p,
                 *o,
-                presence_core::sim::Placed {
+                presence_testkit::oracle::Placed {
                     partition: *p,
                     record: r.clone(),
                 },
@@ -688,10 +697,11 @@ pub fn oracle_as_read(
         })
         .collect();
     placed.sort_by_key(|(p, o, _)| (*p, *o));
-    let placed: Vec<presence_core::sim::Placed> = placed.into_iter().map(|(_, _, x)| x).collect();
-    presence_core::sim::oracle_placed(
+    let placed: Vec<presence_testkit::oracle::Placed> =
+        placed.into_iter().map(|(_, _, x)| x).collect();
+    presence_testkit::oracle::oracle_placed(
         &placed,
-        &presence_core::sim::OracleConfig {
+        &presence_testkit::oracle::OracleConfig {
             timeout_ms,
             flap_hold_ms: 0,
             reject_after: i64::MAX,
@@ -703,7 +713,7 @@ pub fn oracle_as_read(
 /// and whose first client port is `base` (`cluster-up`, `cluster-node-kill 2`, ...); a
 /// failure fails the test with the script's output.
 pub fn cluster_stack(dir: &std::path::Path, base: u16, args: &[&str]) {
-    let script = presence_core::testkit::repo_root().join("deploy/stack.sh");
+    let script = presence_testkit::repo_root().join("deploy/stack.sh");
     let out = Command::new("bash")
         .arg(&script)
         .args(args)

@@ -20,7 +20,6 @@
 //! - [`telemetry`]: logging, health, `/metrics` `/healthz` `/readyz`.
 //! - [`metrics`]: how every metric is registered (one way), the `process_*` metrics and
 //!   `presence_build_info`, and the consumer-lag gauge.
-//! - [`sim`]: the seeded simulation of users (load generator) and its reference model.
 //! - [`shutdown`]: one token tripped by SIGTERM that every task watches.
 //!
 //! Data never flows through this crate: processors use it to talk to Kafka, never to each
@@ -37,10 +36,7 @@ pub mod metrics;
 pub mod records;
 pub mod registry;
 pub mod shutdown;
-pub mod sim;
 pub mod telemetry;
-#[cfg(feature = "testkit")]
-pub mod testkit;
 pub mod tls;
 pub mod topics;
 

@@ -3,7 +3,7 @@
 
 use presence_core::codec::{decode, encode};
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
-use presence_core::testkit::{fastavro, hex};
+use presence_testkit::{fastavro, hex};
 use serde_json::{json, Value};
 
 fn unhex(s: &str) -> Vec<u8> {

@@ -3,8 +3,8 @@
 
 use std::process::Command;
 
-use presence_core::testkit::{isolated_config, kafka_libs};
 use presence_core::topics::{ensure, specs, Outcome};
+use presence_testkit::{isolated_config, kafka_libs, TestTopics};
 use rdkafka::admin::{AdminOptions, NewTopic, TopicReplication};
 
 /// `kafka-topics.sh --describe` for one topic, run from the stack's jars.
@@ -135,7 +135,7 @@ async fn a_status_topic_that_is_not_compacted_is_an_error_with_its_fix() {
 #[tokio::test]
 async fn longer_retention_and_other_tuning_are_accepted_too_short_a_retention_is_refused() {
     let config = isolated_config();
-    let _cleanup = DeleteTopics(config.clone());
+    let _topics = TestTopics::own(&config);
     let t = &config.topics;
     let admin = presence_core::kafka::admin_client(&config.kafka).unwrap();
     let week = (7 * 24 * 3600 * 1000u64).to_string();
@@ -210,30 +210,4 @@ async fn longer_retention_and_other_tuning_are_accepted_too_short_a_retention_is
     // Nothing was altered behind the operator's back.
     let beats = describe_with_kafka_tools(&config.kafka.brokers, &t.heartbeats);
     assert!(beats.contains(&format!("retention.ms={week}")), "{beats}");
-}
-
-/// Deletes every topic of `config` when dropped, also when the test fails.
-struct DeleteTopics(presence_core::Config);
-
-impl Drop for DeleteTopics {
-    fn drop(&mut self) {
-        let config = self.0.clone();
-        // Drop runs inside the test's runtime: delete from a thread with a runtime of its own.
-        let _ = std::thread::spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            runtime.block_on(async {
-                let admin = presence_core::kafka::admin_client(&config.kafka).expect("admin");
-                let names: Vec<String> = specs(&config.topics, config.processor.session_timeout)
-                    .into_iter()
-                    .map(|s| s.name)
-                    .collect();
-                let names: Vec<&str> = names.iter().map(String::as_str).collect();
-                let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
-            })
-        })
-        .join();
-    }
 }

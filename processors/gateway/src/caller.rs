@@ -1,9 +1,9 @@
 //! Who is calling, as extractors: a handler names what it needs ([`Caller`],
-//! [`BeaconCaller`], [`StreamAccess`]) and gets it verified, or the request is refused with
+//! [`BeaconCaller`], [`StreamAccess`], [`FacilityRead`]) and gets it verified, or the request is refused with
 //! the [`ApiError`] that says why (and is counted). With `gateway.auth = "none"` every
 //! extractor succeeds with no claims.
 
-use axum::extract::{FromRequestParts, Path};
+use axum::extract::{FromRequestParts, Path, RawQuery};
 use axum::http::header;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -30,6 +30,53 @@ impl Caller {
             }
             _ => Ok(()),
         }
+    }
+}
+
+/// A read of one facility's PostgreSQL rows (history, uptime, who is online): the path's
+/// `{id}`, the raw query, and the caller, whose grant [`FacilityRead::region`] checks once
+/// the handler has checked its query (so a malformed query is refused before Redis or
+/// PostgreSQL is asked anything).
+pub struct FacilityRead {
+    pub id: String,
+    pub query: Option<String>,
+    caller: Caller,
+}
+
+impl FromRequestParts<App> for FacilityRead {
+    type Rejection = Response;
+
+    async fn from_request_parts(parts: &mut Parts, app: &App) -> Result<Self, Self::Rejection> {
+        let Path(id) = Path::<String>::from_request_parts(parts, app)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let caller = Caller::from_request_parts(parts, app)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        let RawQuery(query) = RawQuery::from_request_parts(parts, app)
+            .await
+            .map_err(IntoResponse::into_response)?;
+        Ok(FacilityRead { id, query, caller })
+    }
+}
+
+impl FacilityRead {
+    /// With tokens, the region the facility's rows are read from: its region in Redis, which
+    /// the caller must be granted (the queries then read only that region's rows). `None`
+    /// without tokens: every row.
+    pub async fn region(&self, app: &App) -> Result<Option<String>, ApiError> {
+        if self.caller.0.is_none() {
+            return Ok(None);
+        }
+        let t = app
+            .0
+            .store
+            .facility(&self.id)
+            .await
+            .map_err(ApiError::RedisDown)?
+            .ok_or_else(|| ApiError::UnknownFacility(self.id.clone()))?;
+        self.caller.authorize_region(&t.region_id)?;
+        Ok(Some(t.region_id))
     }
 }
 

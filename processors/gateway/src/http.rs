@@ -25,7 +25,7 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{
-    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, RawQuery, Request, State,
+    DefaultBodyLimit, FromRequest, FromRequestParts, MatchedPath, Path, Request, State,
 };
 use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
@@ -41,7 +41,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::auth::{now_secs, AuthError};
-use crate::caller::{BeaconCaller, Caller, OverviewAccess, StreamAccess};
+use crate::caller::{BeaconCaller, Caller, FacilityRead, OverviewAccess, StreamAccess};
 use crate::error::{ApiError, Outcome};
 use crate::ingest::parse;
 use crate::openapi::{
@@ -544,38 +544,15 @@ enum FacilityReadRefusals {
         (status = 400, description = "`from`/`to` unreadable, reversed or too far apart (`invalid_field`)", body = Problem),
         FacilityReadRefusals,
     ))]
-async fn get_history(
-    State(app): State<App>,
-    Path(id): Path<String>,
-    caller: Caller,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
-    let (from, to) = history_range(q.as_deref(), now_ms(), app.0.history_max_range)?;
-    let region = authorized_region(&app, &caller, &id).await?;
-    let history = app.0.history.read(&id, region.as_deref(), from, to).await?;
-    Ok(Json(history).into_response())
-}
-
-/// With tokens, the region a facility's PostgreSQL rows are read from: its region in Redis,
-/// which the caller must be granted (checked before PostgreSQL is asked; the queries then
-/// read only that region's rows). `None` without tokens: every row.
-async fn authorized_region(
-    app: &App,
-    caller: &Caller,
-    id: &str,
-) -> Result<Option<String>, ApiError> {
-    if caller.0.is_none() {
-        return Ok(None);
-    }
-    let t = app
+async fn get_history(State(app): State<App>, read: FacilityRead) -> Result<Response, ApiError> {
+    let (from, to) = history_range(read.query.as_deref(), now_ms(), app.0.history_max_range)?;
+    let region = read.region(&app).await?;
+    let history = app
         .0
-        .store
-        .facility(id)
-        .await
-        .map_err(ApiError::RedisDown)?
-        .ok_or_else(|| ApiError::UnknownFacility(id.to_string()))?;
-    caller.authorize_region(&t.region_id)?;
-    Ok(Some(t.region_id))
+        .history
+        .read(&read.id, region.as_deref(), from, to)
+        .await?;
+    Ok(Json(history).into_response())
 }
 
 /// Most days `GET /v1/facilities/{id}/uptime` answers for (a year and a day).
@@ -625,18 +602,13 @@ fn uptime_params(query: Option<&str>) -> Result<(i32, String), ApiError> {
         (status = 400, description = "`days` or `tz` unreadable or unknown (`invalid_field`)", body = Problem),
         FacilityReadRefusals,
     ))]
-async fn get_uptime(
-    State(app): State<App>,
-    Path(id): Path<String>,
-    caller: Caller,
-    RawQuery(q): RawQuery,
-) -> Result<Response, ApiError> {
-    let (days, tz) = uptime_params(q.as_deref())?;
-    let region = authorized_region(&app, &caller, &id).await?;
+async fn get_uptime(State(app): State<App>, read: FacilityRead) -> Result<Response, ApiError> {
+    let (days, tz) = uptime_params(read.query.as_deref())?;
+    let region = read.region(&app).await?;
     let uptime = app
         .0
         .history
-        .uptime(&id, region.as_deref(), days, &tz)
+        .uptime(&read.id, region.as_deref(), days, &tz)
         .await
         .map_err(|e| match e {
             crate::history::HistoryError::UnknownTimeZone(_) => ApiError::invalid_field(
@@ -656,13 +628,9 @@ async fn get_uptime(
         (status = 200, description = "The open sessions, oldest first", body = crate::history::Sessions),
         FacilityReadRefusals,
     ))]
-async fn get_sessions(
-    State(app): State<App>,
-    Path(id): Path<String>,
-    caller: Caller,
-) -> Result<Response, ApiError> {
-    let region = authorized_region(&app, &caller, &id).await?;
-    let sessions = app.0.history.sessions(&id, region.as_deref()).await?;
+async fn get_sessions(State(app): State<App>, read: FacilityRead) -> Result<Response, ApiError> {
+    let region = read.region(&app).await?;
+    let sessions = app.0.history.sessions(&read.id, region.as_deref()).await?;
     Ok(Json(sessions).into_response())
 }
 

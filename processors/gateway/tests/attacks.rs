@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use presence_core::config::{AuthMode, Config};
 use presence_core::delivery::RedisKeys;
-use presence_core::testkit::{eventually, isolated_config, transition};
 use presence_core::{Secret, Shutdown};
+use presence_testkit::{eventually, isolated_config, transition};
 use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -24,7 +24,7 @@ struct Gateway {
     http: reqwest::Client,
     shutdown: Shutdown,
     /// Deleted when the test ends, also when it fails.
-    _topics: presence_core::testkit::TestTopics,
+    _topics: presence_testkit::TestTopics,
     redis: redis::aio::MultiplexedConnection,
     keys: RedisKeys,
 }
@@ -37,7 +37,7 @@ impl Drop for Gateway {
 
 impl Gateway {
     async fn start(config: &Config) -> Gateway {
-        let topics = presence_core::testkit::TestTopics::create(config).await;
+        let topics = presence_testkit::TestTopics::create(config).await;
         let shutdown = Shutdown::new();
         let running = presence_gateway::start(config.clone(), shutdown.clone())
             .await

@@ -24,8 +24,8 @@ use openssl::rsa::Rsa;
 use openssl::x509::extension::{BasicConstraints, SubjectAlternativeName};
 use openssl::x509::{X509Builder, X509NameBuilder};
 use presence_core::config::{AuthMode, Config};
-use presence_core::testkit::{eventually, isolated_config, unique};
 use presence_core::{Secret, Shutdown};
+use presence_testkit::{eventually, isolated_config, unique};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -710,7 +710,7 @@ async fn dashboard_streams_with_a_ticket_and_keeps_the_token_out_of_urls() {
     .expect("HS256");
     let (base, t) = (g.base.clone(), token.clone());
     let seen = tokio::task::spawn_blocking(move || {
-        presence_core::testkit::browser_script("dashboard-ticket.cjs", &[&base, "a", &t])
+        presence_testkit::browser_script("dashboard-ticket.cjs", &[&base, "a", &t])
     })
     .await
     .expect("join");

@@ -11,8 +11,8 @@ use futures::StreamExt;
 use presence_core::config::{AuthMode, Config};
 use presence_core::delivery::RedisKeys;
 use presence_core::records::{FacilityStatus, Status};
-use presence_core::testkit::isolated_config;
 use presence_core::{now_ms, Secret, Shutdown};
+use presence_testkit::isolated_config;
 use serde_json::Value;
 
 const SECRET: &str = "console-secret-console-secret-console";
@@ -507,7 +507,7 @@ async fn the_console_in_chromium_shows_the_truth() {
         .expect("session row");
     }
     // A fixed port, so that the gateway can be restarted under the page.
-    w.config.gateway.listen = ([127, 0, 0, 1], presence_core::testkit::free_port()).into();
+    w.config.gateway.listen = ([127, 0, 0, 1], presence_testkit::free_port()).into();
     let mut shutdown = Shutdown::new();
     let mut running = presence_gateway::start(w.config.clone(), shutdown.clone())
         .await
@@ -529,9 +529,9 @@ async fn the_console_in_chromium_shows_the_truth() {
         }
     }
 
-    let shots = presence_core::testkit::repo_root().join("target/console-screenshots");
+    let shots = presence_testkit::repo_root().join("target/console-screenshots");
     std::fs::create_dir_all(&shots).expect("screenshot dir");
-    let mut node = presence_core::testkit::BrowserScript::spawn(
+    let mut node = presence_testkit::BrowserScript::spawn(
         "console.cjs",
         &[
             base.as_str(),

@@ -7,10 +7,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use presence_core::config::{AuthMode, Config};
-use presence_core::testkit::{
-    eventually, fastavro, hex, isolated_config, read_to_end, PrivateService,
-};
 use presence_core::{Secret, Shutdown};
+use presence_testkit::{eventually, fastavro, hex, isolated_config, read_to_end, PrivateService};
 use rdkafka::message::{Message, Timestamp};
 use serde_json::{json, Value};
 
@@ -22,7 +20,7 @@ struct Gateway {
     ops: String,
     shutdown: Shutdown,
     /// Deleted when the test ends, also when it fails.
-    _topics: presence_core::testkit::TestTopics,
+    _topics: presence_testkit::TestTopics,
     http: reqwest::Client,
 }
 
@@ -33,7 +31,7 @@ impl Drop for Gateway {
 }
 
 async fn start(config: &Config) -> Gateway {
-    let topics = presence_core::testkit::TestTopics::create(config).await;
+    let topics = presence_testkit::TestTopics::create(config).await;
     let shutdown = Shutdown::new();
     let running = presence_gateway::start(config.clone(), shutdown.clone())
         .await

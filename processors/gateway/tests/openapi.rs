@@ -10,8 +10,8 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use presence_core::config::AuthMode;
-use presence_core::testkit::{isolated_config, python, repo_root};
 use presence_core::{Secret, Shutdown};
+use presence_testkit::{isolated_config, python, repo_root};
 use serde_json::{json, Value};
 
 const SECRET: &str = "test-secret-test-secret-test-secret-123";
@@ -157,7 +157,7 @@ async fn the_served_document_is_valid_openapi_3_1_and_describes_every_answer() {
         );
     }
 
-    let dir = std::env::temp_dir().join(presence_core::testkit::unique("openapi"));
+    let dir = std::env::temp_dir().join(presence_testkit::unique("openapi"));
     std::fs::create_dir_all(&dir).expect("temp dir");
     std::fs::write(dir.join("doc.json"), doc.to_string()).expect("write doc");
     std::fs::write(

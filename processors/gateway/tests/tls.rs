@@ -6,9 +6,9 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use presence_core::delivery::{redis_client, RedisKeys};
-use presence_core::testkit::{isolated_config, transition, PrivateService, TestCerts};
 use presence_core::Secret;
 use presence_gateway::store::Store;
+use presence_testkit::{isolated_config, transition, PrivateService, TestCerts};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_gateway_reads_and_subscribes_through_rediss() {

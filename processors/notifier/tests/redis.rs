@@ -9,16 +9,16 @@ use std::time::Duration;
 
 use presence_core::config::Config;
 use presence_core::delivery::RedisKeys;
-use presence_core::testkit::{
+use presence_core::Shutdown;
+use presence_testkit::{
     check_processes, eventually, free_port, isolated_config, produce, read_to_end,
     read_to_end_until, status_records, transition, PrivateService, Process,
 };
-use presence_core::Shutdown;
 use rdkafka::message::{Headers, Message};
 use redis::AsyncCommands;
 use serde_json::Value;
 
-use presence_core::testkit::{ensure_topics as setup, spawn_process};
+use presence_testkit::{ensure_topics as setup, spawn_process};
 
 /// The notifier as a task of the test: a failure fails the test's next wait; `stop` checks
 /// that it shuts down cleanly.
@@ -88,7 +88,7 @@ async fn redis(config: &Config) -> redis::aio::MultiplexedConnection {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newest_state_wins_in_any_order_and_each_transition_is_published_once() {
     let config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     setup(&config).await;
     let keys = RedisKeys::new(&config.redis.key_prefix);
     let (mut cli, heard) = subscriber(config.redis.url.expose(), &keys.region_channel("north"));
@@ -221,7 +221,7 @@ async fn redis_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     let private = PrivateService::redis();
     private.start();
     let mut config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     config.redis.url = presence_core::Secret::new(private.address());
     config.notifier.ops_listen = ([127, 0, 0, 1], free_port()).into();
     setup(&config).await;
@@ -303,7 +303,7 @@ async fn redis_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wiped_redis_is_rebuilt_from_the_compacted_topic() {
     let config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     setup(&config).await;
     let keys = RedisKeys::new(&config.redis.key_prefix);
     let first: Vec<_> = (0..30)

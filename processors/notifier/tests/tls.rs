@@ -7,11 +7,11 @@ use std::time::Duration;
 
 use presence_core::config::RedisConfig;
 use presence_core::delivery::{redis_client, RedisKeys};
-use presence_core::testkit::{
+use presence_core::{Secret, Shutdown};
+use presence_testkit::{
     ensure_topics, eventually, isolated_config, produce, spawn_process, status_records, transition,
     PrivateService, TestCerts,
 };
-use presence_core::{Secret, Shutdown};
 use redis::AsyncCommands;
 
 async fn connect(r: &RedisConfig) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
@@ -34,7 +34,7 @@ async fn the_notifier_writes_through_rediss_and_wrong_trust_is_refused() {
     server.start();
 
     let mut config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     config.redis.url = Secret::new(format!("rediss://127.0.0.1:{}", server.port()));
     config.redis.ca_file = Some(certs.path("ca.crt"));
     config.redis.client_cert_file = Some(certs.path("client.crt"));

@@ -52,6 +52,26 @@ fn send(
     Ok(presence_core::kafka::send_when_room(p, r, None)?)
 }
 
+/// Sends `h` to `topic`, keyed by its session id, stamped `ts`, to `partition` if given
+/// (else the key's).
+fn send_beat(
+    p: &ThreadedProducer<DefaultProducerContext>,
+    topic: &str,
+    h: &Heartbeat,
+    ts: i64,
+    partition: Option<i32>,
+) -> anyhow::Result<()> {
+    let bytes = encode(h);
+    let mut record = BaseRecord::to(topic)
+        .key(h.session_id.as_bytes())
+        .payload(&bytes[..])
+        .timestamp(ts);
+    if let Some(n) = partition {
+        record = record.partition(n);
+    }
+    send(p, record)
+}
+
 fn beat(session: usize, facility: usize, kind: HeartbeatKind) -> Heartbeat {
     Heartbeat {
         session_id: format!("6f1c2a0e-5b7d-4c8e-9a3f-{session:012}"),
@@ -92,16 +112,8 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     for round in 0..3 {
         for s in 0..sessions {
             let h = beat(s, s % facilities, HeartbeatKind::Beat);
-            let bytes = encode(&h);
             let ts = t0 + round as i64 * (timeout / 3) + (s as i64 * 10 / sessions as i64);
-            send(
-                &p,
-                BaseRecord::to(&c.topics.heartbeats)
-                    .key(h.session_id.as_bytes())
-                    .payload(&bytes[..])
-                    .timestamp(ts)
-                    .partition(0),
-            )?;
+            send_beat(&p, &c.topics.heartbeats, &h, ts, Some(0))?;
         }
     }
     for s in 0..sessions {
@@ -217,15 +229,8 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
     for i in 0..heartbeats {
         let s = i % sessions;
         let h = beat(s, s % facilities, HeartbeatKind::Beat);
-        let bytes = encode(&h);
         let ts = t_end - ((heartbeats - i) as i64 * 30_000 / sessions as i64);
-        send(
-            &p,
-            BaseRecord::to(&c.topics.heartbeats)
-                .key(h.session_id.as_bytes())
-                .payload(&bytes[..])
-                .timestamp(ts),
-        )?;
+        send_beat(&p, &c.topics.heartbeats, &h, ts, None)?;
     }
     p.flush(Duration::from_secs(300))?;
     drop(p);
@@ -460,14 +465,7 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
     // Wait for the processor: one probe round trip.
     let p = producer(&c)?;
     let warm = beat(usize::MAX / 2, 999_999, HeartbeatKind::Beat);
-    let bytes = encode(&warm);
-    send(
-        &p,
-        BaseRecord::to(&c.topics.heartbeats)
-            .key(warm.session_id.as_bytes())
-            .payload(&bytes[..])
-            .timestamp(now_ms()),
-    )?;
+    send_beat(&p, &c.topics.heartbeats, &warm, now_ms(), None)?;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Some(Ok(_)) = reader.poll(Duration::from_millis(100)) {
@@ -502,14 +500,7 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
                         let s = (sent as usize) % sessions;
                         beat(s, s % facilities, HeartbeatKind::Beat)
                     };
-                    let bytes = encode(&h);
-                    send(
-                        &p,
-                        BaseRecord::to(&c.topics.heartbeats)
-                            .key(h.session_id.as_bytes())
-                            .payload(&bytes[..])
-                            .timestamp(now),
-                    )?;
+                    send_beat(&p, &c.topics.heartbeats, &h, now, None)?;
                     sent += 1;
                 }
                 std::thread::sleep(Duration::from_millis(1));
@@ -618,14 +609,7 @@ pub async fn offline(base: &Config, o: &OfflineOptions) -> anyhow::Result<String
                         continue;
                     }
                     let h = beat(s, s, HeartbeatKind::Beat);
-                    let bytes = encode(&h);
-                    send(
-                        &p,
-                        BaseRecord::to(&c.topics.heartbeats)
-                            .key(h.session_id.as_bytes())
-                            .payload(&bytes[..])
-                            .timestamp(now),
-                    )?;
+                    send_beat(&p, &c.topics.heartbeats, &h, now, None)?;
                     if s < stopping {
                         last[s] = now;
                     }

@@ -8,10 +8,10 @@
 use apache_avro::types::Value;
 use apache_avro::Schema;
 use presence_core::codec::{decode, encode, AvroRecord};
-use presence_core::testkit::repo_root;
 use presence_processor::records::{
     CloseReason, FacilityState, SessionEvent, SessionEventKind, SessionState,
 };
+use presence_testkit::repo_root;
 use proptest::prelude::*;
 
 /// Single-object header: two marker bytes and the 8-byte fingerprint.

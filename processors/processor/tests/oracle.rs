@@ -1,16 +1,17 @@
 //! Both pure stages, wired as the runner wires them, against the independent oracle
-//! (`presence_core::sim::oracle_placed`), on logs with late, out-of-order, tied and
+//! (`presence_testkit::oracle::oracle_placed`), on logs with late, out-of-order, tied and
 //! future-dated beats, beats exactly at a deadline, refused timestamps, several heartbeats
 //! partitions interleaved in any order, a flap hold, and a crash with a restore from the
 //! changelogs at any point. No broker: time is injected.
 
 use std::collections::HashMap;
 
-use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::sim::{facility_id, oracle_placed, region_of, OracleConfig, Placed, SimRecord};
+use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
 use presence_processor::facilities::{self, FacilityTask};
 use presence_processor::records::{FacilityState, SessionEvent, SessionState};
 use presence_processor::sessions::{Beat, SessionKey, SessionOutput, SessionTask, WindowBeat};
+use presence_testkit::oracle::{oracle_placed, OracleConfig, Placed};
+use presence_testkit::sim::{facility_id, heartbeat, SimRecord};
 use proptest::prelude::*;
 
 const TIMEOUT: i64 = 1_000;
@@ -193,7 +194,15 @@ fn beat(h: &Heartbeat) -> Beat<'_> {
     }
 }
 
-type Transition = (String, i64, presence_core::records::Status, i64, i32);
+fn kind(end: bool) -> HeartbeatKind {
+    if end {
+        HeartbeatKind::End
+    } else {
+        HeartbeatKind::Beat
+    }
+}
+
+type Transition = (String, i64, Status, i64, i32);
 
 fn sorted(v: impl Iterator<Item = Transition>) -> Vec<Transition> {
     let mut v: Vec<_> = v.collect();
@@ -224,19 +233,7 @@ fn log_of(gen: &[Gen], partitions: usize) -> Vec<Placed> {
                 partition: (p % partitions) as i32,
                 record: SimRecord {
                     ts,
-                    heartbeat: Heartbeat {
-                        session_id: format!("s{s}"),
-                        user_id: format!("u{u}"),
-                        facility_id: facility_id(f),
-                        region_id: region_of(f, 2),
-                        kind: if end {
-                            HeartbeatKind::End
-                        } else {
-                            HeartbeatKind::Beat
-                        },
-                        client_sent_at: None,
-                        client_version: None,
-                    },
+                    heartbeat: heartbeat(&format!("s{s}"), &format!("u{u}"), f, 2, kind(end)),
                 },
             }
         })
@@ -325,20 +322,12 @@ fn hand_written_edges() {
         partition: 0,
         record: SimRecord {
             ts,
-            heartbeat: Heartbeat {
-                session_id: s.into(),
-                user_id: "u".into(),
-                facility_id: facility_id(f),
-                region_id: region_of(f, 2),
-                kind: if end {
-                    HeartbeatKind::End
-                } else {
-                    HeartbeatKind::Beat
-                },
-                client_sent_at: None,
-                client_version: None,
-            },
+            heartbeat: heartbeat(s, "u", f, 2, kind(end)),
         },
+    };
+    // Whether `log` (hold 0) makes facility `f`'s transition number `seq`.
+    let makes = |log: &[Placed], f: usize, seq: i64, status: Status, since: i64, open: i32| {
+        expected(log, 0).contains(&(facility_id(f), seq, status, since, open))
     };
     // A beat exactly at the deadline keeps the session open; one a millisecond later
     // finds it closed at the deadline and opens it again.
@@ -352,39 +341,23 @@ fn hand_written_edges() {
             .into_iter()
             .map(|t| (t.2, t.3))
             .collect::<Vec<_>>(),
-        {
-            use presence_core::records::Status::*;
-            vec![
-                (Online, 0),
-                (Offline, 2_000),
-                (Online, 2_001),
-                (Offline, 3_001),
-            ]
-        }
+        vec![
+            (Status::Online, 0),
+            (Status::Offline, 2_000),
+            (Status::Online, 2_001),
+            (Status::Offline, 3_001),
+        ]
     );
     // A late beat of a new session opens it at the partition's stream time.
     let late = vec![b(5_000, "a", 1, false), b(4_500, "b", 2, false)];
-    assert!(expected(&late, 0).contains(&(
-        facility_id(2),
-        1,
-        presence_core::records::Status::Online,
-        5_000,
-        1
-    )));
+    assert!(makes(&late, 2, 1, Status::Online, 5_000, 1));
     // A future-dated beat expires what it jumps over.
     let jump = vec![
         b(0, "a", 1, false),
         b(10_000, "b", 2, false),
         b(1_500, "a", 1, false),
     ];
-    let t = expected(&jump, 0);
-    assert!(t.contains(&(
-        facility_id(1),
-        2,
-        presence_core::records::Status::Offline,
-        1_000,
-        0
-    )));
+    assert!(makes(&jump, 1, 2, Status::Offline, 1_000, 0));
     // With a hold, a reopen within it cancels the OFFLINE; the pipeline agrees.
     let flap = vec![
         b(0, "a", 1, false),

@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use presence_core::config::Config;
 use presence_core::delivery::Tables;
 use presence_core::kafka::consumer_config;
-use presence_core::testkit::{
+use presence_core::Shutdown;
+use presence_testkit::{
     ensure_topics, eventually, free_port, isolated_config, produce, spawn_process, status_records,
     transition,
 };
-use presence_core::Shutdown;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
@@ -29,7 +29,7 @@ async fn rows(config: &Config, sql: &str) -> Option<Vec<(String, i64)>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_transition_is_dead_lettered_and_the_partition_flows_on() {
     let mut config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     // One partition: the good records sit behind the poison one.
     config.topics.facility_partitions = 1;
     config.sink.ops_listen = ([127, 0, 0, 1], free_port()).into();

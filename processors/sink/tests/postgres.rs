@@ -6,14 +6,14 @@ use std::time::Duration;
 
 use presence_core::config::Config;
 use presence_core::delivery::Tables;
-use presence_core::testkit::{
+use presence_core::{Secret, Shutdown};
+use presence_testkit::{
     eventually, free_port, isolated_config, partitions, produce, produce_to_partition,
     status_records, transition, PrivateService, Process,
 };
-use presence_core::{Secret, Shutdown};
 use tokio_postgres::NoTls;
 
-use presence_core::testkit::{ensure_topics as setup, spawn_process};
+use presence_testkit::{ensure_topics as setup, spawn_process};
 
 /// The sink as a task of the test: a failure fails the test's next wait; `stop` checks that
 /// it shuts down cleanly.
@@ -43,7 +43,7 @@ async fn count(config: &Config, sql: String) -> Option<i64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds_up() {
     let config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     setup(&config).await;
     let t = Tables::new(&config.database.schema);
     // a: ONLINE 1 min, OFFLINE 2 min, ONLINE 3 min, OFFLINE 4 min (since = seq minutes).
@@ -170,7 +170,7 @@ async fn postgres_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
     let private = PrivateService::postgres();
     private.start();
     let mut config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     config.database.url = Secret::new(private.address());
     config.sink.ops_listen = ([127, 0, 0, 1], free_port()).into();
     setup(&config).await;
@@ -245,7 +245,7 @@ async fn postgres_outage_pauses_and_resumes_with_nothing_lost_or_doubled() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_emptied_database_is_rebuilt_from_the_compacted_topic() {
     let config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     setup(&config).await;
     let t = Tables::new(&config.database.schema);
     let first: Vec<_> = (0..30)

@@ -8,8 +8,8 @@ use std::time::Duration;
 use presence_core::codec::encode;
 use presence_core::config::Config;
 use presence_core::records::{Heartbeat, HeartbeatKind, SessionState};
-use presence_core::testkit::{eventually, isolated_config, spawn_process, TestTopics};
 use presence_core::{now_ms, Shutdown};
+use presence_testkit::{eventually, isolated_config, spawn_process, TestTopics};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 
 fn session(id: &str, user: &str, facility: &str, at: i64) -> SessionState {
@@ -105,7 +105,7 @@ async fn wait_for(c: &Config, what: &str, want: impl Fn(&[(String, String, i64, 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn open_sessions_follow_the_changelog_and_a_restart_rebuilds_them() {
     let mut config = isolated_config();
-    config.sink.ops_listen = ([127, 0, 0, 1], presence_core::testkit::free_port()).into();
+    config.sink.ops_listen = ([127, 0, 0, 1], presence_testkit::free_port()).into();
     let _topics = TestTopics::create(&config).await;
     let p = Producer::new(&config);
     let t0 = now_ms() - 60_000;

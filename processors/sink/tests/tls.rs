@@ -8,11 +8,11 @@ use std::time::Duration;
 
 use presence_core::config::DatabaseConfig;
 use presence_core::delivery::{connect_postgres, Tables};
-use presence_core::testkit::{
+use presence_core::{Secret, Shutdown};
+use presence_testkit::{
     ensure_topics, eventually, isolated_config, produce, spawn_process, status_records, transition,
     PrivateService, TestCerts,
 };
-use presence_core::{Secret, Shutdown};
 
 fn database(url: String, certs: Option<&TestCerts>) -> DatabaseConfig {
     DatabaseConfig {
@@ -44,7 +44,7 @@ async fn the_sink_writes_under_verify_full_and_wrong_trust_or_names_are_refused(
     let user = "presence:presence";
 
     let mut config = isolated_config();
-    let _topics = presence_core::testkit::TestTopics::own(&config);
+    let _topics = presence_testkit::TestTopics::own(&config);
     config.database = DatabaseConfig {
         schema: config.database.schema.clone(),
         ..database(

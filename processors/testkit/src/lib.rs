@@ -1,11 +1,24 @@
-//! Helpers for integration tests against the real local stack (feature `testkit`): every
-//! test gets its own topics, consumer groups and database schema, so tests never see each
-//! other. The stack itself comes from `deploy/stack.sh` (run by `make test`).
+//! What the tests share, and nothing a release build ships: a dev-dependency only.
+//!
+//! # Layout
+//!
+//! - Here: helpers for integration tests against the real local stack. Every test gets
+//!   its own topics, consumer groups and database schema ([`isolated_config`],
+//!   [`TestTopics`]), so tests never see each other; readers of a topic to its end
+//!   offsets, producers, private brokers and servers ([`PrivateService`]), watched child
+//!   processes. The stack itself comes from `deploy/stack.sh` (run by `make test`).
+//! - [`sim`]: seeded heartbeat logs for the tests, made by loadgen's users
+//!   (`presence_loadgen::users`, the one simulation of users) with no clock.
+//! - [`oracle`]: the reference model that says which transitions a correct pipeline
+//!   emits for a heartbeat log (a generated one, or loadgen's ground-truth file).
+
+pub mod oracle;
+pub mod sim;
 
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::config::Config;
+use presence_core::config::Config;
 
 /// A name no other test (or earlier run) uses: `prefix-<pid>-<nanos>-<counter>`.
 pub fn unique(prefix: &str) -> String {
@@ -292,7 +305,7 @@ pub fn read_topic(
 ) -> Vec<rdkafka::message::OwnedMessage> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer =
-        crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"))
+        presence_core::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"))
             .create()
             .expect("test consumer");
     consumer.subscribe(&[topic]).expect("subscribe");
@@ -317,7 +330,7 @@ pub fn end_offsets(c: &Config, topic: &str) -> Vec<(i32, i64)> {
 fn end_offsets_of(c: &Config, topic: &str, isolation: &str) -> Vec<(i32, i64)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     let consumer: BaseConsumer =
-        crate::kafka::consumer_config(&c.kafka, "test-ends", &unique("ends"))
+        presence_core::kafka::consumer_config(&c.kafka, "test-ends", &unique("ends"))
             .set("isolation.level", isolation)
             .create()
             .expect("test consumer");
@@ -361,7 +374,7 @@ fn partitions_of(consumer: &impl rdkafka::consumer::Consumer, topic: &str) -> Ve
 /// The partitions of `topic`.
 pub fn partitions(c: &Config, topic: &str) -> Vec<i32> {
     let consumer: rdkafka::consumer::BaseConsumer =
-        crate::kafka::consumer_config(&c.kafka, "test-metadata", &unique("metadata"))
+        presence_core::kafka::consumer_config(&c.kafka, "test-metadata", &unique("metadata"))
             .create()
             .expect("test consumer");
     partitions_of(&consumer, topic)
@@ -379,6 +392,17 @@ pub fn read_to_end(
     within: std::time::Duration,
 ) -> Vec<rdkafka::message::OwnedMessage> {
     read_to_end_of(c, topic, within, "read_committed")
+}
+
+/// The value of header `key` of `m` (a dead letter's `presence.error.code`, say); empty
+/// if it has none.
+pub fn header(m: &impl rdkafka::message::Message, key: &str) -> String {
+    use rdkafka::message::Headers;
+    m.headers()
+        .and_then(|h| h.iter().find(|x| x.key == key))
+        .and_then(|x| x.value)
+        .map(|v| String::from_utf8_lossy(v).into_owned())
+        .unwrap_or_default()
 }
 
 /// `read_to_end` with read_uncommitted: the records of aborted transactions too (what a
@@ -405,7 +429,8 @@ fn read_to_end_of(
         .into_iter()
         .filter(|&(_, end)| end > 0)
         .collect();
-    let mut reader = crate::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"));
+    let mut reader =
+        presence_core::kafka::consumer_config(&c.kafka, "test-reader", &unique("reader"));
     // End of partition is how a read ends on a partition whose last offsets are a
     // transaction marker or aborted records, which no message stands for.
     reader
@@ -480,9 +505,10 @@ pub fn committed_offsets(c: &Config, group: &str, topic: &str) -> Vec<(i32, i64)
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::topic_partition_list::TopicPartitionList;
     // A client of the group that never joins it: it only fetches the group's offsets.
-    let consumer: BaseConsumer = crate::kafka::consumer_config(&c.kafka, "test-offsets", group)
-        .create()
-        .expect("test consumer");
+    let consumer: BaseConsumer =
+        presence_core::kafka::consumer_config(&c.kafka, "test-offsets", group)
+            .create()
+            .expect("test consumer");
     let mut tpl = TopicPartitionList::new();
     for p in partitions_of(&consumer, topic) {
         tpl.add_partition(topic, p);
@@ -529,20 +555,7 @@ where
 
 /// Produces `(key, value)` records to `topic` in order and waits for every acknowledgement.
 pub async fn produce(c: &Config, topic: &str, records: &[(String, Vec<u8>)]) {
-    use rdkafka::producer::{FutureProducer, FutureRecord};
-    let producer: FutureProducer =
-        crate::kafka::idempotent_producer_config(&c.kafka, "test-producer")
-            .create()
-            .expect("test producer");
-    for (key, value) in records {
-        producer
-            .send(
-                FutureRecord::to(topic).key(key).payload(value),
-                std::time::Duration::from_secs(30),
-            )
-            .await
-            .unwrap_or_else(|(e, _)| panic!("producing to {topic}: {e}"));
-    }
+    produce_to(c, topic, None, records).await
 }
 
 /// Produces `(key, value)` records to one partition of `topic` (say, a marker on each
@@ -553,30 +566,40 @@ pub async fn produce_to_partition(
     partition: i32,
     records: &[(String, Vec<u8>)],
 ) {
+    produce_to(c, topic, Some(partition), records).await
+}
+
+/// Produces to `partition` of `topic`, or to the key's partition.
+async fn produce_to(
+    c: &Config,
+    topic: &str,
+    partition: Option<i32>,
+    records: &[(String, Vec<u8>)],
+) {
     use rdkafka::producer::{FutureProducer, FutureRecord};
     let producer: FutureProducer =
-        crate::kafka::idempotent_producer_config(&c.kafka, "test-producer")
+        presence_core::kafka::idempotent_producer_config(&c.kafka, "test-producer")
             .create()
             .expect("test producer");
     for (key, value) in records {
+        let mut record = FutureRecord::to(topic).key(key).payload(value);
+        if let Some(p) = partition {
+            record = record.partition(p);
+        }
         producer
-            .send(
-                FutureRecord::to(topic)
-                    .key(key)
-                    .payload(value)
-                    .partition(partition),
-                std::time::Duration::from_secs(30),
-            )
+            .send(record, std::time::Duration::from_secs(30))
             .await
-            .unwrap_or_else(|(e, _)| panic!("producing to {topic}/{partition}: {e}"));
+            .unwrap_or_else(|(e, _)| panic!("producing to {topic} (partition {partition:?}): {e}"));
     }
 }
 
 /// `facility-status` records as the processor writes them (key = facility id).
-pub fn status_records(statuses: &[crate::records::FacilityStatus]) -> Vec<(String, Vec<u8>)> {
+pub fn status_records(
+    statuses: &[presence_core::records::FacilityStatus],
+) -> Vec<(String, Vec<u8>)> {
     statuses
         .iter()
-        .map(|s| (s.facility_id.clone(), crate::codec::encode(s)))
+        .map(|s| (s.facility_id.clone(), presence_core::codec::encode(s)))
         .collect()
 }
 
@@ -586,19 +609,19 @@ pub fn transition(
     region: &str,
     seq: i64,
     online: bool,
-) -> crate::records::FacilityStatus {
-    crate::records::FacilityStatus {
+) -> presence_core::records::FacilityStatus {
+    presence_core::records::FacilityStatus {
         facility_id: facility.into(),
         region_id: region.into(),
         status: if online {
-            crate::records::Status::Online
+            presence_core::records::Status::Online
         } else {
-            crate::records::Status::Offline
+            presence_core::records::Status::Offline
         },
         open_sessions: i32::from(online),
         since: 1_764_201_600_000 + seq * 60_000,
         seq,
-        emitted_at: crate::now_ms(),
+        emitted_at: presence_core::now_ms(),
         previous_since: None,
     }
 }
@@ -688,7 +711,7 @@ impl BrowserScript {
 
 /// Creates `c`'s topics and panics with the report if any is wrong.
 pub async fn ensure_topics(c: &Config) {
-    let report = crate::topics::ensure(c).await.expect("topics");
+    let report = presence_core::topics::ensure(c).await.expect("topics");
     assert!(report.is_ok(), "{report}");
 }
 
@@ -701,7 +724,7 @@ pub struct TestTopics(Names);
 
 /// What a [`TestTopics`] deletes.
 struct Names {
-    kafka: crate::config::KafkaConfig,
+    kafka: presence_core::config::KafkaConfig,
     topics: Vec<String>,
     groups: Vec<String>,
 }
@@ -718,7 +741,7 @@ impl TestTopics {
     pub fn own(c: &Config) -> TestTopics {
         TestTopics(Names {
             kafka: c.kafka.clone(),
-            topics: crate::topics::specs(&c.topics, c.processor.session_timeout)
+            topics: presence_core::topics::specs(&c.topics, c.processor.session_timeout)
                 .into_iter()
                 .map(|s| s.name)
                 .collect(),
@@ -742,7 +765,7 @@ impl Names {
     pub fn delete(&self) -> Vec<String> {
         use rdkafka::admin::AdminOptions;
         use rdkafka::types::RDKafkaErrorCode;
-        let admin = match crate::kafka::admin_client(&self.kafka) {
+        let admin = match presence_core::kafka::admin_client(&self.kafka) {
             Ok(a) => a,
             Err(e) => return vec![format!("admin client: {e}")],
         };
@@ -911,7 +934,7 @@ pub fn check_processes() {
 /// and checks that it ended cleanly.
 pub struct Process {
     what: &'static str,
-    shutdown: crate::Shutdown,
+    shutdown: presence_core::Shutdown,
     task: tokio::task::JoinHandle<Result<(), String>>,
 }
 
@@ -941,8 +964,8 @@ impl Process {
 /// failure (an error, a panic, or a return before `shutdown`) fails the test's next wait.
 pub fn spawn_process<Fut>(
     what: &'static str,
-    shutdown: &crate::Shutdown,
-    run: impl FnOnce(crate::Shutdown) -> Fut,
+    shutdown: &presence_core::Shutdown,
+    run: impl FnOnce(presence_core::Shutdown) -> Fut,
 ) -> Process
 where
     Fut: std::future::Future<Output = anyhow::Result<()>> + Send + 'static,
