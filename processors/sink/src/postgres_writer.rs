@@ -3,18 +3,25 @@
 //! current status forward, in one round trip and one (implicit) transaction.
 //!
 //! Where the time went before (about 40 k transitions/s): per shard and batch six round
-//! trips (BEGIN, parse and plan each of two statements, execute each, COMMIT), and on the
-//! server an upsert of `facility_status` that wrote a new entry into both of its indexes
+//! trips (BEGIN, parse and plan each of two statements, execute each, COMMIT); on the
+//! server, an upsert of `facility_status` that wrote a new entry into both of its indexes
 //! for every transition, because its full pages left no room for the new row version next
-//! to the old one (3% of the updates were HOT). Now the statement is prepared once per
-//! connection, history and current status are one statement (a data-modifying `WITH`,
-//! atomic on its own), and `facility_status` keeps half of each page free (migration
-//! 0003), so that its updates are HOT and touch no index. On the server alone (200 k
-//! transitions of 20 k facilities in batches of 5,000, one connection) that took the
-//! backend's CPU time from 3.5–4.0 s to 2.2–2.5 s. Most of the rest is the history's two
-//! B-tree inserts per row (its key, and `(facility_id, since)` for the console), which the
-//! schema needs: COPY into a staging table would not remove them and adds a write of its
-//! own, so the rows travel as arrays (`unnest`).
+//! to the old one (3% of the updates were HOT); and index inserts in random key order (a
+//! batch comes in partition order). Now:
+//!
+//! - the statement is prepared once per connection, and history and current status are
+//!   one statement (a data-modifying `WITH`, atomic on its own): one round trip;
+//! - `facility_status` keeps half of each page free (migration 0003): its updates are HOT
+//!   and touch no index;
+//! - each shard's rows go in sorted by facility ([`in_key_order`]).
+//!
+//! Backend CPU time on the server alone, 200 k transitions of 20 k facilities in batches
+//! of 5,000 over one connection: 3.5–4.0 s before for rows in key order, 2.2–2.5 s with
+//! the fillfactor; 3.4–3.7 s with the fillfactor for rows in random order, which the sort
+//! saves. Most of what is left is the history's two B-tree inserts per row (its key, and
+//! `(facility_id, since)` for the console), which the schema needs: COPY into a staging
+//! table would not remove them and adds a write of its own, so the rows travel as arrays
+//! (`unnest`).
 
 use presence_core::config::{Config, DatabaseConfig};
 use presence_core::delivery::{connect_postgres, Tables};
@@ -138,7 +145,10 @@ impl PostgresWriter {
 
     pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         let connections = self.connections().await?;
-        let shards = shard(batch, connections.len());
+        let mut shards = shard(batch, connections.len());
+        for rows in &mut shards {
+            in_key_order(rows);
+        }
         let writes = connections
             .iter()
             .zip(&shards)
@@ -169,6 +179,21 @@ fn shard(batch: &[Received], n: usize) -> Vec<Vec<&Received>> {
         shards[(h.finish() % n as u64) as usize].push(r);
     }
     shards
+}
+
+/// `rows` by facility, and within a facility newest `seq` first. The order of the rows
+/// changes nothing in what [`WRITE`] does; it changes how it does it: the index entries
+/// go in in key order, each insert on or next to the leaf page of the one before, instead
+/// of all over both indexes of the history (the batch comes in partition order, which is
+/// random by facility); and the current status's `DISTINCT ON` finds its input sorted.
+/// A quarter less server CPU per transition than in random order (module doc).
+fn in_key_order(rows: &mut [&Received]) {
+    rows.sort_unstable_by(|a, b| {
+        a.status
+            .facility_id
+            .cmp(&b.status.facility_id)
+            .then(b.status.seq.cmp(&a.status.seq))
+    });
 }
 
 /// One shard: [`WRITE`] over its rows as arrays, one round trip.
@@ -266,6 +291,24 @@ mod tests {
                 timestamp: None,
             },
         }
+    }
+
+    #[test]
+    fn rows_go_in_by_facility_and_newest_seq_first() {
+        let batch = [
+            received("b", 1),
+            received("a", 1),
+            received("b", 3),
+            received("a", 2),
+            received("b", 2),
+        ];
+        let mut rows: Vec<&Received> = batch.iter().collect();
+        in_key_order(&mut rows);
+        let order: Vec<(&str, i64)> = rows
+            .iter()
+            .map(|r| (r.status.facility_id.as_str(), r.status.seq))
+            .collect();
+        assert_eq!(order, [("a", 2), ("a", 1), ("b", 3), ("b", 2), ("b", 1)]);
     }
 
     #[test]
