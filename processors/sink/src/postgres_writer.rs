@@ -83,6 +83,10 @@ pub struct PostgresWriter {
     sql: String,
     /// Empty until the first write, and after a connection died (all are made anew).
     connections: Vec<Connection>,
+    /// The schema was created (a new or emptied database) and the rewind that follows has
+    /// not been asked for yet: kept across a failure between the two (a connection or a
+    /// prepare that fails after the migration), which would otherwise lose it.
+    created: bool,
 }
 
 impl PostgresWriter {
@@ -95,6 +99,7 @@ impl PostgresWriter {
                 .replace("{history}", &tables.history())
                 .replace("{current}", &tables.current()),
             connections: Vec::new(),
+            created: false,
         }
     }
 
@@ -115,6 +120,7 @@ impl PostgresWriter {
             if !applied.is_empty() {
                 tracing::info!(schema = %self.schema, ?applied, "applied schema migrations");
             }
+            self.created |= applied.first() == Some(&1);
             let mut connections = Vec::with_capacity(CONNECTIONS);
             let mut next = Some(first);
             while connections.len() < CONNECTIONS {
@@ -133,7 +139,7 @@ impl PostgresWriter {
                 connections.push(Connection { client, write });
             }
             self.connections = connections;
-            if applied.first() == Some(&1) {
+            if std::mem::take(&mut self.created) {
                 return Err(WriteError::Rewind(format!(
                     "schema '{}' was created just now",
                     self.schema
