@@ -120,7 +120,7 @@ impl Processor {
             f.write_all(toml::to_string(&config)?.as_bytes())?;
         }
         let mut command = Command::new(binary);
-        command.arg("processor").arg("--config").arg(&config_file);
+        command.arg(command_name).arg("--config").arg(&config_file);
         for (name, _) in std::env::vars() {
             if name.starts_with("PRESENCE_")
                 || name.starts_with("KAFKA_")

@@ -5,9 +5,9 @@
 //!
 //! - [`migrations`]: versioned SQL in `migrations/`, applied in order at start-up under an
 //!   advisory lock, each once (table `schema_migrations`).
-//! - [`postgres_writer`]: a batch split by facility over a few connections, one transaction
-//!   each: history rows `ON CONFLICT DO NOTHING` and a current-status upsert that only
-//!   moves forward in `seq`, each one multi-row statement over arrays.
+//! - [`postgres_writer`]: a batch split by facility over a few connections; on each, one
+//!   prepared statement over arrays, one transaction: history rows `ON CONFLICT DO NOTHING`
+//!   and a current-status upsert that only moves forward in `seq`.
 //! - The consumer loop (batches, retries, commits after PostgreSQL took the batch) is
 //!   `presence_core::downstream`, shared with the notifier.
 //! - [`sessions`]: who is online, `open_sessions`, from the processor's sessions changelog

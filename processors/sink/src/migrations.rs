@@ -12,6 +12,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         include_str!("../migrations/0001_status_and_history.sql"),
     ),
     (2, "console", include_str!("../migrations/0002_console.sql")),
+    (
+        3,
+        "status_fillfactor",
+        include_str!("../migrations/0003_status_fillfactor.sql"),
+    ),
 ];
 
 /// Creates the schema if needed and applies what is missing; returns the versions applied.

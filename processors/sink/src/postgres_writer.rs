@@ -1,10 +1,32 @@
-//! The PostgreSQL edge: a batch split by facility over [`CONNECTIONS`] connections, one
-//! transaction each, two multi-row statements over arrays.
+//! The PostgreSQL edge: a batch split by facility over [`CONNECTIONS`] connections; on
+//! each, one prepared statement ([`WRITE`]) that inserts the history rows and moves the
+//! current status forward, in one round trip and one (implicit) transaction.
+//!
+//! Where the time went before (about 40 k transitions/s): per shard and batch six round
+//! trips (BEGIN, parse and plan each of two statements, execute each, COMMIT); on the
+//! server, an upsert of `facility_status` that wrote a new entry into both of its indexes
+//! for every transition, because its full pages left no room for the new row version next
+//! to the old one (3% of the updates were HOT); and index inserts in random key order (a
+//! batch comes in partition order). Now:
+//!
+//! - the statement is prepared once per connection, and history and current status are
+//!   one statement (a data-modifying `WITH`, atomic on its own): one round trip;
+//! - `facility_status` keeps half of each page free (migration 0003): its updates are HOT
+//!   and touch no index;
+//! - each shard's rows go in sorted by facility ([`in_key_order`]).
+//!
+//! Backend CPU time on the server alone, 200 k transitions of 20 k facilities in batches
+//! of 5,000 over one connection: 3.5–4.0 s before for rows in key order, 2.2–2.5 s with
+//! the fillfactor; 3.4–3.7 s with the fillfactor for rows in random order, which the sort
+//! saves. Most of what is left is the history's two B-tree inserts per row (its key, and
+//! `(facility_id, since)` for the console), which the schema needs: COPY into a staging
+//! table would not remove them and adds a write of its own, so the rows travel as arrays
+//! (`unnest`).
 
 use presence_core::config::{Config, DatabaseConfig};
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::downstream::{Received, WriteError, Writer};
-use tokio_postgres::Client;
+use tokio_postgres::{Client, Statement};
 
 use crate::migrations;
 
@@ -17,31 +39,78 @@ use crate::migrations;
 /// connection's commit (WAL flush) with the others' work; more only adds idle backends.
 pub const CONNECTIONS: usize = 4;
 
+/// The write of one shard, `{history}` and `{current}` replaced by the tables: every row
+/// into the history (`ON CONFLICT DO NOTHING`: a replay adds nothing), then per facility
+/// the row of its highest `seq` into the current status, which only ever moves forward in
+/// `seq` (an older or replayed transition changes nothing, not even `updated_at`).
+/// Parameters: facility, region, status, open sessions, since (ms), seq, emitted at (ms),
+/// Kafka partition, Kafka offset; one array each, a row per index.
+///
+/// One statement, so one transaction without BEGIN/COMMIT and one round trip; a
+/// data-modifying `WITH` runs to completion whether or not the outer statement reads it.
+/// Times stay ms in bigint until PostgreSQL converts them, so that a value beyond its
+/// range is the server's refusal (SQLSTATE 22008, dead-lettered) and not a client error.
+/// `t::float8 / 1000` is the correctly rounded quotient, as `t / 1000.0` (numeric, then
+/// converted to float8 for `to_timestamp`) was, without the numeric arithmetic: the same
+/// timestamp for every ms value (2.1 M values compared, none differed).
+pub const WRITE: &str = "WITH b AS MATERIALIZED (
+    SELECT * FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[], $8::int[], $9::bigint[])
+        AS b(f, r, s, o, t, q, e, p, k)
+), history AS (
+    INSERT INTO {history} (facility_id, region_id, status, open_sessions, since, seq, emitted_at, kafka_partition, kafka_offset)
+    SELECT f, r, s, o, to_timestamp(t::float8 / 1000), q, to_timestamp(e::float8 / 1000), p, k FROM b
+    ON CONFLICT (facility_id, seq) DO NOTHING
+)
+INSERT INTO {current} AS c (facility_id, region_id, status, open_sessions, since, seq, emitted_at)
+SELECT DISTINCT ON (f) f, r, s, o, to_timestamp(t::float8 / 1000), q, to_timestamp(e::float8 / 1000) FROM b
+ORDER BY f, q DESC
+ON CONFLICT (facility_id) DO UPDATE SET
+    region_id = EXCLUDED.region_id, status = EXCLUDED.status,
+    open_sessions = EXCLUDED.open_sessions, since = EXCLUDED.since,
+    seq = EXCLUDED.seq, emitted_at = EXCLUDED.emitted_at, updated_at = now()
+WHERE c.seq < EXCLUDED.seq";
+
+/// A connection and [`WRITE`] prepared on it.
+struct Connection {
+    client: Client,
+    write: Statement,
+}
+
 pub struct PostgresWriter {
     database: DatabaseConfig,
     schema: String,
-    tables: Tables,
+    /// [`WRITE`] for this schema's tables.
+    sql: String,
     /// Empty until the first write, and after a connection died (all are made anew).
-    clients: Vec<Client>,
+    connections: Vec<Connection>,
+    /// The schema was created (a new or emptied database) and the rewind that follows has
+    /// not been asked for yet: kept across a failure between the two (a connection or a
+    /// prepare that fails after the migration), which would otherwise lose it.
+    created: bool,
 }
 
 impl PostgresWriter {
     pub fn new(config: &Config) -> PostgresWriter {
+        let tables = Tables::new(&config.database.schema);
         PostgresWriter {
             database: config.database.clone(),
             schema: config.database.schema.clone(),
-            tables: Tables::new(&config.database.schema),
-            clients: Vec::new(),
+            sql: WRITE
+                .replace("{history}", &tables.history())
+                .replace("{current}", &tables.current()),
+            connections: Vec::new(),
+            created: false,
         }
     }
 
-    /// Connects (and migrates) on first use and after a connection died. A schema created
-    /// just now (a new or emptied database) is a rewind: every transition is read again.
-    async fn clients(&mut self) -> Result<&mut [Client], WriteError> {
-        if self.clients.iter().any(Client::is_closed) {
-            self.clients.clear();
+    /// Connects (migrates, prepares) on first use and after a connection died. A schema
+    /// created just now (a new or emptied database) is a rewind: every transition is read
+    /// again.
+    async fn connections(&mut self) -> Result<&[Connection], WriteError> {
+        if self.connections.iter().any(|c| c.client.is_closed()) {
+            self.connections.clear();
         }
-        if self.clients.is_empty() {
+        if self.connections.is_empty() {
             let mut first = connect_postgres(&self.database)
                 .await
                 .map_err(WriteError::Retry)?;
@@ -51,35 +120,46 @@ impl PostgresWriter {
             if !applied.is_empty() {
                 tracing::info!(schema = %self.schema, ?applied, "applied schema migrations");
             }
-            let mut clients = vec![first];
-            while clients.len() < CONNECTIONS {
-                clients.push(
-                    connect_postgres(&self.database)
+            self.created |= applied.first() == Some(&1);
+            let mut connections = Vec::with_capacity(CONNECTIONS);
+            let mut next = Some(first);
+            while connections.len() < CONNECTIONS {
+                let client = match next.take() {
+                    Some(c) => c,
+                    None => connect_postgres(&self.database)
                         .await
                         .map_err(WriteError::Retry)?,
-                );
+                };
+                let write = client.prepare(&self.sql).await.map_err(|e| {
+                    WriteError::Retry(format!(
+                        "cannot prepare the sink's write statement: {}",
+                        describe(&e)
+                    ))
+                })?;
+                connections.push(Connection { client, write });
             }
-            self.clients = clients;
-            if applied.first() == Some(&1) {
+            self.connections = connections;
+            if std::mem::take(&mut self.created) {
                 return Err(WriteError::Rewind(format!(
                     "schema '{}' was created just now",
                     self.schema
                 )));
             }
         }
-        Ok(&mut self.clients)
+        Ok(&self.connections)
     }
 
     pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), WriteError> {
-        let history = self.tables.history();
-        let current = self.tables.current();
-        let clients = self.clients().await?;
-        let shards = shard(batch, clients.len());
-        let writes = clients
-            .iter_mut()
+        let connections = self.connections().await?;
+        let mut shards = shard(batch, connections.len());
+        for rows in &mut shards {
+            in_key_order(rows);
+        }
+        let writes = connections
+            .iter()
             .zip(&shards)
             .filter(|(_, rows)| !rows.is_empty())
-            .map(|(client, rows)| write_rows(client, &history, &current, rows));
+            .map(|(connection, rows)| write_rows(connection, rows));
         let result = futures::future::try_join_all(writes).await;
         result.map(|_| ()).map_err(|e| {
             // A lost connection, or tables that vanished (a restored or wiped database):
@@ -87,7 +167,7 @@ impl PostgresWriter {
             // commit are written again after the rewind, which changes nothing.
             if e.is_closed() || e.code() == Some(&tokio_postgres::error::SqlState::UNDEFINED_TABLE)
             {
-                self.clients.clear();
+                self.connections.clear();
             }
             classify(&e)
         })
@@ -107,12 +187,24 @@ fn shard(batch: &[Received], n: usize) -> Vec<Vec<&Received>> {
     shards
 }
 
-/// One transaction: the history rows `ON CONFLICT DO NOTHING`, then the current status of
-/// each facility, moved only forward in `seq`; each one statement over arrays.
+/// `rows` by facility, and within a facility newest `seq` first. The order of the rows
+/// changes nothing in what [`WRITE`] does; it changes how it does it: the index entries
+/// go in in key order, each insert on or next to the leaf page of the one before, instead
+/// of all over both indexes of the history (the batch comes in partition order, which is
+/// random by facility); and the current status's `DISTINCT ON` finds its input sorted.
+/// A quarter less server CPU per transition than in random order (module doc).
+fn in_key_order(rows: &mut [&Received]) {
+    rows.sort_unstable_by(|a, b| {
+        a.status
+            .facility_id
+            .cmp(&b.status.facility_id)
+            .then(b.status.seq.cmp(&a.status.seq))
+    });
+}
+
+/// One shard: [`WRITE`] over its rows as arrays, one round trip.
 async fn write_rows(
-    client: &mut Client,
-    history: &str,
-    current: &str,
+    connection: &Connection,
     rows: &[&Received],
 ) -> Result<(), tokio_postgres::Error> {
     let n = rows.len();
@@ -137,35 +229,24 @@ async fn write_rows(
         partition.push(r.partition);
         offset.push(r.offset);
     }
-    let tx = client.transaction().await?;
-    tx.execute(
-        &format!(
-            "INSERT INTO {history} (facility_id, region_id, status, open_sessions, since, seq, emitted_at, kafka_partition, kafka_offset)
-             SELECT f, r, s, o, to_timestamp(t / 1000.0), q, to_timestamp(e / 1000.0), p, k
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[], $8::int[], $9::bigint[])
-                  AS b(f, r, s, o, t, q, e, p, k)
-             ON CONFLICT (facility_id, seq) DO NOTHING"
-        ),
-        &[&facility, &region, &status, &open, &since, &seq, &emitted, &partition, &offset],
+    connection
+        .client
+        .execute(
+            &connection.write,
+            &[
+                &facility, &region, &status, &open, &since, &seq, &emitted, &partition, &offset,
+            ],
+        )
+        .await
+        .map(|_| ())
+}
+
+/// A server error's Display is only "db error": its message and SQLSTATE instead.
+fn describe(e: &tokio_postgres::Error) -> String {
+    e.as_db_error().map_or_else(
+        || e.to_string(),
+        |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
     )
-    .await?;
-    tx.execute(
-        &format!(
-            "INSERT INTO {current} AS c (facility_id, region_id, status, open_sessions, since, seq, emitted_at)
-             SELECT DISTINCT ON (f) f, r, s, o, to_timestamp(t / 1000.0), q, to_timestamp(e / 1000.0)
-             FROM unnest($1::text[], $2::text[], $3::text[], $4::int[], $5::bigint[], $6::bigint[], $7::bigint[])
-                  AS b(f, r, s, o, t, q, e)
-             ORDER BY f, q DESC
-             ON CONFLICT (facility_id) DO UPDATE SET
-                 region_id = EXCLUDED.region_id, status = EXCLUDED.status,
-                 open_sessions = EXCLUDED.open_sessions, since = EXCLUDED.since,
-                 seq = EXCLUDED.seq, emitted_at = EXCLUDED.emitted_at, updated_at = now()
-             WHERE c.seq < EXCLUDED.seq"
-        ),
-        &[&facility, &region, &status, &open, &since, &seq, &emitted],
-    )
-    .await?;
-    tx.commit().await
 }
 
 /// Only errors about the values themselves (SQLSTATE class 22, data exception: a value out
@@ -173,12 +254,7 @@ async fn write_rows(
 /// repeat for the same records; anything else (connections, timeouts, resources, locks, a
 /// missing table) is the database's state, retried for as long as it lasts.
 fn classify(e: &tokio_postgres::Error) -> WriteError {
-    // A server error's Display is only "db error": say what it was.
-    let detail = e.as_db_error().map_or_else(
-        || e.to_string(),
-        |d| format!("{} (SQLSTATE {})", d.message(), d.code().code()),
-    );
-    let message = format!("PostgreSQL write failed: {detail}");
+    let message = format!("PostgreSQL write failed: {}", describe(e));
     let code = match e.code().map(|c| c.code()) {
         Some(c) if c.starts_with("22") => "postgres_data_exception",
         Some(c) if c.starts_with("23") => "postgres_constraint_violation",
@@ -221,6 +297,24 @@ mod tests {
                 timestamp: None,
             },
         }
+    }
+
+    #[test]
+    fn rows_go_in_by_facility_and_newest_seq_first() {
+        let batch = [
+            received("b", 1),
+            received("a", 1),
+            received("b", 3),
+            received("a", 2),
+            received("b", 2),
+        ];
+        let mut rows: Vec<&Received> = batch.iter().collect();
+        in_key_order(&mut rows);
+        let order: Vec<(&str, i64)> = rows
+            .iter()
+            .map(|r| (r.status.facility_id.as_str(), r.status.seq))
+            .collect();
+        assert_eq!(order, [("a", 2), ("a", 1), ("b", 3), ("b", 2), ("b", 1)]);
     }
 
     #[test]
