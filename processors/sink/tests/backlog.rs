@@ -9,11 +9,11 @@ use std::time::Duration;
 use presence_core::config::Config;
 use presence_core::delivery::Tables;
 use presence_core::records::FacilityStatus;
-use presence_core::testkit::{
+use presence_core::Shutdown;
+use presence_testkit::{
     ensure_topics, eventually, free_port, isolated_config, partitions, produce_to_partition,
     spawn_process, status_records, transition, TestTopics,
 };
-use presence_core::Shutdown;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
