@@ -129,6 +129,8 @@ bench: stack build
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench restore --sessions 1000000
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench throughput --heartbeats 4000000
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench latency --rate 20000 --seconds 30
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench offline
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench failover --runs 3
 	bash deploy/bench-gateway.sh
 	bash deploy/bench-loadgen.sh
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench sink --transitions 200000 --runs 3
