@@ -1116,7 +1116,10 @@ impl ProcessorConfig {
                 self.flap_hold, self.session_timeout
             ));
         }
-        if self.allowed_lateness * 2 > self.session_timeout {
+        // Against a valid timeout only: a timeout that is itself wrong is reported above.
+        if self.session_timeout >= Duration::from_millis(500)
+            && self.allowed_lateness * 2 > self.session_timeout
+        {
             p.push(format!(
                 "processor.allowed_lateness = {:?} is more than half of processor.session_timeout = {:?}: offline detection would wait longer than sessions last; use 100ms (default) to a few seconds",
                 self.allowed_lateness, self.session_timeout
@@ -1602,6 +1605,21 @@ mod tests {
                 && p[0].contains("PRESENCE_<SECTION>__<KEY>"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn an_allowed_lateness_over_half_the_timeout_is_refused() {
+        let p = problems_of(&[
+            ("PRESENCE_PROCESSOR__SESSION_TIMEOUT", "3s"),
+            ("PRESENCE_PROCESSOR__ALLOWED_LATENESS", "2s"),
+        ]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("processor.allowed_lateness"), "{p:?}");
+        assert!(problems_of(&[
+            ("PRESENCE_PROCESSOR__SESSION_TIMEOUT", "3s"),
+            ("PRESENCE_PROCESSOR__ALLOWED_LATENESS", "1s"),
+        ])
+        .is_empty());
     }
 
     #[test]
