@@ -620,13 +620,7 @@ mod tests {
         // A new leader at 12 s: held until producers had `settle` to deliver.
         r.saw_up(12_000, 2, DOWN);
         assert_eq!(r.limit(12_000, DOWN, SETTLE), 2_000);
-        // Statistics every second meanwhile.
-        for t in (13_000..12_000 + SETTLE).step_by(1_000) {
-            r.saw_up(t, 2, DOWN);
-            assert_eq!(r.limit(t, DOWN, SETTLE), 2_000, "at {t}");
-        }
-        r.saw_up(12_000 + SETTLE, 2, DOWN);
-        assert_eq!(r.limit(12_000 + SETTLE, DOWN, SETTLE), 12_000 + SETTLE);
+        settles(&mut r, 12_000, 2, 2_000);
         // Statistics that stop coming count as an outage too.
         assert_eq!(
             r.limit(12_000 + SETTLE + 5_000, DOWN, SETTLE),
@@ -642,12 +636,18 @@ mod tests {
         // Broker 1 shut down cleanly: the next statistics already show broker 3 leading.
         r.saw_up(3_000, 3, DOWN);
         assert_eq!(r.limit(3_000, DOWN, SETTLE), 2_000);
-        for t in (4_000..3_000 + SETTLE).step_by(1_000) {
-            r.saw_up(t, 3, DOWN);
-            assert_eq!(r.limit(t, DOWN, SETTLE), 2_000, "at {t}");
+        settles(&mut r, 3_000, 3, 2_000);
+    }
+
+    /// Back (leader `leader`) at `back`, statistics every second: held at `held_at` until
+    /// `back + SETTLE`, free from then on.
+    fn settles(r: &mut Reachability, back: i64, leader: i32, held_at: i64) {
+        for t in (back + 1_000..back + SETTLE).step_by(1_000) {
+            r.saw_up(t, leader, DOWN);
+            assert_eq!(r.limit(t, DOWN, SETTLE), held_at, "at {t}");
         }
-        r.saw_up(3_000 + SETTLE, 3, DOWN);
-        assert_eq!(r.limit(3_000 + SETTLE, DOWN, SETTLE), 3_000 + SETTLE);
+        r.saw_up(back + SETTLE, leader, DOWN);
+        assert_eq!(r.limit(back + SETTLE, DOWN, SETTLE), back + SETTLE);
     }
 
     #[test]

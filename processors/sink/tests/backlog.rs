@@ -11,8 +11,8 @@ use presence_core::delivery::Tables;
 use presence_core::records::FacilityStatus;
 use presence_core::Shutdown;
 use presence_testkit::{
-    ensure_topics, eventually, free_port, isolated_config, partitions, produce_to_partition,
-    spawn_process, status_records, transition, TestTopics,
+    ensure_topics, eventually, free_port, isolated_config, produce_status_markers, spawn_process,
+    status_records, transition, TestTopics,
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -76,17 +76,7 @@ async fn a_shuffled_replayed_backlog_with_a_refused_record_ends_as_each_transiti
     produce_all(&config, &backlog).await;
     // A marker after the backlog on every partition: once all are written, the sink has
     // been through every record before them.
-    let partitions = partitions(&config, &config.topics.facility_status);
-    for &p in &partitions {
-        let marker = transition(&format!("z-{p}"), "west", 1, true);
-        produce_to_partition(
-            &config,
-            &config.topics.facility_status,
-            p,
-            &status_records(&[marker]),
-        )
-        .await;
-    }
+    let partitions = produce_status_markers(&config, "west").await;
 
     let shutdown = Shutdown::new();
     let sink = spawn_process("sink", &shutdown, |s| presence_sink::run(config.clone(), s));

@@ -8,8 +8,8 @@ use presence_core::config::Config;
 use presence_core::delivery::Tables;
 use presence_core::{Secret, Shutdown};
 use presence_testkit::{
-    eventually, free_port, isolated_config, partitions, produce, produce_to_partition,
-    status_records, transition, PrivateService, Process,
+    eventually, free_port, isolated_config, produce, produce_status_markers, status_records,
+    transition, PrivateService, Process,
 };
 use tokio_postgres::NoTls;
 
@@ -105,17 +105,7 @@ async fn newest_state_wins_history_has_each_transition_once_and_online_time_adds
     .await;
     // A marker after the replay on every partition: once all are written, the sink has
     // been through every replayed record, wherever its key put it.
-    let partitions = partitions(&config, &config.topics.facility_status);
-    for &p in &partitions {
-        let marker = transition(&format!("z-{p}"), "north", 1, true);
-        produce_to_partition(
-            &config,
-            &config.topics.facility_status,
-            p,
-            &status_records(&[marker]),
-        )
-        .await;
-    }
+    let partitions = produce_status_markers(&config, "north").await;
     eventually(
         "a marker of every partition after the replay",
         Duration::from_secs(30),

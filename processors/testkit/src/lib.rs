@@ -593,6 +593,18 @@ async fn produce_to(
     }
 }
 
+/// A marker transition (facility `z-<partition>`, `region`) on every partition of
+/// `facility-status`, after what was produced before: a consumer that has applied every
+/// marker has been through everything ahead of them. Returns the partitions.
+pub async fn produce_status_markers(c: &Config, region: &str) -> Vec<i32> {
+    let partitions = partitions(c, &c.topics.facility_status);
+    for &p in &partitions {
+        let marker = transition(&format!("z-{p}"), region, 1, true);
+        produce_to_partition(c, &c.topics.facility_status, p, &status_records(&[marker])).await;
+    }
+    partitions
+}
+
 /// `facility-status` records as the processor writes them (key = facility id).
 pub fn status_records(
     statuses: &[presence_core::records::FacilityStatus],
