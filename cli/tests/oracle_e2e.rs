@@ -68,6 +68,7 @@ fn disturbed_log(seed: u64, start_ms: i64, refuse_at: i64) -> (Vec<Placed>, usiz
         placed.push(Placed {
             partition,
             record: r,
+            wall: None,
         });
     }
     (placed, refused)
@@ -94,6 +95,7 @@ async fn a_disturbed_log_with_a_flap_hold_and_a_kill_equals_the_oracle() {
             // Anything up to the processor's allowance (max_clock_skew, 60 s) past the wall
             // clock is taken; the refused records are ten minutes past it.
             reject_after: now + 60_000,
+            max_future_ms: i64::MAX,
         },
     );
     let late = log

@@ -232,6 +232,17 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
             .collect::<Vec<_>>()
             .join("\n")
     );
+    // Dropped from the group while frozen, the member finds its partitions gone when it
+    // wakes: the lost-partitions path (nothing of them committed, read again).
+    let lost = counter_sum(&page, "presence_partitions_lost_total");
+    assert!(
+        lost > 0.0,
+        "seed {seed}: no stage lost its partitions, so the freeze did not reach the lost-partitions path:\n{}",
+        page.lines()
+            .filter(|l| l.contains("lost") || l.contains("rebuild"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
     eprintln!(
         "seed {seed}: transactions aborted after the freeze: {}",
         page.lines()

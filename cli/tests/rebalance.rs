@@ -90,6 +90,7 @@ async fn a_second_instance_joins_and_leaves_under_live_load() {
             ts: now_ms() + AHEAD_MS,
             heartbeat: beat("warm-up", "warm", 99, HeartbeatKind::End),
         },
+        wall: None,
     };
     let mut log: Vec<Placed> = vec![warm.clone()];
     produce_encoded(&c, &[encoded(&warm)]).await;
@@ -145,6 +146,7 @@ async fn a_second_instance_joins_and_leaves_under_live_load() {
                     ts: now_ms() + AHEAD_MS,
                     heartbeat: beat(&s.id, &s.user, s.facility, kind),
                 },
+                wall: None,
             });
         }
         if !batch.is_empty() {
@@ -161,6 +163,7 @@ async fn a_second_instance_joins_and_leaves_under_live_load() {
             timeout_ms: TIMEOUT_MS,
             flap_hold_ms: 0,
             reject_after: i64::MAX,
+            max_future_ms: i64::MAX,
         },
     );
     eprintln!(

@@ -692,6 +692,7 @@ pub fn oracle_as_read(
                 presence_testkit::oracle::Placed {
                     partition: *p,
                     record: r.clone(),
+                    wall: None,
                 },
             )
         })
@@ -705,6 +706,7 @@ pub fn oracle_as_read(
             timeout_ms,
             flap_hold_ms: 0,
             reject_after: i64::MAX,
+            max_future_ms: i64::MAX,
         },
     )
 }

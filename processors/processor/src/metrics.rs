@@ -24,6 +24,9 @@ pub struct Metrics {
     pub client_rebuilds: IntCounterVec,
     /// Kafka clients a stage watchdog replaced (see `watchdog.rs`).
     pub watchdog: IntCounterVec,
+    /// Rebalances in which the group took partitions away without a revoke (the member was
+    /// dropped, say frozen past its session timeout): nothing of them was committed.
+    pub partitions_lost: IntCounterVec,
     pub restore_seconds: HistogramVec,
     pub restored_records: IntCounterVec,
     pub expiry_delay: Histogram,
@@ -83,6 +86,12 @@ impl Metrics {
                 "presence_kafka_client_rebuilds_total",
                 "Kafka clients rebuilt after a fatal error (fenced consumer or producer)",
                 &["stage", "client"],
+            ),
+            partitions_lost: counter_vec(
+                r,
+                "presence_partitions_lost_total",
+                "Rebalances in which a stage lost its partitions (dropped from the group, say frozen past its session timeout): its open transaction was aborted and it reads again from the committed offsets",
+                &["stage"],
             ),
             watchdog: counter_vec(
                 r,

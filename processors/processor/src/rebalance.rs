@@ -130,6 +130,10 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                 let lost = consumer.assignment_lost();
                 if lost {
                     // Another member may own them already: nothing of ours may commit.
+                    g.metrics
+                        .partitions_lost
+                        .with_label_values(&[S::NAME])
+                        .inc();
                     g.abort("partitions_lost");
                     g.needs_rewind = true;
                 } else {

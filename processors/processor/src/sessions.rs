@@ -279,6 +279,7 @@ impl SessionTask {
         out: &mut impl SessionOutput,
     ) -> Result<Applied, Rejected> {
         if ts > wall_now.saturating_add(self.max_future) {
+            self.record_refusal(offset, beat, out);
             return Err(Rejected {
                 code: "timestamp_in_future",
                 message: format!(
@@ -348,6 +349,25 @@ impl SessionTask {
                 }
                 Ok(Applied::Moved)
             }
+        }
+    }
+
+    /// A beat of an open session was refused: its changelog record is written again with
+    /// the refused beat's offset as the one to refresh after. A restore then never raises
+    /// the session's last-seen with it, even once a later checkpoint's stream time has
+    /// passed its timestamp (the clock alone cannot tell a refused beat from an applied one).
+    fn record_refusal(&mut self, offset: i64, beat: &Beat<'_>, out: &mut impl SessionOutput) {
+        let key = session_key(beat.user_id, beat.session_id);
+        let Some(i) = self.find(key) else {
+            return;
+        };
+        let slot = self.slots[i as usize];
+        out.put_session(
+            key,
+            self.state_of(beat, slot.facility, slot.last_seen, offset),
+        );
+        if let Some(old) = self.take_legacy(i) {
+            out.delete_session(old);
         }
     }
 
@@ -998,6 +1018,44 @@ mod tests {
         restored.finish_restore();
         assert_eq!(restored.next_expiry(), live.next_expiry());
         assert_eq!(restored.next_expiry(), Some(1_000 + T + 1));
+    }
+
+    /// A refused beat whose timestamp a later checkpoint's stream time has passed: the clock
+    /// alone cannot tell it was refused, so the refusal itself is recorded (the session's
+    /// changelog record is written again with the refused beat's offset).
+    #[test]
+    fn a_refused_beat_the_stream_time_later_passed_refreshes_nothing_on_restore() {
+        let max_future = 60_000;
+        let mut live = SessionTask::new(0, T, max_future);
+        let mut out = Collected::default();
+        live.on_heartbeat(0, 1_000, &beat("s", "f"), 1_000, &mut out)
+            .unwrap();
+        // Stamped 100 s ahead of the wall clock when read: refused.
+        let refused = live.on_heartbeat(1, 101_000, &beat("s", "f"), 1_000, &mut out);
+        assert_eq!(refused.map_err(|r| r.code), Err("timestamp_in_future"));
+        // Then real time catches up: the session beats on, the stream time passes 101 s.
+        let mut offset = 2;
+        for ts in (31_000..=91_000).step_by(30_000) {
+            live.on_heartbeat(offset, ts, &beat("s", "f"), ts, &mut out)
+                .unwrap();
+            offset += 1;
+        }
+        live.on_heartbeat(offset, 105_000, &beat("o", "g"), 105_000, &mut out)
+            .unwrap();
+        assert!(live.stream_time() > 101_000);
+
+        let mut restored = SessionTask::new(0, T, max_future);
+        for (key, state) in &out.puts {
+            restored.restore_session(*key, state);
+        }
+        restored.set_clock(live.stream_time(), live.next_seq());
+        restored.refresh(&WindowBeat::new(&beat("s", "f"), 101_000, 1));
+        for (i, ts) in (31_000..=91_000).step_by(30_000).enumerate() {
+            restored.refresh(&WindowBeat::new(&beat("s", "f"), ts, 2 + i as i64));
+        }
+        restored.finish_restore();
+        assert_eq!(restored.next_expiry(), live.next_expiry());
+        assert_eq!(restored.next_expiry(), Some(91_000 + T + 1));
     }
 
     #[test]

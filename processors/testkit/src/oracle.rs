@@ -35,6 +35,7 @@ pub fn oracle(records: &[SimRecord], timeout_ms: i64) -> Vec<Expected> {
         .map(|r| Placed {
             partition: 0,
             record: r.clone(),
+            wall: None,
         })
         .collect();
     oracle_placed(
@@ -43,6 +44,7 @@ pub fn oracle(records: &[SimRecord], timeout_ms: i64) -> Vec<Expected> {
             timeout_ms,
             flap_hold_ms: 0,
             reject_after: i64::MAX,
+            max_future_ms: i64::MAX,
         },
     )
 }
@@ -59,6 +61,9 @@ pub struct OracleConfig {
     /// Records stamped after this are refused (dead-lettered, `timestamp_in_future`): the
     /// wall clock when they are processed plus `processor.max_clock_skew`. `i64::MAX`: none.
     pub reject_after: i64,
+    /// `processor.max_clock_skew`, ms: a record whose [`Placed::wall`] is known is refused
+    /// when stamped more than this after it.
+    pub max_future_ms: i64,
 }
 
 /// A heartbeats record where the processor meets it: its partition, and its offset, which
@@ -68,6 +73,10 @@ pub struct OracleConfig {
 pub struct Placed {
     pub partition: i32,
     pub record: SimRecord,
+    /// The processor's wall clock when it read the record, if the log says: a record stamped
+    /// more than [`OracleConfig::max_future_ms`] after it is refused, even if the partition's
+    /// stream time passes its timestamp later. `None`: only [`OracleConfig::reject_after`].
+    pub wall: Option<i64>,
 }
 
 /// A session's count change at a facility, as a partition's log makes it.
@@ -102,7 +111,12 @@ struct Change {
 pub fn oracle_placed(records: &[Placed], c: &OracleConfig) -> Vec<Expected> {
     let mut partitions: BTreeMap<i32, Vec<&SimRecord>> = BTreeMap::new();
     for p in records {
-        partitions.entry(p.partition).or_default().push(&p.record);
+        let refused = p.record.ts > c.reject_after
+            || p.wall
+                .is_some_and(|w| p.record.ts > w.saturating_add(c.max_future_ms));
+        if !refused {
+            partitions.entry(p.partition).or_default().push(&p.record);
+        }
     }
     let mut changes = Vec::new();
     for (partition, log) in partitions {
@@ -133,9 +147,6 @@ fn sessions_of_partition(
         });
     };
     for r in log {
-        if r.ts > c.reject_after {
-            continue;
-        }
         if r.ts > stream {
             stream = r.ts;
             let mut expired: Vec<(i64, &str, (&str, &str))> = open
