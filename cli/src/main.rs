@@ -114,6 +114,9 @@ enum Bench {
         /// Seconds the processor stays up after the drain before its idle memory is read.
         #[arg(long, default_value_t = 10)]
         idle_seconds: u64,
+        /// Processor instances sharing the work (memory figures are their sum).
+        #[arg(long, default_value_t = 1)]
+        instances: usize,
     },
     /// Heartbeat-to-facility-status latency at a steady rate.
     Latency {
@@ -147,6 +150,28 @@ enum Bench {
         /// Seconds of load before the kill.
         #[arg(long, default_value_t = 15)]
         warm_seconds: u64,
+    },
+    /// A long run under steady load with a fault every few minutes (kill -9 and restart,
+    /// scale 1 -> 2 -> 1, SIGSTOP past the group session): resident memory, stage-2
+    /// buffered events and probe latency over time, written as CSV and SVG.
+    Soak {
+        #[arg(long, default_value_t = 30)]
+        minutes: u64,
+        /// Background heartbeats per second (one probe per 100 on top).
+        #[arg(long, default_value_t = 20_000)]
+        rate: usize,
+        /// Background sessions, all open throughout.
+        #[arg(long, default_value_t = 200_000)]
+        sessions: usize,
+        /// Seconds between faults.
+        #[arg(long, default_value_t = 300)]
+        fault_every: u64,
+        /// Seconds per sample.
+        #[arg(long, default_value_t = 10)]
+        sample_every: u64,
+        /// Directory for soak.csv and soak.svg.
+        #[arg(long, default_value = "docs/soak")]
+        out: PathBuf,
     },
     /// Transitions per second from facility-status into PostgreSQL.
     Sink {
@@ -243,6 +268,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     runs,
                     against,
                     idle_seconds,
+                    instances,
                 } => {
                     let options = presence_processor::bench::ThroughputOptions {
                         heartbeats,
@@ -250,6 +276,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                         runs,
                         against,
                         idle: std::time::Duration::from_secs(idle_seconds),
+                        instances,
                     };
                     presence_processor::bench::throughput(&config, &options).await?
                 }
@@ -281,6 +308,24 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                         warm_seconds,
                     };
                     presence_processor::bench::failover(&config, &options).await?
+                }
+                Bench::Soak {
+                    minutes,
+                    rate,
+                    sessions,
+                    fault_every,
+                    sample_every,
+                    out,
+                } => {
+                    let options = presence_processor::soak::SoakOptions {
+                        minutes,
+                        rate,
+                        sessions,
+                        fault_every: std::time::Duration::from_secs(fault_every.max(60)),
+                        sample_every: std::time::Duration::from_secs(sample_every.max(1)),
+                        out,
+                    };
+                    presence_processor::soak::soak(&config, &options).await?
                 }
                 Bench::Sink { transitions, runs } => {
                     bench::sink(&config, transitions, runs).await?

@@ -37,7 +37,7 @@ pub async fn isolated(
     Ok(c)
 }
 
-fn producer(c: &Config) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
+pub(crate) fn producer(c: &Config) -> anyhow::Result<ThreadedProducer<DefaultProducerContext>> {
     let mut pc = idempotent_producer_config(&c.kafka, "bench");
     pc.set("linger.ms", "20")
         .set("batch.size", "1000000")
@@ -89,7 +89,7 @@ pub fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
+pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
@@ -193,6 +193,9 @@ pub struct ThroughputOptions {
     /// How long the processor stays up after it drained the backlog, before its idle
     /// memory is read.
     pub idle: Duration,
+    /// Processor instances that share the work (one consumer group, static members
+    /// `bench`, `bench-2`, ...); memory figures are their sum.
+    pub instances: usize,
 }
 
 /// One processor run of the throughput benchmark.
@@ -278,9 +281,10 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
         binaries.push(("--against", other.clone()));
     }
     let mut report = format!(
-        "{total} heartbeats of {sessions} sessions ({facilities} facilities) on {} partitions, written in {:.1} s; \
+        "{total} heartbeats of {sessions} sessions ({facilities} facilities) on {} partitions, written in {:.1} s; {} processor instance(s); \
          plain read_committed consumer with the processor's fetch settings (ceiling, median of 3): {ceiling:.0}/s\n",
         ends.len(),
+        o.instances.max(1),
         produced.as_secs_f64()
     );
     let mut results: Vec<Vec<DrainRun>> = binaries.iter().map(|_| Vec::new()).collect();
@@ -297,9 +301,9 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
             let report_ = presence_core::topics::ensure(&rc).await?;
             anyhow::ensure!(report_.is_ok(), "bench topics: {report_}");
             topics.add(&rc);
-            let (binary, rc2, idle) = (binary.clone(), rc.clone(), o.idle);
+            let (binary, rc2, idle, n) = (binary.clone(), rc.clone(), o.idle, o.instances.max(1));
             let r =
-                tokio::task::spawn_blocking(move || drain(&binary, &rc2, total, idle)).await??;
+                tokio::task::spawn_blocking(move || drain(&binary, &rc2, total, idle, n)).await??;
             report.push_str(&format!(
                 "run {} {label}: {:.0} heartbeats/s ({:.0}% of the ceiling); peak RSS {:.0} MiB; idle {:.0} MiB with {:.0} open sessions holding {:.1} MiB of state ({:.1} B each)\n",
                 run + 1,
@@ -347,16 +351,39 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
     Ok(report)
 }
 
-/// Runs `binary processor` on `c` until stage 1 has committed `total` heartbeats, then
-/// `idle` longer; its rate from 10% to 100% committed and its memory.
+/// Runs `instances` × `binary processor` on `c` until stage 1 has committed `total`
+/// heartbeats, then `idle` longer; the rate from 10% to 100% committed and the memory of all
+/// instances together.
 fn drain(
     binary: &std::path::Path,
     c: &Config,
     total: i64,
     idle: Duration,
+    instances: usize,
 ) -> anyhow::Result<DrainRun> {
     let ends = end_offsets(c, &c.topics.heartbeats)?;
-    let processor = crate::measured::Processor::start(binary, c, Duration::from_secs(120))?;
+    // Started together, so that the group forms once rather than rebalancing per instance.
+    let started: Vec<anyhow::Result<crate::measured::Processor>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..instances)
+            .map(|i| {
+                let mut ic = c.clone();
+                if i > 0 {
+                    ic.processor.instance_id = format!("{}-{}", c.processor.instance_id, i + 1);
+                }
+                s.spawn(move || {
+                    crate::measured::Processor::start(binary, &ic, Duration::from_secs(120))
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow::anyhow!("starting a processor panicked")))
+            })
+            .collect()
+    });
+    let processors = started.into_iter().collect::<anyhow::Result<Vec<_>>>()?;
     let group = format!("{}.sessions", c.processor.group_id);
     let watcher: BaseConsumer = consumer_config(&c.kafka, "bench-watch", &group).create()?;
     let mut first: Option<(Instant, i64)> = None;
@@ -377,18 +404,30 @@ fn drain(
     };
     let (t_first, n_first) = first.context("no commit observed")?;
     let rate = (total - n_first) as f64 / finished.duration_since(t_first).as_secs_f64();
-    let (at_end, sampled_peak) = processor.memory();
+    let peak_kib = processors
+        .iter()
+        .map(|p| {
+            let (at_end, sampled_peak) = p.memory();
+            at_end.hwm_kib.max(sampled_peak)
+        })
+        .sum();
     std::thread::sleep(idle);
-    let (now, _) = processor.memory();
-    let state_bytes = processor
-        .metric("presence_session_state_bytes")
-        .unwrap_or(f64::NAN);
-    let open_sessions = processor.metric("presence_open_sessions").unwrap_or(0.0);
-    processor.stop()?;
+    let idle_kib = processors.iter().map(|p| p.memory().0.rss_kib).sum();
+    let state_bytes = processors
+        .iter()
+        .map(|p| p.metric("presence_session_state_bytes").unwrap_or(f64::NAN))
+        .sum();
+    let open_sessions = processors
+        .iter()
+        .map(|p| p.metric("presence_open_sessions").unwrap_or(0.0))
+        .sum();
+    for p in processors {
+        p.stop()?;
+    }
     Ok(DrainRun {
         rate,
-        peak_kib: at_end.hwm_kib.max(sampled_peak),
-        idle_kib: now.rss_kib,
+        peak_kib,
+        idle_kib,
         state_bytes,
         open_sessions,
     })
@@ -409,7 +448,7 @@ async fn start_processor(c: &Config) -> anyhow::Result<crate::measured::Processo
 
 /// A `facility-status` reader tuned for latency: with read_committed, a fetch that finds no
 /// committed data waits `fetch.wait.max.ms` (default 500 ms) before it looks again.
-fn status_reader(c: &Config, client: &str) -> anyhow::Result<BaseConsumer> {
+pub(crate) fn status_reader(c: &Config, client: &str) -> anyhow::Result<BaseConsumer> {
     let reader: BaseConsumer = consumer_config(
         &c.kafka,
         client,

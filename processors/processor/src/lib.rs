@@ -35,6 +35,7 @@ pub mod records;
 pub mod restore;
 pub mod runner;
 pub mod sessions;
+pub mod soak;
 pub mod stage;
 pub mod stage1;
 pub mod stage2;
