@@ -10,7 +10,7 @@ export PRESENCE_TEST_PYTHON ?= $(shell bash deploy/stack.sh venv-python)
 # The schema registry `make stack` runs (Apicurio's Confluent-compatible API).
 export PRESENCE_TEST_REGISTRY_URL ?= $(shell bash deploy/stack.sh registry-url)
 
-.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down chaos chaos-short monitor monitor-down check-packaging
+.PHONY: help up down stack stack-down status build topics test unit lint bench cluster cluster-down chaos chaos-short soak scale monitor monitor-down check-packaging
 
 help:
 	@echo "make up      bring up Kafka, Redis, PostgreSQL and the pipeline with a demo load"
@@ -21,6 +21,8 @@ help:
 	@echo "make chaos   the long chaos run: faults under load on a cluster of its own, judged by the ground truth"
 	@echo "             (CHAOS_SECONDS=900 CHAOS_SESSIONS=30000 CHAOS_SEED=<n>; make chaos-short: about 3 minutes)"
 	@echo "make monitor a real Prometheus on 127.0.0.1:9090 scraping every process, with the alert rules"
+	@echo "make soak    30 minutes of steady load with a fault every 5 minutes: memory, stage-2 buffer and latency over time (docs/soak/)"
+	@echo "make scale   processor throughput with 1, 2 and 3 instances on the three-node cluster"
 	@echo "make stack | stack-down | status | build | topics | unit | bench | cluster-down | monitor-down | check-packaging"
 
 stack:
@@ -54,6 +56,21 @@ chaos: stack build
 	PRESENCE_CHAOS_BIN=$(CURDIR)/$(PRESENCE) PRESENCE_CHAOS_SECONDS=$(CHAOS_SECONDS) PRESENCE_CHAOS_SESSIONS=$(CHAOS_SESSIONS) \
 	  $(if $(CHAOS_SEED),PRESENCE_CHAOS_SEED=$(CHAOS_SEED)) \
 	  cargo test --locked -p presence --test chaos -- --ignored chaos_long --nocapture
+
+# The soak (presence bench soak): SOAK_MINUTES of 20k heartbeats/s over 200k open sessions on
+# the stack's broker, a fault every 5 minutes (kill -9 + restart, scale 1-2-1, SIGSTOP past the
+# group session); writes docs/soak/soak.csv and soak.svg. Run it alone: it measures latency.
+SOAK_MINUTES ?= 30
+soak: stack build
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench soak --minutes $(SOAK_MINUTES)
+
+# Throughput with 1, 2 and 3 processor instances sharing one backlog on the three-node cluster
+# (replication 3, min ISR 2), each against a plain consumer's ceiling in the same run.
+scale: cluster
+	for n in 1 2 3; do \
+	  KAFKA_BROKERS=$$($(STACK) cluster-brokers) PRESENCE_TOPICS__REPLICATION_FACTOR=3 PRESENCE_TELEMETRY__LOG_FILTER=warn \
+	    $(PRESENCE) bench throughput --heartbeats 2000000 --runs 3 --idle-seconds 1 --instances $$n || exit 1; \
+	done
 
 stack-down:
 	@$(STACK) down

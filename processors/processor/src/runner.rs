@@ -423,14 +423,14 @@ fn consume<S: Stage>(
             }
         }
         let mut g = lock(shared);
-        let now = now_ms();
+        let wall = now_ms();
         if !g.needs_rewind {
             // The wall clock as far as each partition may go (`Clock`): behind by the
             // allowed lateness, and held while the brokers or its leader are away and until
             // producers have delivered what they held (`BrokerWatch::partition_clock_limit`);
             // and not past the moment the loop last left its consumer until the queue it
             // left has been read to empty.
-            let now = unread_since.map_or(now, |t| t.min(now));
+            let now = unread_since.map_or(wall, |t| t.min(wall));
             let limit = |p| {
                 consumer
                     .context()
@@ -438,7 +438,7 @@ fn consume<S: Stage>(
                     .partition_clock_limit(topic, p, now)
             };
             g.stage
-                .on_tick(&Clock::new(now, lateness, &limit), &mut out);
+                .on_tick(&Clock::new(now, lateness, &limit).with_wall(wall), &mut out);
             g.send(&mut out);
         }
         let commit_due = until_commit(&g, commit_interval).is_zero();

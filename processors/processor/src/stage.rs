@@ -87,8 +87,11 @@ pub struct RestoreIo<'a> {
 /// their own time) and stands still where the brokers, or the partition's leader, went
 /// away until producers have delivered what they held (`BrokerWatch`).
 pub struct Clock<'a> {
-    /// The wall clock (ms since the epoch).
+    /// The wall clock as far as the partitions may follow it (ms since the epoch): the wall
+    /// clock, or earlier while records fetched before it may still be unread.
     pub now: i64,
+    /// The wall clock itself, for what is measured against it (how late an expiry is).
+    pub wall: i64,
     lateness: i64,
     limit: &'a dyn Fn(i32) -> i64,
 }
@@ -98,9 +101,16 @@ impl<'a> Clock<'a> {
     pub fn new(now: i64, lateness: i64, limit: &'a dyn Fn(i32) -> i64) -> Clock<'a> {
         Clock {
             now,
+            wall: now,
             lateness,
             limit,
         }
+    }
+
+    /// The wall clock is `wall`, later than `now` (the clock waits for unread records).
+    pub fn with_wall(mut self, wall: i64) -> Clock<'a> {
+        self.wall = wall.max(self.now);
+        self
     }
 
     /// Where `partition`'s clock may be now.

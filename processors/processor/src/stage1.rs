@@ -373,7 +373,9 @@ impl Stage for SessionsStage {
                 topics: &self.topics,
                 partition: *p,
                 out,
-                expiry_delays: Some((clock.now, &mut self.expiry_delays)),
+                // Measured on the real wall clock: a clock held back for unread
+                // records makes expiries later, and that is part of the delay.
+                expiry_delays: Some((clock.wall, &mut self.expiry_delays)),
             };
             if task.advance_to(now, &mut emitter) > 0 {
                 self.events_pending = true;
