@@ -1,20 +1,29 @@
 //! The examples a downstream team starts from (`examples/`, README "Consume
-//! facility-status"), each run against the local stack: the Python producer publishes
-//! heartbeats straight to Kafka, the processor turns them into transitions, and the Java,
-//! Python and Go consumers each print exactly those transitions. Maven artifacts and Go
-//! modules are cached outside the repository (`~/.m2`, the Go module cache); builds go to
-//! cargo's temporary directory.
+//! facility-status"), each run against the local stack in both framings of
+//! `facility-status`: the Python producer publishes heartbeats straight to Kafka, the
+//! processor turns them into transitions (single-object, or the Schema Registry framing with
+//! the stack's registry), and the Java, Python and Go consumers each print exactly those
+//! transitions; in the registry framing so does the Java consumer built on Apicurio's own
+//! Avro deserializer. Maven artifacts and Go modules are cached outside the repository
+//! (`~/.m2`, the Go module cache); builds go to cargo's temporary directory.
+
+// `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
+// guard keeps the two end-to-end tests (and their one Maven build directory) apart.
+#![allow(clippy::await_holding_lock)]
 
 mod support;
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::OnceLock;
 use std::time::Duration;
 
+use presence_core::codec::confluent_id;
 use presence_core::config::Config;
-use presence_core::Shutdown;
+use presence_core::{topics, Shutdown};
 use presence_testkit::{python, read_to_end_until, repo_root};
+use rdkafka::message::Message;
 use support::*;
 
 type Transition = (String, String, i64);
@@ -82,8 +91,45 @@ fn beats(kind: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-fn common_args(c: &Config) -> Vec<String> {
+/// What the producer example's beats cause: each facility online, then offline.
+fn expected() -> BTreeSet<Transition> {
     [
+        ("E1", "ONLINE", 1),
+        ("E1", "OFFLINE", 2),
+        ("E2", "ONLINE", 1),
+        ("E2", "OFFLINE", 2),
+    ]
+    .into_iter()
+    .map(|(f, s, n)| (f.to_string(), s.to_string(), n))
+    .collect()
+}
+
+/// Runs the processor on `c` while the producer example sends a BEAT and then an END per
+/// facility (two runs, so that every END is stamped after its BEAT); returns the four
+/// records the processor wrote to `facility-status`, as bytes.
+async fn transitions_through_the_processor(c: &Config) -> Vec<Vec<u8>> {
+    let shutdown = Shutdown::new();
+    let processor = processor_in_process(c, &shutdown).await;
+    produce_with_example(c, &beats("BEAT"));
+    read_to_end_until(c, &c.topics.facility_status, Duration::from_secs(60), |r| {
+        r.len() >= 2
+    });
+    produce_with_example(c, &beats("END"));
+    let records = read_to_end_until(c, &c.topics.facility_status, Duration::from_secs(60), |r| {
+        r.len() >= 4
+    });
+    processor.stop(Duration::from_secs(30)).await;
+    assert_eq!(records.len(), 4);
+    records
+        .iter()
+        .map(|m| m.payload().unwrap_or_default().to_vec())
+        .collect()
+}
+
+/// The options every consumer example takes, with a consumer group of this test's (deleted
+/// by `Cleanup`) where the example uses one.
+fn common_args(c: &Config, group: Option<&str>) -> Vec<String> {
+    let mut args: Vec<String> = [
         "--bootstrap-servers",
         &c.kafka.brokers,
         "--topic",
@@ -95,77 +141,137 @@ fn common_args(c: &Config) -> Vec<String> {
         "120",
     ]
     .map(String::from)
-    .to_vec()
+    .to_vec();
+    if let Some(g) = group {
+        args.extend(["--group-id".to_string(), g.to_string()]);
+    }
+    args
+}
+
+fn example_group(c: &Config, language: &str) -> String {
+    format!("{}-example-{language}", c.processor.group_id)
 }
 
 fn examples_dir(name: &str) -> PathBuf {
     repo_root().join("examples").join(name)
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn every_example_prints_the_transitions_the_producer_example_caused() {
-    let c = setup(90_000).await;
-    let shutdown = Shutdown::new();
-    let processor = processor_in_process(&c, &shutdown).await;
-    // Two runs, so that every END is stamped after its BEAT.
-    produce_with_example(&c, &beats("BEAT"));
-    read_to_end_until(
-        &c,
-        &c.topics.facility_status,
-        Duration::from_secs(60),
-        |r| r.len() >= 2,
-    );
-    produce_with_example(&c, &beats("END"));
-    let records = read_to_end_until(
-        &c,
-        &c.topics.facility_status,
-        Duration::from_secs(60),
-        |r| r.len() >= 4,
-    );
-    processor.stop(Duration::from_secs(30)).await;
-    assert_eq!(records.len(), 4);
-    let expected: BTreeSet<Transition> = [
-        ("E1", "ONLINE", 1),
-        ("E1", "OFFLINE", 2),
-        ("E2", "ONLINE", 1),
-        ("E2", "OFFLINE", 2),
-    ]
-    .into_iter()
-    .map(|(f, s, n)| (f.to_string(), s.to_string(), n))
-    .collect();
-
-    let mut py = Command::new(python());
-    py.arg(examples_dir("python").join("consume_facility_status.py"))
-        .args(common_args(&c));
-    assert_eq!(transitions_printed_by("Python", py), expected);
-
-    // Go's flag package takes -name and --name alike; pass them as they are.
-    let mut go = Command::new("go");
-    go.current_dir(examples_dir("go")).args(["run", "."]).args(
-        common_args(&c)
-            .into_iter()
-            .map(|a| if a == "120" { "120s".to_string() } else { a }),
-    );
-    assert_eq!(transitions_printed_by("Go", go), expected);
-
-    // Java: built with Maven into cargo's temporary directory, run from its classes.
-    let build = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("examples-java");
-    let status = Command::new("mvn")
-        .current_dir(examples_dir("java"))
-        .args(["-q", "-B", "package"])
-        .arg(format!("-Dexample.build.dir={}", build.display()))
-        .status()
-        .expect("run mvn (make stack installs Maven)");
-    assert!(status.success(), "building the Java example failed");
-    let mut java = Command::new("java");
-    java.current_dir(examples_dir("java"))
-        .arg("-cp")
-        .arg(format!(
+/// The Java examples, built once per test run with Maven into cargo's temporary directory;
+/// the runtime classpath. The settings file mirrors the repositories that Apicurio's POMs
+/// declare to Maven Central (the only one these machines reach), as the stack's registry
+/// build does.
+fn java_classpath() -> &'static str {
+    static BUILT: OnceLock<String> = OnceLock::new();
+    BUILT.get_or_init(|| {
+        let build = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("examples-java");
+        let status = Command::new("mvn")
+            .current_dir(examples_dir("java"))
+            .args(["-q", "-B", "package", "-s"])
+            .arg(repo_root().join("deploy/registry/settings.xml"))
+            .arg(format!("-Dexample.build.dir={}", build.display()))
+            .status()
+            .expect("run mvn (make stack installs Maven)");
+        assert!(status.success(), "building the Java examples failed");
+        format!(
             "{}:{}/*",
             build.join("classes").display(),
             build.join("dependency").display()
-        ))
-        .arg("dev.presence.examples.ConsumeFacilityStatus")
-        .args(common_args(&c));
-    assert_eq!(transitions_printed_by("Java", java), expected);
+        )
+    })
+}
+
+fn java_example(main_class: &str) -> Command {
+    let mut java = Command::new("java");
+    java.current_dir(examples_dir("java"))
+        .arg("-cp")
+        .arg(java_classpath())
+        .arg(format!("dev.presence.examples.{main_class}"));
+    java
+}
+
+/// Go's flag package takes -name and --name alike; its timeout is a duration.
+fn go(c: &Config) -> Command {
+    let mut go = Command::new("go");
+    go.current_dir(examples_dir("go")).args(["run", "."]).args(
+        common_args(c, None)
+            .into_iter()
+            .map(|a| if a == "120" { "120s".to_string() } else { a }),
+    );
+    go
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_prints_the_transitions_the_producer_example_caused() {
+    let _one = serial();
+    let c = setup(90_000).await;
+    let groups = [example_group(&c, "python"), example_group(&c, "java")];
+    let _cleanup = Cleanup::new(&c).with_groups(&groups);
+    let values = transitions_through_the_processor(&c).await;
+    for v in &values {
+        assert_eq!(&v[..2], [0xC3, 0x01], "single-object framing: {v:02x?}");
+    }
+
+    let mut py = Command::new(python());
+    py.arg(examples_dir("python").join("consume_facility_status.py"))
+        .args(common_args(&c, Some(&groups[0])));
+    assert_eq!(transitions_printed_by("Python", py), expected());
+
+    assert_eq!(transitions_printed_by("Go", go(&c)), expected());
+
+    let mut java = java_example("ConsumeFacilityStatus");
+    java.args(common_args(&c, Some(&groups[1])));
+    assert_eq!(transitions_printed_by("Java", java), expected());
+}
+
+/// The processor writes the Schema Registry framing (`schema_registry.framing =
+/// "confluent"`): every example reads it through the stack's registry, the Go and Java ones
+/// fetching each writer schema by id from the Confluent API themselves, the Python one with
+/// Confluent's `AvroDeserializer`, and the second Java one with Apicurio's
+/// `AvroKafkaDeserializer` in its Confluent-compatible mode (4-byte content ids).
+#[tokio::test(flavor = "multi_thread")]
+async fn every_example_prints_the_transitions_in_the_registry_framing() {
+    let _one = serial();
+    let c = setup_confluent(90_000).await;
+    let groups = [
+        example_group(&c, "python"),
+        example_group(&c, "java"),
+        example_group(&c, "apicurio"),
+    ];
+    let _cleanup = Cleanup::new(&c).with_groups(&groups);
+    let _subjects = Subjects::new(&c);
+    topics::register_subjects(&c)
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    let values = transitions_through_the_processor(&c).await;
+    for v in &values {
+        assert!(confluent_id(v).is_some(), "registry framing: {v:02x?}");
+    }
+    let registry = registry_url();
+
+    let mut py = Command::new(python());
+    py.arg(examples_dir("python").join("consume_facility_status.py"))
+        .args(common_args(&c, Some(&groups[0])))
+        .args(["--registry-url", &registry]);
+    assert_eq!(transitions_printed_by("Python", py), expected());
+
+    let mut go = go(&c);
+    go.args(["-registry-url", &registry]);
+    assert_eq!(transitions_printed_by("Go", go), expected());
+
+    let mut java = java_example("ConsumeFacilityStatus");
+    java.args(common_args(&c, Some(&groups[1])))
+        .args(["--registry-url", &registry]);
+    assert_eq!(transitions_printed_by("Java", java), expected());
+
+    // Apicurio's serde speaks Apicurio's own API, beside the Confluent one.
+    let apicurio = registry.replace("/apis/ccompat/v7", "/apis/registry/v2");
+    assert_ne!(apicurio, registry, "an Apicurio registry URL: {registry}");
+    let mut serde = java_example("ConsumeWithApicurioSerde");
+    serde
+        .args(common_args(&c, Some(&groups[2])))
+        .args(["--registry-url", &apicurio]);
+    assert_eq!(
+        transitions_printed_by("Java (Apicurio serde)", serde),
+        expected()
+    );
 }

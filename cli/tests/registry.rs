@@ -18,64 +18,12 @@ use presence_core::codec::AvroRecord;
 use presence_core::codec::{confluent_id, decode_framed, encode, encode_with, Header, RegistryIds};
 use presence_core::config::Config;
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::registry::{
-    header_for, value_subject, Framing, IdCache, RegistryClient, RegistryError,
-};
+use presence_core::registry::{header_for, value_subject, Framing, IdCache, RegistryError};
 use presence_core::{topics, Shutdown};
 use presence_testkit::{python, read_to_end, read_to_end_until, repo_root};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
-
-/// The registry `make stack` runs, or the one `PRESENCE_TEST_REGISTRY_URL` names.
-fn registry_url() -> String {
-    std::env::var("PRESENCE_TEST_REGISTRY_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into())
-}
-
-/// Isolated topics with the `confluent` framing on the test registry.
-async fn setup_confluent(timeout_ms: u64) -> Config {
-    let mut c = setup(timeout_ms).await;
-    c.schema_registry.framing = Framing::Confluent;
-    c.schema_registry.url = registry_url();
-    assert!(
-        c.schema_registry.problems().is_empty(),
-        "{:?}",
-        c.schema_registry.problems()
-    );
-    c
-}
-
-fn client(c: &Config) -> RegistryClient {
-    RegistryClient::new(&c.schema_registry)
-        .expect("registry client")
-        .expect("a registry is configured")
-}
-
-/// Deletes the value subjects of `c`'s public topics when dropped (also when the test
-/// fails), on a runtime of its own.
-struct Subjects(Config);
-
-impl Drop for Subjects {
-    fn drop(&mut self) {
-        let c = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let client = client(&c);
-                for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
-                    if let Err(e) = client.delete_subject(&value_subject(topic)).await {
-                        eprintln!("cleaning up subject {}: {e}", value_subject(topic));
-                    }
-                }
-            })
-        })
-        .join();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() {
@@ -83,7 +31,7 @@ async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() 
     // first registrations (a content-id clash), which `register` retries but need not meet.
     let _one = serial();
     let c = setup_confluent(90_000).await;
-    let _cleanup = Subjects(c.clone());
+    let _cleanup = Subjects::new(&c);
     let first = topics::register_subjects(&c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -91,7 +39,7 @@ async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() 
     let again = topics::register_subjects(&c).await.expect("second run");
     assert_eq!(first, again, "a second run changes nothing");
 
-    let client = client(&c);
+    let client = registry_client(&c);
     for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
         let subject = value_subject(topic);
         assert_eq!(
@@ -189,11 +137,11 @@ fn beat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
 async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its_output() {
     let _one = serial();
     let c = setup_confluent(90_000).await;
-    let _cleanup = Subjects(c.clone());
+    let _cleanup = Subjects::new(&c);
     topics::register_subjects(&c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = client(&c);
+    let client = registry_client(&c);
     let heartbeat_id = client
         .lookup(&value_subject(&c.topics.heartbeats), Heartbeat::SCHEMA)
         .await
@@ -360,12 +308,12 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
 async fn a_pinned_writer_frames_its_records_with_the_pinned_versions_id() {
     let _one = serial();
     let c = setup_confluent(90_000).await;
-    let _cleanup = Subjects(c.clone());
+    let _cleanup = Subjects::new(&c);
     let _topics = Cleanup::new(&c);
     topics::register_subjects(&c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = client(&c);
+    let client = registry_client(&c);
     let subject = value_subject(&c.topics.facility_status);
     let v1_text = FacilityStatus::HISTORY[0];
     let v1_id = client
