@@ -13,7 +13,8 @@
 //     writer schema's registry id (4 bytes, big-endian) and the body. The writer schema is
 //     fetched once per id from the registry's Confluent API (GET <registry>/schemas/ids/<id>;
 //     -registry-url or SCHEMA_REGISTRY_URL, e.g. Apicurio's
-//     http://127.0.0.1:8081/apis/ccompat/v7) and kept.
+//     http://127.0.0.1:8081/apis/ccompat/v7; basic authentication as
+//     https://user:password@host/...) and kept.
 //
 // Either way the writer schema is resolved to the current one (schemas/facility_status.avsc).
 // Each transition is printed as one JSON line, e.g.
@@ -140,11 +141,13 @@ func (d *decoder) registered(id uint32) (avro.Schema, error) {
 	if d.registry == "" {
 		return nil, fmt.Errorf("schema registry id %d: pass -registry-url (or set SCHEMA_REGISTRY_URL) to read the confluent framing", id)
 	}
-	url := fmt.Sprintf("%s/schemas/ids/%d", strings.TrimRight(d.registry, "/"), id)
-	req, err := http.NewRequest(http.MethodGet, url, nil)
+	req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("%s/schemas/ids/%d", strings.TrimRight(d.registry, "/"), id), nil)
 	if err != nil {
 		return nil, err
 	}
+	// Credentials in the URL (https://user:password@host/...) go as basic authentication;
+	// messages show the URL without the password.
+	url := req.URL.Redacted()
 	req.Header.Set("Accept", "application/vnd.schemaregistry.v1+json")
 	resp, err := d.http.Do(req)
 	if err != nil {
