@@ -9,6 +9,8 @@
 // guard only keeps the heavy end-to-end tests of this binary from running at once.
 #![allow(clippy::await_holding_lock)]
 
+#[path = "support/registry_proxy.rs"]
+mod registry_proxy;
 mod support;
 
 use std::collections::BTreeSet;
@@ -18,64 +20,12 @@ use presence_core::codec::AvroRecord;
 use presence_core::codec::{confluent_id, decode_framed, encode, encode_with, Header, RegistryIds};
 use presence_core::config::Config;
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind};
-use presence_core::registry::{
-    header_for, value_subject, Framing, IdCache, RegistryClient, RegistryError,
-};
+use presence_core::registry::{header_for, value_subject, Framing, IdCache, RegistryError};
 use presence_core::{topics, Shutdown};
 use presence_testkit::{python, read_to_end, read_to_end_until, repo_root};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use support::*;
-
-/// The registry `make stack` runs, or the one `PRESENCE_TEST_REGISTRY_URL` names.
-fn registry_url() -> String {
-    std::env::var("PRESENCE_TEST_REGISTRY_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into())
-}
-
-/// Isolated topics with the `confluent` framing on the test registry.
-async fn setup_confluent(timeout_ms: u64) -> Config {
-    let mut c = setup(timeout_ms).await;
-    c.schema_registry.framing = Framing::Confluent;
-    c.schema_registry.url = registry_url();
-    assert!(
-        c.schema_registry.problems().is_empty(),
-        "{:?}",
-        c.schema_registry.problems()
-    );
-    c
-}
-
-fn client(c: &Config) -> RegistryClient {
-    RegistryClient::new(&c.schema_registry)
-        .expect("registry client")
-        .expect("a registry is configured")
-}
-
-/// Deletes the value subjects of `c`'s public topics when dropped (also when the test
-/// fails), on a runtime of its own.
-struct Subjects(Config);
-
-impl Drop for Subjects {
-    fn drop(&mut self) {
-        let c = self.0.clone();
-        let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let client = client(&c);
-                for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
-                    if let Err(e) = client.delete_subject(&value_subject(topic)).await {
-                        eprintln!("cleaning up subject {}: {e}", value_subject(topic));
-                    }
-                }
-            })
-        })
-        .join();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread")]
 async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() {
@@ -83,7 +33,7 @@ async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() 
     // first registrations (a content-id clash), which `register` retries but need not meet.
     let _one = serial();
     let c = setup_confluent(90_000).await;
-    let _cleanup = Subjects(c.clone());
+    let _cleanup = Subjects::new(&c);
     let first = topics::register_subjects(&c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
@@ -91,7 +41,7 @@ async fn topics_registers_full_transitive_subjects_that_the_registry_enforces() 
     let again = topics::register_subjects(&c).await.expect("second run");
     assert_eq!(first, again, "a second run changes nothing");
 
-    let client = client(&c);
+    let client = registry_client(&c);
     for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
         let subject = value_subject(topic);
         assert_eq!(
@@ -189,11 +139,11 @@ fn beat(session: &str, facility: &str, kind: HeartbeatKind) -> Heartbeat {
 async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its_output() {
     let _one = serial();
     let c = setup_confluent(90_000).await;
-    let _cleanup = Subjects(c.clone());
+    let _cleanup = Subjects::new(&c);
     topics::register_subjects(&c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = client(&c);
+    let client = registry_client(&c);
     let heartbeat_id = client
         .lookup(&value_subject(&c.topics.heartbeats), Heartbeat::SCHEMA)
         .await
@@ -360,12 +310,12 @@ async fn the_processor_reads_both_framings_and_confluents_deserializer_reads_its
 async fn a_pinned_writer_frames_its_records_with_the_pinned_versions_id() {
     let _one = serial();
     let c = setup_confluent(90_000).await;
-    let _cleanup = Subjects(c.clone());
+    let _cleanup = Subjects::new(&c);
     let _topics = Cleanup::new(&c);
     topics::register_subjects(&c)
         .await
         .unwrap_or_else(|e| panic!("{e}"));
-    let client = client(&c);
+    let client = registry_client(&c);
     let subject = value_subject(&c.topics.facility_status);
     let v1_text = FacilityStatus::HISTORY[0];
     let v1_id = client
@@ -422,4 +372,219 @@ async fn a_pinned_writer_frames_its_records_with_the_pinned_versions_id() {
         assert!(body.is_empty(), "v1's body, nothing after it: {value:02x?}");
     }
     assert_eq!(records.len(), 2);
+}
+
+/// `presence topics` as the binary runs it, with `c`'s topics and these settings on top; its
+/// exit status and everything it printed.
+fn presence_topics(c: &Config, settings: &[(&str, &str)]) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presence"));
+    cmd.arg("topics")
+        .env_clear()
+        .envs(env_of(c, "topics"))
+        .env("PRESENCE_TELEMETRY__LOG_FILTER", "info")
+        .envs(settings.iter().copied())
+        .stdin(std::process::Stdio::null());
+    let out = cmd.output().expect("run presence topics");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+/// A registry reached over HTTPS with a CA of the test's own and basic authentication
+/// required (a TLS and basic-auth front of the test's, `support/registry_proxy.rs`, before
+/// the stack's registry): `presence topics` registers through it, the processor resolves a
+/// heartbeat's id and frames its output through it, the notifier resolves that output's id
+/// through it into Redis. A wrong password and a CA that did not sign the registry's
+/// certificate each fail naming the setting to fix, and the password shows in no output.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_registry_behind_tls_and_basic_auth_is_reached_with_the_ca_and_credentials_only() {
+    let _one = serial();
+    let certs = presence_testkit::TestCerts::new();
+    let user = "presence-test";
+    let password = presence_testkit::unique("pw");
+    let proxy = registry_proxy::RegistryProxy::start(
+        &certs.path("server.crt"),
+        &certs.path("server.key"),
+        user,
+        &password,
+        &registry_url(),
+    );
+    let mut c = setup_confluent(90_000).await;
+    let _topics = Cleanup::new(&c).with_groups(std::slice::from_ref(&c.notifier.group_id));
+    let _subjects = Subjects::new(&c);
+    c.schema_registry.url = proxy.url();
+    c.schema_registry.username = user.into();
+    c.schema_registry.password = presence_core::Secret::new(password.clone());
+    let ca = certs.path("ca.crt");
+    c.schema_registry.ca_file = Some(ca.clone());
+    assert_eq!(c.schema_registry.problems(), Vec::<String>::new());
+    let ca_text = ca.display().to_string();
+    let url = proxy.url();
+    let secured = [
+        ("PRESENCE_SCHEMA_REGISTRY__FRAMING", "confluent"),
+        ("PRESENCE_SCHEMA_REGISTRY__URL", url.as_str()),
+        ("PRESENCE_SCHEMA_REGISTRY__USERNAME", user),
+        ("PRESENCE_SCHEMA_REGISTRY__PASSWORD", password.as_str()),
+        ("PRESENCE_SCHEMA_REGISTRY__CA_FILE", ca_text.as_str()),
+    ];
+
+    // Registration through the front.
+    let (ok, out) = presence_topics(&c, &secured);
+    assert!(ok, "presence topics through TLS and basic auth:\n{out}");
+    assert!(
+        out.contains(&value_subject(&c.topics.facility_status)),
+        "{out}"
+    );
+    assert!(
+        !out.contains(&password),
+        "the password in the output:\n{out}"
+    );
+    assert!(proxy.passed() > 0, "nothing went through the front");
+    assert_eq!(proxy.refused(), 0);
+    let client = registry_client(&c);
+    let heartbeat_id = client
+        .lookup(&value_subject(&c.topics.heartbeats), Heartbeat::SCHEMA)
+        .await
+        .expect("lookup through the front")
+        .expect("registered by presence topics");
+    let status_id = client
+        .lookup(
+            &value_subject(&c.topics.facility_status),
+            FacilityStatus::SCHEMA,
+        )
+        .await
+        .expect("lookup through the front")
+        .expect("registered by presence topics");
+
+    // The processor (the binary, logging at info) resolves the heartbeats' id and frames its
+    // output with the registry's id, all through the front.
+    let mut env: Vec<(&str, &str)> = secured.to_vec();
+    env.push(("PRESENCE_TELEMETRY__LOG_FILTER", "info"));
+    let mut p = watched_processor(&c, "a", &env);
+    let confluent = Header::Confluent { id: heartbeat_id };
+    let now = now_ms();
+    produce_raw(
+        &c,
+        &[
+            (
+                "s".into(),
+                encode_with(&beat("s", "SECURE", HeartbeatKind::Beat), confluent),
+                now,
+            ),
+            (
+                "s".into(),
+                encode_with(&beat("s", "SECURE", HeartbeatKind::End), confluent),
+                now + 1,
+            ),
+        ],
+    )
+    .await;
+    let records = read_to_end_until(
+        &c,
+        &c.topics.facility_status,
+        Duration::from_secs(60),
+        |r| r.len() >= 2,
+    );
+    let log = p.log_tail(100_000);
+    terminate(&mut p);
+    assert_eq!(records.len(), 2);
+    for m in &records {
+        let value = m.payload().unwrap_or_default();
+        assert_eq!(confluent_id(value), Some(status_id), "{value:02x?}");
+    }
+    assert!(
+        !log.contains(&password),
+        "the password in the processor's log:\n{log}"
+    );
+
+    // The notifier resolves the output's id through the front and writes Redis.
+    let shutdown = Shutdown::new();
+    let nc = c.clone();
+    let notifier = presence_testkit::spawn_process("notifier", &shutdown, move |s| {
+        presence_notifier::run(nc, s)
+    });
+    let keys = presence_core::delivery::RedisKeys::new(&c.redis.key_prefix);
+    let mut redis = presence_core::delivery::redis_client(&c.redis)
+        .expect("redis client")
+        .get_multiplexed_async_connection()
+        .await
+        .expect("the stack's Redis");
+    let seq = presence_testkit::eventually(
+        "facility SECURE at seq 2 in Redis",
+        Duration::from_secs(60),
+        || {
+            let mut r = redis.clone();
+            let key = keys.facility("SECURE");
+            async move {
+                use redis::AsyncCommands;
+                let seq: Option<String> = r.hget(&key, "seq").await.ok()?;
+                (seq.as_deref() == Some("2")).then_some(seq)
+            }
+        },
+    )
+    .await;
+    notifier.stop(Duration::from_secs(30)).await;
+    {
+        use redis::AsyncCommands;
+        let left: Vec<String> = redis
+            .keys(format!("{}:*", c.redis.key_prefix))
+            .await
+            .unwrap_or_default();
+        if !left.is_empty() {
+            let _: Result<(), _> = redis.del(left).await;
+        }
+    }
+    assert_eq!(seq.as_deref(), Some("2"));
+    assert_eq!(proxy.refused(), 0, "every request carried the credentials");
+
+    // A wrong password: refused, named with the setting to fix, no password shown.
+    let wrong = presence_testkit::unique("wrong");
+    let mut with_wrong: Vec<(&str, &str)> = secured.to_vec();
+    with_wrong.push(("PRESENCE_SCHEMA_REGISTRY__PASSWORD", wrong.as_str()));
+    let (ok, out) = presence_topics(&c, &with_wrong);
+    assert!(!ok, "a wrong password must fail:\n{out}");
+    assert!(
+        out.contains("refused the credentials")
+            && out.contains("schema_registry.username")
+            && out.contains("PRESENCE_SCHEMA_REGISTRY__PASSWORD"),
+        "names the setting:\n{out}"
+    );
+    assert!(!out.contains(&wrong) && !out.contains(&password), "{out}");
+    assert!(proxy.refused() > 0);
+    let mut bad = c.clone();
+    bad.schema_registry.password = presence_core::Secret::new(wrong.clone());
+    let ids = IdCache::new(&bad.schema_registry).expect("cache");
+    let e = ids
+        .ensure(&encode_with(
+            &beat("s", "X", HeartbeatKind::Beat),
+            confluent,
+        ))
+        .await
+        .expect_err("a wrong password resolves nothing");
+    assert!(
+        matches!(e, RegistryError::Unauthorized { status: 401, .. }),
+        "{e:?}"
+    );
+
+    // A CA that did not sign the registry's certificate: named with the setting to fix.
+    let other = certs.path("other-ca.crt").display().to_string();
+    let mut with_other_ca: Vec<(&str, &str)> = secured.to_vec();
+    with_other_ca.push(("PRESENCE_SCHEMA_REGISTRY__CA_FILE", other.as_str()));
+    let (ok, out) = presence_topics(&c, &with_other_ca);
+    assert!(!ok, "an unknown CA must fail:\n{out}");
+    assert!(
+        out.contains("not trusted") && out.contains("schema_registry.ca_file"),
+        "names the setting:\n{out}"
+    );
+    assert!(!out.contains(&password), "{out}");
+    let mut untrusted = c.clone();
+    untrusted.schema_registry.ca_file = Some(certs.path("other-ca.crt"));
+    let e = header_for::<FacilityStatus>(&untrusted.schema_registry, &c.topics.facility_status)
+        .await
+        .expect_err("the processor's start-up lookup fails too");
+    assert!(matches!(e, RegistryError::Untrusted { .. }), "{e:?}");
+    assert!(!e.to_string().contains(&password), "{e}");
 }

@@ -2,18 +2,29 @@
 // `facility-status` topic as they arrive: a downstream Go service's starting point.
 //
 // franz-go reads the topic with read_committed isolation (the processor writes in
-// transactions); hamba/avro decodes each value, which is Avro single-object encoding: C3 01,
-// the writer schema's CRC-64-AVRO fingerprint (8 bytes, little-endian), then the binary
-// body. Only presence's .avsc files are needed: every released version under
-// schemas/history/ is resolved to the current schema. Each transition is printed as one JSON
-// line, e.g.
+// transactions); hamba/avro decodes each value in whichever framing the processor writes,
+// told apart by the first bytes:
+//
+//   - C3 01: Avro single-object encoding (the default), then the writer schema's
+//     CRC-64-AVRO fingerprint (8 bytes, little-endian) and the binary body. Only presence's
+//     .avsc files are needed: every released version under schemas/history/ is known by
+//     its fingerprint.
+//   - 00: the Schema Registry wire format (schema_registry.framing = "confluent"), then the
+//     writer schema's registry id (4 bytes, big-endian) and the body. The writer schema is
+//     fetched once per id from the registry's Confluent API (GET <registry>/schemas/ids/<id>;
+//     -registry-url or SCHEMA_REGISTRY_URL, e.g. Apicurio's
+//     http://127.0.0.1:8081/apis/ccompat/v7; basic authentication as
+//     https://user:password@host/...) and kept.
+//
+// Either way the writer schema is resolved to the current one (schemas/facility_status.avsc).
+// Each transition is printed as one JSON line, e.g.
 //
 //	{"facility_id":"clinic-42","region_id":"north","status":"ONLINE","open_sessions":1,"since":1764300000000,"seq":7,"emitted_at":1764300000120}
 //
 // The latest record per facility is its current status (the topic is compacted); seq rises
 // by one per transition of a facility, so a consumer that stores it can drop repeats.
 //
-//	go run . -bootstrap-servers 127.0.0.1:9092 -from-beginning
+//	go run . -bootstrap-servers 127.0.0.1:9092 -from-beginning [-registry-url URL]
 package main
 
 import (
@@ -24,6 +35,7 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"net/http"
 	"os"
 	"path/filepath"
 	"regexp"
@@ -47,10 +59,16 @@ type FacilityStatus struct {
 
 var marker = []byte{0xC3, 0x01}
 
-// decoder knows the current schema and every released one, by fingerprint.
+// decoder knows the current schema and every released one, by fingerprint, and the
+// schemas of the registry ids it has met.
 type decoder struct {
 	reader  avro.Schema
 	writers map[uint64]avro.Schema
+	// registry is the Confluent-compatible API's base URL; empty: none.
+	registry string
+	http     *http.Client
+	// byID holds each registry id's writer schema, resolved to reader.
+	byID map[uint32]avro.Schema
 }
 
 func loadSchemas(dir string) (*decoder, error) {
@@ -70,7 +88,12 @@ func loadSchemas(dir string) (*decoder, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &decoder{reader: reader, writers: map[uint64]avro.Schema{fp: reader}}
+	d := &decoder{
+		reader:  reader,
+		writers: map[uint64]avro.Schema{fp: reader},
+		http:    &http.Client{Timeout: 10 * time.Second},
+		byID:    map[uint32]avro.Schema{},
+	}
 	older, _ := filepath.Glob(filepath.Join(dir, "history", "facility_status", "*.avsc"))
 	for _, path := range older {
 		s, fp, err := parse(path)
@@ -90,15 +113,69 @@ func loadSchemas(dir string) (*decoder, error) {
 
 func (d *decoder) decode(value []byte) (FacilityStatus, error) {
 	var out FacilityStatus
-	if len(value) < 10 || !bytes.Equal(value[:2], marker) {
-		return out, errors.New("not Avro single-object encoding (no C3 01 marker)")
+	switch {
+	case len(value) >= 10 && bytes.Equal(value[:2], marker):
+		fp := binary.LittleEndian.Uint64(value[2:10])
+		writer, ok := d.writers[fp]
+		if !ok {
+			return out, fmt.Errorf("unknown schema fingerprint %016x: update schemas/ from presence", fp)
+		}
+		return out, avro.Unmarshal(writer, value[10:], &out)
+	case len(value) >= 5 && value[0] == 0:
+		writer, err := d.registered(binary.BigEndian.Uint32(value[1:5]))
+		if err != nil {
+			return out, err
+		}
+		return out, avro.Unmarshal(writer, value[5:], &out)
+	default:
+		return out, errors.New("neither Avro single-object encoding (C3 01) nor the Schema Registry framing (00)")
 	}
-	fp := binary.LittleEndian.Uint64(value[2:10])
-	writer, ok := d.writers[fp]
+}
+
+// registered is the writer schema of a registry id, resolved to the reader schema: fetched
+// the first time the id is seen, then kept (an id always names the same schema).
+func (d *decoder) registered(id uint32) (avro.Schema, error) {
+	if s, ok := d.byID[id]; ok {
+		return s, nil
+	}
+	if d.registry == "" {
+		return nil, fmt.Errorf("schema registry id %d: pass -registry-url (or set SCHEMA_REGISTRY_URL) to read the confluent framing", id)
+	}
+	req, err := http.NewRequest(http.MethodGet, fmt.Sprintf("%s/schemas/ids/%d", strings.TrimRight(d.registry, "/"), id), nil)
+	if err != nil {
+		return nil, err
+	}
+	// Credentials in the URL (https://user:password@host/...) go as basic authentication;
+	// messages show the URL without the password.
+	url := req.URL.Redacted()
+	req.Header.Set("Accept", "application/vnd.schemaregistry.v1+json")
+	resp, err := d.http.Do(req)
+	if err != nil {
+		return nil, fmt.Errorf("schema registry: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("schema registry: GET %s answered %s", url, resp.Status)
+	}
+	var answer struct {
+		Schema string `json:"schema"`
+	}
+	if err := json.NewDecoder(resp.Body).Decode(&answer); err != nil {
+		return nil, fmt.Errorf("schema registry: GET %s: %w", url, err)
+	}
+	writer, err := avro.ParseWithCache(answer.Schema, "", &avro.SchemaCache{})
+	if err != nil {
+		return nil, fmt.Errorf("schema registry id %d is not an Avro schema: %w", id, err)
+	}
+	// One of presence's released versions (the usual case): the schema already resolved.
+	resolved, ok := d.writers[crc64Avro([]byte(canonical(writer)))]
 	if !ok {
-		return out, fmt.Errorf("unknown schema fingerprint %016x: update schemas/ from presence", fp)
+		if resolved, err = avro.NewSchemaCompatibility().Resolve(d.reader, writer); err != nil {
+			return nil, fmt.Errorf("schema registry id %d cannot be read as schemas/facility_status.avsc: %w", id, err)
+		}
 	}
-	return out, avro.Unmarshal(writer, value[10:], &out)
+	d.byID[id] = resolved
+	return resolved, nil
 }
 
 // withLogicalType is a primitive with a logical type in hamba/avro's Schema.String().
@@ -137,6 +214,7 @@ func main() {
 	group := flag.String("group-id", "", "consumer group (default: none, every partition from the chosen end)")
 	fromBeginning := flag.Bool("from-beginning", false, "read the topic from its start")
 	schemas := flag.String("schemas", filepath.Join("..", "..", "schemas"), "presence's schemas/ directory")
+	registry := flag.String("registry-url", os.Getenv("SCHEMA_REGISTRY_URL"), "the schema registry's Confluent API, for the confluent framing, e.g. http://127.0.0.1:8081/apis/ccompat/v7")
 	maxRecords := flag.Int("max-records", 0, "stop after this many transitions (0: never)")
 	timeout := flag.Duration("timeout", 0, "stop after this long (0: never)")
 	flag.Parse()
@@ -146,6 +224,7 @@ func main() {
 		fmt.Fprintf(os.Stderr, "schemas: %v\n", err)
 		os.Exit(2)
 	}
+	dec.registry = *registry
 	start := kgo.NewOffset().AtEnd()
 	if *fromBeginning {
 		start = kgo.NewOffset().AtStart()

@@ -524,11 +524,17 @@ pub fn finish(
 
 /// Deletes every topic and consumer group of `c` (all named under one unique id) when
 /// dropped, so a test leaves nothing behind on the broker, also when it fails.
-pub struct Cleanup(Config);
+pub struct Cleanup(Config, Vec<String>);
 
 impl Cleanup {
     pub fn new(c: &Config) -> Cleanup {
-        Cleanup(c.clone())
+        Cleanup(c.clone(), Vec::new())
+    }
+
+    /// Deletes these consumer groups too (an outside consumer's, say).
+    pub fn with_groups(mut self, groups: &[String]) -> Cleanup {
+        self.1.extend_from_slice(groups);
+        self
     }
 }
 
@@ -555,11 +561,12 @@ impl Drop for Cleanup {
                     .collect()
             })
             .unwrap_or_default();
-        let groups = [
+        let mut groups = vec![
             format!("{}.sessions", c.processor.group_id),
             format!("{}.facilities", c.processor.group_id),
             format!("{}-reader", c.processor.group_id),
         ];
+        groups.extend(self.1.iter().cloned());
         let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(10)));
         let topic_refs: Vec<&str> = topics.iter().map(String::as_str).collect();
         let group_refs: Vec<&str> = groups.iter().map(String::as_str).collect();
@@ -729,4 +736,69 @@ pub fn cluster_stack(dir: &std::path::Path, base: u16, args: &[&str]) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// The schema registry `make stack` runs (Apicurio's Confluent-compatible API), or the one
+/// `PRESENCE_TEST_REGISTRY_URL` names.
+pub fn registry_url() -> String {
+    std::env::var("PRESENCE_TEST_REGISTRY_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into())
+}
+
+/// Isolated topics with the `confluent` framing on the test registry.
+pub async fn setup_confluent(timeout_ms: u64) -> Config {
+    let mut c = setup(timeout_ms).await;
+    c.schema_registry.framing = presence_core::registry::Framing::Confluent;
+    c.schema_registry.url = registry_url();
+    assert!(
+        c.schema_registry.problems().is_empty(),
+        "{:?}",
+        c.schema_registry.problems()
+    );
+    c
+}
+
+/// A client of `c`'s registry.
+pub fn registry_client(c: &Config) -> presence_core::registry::RegistryClient {
+    presence_core::registry::RegistryClient::new(&c.schema_registry)
+        .expect("registry client")
+        .expect("a registry is configured")
+}
+
+/// Deletes the value subjects of `c`'s public topics from the test registry when dropped
+/// (also when the test fails), on a runtime of its own. Always through the stack's registry
+/// directly, whatever route (a proxy) the test itself took.
+pub struct Subjects(Config);
+
+impl Subjects {
+    pub fn new(c: &Config) -> Subjects {
+        let mut c = c.clone();
+        c.schema_registry = presence_core::registry::SchemaRegistryConfig {
+            url: registry_url(),
+            ..Default::default()
+        };
+        Subjects(c)
+    }
+}
+
+impl Drop for Subjects {
+    fn drop(&mut self) {
+        use presence_core::registry::value_subject;
+        let c = self.0.clone();
+        let _ = std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let client = registry_client(&c);
+                for topic in [&c.topics.heartbeats, &c.topics.facility_status] {
+                    if let Err(e) = client.delete_subject(&value_subject(topic)).await {
+                        eprintln!("cleaning up subject {}: {e}", value_subject(topic));
+                    }
+                }
+            })
+        })
+        .join();
+    }
 }

@@ -133,7 +133,7 @@ pub fn value_subject(topic: &str) -> String {
 pub enum RegistryError {
     #[error("schema registry at {url} is unreachable ({detail}); start it (bash deploy/stack.sh registry-up) or fix schema_registry.url (PRESENCE_SCHEMA_REGISTRY__URL)")]
     Unreachable { url: String, detail: String },
-    #[error("schema registry at {url} refused the credentials (HTTP {status}); set schema_registry.username and PRESENCE_SCHEMA_REGISTRY__PASSWORD to an account that may {what}")]
+    #[error("schema registry at {url} refused the credentials (HTTP {status}) {what}; set schema_registry.username and PRESENCE_SCHEMA_REGISTRY__PASSWORD to an account allowed to do that")]
     Unauthorized {
         url: String,
         status: u16,
@@ -162,6 +162,8 @@ pub enum RegistryError {
     },
     #[error("schema_registry.ca_file {path}: {detail}; set it to the PEM file of the CA that signed the registry's certificate")]
     Tls { path: String, detail: String },
+    #[error("schema registry at {url}: its TLS certificate is not trusted ({detail}); set schema_registry.ca_file (PRESENCE_SCHEMA_REGISTRY__CA_FILE) to the PEM file of the CA that signed it, and check that schema_registry.url names a host the certificate is for")]
+    Untrusted { url: String, detail: String },
 }
 
 const CONTENT_TYPE: &str = "application/vnd.schemaregistry.v1+json";
@@ -248,16 +250,9 @@ impl RegistryClient {
                 .header(reqwest::header::CONTENT_TYPE, CONTENT_TYPE)
                 .body(body.to_string());
         }
-        let resp = req.send().await.map_err(|e| RegistryError::Unreachable {
-            url: self.base.clone(),
-            // reqwest's message carries the URL, never the credentials.
-            detail: e.without_url().to_string(),
-        })?;
+        let resp = req.send().await.map_err(|e| self.send_error(e))?;
         let status = resp.status();
-        let text = resp.text().await.map_err(|e| RegistryError::Unreachable {
-            url: self.base.clone(),
-            detail: e.without_url().to_string(),
-        })?;
+        let text = resp.text().await.map_err(|e| self.send_error(e))?;
         match status.as_u16() {
             200..=299 => {
                 serde_json::from_str(&text)
@@ -280,6 +275,37 @@ impl RegistryClient {
                 status: s,
                 body: text.chars().take(MAX_QUOTED_BODY).collect(),
             }),
+        }
+    }
+
+    /// A request that got no answer, with the causes that say why (reqwest's own message is
+    /// only "error sending request"): a certificate the client does not trust names
+    /// `schema_registry.ca_file`, anything else the URL. The causes come from the connection
+    /// (DNS, TCP, TLS), never from the request, so they hold no credentials.
+    fn send_error(&self, e: reqwest::Error) -> RegistryError {
+        let e = e.without_url();
+        let mut detail = e.to_string();
+        let mut cause = std::error::Error::source(&e);
+        while let Some(c) = cause {
+            let text = c.to_string();
+            if !detail.contains(&text) {
+                detail = format!("{detail}: {text}");
+            }
+            cause = c.source();
+        }
+        let lower = detail.to_ascii_lowercase();
+        if self.base.starts_with("https://")
+            && (lower.contains("certificate") || lower.contains("unknown ca"))
+        {
+            RegistryError::Untrusted {
+                url: self.base.clone(),
+                detail,
+            }
+        } else {
+            RegistryError::Unreachable {
+                url: self.base.clone(),
+                detail,
+            }
         }
     }
 
