@@ -451,7 +451,7 @@ fn consume<S: Stage>(
             }
             g.finish_transaction(consumer);
         }
-        if let Some(defect) = g.defect.take() {
+        if let Some(defect) = g.defect.take().or_else(|| g.stage.take_defect()) {
             return Ended::Defect(defect);
         }
         if !producer_ready {
