@@ -137,6 +137,17 @@ impl FacilitiesStage {
     }
 }
 
+impl Drop for FacilitiesStage {
+    /// The stage ends: its stores go with their tasks, then this instance's directory
+    /// under `processor.state_dir` if nothing else is in it.
+    fn drop(&mut self) {
+        self.tasks.clear();
+        if let Some((_, dir)) = &self.retention {
+            let _ = std::fs::remove_dir(dir);
+        }
+    }
+}
+
 struct Emitter<'a> {
     topics: &'a Topics,
     status_header: Header,
