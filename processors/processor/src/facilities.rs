@@ -1230,6 +1230,33 @@ mod tests {
         assert_eq!(t.clock(), 10_101);
     }
 
+    /// The store's directory is gone (a disk unmounted, a volume deleted): retiring quiet
+    /// facilities fails with an error naming `processor.state_dir`, and the facility it was
+    /// moving is not lost: it comes back, seq and all.
+    #[test]
+    fn a_store_that_cannot_write_is_an_error_and_loses_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let gone = dir.path().join("gone");
+        std::fs::create_dir(&gone).unwrap();
+        let store = ColdStore::create(gone.join("facilities-0.redb")).unwrap();
+        let mut t = FacilityTask::new(0, 1, 0).with_retention(1, store);
+        let mut out = Collected::default();
+        for (o, e) in [open(0, 1, 10, "f"), close(0, 2, 20, "f"), wm(0, 100)]
+            .into_iter()
+            .enumerate()
+        {
+            t.on_event(o as i64, e, 0, &mut out).unwrap();
+        }
+        t.flush_changelog(&mut out);
+        std::fs::remove_dir(&gone).unwrap();
+        let e = t.retire_quiet().unwrap_err().to_string();
+        assert!(e.contains("processor.state_dir"), "{e}");
+        out.statuses.clear();
+        t.on_event(3, open(0, 3, 200, "f"), 0, &mut out).unwrap();
+        t.on_event(4, wm(0, 300), 0, &mut out).unwrap();
+        assert_eq!(summary(&out), vec![("f".into(), Status::Online, 200, 3, 1)]);
+    }
+
     proptest::proptest! {
         /// Any interleaving of sources, with or without a flap hold, commits at any
         /// rhythm: with a retention of 1 ms (facilities leave memory at every commit and
