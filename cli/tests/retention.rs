@@ -154,3 +154,101 @@ async fn quiet_facilities_leave_memory_and_a_returning_one_continues_its_seq() {
         instance_dir.display()
     );
 }
+
+/// A state directory that cannot be created stops the processor at start, with an error
+/// naming `processor.state_dir`.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unusable_state_dir_stops_the_processor_at_start() {
+    let _one = serial();
+    let c = setup(TIMEOUT_MS).await;
+    let _cleanup = Cleanup::new(&c);
+    let state = StateDir(std::env::temp_dir().join(presence_testkit::unique("retention")));
+    // A file where the directory should be.
+    std::fs::write(&state.0, b"").expect("a file in the temporary directory");
+    let mut p = watched_processor(
+        &c,
+        "a",
+        &[(
+            "PRESENCE_PROCESSOR__STATE_DIR",
+            &state.0.join("state").display().to_string(),
+        )],
+    );
+    let status = p.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "{status:?}");
+    let log = p.log_tail(20);
+    assert!(log.contains("processor.state_dir"), "{log}");
+    let _ = std::fs::remove_file(&state.0);
+}
+
+/// The store fails while the processor runs (its directory deleted under it, as a lost
+/// volume would): the stage stops with an error naming `processor.state_dir`, the process
+/// exits non-zero, and nothing past the failure was committed: what is on `facility-status`
+/// is, facility by facility, the oracle's first transitions.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_store_stops_the_stage_before_it_commits() {
+    let _one = serial();
+    let mut c = setup(TIMEOUT_MS).await;
+    let _cleanup = Cleanup::new(&c);
+    c.processor.allowed_lateness = Duration::from_millis(1_500);
+    let state = StateDir(std::env::temp_dir().join(presence_testkit::unique("retention")));
+    let mut p = watched_processor(
+        &c,
+        "a",
+        &[
+            ("PRESENCE_PROCESSOR__FACILITY_RETENTION", "1s"),
+            (
+                "PRESENCE_PROCESSOR__STATE_DIR",
+                &state.0.display().to_string(),
+            ),
+        ],
+    );
+    // Started (it made its directory), then the directory goes.
+    let instance_dir = state.0.join(format!("{}.a", c.processor.group_id));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while !instance_dir.exists() {
+        presence_testkit::check_processes();
+        assert!(
+            Instant::now() < deadline,
+            "the processor made no state directory"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    std::fs::remove_dir_all(&state.0).expect("delete the state directory");
+    let t0 = now_ms();
+    let log: Vec<SimRecord> = (0..N)
+        .map(|i| beat(t0, &format!("s{i}"), &format!("f{i}"), HeartbeatKind::Beat))
+        .chain((0..N).map(|i| {
+            beat(
+                t0 + 10,
+                &format!("s{i}"),
+                &format!("f{i}"),
+                HeartbeatKind::End,
+            )
+        }))
+        .collect();
+    produce(&c, &log).await;
+    // Quiet for a second of event time, the facilities are due to move to disk: that fails.
+    let status = p.wait_exit(Duration::from_secs(90));
+    assert!(!status.success(), "{status:?}");
+    let tail = p.log_tail(30);
+    assert!(
+        tail.contains("processor.state_dir") && tail.contains("facility store"),
+        "{tail}"
+    );
+    eprintln!(
+        "the processor's last words: {}",
+        tail.lines()
+            .rfind(|l| l.contains("facility store"))
+            .unwrap_or_default()
+    );
+    let expected = oracle(&log, TIMEOUT_MS as i64);
+    let got = as_expected(&statuses_to_end(&c));
+    for f in (0..N).map(|i| format!("f{i}")) {
+        let mine: Vec<_> = got.iter().filter(|e| e.facility_id == f).collect();
+        let want: Vec<_> = expected.iter().filter(|e| e.facility_id == f).collect();
+        assert!(
+            mine.len() <= want.len() && mine[..] == want[..mine.len()],
+            "{f}: committed {mine:?}, oracle {want:?}"
+        );
+    }
+}

@@ -71,12 +71,12 @@ impl<S: Stage> Member<S> {
         let started = Instant::now();
         let mut out = Vec::new();
         self.stage.before_commit(presence_core::now_ms(), &mut out);
-        if let Some(defect) = self.stage.take_defect() {
+        if let Some(defect) = self.stage.defect() {
             // The stage's state is not what its outputs say: nothing of it may commit.
             tracing::error!(stage = S::NAME, error = %defect, "aborting and stopping the stage");
+            self.defect = Some(defect.to_string());
             self.abort("defect");
             self.needs_rewind = true;
-            self.defect = Some(defect);
             return;
         }
         self.send(&mut out);

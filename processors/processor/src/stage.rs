@@ -170,8 +170,8 @@ pub trait Stage: Send + 'static {
     }
     /// A failure that stops the stage (stage 2's facility store on a full or read-only
     /// disk): the runner aborts the open transaction and ends the stage with it, never
-    /// commits past it. Default: never.
-    fn take_defect(&mut self) -> Option<String> {
+    /// commits past it. It stays once set. Default: never.
+    fn defect(&self) -> Option<&str> {
         None
     }
     /// Publishes per-transaction tallies and gauges.

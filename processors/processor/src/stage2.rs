@@ -64,7 +64,7 @@ pub struct FacilitiesStage {
     /// `processor.facility_retention` (ms) and this instance's directory under
     /// `processor.state_dir`; `None` keeps every facility in memory.
     retention: Option<(i64, PathBuf)>,
-    /// A facility store failed: the stage stops (see [`Stage::take_defect`]).
+    /// A facility store failed: the stage stops (see [`Stage::defect`]).
     defect: Option<String>,
 }
 
@@ -338,8 +338,8 @@ impl Stage for FacilitiesStage {
         }
     }
 
-    fn take_defect(&mut self) -> Option<String> {
-        self.defect.take()
+    fn defect(&self) -> Option<&str> {
+        self.defect.as_deref()
     }
 
     fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Checkpoint>) {
