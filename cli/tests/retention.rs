@@ -1,7 +1,8 @@
 //! Stage 2's retention (`processor.facility_retention`) against the real broker: facilities
 //! that go OFFLINE and stay quiet leave the processor's memory for its on-disk store
 //! (`presence_stage2_facilities{place}`), one that comes back continues its `seq` by one,
-//! and the whole `facility-status` output equals the oracle's.
+//! also after a kill -9 and a restore, and the whole `facility-status` output equals the
+//! oracle's; a store that cannot be used stops the processor before it commits.
 
 // `serial()` holds a std mutex across awaits on purpose: each test owns its runtime, and the
 // guard only keeps the heavy end-to-end tests of this binary from running at once.
@@ -144,6 +145,46 @@ async fn quiet_facilities_leave_memory_and_a_returning_one_continues_its_seq() {
         (back.as_str(), Status::Offline, 4)
     );
     wait_places(ops, (0.0, N as f64), "f3 quiet again").await;
+
+    // kill -9 and a restart: the store is rebuilt from the changelog (the file the killed
+    // instance left is discarded), the quiet facilities are on disk again, and one of them
+    // that returns continues its seq.
+    let mut p = p;
+    kill9(&mut p);
+    let ops = presence_testkit::free_port();
+    let p = watched_processor(
+        &c,
+        "a",
+        &[
+            ("PRESENCE_PROCESSOR__FACILITY_RETENTION", "1s"),
+            (
+                "PRESENCE_PROCESSOR__STATE_DIR",
+                &state.0.display().to_string(),
+            ),
+            (
+                "PRESENCE_PROCESSOR__OPS_LISTEN",
+                &format!("127.0.0.1:{ops}"),
+            ),
+        ],
+    );
+    wait_places(ops, (0.0, N as f64), "restored").await;
+    let other = facility(5);
+    let again = beat(now_ms(), "s-other", &other, HeartbeatKind::Beat);
+    produce(&c, std::slice::from_ref(&again)).await;
+    log.push(again);
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() > 2 * N + 2),
+        "f5's return within 60 s"
+    );
+    let online = &reader.seen[2 * N + 2];
+    assert_eq!(
+        (online.facility_id.as_str(), online.status, online.seq),
+        (other.as_str(), Status::Online, 3),
+        "restored from the changelog to disk, then back with its seq: {online:?}"
+    );
+    let end = beat(now_ms(), "s-other", &other, HeartbeatKind::End);
+    produce(&c, std::slice::from_ref(&end)).await;
+    log.push(end);
 
     // The whole output is the oracle's; a clean stop deletes the stores.
     let expected = oracle(&log, TIMEOUT_MS as i64);
