@@ -543,7 +543,8 @@ tls_certs() {
 # sweep: removes from the shared stack what test processes that no longer run left behind.
 # Test names carry their process id (testkit::unique: t-<pid>-<nanos>-<n>), so a name whose
 # process is gone is garbage whether the test cleaned up or was killed: its topics and
-# consumer groups in Kafka, its schema in PostgreSQL (t_<pid>_...), its keys in Redis.
+# consumer groups in Kafka, its schema in PostgreSQL (t_<pid>_...), its keys in Redis, its
+# processors' state directories under <tmp>/presence-state.
 # `make test` sweeps before and after the tests; a running test's names are never touched.
 dead_test_pids() {
   { grep -oE "^t[-_][0-9]+[-_]" || true; } | tr -d -- '-_t' | sort -u | while read -r pid; do
@@ -598,6 +599,18 @@ sweep() {
       local keys; keys=$(grep -E "^t-($pids)-" <<<"$names" || true)
       say "sweep: deleting $(wc -l <<<"$keys") Redis keys of finished test processes"
       xargs -r -n 500 redis-cli -h 127.0.0.1 -p "$REDIS_PORT" unlink <<<"$keys" >/dev/null
+    fi
+  fi
+  # The processor's state directories (processor.state_dir, default <tmp>/presence-state;
+  # one per <group_id>.<instance>) that a killed test processor left.
+  local state="${TMPDIR:-/tmp}/presence-state"
+  if [[ -d "$state" ]]; then
+    names=$(ls "$state")
+    pids=$(dead_test_pids <<<"$names" | paste -sd'|' -)
+    if [[ -n "$pids" ]]; then
+      local dirs; dirs=$(grep -E "^t-($pids)-" <<<"$names" || true)
+      say "sweep: deleting $(wc -l <<<"$dirs") processor state directories of finished test processes"
+      while read -r d; do rm -rf -- "${state:?}/$d"; done <<<"$dirs"
     fi
   fi
   return 0

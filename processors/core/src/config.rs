@@ -258,8 +258,68 @@ pub struct ProcessorConfig {
     /// each facilities partition keeps at most this many events in memory (about 100 bytes
     /// each) and reads the rest again from Kafka later. Default 500000.
     pub max_buffered_events: usize,
+    /// Stage 2 keeps every facility's last `seq` so that its next transition is `seq + 1`.
+    /// A facility OFFLINE with no open session and no flap hold pending whose last change is
+    /// older than this (in event time, the partition's watermark) moves from memory to a
+    /// store on disk under `state_dir`; an event for it brings it back, `seq` and all.
+    /// Default 24h; `"off"` (or 0) keeps every facility in memory.
+    #[serde(with = "retention_serde")]
+    pub facility_retention: Duration,
+    /// Where stage 2 keeps those facilities: one file per partition in
+    /// `<state_dir>/<group_id>.<instance>/`, a cache of the facilities changelog (emptied
+    /// and rebuilt when the partition is assigned, deleted when it goes), created at start.
+    /// Needs a writable local disk. Default `<system temp dir>/presence-state`.
+    pub state_dir: PathBuf,
     /// Where `/metrics`, `/healthz` and `/readyz` are served. Default 127.0.0.1:9101.
     pub ops_listen: SocketAddr,
+}
+
+/// `processor.facility_retention`: a duration (`24h`, `90m`) or `off`; `0` is off too.
+mod retention_serde {
+    use std::time::Duration;
+
+    use serde::{de, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
+        if d.is_zero() {
+            s.serialize_str("off")
+        } else {
+            s.serialize_str(&humantime::format_duration(*d).to_string())
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+        struct Visitor;
+        impl de::Visitor<'_> for Visitor {
+            type Value = Duration;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a duration such as \"24h\", or \"off\"")
+            }
+            fn visit_str<E: de::Error>(self, v: &str) -> Result<Duration, E> {
+                match v.trim() {
+                    "off" | "0" => Ok(Duration::ZERO),
+                    t => humantime::parse_duration(t).map_err(|e| {
+                        E::custom(format!(
+                            "processor.facility_retention = '{v}' is not a duration ({e}): use e.g. \"24h\", or \"off\""
+                        ))
+                    }),
+                }
+            }
+            fn visit_i64<E: de::Error>(self, v: i64) -> Result<Duration, E> {
+                if v == 0 {
+                    Ok(Duration::ZERO)
+                } else {
+                    Err(E::custom(format!(
+                        "processor.facility_retention = {v} has no unit: use e.g. \"24h\", or \"off\""
+                    )))
+                }
+            }
+            fn visit_u64<E: de::Error>(self, v: u64) -> Result<Duration, E> {
+                self.visit_i64(v.min(i64::MAX as u64) as i64)
+            }
+        }
+        d.deserialize_any(Visitor)
+    }
 }
 
 impl Default for ProcessorConfig {
@@ -273,6 +333,8 @@ impl Default for ProcessorConfig {
             max_clock_skew: Duration::from_secs(60),
             allowed_lateness: Duration::from_millis(100),
             max_buffered_events: 500_000,
+            facility_retention: Duration::from_secs(24 * 3600),
+            state_dir: std::env::temp_dir().join("presence-state"),
             ops_listen: ([127, 0, 0, 1], 9101).into(),
         }
     }
@@ -1139,6 +1201,17 @@ impl ProcessorConfig {
                 self.max_buffered_events
             ));
         }
+        if !self.facility_retention.is_zero() {
+            if self.facility_retention < Duration::from_millis(1) {
+                p.push(format!(
+                    "processor.facility_retention = {:?}: use at least 1ms, or \"off\" (default 24h)",
+                    self.facility_retention
+                ));
+            }
+            if self.state_dir.as_os_str().is_empty() {
+                p.push("processor.state_dir is empty: name a writable local directory for stage 2's quiet facilities, or set processor.facility_retention = \"off\"".into());
+            }
+        }
         if self.max_clock_skew < Duration::from_secs(1) {
             p.push(format!(
                 "processor.max_clock_skew = {:?}: use at least 1s (default 60s)",
@@ -1560,6 +1633,46 @@ mod tests {
         assert_eq!(c.processor.session_timeout, Duration::from_secs(30));
         assert_eq!(c.topics.heartbeats_partitions, 24);
         assert_eq!(c.kafka.properties["security.protocol"].expose(), "ssl");
+    }
+
+    #[test]
+    fn facility_retention_is_a_duration_or_off() {
+        let c = Config::load_from(None, &[]).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(
+            c.processor.facility_retention,
+            Duration::from_secs(24 * 3600)
+        );
+        assert!(c.processor.state_dir.ends_with("presence-state"));
+        for (value, want) in [
+            ("off", Duration::ZERO),
+            ("0", Duration::ZERO),
+            ("90m", Duration::from_secs(5400)),
+            ("1ms", Duration::from_millis(1)),
+        ] {
+            let c = Config::load_from(
+                None,
+                &env(&[("PRESENCE_PROCESSOR__FACILITY_RETENTION", value)]),
+            )
+            .unwrap_or_else(|e| panic!("{value}: {e}"));
+            assert_eq!(c.processor.facility_retention, want, "{value}");
+        }
+        // The printed config reads back (`presence check-config`).
+        let mut c = Config::default();
+        c.processor.facility_retention = Duration::ZERO;
+        let text = toml::to_string(&c).unwrap();
+        assert!(text.contains("facility_retention = \"off\""), "{text}");
+        let p = problems_of(&[("PRESENCE_PROCESSOR__FACILITY_RETENTION", "soon")]);
+        assert!(p.iter().any(|m| m.contains("facility_retention")), "{p:?}");
+        let p = problems_of(&[
+            ("PRESENCE_PROCESSOR__FACILITY_RETENTION", "1us"),
+            ("PRESENCE_PROCESSOR__STATE_DIR", ""),
+        ]);
+        assert!(
+            p.iter()
+                .any(|m| m.contains("processor.facility_retention") && m.contains("1ms")),
+            "{p:?}"
+        );
+        assert!(p.iter().any(|m| m.contains("processor.state_dir")), "{p:?}");
     }
 
     #[test]

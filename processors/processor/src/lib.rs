@@ -5,7 +5,8 @@
 //! - [`sessions`]: stage 1's rules, pure: open sessions of one `heartbeats` partition, their
 //!   expiry by stream time, and the session events they emit.
 //! - [`facilities`]: stage 2's rules, pure: open-session counts per facility, applied in
-//!   event-time order across sources, and the ONLINE/OFFLINE transitions they make.
+//!   event-time order across sources, and the ONLINE/OFFLINE transitions they make;
+//!   [`cold`]: the on-disk store its quiet facilities move to (`processor.facility_retention`).
 //! - [`records`]: the internal Avro records between and behind the stages.
 //! - [`stage1`], [`stage2`]: each stage's Kafka edge (decode, dead letters, changelog,
 //!   restore, checkpoints in the offset metadata).
@@ -26,6 +27,7 @@
 //! consumer group with its own transactional producer, so each scales over its partitions.
 
 pub mod bench;
+pub mod cold;
 pub mod facilities;
 pub mod measured;
 pub mod member;
@@ -96,6 +98,35 @@ async fn partitions_of(config: &Config, topic: &str) -> anyhow::Result<i32> {
     }
 }
 
+/// Stage 2's state directory and retention (ms), prepared at start (created, emptied of
+/// an earlier run's stores, checked writable); `None` with `processor.facility_retention`
+/// off. One directory per group and instance, so that instances sharing a host (and
+/// `processor.state_dir`) never touch each other's stores.
+fn state_dir(config: &Config) -> anyhow::Result<Option<(std::path::PathBuf, i64)>> {
+    let p = &config.processor;
+    if p.facility_retention.is_zero() {
+        return Ok(None);
+    }
+    let instance = if p.instance_id.is_empty() {
+        presence_core::kafka::hostname()
+    } else {
+        p.instance_id.clone()
+    };
+    let name: String = format!("{}.{instance}", p.group_id)
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._-".contains(c) {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    let dir = cold::prepare_dir(&p.state_dir, &name)?;
+    tracing::info!(dir = %dir.display(), retention = ?p.facility_retention, "stage 2 moves facilities quiet for longer than processor.facility_retention to disk");
+    Ok(Some((dir, p.facility_retention.as_millis().max(1) as i64)))
+}
+
 /// Runs both stages until `shutdown`, serving `/metrics`, `/healthz`, `/readyz` on
 /// `processor.ops_listen`. Returns the ops address once serving, through `on_ready` (tests).
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
@@ -107,6 +138,7 @@ pub async fn run_with(
     shutdown: Shutdown,
     on_ready: impl FnOnce(std::net::SocketAddr),
 ) -> anyhow::Result<()> {
+    let state_dir = state_dir(&config)?;
     let t = &config.topics;
     let sources = partitions_of(&config, &t.heartbeats).await?;
     let transition_partitions = partitions_of(&config, &t.session_transitions()).await?;
@@ -147,6 +179,10 @@ pub async fn run_with(
     )
     .with_max_buffered(config.processor.max_buffered_events)
     .with_status_header(status_header);
+    let stage2 = match &state_dir {
+        Some((dir, ms)) => stage2.with_retention(*ms, dir.clone()),
+        None => stage2,
+    };
     let (c1, m1, h1, s1) = (
         config.clone(),
         metrics.clone(),

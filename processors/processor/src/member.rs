@@ -71,6 +71,14 @@ impl<S: Stage> Member<S> {
         let started = Instant::now();
         let mut out = Vec::new();
         self.stage.before_commit(presence_core::now_ms(), &mut out);
+        if let Some(defect) = self.stage.defect() {
+            // The stage's state is not what its outputs say: nothing of it may commit.
+            tracing::error!(stage = S::NAME, error = %defect, "aborting and stopping the stage");
+            self.defect = Some(defect.to_string());
+            self.abort("defect");
+            self.needs_rewind = true;
+            return;
+        }
         self.send(&mut out);
         if self.needs_rewind {
             return;

@@ -2,7 +2,7 @@
 //! ([`Counts`]) and publish here once per transaction.
 
 use presence_core::metrics::{
-    counter, counter_vec, gauge, histogram, histogram_vec, ConsumerLag, LATENCY_BUCKETS,
+    counter, counter_vec, gauge, gauge_vec, histogram, histogram_vec, ConsumerLag, LATENCY_BUCKETS,
 };
 use prometheus::{
     Histogram, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Registry,
@@ -33,6 +33,9 @@ pub struct Metrics {
     pub transition_latency: Histogram,
     pub buffered_events: IntGauge,
     pub spilled_events: IntCounter,
+    /// `presence_stage2_facilities{place}`: facilities held by stage 2, in `memory` or on
+    /// `disk` (quiet for longer than `processor.facility_retention`).
+    pub facilities: IntGaugeVec,
     pub state_bytes: IntGauge,
 }
 
@@ -133,6 +136,12 @@ impl Metrics {
                 r,
                 "presence_stage2_spilled_events_total",
                 "Session events let go from memory while a source's watermark stood still (processor.max_buffered_events), read again from Kafka later",
+            ),
+            facilities: gauge_vec(
+                r,
+                "presence_stage2_facilities",
+                "Facilities held by stage 2 on this instance: in memory, or on disk (quiet for longer than processor.facility_retention)",
+                &["place"],
             ),
             state_bytes: gauge(
                 r,

@@ -451,7 +451,11 @@ fn consume<S: Stage>(
             }
             g.finish_transaction(consumer);
         }
-        if let Some(defect) = g.defect.take() {
+        if let Some(defect) = g
+            .defect
+            .take()
+            .or_else(|| g.stage.defect().map(str::to_string))
+        {
             return Ended::Defect(defect);
         }
         if !producer_ready {

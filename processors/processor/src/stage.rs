@@ -178,6 +178,12 @@ pub trait Stage: Send + 'static {
     fn take_seeks(&mut self) -> Vec<(i32, i64)> {
         Vec::new()
     }
+    /// A failure that stops the stage (stage 2's facility store on a full or read-only
+    /// disk): the runner aborts the open transaction and ends the stage with it, never
+    /// commits past it. It stays once set. Default: never.
+    fn defect(&self) -> Option<&str> {
+        None
+    }
     /// Publishes per-transaction tallies and gauges.
     fn publish(&mut self, metrics: &Metrics);
 }

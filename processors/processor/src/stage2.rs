@@ -2,6 +2,7 @@
 //! out. The rules live in [`crate::facilities`].
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 
 use presence_core::codec::{decode, encode, encode_with, Header};
 use presence_core::records::{FacilityStatus, Status};
@@ -9,7 +10,8 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
 use serde::{Deserialize, Serialize};
 
-use crate::facilities::{FacilityOutput, FacilityTask};
+use crate::cold::ColdStore;
+use crate::facilities::{EventError, FacilityOutput, FacilityTask};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{FacilityState, SessionEvent};
 use crate::restore::read_partition;
@@ -39,6 +41,11 @@ impl Topics {
 pub struct Checkpoint {
     /// Per source partition, the last seq applied.
     pub a: Vec<i64>,
+    /// The partition's clock (low watermark, event time) for retention: a restore moves the
+    /// changelog's facilities quiet for longer than `processor.facility_retention` at this
+    /// time straight to disk. Absent in checkpoints written before retention existed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub w: Option<i64>,
 }
 
 pub struct FacilitiesStage {
@@ -54,6 +61,11 @@ pub struct FacilitiesStage {
     latencies: Vec<f64>,
     /// How `facility-status` records are framed (`schema_registry.framing`).
     status_header: Header,
+    /// `processor.facility_retention` (ms) and this instance's directory under
+    /// `processor.state_dir`; `None` keeps every facility in memory.
+    retention: Option<(i64, PathBuf)>,
+    /// A facility store failed: the stage stops (see [`Stage::defect`]).
+    defect: Option<String>,
 }
 
 impl FacilitiesStage {
@@ -68,7 +80,23 @@ impl FacilitiesStage {
             counts: Counts::default(),
             latencies: Vec::new(),
             status_header: Header::SingleObject,
+            retention: None,
+            defect: None,
         }
+    }
+
+    /// Moves facilities quiet for longer than `after_ms` to one store per partition in `dir`
+    /// (`processor.facility_retention`, `processor.state_dir`).
+    pub fn with_retention(mut self, after_ms: i64, dir: PathBuf) -> FacilitiesStage {
+        self.retention = Some((after_ms, dir));
+        self
+    }
+
+    /// The facility store failed: nothing more of this stage may commit.
+    fn fail(&mut self, partition: i32, e: impl std::fmt::Display) {
+        tracing::error!(partition, error = %e, "stage 2's facility store failed; the stage stops");
+        self.defect
+            .get_or_insert_with(|| format!("partition {partition}: {e}"));
     }
 
     /// Bounds each partition's buffer (`processor.max_buffered_events`).
@@ -106,6 +134,17 @@ impl FacilitiesStage {
             code,
             message,
         ));
+    }
+}
+
+impl Drop for FacilitiesStage {
+    /// The stage ends: its stores go with their tasks, then this instance's directory
+    /// under `processor.state_dir` if nothing else is in it.
+    fn drop(&mut self) {
+        self.tasks.clear();
+        if let Some((_, dir)) = &self.retention {
+            let _ = std::fs::remove_dir(dir);
+        }
     }
 }
 
@@ -159,28 +198,61 @@ impl Stage for FacilitiesStage {
         committed: Option<Committed<Checkpoint>>,
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<()> {
+        // An earlier task of this partition (and its store file) goes before the new one
+        // makes its own.
+        self.tasks.remove(&partition);
         let mut task = FacilityTask::new(partition, self.sources, self.hold)
             .with_max_buffered(self.max_buffered);
-        let mut latest: HashMap<String, FacilityState> = HashMap::new();
+        let checkpoint = committed.and_then(|c| c.checkpoint);
+        if let Some((after, dir)) = &self.retention {
+            // The store is a cache of the changelog: emptied, then rebuilt below.
+            let path = dir.join(format!("facilities-{partition}.redb"));
+            let store = match ColdStore::create(path) {
+                Ok(store) => store,
+                Err(e) => {
+                    self.fail(partition, &e);
+                    return Err(e.into());
+                }
+            };
+            task = task.with_retention(*after, store);
+            if let Some(w) = checkpoint.as_ref().and_then(|c| c.w) {
+                task.set_restored_clock(w);
+            }
+        }
         let mut bad = 0u64;
+        let mut failed = None;
+        // Record by record (a later record of a facility replaces an earlier one), so that
+        // quiet facilities go to disk without ever being held in memory all at once.
         read_partition(
             io.config,
             self.topics.changelog,
             partition,
             Offset::Beginning,
             None,
-            |m| match m.payload().map(decode::<FacilityState>) {
-                Some(Ok(state)) => {
-                    latest.insert(state.facility_id.clone(), state);
+            |m| {
+                if failed.is_some() {
+                    return;
                 }
-                Some(Err(_)) => bad += 1,
-                None => {
-                    if let Some(k) = m.key() {
-                        latest.remove(String::from_utf8_lossy(k).as_ref());
+                let done = match m.payload().map(decode::<FacilityState>) {
+                    Some(Ok(state)) => task.restore_facility(state),
+                    Some(Err(_)) => {
+                        bad += 1;
+                        Ok(())
                     }
+                    None => match m.key() {
+                        Some(k) => task.restore_delete(String::from_utf8_lossy(k).as_ref()),
+                        None => Ok(()),
+                    },
+                };
+                if let Err(e) = done {
+                    failed = Some(e);
                 }
             },
         )?;
+        if let Some(e) = failed.map_or_else(|| task.finish_restore().err(), Some) {
+            self.fail(partition, &e);
+            return Err(e.into());
+        }
         if bad > 0 {
             tracing::error!(
                 partition,
@@ -189,15 +261,14 @@ impl Stage for FacilitiesStage {
                 "changelog records that do not decode were skipped"
             );
         }
-        for state in latest.into_values() {
-            task.restore_facility(state);
-        }
-        if let Some(c) = committed.and_then(|c| c.checkpoint) {
+        if let Some(c) = checkpoint {
             task.set_applied(&c.a);
         }
         tracing::info!(
             partition,
             online = task.online_facilities(),
+            in_memory = task.in_memory(),
+            on_disk = task.on_disk(),
             "facilities restored"
         );
         self.tasks.insert(partition, task);
@@ -217,6 +288,10 @@ impl Stage for FacilitiesStage {
             Err(e) => return self.dead_letter(m, e.code(), &e.to_string(), out),
         };
         let partition = m.partition();
+        if self.defect.is_some() {
+            // The stage stops: nothing more of it is taken.
+            return;
+        }
         let Some(task) = self.tasks.get_mut(&partition) else {
             return;
         };
@@ -228,8 +303,12 @@ impl Stage for FacilitiesStage {
             counts: &mut self.counts,
             latencies: &mut self.latencies,
         };
-        if let Err(message) = task.on_event(m.offset(), event, now, &mut emitter) {
-            self.dead_letter(m, "unknown_source", &message, out);
+        match task.on_event(m.offset(), event, now, &mut emitter) {
+            Ok(_) => {}
+            Err(EventError::UnknownSource(message)) => {
+                self.dead_letter(m, "unknown_source", &message, out)
+            }
+            Err(EventError::Store(e)) => self.fail(partition, e),
         }
     }
 
@@ -238,6 +317,7 @@ impl Stage for FacilitiesStage {
     fn on_tick(&mut self, _clock: &Clock<'_>, _out: &mut Vec<Out>) {}
 
     fn before_commit(&mut self, _now: i64, out: &mut Vec<Out>) {
+        let mut failed = None;
         for (p, task) in self.tasks.iter_mut() {
             let mut emitter = Emitter {
                 topics: &self.topics,
@@ -248,7 +328,18 @@ impl Stage for FacilitiesStage {
                 latencies: &mut self.latencies,
             };
             task.flush_changelog(&mut emitter);
+            // Changelog written first: a facility moves to disk with its last state.
+            if let Err(e) = task.retire_quiet() {
+                failed.get_or_insert((*p, e));
+            }
         }
+        if let Some((p, e)) = failed {
+            self.fail(p, e);
+        }
+    }
+
+    fn defect(&self) -> Option<&str> {
+        self.defect.as_deref()
     }
 
     fn commit_point(&self, partition: i32, next_offset: i64) -> (i64, Option<Checkpoint>) {
@@ -257,6 +348,7 @@ impl Stage for FacilitiesStage {
                 t.commit_offset(next_offset),
                 Some(Checkpoint {
                     a: t.applied().to_vec(),
+                    w: Some(t.clock()).filter(|&w| w > i64::MIN),
                 }),
             ),
             None => (next_offset, None),
@@ -326,5 +418,13 @@ impl Stage for FacilitiesStage {
         metrics
             .buffered_events
             .set(self.tasks.values().map(|t| t.buffered() as i64).sum());
+        metrics
+            .facilities
+            .with_label_values(&["memory"])
+            .set(self.tasks.values().map(|t| t.in_memory() as i64).sum());
+        metrics
+            .facilities
+            .with_label_values(&["disk"])
+            .set(self.tasks.values().map(|t| t.on_disk() as i64).sum());
     }
 }

@@ -2,11 +2,13 @@
 //! (`presence_testkit::oracle::oracle_placed`), on logs with late, out-of-order, tied and
 //! future-dated beats, beats exactly at a deadline, refused timestamps, several heartbeats
 //! partitions interleaved in any order, a flap hold, and a crash with a restore from the
-//! changelogs at any point. No broker: time is injected.
+//! changelogs at any point, and with a retention of 1 ms (quiet facilities move to the
+//! on-disk store at every commit and come back with their seq). No broker: time is injected.
 
 use std::collections::HashMap;
 
 use presence_core::records::{FacilityStatus, Heartbeat, HeartbeatKind, Status};
+use presence_processor::cold::ColdStore;
 use presence_processor::facilities::{self, FacilityTask};
 use presence_processor::records::{FacilityState, SessionEvent, SessionState};
 use presence_processor::sessions::{Beat, SessionKey, SessionOutput, SessionTask, WindowBeat};
@@ -26,6 +28,8 @@ const WALL: i64 = 1_000_000;
 struct Pipeline {
     partitions: usize,
     hold: i64,
+    /// With retention (1 ms): the directory of the stage-2 store.
+    state_dir: Option<tempfile::TempDir>,
     sessions: Vec<SessionTask>,
     facilities: FacilityTask,
     /// Per heartbeats partition: its records so far (offset = index), for the re-read.
@@ -38,14 +42,16 @@ struct Pipeline {
 }
 
 impl Pipeline {
-    fn new(partitions: usize, hold: i64) -> Pipeline {
+    fn new(partitions: usize, hold: i64, retention: bool) -> Pipeline {
+        let state_dir = retention.then(|| tempfile::tempdir().expect("a temporary directory"));
         Pipeline {
             partitions,
             hold,
+            facilities: facility_task(partitions, hold, state_dir.as_ref()),
+            state_dir,
             sessions: (0..partitions)
                 .map(|p| SessionTask::new(p as i32, TIMEOUT, MAX_FUTURE))
                 .collect(),
-            facilities: FacilityTask::new(0, partitions, hold),
             heartbeats: vec![Vec::new(); partitions],
             session_changelog: vec![HashMap::new(); partitions],
             facility_changelog: HashMap::new(),
@@ -81,7 +87,15 @@ impl Pipeline {
         self.facilities
             .on_event(offset, event, WALL, &mut out)
             .expect("source partitions are in range");
+        self.commit_stage2(out);
+    }
+
+    /// Stage 2's commit: the changelog, then quiet facilities to disk (with retention).
+    fn commit_stage2(&mut self, mut out: facilities::Collected) {
         self.facilities.flush_changelog(&mut out);
+        self.facilities
+            .retire_quiet()
+            .expect("the store in a temporary directory works");
         self.absorb(out);
     }
 
@@ -112,9 +126,10 @@ impl Pipeline {
             self.emit(p, out);
         }
         let mut out = facilities::Collected::default();
-        self.facilities.release(WALL, &mut out);
-        self.facilities.flush_changelog(&mut out);
-        self.absorb(out);
+        self.facilities
+            .release(WALL, &mut out)
+            .expect("the store in a temporary directory works");
+        self.commit_stage2(out);
     }
 
     /// A crash right after a commit, and a restart: each task rebuilt from its changelog,
@@ -149,10 +164,17 @@ impl Pipeline {
             .facilities
             .commit_offset(self.transitions.len() as i64)
             .max(0) as usize;
-        let mut task = FacilityTask::new(0, self.partitions, self.hold);
+        // The checkpoint's clock; the old task and its store go first (revoked).
+        let clock = self.facilities.clock();
+        self.facilities = FacilityTask::new(0, self.partitions, self.hold);
+        let mut task = facility_task(self.partitions, self.hold, self.state_dir.as_ref());
+        task.set_restored_clock(clock);
         for state in self.facility_changelog.values() {
-            task.restore_facility(state.clone());
+            task.restore_facility(state.clone())
+                .expect("the store in a temporary directory works");
         }
+        task.finish_restore()
+            .expect("the store in a temporary directory works");
         task.set_applied(&applied);
         self.facilities = task;
         for (offset, event) in self
@@ -164,6 +186,23 @@ impl Pipeline {
         {
             self.stage2(offset as i64, event);
         }
+    }
+}
+
+/// A stage-2 task, with a retention of 1 ms and its store in `state_dir` when given.
+fn facility_task(
+    partitions: usize,
+    hold: i64,
+    state_dir: Option<&tempfile::TempDir>,
+) -> FacilityTask {
+    let task = FacilityTask::new(0, partitions, hold);
+    match state_dir {
+        Some(dir) => {
+            let store = ColdStore::create(dir.path().join("facilities-0.redb"))
+                .expect("the store in a temporary directory works");
+            task.with_retention(1, store)
+        }
+        None => task,
     }
 }
 
@@ -247,8 +286,14 @@ fn log_of(gen: &[Gen], partitions: usize) -> Vec<Placed> {
 
 /// Runs `log` through the pipeline, crashing and restoring after each record whose index
 /// is in `crashes`; returns its transitions.
-fn run(log: &[Placed], partitions: usize, hold: i64, crashes: &[usize]) -> Vec<Transition> {
-    let mut pipe = Pipeline::new(partitions, hold);
+fn run(
+    log: &[Placed],
+    partitions: usize,
+    hold: i64,
+    crashes: &[usize],
+    retention: bool,
+) -> Vec<Transition> {
+    let mut pipe = Pipeline::new(partitions, hold, retention);
     for (i, placed) in log.iter().enumerate() {
         let r = &placed.record;
         let wall = placed.wall.unwrap_or(WALL);
@@ -267,6 +312,15 @@ fn run(log: &[Placed], partitions: usize, hold: i64, crashes: &[usize]) -> Vec<T
         + hold
         + 10;
     pipe.drain(end);
+    if retention {
+        assert!(
+            pipe.facilities.in_memory() <= pipe.facilities.online_facilities() + 3,
+            "quiet facilities left memory: {} in memory, {} online, {} on disk",
+            pipe.facilities.in_memory(),
+            pipe.facilities.online_facilities(),
+            pipe.facilities.on_disk()
+        );
+    }
     sorted(
         pipe.statuses
             .into_iter()
@@ -317,8 +371,31 @@ proptest! {
     ) {
         let log = log_of(&gen, partitions);
         let want = expected(&log, hold);
-        prop_assert_eq!(&run(&log, partitions, hold, &[]), &want, "straight run");
-        prop_assert_eq!(&run(&log, partitions, hold, &crashes), &want, "crashes after {:?}", crashes);
+        prop_assert_eq!(&run(&log, partitions, hold, &[], false), &want, "straight run");
+        prop_assert_eq!(&run(&log, partitions, hold, &crashes, false), &want, "crashes after {:?}", crashes);
+    }
+}
+
+// The same with a retention of 1 ms: quiet facilities move to the on-disk store at every
+// commit and come back with their seq, and every restore rebuilds the store from the
+// changelog. `RETENTION_CASES` cases (each a straight run and one with up to three crashes): every
+// store is a real file, so a case costs milliseconds, not microseconds.
+const RETENTION_CASES: u32 = 250;
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(RETENTION_CASES))]
+
+    #[test]
+    fn the_pipeline_with_a_retention_of_1_ms_equals_the_oracle(
+        gen in prop::collection::vec(record(), 1..120),
+        partitions in 1usize..=3,
+        hold in prop_oneof![Just(0i64), 100i64..2_000],
+        crashes in prop::collection::vec(0usize..120, 0..=3),
+    ) {
+        let log = log_of(&gen, partitions);
+        let want = expected(&log, hold);
+        prop_assert_eq!(&run(&log, partitions, hold, &[], true), &want, "straight run");
+        prop_assert_eq!(&run(&log, partitions, hold, &crashes, true), &want, "crashes after {:?}", crashes);
     }
 }
 
@@ -414,6 +491,7 @@ fn hand_written_edges() {
         (&flap, 500),
         (&flap, 100),
     ] {
-        assert_eq!(run(log, 1, hold, &[]), expected(log, hold));
+        assert_eq!(run(log, 1, hold, &[], false), expected(log, hold));
+        assert_eq!(run(log, 1, hold, &[], true), expected(log, hold));
     }
 }

@@ -157,6 +157,7 @@ tolerations:
 affinity:
   {{- toYaml . | nindent 2 }}
 {{- end }}
+{{- /* volumes stays the last key: the processor's Deployment appends its state volume. */}}
 volumes:
   {{- include "presence.volumes" . | nindent 2 }}
 {{- end -}}
