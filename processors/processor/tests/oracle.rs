@@ -427,8 +427,8 @@ proptest! {
     ) {
         let log = log_of(&gen, 1);
         let want = expected(&log, 0);
-        prop_assert_eq!(&run(&log, 1, 0, &[]), &want, "straight run");
-        prop_assert_eq!(&run(&log, 1, 0, &crashes), &want, "crashes after {:?}", crashes);
+        prop_assert_eq!(&run(&log, 1, 0, &[], false), &want, "straight run");
+        prop_assert_eq!(&run(&log, 1, 0, &crashes, false), &want, "crashes after {:?}", crashes);
     }
 }
 
