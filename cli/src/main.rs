@@ -169,9 +169,12 @@ enum Bench {
         /// Seconds per sample.
         #[arg(long, default_value_t = 10)]
         sample_every: u64,
-        /// Directory for soak.csv and soak.svg.
+        /// Directory for soak.csv, soak-faults.csv and soak.svg.
         #[arg(long, default_value = "docs/soak")]
         out: PathBuf,
+        /// Only draw soak.svg again from the CSV files in --out.
+        #[arg(long)]
+        replot: bool,
     },
     /// Transitions per second from facility-status into PostgreSQL.
     Sink {
@@ -316,6 +319,7 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     fault_every,
                     sample_every,
                     out,
+                    replot,
                 } => {
                     let options = presence_processor::soak::SoakOptions {
                         minutes,
@@ -325,7 +329,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                         sample_every: std::time::Duration::from_secs(sample_every.max(1)),
                         out,
                     };
-                    presence_processor::soak::soak(&config, &options).await?
+                    if replot {
+                        presence_processor::soak::replot(&options)?
+                    } else {
+                        presence_processor::soak::soak(&config, &options).await?
+                    }
                 }
                 Bench::Sink { transitions, runs } => {
                     bench::sink(&config, transitions, runs).await?

@@ -324,6 +324,7 @@ pub async fn soak(base: &Config, o: &SoakOptions) -> anyhow::Result<String> {
     let samples: Vec<Sample> = samples.into_iter().map(|(s, _)| s).collect();
     let missing = lock(&probes).len();
     write_csv(&o.out.join("soak.csv"), &samples)?;
+    write_faults(&o.out.join("soak-faults.csv"), &marks)?;
     std::fs::write(o.out.join("soak.svg"), plot(&samples, &marks, o))?;
     Ok(report(
         o,
@@ -364,6 +365,64 @@ fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
         );
     }
     std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+fn write_faults(path: &Path, marks: &[Mark]) -> anyhow::Result<()> {
+    let mut text = String::from("t_s,fault\n");
+    for m in marks {
+        let _ = writeln!(text, "{:.1},{}", m.t, m.fault.label());
+    }
+    std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
+}
+
+/// Draws `soak.svg` again from the `soak.csv` and `soak-faults.csv` of an earlier run in
+/// `o.out` (say, after a change to the drawing).
+pub fn replot(o: &SoakOptions) -> anyhow::Result<String> {
+    let read = |name: &str| {
+        let path = o.out.join(name);
+        std::fs::read_to_string(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {}: {e}; run the soak first", path.display()))
+    };
+    let number = |v: Option<&str>| v.and_then(|v| v.parse::<f64>().ok()).unwrap_or(f64::NAN);
+    let samples: Vec<Sample> = read("soak.csv")?
+        .lines()
+        .skip(1)
+        .map(|line| {
+            let f: Vec<&str> = line.split(',').collect();
+            Sample {
+                t: number(f.first().copied()),
+                instances: number(f.get(1).copied()) as usize,
+                rss_mib: number(f.get(2).copied()),
+                buffered: number(f.get(3).copied()),
+                open_sessions: number(f.get(4).copied()),
+                probes: number(f.get(5).copied()) as usize,
+                p50_ms: number(f.get(6).copied()),
+                p99_ms: number(f.get(7).copied()),
+                p999_ms: number(f.get(8).copied()),
+            }
+        })
+        .collect();
+    let marks: Vec<Mark> = read("soak-faults.csv")?
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let (t, label) = line.split_once(',')?;
+            let fault = Fault::CYCLE.into_iter().find(|f| f.label() == label)?;
+            Some(Mark {
+                t: t.parse().ok()?,
+                fault,
+            })
+        })
+        .collect();
+    let path = o.out.join("soak.svg");
+    std::fs::write(&path, plot(&samples, &marks, o))
+        .map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    Ok(format!(
+        "{} drawn from {} samples and {} faults",
+        path.display(),
+        samples.len(),
+        marks.len()
+    ))
 }
 
 /// Whether a sample's window touches a fault (from its start to two minutes after).
@@ -457,6 +516,8 @@ fn report(
     lines.join("\n")
 }
 
+const LATENCY: &str = "probe latency p99 per window, ms (clipped at 4x its median)";
+
 /// A panel: its title, what it shows of a sample, its colour.
 type Series = (&'static str, fn(&Sample) -> f64, &'static str);
 
@@ -473,7 +534,7 @@ fn plot(samples: &[Sample], marks: &[Mark], o: &SoakOptions) -> String {
             "#1f77b4",
         ),
         ("stage-2 buffered events", |s| s.buffered, "#2ca02c"),
-        ("probe latency p99 per window, ms", |s| s.p99_ms, "#d62728"),
+        (LATENCY, |s| s.p99_ms, "#d62728"),
     ];
     let t_max = (o.minutes * 60) as f64;
     let x = |t: f64| LEFT + (t / t_max).clamp(0.0, 1.0) * (W - LEFT - 20.0);
@@ -487,13 +548,17 @@ fn plot(samples: &[Sample], marks: &[Mark], o: &SoakOptions) -> String {
     for (i, (title, value, colour)) in series.iter().enumerate() {
         let top = TOP + i as f64 * (PANEL + 40.0) + 20.0;
         let bottom = top + PANEL;
-        let v_max = samples
+        let finite: Vec<f64> = samples
             .iter()
             .map(value)
             .filter(|v| v.is_finite())
-            .fold(0.0, f64::max)
-            .max(1.0)
-            * 1.1;
+            .collect();
+        let mut v_max = finite.iter().copied().fold(0.0, f64::max).max(1.0) * 1.1;
+        // Latency spikes at faults (seconds) would flatten the rest (tens of ms): the panel
+        // stops at four times the median, and a clipped point is drawn at the top.
+        if *title == LATENCY && !finite.is_empty() {
+            v_max = v_max.min(4.0 * median(finite.clone()).max(1.0));
+        }
         let y = |v: f64| bottom - (v / v_max).clamp(0.0, 1.0) * PANEL;
         let _ = writeln!(
             svg,
