@@ -105,10 +105,13 @@ impl Processor {
                 "sink"
             }
         };
+        // Unique per child: instances started together share the millisecond.
+        static STARTED: AtomicU64 = AtomicU64::new(0);
         let config_file = std::env::temp_dir().join(format!(
-            "presence-bench-{}-{}.toml",
+            "presence-bench-{}-{}-{}.toml",
             std::process::id(),
-            presence_core::now_ms()
+            presence_core::now_ms(),
+            STARTED.fetch_add(1, Ordering::Relaxed)
         ));
         {
             use std::os::unix::fs::OpenOptionsExt;
