@@ -696,6 +696,33 @@ mod tests {
     fn close(src: i32, seq: i64, at: i64, f: &str) -> SessionEvent {
         ev(SessionEventKind::Closed, src, seq, at, f)
     }
+    /// Three sources' events from generated steps (source, time step, what, facility): 0 a
+    /// watermark, 1 a close, else an open; then every source's final watermark.
+    fn event_log(steps: &[(usize, i64, u8, usize)]) -> Vec<SessionEvent> {
+        let mut at = [0i64; 3];
+        let mut seq = [0i64; 3];
+        let mut log = Vec::new();
+        for &(src, dt, what, f) in steps {
+            at[src] += dt;
+            let facility = format!("f{f}");
+            match what {
+                0 => log.push(wm(src as i32, at[src])),
+                1 => {
+                    seq[src] += 1;
+                    log.push(close(src as i32, seq[src], at[src], &facility))
+                }
+                _ => {
+                    seq[src] += 1;
+                    log.push(open(src as i32, seq[src], at[src], &facility))
+                }
+            }
+        }
+        for src in 0..3 {
+            log.push(wm(src, 1_000_000));
+        }
+        log
+    }
+
     fn wm(src: i32, at: i64) -> SessionEvent {
         ev(SessionEventKind::Watermark, src, 0, at, "")
     }
@@ -995,21 +1022,7 @@ mod tests {
             hold in 0i64..6,
         ) {
             let sources = 3;
-            let mut at = [0i64; 3];
-            let mut seq = [0i64; 3];
-            let mut log = Vec::new();
-            for (src, dt, what, f) in steps {
-                at[src] += dt;
-                let facility = format!("f{f}");
-                match what {
-                    0 => log.push(wm(src as i32, at[src])),
-                    1 => { seq[src] += 1; log.push(close(src as i32, seq[src], at[src], &facility)) }
-                    _ => { seq[src] += 1; log.push(open(src as i32, seq[src], at[src], &facility)) }
-                }
-            }
-            for src in 0..sources {
-                log.push(wm(src as i32, 1_000_000));
-            }
+            let log = event_log(&steps);
             let (bounded, _) = read_bounded(&log, sources, hold, max);
             let unbounded = read_unbounded(&log, sources, hold);
             proptest::prop_assert_eq!(summary(&bounded), summary(&unbounded));
@@ -1268,21 +1281,7 @@ mod tests {
             commit_every in 1usize..8,
         ) {
             let sources = 3;
-            let mut at = [0i64; 3];
-            let mut seq = [0i64; 3];
-            let mut log = Vec::new();
-            for (src, dt, what, f) in steps {
-                at[src] += dt;
-                let facility = format!("f{f}");
-                match what {
-                    0 => log.push(wm(src as i32, at[src])),
-                    1 => { seq[src] += 1; log.push(close(src as i32, seq[src], at[src], &facility)) }
-                    _ => { seq[src] += 1; log.push(open(src as i32, seq[src], at[src], &facility)) }
-                }
-            }
-            for src in 0..sources {
-                log.push(wm(src as i32, 1_000_000));
-            }
+            let log = event_log(&steps);
             let (retained, _) = read_retained(&log, sources, hold, commit_every);
             let plain = read_unbounded(&log, sources, hold);
             proptest::prop_assert_eq!(&retained.statuses, &plain.statuses);

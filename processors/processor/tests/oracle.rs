@@ -355,6 +355,31 @@ fn record() -> impl Strategy<Value = Gen> {
     )
 }
 
+/// The log `gen` makes, run straight and with crashes after the records `crashes` names,
+/// gives the oracle's transitions (with a 1 ms retention if `retention`).
+fn equals_the_oracle(
+    gen: &[Gen],
+    partitions: usize,
+    hold: i64,
+    crashes: &[usize],
+    retention: bool,
+) -> Result<(), TestCaseError> {
+    let log = log_of(gen, partitions);
+    let want = expected(&log, hold);
+    prop_assert_eq!(
+        &run(&log, partitions, hold, &[], retention),
+        &want,
+        "straight run"
+    );
+    prop_assert_eq!(
+        &run(&log, partitions, hold, crashes, retention),
+        &want,
+        "crashes after {:?}",
+        crashes
+    );
+    Ok(())
+}
+
 // 1,000 cases: each runs the pipeline twice (straight, then with up to three crashes) on up
 // to 120 records over up to three partitions; about a second in a debug build, and enough
 // that the shrinker's failures seen while writing this (ties, late moves, holds spanning a
@@ -369,10 +394,7 @@ proptest! {
         hold in prop_oneof![Just(0i64), 100i64..2_000],
         crashes in prop::collection::vec(0usize..120, 0..=3),
     ) {
-        let log = log_of(&gen, partitions);
-        let want = expected(&log, hold);
-        prop_assert_eq!(&run(&log, partitions, hold, &[], false), &want, "straight run");
-        prop_assert_eq!(&run(&log, partitions, hold, &crashes, false), &want, "crashes after {:?}", crashes);
+        equals_the_oracle(&gen, partitions, hold, &crashes, false)?;
     }
 }
 
@@ -392,10 +414,7 @@ proptest! {
         hold in prop_oneof![Just(0i64), 100i64..2_000],
         crashes in prop::collection::vec(0usize..120, 0..=3),
     ) {
-        let log = log_of(&gen, partitions);
-        let want = expected(&log, hold);
-        prop_assert_eq!(&run(&log, partitions, hold, &[], true), &want, "straight run");
-        prop_assert_eq!(&run(&log, partitions, hold, &crashes, true), &want, "crashes after {:?}", crashes);
+        equals_the_oracle(&gen, partitions, hold, &crashes, true)?;
     }
 }
 
@@ -425,10 +444,7 @@ proptest! {
         gen in prop::collection::vec(refusal_record(), 1..80),
         crashes in prop::collection::vec(0usize..80, 1..=6),
     ) {
-        let log = log_of(&gen, 1);
-        let want = expected(&log, 0);
-        prop_assert_eq!(&run(&log, 1, 0, &[], false), &want, "straight run");
-        prop_assert_eq!(&run(&log, 1, 0, &crashes, false), &want, "crashes after {:?}", crashes);
+        equals_the_oracle(&gen, 1, 0, &crashes, false)?;
     }
 }
 
