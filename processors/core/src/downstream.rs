@@ -86,6 +86,13 @@ pub trait Writer: Send {
         &'a mut self,
         batch: &'a [Received],
     ) -> impl Future<Output = Result<(), WriteError>> + Send + 'a;
+
+    /// Gets ready for the first write (connects, migrates) while the consumer joins its
+    /// group and fetches, instead of after the first batch arrived. Whatever goes wrong here
+    /// is met again, and handled, by the first write.
+    fn prepare(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,8 +269,9 @@ pub async fn run<W: Writer>(
     consumer.subscribe(&[topic])?;
     // Transitions in the `confluent` framing: registry ids resolved once each.
     let ids = crate::registry::IdCache::new(&config.schema_registry)?;
-    ids.prewarm::<FacilityStatus>(&crate::registry::value_subject(topic))
-        .await;
+    // The group join goes on in librdkafka meanwhile.
+    let subject = crate::registry::value_subject(topic);
+    tokio::join!(ids.prewarm::<FacilityStatus>(&subject), writer.prepare());
     health.register(W::DEPENDENCY);
     health.set_ready(W::DEPENDENCY);
     tracing::info!(

@@ -139,14 +139,26 @@ impl PostgresWriter {
                 connections.push(Connection { client, write });
             }
             self.connections = connections;
-            if std::mem::take(&mut self.created) {
-                return Err(WriteError::Rewind(format!(
-                    "schema '{}' was created just now",
-                    self.schema
-                )));
-            }
+        }
+        if std::mem::take(&mut self.created) {
+            return Err(WriteError::Rewind(format!(
+                "schema '{}' was created just now",
+                self.schema
+            )));
         }
         Ok(&self.connections)
+    }
+
+    /// [`Writer::prepare`]: connects now; a failure is left for the first write, which
+    /// retries it, and the rewind a new schema asks for is kept for it.
+    pub async fn prepare_connections(&mut self) {
+        match self.connections().await {
+            Ok(_) => {}
+            Err(WriteError::Rewind(_)) => self.created = true,
+            Err(e) => {
+                tracing::debug!(error = %e, "cannot connect to PostgreSQL at start-up; the first write retries")
+            }
+        }
     }
 
     pub async fn write_batch(&mut self, batch: &[Received]) -> Result<(), WriteError> {
@@ -268,6 +280,13 @@ impl Writer for PostgresWriter {
 
     async fn write(&mut self, batch: &[Received]) -> Result<(), WriteError> {
         self.write_batch(batch).await
+    }
+
+    /// Connects, migrates and prepares at start-up, while the consumer joins its group.
+    /// A schema created here still asks the first write for the rewind, when the consumer
+    /// has partitions to seek.
+    async fn prepare(&mut self) {
+        self.prepare_connections().await
     }
 }
 
