@@ -6,6 +6,12 @@
 //! takes, with the same batch: health and metrics say so meanwhile, nothing is skipped.
 //! A crash between write and commit replays the batch, which the writer absorbs.
 //!
+//! Reading and writing overlap ([`pipeline`]): the next batch is fetched and decoded while
+//! the current one is written, so that the store does not idle while the consumer decodes,
+//! nor the consumer while the store writes. Batches are still written one at a time, in the
+//! order read, and each commits its offsets only after its own write; the batch read ahead
+//! is dropped, uncommitted, on a rewind or shutdown.
+//!
 //! A record that does not decode, or that the store refuses for what it holds
 //! ([`WriteError::Refused`], [`POISON_ATTEMPTS`] times in a row, found by writing a refused
 //! batch one record at a time), goes to the dead-letter topic with the processor's headers
@@ -80,6 +86,13 @@ pub trait Writer: Send {
         &'a mut self,
         batch: &'a [Received],
     ) -> impl Future<Output = Result<(), WriteError>> + Send + 'a;
+
+    /// Gets ready for the first write (connects, migrates) while the consumer joins its
+    /// group and fetches, instead of after the first batch arrived. Whatever goes wrong here
+    /// is met again, and handled, by the first write.
+    fn prepare(&mut self) -> impl Future<Output = ()> + Send {
+        async {}
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -254,11 +267,11 @@ pub async fn run<W: Writer>(
             .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
             .create_with_context(context)?;
     consumer.subscribe(&[topic])?;
-    let mut dead_letters = DeadLetters::new(config, role)?;
     // Transitions in the `confluent` framing: registry ids resolved once each.
     let ids = crate::registry::IdCache::new(&config.schema_registry)?;
-    ids.prewarm::<FacilityStatus>(&crate::registry::value_subject(topic))
-        .await;
+    // The group join goes on in librdkafka meanwhile.
+    let subject = crate::registry::value_subject(topic);
+    tokio::join!(ids.prewarm::<FacilityStatus>(&subject), writer.prepare());
     health.register(W::DEPENDENCY);
     health.set_ready(W::DEPENDENCY);
     tracing::info!(
@@ -268,35 +281,164 @@ pub async fn run<W: Writer>(
         "consuming transitions"
     );
 
-    // Per partition, the offset below which every record's dead letter (if it needed one)
-    // was already sent by this process: a rewind re-reads those records, and must not send
-    // their dead letters again. (Across a crash before the offset commit a dead letter can
-    // still be sent twice: the dead-letter topic is at-least-once, like every consumer here.)
-    let mut undecodable_handled: BTreeMap<i32, i64> = BTreeMap::new();
-    let mut refused_handled: BTreeMap<i32, i64> = BTreeMap::new();
-    let handled = |seen: &BTreeMap<i32, i64>, partition: i32, offset: i64| {
-        seen.get(&partition).is_some_and(|&to| offset < to)
+    let mut source = Source {
+        consumer: &consumer,
+        topic,
+        batching: &batching,
+        ids: &ids,
+        shutdown: &shutdown,
     };
-    let mark = |seen: &mut BTreeMap<i32, i64>, partition: i32, offset: i64| {
-        let to = seen.entry(partition).or_insert(0);
-        *to = (*to).max(offset + 1);
+    let mut apply = Apply {
+        consumer: &consumer,
+        topic,
+        dead_letter_topic: &config.topics.dead_letters,
+        writer: &mut writer,
+        dead_letters: DeadLetters::new(config, role)?,
+        metrics: &metrics,
+        health: &health,
+        shutdown: &shutdown,
+        undecodable_handled: BTreeMap::new(),
+        refused_handled: BTreeMap::new(),
     };
+    loop {
+        match pipeline(&mut source, &mut apply).await? {
+            Ended::Stopped => return Ok(()),
+            Ended::Rewind(why) => {
+                // The batch read ahead, if any, is gone with the pipeline: everything is
+                // read again from the beginning.
+                let assignment = consumer.assignment()?;
+                StoreEmptied {
+                    store: W::DEPENDENCY,
+                    why: &why,
+                    partitions: assignment.count(),
+                }
+                .emit(&metrics);
+                for e in assignment.elements() {
+                    consumer.seek(
+                        e.topic(),
+                        e.partition(),
+                        rdkafka::Offset::Beginning,
+                        Duration::from_secs(10),
+                    )?;
+                }
+            }
+        }
+    }
+}
 
-    'batches: loop {
+/// How a [`pipeline`] ended.
+#[derive(Debug, PartialEq, Eq)]
+enum Ended {
+    /// Shutdown: what was not committed is replayed by whoever consumes next.
+    Stopped,
+    /// The store lost its data: read everything again (the caller seeks).
+    Rewind(String),
+}
+
+/// The reading half of the loop: batches as read and decoded, in order.
+trait ReadBatches {
+    type Batch: Send;
+    /// The next batch; `None` on shutdown.
+    fn read(&mut self) -> impl Future<Output = anyhow::Result<Option<Self::Batch>>> + Send;
+}
+
+/// The writing half: writes a batch (retrying as long as it takes) and then commits its
+/// offsets. `None`: done, go on; otherwise the pipeline ends.
+trait ApplyBatches<B> {
+    fn apply(&mut self, batch: B) -> impl Future<Output = anyhow::Result<Option<Ended>>> + Send;
+}
+
+/// Reads the next batch while the current one is applied, so that the store does not wait
+/// for the consumer to fetch and decode, nor the consumer for the store. Batches are applied
+/// one at a time, in the order read; each commits its offsets only after its own write, so
+/// offsets are committed in order and never past a batch that is not written (the batch
+/// read ahead is not committed before it is applied itself). At most two batches are held:
+/// the one being applied and the one read ahead.
+///
+/// When applying ends the pipeline (shutdown, rewind), the batch read ahead is dropped
+/// uncommitted, and a read in progress with it: after a rewind everything is read again, and
+/// after a shutdown whoever consumes next reads it. A read that fails (a fatal consumer
+/// error) or sees shutdown while a batch is applied lets that batch finish and commit first.
+async fn pipeline<R: ReadBatches>(
+    source: &mut R,
+    apply: &mut impl ApplyBatches<R::Batch>,
+) -> anyhow::Result<Ended> {
+    let Some(mut next) = source.read().await? else {
+        return Ok(Ended::Stopped);
+    };
+    loop {
+        let mut applying = std::pin::pin!(apply.apply(next));
+        let mut reading = std::pin::pin!(source.read());
+        let mut read_ahead = None;
+        let applied = loop {
+            tokio::select! {
+                biased;
+                applied = &mut applying => break applied,
+                read = &mut reading, if read_ahead.is_none() => read_ahead = Some(read),
+            }
+        };
+        if let Some(ended) = applied? {
+            return Ok(ended);
+        }
+        let read = match read_ahead {
+            Some(read) => read,
+            None => reading.await,
+        };
+        next = match read? {
+            Some(batch) => batch,
+            None => return Ok(Ended::Stopped),
+        };
+    }
+}
+
+/// A batch as read: the transitions that decode, in the order read; the records that do
+/// not (for the dead-letter topic); and per partition the offset after the batch,
+/// committed once the batch is written.
+struct ReadBatch {
+    decoded: Vec<Received>,
+    undecodable: Vec<Undecodable>,
+    next_offsets: BTreeMap<i32, i64>,
+}
+
+struct Undecodable {
+    partition: i32,
+    offset: i64,
+    raw: Raw,
+    code: &'static str,
+    message: String,
+}
+
+/// Reads `facility-status` in batches of up to `max_records`, a partial one after `linger`.
+struct Source<'a> {
+    consumer: &'a StreamConsumer<DownstreamContext>,
+    topic: &'a str,
+    batching: &'a Batching,
+    ids: &'a crate::registry::IdCache,
+    shutdown: &'a Shutdown,
+}
+
+impl ReadBatches for Source<'_> {
+    type Batch = ReadBatch;
+
+    async fn read(&mut self) -> anyhow::Result<Option<ReadBatch>> {
+        let (consumer, topic, ids, shutdown) = (self.consumer, self.topic, self.ids, self.shutdown);
         let first = tokio::select! {
             m = consumer.recv() => m,
-            _ = shutdown.wait() => return Ok(()),
+            _ = shutdown.wait() => return Ok(None),
         };
-        let deadline = tokio::time::Instant::now() + batching.linger;
+        let deadline = tokio::time::Instant::now() + self.batching.linger;
         let mut messages = vec![first];
-        while messages.len() < batching.max_records {
+        while messages.len() < self.batching.max_records {
             match tokio::time::timeout_at(deadline, consumer.recv()).await {
                 Ok(m) => messages.push(m),
                 Err(_) => break,
             }
         }
-        let mut batch = Vec::with_capacity(messages.len());
-        let mut next_offsets: BTreeMap<i32, i64> = BTreeMap::new();
+        let mut batch = ReadBatch {
+            decoded: Vec::with_capacity(messages.len()),
+            undecodable: Vec::new(),
+            next_offsets: BTreeMap::new(),
+        };
         for m in messages {
             let m = match m {
                 Ok(m) => m,
@@ -311,8 +453,8 @@ pub async fn run<W: Writer>(
                     continue;
                 }
             };
-            next_offsets.insert(m.partition(), m.offset() + 1);
             let (partition, offset) = (m.partition(), m.offset());
+            batch.next_offsets.insert(partition, offset + 1);
             let raw = Raw {
                 key: m.key().map(<[u8]>::to_vec),
                 payload: m.payload().unwrap_or_default().to_vec(),
@@ -324,44 +466,91 @@ pub async fn run<W: Writer>(
                 tracing::warn!(partition, offset, error = %e, "cannot resolve the schema id of a transition; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
-                    _ = shutdown.wait() => return Ok(()),
+                    _ = shutdown.wait() => return Ok(None),
                 }
             }
-            match decode_framed::<FacilityStatus>(&raw.payload, &ids) {
-                Ok(status) => batch.push(Received {
+            match decode_framed::<FacilityStatus>(&raw.payload, ids) {
+                Ok(status) => batch.decoded.push(Received {
                     status,
                     partition,
                     offset,
                     raw,
                 }),
-                Err(e) if handled(&undecodable_handled, partition, offset) => {
-                    tracing::debug!(partition, offset, error = %e, "undecodable transition read again after a rewind; its dead letter was sent already");
-                }
-                Err(e) => {
-                    let from = (topic, partition, offset);
-                    let message = e.to_string();
-                    if !dead_letters
-                        .send(from, &raw, e.code(), &message, &shutdown)
-                        .await
-                    {
-                        return Ok(());
-                    }
-                    DeadLettered {
-                        cause: DeadLetterCause::Undecodable,
-                        code: e.code(),
-                        message: &message,
-                        partition,
-                        offset,
-                        dead_letter_topic: &config.topics.dead_letters,
-                    }
-                    .emit(&metrics);
-                }
+                Err(e) => batch.undecodable.push(Undecodable {
+                    partition,
+                    offset,
+                    raw,
+                    code: e.code(),
+                    message: e.to_string(),
+                }),
             }
-            mark(&mut undecodable_handled, partition, offset);
         }
+        Ok(Some(batch))
+    }
+}
+
+/// Dead-letters a batch's undecodable records, writes the rest (one at a time when the
+/// store keeps refusing the batch, dead-lettering each refused record), then commits.
+struct Apply<'a, W> {
+    consumer: &'a StreamConsumer<DownstreamContext>,
+    topic: &'a str,
+    dead_letter_topic: &'a str,
+    writer: &'a mut W,
+    dead_letters: DeadLetters,
+    metrics: &'a Metrics,
+    health: &'a Health,
+    shutdown: &'a Shutdown,
+    /// Per partition, the offset below which every record's dead letter (if it needed one)
+    /// was already sent by this process: a rewind re-reads those records, and must not send
+    /// their dead letters again. (Across a crash before the offset commit a dead letter can
+    /// still be sent twice: the dead-letter topic is at-least-once, like every consumer here.)
+    undecodable_handled: BTreeMap<i32, i64>,
+    refused_handled: BTreeMap<i32, i64>,
+}
+
+fn handled(seen: &BTreeMap<i32, i64>, partition: i32, offset: i64) -> bool {
+    seen.get(&partition).is_some_and(|&to| offset < to)
+}
+
+fn mark(seen: &mut BTreeMap<i32, i64>, partition: i32, offset: i64) {
+    let to = seen.entry(partition).or_insert(0);
+    *to = (*to).max(offset + 1);
+}
+
+impl<W: Writer> ApplyBatches<ReadBatch> for Apply<'_, W> {
+    async fn apply(&mut self, read: ReadBatch) -> anyhow::Result<Option<Ended>> {
+        let (topic, metrics, health, shutdown) =
+            (self.topic, self.metrics, self.health, self.shutdown);
+        for u in &read.undecodable {
+            if handled(&self.undecodable_handled, u.partition, u.offset) {
+                tracing::debug!(partition = u.partition, offset = u.offset, error = %u.message, "undecodable transition read again after a rewind; its dead letter was sent already");
+                continue;
+            }
+            let from = (topic, u.partition, u.offset);
+            if !self
+                .dead_letters
+                .send(from, &u.raw, u.code, &u.message, shutdown)
+                .await
+            {
+                return Ok(Some(Ended::Stopped));
+            }
+            DeadLettered {
+                cause: DeadLetterCause::Undecodable,
+                code: u.code,
+                message: &u.message,
+                partition: u.partition,
+                offset: u.offset,
+                dead_letter_topic: self.dead_letter_topic,
+            }
+            .emit(metrics);
+        }
+        for (&partition, &next) in &read.next_offsets {
+            mark(&mut self.undecodable_handled, partition, next - 1);
+        }
+        let batch = read.decoded;
         if !batch.is_empty() {
             let mut outcome =
-                write_until_done(&mut writer, &batch, &metrics, &health, &shutdown).await;
+                write_until_done(self.writer, &batch, metrics, health, shutdown).await;
             if let Done::Refused { code, message } = &outcome {
                 // Some record of the batch is refused by the store, again and again: write
                 // them one by one, and dead-letter each one that is refused on its own.
@@ -369,27 +558,28 @@ pub async fn run<W: Writer>(
                 outcome = Done::Written;
                 for r in &batch {
                     match write_until_done(
-                        &mut writer,
+                        self.writer,
                         std::slice::from_ref(r),
-                        &metrics,
-                        &health,
-                        &shutdown,
+                        metrics,
+                        health,
+                        shutdown,
                     )
                     .await
                     {
                         Done::Written => {}
                         Done::Refused { code, .. }
-                            if handled(&refused_handled, r.partition, r.offset) =>
+                            if handled(&self.refused_handled, r.partition, r.offset) =>
                         {
                             tracing::debug!(partition = r.partition, offset = r.offset, code, "refused transition read again after a rewind; its dead letter was sent already");
                         }
                         Done::Refused { code, message } => {
                             let from = (topic, r.partition, r.offset);
-                            if !dead_letters
-                                .send(from, &r.raw, code, &message, &shutdown)
+                            if !self
+                                .dead_letters
+                                .send(from, &r.raw, code, &message, shutdown)
                                 .await
                             {
-                                return Ok(());
+                                return Ok(Some(Ended::Stopped));
                             }
                             DeadLettered {
                                 cause: DeadLetterCause::Refused {
@@ -401,49 +591,33 @@ pub async fn run<W: Writer>(
                                 message: &message,
                                 partition: r.partition,
                                 offset: r.offset,
-                                dead_letter_topic: &config.topics.dead_letters,
+                                dead_letter_topic: self.dead_letter_topic,
                             }
-                            .emit(&metrics);
+                            .emit(metrics);
                         }
                         other => {
                             outcome = other;
                             break;
                         }
                     }
-                    mark(&mut refused_handled, r.partition, r.offset);
+                    mark(&mut self.refused_handled, r.partition, r.offset);
                 }
             }
             match outcome {
                 Done::Written | Done::Refused { .. } => {}
-                Done::Stopped => return Ok(()),
-                Done::Rewind(why) => {
-                    let assignment = consumer.assignment()?;
-                    StoreEmptied {
-                        store: W::DEPENDENCY,
-                        why: &why,
-                        partitions: assignment.count(),
-                    }
-                    .emit(&metrics);
-                    for e in assignment.elements() {
-                        consumer.seek(
-                            e.topic(),
-                            e.partition(),
-                            rdkafka::Offset::Beginning,
-                            Duration::from_secs(10),
-                        )?;
-                    }
-                    continue 'batches;
-                }
+                Done::Stopped => return Ok(Some(Ended::Stopped)),
+                Done::Rewind(why) => return Ok(Some(Ended::Rewind(why))),
             }
         }
         let mut tpl = TopicPartitionList::new();
-        for (p, o) in &next_offsets {
+        for (p, o) in &read.next_offsets {
             tpl.add_partition_offset(topic, *p, rdkafka::Offset::Offset(*o))?;
         }
-        if let Err(e) = consumer.commit(&tpl, CommitMode::Async) {
+        if let Err(e) = self.consumer.commit(&tpl, CommitMode::Async) {
             // Harmless: the batch is written; a replay after a rebalance is absorbed.
             tracing::debug!(error = %e, "offset commit failed");
         }
+        Ok(None)
     }
 }
 
@@ -596,5 +770,183 @@ async fn write_until_done<W: Writer>(
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+    use tokio::sync::watch;
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    enum Event {
+        Read(u32),
+        WriteStarted(u32),
+        Committed(u32),
+    }
+
+    type Log = Arc<Mutex<Vec<Event>>>;
+
+    fn log(log: &Log, e: Event) {
+        log.lock().unwrap_or_else(|p| p.into_inner()).push(e);
+    }
+
+    fn events(log: &Log) -> Vec<Event> {
+        log.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Batches (numbered from 0) as scripted, then `None` (shutdown); counts its reads.
+    struct Script {
+        reads: std::vec::IntoIter<Result<u32, &'static str>>,
+        log: Log,
+        count: watch::Sender<u32>,
+    }
+
+    impl ReadBatches for Script {
+        type Batch = u32;
+
+        async fn read(&mut self) -> anyhow::Result<Option<u32>> {
+            let next = self.reads.next();
+            self.count.send_modify(|n| *n += 1);
+            match next {
+                Some(Ok(b)) => {
+                    log(&self.log, Event::Read(b));
+                    Ok(Some(b))
+                }
+                Some(Err(e)) => Err(anyhow::anyhow!(e)),
+                None => Ok(None),
+            }
+        }
+    }
+
+    /// "Writes" a batch only once the next read has happened (so it fails unless reading
+    /// goes on while it writes), then commits, or ends the pipeline at `end_at`.
+    struct Store {
+        log: Log,
+        reads: watch::Receiver<u32>,
+        end_at: Option<(u32, Ended)>,
+    }
+
+    impl ApplyBatches<u32> for Store {
+        async fn apply(&mut self, batch: u32) -> anyhow::Result<Option<Ended>> {
+            log(&self.log, Event::WriteStarted(batch));
+            // Batch b is read number b + 1; the read after it is number b + 2.
+            let read_on = tokio::time::timeout(
+                Duration::from_secs(10),
+                self.reads.wait_for(|&n| n > batch + 1),
+            )
+            .await
+            .is_ok_and(|r| r.is_ok());
+            assert!(
+                read_on,
+                "the read after batch {batch} did not happen while it was written"
+            );
+            if self.end_at.as_ref().is_some_and(|(at, _)| *at == batch) {
+                return Ok(self.end_at.take().map(|(_, ended)| ended));
+            }
+            log(&self.log, Event::Committed(batch));
+            Ok(None)
+        }
+    }
+
+    fn stages(
+        script: Vec<Result<u32, &'static str>>,
+        end_at: Option<(u32, Ended)>,
+    ) -> (Script, Store, Log) {
+        let events = Log::default();
+        let (count, reads) = watch::channel(0);
+        let source = Script {
+            reads: script.into_iter(),
+            log: events.clone(),
+            count,
+        };
+        let store = Store {
+            log: events.clone(),
+            reads,
+            end_at,
+        };
+        (source, store, events)
+    }
+
+    #[tokio::test]
+    async fn the_next_batch_is_read_while_one_is_written_and_commits_follow_writes_in_order() {
+        let (mut source, mut store, log) = stages((0..4).map(Ok).collect(), None);
+        let ended = pipeline(&mut source, &mut store).await;
+        assert_eq!(ended.ok(), Some(Ended::Stopped));
+        use Event::*;
+        assert_eq!(
+            events(&log),
+            [
+                Read(0),
+                WriteStarted(0),
+                Read(1),
+                Committed(0),
+                WriteStarted(1),
+                Read(2),
+                Committed(1),
+                WriteStarted(2),
+                Read(3),
+                Committed(2),
+                WriteStarted(3),
+                Committed(3),
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_rewind_drops_the_batch_read_ahead_uncommitted() {
+        let (mut source, mut store, log) = stages(
+            (0..6).map(Ok).collect(),
+            Some((2, Ended::Rewind("emptied".into()))),
+        );
+        let ended = pipeline(&mut source, &mut store).await;
+        assert_eq!(ended.ok(), Some(Ended::Rewind("emptied".into())));
+        let log = events(&log);
+        assert!(
+            log.contains(&Event::Read(3)),
+            "batch 3 was read ahead: {log:?}"
+        );
+        let applied: Vec<&Event> = log
+            .iter()
+            .filter(|e| matches!(e, Event::Committed(_) | Event::WriteStarted(_)))
+            .collect();
+        assert_eq!(
+            applied,
+            [
+                &Event::WriteStarted(0),
+                &Event::Committed(0),
+                &Event::WriteStarted(1),
+                &Event::Committed(1),
+                &Event::WriteStarted(2),
+            ],
+            "nothing after the rewinding batch is written or committed"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_read_lets_the_batch_being_written_commit_first() {
+        let (mut source, mut store, log) =
+            stages(vec![Ok(0), Ok(1), Err("fatal consumer error")], None);
+        let ended = pipeline(&mut source, &mut store).await;
+        assert!(
+            ended
+                .as_ref()
+                .is_err_and(|e| e.to_string() == "fatal consumer error"),
+            "{ended:?}"
+        );
+        let log = events(&log);
+        assert_eq!(log.last(), Some(&Event::Committed(1)), "{log:?}");
+    }
+
+    #[tokio::test]
+    async fn a_stopping_write_ends_the_pipeline_without_committing() {
+        let (mut source, mut store, log) =
+            stages((0..3).map(Ok).collect(), Some((0, Ended::Stopped)));
+        let ended = pipeline(&mut source, &mut store).await;
+        assert_eq!(ended.ok(), Some(Ended::Stopped));
+        assert!(!events(&log)
+            .iter()
+            .any(|e| matches!(e, Event::Committed(_))));
     }
 }

@@ -8,8 +8,9 @@
 //! - [`postgres_writer`]: a batch split by facility over a few connections; on each, one
 //!   prepared statement over arrays, one transaction: history rows `ON CONFLICT DO NOTHING`
 //!   and a current-status upsert that only moves forward in `seq`.
-//! - The consumer loop (batches, retries, commits after PostgreSQL took the batch) is
-//!   `presence_core::downstream`, shared with the notifier.
+//! - The consumer loop (batches, the next one read while the current one is written,
+//!   retries, commits after PostgreSQL took the batch) is `presence_core::downstream`,
+//!   shared with the notifier.
 //! - [`sessions`]: who is online, `open_sessions`, from the processor's sessions changelog
 //!   and the newest beats, beside the transitions loop.
 

@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "status_fillfactor",
         include_str!("../migrations/0003_status_fillfactor.sql"),
     ),
+    (
+        4,
+        "facility_id_collate_c",
+        include_str!("../migrations/0004_facility_id_collate_c.sql"),
+    ),
 ];
 
 /// Creates the schema if needed and applies what is missing; returns the versions applied.

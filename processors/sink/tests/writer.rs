@@ -2,7 +2,9 @@
 //! statement per shard keeps the newest state whatever the order inside a batch, adds each
 //! transition once however often it comes, rewrites no row on a replay, takes a batch far
 //! larger than the default, and refuses a batch with a poison record as a whole while the
-//! record alone is refused and the others alone are written (what the consumer loop does).
+//! record alone is refused and the others alone are written (what the consumer loop does);
+//! connected and migrated at start-up, before any batch, it still asks the first write for
+//! the rewind a new schema needs.
 
 use std::collections::BTreeMap;
 
@@ -258,7 +260,7 @@ async fn replayed_and_older_batches_write_nothing_and_newer_ones_move_forward() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_far_larger_than_the_default_is_written_whole() {
     let (db, mut writer) = Db::new().await;
-    // 40,000 transitions (8x the default sink.batch_size, ~10,000 rows per connection):
+    // 40,000 transitions (2x the default sink.batch_size, ~10,000 rows per connection):
     // 4,000 facilities x 10 seqs, shuffled.
     let batch = shuffled(4000, 10, 3);
     writer.write_batch(&batch).await.expect("the batch");
@@ -308,5 +310,47 @@ async fn a_poison_record_is_refused_with_its_batch_and_alone_and_the_others_are_
     let (current, history) = expected(&good);
     assert_eq!(db.current().await, current);
     assert_eq!(db.history().await, history);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepared_at_start_up_a_new_schema_still_asks_the_first_write_for_a_rewind() {
+    let config = isolated_config();
+    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
+        .await
+        .expect("PostgreSQL of the shared stack (deploy/stack.sh up)");
+    tokio::spawn(connection);
+    let mut writer = PostgresWriter::new(&config);
+    writer.prepare_connections().await;
+    // Connected and migrated before any batch: the schema is there.
+    let migrations: i64 = client
+        .query_one(
+            &format!(
+                "SELECT count(*) FROM \"{}\".schema_migrations",
+                config.database.schema
+            ),
+            &[],
+        )
+        .await
+        .expect("the schema was migrated at start-up")
+        .get(0);
+    assert_eq!(
+        migrations as usize,
+        presence_sink::migrations::MIGRATIONS.len()
+    );
+    let batch = shuffled(10, 3, 1);
+    match writer.write_batch(&batch).await {
+        Err(WriteError::Rewind(_)) => {}
+        other => panic!("the first write after a new schema asks for a rewind, got {other:?}"),
+    }
+    writer.write_batch(&batch).await.expect("then it writes");
+    let db = Db {
+        tables: Tables::new(&config.database.schema),
+        config,
+        client,
+    };
+    let (current, history) = expected(&batch);
+    assert_eq!(db.history().await, history);
+    assert_eq!(db.current().await, current);
     db.drop().await;
 }
