@@ -15,7 +15,10 @@
 //! deployment with memory to spare and a remote broker may want deeper prefetch.
 //!
 //! `presence bench throughput` measures the effect (peak resident memory of the processor
-//! process, and its rate against a plain consumer), README "Benchmarks".
+//! process, and its rate against a plain consumer), README "Benchmarks". 8 M heartbeats of
+//! 1 M sessions, run for run against the budget before (16 MiB responses, 4 MiB per
+//! partition, the 1 s back-off): peak 291 MiB against 499 MiB at 1.24x the rate (medians of
+//! three, 2026-11-29, on the shared two cores).
 
 use rdkafka::config::ClientConfig;
 

@@ -284,8 +284,8 @@ pub async fn throughput(base: &Config, o: &ThroughputOptions) -> anyhow::Result<
         "{total} heartbeats of {sessions} sessions ({facilities} facilities) on {} partitions, written in {:.1} s; {} processor instance(s); \
          plain read_committed consumer with the processor's fetch settings (ceiling, median of 3): {ceiling:.0}/s\n",
         ends.len(),
-        o.instances.max(1),
-        produced.as_secs_f64()
+        produced.as_secs_f64(),
+        o.instances.max(1)
     );
     let mut results: Vec<Vec<DrainRun>> = binaries.iter().map(|_| Vec::new()).collect();
     for run in 0..o.runs.max(1) {
