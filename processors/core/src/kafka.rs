@@ -112,30 +112,27 @@ pub fn stage_consumer_config(
         .set("enable.partition.eof", "true")
         // Live latency: a fetch returns after 10 ms even when it has little.
         .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "4194304")
-        .set("fetch.max.bytes", "67108864")
         // Lag metrics, the group state for the assignment watchdog, and broker
         // reachability (with the producer's).
         .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
         .set("session.timeout.ms", STAGE_SESSION_TIMEOUT_MS.to_string())
         .set("heartbeat.interval.ms", "1000");
-    // Prefetch bounds: the memory budget (after the settings above, so it wins).
+    // Prefetch and fetch sizes: the memory budget, which leaves a size passed through in
+    // `kafka.properties` alone.
     crate::kafka_memory::stage_consumer(&mut c, k);
     c
 }
 
 /// The consumers that read a partition back (changelogs, recent heartbeats) to rebuild a
 /// stage's state: read_committed, assigned by hand (`group` only names them), told where a
-/// partition ends, and with big fetches, since a restore reads whole partitions as fast as
-/// the broker serves them.
+/// partition ends; a restore reads whole partitions as fast as the broker serves them, within
+/// the memory budget's prefetch.
 pub fn restore_consumer_config(k: &KafkaConfig, role: &str, group: &str) -> ClientConfig {
     let mut c = consumer_config(k, role, group);
     c.set("enable.partition.eof", "true")
-        .set("fetch.wait.max.ms", "10")
-        .set("max.partition.fetch.bytes", "16777216")
-        .set("fetch.max.bytes", "67108864")
-        .set("queued.min.messages", "1000000");
-    // Prefetch bounds: the memory budget (after the settings above, so it wins).
+        .set("fetch.wait.max.ms", "10");
+    // Prefetch and fetch sizes: the memory budget, which leaves a size passed through in
+    // `kafka.properties` alone.
     crate::kafka_memory::restore_consumer(&mut c, k);
     c
 }

@@ -46,6 +46,10 @@ use crate::records::{FacilityState, SessionEvent, SessionEventKind};
 /// (`processor.max_buffered_events`): about 100 bytes each.
 pub const DEFAULT_MAX_BUFFERED: usize = 500_000;
 
+/// Room (events) the buffer keeps however empty it is: 4,096 events, ~400 KiB, so that a
+/// live partition never reallocates it.
+const SHRINK_BUFFER_ABOVE: usize = 4096;
+
 pub trait FacilityOutput {
     /// A transition for `facility-status`.
     fn status(&mut self, status: FacilityStatus);
@@ -505,7 +509,19 @@ impl FacilityTask {
         if w > i64::MIN {
             r.transitions += self.fire_timers(w - 1, now, out);
         }
+        self.shrink_buffer();
         Ok(r)
+    }
+
+    /// Gives back the buffer's room once it is three quarters empty: a drained backlog
+    /// otherwise leaves its high-water mark allocated and resident (a million sessions
+    /// opening at once left ~12 MiB per partition, 69 MiB over six, in an idle processor).
+    /// Halving the room only below a quarter keeps the cost of regrowing amortised.
+    fn shrink_buffer(&mut self) {
+        let (len, room) = (self.buffer.len(), self.buffer.capacity());
+        if room > SHRINK_BUFFER_ABOVE && len < room / 4 {
+            self.buffer.shrink_to((len * 2).max(SHRINK_BUFFER_ABOVE));
+        }
     }
 
     /// Fires flap timers due at or before `t`.
@@ -739,6 +755,24 @@ mod tests {
                 )
             })
             .collect()
+    }
+
+    #[test]
+    fn a_drained_buffer_gives_its_room_back() {
+        let mut t = FacilityTask::new(0, 1, 0).with_max_buffered(usize::MAX);
+        let mut out = Collected::default();
+        for i in 0..100_000i64 {
+            let e = open(0, i + 1, 1_000 + i, &format!("f{}", i % 50));
+            t.on_event(i, e, 0, &mut out).unwrap();
+        }
+        assert!(t.buffer.capacity() >= 100_000);
+        t.on_event(100_000, wm(0, 1_000_000), 0, &mut out).unwrap();
+        assert_eq!(t.buffered(), 0);
+        assert!(
+            t.buffer.capacity() <= SHRINK_BUFFER_ABOVE,
+            "room for {} events kept",
+            t.buffer.capacity()
+        );
     }
 
     #[test]

@@ -42,6 +42,26 @@ impl Memory {
     }
 }
 
+/// `config` as TOML without the settings that are at their defaults, so that an older build
+/// given to compare with (`--against`), which refuses keys it does not know, reads it too
+/// as long as the benchmark leaves the newer settings alone.
+fn config_text(config: &Config) -> anyhow::Result<String> {
+    fn strip(value: &mut toml::Value, default: &toml::Value) {
+        if let (toml::Value::Table(t), toml::Value::Table(d)) = (value, default) {
+            t.retain(|k, v| d.get(k) != Some(v));
+            for (k, v) in t.iter_mut() {
+                if let Some(d) = d.get(k) {
+                    strip(v, d);
+                }
+            }
+            t.retain(|_, v| !matches!(v, toml::Value::Table(t) if t.is_empty()));
+        }
+    }
+    let mut value = toml::Value::try_from(config)?;
+    strip(&mut value, &toml::Value::try_from(Config::default())?);
+    Ok(toml::to_string(&value)?)
+}
+
 /// KiB as MiB, for reports.
 pub fn mib(kib: u64) -> f64 {
     kib as f64 / 1024.0
@@ -120,7 +140,7 @@ impl Processor {
                 .create_new(true)
                 .mode(0o600)
                 .open(&config_file)?;
-            f.write_all(toml::to_string(&config)?.as_bytes())?;
+            f.write_all(config_text(&config)?.as_bytes())?;
         }
         let mut command = Command::new(binary);
         command.arg(command_name).arg("--config").arg(&config_file);

@@ -2,6 +2,7 @@
 //! their changelogs, and how stage 1 re-reads the recent heartbeats that refresh
 //! last-seen times (it never writes a changelog record per beat).
 
+use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
 use rdkafka::client::ClientContext;
@@ -26,14 +27,16 @@ impl ClientContext for Quiet {
 impl ConsumerContext for Quiet {}
 
 /// Calls `f` for each record of `topic`/`partition` from `from` up to `until` (exclusive)
-/// or, without `until`, to the partition's end (read_committed). Returns the record count.
+/// or, without `until`, to the partition's end (read_committed), until `f` says
+/// [`ControlFlow::Break`] (its caller gave up: nothing more to read). Returns the record
+/// count.
 pub fn read_partition(
     config: &ClientConfig,
     topic: &str,
     partition: i32,
     from: Offset,
     until: Option<i64>,
-    mut f: impl FnMut(&BorrowedMessage<'_>),
+    mut f: impl FnMut(&BorrowedMessage<'_>) -> ControlFlow<()>,
 ) -> anyhow::Result<u64> {
     let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
@@ -56,8 +59,11 @@ pub fn read_partition(
                 if m.offset() >= end {
                     break;
                 }
-                f(&m);
+                let flow = f(&m);
                 n += 1;
+                if flow.is_break() {
+                    break;
+                }
                 if n.is_multiple_of(4096) {
                     progress = Instant::now();
                 }

@@ -2,6 +2,7 @@
 //! letters out. The rules live in [`crate::sessions`].
 
 use std::collections::{HashMap, HashSet};
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use presence_core::codec::{decode, encode};
@@ -42,6 +43,19 @@ impl Topics {
         }
     }
 }
+
+/// Beats of the re-read window that a stage-1 restore holds at most before it has applied
+/// the changelog (they can only be applied after it): 262,144 × 56 bytes = 14 MiB. That
+/// covers the whole window of a partition of ~85,000 sessions beating every 30 s with the
+/// default 90 s timeout (a million sessions over the 12 default partitions), so such a
+/// restore reads both at once as before; a larger partition's re-read waits for the
+/// changelog past this point instead of holding its window whole (3 M beats, 170 MB, for a
+/// million sessions on one partition).
+pub const WINDOW_AHEAD_BEATS: usize = 1 << 18;
+
+/// The window's beats go from the re-read to the restore in chunks of this many (448 KiB),
+/// so that the hand-over costs one channel message per 8,192 beats.
+const WINDOW_CHUNK_BEATS: usize = 8192;
 
 /// Stored with each committed heartbeats offset: the partition's clock at that point.
 #[derive(Serialize, Deserialize)]
@@ -213,52 +227,89 @@ impl Stage for SessionsStage {
         };
         let mut task = SessionTask::new(partition, self.timeout, self.max_future);
         let mut bad = 0u64;
-        let (changelog_records, window_beats) =
-            std::thread::scope(|scope| -> anyhow::Result<(u64, Vec<WindowBeat>)> {
-                let heartbeats = self.topics.heartbeats;
-                let ids = &*self.ids;
-                let reader = scope.spawn(move || -> anyhow::Result<Vec<WindowBeat>> {
-                    let Some((from, until)) = window else {
-                        return Ok(Vec::new());
-                    };
-                    let mut beats = Vec::with_capacity((until - from).clamp(0, 1 << 24) as usize);
-                    read_partition(
-                        io.config,
-                        heartbeats,
-                        partition,
-                        Offset::Offset(from),
-                        Some(until),
-                        |m| {
-                            if let Some(b) = window_beat(m, ids) {
-                                beats.push(b);
-                            }
-                        },
-                    )?;
-                    Ok(beats)
-                });
-                let n = read_partition(
+        let mut window_beats = 0usize;
+        let checkpoint = committed.and_then(|c| c.checkpoint);
+        let changelog_records = std::thread::scope(|scope| -> anyhow::Result<u64> {
+            let heartbeats = self.topics.heartbeats;
+            let ids = &*self.ids;
+            // The window's beats can only be applied once the changelog is in, so what the
+            // re-read finds before then waits here, in chunks, up to a bound: past it the
+            // re-read waits for the changelog, then both go on in step (a million sessions
+            // on one partition are ~3 M beats, 170 MB held whole).
+            let (chunks, beats_in) = std::sync::mpsc::sync_channel::<Vec<WindowBeat>>(
+                WINDOW_AHEAD_BEATS / WINDOW_CHUNK_BEATS,
+            );
+            let reader = scope.spawn(move || -> anyhow::Result<()> {
+                let Some((from, until)) = window else {
+                    return Ok(());
+                };
+                let mut chunk = Vec::with_capacity(WINDOW_CHUNK_BEATS);
+                let mut gone = false;
+                read_partition(
                     io.config,
-                    self.topics.changelog,
+                    heartbeats,
                     partition,
-                    Offset::Beginning,
-                    None,
+                    Offset::Offset(from),
+                    Some(until),
                     |m| {
-                        let Some(key) = m.key().and_then(key_from_bytes) else {
-                            bad += 1;
-                            return;
-                        };
-                        match m.payload().map(decode::<SessionState>) {
-                            None => task.restore_delete(key),
-                            Some(Ok(state)) => task.restore_session(key, &state),
-                            Some(Err(_)) => bad += 1,
+                        if let Some(b) = window_beat(m, ids) {
+                            chunk.push(b);
+                        }
+                        if chunk.len() < WINDOW_CHUNK_BEATS {
+                            return ControlFlow::Continue(());
+                        }
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(WINDOW_CHUNK_BEATS));
+                        // The restore gave up (the changelog read failed): stop reading.
+                        gone = chunks.send(full).is_err();
+                        if gone {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
                         }
                     },
                 )?;
-                let beats = reader
-                    .join()
-                    .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
-                Ok((n, beats))
-            })?;
+                if !gone && !chunk.is_empty() {
+                    // A send fails only when the restore gave up.
+                    let _ = chunks.send(chunk);
+                }
+                Ok(())
+            });
+            let n = read_partition(
+                io.config,
+                self.topics.changelog,
+                partition,
+                Offset::Beginning,
+                None,
+                |m| {
+                    let Some(key) = m.key().and_then(key_from_bytes) else {
+                        bad += 1;
+                        return ControlFlow::Continue(());
+                    };
+                    match m.payload().map(decode::<SessionState>) {
+                        None => task.restore_delete(key),
+                        Some(Ok(state)) => task.restore_session(key, &state),
+                        Some(Err(_)) => bad += 1,
+                    }
+                    ControlFlow::Continue(())
+                },
+            )?;
+            // The clock first: refresh ignores beats stamped after it (refused ones).
+            if let Some(c) = &checkpoint {
+                task.set_clock(c.t, c.s);
+            }
+            // In offset order; ends when the re-read has sent its last chunk (or failed).
+            for chunk in beats_in {
+                for b in &chunk {
+                    task.refresh(b);
+                }
+                window_beats += chunk.len();
+            }
+            reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
+            Ok(n)
+        })?;
         if bad > 0 {
             tracing::error!(
                 partition,
@@ -267,19 +318,12 @@ impl Stage for SessionsStage {
                 "changelog records that do not decode were skipped"
             );
         }
-        // The clock first: refresh ignores beats stamped after it (refused ones).
-        if let Some(c) = committed.and_then(|c| c.checkpoint) {
-            task.set_clock(c.t, c.s);
-        }
-        for b in &window_beats {
-            task.refresh(b);
-        }
         task.finish_restore();
         tracing::info!(
             partition,
             open_sessions = task.open_sessions(),
             changelog_records,
-            window_beats = window_beats.len(),
+            window_beats,
             seconds = started.elapsed().as_secs_f64(),
             "sessions restored"
         );

@@ -2,6 +2,7 @@
 //! out. The rules live in [`crate::facilities`].
 
 use std::collections::HashMap;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 
 use presence_core::codec::{decode, encode, encode_with, Header};
@@ -230,9 +231,6 @@ impl Stage for FacilitiesStage {
             Offset::Beginning,
             None,
             |m| {
-                if failed.is_some() {
-                    return;
-                }
                 let done = match m.payload().map(decode::<FacilityState>) {
                     Some(Ok(state)) => task.restore_facility(state),
                     Some(Err(_)) => {
@@ -244,8 +242,12 @@ impl Stage for FacilitiesStage {
                         None => Ok(()),
                     },
                 };
-                if let Err(e) = done {
-                    failed = Some(e);
+                match done {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(e) => {
+                        failed = Some(e);
+                        ControlFlow::Break(())
+                    }
                 }
             },
         )?;
