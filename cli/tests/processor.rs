@@ -63,6 +63,12 @@ async fn output_equals_the_oracle() {
 /// How many kill -9 the random phase makes, alternating between two instance ids.
 const KILLS: usize = 8;
 
+/// Kills that must land while the output is incomplete. The instance that is not killed
+/// works on while the output is checked and the victim restarts (a few seconds a kill), so a
+/// fast (or lightly loaded) machine can finish the backlog before the last kills; those
+/// then prove nothing and are left out, but never the first `MIN_KILLS`.
+const MIN_KILLS: usize = 5;
+
 /// kill -9, first exactly between send_offsets_to_transaction and commit_transaction (twice),
 /// then at random instants (seeded, logged; placed by progress, see below) while two
 /// instances with distinct ids share the partitions, alternating which one dies, each kill
@@ -76,8 +82,8 @@ async fn kill_9_at_any_instant_changes_nothing() {
     let _one = serial();
     let seed = test_seed();
     let started = Instant::now();
-    // Large enough that the processor is still busy replaying at the last kill.
-    let (c, expected) = case(seed, 5_000, 250).await;
+    // Large enough that the processor is usually still busy replaying at the last kill.
+    let (c, expected) = case(seed, 8_000, 250).await;
     let mut reader = StatusReader::new(&c);
     // The worst instant first: offsets sent, transaction not committed.
     for crash_at in ["3", "8"] {
@@ -134,7 +140,16 @@ async fn kill_9_at_any_instant_changes_nothing() {
             "seed {seed}, kill {k} (instance {}, {delay} ms after the output passed {mark})",
             ids[victim]
         );
-        committed = check_committed_at_kill(&c, &expected, &what);
+        committed = committed_at_kill(&c, &expected, &what);
+        if committed == n {
+            assert!(
+                k >= MIN_KILLS,
+                "{what}: the output was already complete ({n} transitions) when the kill landed, so only {k} kills proved something (at least {MIN_KILLS} must); make the backlog larger"
+            );
+            eprintln!("{what}: the output was complete; {k} kills landed mid-work");
+            running[victim] = watched_processor(&c, ids[victim], &fast_commits);
+            break;
+        }
         eprintln!(
             "{what}: {committed} of {n} transitions committed at {:?}",
             started.elapsed()

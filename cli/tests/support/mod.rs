@@ -471,13 +471,19 @@ pub fn test_seed() -> u64 {
 /// kill landed mid-work), and, facility by facility, exactly the oracle's first ones (nothing
 /// doubled, nothing skipped, nothing the oracle does not have). Returns how many.
 pub fn check_committed_at_kill(c: &Config, expected: &[Expected], what: &str) -> usize {
+    let committed = committed_at_kill(c, expected, what);
+    assert!(
+        committed < expected.len(),
+        "{what}: the output was already complete ({committed} transitions) when the kill landed, so it proved nothing; make the backlog larger"
+    );
+    committed
+}
+
+/// [`check_committed_at_kill`] without the demand that the output be incomplete: how many
+/// transitions were committed, each facility's exactly the oracle's first ones.
+pub fn committed_at_kill(c: &Config, expected: &[Expected], what: &str) -> usize {
     use std::collections::BTreeMap;
     let committed = as_expected(&statuses_to_end(c));
-    assert!(
-        committed.len() < expected.len(),
-        "{what}: the output was already complete ({} transitions) when the kill landed, so it proved nothing; make the backlog larger",
-        committed.len()
-    );
     let mut by_facility: BTreeMap<&str, Vec<&Expected>> = BTreeMap::new();
     for e in &committed {
         by_facility.entry(&e.facility_id).or_default().push(e);
