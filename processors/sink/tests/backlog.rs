@@ -3,6 +3,9 @@
 //! refuses among them. The tables end as if each transition had been written once in
 //! order, and the refused record, alone, goes to the dead-letter topic.
 
+mod common;
+use common::*;
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -17,15 +20,6 @@ use presence_testkit::{
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use tokio_postgres::NoTls;
-
-async fn db(config: &Config) -> Option<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
-        .await
-        .ok()?;
-    tokio::spawn(connection);
-    Some(client)
-}
 
 /// All of `statuses` to `facility-status`, sent at once (the producer keeps their order
 /// per partition) and each acknowledged.
@@ -100,19 +94,7 @@ async fn a_shuffled_replayed_backlog_with_a_refused_record_ends_as_each_transiti
     .await;
 
     let client = db(&config).await.expect("db");
-    let history: Vec<(String, i64)> = client
-        .query(
-            &format!(
-                "SELECT facility_id, seq FROM {} WHERE facility_id LIKE 'f%' ORDER BY 1, 2",
-                tables.history()
-            ),
-            &[],
-        )
-        .await
-        .expect("history")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let history: Vec<(String, i64)> = history_pairs(&client, &tables).await;
     let mut expected: Vec<(String, i64)> = statuses
         .iter()
         .map(|s| (s.facility_id.clone(), s.seq))

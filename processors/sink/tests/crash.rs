@@ -4,6 +4,9 @@
 //! new sink replays from there, the crashed batch among it, and the tables end as if each
 //! transition had been written once.
 
+mod common;
+use common::*;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -21,7 +24,6 @@ use presence_testkit::{
 };
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use tokio_postgres::NoTls;
 
 /// (partition, offset) of every record of each batch written, in order.
 type Written = Arc<Mutex<Vec<Vec<(i32, i64)>>>>;
@@ -87,14 +89,6 @@ fn run_sink(
         )
         .await
     }
-}
-
-async fn db(config: &Config) -> Option<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
-        .await
-        .ok()?;
-    tokio::spawn(connection);
-    Some(client)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -218,19 +212,7 @@ async fn a_crash_between_write_and_commit_commits_nothing_read_ahead_and_replays
     );
 
     let client = db(&config).await.expect("db");
-    let history: Vec<(String, i64)> = client
-        .query(
-            &format!(
-                "SELECT facility_id, seq FROM {} WHERE facility_id LIKE 'f%' ORDER BY 1, 2",
-                tables.history()
-            ),
-            &[],
-        )
-        .await
-        .expect("history")
-        .iter()
-        .map(|r| (r.get(0), r.get(1)))
-        .collect();
+    let history: Vec<(String, i64)> = history_pairs(&client, &tables).await;
     let mut oracle: Vec<(String, i64)> = statuses
         .iter()
         .map(|s| (s.facility_id.clone(), s.seq))

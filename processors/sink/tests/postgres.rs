@@ -2,6 +2,9 @@
 //! each transition once, "how long was X online" is one query, and an outage of the
 //! database loses and doubles nothing.
 
+mod common;
+use common::*;
+
 use std::time::Duration;
 
 use presence_core::config::Config;
@@ -11,7 +14,6 @@ use presence_testkit::{
     eventually, free_port, isolated_config, produce, produce_status_markers, status_records,
     transition, PrivateService, Process,
 };
-use tokio_postgres::NoTls;
 
 use presence_testkit::{ensure_topics as setup, spawn_process};
 
@@ -21,14 +23,6 @@ fn start_sink(config: &Config) -> Process {
     spawn_process("sink", &Shutdown::new(), |s| {
         presence_sink::run(config.clone(), s)
     })
-}
-
-async fn db(config: &Config) -> Option<tokio_postgres::Client> {
-    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
-        .await
-        .ok()?;
-    tokio::spawn(connection);
-    Some(client)
 }
 
 async fn count(config: &Config, sql: String) -> Option<i64> {

@@ -1,0 +1,33 @@
+//! Helpers the sink's integration tests share (each test file is a crate of its own, so not
+//! every file uses every helper).
+#![allow(dead_code)]
+
+use presence_core::config::Config;
+use presence_core::delivery::Tables;
+use tokio_postgres::NoTls;
+
+/// A client of the test's PostgreSQL; `None` while it cannot connect.
+pub async fn db(config: &Config) -> Option<tokio_postgres::Client> {
+    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
+        .await
+        .ok()?;
+    tokio::spawn(connection);
+    Some(client)
+}
+
+/// Every `(facility_id, seq)` of the history whose facility id starts with `f`, sorted.
+pub async fn history_pairs(client: &tokio_postgres::Client, tables: &Tables) -> Vec<(String, i64)> {
+    client
+        .query(
+            &format!(
+                "SELECT facility_id, seq FROM {} WHERE facility_id LIKE 'f%' ORDER BY 1, 2",
+                tables.history()
+            ),
+            &[],
+        )
+        .await
+        .expect("history")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect()
+}
