@@ -14,7 +14,7 @@ use presence_core::delivery::Tables;
 use presence_core::records::FacilityStatus;
 use presence_core::Shutdown;
 use presence_testkit::{
-    ensure_topics, eventually, free_port, isolated_config, produce_status_markers, spawn_process,
+    ensure_topics, free_port, isolated_config, produce_status_markers, spawn_process,
     status_records, transition, TestTopics,
 };
 use rand::seq::SliceRandom;
@@ -74,24 +74,7 @@ async fn a_shuffled_replayed_backlog_with_a_refused_record_ends_as_each_transiti
 
     let shutdown = Shutdown::new();
     let sink = spawn_process("sink", &shutdown, |s| presence_sink::run(config.clone(), s));
-    let markers = format!(
-        "SELECT count(*) FROM {} WHERE facility_id LIKE 'z-%'",
-        tables.history()
-    );
-    eventually(
-        "the marker of every partition written",
-        Duration::from_secs(120),
-        || async {
-            let n: i64 = db(&config)
-                .await?
-                .query_one(&markers, &[])
-                .await
-                .ok()?
-                .get(0);
-            (n == partitions.len() as i64).then_some(())
-        },
-    )
-    .await;
+    wait_for_markers(&config, &tables, partitions.len()).await;
 
     let client = db(&config).await.expect("db");
     let history: Vec<(String, i64)> = history_pairs(&client, &tables).await;

@@ -179,24 +179,7 @@ async fn a_crash_between_write_and_commit_commits_nothing_read_ahead_and_replays
     };
     let shutdown = Shutdown::new();
     let sink = spawn_process("sink", &shutdown, |s| run_sink(&config, writer, s));
-    let markers = format!(
-        "SELECT count(*) FROM {} WHERE facility_id LIKE 'z-%'",
-        tables.history()
-    );
-    eventually(
-        "the marker of every partition written",
-        Duration::from_secs(120),
-        || async {
-            let n: i64 = db(&config)
-                .await?
-                .query_one(&markers, &[])
-                .await
-                .ok()?
-                .get(0);
-            (n == partitions.len() as i64).then_some(())
-        },
-    )
-    .await;
+    wait_for_markers(&config, &tables, partitions.len()).await;
     sink.stop(Duration::from_secs(30)).await;
     let replayed: BTreeSet<(i32, i64)> = written(&second).into_iter().flatten().collect();
     assert!(

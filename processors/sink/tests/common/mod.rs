@@ -31,3 +31,27 @@ pub async fn history_pairs(client: &tokio_postgres::Client, tables: &Tables) -> 
         .map(|r| (r.get(0), r.get(1)))
         .collect()
 }
+
+/// Waits (at most 2 minutes) until the history holds the status marker of each of
+/// `partitions` (`presence_testkit::produce_status_markers`): then the sink has written
+/// every record before them.
+pub async fn wait_for_markers(config: &Config, tables: &Tables, partitions: usize) {
+    let markers = format!(
+        "SELECT count(*) FROM {} WHERE facility_id LIKE 'z-%'",
+        tables.history()
+    );
+    presence_testkit::eventually(
+        "the marker of every partition written",
+        std::time::Duration::from_secs(120),
+        || async {
+            let n: i64 = db(config)
+                .await?
+                .query_one(&markers, &[])
+                .await
+                .ok()?
+                .get(0);
+            (n == partitions as i64).then_some(())
+        },
+    )
+    .await;
+}
