@@ -249,6 +249,18 @@ impl FacilityTask {
         self.buffer.len()
     }
 
+    /// The source whose watermark is lowest, with that watermark, and the highest watermark:
+    /// what holds the buffer back.
+    pub fn watermark_spread(&self) -> Option<(usize, i64, i64)> {
+        let (slowest, low) = self
+            .watermarks
+            .iter()
+            .copied()
+            .enumerate()
+            .min_by_key(|(_, w)| *w)?;
+        Some((slowest, low, self.watermarks.iter().copied().max()?))
+    }
+
     /// The low watermark over all sources: events before it are final.
     pub fn watermark(&self) -> i64 {
         self.watermarks.iter().copied().min().unwrap_or(i64::MIN)

@@ -17,7 +17,8 @@
 //!   around it [`member`] (commit, restore and rewind of the assigned partitions),
 //!   [`txn`] (the transaction state machine and librdkafka's error classes),
 //!   [`rebalance`] (the rebalance callback) and [`watchdog`] (when a client is stuck,
-//!   pure); [`restore`]: reading a partition back. Client settings live in
+//!   pure); [`restore`]: reading a partition back; [`align`]: which partitions stage 1 pauses
+//!   so that a backlog is read in step (pure). Client settings live in
 //!   `presence_core::kafka`, one function per role.
 //! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`, with
 //!   [`measured`]: the processor as a child process whose memory is sampled from `/proc`.
@@ -26,6 +27,7 @@
 //! plus watermarks to every partition) → stage 2 → `facility-status`. Each stage is its own
 //! consumer group with its own transactional producer, so each scales over its partitions.
 
+pub mod align;
 pub mod bench;
 pub mod cold;
 pub mod facilities;

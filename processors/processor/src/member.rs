@@ -33,6 +33,8 @@ pub struct Member<S: Stage> {
     /// Next offset per assigned partition (committed, or one past the last consumed).
     pub positions: HashMap<i32, i64>,
     pub assigned: BTreeSet<i32>,
+    /// Assigned partitions paused by the runner to read in step (`Stage::to_pause`).
+    pub paused: BTreeSet<i32>,
     pub needs_rewind: bool,
     /// A defect that stops the stage (a checkpoint that cannot be stored): the run loop
     /// ends the stage with it.
@@ -253,6 +255,7 @@ impl<S: Stage> Member<S> {
     pub fn drop_partition(&mut self, partition: i32) {
         self.stage.revoke(partition);
         self.assigned.remove(&partition);
+        self.paused.remove(&partition);
         self.positions.remove(&partition);
         ConsumerLag::for_stage(&self.metrics.consumer_lag, S::NAME).forget(partition);
     }

@@ -139,6 +139,19 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                 } else {
                     g.finish_transaction(consumer);
                 }
+                // librdkafka keeps an application's pause across an unassign: a partition
+                // paused to read in step would come back paused when assigned again.
+                let mut paused = TopicPartitionList::new();
+                for e in tpl.elements() {
+                    if g.paused.contains(&e.partition()) {
+                        paused.add_partition(g.topic, e.partition());
+                    }
+                }
+                if paused.count() > 0 {
+                    if let Err(e) = consumer.resume(&paused) {
+                        tracing::warn!(stage = S::NAME, error = %e, "cannot resume revoked partitions paused to read in step");
+                    }
+                }
                 for e in tpl.elements() {
                     g.drop_partition(e.partition());
                 }

@@ -174,6 +174,7 @@ pub fn run_stage<S: Stage>(
         consumed_since_commit: false,
         positions: HashMap::new(),
         assigned: BTreeSet::new(),
+        paused: BTreeSet::new(),
         needs_rewind: false,
         defect: None,
         metrics: metrics.clone(),
@@ -193,6 +194,8 @@ pub fn run_stage<S: Stage>(
             retired: AtomicBool::new(false),
         })?;
         consumer.subscribe(&[topic])?;
+        // Pauses belong to the consumer they were made on.
+        lock(&shared).paused.clear();
         health.set_ready(health_name);
         tracing::info!(stage = S::NAME, %group, topic, "stage running");
         let created = Instant::now();
@@ -468,6 +471,7 @@ fn consume<S: Stage>(
                 // Rewinding needs a live consumer: build one first (next time round).
                 continue;
             }
+            resume_all(consumer, &mut g);
             match g.rewind(consumer) {
                 Ok(()) => g.health.set_ready(g.health_name),
                 Err(e) => {
@@ -478,6 +482,7 @@ fn consume<S: Stage>(
             }
         }
         read_again(consumer, &mut g);
+        align(consumer, &mut g);
         match g.stage.held_back() {
             Some(reason) => {
                 g.health.set_unready(g.health_name, reason);
@@ -547,6 +552,57 @@ fn read_again<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>) {
             g.needs_rewind = true;
         }
     }
+}
+
+/// Pauses and resumes partitions as the stage asks, so that they are read in step
+/// ([`crate::align`]). A pause throws away what librdkafka prefetched for the partition; it
+/// fetches again from the next record the loop has not read.
+fn align<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>) {
+    let want: BTreeSet<i32> = g
+        .stage
+        .to_pause(&g.paused)
+        .intersection(&g.assigned)
+        .copied()
+        .collect();
+    if want == g.paused {
+        return;
+    }
+    let pause: Vec<i32> = want.difference(&g.paused).copied().collect();
+    let resume: Vec<i32> = g.paused.difference(&want).copied().collect();
+    if !pause.is_empty() {
+        if let Err(e) = consumer.pause(&partition_list(g.topic, &pause)) {
+            // Nothing lost: the partitions go on being read, out of step.
+            tracing::warn!(stage = S::NAME, partitions = ?pause, error = %e, "cannot pause partitions that are read ahead of the others");
+            return;
+        }
+    }
+    if !resume.is_empty() {
+        if let Err(e) = consumer.resume(&partition_list(g.topic, &resume)) {
+            tracing::warn!(stage = S::NAME, partitions = ?resume, error = %e, "cannot resume partitions paused to read in step; trying again");
+            return;
+        }
+    }
+    tracing::debug!(stage = S::NAME, ?pause, ?resume, "reading in step");
+    g.paused = want;
+}
+
+/// Resumes every partition the loop paused (before a rewind seeks them).
+fn resume_all<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>) {
+    if g.paused.is_empty() {
+        return;
+    }
+    let paused: Vec<i32> = std::mem::take(&mut g.paused).into_iter().collect();
+    if let Err(e) = consumer.resume(&partition_list(g.topic, &paused)) {
+        tracing::warn!(stage = S::NAME, partitions = ?paused, error = %e, "cannot resume partitions paused to read in step");
+    }
+}
+
+fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
+    let mut tpl = TopicPartitionList::new();
+    for &p in partitions {
+        tpl.add_partition(topic, p);
+    }
+    tpl
 }
 
 /// What the broker says about `group`: its member count and the input topic's partition

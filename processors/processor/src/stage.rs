@@ -3,6 +3,8 @@
 //! offset), and what it gets for rebuilding a partition ([`RestoreIo`], [`Committed`]).
 //! A stage knows nothing about transactions, rebalances or client rebuilds.
 
+use std::collections::BTreeSet;
+
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
 use serde::de::DeserializeOwned;
@@ -167,6 +169,11 @@ pub trait Stage: Send + 'static {
     /// facility transition): then it commits after a tenth of the commit interval instead
     /// of the whole interval.
     fn urgent(&self) -> bool;
+    /// Partitions to hold paused so that the assigned partitions are read in step
+    /// ([`crate::align`]), given those paused now. Default: none.
+    fn to_pause(&self, _paused: &BTreeSet<i32>) -> BTreeSet<i32> {
+        BTreeSet::new()
+    }
     /// For `/readyz`: why the stage holds part of its input back, if it does (a memory
     /// bound). Default: never.
     fn held_back(&self) -> Option<String> {

@@ -1,7 +1,7 @@
 //! Stage 1's Kafka edge: `heartbeats` in; session events, the sessions changelog and dead
 //! letters out. The rules live in [`crate::sessions`].
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
@@ -12,6 +12,7 @@ use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
 use serde::{Deserialize, Serialize};
 
+use crate::align::{self, Reading};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
 use crate::restore::{offset_for_time, read_partition};
@@ -474,13 +475,30 @@ impl Stage for SessionsStage {
                 .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(50))
     }
 
+    fn to_pause(&self, paused: &BTreeSet<i32>) -> BTreeSet<i32> {
+        let now = crate::stage::now_ms();
+        let readings = self.tasks.iter().map(|(p, t)| Reading {
+            partition: *p,
+            stream_time: t.stream_time(),
+            at_end: self.caught_up.contains(p),
+            replaying: self
+                .latest_record
+                .get(p)
+                .is_none_or(|&ts| now - ts > align::REPLAYING_MS),
+        });
+        align::to_pause(readings, paused, align::WINDOW_MS)
+    }
+
     fn backlogged(&self) -> bool {
         // Live records are stamped on receipt, so they are fresh; a partition whose latest
         // record is more than a second old, and that has not reached its end, is replaying.
         let now = crate::stage::now_ms();
         self.tasks.keys().any(|p| {
             !self.caught_up.contains(p)
-                && self.latest_record.get(p).is_none_or(|&ts| now - ts > 1_000)
+                && self
+                    .latest_record
+                    .get(p)
+                    .is_none_or(|&ts| now - ts > align::REPLAYING_MS)
         })
     }
 

@@ -60,6 +60,8 @@ pub struct FacilitiesStage {
     tasks: HashMap<i32, FacilityTask>,
     counts: Counts,
     latencies: Vec<f64>,
+    /// When the buffer and its slowest source were last logged (debug level).
+    last_spread_log: std::time::Instant,
     /// How `facility-status` records are framed (`schema_registry.framing`).
     status_header: Header,
     /// `processor.facility_retention` (ms) and this instance's directory under
@@ -80,6 +82,7 @@ impl FacilitiesStage {
             tasks: HashMap::new(),
             counts: Counts::default(),
             latencies: Vec::new(),
+            last_spread_log: std::time::Instant::now(),
             status_header: Header::SingleObject,
             retention: None,
             defect: None,
@@ -404,6 +407,22 @@ impl Stage for FacilitiesStage {
     }
 
     fn publish(&mut self, metrics: &Metrics) {
+        if tracing::enabled!(tracing::Level::DEBUG)
+            && self.last_spread_log.elapsed() > std::time::Duration::from_secs(1)
+        {
+            self.last_spread_log = std::time::Instant::now();
+            for (p, t) in &self.tasks {
+                if let Some((source, low, high)) = t.watermark_spread() {
+                    tracing::debug!(
+                        partition = p,
+                        buffered = t.buffered(),
+                        slowest_source = source,
+                        behind_fastest_ms = high.saturating_sub(low),
+                        "stage 2 buffer and the source holding it back"
+                    );
+                }
+            }
+        }
         self.counts.publish(metrics);
         metrics
             .spilled_events
