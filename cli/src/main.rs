@@ -124,6 +124,10 @@ enum Bench {
         rate: usize,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Also time each probe hop by hop (two more consumers of the broker, which load it
+        /// and so lengthen what they measure).
+        #[arg(long)]
+        hops: bool,
     },
     /// Offline detection: OFFLINE emission minus the true deadline, while sessions stop
     /// beating at a steady rate.
@@ -283,9 +287,11 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     };
                     presence_processor::bench::throughput(&config, &options).await?
                 }
-                Bench::Latency { rate, seconds } => {
-                    presence_processor::bench::latency(&config, rate, seconds).await?
-                }
+                Bench::Latency {
+                    rate,
+                    seconds,
+                    hops,
+                } => presence_processor::bench::latency(&config, rate, seconds, hops).await?,
                 Bench::Offline {
                     sessions,
                     stop_rate,

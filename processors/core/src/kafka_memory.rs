@@ -72,12 +72,13 @@ pub const STAGE_QUEUED_MAX_KBYTES: u32 = 8 * 1024;
 pub const FETCH_MAX_BYTES: u32 = 2 * 1024 * 1024;
 
 /// Largest share of a fetch response one partition gets (librdkafka default 1,048,576;
-/// the processor used 4 MiB before): 1 MiB, so that a response spreads over at least two
-/// of the twelve partitions and the partitions are read in step. A partition read far ahead
-/// of the others holds its session events in stage 2 until every source's watermark passes
-/// them (`processor.max_buffered_events`). Not less: a partition whose first batch is
+/// the processor used 4 MiB before): 1 MiB. Not less: a partition whose first batch is
 /// larger than its share gets nothing in a response that already holds data, and producers'
-/// batches go up to 1 MB (librdkafka's `batch.size`).
+/// batches go up to 1 MB (librdkafka's `batch.size`). Smaller shares do not make the
+/// partitions read in step either (128 KiB was tried): librdkafka starts each request at the
+/// same partition after its queue was full, so a backlog is read nearly one partition after
+/// another whatever the share. Stage 1 pauses partitions that run ahead instead
+/// (`presence_processor::align`).
 pub const PARTITION_FETCH_BYTES: u32 = 1024 * 1024;
 
 /// Restore consumers read one partition each (the changelog, and for stage 1 the

@@ -19,7 +19,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::measured::mib;
 use presence_core::topics::Throwaway;
 
-use crate::records::SessionState;
+use crate::records::{SessionEvent, SessionEventKind, SessionState};
 use crate::sessions::{key_bytes, session_key};
 use crate::stage::{now_ms, Committed, RestoreIo, Stage};
 
@@ -147,6 +147,13 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     let topics = crate::stage1::Topics::of(&c.topics, c.topics.facility_partitions);
     let mut times = Vec::new();
     let mut open = 0;
+    let mut state_bytes = 0;
+    // This process's resident memory before and after a restore: what the restored state
+    // and the restore's own buffers add (the producer above is dropped by then).
+    drop(p);
+    let pid = std::process::id();
+    let rss_before = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
+    let mut rss_after = 0;
     for _ in 0..runs {
         let mut stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000);
         let started = Instant::now();
@@ -165,6 +172,8 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
         .await??;
         times.push(started.elapsed().as_secs_f64());
         open = stage.open_sessions();
+        state_bytes = stage.state_bytes();
+        rss_after = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
     }
     anyhow::ensure!(
         open == sessions,
@@ -172,11 +181,16 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     );
     Ok(format!(
         "restore of {sessions} open sessions (changelog {sessions} records + {} heartbeats re-read from the timeout window), one partition: \
-         median {:.2} s over {runs} runs (min {:.2} s); writing the test data took {:.1} s",
+         median {:.2} s over {runs} runs (min {:.2} s); writing the test data took {:.1} s; \
+         session state {:.1} MiB ({:.1} B a session); this process's RSS {:.0} MiB before the restore, {:.0} MiB with the restored state",
         3 * sessions,
         median(times.clone()),
         times.iter().copied().fold(f64::INFINITY, f64::min),
-        written.as_secs_f64()
+        written.as_secs_f64(),
+        state_bytes as f64 / 1048576.0,
+        state_bytes as f64 / sessions.max(1) as f64,
+        rss_before as f64 / 1024.0,
+        rss_after as f64 / 1024.0,
     ))
 }
 
@@ -495,7 +509,12 @@ fn committed_total(
 /// background sessions keep their facilities online while probe sessions open fresh
 /// facilities; each probe's ONLINE record is timed from the beat's timestamp to its
 /// arrival at a read_committed consumer.
-pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result<String> {
+pub async fn latency(
+    base: &Config,
+    rate: usize,
+    seconds: u64,
+    hops: bool,
+) -> anyhow::Result<String> {
     let c = isolated(base, "latency", base.topics.heartbeats_partitions).await?;
     let _topics = Throwaway::of(&c);
     let shutdown = Shutdown::new();
@@ -515,11 +534,35 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
             "processor did not answer in 60 s"
         );
     }
+    // With `hops`: where each probe's time goes, from its beat as the broker hands it out
+    // and its session event as stage 1 produced it and as a read_committed reader sees it.
+    let watchers = if hops {
+        let beats = watch_arrivals(&c, &c.topics.heartbeats, shutdown.clone(), |b| {
+            decode::<Heartbeat>(b)
+                .ok()
+                .map(|h| h.facility_id)
+                .filter(|f| f.starts_with("facility-1"))
+        })?;
+        let events = watch_arrivals(&c, &c.topics.session_transitions(), shutdown.clone(), |b| {
+            decode::<SessionEvent>(b)
+                .ok()
+                .filter(|e| e.kind == SessionEventKind::Opened)
+                .map(|e| e.facility_id)
+                .filter(|f| f.starts_with("facility-1"))
+        })?;
+        Some((beats, events))
+    } else {
+        None
+    };
     let load = {
         let c = c.clone();
         let stop = shutdown.clone();
         std::thread::spawn(move || -> anyhow::Result<(u64, HashMap<String, i64>)> {
-            let p = producer(&c)?;
+            // Sent as a Kafka producer with librdkafka's default linger (5 ms) sends: the
+            // bench's bulk linger (20 ms) counted up to 20 ms into each probe.
+            let mut pc = idempotent_producer_config(&c.kafka, "bench-latency");
+            pc.set("linger.ms", "5");
+            let p: ThreadedProducer<DefaultProducerContext> = pc.create()?;
             let sessions = 20_000usize;
             let facilities = 500usize;
             let started = Instant::now();
@@ -563,7 +606,45 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
     let (sent, probes) = load
         .join()
         .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
+    // The stages' transaction commits (send offsets, wait for deliveries, commit).
+    let commits = ["sessions", "facilities"]
+        .map(|stage| {
+            let label = format!("stage=\"{stage}\"");
+            let n = processor.metric_having("presence_transaction_commit_seconds_count", &label);
+            let sum = processor.metric_having("presence_transaction_commit_seconds_sum", &label);
+            match (n, sum) {
+                (Some(n), Some(sum)) if n > 0.0 => {
+                    let steps = ["offsets", "deliveries", "commit"].map(|step| {
+                        let label = format!("{label},step=\"{step}\"");
+                        let spent = processor
+                            .metric_having("presence_transaction_step_seconds_sum", &label)
+                            .unwrap_or(f64::NAN);
+                        format!("{step} {:.1}", spent / n * 1000.0)
+                    });
+                    format!(
+                        "{stage} {n:.0} commits ({:.0}/s), mean {:.1} ms ({} ms)",
+                        n / seconds as f64,
+                        sum / n * 1000.0,
+                        steps.join(", ")
+                    )
+                }
+                _ => format!("{stage}: no commits on record"),
+            }
+        })
+        .join("; ");
     shutdown.trigger();
+    let hops = match watchers {
+        Some((beats, events)) => {
+            let beats = beats
+                .join()
+                .map_err(|_| anyhow::anyhow!("heartbeats reader panicked"))??;
+            let events = events
+                .join()
+                .map_err(|_| anyhow::anyhow!("session-transitions reader panicked"))??;
+            Hops::of(&probes, &beats, &events, &arrivals).to_string()
+        }
+        None => "hops not timed (--hops)".to_string(),
+    };
     let (memory, sampled_peak) = processor.memory();
     tokio::task::spawn_blocking(move || processor.stop()).await??;
     reader.commit_consumer_state(CommitMode::Async).ok();
@@ -582,7 +663,7 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
     let report = format!(
         "latency at {:.0} heartbeats/s for {seconds} s ({} probes, {missing} not seen): beat timestamp to read_committed arrival \
          p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms, max {:.0} ms (commit interval {} ms); of which beat to stage-2 emission p50 {:.0} ms, p99 {:.0} ms; \
-         processor peak RSS {:.0} MiB",
+         processor peak RSS {:.0} MiB\n{hops}\ntransaction commits: {commits}",
         sent as f64 / seconds as f64,
         probes.len(),
         percentile(&lat, 0.5),
@@ -595,6 +676,124 @@ pub async fn latency(base: &Config, rate: usize, seconds: u64) -> anyhow::Result
         mib(memory.hwm_kib.max(sampled_peak)),
     );
     Ok(report)
+}
+
+/// Reads `topic` read_committed from its beginning in a thread until `stop`; for each record
+/// whose value `pick` names (a probe's facility), the first one's timestamp and when it
+/// arrived here.
+fn watch_arrivals(
+    c: &Config,
+    topic: &str,
+    stop: Shutdown,
+    pick: impl Fn(&[u8]) -> Option<String> + Send + 'static,
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<HashMap<String, (i64, i64)>>>> {
+    let consumer: BaseConsumer = consumer_config(
+        &c.kafka,
+        "bench-hops",
+        &format!("{}-hops", c.processor.group_id),
+    )
+    .set("fetch.wait.max.ms", "10")
+    .create()?;
+    let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
+    let mut tpl = TopicPartitionList::new();
+    for p in md
+        .topics()
+        .first()
+        .map(|t| t.partitions())
+        .unwrap_or_default()
+    {
+        tpl.add_partition_offset(topic, p.id(), Offset::Beginning)?;
+    }
+    consumer.assign(&tpl)?;
+    Ok(std::thread::spawn(move || {
+        let mut seen = HashMap::new();
+        while !stop.is_triggered() {
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(50)) {
+                let at = now_ms();
+                if let (Some(f), Some(ts)) =
+                    (m.payload().and_then(&pick), m.timestamp().to_millis())
+                {
+                    seen.entry(f).or_insert((ts, at));
+                }
+            }
+        }
+        Ok(seen)
+    }))
+}
+
+/// A probe's way from its beat to its `facility-status` record, hop by hop (ms): the beat
+/// until a consumer of `heartbeats` has it; stage 1 until it produced the session event
+/// (the event's timestamp); stage 1's commit until a read_committed consumer has the event;
+/// stage 2 until it emitted the transition (`emitted_at`: the watermarks of every source,
+/// its fetch); stage 2's commit until the bench's read_committed reader has it.
+struct Hops {
+    names: [&'static str; 5],
+    /// Per probe seen through every hop: the five hops and the total.
+    probes: Vec<([f64; 5], f64)>,
+}
+
+impl Hops {
+    fn of(
+        sent: &HashMap<String, i64>,
+        beats: &HashMap<String, (i64, i64)>,
+        events: &HashMap<String, (i64, i64)>,
+        statuses: &HashMap<String, (i64, FacilityStatus)>,
+    ) -> Hops {
+        let probes = sent
+            .iter()
+            .filter_map(|(f, &sent_at)| {
+                let (_, beat_seen) = beats.get(f)?;
+                let (event_ts, event_seen) = events.get(f)?;
+                let (status_seen, s) = statuses.get(f)?;
+                let hops = [
+                    beat_seen - sent_at,
+                    event_ts - beat_seen,
+                    event_seen - event_ts,
+                    s.emitted_at - event_seen,
+                    status_seen - s.emitted_at,
+                ]
+                .map(|d| d as f64);
+                Some((hops, (status_seen - sent_at) as f64))
+            })
+            .collect();
+        Hops {
+            names: [
+                "beat to the broker and back",
+                "stage 1",
+                "stage 1's commit",
+                "stage 2 (watermarks, fetch)",
+                "stage 2's commit and the reader's fetch",
+            ],
+            probes,
+        }
+    }
+}
+
+impl std::fmt::Display for Hops {
+    /// Each hop's p50 and p99, and its mean over the slowest 1% of probes (what the tail is
+    /// made of).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut by_total: Vec<&([f64; 5], f64)> = self.probes.iter().collect();
+        by_total.sort_by(|a, b| a.1.total_cmp(&b.1));
+        let tail = &by_total[by_total.len() - by_total.len().div_ceil(100).min(by_total.len())..];
+        write!(
+            f,
+            "hops of {} probes (p50 / p99 / mean over the slowest 1%, ms):",
+            self.probes.len()
+        )?;
+        for (i, name) in self.names.iter().enumerate() {
+            let mut v: Vec<f64> = self.probes.iter().map(|p| p.0[i]).collect();
+            v.sort_by(|a, b| a.total_cmp(b));
+            let tail_mean = tail.iter().map(|p| p.0[i]).sum::<f64>() / tail.len().max(1) as f64;
+            write!(
+                f,
+                " {name} {:.0} / {:.0} / {tail_mean:.0};",
+                percentile(&v, 0.5),
+                percentile(&v, 0.99)
+            )?;
+        }
+        Ok(())
+    }
 }
 
 /// What `presence bench offline` runs.

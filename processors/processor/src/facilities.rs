@@ -492,17 +492,27 @@ impl FacilityTask {
     ) -> Result<Released, ColdError> {
         // Nothing at or after an event let go, or not yet read again, is final: neither
         // events nor flap timers pass it.
-        let w = [
-            Some(self.watermark()),
-            self.replay.map(|r| r.below),
-            self.spill.map(|s| s.at),
-        ]
-        .into_iter()
-        .flatten()
-        .fold(i64::MAX, i64::min);
+        let bound = [self.replay.map(|r| r.below), self.spill.map(|s| s.at)]
+            .into_iter()
+            .flatten()
+            .fold(i64::MAX, i64::min);
+        let low = self.watermark();
+        let w = low.min(bound);
+        // An event at exactly the low watermark is final too when no event that sorts before
+        // it can still come: a source whose watermark is `low` may still send events at `low`,
+        // and in `(at, source, seq)` order those come after this one if that source is this
+        // event's own (a later seq) or a later one. Without this, an event whose beat was its
+        // partition's latest when stage 1 committed (its own watermark equal to its `at`)
+        // waited for stage 1's next commit: ~20 ms on the p99 of beat → transition.
+        let tie_source = self
+            .watermarks
+            .iter()
+            .position(|&x| x == low)
+            .map_or(i32::MIN, |i| i as i32);
         let mut r = Released::default();
         while let Some(Reverse(top)) = self.buffer.peek() {
-            if top.at >= w {
+            let tie_is_final = top.at == low && low < bound && top.source <= tie_source;
+            if top.at >= w && !tie_is_final {
                 break;
             }
             let Some(Reverse(p)) = self.buffer.pop() else {
@@ -819,22 +829,37 @@ mod tests {
     fn nothing_is_applied_before_every_source_passed_it() {
         let mut t = FacilityTask::new(0, 2, 0);
         let mut out = Collected::default();
-        t.on_event(0, open(0, 1, 10, "f"), 0, &mut out).unwrap();
-        t.on_event(1, wm(0, 100), 0, &mut out).unwrap();
-        assert!(out.statuses.is_empty(), "source 1 has not spoken yet");
+        t.on_event(0, open(1, 1, 10, "f"), 0, &mut out).unwrap();
+        t.on_event(1, wm(1, 100), 0, &mut out).unwrap();
+        assert!(out.statuses.is_empty(), "source 0 has not spoken yet");
         assert_eq!(
             t.commit_offset(2),
             0,
             "the buffered event must be re-read after a crash"
         );
-        t.on_event(2, wm(1, 10), 0, &mut out).unwrap();
+        t.on_event(2, wm(0, 10), 0, &mut out).unwrap();
         assert!(
             out.statuses.is_empty(),
-            "release is strictly before the watermark"
+            "source 0 may still send an event at 10, which comes before source 1's"
         );
-        t.on_event(3, wm(1, 11), 0, &mut out).unwrap();
+        t.on_event(3, wm(0, 11), 0, &mut out).unwrap();
         assert_eq!(out.statuses.len(), 1);
         assert_eq!(t.commit_offset(4), 4);
+    }
+
+    #[test]
+    fn an_event_at_the_watermark_is_final_once_nothing_can_come_before_it() {
+        let mut t = FacilityTask::new(0, 2, 0);
+        let mut out = Collected::default();
+        t.on_event(0, open(0, 1, 10, "f"), 0, &mut out).unwrap();
+        // Its own source's watermark equals its `at` (its beat was the partition's latest).
+        t.on_event(1, wm(0, 10), 0, &mut out).unwrap();
+        assert!(out.statuses.is_empty(), "source 1 has not spoken yet");
+        // Source 1 may still send events at 10, but (10, 1, _) sorts after (10, 0, 1), and
+        // source 0's later events have later seqs.
+        t.on_event(2, wm(1, 10), 0, &mut out).unwrap();
+        assert_eq!(out.statuses.len(), 1);
+        assert_eq!(t.commit_offset(3), 3);
     }
 
     /// The hand-over case that flaps without ordering: one session closes on source 0 after

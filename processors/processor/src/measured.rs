@@ -226,6 +226,11 @@ impl Processor {
 
     /// The sum of a metric's samples on the child's `/metrics` (all label sets).
     pub fn metric(&self, name: &str) -> Option<f64> {
+        self.metric_having(name, "")
+    }
+
+    /// The sum of a metric's samples whose line contains `having` (a label, `stage="sessions"`).
+    pub fn metric_having(&self, name: &str, having: &str) -> Option<f64> {
         let (_, body) = self.get("/metrics")?;
         let values: Vec<f64> = body
             .lines()
@@ -233,6 +238,7 @@ impl Processor {
                 l.strip_prefix(name)
                     .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
             })
+            .filter(|l| l.contains(having))
             .filter_map(|l| l.rsplit(' ').next()?.parse().ok())
             .collect();
         (!values.is_empty()).then(|| values.iter().sum())

@@ -19,6 +19,8 @@ pub struct Metrics {
     /// [`ConsumerLag`] over it.
     pub consumer_lag: IntGaugeVec,
     pub commit_seconds: HistogramVec,
+    /// `presence_transaction_step_seconds{stage,step}`: where a commit's time goes.
+    pub commit_step_seconds: HistogramVec,
     pub aborts: IntCounterVec,
     /// Kafka clients thrown away and built again after librdkafka declared them fatal.
     pub client_rebuilds: IntCounterVec,
@@ -76,6 +78,13 @@ impl Metrics {
                 "presence_transaction_commit_seconds",
                 "Time to send offsets and commit one transaction",
                 &["stage"],
+                LATENCY_BUCKETS,
+            ),
+            commit_step_seconds: histogram_vec(
+                r,
+                "presence_transaction_step_seconds",
+                "Time of each step of a transaction's commit: offsets (send_offsets_to_transaction: AddOffsetsToTxn and TxnOffsetCommit), deliveries (waiting for the transaction's records to be acknowledged), commit (EndTxn)",
+                &["stage", "step"],
                 LATENCY_BUCKETS,
             ),
             aborts: counter_vec(

@@ -109,6 +109,11 @@ impl SessionsStage {
         self
     }
 
+    /// Heap bytes of every partition's session state (`presence_session_state_bytes`).
+    pub fn state_bytes(&self) -> usize {
+        self.tasks.values().map(SessionTask::heap_bytes).sum()
+    }
+
     /// Open sessions over every partition this stage holds.
     pub fn open_sessions(&self) -> usize {
         self.tasks.values().map(SessionTask::open_sessions).sum()

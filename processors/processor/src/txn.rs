@@ -238,6 +238,7 @@ impl Txn {
         group: Option<ConsumerGroupMetadata>,
     ) -> Result<(), TxnFailure> {
         let deadline = Instant::now() + TXN_RETRY_DEADLINE;
+        let step = Instant::now();
         if offsets.count() > 0 {
             let cgm = Arc::new(
                 group.ok_or_else(|| TxnFailure::Abortable("no consumer group metadata".into()))?,
@@ -252,6 +253,7 @@ impl Txn {
             })?;
             crash_point_after_offsets();
         }
+        let step = self.observe_step("offsets", step);
         // rdkafka's commit_transaction flushes by polling in steps of up to 100 ms, and with a
         // threaded producer the delivery reports go to the producer's own thread, so each
         // commit would wait a full step. Wait for the deliveries here instead.
@@ -264,12 +266,24 @@ impl Txn {
         {
             std::thread::sleep(Duration::from_micros(200));
         }
+        let step = self.observe_step("deliveries", step);
         self.retrying("commit_transaction", deadline, |p| {
             Some(p.commit_transaction(TXN_CALL_TIMEOUT))
         })?;
+        self.observe_step("commit", step);
         self.open = false;
         self.failing.succeeded();
         Ok(())
+    }
+
+    /// Records the time since `since` as the commit step `step`; returns now.
+    fn observe_step(&self, step: &str, since: Instant) -> Instant {
+        self.io
+            .metrics
+            .commit_step_seconds
+            .with_label_values(&[self.io.stage, step])
+            .observe(since.elapsed().as_secs_f64());
+        Instant::now()
     }
 
     /// After a failed commit: aborts (abortable) or rebuilds the producer (fatal), and runs
