@@ -678,6 +678,9 @@ pub async fn latency(
     Ok(report)
 }
 
+/// Per probe facility: a record's timestamp and when it arrived at a reader.
+type Arrivals = HashMap<String, (i64, i64)>;
+
 /// Reads `topic` read_committed from its beginning in a thread until `stop`; for each record
 /// whose value `pick` names (a probe's facility), the first one's timestamp and when it
 /// arrived here.
@@ -686,7 +689,7 @@ fn watch_arrivals(
     topic: &str,
     stop: Shutdown,
     pick: impl Fn(&[u8]) -> Option<String> + Send + 'static,
-) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<HashMap<String, (i64, i64)>>>> {
+) -> anyhow::Result<std::thread::JoinHandle<anyhow::Result<Arrivals>>> {
     let consumer: BaseConsumer = consumer_config(
         &c.kafka,
         "bench-hops",
