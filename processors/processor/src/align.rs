@@ -14,14 +14,16 @@
 //!
 //! The rule: among the partitions that are replaying (not at their end, and their latest
 //! record more than [`REPLAYING_MS`] old), the one with the lowest stream time is the
-//! *floor*. A partition not at its end whose stream time is more than `window` ahead of the
+//! *floor*. A replaying partition whose stream time is more than `window` ahead of the
 //! floor is paused; a paused one resumes once no replaying partition is behind it any more.
 //! That hysteresis matters: a pause throws away what librdkafka prefetched for the
 //! partition, to be fetched again, so each pause must buy a whole window of reading (resuming
 //! at half the window, the processor ran at 0.71x the rate of the code without alignment; at
-//! the floor, 0.97–1.05x). The floor itself is never paused, so something always reads. A partition at its end is never
-//! paused: its expiry runs on the wall clock, which must not move while its records wait.
-//! Live partitions are never replaying, so a live instance pauses nothing.
+//! the floor, 0.97–1.05x). The floor itself is never paused, so something always reads.
+//! Only replaying partitions are paused: one at its end runs its expiry on the wall clock,
+//! which must not move while its records wait, and a live one (fresh records) keeps reading
+//! even while another partition replays (stage 2 holds its few live events meanwhile, as
+//! before alignment). So a live instance pauses nothing.
 
 use std::collections::BTreeSet;
 
@@ -68,7 +70,7 @@ pub fn to_pause(
     };
     partitions
         .into_iter()
-        .filter(|r| !r.at_end)
+        .filter(|r| !r.at_end && r.replaying)
         .filter(|r| {
             let allowed = if paused.contains(&r.partition) {
                 0
@@ -151,10 +153,10 @@ mod tests {
     }
 
     #[test]
-    fn a_live_partition_ahead_of_a_replaying_one_pauses() {
-        // One partition replays its backlog (say, its leader was away): the others, live,
-        // wait for it in Kafka rather than in stage 2's memory.
+    fn a_live_partition_is_never_paused() {
+        // One partition replays its backlog (say, its leader was away); the others, live,
+        // keep reading.
         let parts = [r(0, 100_000, false, true), r(1, 160_000, false, false)];
-        assert_eq!(to_pause(parts, &set(&[]), 5_000), set(&[1]));
+        assert_eq!(to_pause(parts, &set(&[]), 5_000), set(&[]));
     }
 }
