@@ -403,7 +403,17 @@ fn drain(
     let mut first: Option<(Instant, i64)> = None;
     let deadline = Instant::now() + Duration::from_secs(900);
     let finished = loop {
-        let done = committed_total(&watcher, &c.topics.heartbeats, &ends)?;
+        let done = match committed_total(&watcher, &c.topics.heartbeats, &ends) {
+            Ok(done) => done,
+            // The group's coordinator moving or loading (NotCoordinator, CoordinatorLoad...
+            // on the three-node cluster, `make scale`): ask again.
+            Err(e) if Instant::now() < deadline => {
+                tracing::debug!(error = %e, "committed offsets not readable yet; asking again");
+                std::thread::sleep(Duration::from_millis(200));
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         if first.is_none() && done >= total / 10 {
             first = Some((Instant::now(), done));
         }
