@@ -249,21 +249,25 @@ impl FacilityTask {
         self.buffer.len()
     }
 
-    /// The source whose watermark is lowest, with that watermark, and the highest watermark:
-    /// what holds the buffer back.
-    pub fn watermark_spread(&self) -> Option<(usize, i64, i64)> {
-        let (slowest, low) = self
-            .watermarks
+    /// The first source whose watermark is the lowest, and that watermark.
+    fn low_watermark(&self) -> Option<(usize, i64)> {
+        self.watermarks
             .iter()
             .copied()
             .enumerate()
-            .min_by_key(|(_, w)| *w)?;
+            .min_by_key(|(_, w)| *w)
+    }
+
+    /// The source whose watermark is lowest, with that watermark, and the highest watermark:
+    /// what holds the buffer back.
+    pub fn watermark_spread(&self) -> Option<(usize, i64, i64)> {
+        let (slowest, low) = self.low_watermark()?;
         Some((slowest, low, self.watermarks.iter().copied().max()?))
     }
 
     /// The low watermark over all sources: events before it are final.
     pub fn watermark(&self) -> i64 {
-        self.watermarks.iter().copied().min().unwrap_or(i64::MIN)
+        self.low_watermark().map_or(i64::MIN, |(_, w)| w)
     }
 
     /// Restore: a facility from the changelog (a later record of the same facility replaces
@@ -496,7 +500,9 @@ impl FacilityTask {
             .into_iter()
             .flatten()
             .fold(i64::MAX, i64::min);
-        let low = self.watermark();
+        let (tie_source, low) = self
+            .low_watermark()
+            .map_or((i32::MIN, i64::MIN), |(s, w)| (s as i32, w));
         let w = low.min(bound);
         // An event at exactly the low watermark is final too when no event that sorts before
         // it can still come: a source whose watermark is `low` may still send events at `low`,
@@ -504,11 +510,7 @@ impl FacilityTask {
         // event's own (a later seq) or a later one. Without this, an event whose beat was its
         // partition's latest when stage 1 committed (its own watermark equal to its `at`)
         // waited for stage 1's next commit: ~20 ms on the p99 of beat → transition.
-        let tie_source = self
-            .watermarks
-            .iter()
-            .position(|&x| x == low)
-            .map_or(i32::MIN, |i| i as i32);
+        // (`tie_source` is the first source at `low`: `min_by_key` keeps the first minimum.)
         let mut r = Released::default();
         while let Some(Reverse(top)) = self.buffer.peek() {
             let tie_is_final = top.at == low && low < bound && top.source <= tie_source;

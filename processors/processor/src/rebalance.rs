@@ -15,6 +15,7 @@ use rdkafka::topic_partition_list::TopicPartitionList;
 use rdkafka::types::RDKafkaRespErr;
 
 use crate::member::Member;
+use crate::runner::partition_list;
 use crate::stage::Stage;
 
 /// The consumer group handler's state as librdkafka's last statistics showed it (for the
@@ -141,14 +142,14 @@ impl<S: Stage> ConsumerContext for StageContext<S> {
                 }
                 // librdkafka keeps an application's pause across an unassign: a partition
                 // paused to read in step would come back paused when assigned again.
-                let mut paused = TopicPartitionList::new();
-                for e in tpl.elements() {
-                    if g.paused.contains(&e.partition()) {
-                        paused.add_partition(g.topic, e.partition());
-                    }
-                }
-                if paused.count() > 0 {
-                    if let Err(e) = consumer.resume(&paused) {
+                let paused: Vec<i32> = tpl
+                    .elements()
+                    .iter()
+                    .map(|e| e.partition())
+                    .filter(|p| g.paused.contains(p))
+                    .collect();
+                if !paused.is_empty() {
+                    if let Err(e) = consumer.resume(&partition_list(g.topic, &paused)) {
                         tracing::warn!(stage = S::NAME, error = %e, "cannot resume revoked partitions paused to read in step");
                     }
                 }

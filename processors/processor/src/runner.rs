@@ -597,7 +597,7 @@ fn resume_all<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>) {
     }
 }
 
-fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
+pub(crate) fn partition_list(topic: &str, partitions: &[i32]) -> TopicPartitionList {
     let mut tpl = TopicPartitionList::new();
     for &p in partitions {
         tpl.add_partition(topic, p);

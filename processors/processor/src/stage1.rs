@@ -119,6 +119,14 @@ impl SessionsStage {
         self.tasks.values().map(SessionTask::open_sessions).sum()
     }
 
+    /// Whether `partition`'s latest record is older than [`align::REPLAYING_MS`] (or none was
+    /// read yet): live records are stamped on receipt, so they are fresh.
+    fn replaying(&self, partition: i32, now: i64) -> bool {
+        self.latest_record
+            .get(&partition)
+            .is_none_or(|&ts| now - ts > align::REPLAYING_MS)
+    }
+
     fn dead_letter(
         &mut self,
         m: &BorrowedMessage<'_>,
@@ -486,10 +494,7 @@ impl Stage for SessionsStage {
             partition: *p,
             stream_time: t.stream_time(),
             at_end: self.caught_up.contains(p),
-            replaying: self
-                .latest_record
-                .get(p)
-                .is_none_or(|&ts| now - ts > align::REPLAYING_MS),
+            replaying: self.replaying(*p, now),
         });
         align::to_pause(readings, paused, align::WINDOW_MS)
     }
@@ -498,13 +503,9 @@ impl Stage for SessionsStage {
         // Live records are stamped on receipt, so they are fresh; a partition whose latest
         // record is more than a second old, and that has not reached its end, is replaying.
         let now = crate::stage::now_ms();
-        self.tasks.keys().any(|p| {
-            !self.caught_up.contains(p)
-                && self
-                    .latest_record
-                    .get(p)
-                    .is_none_or(|&ts| now - ts > align::REPLAYING_MS)
-        })
+        self.tasks
+            .keys()
+            .any(|p| !self.caught_up.contains(p) && self.replaying(*p, now))
     }
 
     fn publish(&mut self, metrics: &Metrics) {

@@ -78,13 +78,8 @@ async fn a_shuffled_replayed_backlog_with_a_refused_record_ends_as_each_transiti
 
     let client = db(&config).await.expect("db");
     let history: Vec<(String, i64)> = history_pairs(&client, &tables).await;
-    let mut expected: Vec<(String, i64)> = statuses
-        .iter()
-        .map(|s| (s.facility_id.clone(), s.seq))
-        .collect();
-    expected.sort();
     assert_eq!(history.len(), 300 * 8, "each transition once");
-    assert_eq!(history, expected);
+    assert_eq!(history, pairs_of(&statuses));
     let current: BTreeMap<String, (i64, String)> = client
         .query(
             &format!(

@@ -196,12 +196,7 @@ async fn a_crash_between_write_and_commit_commits_nothing_read_ahead_and_replays
 
     let client = db(&config).await.expect("db");
     let history: Vec<(String, i64)> = history_pairs(&client, &tables).await;
-    let mut oracle: Vec<(String, i64)> = statuses
-        .iter()
-        .map(|s| (s.facility_id.clone(), s.seq))
-        .collect();
-    oracle.sort();
-    assert_eq!(history, oracle, "each transition once");
+    assert_eq!(history, pairs_of(&statuses), "each transition once");
     let current: Vec<(i64, String)> = client
         .query(
             &format!(

@@ -15,6 +15,16 @@ pub async fn db(config: &Config) -> Option<tokio_postgres::Client> {
     Some(client)
 }
 
+/// The `(facility_id, seq)` of each of `statuses`, sorted: what the history must hold.
+pub fn pairs_of(statuses: &[presence_core::records::FacilityStatus]) -> Vec<(String, i64)> {
+    let mut pairs: Vec<(String, i64)> = statuses
+        .iter()
+        .map(|s| (s.facility_id.clone(), s.seq))
+        .collect();
+    pairs.sort();
+    pairs
+}
+
 /// Every `(facility_id, seq)` of the history whose facility id starts with `f`, sorted.
 pub async fn history_pairs(client: &tokio_postgres::Client, tables: &Tables) -> Vec<(String, i64)> {
     client
