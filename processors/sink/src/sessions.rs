@@ -142,6 +142,18 @@ pub async fn follow(
         health,
     };
 
+    // Where the heartbeats end now, before the rebuild: the beats appended while it runs are
+    // read after it, not skipped (reading from the end once rebuilt lost them).
+    let Some(beat_partitions) =
+        wait_for_partitions(&consumer, &heartbeats, "the heartbeats topic", &shutdown).await
+    else {
+        return Ok(());
+    };
+    let Some(beats_from) = wait_for_ends(&consumer, &heartbeats, &beat_partitions, &shutdown).await
+    else {
+        return Ok(());
+    };
+
     // The whole changelog first: every partition to its end.
     let Some(changelog_partitions) =
         wait_for_partitions(&consumer, &changelog, "the sessions changelog", &shutdown).await
@@ -192,17 +204,8 @@ pub async fn follow(
         "open sessions rebuilt from the sessions changelog; following it and the heartbeats"
     );
 
-    // Then both topics, live; beats from now on.
-    let Some(beat_partitions) =
-        wait_for_partitions(&consumer, &heartbeats, "the heartbeats topic", &shutdown).await
-    else {
-        return Ok(());
-    };
-    let mut more = TopicPartitionList::new();
-    for p in beat_partitions {
-        more.add_partition_offset(&heartbeats, p, Offset::End)?;
-    }
-    consumer.incremental_assign(&more)?;
+    // Then both topics, live; beats from where they ended when the rebuild began.
+    consumer.incremental_assign(&beats_from)?;
     loop {
         let first = tokio::select! {
             m = consumer.recv() => m,
@@ -270,26 +273,58 @@ fn read_session(payload: Option<&[u8]>) -> Option<Option<SessionState>> {
     }
 }
 
-/// `topic`'s partitions, once the broker lists the topic (asked again every second; `what`
-/// names it in the logs); `None` if `shutdown` comes first.
+/// `topic`'s partitions, once the broker lists the topic (`what` names it in the logs);
+/// `None` if `shutdown` comes first.
 async fn wait_for_partitions(
     consumer: &StreamConsumer,
     topic: &str,
     what: &str,
     shutdown: &Shutdown,
 ) -> Option<Vec<i32>> {
+    every_second(shutdown, || match partitions(consumer, topic) {
+        Ok(p) if !p.is_empty() => Some(p),
+        Ok(_) => {
+            tracing::warn!(
+                topic,
+                "{what} does not exist yet (`presence topics` creates it); waiting"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(topic, error = %e, "cannot read {what}'s metadata; retrying");
+            None
+        }
+    })
+    .await
+}
+
+/// `topic`'s `partitions` at their current ends; `None` if `shutdown` comes first.
+async fn wait_for_ends(
+    consumer: &StreamConsumer,
+    topic: &str,
+    partitions: &[i32],
+    shutdown: &Shutdown,
+) -> Option<TopicPartitionList> {
+    every_second(shutdown, || {
+        let ends = partitions.iter().try_fold(TopicPartitionList::new(), |mut tpl, &p| {
+            let (_, high) = consumer.fetch_watermarks(topic, p, Duration::from_secs(10))?;
+            tpl.add_partition_offset(topic, p, Offset::Offset(high))?;
+            Ok::<_, KafkaError>(tpl)
+        });
+        ends.inspect_err(|e| {
+            tracing::warn!(topic, error = %e, "cannot read where {topic}'s partitions end; retrying")
+        })
+        .ok()
+    })
+    .await
+}
+
+/// `attempt`'s first answer, asked again every second (it logs why not); `None` if `shutdown`
+/// comes first.
+async fn every_second<T>(shutdown: &Shutdown, mut attempt: impl FnMut() -> Option<T>) -> Option<T> {
     loop {
-        match partitions(consumer, topic) {
-            Ok(p) if !p.is_empty() => return Some(p),
-            Ok(_) => {
-                tracing::warn!(
-                    topic,
-                    "{what} does not exist yet (`presence topics` creates it); waiting"
-                )
-            }
-            Err(e) => {
-                tracing::warn!(topic, error = %e, "cannot read {what}'s metadata; retrying")
-            }
+        if let Some(t) = attempt() {
+            return Some(t);
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
