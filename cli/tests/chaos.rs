@@ -50,6 +50,7 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use support::Cluster;
 
 /// Session timeout of the run, ms (`PRESENCE_CHAOS_TIMEOUT_MS`, default 30 001): odd, so
 /// that no expiry ties with a Kafka-path beat, whose event times are even.
@@ -167,85 +168,6 @@ fn chaos_long() {
 
 // ---------------------------------------------------------------------------------------
 // The cluster and the private stores
-
-/// A three-node cluster of this run's own (`deploy/stack.sh cluster-up`, own directory and
-/// six ports), stopped and removed on drop.
-struct Cluster {
-    dir: PathBuf,
-    base: u16,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let cluster = Cluster {
-            dir: std::env::temp_dir().join(unique("chaos-cluster")),
-            base: six_free_ports(),
-        };
-        cluster.stack(&["cluster-up"]);
-        cluster
-    }
-
-    fn brokers(&self) -> String {
-        (0..3)
-            .map(|i| format!("127.0.0.1:{}", self.port(i + 1)))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn port(&self, node: u8) -> u16 {
-        self.base + 2 * (node as u16 - 1)
-    }
-
-    fn stack(&self, args: &[&str]) {
-        support::cluster_stack(&self.dir, self.base, args);
-    }
-
-    /// SIGTERM to node `i` (a clean stop), without waiting for it to exit.
-    fn terminate(&self, node: u8) {
-        let pid = self.dir.join(format!("cluster/node-{node}/kafka.pid"));
-        if let Ok(pid) = std::fs::read_to_string(&pid) {
-            let _ = Command::new("kill").arg("-TERM").arg(pid.trim()).status();
-        }
-    }
-
-    /// The active controller, from the nodes' `quorum-state` files (the newest epoch).
-    fn controller(&self) -> Option<u8> {
-        (1..=3u8)
-            .filter_map(|i| {
-                let f = self.dir.join(format!(
-                    "cluster/node-{i}/data/__cluster_metadata-0/quorum-state"
-                ));
-                let v: serde_json::Value =
-                    serde_json::from_str(&std::fs::read_to_string(f).ok()?).ok()?;
-                Some((v["leaderEpoch"].as_i64()?, v["leaderId"].as_i64()?))
-            })
-            // -1: no leader known to that node (an election under way).
-            .filter(|(_, id)| *id >= 1)
-            .max()
-            .and_then(|(_, id)| u8::try_from(id).ok())
-            .filter(|id| (1..=3).contains(id))
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.stack(&["cluster-down"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn six_free_ports() -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base > 65_000 {
-            continue;
-        }
-        if (1..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no six consecutive free ports on 127.0.0.1");
-}
 
 /// Java's `String.hashCode`, which Kafka uses to place a transactional id on a partition
 /// of `__transaction_state` (`Utils.abs(hash) % partitions`).

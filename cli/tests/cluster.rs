@@ -9,77 +9,14 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::time::Duration;
 
+use presence_testkit::isolated_config;
 use presence_testkit::oracle::oracle;
 use presence_testkit::sim::{generate, SimConfig};
-use presence_testkit::{free_port, isolated_config, unique};
 use support::*;
 
 const TIMEOUT_MS: u64 = 3_005;
-
-/// A three-node cluster of this test's own (`deploy/stack.sh cluster-up` with a directory
-/// and six ports of its own), stopped and removed on drop.
-struct Cluster {
-    dir: PathBuf,
-    base: u16,
-}
-
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = std::env::temp_dir().join(unique("cluster"));
-        let cluster = Cluster {
-            dir,
-            base: six_free_ports(),
-        };
-        cluster.stack(&["cluster-up"]);
-        cluster
-    }
-
-    fn brokers(&self) -> String {
-        (0..3)
-            .map(|i| format!("127.0.0.1:{}", self.base + 2 * i))
-            .collect::<Vec<_>>()
-            .join(",")
-    }
-
-    fn stack(&self, args: &[&str]) {
-        support::cluster_stack(&self.dir, self.base, args);
-    }
-
-    /// kill -9 of node `i` (1..3).
-    fn kill(&self, i: u8) {
-        self.stack(&["cluster-node-kill", &i.to_string()]);
-    }
-
-    /// Starts node `i` again (returns once its process runs; it rejoins on its own).
-    fn restart(&self, i: u8) {
-        self.stack(&["cluster-node-up", &i.to_string()]);
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.stack(&["cluster-down"]);
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// A base port whose next five are free too (each node takes a client and a controller port).
-fn six_free_ports() -> u16 {
-    for _ in 0..100 {
-        let base = free_port();
-        if base > 65_000 {
-            continue;
-        }
-        let free = (1..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok());
-        if free {
-            return base;
-        }
-    }
-    panic!("no six consecutive free ports on 127.0.0.1");
-}
 
 /// 2,000 sessions over 100 facilities (an hour ago, a replay) on replicated topics; the
 /// processor is killed once and brokers are killed and restarted under it.

@@ -744,6 +744,98 @@ pub fn cluster_stack(dir: &std::path::Path, base: u16, args: &[&str]) {
     );
 }
 
+/// A three-node cluster of a test's own (`deploy/stack.sh cluster-up` with a directory and
+/// six ports of its own), stopped and removed on drop.
+pub struct Cluster {
+    dir: std::path::PathBuf,
+    base: u16,
+}
+
+impl Cluster {
+    pub fn start() -> Cluster {
+        let cluster = Cluster {
+            dir: std::env::temp_dir().join(presence_testkit::unique("cluster")),
+            base: six_free_ports(),
+        };
+        cluster.stack(&["cluster-up"]);
+        cluster
+    }
+
+    /// `KAFKA_BROKERS` for it: the three nodes' client ports.
+    pub fn brokers(&self) -> String {
+        (1..=3)
+            .map(|i| format!("127.0.0.1:{}", self.port(i)))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// Node `node`'s (1..3) client port.
+    pub fn port(&self, node: u8) -> u16 {
+        self.base + 2 * (node as u16 - 1)
+    }
+
+    pub fn stack(&self, args: &[&str]) {
+        cluster_stack(&self.dir, self.base, args);
+    }
+
+    /// kill -9 of node `node` (1..3).
+    pub fn kill(&self, node: u8) {
+        self.stack(&["cluster-node-kill", &node.to_string()]);
+    }
+
+    /// Starts node `node` again (returns once its process runs; it rejoins on its own).
+    pub fn restart(&self, node: u8) {
+        self.stack(&["cluster-node-up", &node.to_string()]);
+    }
+
+    /// SIGTERM to node `node` (a clean stop), without waiting for it to exit.
+    pub fn terminate(&self, node: u8) {
+        let pid = self.dir.join(format!("cluster/node-{node}/kafka.pid"));
+        if let Ok(pid) = std::fs::read_to_string(&pid) {
+            let _ = Command::new("kill").arg("-TERM").arg(pid.trim()).status();
+        }
+    }
+
+    /// The active controller, from the nodes' `quorum-state` files (the newest epoch).
+    pub fn controller(&self) -> Option<u8> {
+        (1..=3u8)
+            .filter_map(|i| {
+                let f = self.dir.join(format!(
+                    "cluster/node-{i}/data/__cluster_metadata-0/quorum-state"
+                ));
+                let v: serde_json::Value =
+                    serde_json::from_str(&std::fs::read_to_string(f).ok()?).ok()?;
+                Some((v["leaderEpoch"].as_i64()?, v["leaderId"].as_i64()?))
+            })
+            // -1: no leader known to that node (an election under way).
+            .filter(|(_, id)| *id >= 1)
+            .max()
+            .and_then(|(_, id)| u8::try_from(id).ok())
+            .filter(|id| (1..=3).contains(id))
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.stack(&["cluster-down"]);
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A base port whose next five are free too (each node takes a client and a controller port).
+fn six_free_ports() -> u16 {
+    for _ in 0..100 {
+        let base = presence_testkit::free_port();
+        if base > 65_000 {
+            continue;
+        }
+        if (1..6).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no six consecutive free ports on 127.0.0.1");
+}
+
 /// The schema registry `make stack` runs (Apicurio's Confluent-compatible API), or the one
 /// `PRESENCE_TEST_REGISTRY_URL` names.
 pub fn registry_url() -> String {

@@ -130,6 +130,15 @@ fn budget(c: &mut ClientConfig, k: &KafkaConfig, key: &str, value: u32) {
     }
 }
 
+/// The records a stage consumer prefetches for each partition (`queued.min.messages`, as
+/// the operator set it or [`STAGE_QUEUED_MIN_MESSAGES`]): what a pause throws away.
+pub fn stage_prefetch_records(k: &KafkaConfig) -> u64 {
+    k.properties
+        .get("queued.min.messages")
+        .and_then(|v| v.expose().parse().ok())
+        .unwrap_or(STAGE_QUEUED_MIN_MESSAGES.into())
+}
+
 /// A stage's group consumer (`heartbeats` for stage 1, `session-transitions` for stage 2).
 pub fn stage_consumer(c: &mut ClientConfig, k: &KafkaConfig) {
     budget(c, k, "queued.max.messages.kbytes", STAGE_QUEUED_MAX_KBYTES);

@@ -35,6 +35,8 @@ pub struct Member<S: Stage> {
     pub assigned: BTreeSet<i32>,
     /// Assigned partitions paused by the runner to read in step (`Stage::to_pause`).
     pub paused: BTreeSet<i32>,
+    /// Records read from each assigned partition since it was assigned or last resumed.
+    pub read: HashMap<i32, u64>,
     pub needs_rewind: bool,
     /// A defect that stops the stage (a checkpoint that cannot be stored): the run loop
     /// ends the stage with it.
@@ -256,6 +258,7 @@ impl<S: Stage> Member<S> {
         self.stage.revoke(partition);
         self.assigned.remove(&partition);
         self.paused.remove(&partition);
+        self.read.remove(&partition);
         self.positions.remove(&partition);
         ConsumerLag::for_stage(&self.metrics.consumer_lag, S::NAME).forget(partition);
     }

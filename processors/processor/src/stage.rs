@@ -170,8 +170,9 @@ pub trait Stage: Send + 'static {
     /// of the whole interval.
     fn urgent(&self) -> bool;
     /// Partitions to hold paused so that the assigned partitions are read in step
-    /// ([`crate::align`]), given those paused now. Default: none.
-    fn to_pause(&self, _paused: &BTreeSet<i32>) -> BTreeSet<i32> {
+    /// ([`crate::align`]), given those paused now and those that read what librdkafka
+    /// prefetched for them since they were assigned or last resumed. Default: none.
+    fn to_pause(&self, _paused: &BTreeSet<i32>, _read_a_fetch: &BTreeSet<i32>) -> BTreeSet<i32> {
         BTreeSet::new()
     }
     /// For `/readyz`: why the stage holds part of its input back, if it does (a memory

@@ -488,13 +488,14 @@ impl Stage for SessionsStage {
                 .is_some_and(|t| t.elapsed() < std::time::Duration::from_millis(50))
     }
 
-    fn to_pause(&self, paused: &BTreeSet<i32>) -> BTreeSet<i32> {
+    fn to_pause(&self, paused: &BTreeSet<i32>, read_a_fetch: &BTreeSet<i32>) -> BTreeSet<i32> {
         let now = crate::stage::now_ms();
         let readings = self.tasks.iter().map(|(p, t)| Reading {
             partition: *p,
             stream_time: t.stream_time(),
             at_end: self.caught_up.contains(p),
             replaying: self.replaying(*p, now),
+            read_a_fetch: read_a_fetch.contains(p),
         });
         align::to_pause(readings, paused, align::WINDOW_MS)
     }
