@@ -20,7 +20,8 @@
 //! partition, to be fetched again, so each pause must buy a whole window of reading (resuming
 //! at half the window, the processor ran at 0.71x the rate of the code without alignment; at
 //! the floor, 0.97–1.05x), and a partition is not paused before it has read what librdkafka
-//! prefetched for it since it started reading ([`Reading::read_a_fetch`]). The floor itself is never paused, so something always reads.
+//! prefetched for it since it started reading ([`Reading::read_a_fetch`]). The floor itself
+//! is never paused, so something always reads.
 //! Only replaying partitions are paused: one at its end runs its expiry on the wall clock,
 //! which must not move while its records wait, and a live one (fresh records) keeps reading
 //! even while another partition replays (stage 2 holds its few live events meanwhile, as
@@ -59,7 +60,7 @@ pub struct Reading {
     /// time in a 1 MiB share), and pausing at the window alone threw most of every fetch
     /// away (one instance on the three-node cluster: 116 k heartbeats/s against 529 k/s
     /// without pausing). Stage 2 then holds at most about that many events per partition
-    /// ahead, where beats are dense as few as the window allows.
+    /// ahead; where beats are dense, the window is the tighter bound.
     pub read_a_fetch: bool,
 }
 
