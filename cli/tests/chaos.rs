@@ -700,6 +700,11 @@ fn run_and_judge(p: Params) {
     c.topics.facility_partitions = 6;
     c.processor.session_timeout = Duration::from_millis(timeout_ms() as u64);
     c.processor.allowed_lateness = Duration::from_millis(lateness_ms() as u64);
+    // The verdict reads every transition back from `facility-status`, which is compacted:
+    // its segments must not roll (and be compacted) before the run ends. With the default
+    // 10 minutes, a 900 s run lost each facility's early transitions to compaction, and
+    // the oracle, history and SSE rows failed on records the pipeline had written.
+    c.topics.compacted_segment = p.load + Duration::from_secs(3_600);
     rt.block_on(presence_testkit::ensure_topics(&c));
     wait_transactions_ready(&c);
 
