@@ -235,6 +235,11 @@ offsets.topic.num.partitions=8
 transaction.state.log.replication.factor=$rf
 transaction.state.log.min.isr=$isr
 transaction.state.log.num.partitions=8
+# A processor instance that dies holds read_committed readers (the next stage, the instance
+# that takes its partitions over) at its open transaction until the coordinator aborts it:
+# transaction.timeout.ms after it began (10 s), found by a scan every this often (default
+# 10 s, which added up to 10 s more to a takeover). Production brokers want it too.
+transaction.abort.timed.out.transaction.cleanup.interval.ms=1000
 min.insync.replicas=$isr
 default.replication.factor=$rf
 share.coordinator.state.topic.replication.factor=$rf

@@ -222,8 +222,9 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, SIGSTOP"));
     // The fault itself, not a wait for something: frozen past session.timeout.ms (10 s)
     // and past transaction.timeout.ms (10 s) plus the broker's scan for timed-out
-    // transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms, 10 s), so
-    // the broker has dropped it from the group and aborted its open transactions.
+    // transactions (transaction.abort.timed.out.transaction.cleanup.interval.ms: 1 s in
+    // deploy/stack.sh, 10 s on a broker left at the default), so the broker has dropped it
+    // from the group and aborted its open transactions.
     std::thread::sleep(Duration::from_secs(22));
     signal("CONT");
     let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());

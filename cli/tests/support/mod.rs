@@ -818,7 +818,28 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         self.stack(&["cluster-down"]);
+        if std::thread::panicking() {
+            self.keep_logs();
+        }
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+impl Cluster {
+    /// A failed test's evidence: the nodes' logs (KRaft elections, ISR changes, request
+    /// timeouts) copied next to the removed directory, whose data is not worth keeping.
+    fn keep_logs(&self) {
+        let mut kept = self.dir.clone().into_os_string();
+        kept.push("-logs");
+        let kept = std::path::PathBuf::from(kept);
+        let _ = std::fs::create_dir_all(&kept);
+        for node in 1..=3 {
+            for name in ["server.log", "stdout.log"] {
+                let from = self.dir.join(format!("cluster/node-{node}/{name}"));
+                let _ = std::fs::copy(&from, kept.join(format!("node-{node}-{name}")));
+            }
+        }
+        eprintln!("cluster: the nodes' logs are kept in {}", kept.display());
     }
 }
 

@@ -233,6 +233,23 @@ impl Reachability {
         self.away = true;
     }
 
+    /// Statistics showed the connection to the leader up but silent: nothing received on
+    /// it since `last_rx`, longer than a fetch ever waits (an overloaded or paused broker
+    /// that neither answers nor closes). Away since `last_rx`, even when this is the first
+    /// look at the partition: a partition just assigned to a consumer whose connection to
+    /// its leader went quiet is as likely to have records held back from it (producers
+    /// wait on the same broker) as one watched throughout. Seed 64544 of the long chaos
+    /// run: a partition taken over while its leader answered nothing for ten seconds was
+    /// caught up to what the leader had, and its clock followed the wall clock past a
+    /// session's deadline while the next session's first beat, stamped before it, was
+    /// still on its way.
+    pub fn saw_silent(&mut self, last_rx: i64) {
+        if self.last_up == 0 || last_rx < self.last_up {
+            self.last_up = last_rx.max(1);
+        }
+        self.away = true;
+    }
+
     /// How far a wall-clock-driven clock of this partition may go at `now`: where the
     /// leader went away, while it is away and for `settle` after it is back (producers
     /// find the new leader and deliver what they held); otherwise `now`. Never held
@@ -370,11 +387,15 @@ impl BrokerWatch {
 
     /// Per partition of every topic the statistics list: is its leader's connection up?
     fn on_leader_stats(&self, statistics: &Statistics, now: i64) {
-        let up_nodes: std::collections::HashSet<i32> = statistics
+        // Up, and when it last received something if that is longer ago than a fetch waits.
+        let up_nodes: std::collections::HashMap<i32, Option<i64>> = statistics
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.state == "UP")
-            .map(|b| b.nodeid)
+            .map(|b| {
+                let silent = b.rxidle > Self::down_after() * 1_000;
+                (b.nodeid, silent.then(|| now - b.rxidle / 1_000))
+            })
             .collect();
         let mut leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
         for (name, topic) in &statistics.topics {
@@ -393,10 +414,12 @@ impl BrokerWatch {
                 }
                 let r = leaders.entry(key).or_default();
                 let was_held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
-                if part.leader >= 0 && up_nodes.contains(&part.leader) {
-                    r.saw_up(now, part.leader, Self::down_after());
-                } else {
-                    r.saw_away();
+                match up_nodes.get(&part.leader) {
+                    Some(None) if part.leader >= 0 => {
+                        r.saw_up(now, part.leader, Self::down_after())
+                    }
+                    Some(Some(last_rx)) if part.leader >= 0 => r.saw_silent(*last_rx),
+                    _ => r.saw_away(),
                 }
                 let held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
                 if held != was_held {
@@ -645,6 +668,27 @@ mod tests {
         }
         r.saw_up(back + SETTLE, leader, DOWN);
         assert_eq!(r.limit(back + SETTLE, DOWN, SETTLE), back + SETTLE);
+    }
+
+    #[test]
+    fn a_leader_that_answers_nothing_holds_the_clock_from_its_last_answer() {
+        // Watched throughout: up at 1 s and 2 s, silent since 2.5 s (seen at 5 s).
+        let mut r = Reachability::default();
+        r.saw_up(1_000, 1, DOWN);
+        r.saw_up(2_000, 1, DOWN);
+        r.saw_silent(2_500);
+        assert_eq!(r.limit(5_000, DOWN, SETTLE), 2_000);
+        r.saw_silent(2_500);
+        assert_eq!(r.limit(9_000, DOWN, SETTLE), 2_000);
+        // It answers again at 10 s: held until producers had `settle` to deliver.
+        r.saw_up(10_000, 1, DOWN);
+        settles(&mut r, 10_000, 1, 2_000);
+        // First seen (just assigned) while silent since 4 s: held there, not free.
+        let mut r = Reachability::default();
+        r.saw_silent(4_000);
+        assert_eq!(r.limit(7_000, DOWN, SETTLE), 4_000);
+        r.saw_up(8_000, 1, DOWN);
+        settles(&mut r, 8_000, 1, 4_000);
     }
 
     #[test]
