@@ -1549,10 +1549,17 @@ impl Run {
             ("through the gateway", &truths[1], false),
         ] {
             let (mut missing, mut twice, mut wrong_ts) = (0, 0, 0);
+            // The first few missing ones, named: which session, and when they were sent.
+            let mut named = Vec::new();
             for r in truth {
                 let id = beat_id(&r.heartbeat);
                 match in_topic.get(&id) {
-                    None => missing += 1,
+                    None => {
+                        missing += 1;
+                        if named.len() < 5 {
+                            named.push(format!("{} {} sent {}", id.0, id.1, r.ts));
+                        }
+                    }
                     Some((n, _)) if *n > allowed(&id) => twice += 1,
                     Some(_) if exact_ts && !stamps.get(&id).is_some_and(|t| t.contains(&r.ts)) => {
                         wrong_ts += 1
@@ -1565,12 +1572,17 @@ impl Run {
                 &format!("acknowledged heartbeats ({path}) in `heartbeats` once"),
                 missing == 0 && twice == 0 && wrong_ts == 0 && !truth.is_empty(),
                 format!(
-                    "{} acknowledged: {missing} missing, {twice} more than once{}",
+                    "{} acknowledged: {missing} missing, {twice} more than once{}{}",
                     truth.len(),
                     if exact_ts {
                         format!(", {wrong_ts} with another timestamp than the truth's")
                     } else {
                         String::new()
+                    },
+                    if named.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" (missing: {})", named.join("; "))
                     }
                 ),
             );
