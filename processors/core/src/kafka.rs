@@ -233,9 +233,9 @@ impl Reachability {
         self.away = true;
     }
 
-    /// Statistics showed the connection to the leader up but silent: nothing received on
-    /// it since `last_rx`, longer than a fetch ever waits (an overloaded or paused broker
-    /// that neither answers nor closes). Away since `last_rx`, even when this is the first
+    /// Statistics showed the connection to the leader up but silent: requests waiting for
+    /// an answer and nothing received on it since `last_rx`, longer than a fetch ever waits
+    /// (an overloaded or paused broker that neither answers nor closes). Away since `last_rx`, even when this is the first
     /// look at the partition: a partition just assigned to a consumer whose connection to
     /// its leader went quiet is as likely to have records held back from it (producers
     /// wait on the same broker) as one watched throughout. Seed 64544 of the long chaos
@@ -387,13 +387,17 @@ impl BrokerWatch {
 
     /// Per partition of every topic the statistics list: is its leader's connection up?
     fn on_leader_stats(&self, statistics: &Statistics, now: i64) {
-        // Up, and when it last received something if that is longer ago than a fetch waits.
+        // Up, and when it last received something if it has requests waiting for an answer
+        // and received nothing for longer than a fetch waits. A connection with nothing
+        // asked (its partitions paused, the consumer's queue full while the runner restores)
+        // is quiet, not silent: holding the clock then only delayed expiry after every
+        // restore (`idle_partition_expires_within_250_ms_of_the_deadline` in a CI dry run).
         let up_nodes: std::collections::HashMap<i32, Option<i64>> = statistics
             .brokers
             .values()
             .filter(|b| b.source != "internal" && b.state == "UP")
             .map(|b| {
-                let silent = b.rxidle > Self::down_after() * 1_000;
+                let silent = b.waitresp_cnt > 0 && b.rxidle > Self::down_after() * 1_000;
                 (b.nodeid, silent.then(|| now - b.rxidle / 1_000))
             })
             .collect();
