@@ -235,10 +235,11 @@ impl Reachability {
 
     /// Statistics showed the connection to the leader up but silent: requests waiting for
     /// an answer and nothing received on it since `last_rx`, longer than a fetch ever waits
-    /// (an overloaded or paused broker that neither answers nor closes). Away since `last_rx`, even when this is the first
-    /// look at the partition: a partition just assigned to a consumer whose connection to
-    /// its leader went quiet is as likely to have records held back from it (producers
-    /// wait on the same broker) as one watched throughout. Seed 64544 of the long chaos
+    /// (an overloaded or paused broker that neither answers nor closes). Away since
+    /// `last_rx`, even when this is the first look at the partition: a partition just
+    /// assigned to a consumer whose connection to its leader went quiet is as likely to
+    /// have records held back from it (producers wait on the same broker) as one watched
+    /// throughout. Seed 64544 of the long chaos
     /// run: a partition taken over while its leader answered nothing for ten seconds was
     /// caught up to what the leader had, and its clock followed the wall clock past a
     /// session's deadline while the next session's first beat, stamped before it, was
@@ -390,8 +391,8 @@ impl BrokerWatch {
         // Up, and when it last received something if it has requests waiting for an answer
         // and received nothing for longer than a fetch waits. A connection with nothing
         // asked (its partitions paused, the consumer's queue full while the runner restores)
-        // is quiet, not silent: holding the clock then only delayed expiry after every
-        // restore (`idle_partition_expires_within_250_ms_of_the_deadline` in a CI dry run).
+        // is quiet, not silent: holding the clock then would delay expiry after every
+        // restore.
         let up_nodes: std::collections::HashMap<i32, Option<i64>> = statistics
             .brokers
             .values()
@@ -418,12 +419,14 @@ impl BrokerWatch {
                 }
                 let r = leaders.entry(key).or_default();
                 let was_held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
-                match up_nodes.get(&part.leader) {
-                    Some(None) if part.leader >= 0 => {
-                        r.saw_up(now, part.leader, Self::down_after())
-                    }
-                    Some(Some(last_rx)) if part.leader >= 0 => r.saw_silent(*last_rx),
-                    _ => r.saw_away(),
+                // -1: no leader (bootstrap connections have node id -1 too).
+                let leader = (part.leader >= 0)
+                    .then(|| up_nodes.get(&part.leader))
+                    .flatten();
+                match leader {
+                    Some(None) => r.saw_up(now, part.leader, Self::down_after()),
+                    Some(Some(last_rx)) => r.saw_silent(*last_rx),
+                    None => r.saw_away(),
                 }
                 let held = r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS) < now;
                 if held != was_held {
