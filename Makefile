@@ -135,11 +135,20 @@ check-packaging:
 # Sweeps before and after: whatever finished test processes left on the shared stack (topics,
 # groups, schemas, keys named after their process id) is removed, even when a test failed or
 # was killed, so the broker never accumulates earlier runs' partitions.
+#
+# Every test binary runs under `timeout` (cargo's runner for the host): one that hangs is killed
+# after TEST_BINARY_BUDGET seconds, with whatever it started (brokers, browsers), and reported as
+# failed, and the next binaries still run, so a hang ends in a verdict naming the test (libtest
+# prints "has been running for over 60 seconds") instead of at CI's own time limit. The
+# longest binary (chaos, about 6 minutes) fits three times over.
+TEST_BINARY_BUDGET ?= 1200
+TEST_RUNNER_VAR := CARGO_TARGET_$(shell rustc -vV | sed -n 's/^host: //p' | tr 'a-z-' 'A-Z_')_RUNNER
 test: stack
 	$(STACK) sweep
 	$(STACK) prometheus-rules-test
 	bash deploy/check-packaging.sh
-	cargo test --workspace --locked --no-fail-fast; status=$$?; $(STACK) sweep; exit $$status
+	$(TEST_RUNNER_VAR)="timeout --kill-after=30 $(TEST_BINARY_BUDGET)" \
+	  cargo test --workspace --locked --no-fail-fast; status=$$?; $(STACK) sweep; exit $$status
 
 # Benchmarks: the pure stage-1 core (cargo bench), then the broker-bound ones on topics of
 # their own (restore, end-to-end throughput against a plain consumer, latency), the gateway

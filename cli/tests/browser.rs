@@ -134,7 +134,11 @@ async fn console_follows_the_real_pipeline() {
     });
     let sink = spawn_process("sink", &shutdown, |s| presence_sink::run(config.clone(), s));
     let base = support::start_gateway(&config, &shutdown).await;
-    let http = reqwest::Client::new();
+    // Every request here is short: one that hangs fails the test instead of holding it.
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(20))
+        .build()
+        .expect("an HTTP client");
 
     // Loadgen: 12 facilities in 3 regions, short sessions, for 3 s, with its ground truth.
     let truth_path = std::env::temp_dir().join(unique("console-truth"));
@@ -301,7 +305,7 @@ async fn console_follows_the_real_pipeline() {
     assert_eq!(beat(keepers[0], "END").await.ok(), Some(202));
     let ended_at = presence_core::now_ms();
     let out = node.next_line().await;
-    let exit = node.wait();
+    let exit = node.wait().await;
     assert!(exit.success(), "console.cjs failed: {out}");
     let out: serde_json::Value = serde_json::from_str(&out).expect("the script's JSON");
 

@@ -563,7 +563,7 @@ async fn the_console_in_chromium_shows_the_truth() {
     w.set_now(&status(&("f3", "south", turned_off_at, false), 2))
         .await;
     let out = node.next_line().await;
-    let status_code = node.wait();
+    let status_code = node.wait().await;
     assert!(status_code.success(), "console.cjs failed: {out:?}");
     let out: Value = serde_json::from_str(&out).expect("the script's JSON");
 

@@ -542,7 +542,9 @@ where
     let deadline = tokio::time::Instant::now() + within;
     loop {
         check_processes();
-        if let Some(v) = check().await {
+        // A check that never answers (a request to a server that accepted and went quiet)
+        // ends at the deadline too, not just between checks.
+        if let Ok(Some(v)) = tokio::time::timeout_at(deadline, check()).await {
             return v;
         }
         assert!(
@@ -715,9 +717,31 @@ impl BrowserScript {
             .unwrap_or_default()
     }
 
-    /// Waits for the script to exit.
-    pub fn wait(&mut self) -> std::process::ExitStatus {
-        self.child.wait().expect("node exits")
+    /// Waits for the script to exit; kills it and panics if it has not within 60 s (a
+    /// browser that never closes would otherwise hold the test, and CI, forever).
+    pub async fn wait(&mut self) -> std::process::ExitStatus {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("node's exit status") {
+                return status;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                let _ = self.child.kill();
+                panic!("{} did not exit within 60 s of its last line", self.script);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+}
+
+/// A test that fails half-way kills its script (and with it the browser, whose pipe closes)
+/// instead of leaving it running for the rest of the test run.
+impl Drop for BrowserScript {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
     }
 }
 
