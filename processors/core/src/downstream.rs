@@ -45,8 +45,7 @@ use rdkafka::TopicPartitionList;
 use crate::codec::decode_framed;
 use crate::config::Config;
 use crate::kafka::{
-    consumer_config, dead_letter_headers, idempotent_producer_config, BrokerWatch,
-    BROKER_WATCH_INTERVAL_MS,
+    dead_letter_headers, downstream_consumer_config, idempotent_producer_config, BrokerWatch,
 };
 use crate::metrics::{self, ConsumerLag};
 use crate::records::FacilityStatus;
@@ -261,11 +260,7 @@ pub async fn run<W: Writer>(
         lag: metrics.lag.clone(),
     };
     let consumer: StreamConsumer<DownstreamContext> =
-        consumer_config(&config.kafka, role, group_id)
-            // Downstream latency: fetch as soon as the processor commits.
-            .set("fetch.wait.max.ms", "10")
-            .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
-            .create_with_context(context)?;
+        downstream_consumer_config(&config.kafka, role, group_id).create_with_context(context)?;
     consumer.subscribe(&[topic])?;
     // Transitions in the `confluent` framing: registry ids resolved once each.
     let ids = crate::registry::IdCache::new(&config.schema_registry)?;

@@ -1,9 +1,10 @@
 //! Kafka client builders: every client starts from the same base (brokers, client id,
 //! pass-through properties) and adds only what its role needs. One function per role owns
 //! that role's settings and says why each number was chosen: [`idempotent_producer_config`]
-//! (gateway, load generator), [`consumer_config`] (notifier, sink, readers), and the
-//! processor's three: [`transactional_producer_config`], [`stage_consumer_config`] and
-//! [`restore_consumer_config`]. Run loops set nothing of their own.
+//! (gateway, load generator), [`consumer_config`] (readers), [`downstream_consumer_config`]
+//! (notifier, sink), and the processor's three: [`transactional_producer_config`],
+//! [`stage_consumer_config`] and [`restore_consumer_config`]. Run loops set nothing of their
+//! own.
 //!
 //! This module depends on [`crate::config`] (for [`KafkaConfig`]), never the other way
 //! round: the configuration checks its pass-through properties with librdkafka itself.
@@ -58,6 +59,33 @@ pub fn consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -> ClientCon
         .set("partition.assignment.strategy", "cooperative-sticky");
     c
 }
+
+/// The notifier's and the sink's member of its group on `facility-status`: a consumer
+/// (above) that fetches as soon as the processor commits, reports broker reachability, and
+/// hands a dead member's partitions on within seconds.
+pub fn downstream_consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -> ClientConfig {
+    let mut c = consumer_config(k, role, group_id);
+    // Downstream latency: a fetch returns after 10 ms even when it has little.
+    c.set("fetch.wait.max.ms", "10")
+        // Broker reachability for readiness (BrokerWatch) and the lag metrics.
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
+        // A member killed with -9 keeps its partitions until its session expires: with
+        // librdkafka's default (45 s) a restarted notifier left its regions' browsers without
+        // transitions for 45 s (the chaos run's "notifier kill -9" recovery, 45.7 s, and the
+        // sink's, 43.8 s). 10 s, as the processor's stages: several missed heartbeats (one a
+        // second, on librdkafka's own thread, so a slow batch never misses one) before a
+        // member counts as gone, and above the broker's group.min.session.timeout.ms (6 s).
+        .set(
+            "session.timeout.ms",
+            DOWNSTREAM_SESSION_TIMEOUT_MS.to_string(),
+        )
+        .set("heartbeat.interval.ms", "1000");
+    c
+}
+
+/// `session.timeout.ms` of the notifier's and the sink's consumers, in ms (see
+/// [`downstream_consumer_config`]).
+pub const DOWNSTREAM_SESSION_TIMEOUT_MS: u64 = 10_000;
 
 /// A stage's transactional producer (one per processor stage and instance).
 /// `transactional_id` must be unique per running instance and stable across its restarts:
