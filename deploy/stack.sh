@@ -561,7 +561,32 @@ kafka_tool() {
   java -cp "$KAFKA_LIBS/*" -Dlog4j2.configurationFile="$STACK_DIR/kafka-tools-log4j2.properties" "$@"
 }
 
+# sweep_orphans: stops the private services (brokers, clusters, Redis, PostgreSQL; their
+# directories are named <kind>-<test pid>-<nanos>-<n>) of test processes that no longer run. A
+# test binary killed by make test's time budget (or by hand) never runs the drop that stops
+# what it started with setsid, and three idle brokers would slow every test after it.
+sweep_orphans() {
+  local pid args owner victims=() left i
+  while read -r pid args; do
+    owner=$({ grep -oE "/(cluster|kafka|redis|pg)-[0-9]+-[0-9]{6,}-[0-9]+" <<<"$args" || true; } | head -n 1 | cut -d- -f2)
+    [[ -n "$owner" ]] || continue
+    kill -0 "$owner" 2>/dev/null && continue
+    victims+=("$pid")
+  done < <(ps -eo pid=,args=)
+  ((${#victims[@]})) || return 0
+  say "sweep: stopping ${#victims[@]} private services of finished test processes (pids ${victims[*]})"
+  kill -TERM "${victims[@]}" 2>/dev/null || true
+  for i in $(seq 1 40); do
+    left=()
+    for pid in "${victims[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+    ((${#left[@]})) || return 0
+    sleep 0.5
+  done
+  kill -KILL "${left[@]}" 2>/dev/null || true
+}
+
 sweep() {
+  sweep_orphans
   tools_log_config
   local boot="127.0.0.1:$KAFKA_PORT" names pids alt
   if port_open "$KAFKA_PORT"; then
