@@ -46,7 +46,8 @@ async fn holds(c: &Config, facility: &str, seq: u64) -> bool {
 async fn a_notifier_killed_with_9_hands_its_partitions_on_within_seconds() {
     let config = presence_testkit::isolated_config();
     let _topics = presence_testkit::TestTopics::create(&config).await;
-    let send = |facility: &'static str| {
+    // Produces a transition of `facility` and waits (at most `within`) until Redis holds it.
+    let written = |facility: &'static str, within: Duration| {
         let config = config.clone();
         async move {
             produce(
@@ -54,31 +55,23 @@ async fn a_notifier_killed_with_9_hands_its_partitions_on_within_seconds() {
                 &config.topics.facility_status,
                 &status_records(&[transition(facility, "west", 1, true)]),
             )
+            .await;
+            eventually(&format!("a notifier writes {facility}"), within, || async {
+                holds(&config, facility, 1).await.then_some(())
+            })
             .await
         }
     };
 
     // The first notifier owns every partition once it has written a transition.
     let mut first = spawn_child("notifier-first", notifier_command(&config));
-    send("f-before").await;
-    eventually(
-        "the first notifier writes f-before",
-        Duration::from_secs(60),
-        || async { holds(&config, "f-before", 1).await.then_some(()) },
-    )
-    .await;
+    written("f-before", Duration::from_secs(60)).await;
 
     // kill -9, and a new notifier at once, as a supervisor restarts it.
     first.kill9();
     let killed = Instant::now();
     let second = spawn_child("notifier-second", notifier_command(&config));
-    send("f-after").await;
-    eventually(
-        "the second notifier writes f-after",
-        Duration::from_secs(90),
-        || async { holds(&config, "f-after", 1).await.then_some(()) },
-    )
-    .await;
+    written("f-after", Duration::from_secs(90)).await;
     let took = killed.elapsed();
     eprintln!("the second notifier wrote its first transition {took:?} after the kill");
     // 10 s for the dead member's session, then a rebalance, a fetch and a write; the
