@@ -15,18 +15,16 @@ use redis::AsyncCommands;
 
 /// The real `presence notifier` on `c`'s topics, Redis prefix and group.
 fn notifier_command(c: &Config) -> std::process::Command {
-    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_presence"));
-    cmd.arg("notifier")
-        .env_clear()
-        .envs(support::env_of(c, "-"))
-        .env("REDIS_URL", c.redis.url.expose())
-        .env("PRESENCE_REDIS__KEY_PREFIX", &c.redis.key_prefix)
-        .env("PRESENCE_NOTIFIER__OPS_LISTEN", "127.0.0.1:0")
-        .stdin(std::process::Stdio::null());
-    if let Ok(path) = std::env::var("PATH") {
-        cmd.env("PATH", path);
-    }
-    cmd
+    support::presence_command(
+        "notifier",
+        c,
+        "-",
+        &[
+            ("REDIS_URL", c.redis.url.expose()),
+            ("PRESENCE_REDIS__KEY_PREFIX", &c.redis.key_prefix),
+            ("PRESENCE_NOTIFIER__OPS_LISTEN", "127.0.0.1:0"),
+        ],
+    )
 }
 
 /// Whether Redis holds `facility`'s state at `seq`.
@@ -70,7 +68,7 @@ async fn a_notifier_killed_with_9_hands_its_partitions_on_within_seconds() {
     // kill -9, and a new notifier at once, as a supervisor restarts it.
     first.kill9();
     let killed = Instant::now();
-    let second = spawn_child("notifier-second", notifier_command(&config));
+    let mut second = spawn_child("notifier-second", notifier_command(&config));
     written("f-after", Duration::from_secs(90)).await;
     let took = killed.elapsed();
     eprintln!("the second notifier wrote its first transition {took:?} after the kill");
@@ -81,7 +79,6 @@ async fn a_notifier_killed_with_9_hands_its_partitions_on_within_seconds() {
         "the new notifier wrote a transition {took:?} after its predecessor was killed: the dead member kept its partitions until its session expired (the downstream consumers' session.timeout.ms)"
     );
     // A clean stop leaves the group (the test's groups are deleted when it ends).
-    let mut second = second;
     assert!(second.terminate(Duration::from_secs(30)).success());
     let mut r = presence_core::delivery::redis_client(&config.redis)
         .expect("redis client")

@@ -93,8 +93,14 @@ pub fn env_of(c: &Config, instance: &str) -> Vec<(String, String)> {
 }
 
 fn processor_command(c: &Config, instance: &str, extra: &[(&str, &str)]) -> Command {
+    presence_command("processor", c, instance, extra)
+}
+
+/// `presence <role>` with only `c`'s settings (`env_of`), `PATH` and `extra` in its
+/// environment.
+pub fn presence_command(role: &str, c: &Config, instance: &str, extra: &[(&str, &str)]) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_presence"));
-    cmd.arg("processor")
+    cmd.arg(role)
         .env_clear()
         .envs(env_of(c, instance))
         .stdin(Stdio::null());
