@@ -90,10 +90,13 @@ fn loadgen_default() -> presence_loadgen::Options {
 
 #[derive(Subcommand)]
 enum Bench {
-    /// Restore time of one partition's open sessions (changelog + timeout window).
+    /// Restore time of open sessions (changelog + timeout window) on one partition or
+    /// several (then one after another against several at once, in the same runs).
     Restore {
         #[arg(long, default_value_t = 1_000_000)]
         sessions: usize,
+        #[arg(long, default_value_t = 1)]
+        partitions: i32,
         #[arg(long, default_value_t = 3)]
         runs: usize,
     },
@@ -266,8 +269,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
             .map(|_| ExitCode::SUCCESS),
         Command::Bench(b) => {
             let report = match b {
-                Bench::Restore { sessions, runs } => {
-                    presence_processor::bench::restore(&config, sessions, runs).await?
+                Bench::Restore {
+                    sessions,
+                    partitions,
+                    runs,
+                } => {
+                    presence_processor::bench::restore(&config, sessions, partitions, runs).await?
                 }
                 Bench::Throughput {
                     heartbeats,

@@ -96,11 +96,20 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
 }
 
-/// Restore of one partition holding `sessions` open sessions that each beat three times
-/// within the timeout: the changelog (one record per session) plus the re-read of the
-/// beats since the checkpoint's timeout window.
-pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Result<String> {
-    let c = isolated(base, "restore", 1).await?;
+/// Restore of `partitions` partitions holding `sessions` open sessions between them, each
+/// session beating three times within the timeout: every partition's changelog (one record
+/// per session) plus the re-read of its beats since the checkpoint's timeout window. With
+/// more than one partition, each run restores them all once one after another and once
+/// [`crate::stage1::restore_concurrency`] at a time, alternating, so that the ratio comes
+/// from the same run.
+pub async fn restore(
+    base: &Config,
+    sessions: usize,
+    partitions: i32,
+    runs: usize,
+) -> anyhow::Result<String> {
+    anyhow::ensure!(partitions >= 1, "--partitions must be at least 1");
+    let c = isolated(base, "restore", partitions).await?;
     let _topics = Throwaway::of(&c);
     let timeout = c.processor.session_timeout.as_millis() as i64;
     let p = producer(&c)?;
@@ -108,12 +117,14 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     let facilities = (sessions / 100).max(1);
     let changelog = c.topics.sessions_changelog();
     let started = Instant::now();
-    // Three beats per session inside the window; the first opens it (offset = its index).
+    let parts = partitions as usize;
+    // Session s lives on partition s % partitions, where it is the (s / partitions)-th.
+    // Three beats per session inside the window; the first opens it (offset = that index).
     for round in 0..3 {
         for s in 0..sessions {
             let h = beat(s, s % facilities, HeartbeatKind::Beat);
             let ts = t0 + round as i64 * (timeout / 3) + (s as i64 * 10 / sessions as i64);
-            send_beat(&p, &c.topics.heartbeats, &h, ts, Some(0))?;
+            send_beat(&p, &c.topics.heartbeats, &h, ts, Some((s % parts) as i32))?;
         }
     }
     for s in 0..sessions {
@@ -124,7 +135,7 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
             facility_id: h.facility_id,
             region_id: h.region_id,
             last_seen: t0,
-            open_offset: s as i64,
+            open_offset: (s / parts) as i64,
         };
         let key = key_bytes(&session_key(&h.user_id, &h.session_id));
         let bytes = encode(&state);
@@ -133,20 +144,25 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
             BaseRecord::to(&changelog)
                 .key(&key[..])
                 .payload(&bytes[..])
-                .partition(0),
+                .partition((s % parts) as i32),
         )?;
     }
     p.flush(Duration::from_secs(120))?;
     let written = started.elapsed();
-    let end = 3 * sessions as i64;
     let io_config = presence_core::kafka::restore_consumer_config(
         &c.kafka,
         "bench-restore",
         &format!("{}.restore", c.processor.group_id),
     );
     let topics = crate::stage1::Topics::of(&c.topics, c.topics.facility_partitions);
-    let mut times = Vec::new();
-    let mut open = 0;
+    let concurrency = crate::stage1::restore_concurrency();
+    // One after another first, so that a single partition is measured as before.
+    let modes: Vec<usize> = if parts > 1 && concurrency > 1 {
+        vec![1, concurrency]
+    } else {
+        vec![1]
+    };
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut state_bytes = 0;
     // This process's resident memory before and after a restore: what the restored state
     // and the restore's own buffers add (the producer above is dropped by then).
@@ -155,43 +171,67 @@ pub async fn restore(base: &Config, sessions: usize, runs: usize) -> anyhow::Res
     let rss_before = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
     let mut rss_after = 0;
     for _ in 0..runs {
-        let mut stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000);
-        let started = Instant::now();
-        let committed = Committed {
-            offset: end,
-            checkpoint: Some(crate::stage1::Checkpoint {
-                t: t0 + 2 * (timeout / 3) + 10,
-                s: sessions as i64 + 1,
-            }),
-        };
-        let cfg = io_config.clone();
-        stage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
-            stage.restore(0, Some(committed), &RestoreIo { config: &cfg })?;
-            Ok(stage)
-        })
-        .await??;
-        times.push(started.elapsed().as_secs_f64());
-        open = stage.open_sessions();
-        state_bytes = stage.state_bytes();
-        rss_after = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
+        for (m, &threads) in modes.iter().enumerate() {
+            let stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000)
+                .with_restore_concurrency(threads);
+            let load: Vec<_> = (0..partitions)
+                .map(|q| {
+                    let here = (sessions + parts - 1 - q as usize) / parts;
+                    let committed = Committed {
+                        offset: 3 * here as i64,
+                        checkpoint: Some(crate::stage1::Checkpoint {
+                            t: t0 + 2 * (timeout / 3) + 10,
+                            s: here as i64 + 1,
+                        }),
+                    };
+                    (q, Some(committed))
+                })
+                .collect();
+            let started = Instant::now();
+            let cfg = io_config.clone();
+            let stage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+                let mut stage = stage;
+                stage.restore_partitions(load, &RestoreIo { config: &cfg })?;
+                Ok(stage)
+            })
+            .await??;
+            times[m].push(started.elapsed().as_secs_f64());
+            let open = stage.open_sessions();
+            state_bytes = stage.state_bytes();
+            rss_after = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
+            anyhow::ensure!(
+                open == sessions,
+                "restored {open} sessions, expected {sessions}"
+            );
+        }
     }
-    anyhow::ensure!(
-        open == sessions,
-        "restored {open} sessions, expected {sessions}"
-    );
-    Ok(format!(
-        "restore of {sessions} open sessions (changelog {sessions} records + {} heartbeats re-read from the timeout window), one partition: \
-         median {:.2} s over {runs} runs (min {:.2} s); writing the test data took {:.1} s; \
+    let mut lines = vec![format!(
+        "restore of {sessions} open sessions (changelog {sessions} records + {} heartbeats re-read from the timeout window) on {partitions} partition(s); writing the test data took {:.1} s; \
          session state {:.1} MiB ({:.1} B a session); this process's RSS {:.0} MiB before the restore, {:.0} MiB with the restored state",
         3 * sessions,
-        median(times.clone()),
-        times.iter().copied().fold(f64::INFINITY, f64::min),
         written.as_secs_f64(),
         state_bytes as f64 / 1048576.0,
         state_bytes as f64 / sessions.max(1) as f64,
         rss_before as f64 / 1024.0,
         rss_after as f64 / 1024.0,
-    ))
+    )];
+    for (m, &threads) in modes.iter().enumerate() {
+        let t = &times[m];
+        lines.push(format!(
+            "{threads} partition(s) at a time: median {:.2} s over {runs} runs (min {:.2} s; {:.2} M records/s)",
+            median(t.clone()),
+            t.iter().copied().fold(f64::INFINITY, f64::min),
+            4.0 * sessions as f64 / median(t.clone()) / 1e6,
+        ));
+    }
+    if modes.len() > 1 {
+        lines.push(format!(
+            "ratio ({} at a time against one after another, same runs): {:.2}",
+            modes[1],
+            median(times[1].clone()) / median(times[0].clone()),
+        ));
+    }
+    Ok(lines.join("\n"))
 }
 
 /// What `presence bench throughput` runs.

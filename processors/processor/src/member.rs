@@ -175,6 +175,7 @@ impl<S: Stage> Member<S> {
         let io = RestoreIo {
             config: &self.restore_config,
         };
+        let mut load = Vec::new();
         let mut starts = Vec::new();
         for e in committed.elements() {
             let p = e.partition();
@@ -204,27 +205,33 @@ impl<S: Stage> Member<S> {
             let start = c
                 .as_ref()
                 .map_or(Offset::Beginning, |c| Offset::Offset(c.offset));
-            let started = Instant::now();
-            {
-                // The restore has a progress check of its own (a minute without records).
-                let _hold = self.pulse.hold();
-                self.stage.restore(p, c, &io)?;
-            }
+            load.push((p, c));
+            starts.push((p, start));
+        }
+        let took = {
+            // The restore has a progress check of its own (a minute without records).
+            let _hold = self.pulse.hold();
+            self.stage.restore_partitions(load, &io)?
+        };
+        for (p, took) in took {
+            let seconds = took.as_secs_f64();
             self.metrics
                 .restore_seconds
                 .with_label_values(&[S::NAME])
-                .observe(started.elapsed().as_secs_f64());
+                .observe(seconds);
+            let start = starts.iter().find(|(q, _)| *q == p).map(|(_, s)| s);
             tracing::info!(
                 stage = S::NAME,
                 partition = p,
                 ?start,
-                seconds = started.elapsed().as_secs_f64(),
+                seconds,
                 "partition restored"
             );
-            if let Offset::Offset(o) = start {
-                self.positions.insert(p, o);
+        }
+        for (p, start) in &starts {
+            if let Offset::Offset(o) = *start {
+                self.positions.insert(*p, o);
             }
-            starts.push((p, start));
         }
         Ok(starts)
     }

@@ -153,6 +153,7 @@ impl AvroRecord for FacilityState {
 mod tests {
     use super::*;
     use presence_core::codec::{decode, encode, fingerprint_of, verify_history, AvroRecord};
+    use presence_core::records::SessionStateRef;
     use proptest::collection::vec;
     use proptest::prelude::*;
 
@@ -316,6 +317,26 @@ mod tests {
             presence_core::codec::write_long(&mut bytes, s.last_seen);
             presence_core::codec::write_long(&mut bytes, s.open_offset);
             prop_assert_eq!(decode::<SessionState>(&bytes).unwrap(), SessionState { user_id: String::new(), ..s });
+            // The restore's borrowed reader leaves older versions to the resolving decoder.
+            prop_assert_eq!(SessionStateRef::decode(&bytes).unwrap(), None);
+        }
+
+        /// The restore's borrowed reader reads what the resolving decoder reads from a record
+        /// of the current version, whole or damaged, and refuses what it refuses.
+        #[test]
+        fn the_borrowed_session_state_reader_agrees_with_the_decoder(
+            s in session_state(), how in 0u8..3, at in any::<usize>(), byte in any::<u8>(),
+            tail in vec(any::<u8>(), 1..16),
+        ) {
+            let whole = encode(&s);
+            prop_assert_eq!(SessionStateRef::decode(&whole).unwrap(), Some(s.borrowed()));
+            let mut bytes = whole[..10].to_vec();
+            bytes.extend(damaged(whole, how, at, byte, tail));
+            match (SessionStateRef::decode(&bytes), decode::<SessionState>(&bytes)) {
+                (Ok(Some(borrowed)), Ok(owned)) => prop_assert_eq!(borrowed, owned.borrowed()),
+                (Err(_), Err(_)) => {}
+                (borrowed, owned) => prop_assert!(false, "borrowed {borrowed:?}, decoder {owned:?}"),
+            }
         }
     }
 

@@ -86,7 +86,19 @@ pub fn read_partition(
             None => {}
         }
     }
+    drop_aside(consumer);
     Ok(n)
+}
+
+/// Drops `consumer` on a thread of its own. librdkafka takes about 100 ms to destroy a
+/// client (its threads' shutdown), and a stage-1 restore made three of them in turn for
+/// each partition: 12 partitions restored one after another waited 3.6 s for nothing. These
+/// consumers hold no group membership and commit nothing, so nothing needs to wait for it.
+fn drop_aside<C: ConsumerContext + 'static>(consumer: BaseConsumer<C>) {
+    // Should the thread not start, the closure, and the consumer with it, drops here.
+    let _ = std::thread::Builder::new()
+        .name("restore-drop".into())
+        .spawn(move || drop(consumer));
 }
 
 /// The first offset of `topic`/`partition` whose timestamp is at or after `ts`, if any.
@@ -100,6 +112,7 @@ pub fn offset_for_time(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(ts.max(0)))?;
     let found = consumer.offsets_for_times(tpl, Duration::from_secs(30))?;
+    drop_aside(consumer);
     Ok(found.elements().first().and_then(|e| match e.offset() {
         Offset::Offset(o) => Some(o),
         _ => None,

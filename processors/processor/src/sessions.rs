@@ -19,7 +19,7 @@
 
 use hashbrown::{HashMap, HashTable};
 use presence_core::codec::MAX_ID_BYTES;
-use presence_core::records::{HeartbeatKind, HeartbeatRef};
+use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionStateRef};
 
 use crate::records::{CloseReason, SessionEvent, SessionEventKind, SessionState};
 
@@ -415,7 +415,7 @@ impl SessionTask {
     /// Restore: a changelog record (the session opened or moved), applied in log order.
     /// A record of schema v1 (no user id; `key` is [`legacy_session_key`]) restores a
     /// session whose owner is not known yet: [`Self::refresh`] finds it in the re-read beats.
-    pub fn restore_session(&mut self, key: SessionKey, state: &SessionState) {
+    pub fn restore_session(&mut self, key: SessionKey, state: SessionStateRef<'_>) {
         let facility = self.intern(&state.facility_id, &state.region_id);
         let i = match self.find(key) {
             Some(i) => {
@@ -1012,7 +1012,7 @@ mod tests {
         assert_eq!(refused.map_err(|r| r.code), Err("timestamp_in_future"));
         let (key, state) = out.puts[0].clone();
         let mut restored = SessionTask::new(0, T, 60_000);
-        restored.restore_session(key, &state);
+        restored.restore_session(key, state.borrowed());
         restored.set_clock(live.stream_time(), live.next_seq());
         restored.refresh(&WindowBeat::new(&beat("s", "f"), 3_600_000, 1));
         restored.finish_restore();
@@ -1046,7 +1046,7 @@ mod tests {
 
         let mut restored = SessionTask::new(0, T, max_future);
         for (key, state) in &out.puts {
-            restored.restore_session(*key, state);
+            restored.restore_session(*key, state.borrowed());
         }
         restored.set_clock(live.stream_time(), live.next_seq());
         restored.refresh(&WindowBeat::new(&beat("s", "f"), 101_000, 1));
@@ -1068,7 +1068,7 @@ mod tests {
             .unwrap();
         let (key, state) = out.puts[0].clone();
         let mut restored = SessionTask::new(0, T, 60_000);
-        restored.restore_session(key, &state);
+        restored.restore_session(key, state.borrowed());
         restored.set_clock(live.stream_time(), live.next_seq());
         // The opening beat's offset or before: not after the open.
         restored.refresh(&WindowBeat::new(&beat("s", "f"), 45_000, 0));
@@ -1178,9 +1178,9 @@ mod tests {
     fn a_v1_changelog_restores_with_owners_from_the_reread_beats() {
         let mut t = SessionTask::new(0, T, 60_000);
         let (k1, state) = v1_record("s", "f", 1_000, 10);
-        t.restore_session(k1, &state);
+        t.restore_session(k1, state.borrowed());
         let (k2, other) = v1_record("moved", "g", 2_000, 11);
-        t.restore_session(k2, &other);
+        t.restore_session(k2, other.borrowed());
         t.set_clock(40_000, 5);
         // The window: the opening beat (its user owns the session), another user's beat
         // with the same id (under v1 it extended the session; now it is not the owner's),
@@ -1229,7 +1229,7 @@ mod tests {
     fn a_v1_session_is_refreshed_only_by_its_owners_beats() {
         let mut t = SessionTask::new(0, T, 60_000);
         let (k1, state) = v1_record("s", "f", 1_000, 10);
-        t.restore_session(k1, &state);
+        t.restore_session(k1, state.borrowed());
         t.set_clock(40_000, 5);
         for b in [
             WindowBeat::new(&beat_as("victim", "s", "f"), 1_000, 10),
@@ -1249,7 +1249,7 @@ mod tests {
     fn a_v1_session_without_reread_beats_still_closes_at_its_deadline() {
         let mut t = SessionTask::new(0, T, 60_000);
         let (k1, state) = v1_record("s", "f", 1_000, 10);
-        t.restore_session(k1, &state);
+        t.restore_session(k1, state.borrowed());
         // A beat before the open offset is an older session's: it names no owner.
         t.set_clock(2_000, 1);
         t.refresh(&WindowBeat::new(&beat_as("u", "s", "f"), 900, 9));
@@ -1330,7 +1330,7 @@ mod tests {
             let mut restored = SessionTask::new(0, 10_000, 60_000);
             for (key, state) in &out.changelog {
                 match state {
-                    Some(s) => restored.restore_session(*key, s),
+                    Some(s) => restored.restore_session(*key, s.borrowed()),
                     None => restored.restore_delete(*key),
                 }
             }

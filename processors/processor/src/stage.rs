@@ -146,6 +146,21 @@ pub trait Stage: Send + 'static {
         committed: Option<Committed<Self::Checkpoint>>,
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<()>;
+    /// [`Stage::restore`] of each of `partitions`; returns how long each took. Default: one
+    /// after another. On a failure, the partitions restored before it stay restored.
+    fn restore_partitions(
+        &mut self,
+        partitions: Vec<(i32, Option<Committed<Self::Checkpoint>>)>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<Vec<(i32, std::time::Duration)>> {
+        let mut took = Vec::with_capacity(partitions.len());
+        for (p, committed) in partitions {
+            let started = std::time::Instant::now();
+            self.restore(p, committed, io)?;
+            took.push((p, started.elapsed()));
+        }
+        Ok(took)
+    }
     fn revoke(&mut self, partition: i32);
     fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
     /// The partition has no more records for now.

@@ -6,7 +6,7 @@ use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use presence_core::codec::{decode, encode};
-use presence_core::records::{HeartbeatKind, HeartbeatRef};
+use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionStateRef};
 use presence_core::registry::IdCache;
 use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::Offset;
@@ -83,6 +83,23 @@ pub struct SessionsStage {
     expiry_delays: Vec<f64>,
     /// Registry ids of heartbeats in the `confluent` framing, resolved on first sight.
     ids: Arc<IdCache>,
+    /// Partitions restored at once ([`restore_concurrency`]).
+    restore_concurrency: usize,
+}
+
+/// Partitions a stage-1 restore rebuilds at most at once. One partition's restore keeps
+/// about one and a half cores busy (the changelog's decode and apply, the window's decode,
+/// librdkafka's fetch threads) and waits on none of the others, so an instance that takes
+/// over many partitions restores them side by side up to its cores. Each one holds up to
+/// [`WINDOW_AHEAD_BEATS`] (14 MiB) and two restore consumers' queues (2 × 8 MiB) beside
+/// the state it builds: four at once bound that to about 120 MiB.
+pub const RESTORE_CONCURRENCY_MAX: usize = 4;
+
+/// [`RESTORE_CONCURRENCY_MAX`], or fewer on a machine with fewer cores.
+pub fn restore_concurrency() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, RESTORE_CONCURRENCY_MAX)
 }
 
 impl SessionsStage {
@@ -99,7 +116,14 @@ impl SessionsStage {
             last_events: None,
             expiry_delays: Vec::new(),
             ids: Arc::new(IdCache::none()),
+            restore_concurrency: restore_concurrency(),
         }
+    }
+
+    /// Restores at most `n` partitions at once (at least one); the benchmark compares.
+    pub fn with_restore_concurrency(mut self, n: usize) -> SessionsStage {
+        self.restore_concurrency = n.max(1);
+        self
     }
 
     /// Reads heartbeats in the `confluent` framing too, resolving their ids through `ids`
@@ -125,6 +149,154 @@ impl SessionsStage {
         self.latest_record
             .get(&partition)
             .is_none_or(|&ts| now - ts > align::REPLAYING_MS)
+    }
+
+    /// Rebuilds `partition`'s sessions from its changelog and the heartbeats of the timeout
+    /// window before `committed`. Touches nothing of the stage, so that several partitions
+    /// can load at once.
+    fn load(
+        &self,
+        partition: i32,
+        committed: Option<Committed<Checkpoint>>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<SessionTask> {
+        let started = std::time::Instant::now();
+        // Beats after a session's open raised its last-seen without a changelog write; the
+        // ones that matter are younger than the timeout at the checkpoint. They are re-read on
+        // a second thread while the changelog restores, then applied.
+        let window = match &committed {
+            Some(Committed {
+                offset,
+                checkpoint: Some(c),
+            }) => offset_for_time(
+                io.config,
+                self.topics.heartbeats,
+                partition,
+                c.t.saturating_sub(self.timeout + 1_000),
+            )?
+            .map(|from| (from, *offset)),
+            _ => None,
+        };
+        let mut task = SessionTask::new(partition, self.timeout, self.max_future);
+        let mut bad = 0u64;
+        let mut window_beats = 0usize;
+        let mut changelog_seconds = 0.0;
+        let checkpoint = committed.and_then(|c| c.checkpoint);
+        let changelog_records = std::thread::scope(|scope| -> anyhow::Result<u64> {
+            let heartbeats = self.topics.heartbeats;
+            let ids = &*self.ids;
+            // The window's beats can only be applied once the changelog is in, so what the
+            // re-read finds before then waits here, in chunks, up to a bound: past it the
+            // re-read waits for the changelog, then both go on in step (a million sessions
+            // on one partition are ~3 M beats, 170 MB held whole).
+            let (chunks, beats_in) = std::sync::mpsc::sync_channel::<Vec<WindowBeat>>(
+                WINDOW_AHEAD_BEATS / WINDOW_CHUNK_BEATS,
+            );
+            let reader = scope.spawn(move || -> anyhow::Result<()> {
+                let Some((from, until)) = window else {
+                    return Ok(());
+                };
+                let mut chunk = Vec::with_capacity(WINDOW_CHUNK_BEATS);
+                let mut gone = false;
+                read_partition(
+                    io.config,
+                    heartbeats,
+                    partition,
+                    Offset::Offset(from),
+                    Some(until),
+                    |m| {
+                        if let Some(b) = window_beat(m, ids) {
+                            chunk.push(b);
+                        }
+                        if chunk.len() < WINDOW_CHUNK_BEATS {
+                            return ControlFlow::Continue(());
+                        }
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(WINDOW_CHUNK_BEATS));
+                        // The restore gave up (the changelog read failed): stop reading.
+                        gone = chunks.send(full).is_err();
+                        if gone {
+                            ControlFlow::Break(())
+                        } else {
+                            ControlFlow::Continue(())
+                        }
+                    },
+                )?;
+                if !gone && !chunk.is_empty() {
+                    // A send fails only when the restore gave up.
+                    let _ = chunks.send(chunk);
+                }
+                Ok(())
+            });
+            let n = read_partition(
+                io.config,
+                self.topics.changelog,
+                partition,
+                Offset::Beginning,
+                None,
+                |m| {
+                    let Some(key) = m.key().and_then(key_from_bytes) else {
+                        bad += 1;
+                        return ControlFlow::Continue(());
+                    };
+                    let Some(bytes) = m.payload() else {
+                        task.restore_delete(key);
+                        return ControlFlow::Continue(());
+                    };
+                    // Borrowed from the record (no copy of its ids) unless it is of an
+                    // older schema version, which the resolving decoder reads.
+                    match SessionStateRef::decode(bytes) {
+                        Ok(Some(state)) => task.restore_session(key, state),
+                        Ok(None) => match decode::<SessionState>(bytes) {
+                            Ok(state) => task.restore_session(key, state.borrowed()),
+                            Err(_) => bad += 1,
+                        },
+                        Err(_) => bad += 1,
+                    }
+                    ControlFlow::Continue(())
+                },
+            )?;
+            changelog_seconds = started.elapsed().as_secs_f64();
+            // The clock first: refresh ignores beats stamped after it (refused ones).
+            if let Some(c) = &checkpoint {
+                task.set_clock(c.t, c.s);
+            }
+            // In offset order; ends when the re-read has sent its last chunk (or failed).
+            for chunk in beats_in {
+                for b in &chunk {
+                    task.refresh(b);
+                }
+                window_beats += chunk.len();
+            }
+            reader
+                .join()
+                .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
+            Ok(n)
+        })?;
+        if bad > 0 {
+            tracing::error!(
+                partition,
+                bad,
+                topic = self.topics.changelog,
+                "changelog records that do not decode were skipped"
+            );
+        }
+        task.finish_restore();
+        tracing::info!(
+            partition,
+            open_sessions = task.open_sessions(),
+            changelog_records,
+            window_beats,
+            changelog_seconds,
+            seconds = started.elapsed().as_secs_f64(),
+            "sessions restored"
+        );
+        Ok(task)
+    }
+
+    fn install(&mut self, partition: i32, task: SessionTask) {
+        self.caught_up.remove(&partition);
+        self.tasks.insert(partition, task);
     }
 
     fn dead_letter(
@@ -222,128 +394,57 @@ impl Stage for SessionsStage {
         committed: Option<Committed<Checkpoint>>,
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<()> {
-        let started = std::time::Instant::now();
-        // Beats after a session's open raised its last-seen without a changelog write; the
-        // ones that matter are younger than the timeout at the checkpoint. They are re-read on
-        // a second thread while the changelog restores, then applied.
-        let window = match &committed {
-            Some(Committed {
-                offset,
-                checkpoint: Some(c),
-            }) => offset_for_time(
-                io.config,
-                self.topics.heartbeats,
-                partition,
-                c.t.saturating_sub(self.timeout + 1_000),
-            )?
-            .map(|from| (from, *offset)),
-            _ => None,
-        };
-        let mut task = SessionTask::new(partition, self.timeout, self.max_future);
-        let mut bad = 0u64;
-        let mut window_beats = 0usize;
-        let checkpoint = committed.and_then(|c| c.checkpoint);
-        let changelog_records = std::thread::scope(|scope| -> anyhow::Result<u64> {
-            let heartbeats = self.topics.heartbeats;
-            let ids = &*self.ids;
-            // The window's beats can only be applied once the changelog is in, so what the
-            // re-read finds before then waits here, in chunks, up to a bound: past it the
-            // re-read waits for the changelog, then both go on in step (a million sessions
-            // on one partition are ~3 M beats, 170 MB held whole).
-            let (chunks, beats_in) = std::sync::mpsc::sync_channel::<Vec<WindowBeat>>(
-                WINDOW_AHEAD_BEATS / WINDOW_CHUNK_BEATS,
-            );
-            let reader = scope.spawn(move || -> anyhow::Result<()> {
-                let Some((from, until)) = window else {
-                    return Ok(());
-                };
-                let mut chunk = Vec::with_capacity(WINDOW_CHUNK_BEATS);
-                let mut gone = false;
-                read_partition(
-                    io.config,
-                    heartbeats,
-                    partition,
-                    Offset::Offset(from),
-                    Some(until),
-                    |m| {
-                        if let Some(b) = window_beat(m, ids) {
-                            chunk.push(b);
-                        }
-                        if chunk.len() < WINDOW_CHUNK_BEATS {
-                            return ControlFlow::Continue(());
-                        }
-                        let full =
-                            std::mem::replace(&mut chunk, Vec::with_capacity(WINDOW_CHUNK_BEATS));
-                        // The restore gave up (the changelog read failed): stop reading.
-                        gone = chunks.send(full).is_err();
-                        if gone {
-                            ControlFlow::Break(())
-                        } else {
-                            ControlFlow::Continue(())
-                        }
-                    },
-                )?;
-                if !gone && !chunk.is_empty() {
-                    // A send fails only when the restore gave up.
-                    let _ = chunks.send(chunk);
-                }
-                Ok(())
-            });
-            let n = read_partition(
-                io.config,
-                self.topics.changelog,
-                partition,
-                Offset::Beginning,
-                None,
-                |m| {
-                    let Some(key) = m.key().and_then(key_from_bytes) else {
-                        bad += 1;
-                        return ControlFlow::Continue(());
-                    };
-                    match m.payload().map(decode::<SessionState>) {
-                        None => task.restore_delete(key),
-                        Some(Ok(state)) => task.restore_session(key, &state),
-                        Some(Err(_)) => bad += 1,
-                    }
-                    ControlFlow::Continue(())
-                },
-            )?;
-            // The clock first: refresh ignores beats stamped after it (refused ones).
-            if let Some(c) = &checkpoint {
-                task.set_clock(c.t, c.s);
-            }
-            // In offset order; ends when the re-read has sent its last chunk (or failed).
-            for chunk in beats_in {
-                for b in &chunk {
-                    task.refresh(b);
-                }
-                window_beats += chunk.len();
-            }
-            reader
-                .join()
-                .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
-            Ok(n)
-        })?;
-        if bad > 0 {
-            tracing::error!(
-                partition,
-                bad,
-                topic = self.topics.changelog,
-                "changelog records that do not decode were skipped"
-            );
-        }
-        task.finish_restore();
-        tracing::info!(
-            partition,
-            open_sessions = task.open_sessions(),
-            changelog_records,
-            window_beats,
-            seconds = started.elapsed().as_secs_f64(),
-            "sessions restored"
-        );
-        self.caught_up.remove(&partition);
-        self.tasks.insert(partition, task);
+        let task = self.load(partition, committed, io)?;
+        self.install(partition, task);
         Ok(())
+    }
+
+    /// Up to [`restore_concurrency`] partitions at once, each on a thread of its own: a
+    /// partition's restore reads only its own changelog and window.
+    fn restore_partitions(
+        &mut self,
+        partitions: Vec<(i32, Option<Committed<Checkpoint>>)>,
+        io: &RestoreIo<'_>,
+    ) -> anyhow::Result<Vec<(i32, std::time::Duration)>> {
+        let threads = self.restore_concurrency.min(partitions.len()).max(1);
+        let queue = std::sync::Mutex::new(partitions.into_iter());
+        let done = std::sync::Mutex::new(Vec::new());
+        let failed = std::sync::atomic::AtomicBool::new(false);
+        let this = &*self;
+        std::thread::scope(|scope| {
+            for _ in 0..threads {
+                scope.spawn(|| {
+                    while !failed.load(std::sync::atomic::Ordering::Relaxed) {
+                        let Some((p, c)) = crate::rebalance::lock(&queue).next() else {
+                            return;
+                        };
+                        let started = std::time::Instant::now();
+                        let loaded = this.load(p, c, io);
+                        failed.fetch_or(loaded.is_err(), std::sync::atomic::Ordering::Relaxed);
+                        crate::rebalance::lock(&done).push((p, loaded, started.elapsed()));
+                    }
+                });
+            }
+        });
+        // What restored is kept, as one after another would have: a failure marks the
+        // member for a rewind, which restores every assigned partition again.
+        let mut took = Vec::new();
+        let mut first_error = None;
+        for (p, loaded, elapsed) in done.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            match loaded {
+                Ok(task) => {
+                    self.install(p, task);
+                    took.push((p, elapsed));
+                }
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(took),
+        }
     }
 
     fn revoke(&mut self, partition: i32) {

@@ -142,7 +142,7 @@ impl Pipeline {
             let (clock, next_seq) = (old.stream_time(), old.next_seq());
             let mut task = SessionTask::new(p as i32, TIMEOUT, MAX_FUTURE);
             for (key, state) in &self.session_changelog[p] {
-                task.restore_session(*key, state);
+                task.restore_session(*key, state.borrowed());
             }
             task.set_clock(clock, next_seq);
             let from = clock.saturating_sub(TIMEOUT + 1_000);
