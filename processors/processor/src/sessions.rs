@@ -416,7 +416,7 @@ impl SessionTask {
     /// A record of schema v1 (no user id; `key` is [`legacy_session_key`]) restores a
     /// session whose owner is not known yet: [`Self::refresh`] finds it in the re-read beats.
     pub fn restore_session(&mut self, key: SessionKey, state: SessionStateRef<'_>) {
-        let facility = self.intern(&state.facility_id, &state.region_id);
+        let facility = self.intern(state.facility_id, state.region_id);
         let i = match self.find(key) {
             Some(i) => {
                 self.set_facility(i, facility);
