@@ -80,16 +80,5 @@ async fn a_notifier_killed_with_9_hands_its_partitions_on_within_seconds() {
     );
     // A clean stop leaves the group (the test's groups are deleted when it ends).
     assert!(second.terminate(Duration::from_secs(30)).success());
-    let mut r = presence_core::delivery::redis_client(&config.redis)
-        .expect("redis client")
-        .get_multiplexed_async_connection()
-        .await
-        .expect("redis");
-    let keys: Vec<String> = r
-        .keys(format!("{}:*", config.redis.key_prefix))
-        .await
-        .unwrap_or_default();
-    if !keys.is_empty() {
-        let _: Result<(), _> = r.del(keys).await;
-    }
+    support::delete_redis_keys(&config).await;
 }

@@ -507,7 +507,7 @@ async fn a_registry_behind_tls_and_basic_auth_is_reached_with_the_ca_and_credent
         presence_notifier::run(nc, s)
     });
     let keys = presence_core::delivery::RedisKeys::new(&c.redis.key_prefix);
-    let mut redis = presence_core::delivery::redis_client(&c.redis)
+    let redis = presence_core::delivery::redis_client(&c.redis)
         .expect("redis client")
         .get_multiplexed_async_connection()
         .await
@@ -527,16 +527,7 @@ async fn a_registry_behind_tls_and_basic_auth_is_reached_with_the_ca_and_credent
     )
     .await;
     notifier.stop(Duration::from_secs(30)).await;
-    {
-        use redis::AsyncCommands;
-        let left: Vec<String> = redis
-            .keys(format!("{}:*", c.redis.key_prefix))
-            .await
-            .unwrap_or_default();
-        if !left.is_empty() {
-            let _: Result<(), _> = redis.del(left).await;
-        }
-    }
+    support::delete_redis_keys(&c).await;
     assert_eq!(seq.as_deref(), Some("2"));
     assert_eq!(proxy.refused(), 0, "every request carried the credentials");
 

@@ -865,6 +865,25 @@ fn six_free_ports() -> u16 {
 
 /// The schema registry `make stack` runs (Apicurio's Confluent-compatible API), or the one
 /// `PRESENCE_TEST_REGISTRY_URL` names.
+/// Deletes every Redis key under the test's own prefix (what a notifier wrote for it); a
+/// Redis that does not answer leaves them, which only costs space.
+pub async fn delete_redis_keys(c: &Config) {
+    use redis::AsyncCommands;
+    let Ok(client) = presence_core::delivery::redis_client(&c.redis) else {
+        return;
+    };
+    let Ok(mut r) = client.get_multiplexed_async_connection().await else {
+        return;
+    };
+    let keys: Vec<String> = r
+        .keys(format!("{}:*", c.redis.key_prefix))
+        .await
+        .unwrap_or_default();
+    if !keys.is_empty() {
+        let _: Result<(), _> = r.del(keys).await;
+    }
+}
+
 pub fn registry_url() -> String {
     std::env::var("PRESENCE_TEST_REGISTRY_URL")
         .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into())
