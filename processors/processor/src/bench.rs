@@ -165,8 +165,10 @@ pub async fn restore(
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut state_bytes = 0;
     // This process's resident memory before and after a restore: what the restored state
-    // and the restore's own buffers add (the producer above is dropped by then).
+    // and the restore's own buffers add (the producer above is dropped by then, and what
+    // it freed given back).
     drop(p);
+    presence_core::allocator::release_free_memory();
     let pid = std::process::id();
     let rss_before = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
     let mut rss_after = 0;
