@@ -265,6 +265,11 @@ pub struct ProcessorConfig {
     /// Default 24h; `"off"` (or 0) keeps every facility in memory.
     #[serde(with = "retention_serde")]
     pub facility_retention: Duration,
+    /// Stage-1 partitions restored at once when this instance is given several (its start, a
+    /// takeover, a rewind after an abort). Each one restoring adds up to about 30 MiB while
+    /// it runs (the re-read beats it holds ahead of its changelog, two restore consumers'
+    /// queues). Default 0: one per core, at most 4.
+    pub restore_concurrency: usize,
     /// Where stage 2 keeps those facilities: one file per partition in
     /// `<state_dir>/<group_id>.<instance>/`, a cache of the facilities changelog (emptied
     /// and rebuilt when the partition is assigned, deleted when it goes), created at start.
@@ -334,6 +339,7 @@ impl Default for ProcessorConfig {
             allowed_lateness: Duration::from_millis(100),
             max_buffered_events: 500_000,
             facility_retention: Duration::from_secs(24 * 3600),
+            restore_concurrency: 0,
             state_dir: std::env::temp_dir().join("presence-state"),
             ops_listen: ([127, 0, 0, 1], 9101).into(),
         }
@@ -1205,6 +1211,12 @@ impl ProcessorConfig {
                 self.max_buffered_events
             ));
         }
+        if self.restore_concurrency > 64 {
+            p.push(format!(
+                "processor.restore_concurrency = {}: use 0 (default: one per core, at most 4) to 64",
+                self.restore_concurrency
+            ));
+        }
         if !self.facility_retention.is_zero() {
             if self.facility_retention < Duration::from_millis(1) {
                 p.push(format!(
@@ -1722,6 +1734,14 @@ mod tests {
                 && p[0].contains("PRESENCE_<SECTION>__<KEY>"),
             "{p:?}"
         );
+    }
+
+    #[test]
+    fn restore_concurrency_is_read_from_the_environment_and_bounded() {
+        assert!(problems_of(&[("PRESENCE_PROCESSOR__RESTORE_CONCURRENCY", "8")]).is_empty());
+        let p = problems_of(&[("PRESENCE_PROCESSOR__RESTORE_CONCURRENCY", "65")]);
+        assert_eq!(p.len(), 1, "{p:?}");
+        assert!(p[0].contains("processor.restore_concurrency = 65"), "{p:?}");
     }
 
     #[test]

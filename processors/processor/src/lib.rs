@@ -173,7 +173,11 @@ pub async fn run_with(
         timeout,
         config.processor.max_clock_skew.as_millis() as i64,
     )
-    .with_registry_ids(ids);
+    .with_registry_ids(ids)
+    .with_restore_concurrency(match config.processor.restore_concurrency {
+        0 => stage1::restore_concurrency(),
+        n => n,
+    });
     let stage2 = stage2::FacilitiesStage::new(
         stage2::Topics::of(t),
         sources as usize,

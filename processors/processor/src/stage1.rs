@@ -83,7 +83,7 @@ pub struct SessionsStage {
     expiry_delays: Vec<f64>,
     /// Registry ids of heartbeats in the `confluent` framing, resolved on first sight.
     ids: Arc<IdCache>,
-    /// Partitions restored at once ([`restore_concurrency`]).
+    /// Partitions restored at once (`processor.restore_concurrency`).
     restore_concurrency: usize,
 }
 
@@ -95,7 +95,8 @@ pub struct SessionsStage {
 /// the state it builds: four at once bound that to about 120 MiB.
 pub const RESTORE_CONCURRENCY_MAX: usize = 4;
 
-/// [`RESTORE_CONCURRENCY_MAX`], or fewer on a machine with fewer cores.
+/// The default of `processor.restore_concurrency`: one per core, at most
+/// [`RESTORE_CONCURRENCY_MAX`].
 pub fn restore_concurrency() -> usize {
     std::thread::available_parallelism()
         .map_or(1, |n| n.get())
