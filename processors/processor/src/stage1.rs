@@ -87,7 +87,7 @@ pub struct SessionsStage {
     restore_concurrency: usize,
 }
 
-/// Partitions a stage-1 restore rebuilds at most at once. One partition's restore keeps
+/// The most stage-1 partitions restored at once by default. One partition's restore keeps
 /// about one and a half cores busy (the changelog's decode and apply, the window's decode,
 /// librdkafka's fetch threads) and waits on none of the others, so an instance that takes
 /// over many partitions restores them side by side up to its cores. Each one holds up to
