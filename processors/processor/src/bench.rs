@@ -673,11 +673,27 @@ pub async fn latency(
                             .unwrap_or(f64::NAN);
                         format!("{step} {:.1}", spent / n * 1000.0)
                     });
+                    // The slow ones, from the histogram's buckets: a commit blocks the
+                    // stage's loop, so every beat that arrives meanwhile waits it out.
+                    let slow = ["0.1", "0.25", "0.5"].map(|le| {
+                        let within = processor
+                            .metric_having(
+                                "presence_transaction_commit_seconds_bucket",
+                                &format!("{label},le=\"{le}\""),
+                            )
+                            .unwrap_or(f64::NAN);
+                        format!(
+                            "{:.0} over {:.0} ms",
+                            n - within,
+                            le.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
+                        )
+                    });
                     format!(
-                        "{stage} {n:.0} commits ({:.0}/s), mean {:.1} ms ({} ms)",
+                        "{stage} {n:.0} commits ({:.0}/s), mean {:.1} ms ({} ms), {}",
                         n / seconds as f64,
                         sum / n * 1000.0,
-                        steps.join(", ")
+                        steps.join(", "),
+                        slow.join(", ")
                     )
                 }
                 _ => format!("{stage}: no commits on record"),
