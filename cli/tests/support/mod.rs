@@ -863,8 +863,6 @@ fn six_free_ports() -> u16 {
     panic!("no six consecutive free ports on 127.0.0.1");
 }
 
-/// The schema registry `make stack` runs (Apicurio's Confluent-compatible API), or the one
-/// `PRESENCE_TEST_REGISTRY_URL` names.
 /// Deletes every Redis key under the test's own prefix (what a notifier wrote for it); a
 /// Redis that does not answer leaves them, which only costs space.
 pub async fn delete_redis_keys(c: &Config) {
@@ -884,6 +882,8 @@ pub async fn delete_redis_keys(c: &Config) {
     }
 }
 
+/// The schema registry `make stack` runs (Apicurio's Confluent-compatible API), or the one
+/// `PRESENCE_TEST_REGISTRY_URL` names.
 pub fn registry_url() -> String {
     std::env::var("PRESENCE_TEST_REGISTRY_URL")
         .unwrap_or_else(|_| "http://127.0.0.1:8081/apis/ccompat/v7".into())

@@ -675,18 +675,14 @@ pub async fn latency(
                     });
                     // The slow ones, from the histogram's buckets: a commit blocks the
                     // stage's loop, so every beat that arrives meanwhile waits it out.
-                    let slow = ["0.1", "0.25", "0.5"].map(|le| {
+                    let slow = [("0.1", 100), ("0.25", 250), ("0.5", 500)].map(|(le, ms)| {
                         let within = processor
                             .metric_having(
                                 "presence_transaction_commit_seconds_bucket",
                                 &format!("{label},le=\"{le}\""),
                             )
                             .unwrap_or(f64::NAN);
-                        format!(
-                            "{:.0} over {:.0} ms",
-                            n - within,
-                            le.parse::<f64>().unwrap_or(f64::NAN) * 1000.0
-                        )
+                        format!("{:.0} over {ms} ms", n - within)
                     });
                     format!(
                         "{stage} {n:.0} commits ({:.0}/s), mean {:.1} ms ({} ms), {}",

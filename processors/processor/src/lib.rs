@@ -174,10 +174,7 @@ pub async fn run_with(
         config.processor.max_clock_skew.as_millis() as i64,
     )
     .with_registry_ids(ids)
-    .with_restore_concurrency(match config.processor.restore_concurrency {
-        0 => stage1::restore_concurrency(),
-        n => n,
-    });
+    .with_restore_concurrency(config.processor.restore_concurrency);
     let stage2 = stage2::FacilitiesStage::new(
         stage2::Topics::of(t),
         sources as usize,

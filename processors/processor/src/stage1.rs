@@ -121,9 +121,13 @@ impl SessionsStage {
         }
     }
 
-    /// Restores at most `n` partitions at once (at least one); the benchmark compares.
+    /// Restores at most `n` partitions at once; 0 is the default ([`restore_concurrency`]),
+    /// as `processor.restore_concurrency` says.
     pub fn with_restore_concurrency(mut self, n: usize) -> SessionsStage {
-        self.restore_concurrency = n.max(1);
+        self.restore_concurrency = match n {
+            0 => restore_concurrency(),
+            n => n,
+        };
         self
     }
 
