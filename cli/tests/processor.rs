@@ -268,3 +268,157 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
     );
     finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
 }
+
+/// The shutdown snapshots of instance `a` in `state`, by partition.
+fn snapshots_of(
+    state: &std::path::Path,
+    c: &presence_core::config::Config,
+) -> Vec<(i32, std::path::PathBuf)> {
+    let dir = state.join(format!("{}.a", c.processor.group_id));
+    let mut found: Vec<(i32, std::path::PathBuf)> = std::fs::read_dir(&dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let p = name
+                        .strip_prefix("sessions-")?
+                        .strip_suffix(".snapshot")?
+                        .parse()
+                        .ok()?;
+                    Some((p, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    found.sort();
+    found
+}
+
+/// Waits until instance `ops` has counted `n` shutdown snapshots at restore, whatever became
+/// of them; returns (used, stale, damaged).
+async fn snapshot_outcomes(ops: u16, n: usize, what: &str) -> (f64, f64, f64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        presence_testkit::check_processes();
+        let counted = metric_sum(ops, "presence_snapshot_restores_total", "").await;
+        if counted >= n as f64 {
+            let outcome = |o: &'static str| {
+                metric_sum(
+                    ops,
+                    "presence_snapshot_restores_total",
+                    match o {
+                        "used" => "outcome=\"used\"",
+                        "stale" => "outcome=\"stale\"",
+                        _ => "outcome=\"damaged\"",
+                    },
+                )
+            };
+            return (
+                outcome("used").await,
+                outcome("stale").await,
+                outcome("damaged").await,
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: {counted} of {n} snapshots counted at restore within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// SIGTERM: the processor commits, writes each partition's sessions to a snapshot, and the
+/// same instance started again loads them instead of reading its changelogs, each once. A
+/// snapshot the partition has moved on from (stale) or a damaged one is refused, and that
+/// partition restores from its changelog. Either way the whole output is the oracle's.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_clean_restart_resumes_from_its_snapshots_exactly() {
+    let _one = serial();
+    let seed = test_seed();
+    let (c, expected) = case(seed, 4_000, 200).await;
+    let state = tempfile::tempdir().expect("a temporary state directory");
+    let state_dir = state.path().display().to_string();
+    let start = |ops: u16| {
+        let listen = format!("127.0.0.1:{ops}");
+        watched_processor(
+            &c,
+            "a",
+            &[
+                ("PRESENCE_PROCESSOR__STATE_DIR", state_dir.as_str()),
+                ("PRESENCE_PROCESSOR__OPS_LISTEN", listen.as_str()),
+            ],
+        )
+    };
+    let n = expected.len();
+    let mut reader = StatusReader::new(&c);
+
+    // A clean stop a quarter of the way: a snapshot per partition with open sessions.
+    let mut p = start(presence_testkit::free_port());
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() >= n / 4),
+        "seed {seed}: a quarter of the output within 60 s"
+    );
+    assert!(terminate(&mut p).success(), "SIGTERM: exit 0");
+    let committed = check_committed_at_kill(&c, &expected, &format!("seed {seed}, first stop"));
+    let first = snapshots_of(state.path(), &c);
+    assert!(
+        !first.is_empty(),
+        "seed {seed}: no shutdown snapshot in {state_dir}"
+    );
+    let saved: Vec<(i32, Vec<u8>)> = first
+        .iter()
+        .map(|(q, f)| (*q, std::fs::read(f).expect("read a snapshot")))
+        .collect();
+
+    // Started again: every snapshot is used, and read once.
+    let ops = presence_testkit::free_port();
+    let mut p = start(ops);
+    let (used, stale, damaged) = snapshot_outcomes(ops, first.len(), "first restart").await;
+    assert_eq!(
+        (used, stale, damaged),
+        (first.len() as f64, 0.0, 0.0),
+        "seed {seed}: each snapshot used (used, stale, damaged)"
+    );
+    assert!(
+        snapshots_of(state.path(), &c).is_empty(),
+        "seed {seed}: snapshots are deleted once read"
+    );
+    assert!(
+        reader.read_until(Duration::from_secs(60), |s| s.len() > committed
+            && s.len() >= n / 2),
+        "seed {seed}: half of the output within 60 s of the warm restart"
+    );
+    assert!(terminate(&mut p).success(), "SIGTERM: exit 0");
+    check_committed_at_kill(&c, &expected, &format!("seed {seed}, second stop"));
+
+    // One partition's snapshot swapped for its first one (stale: the partition moved on
+    // since), another's damaged; the rest are used.
+    let second = snapshots_of(state.path(), &c);
+    let (stale_p, stale_bytes) = saved
+        .iter()
+        .find(|(q, _)| second.iter().any(|(p, _)| p == q))
+        .expect("a partition with a snapshot at both stops");
+    let (damaged_p, damaged_file) = second
+        .iter()
+        .find(|(q, _)| q != stale_p)
+        .expect("two partitions with a snapshot at the second stop");
+    std::fs::write(
+        &second.iter().find(|(q, _)| q == stale_p).unwrap().1,
+        stale_bytes,
+    )
+    .unwrap();
+    let mut bytes = std::fs::read(damaged_file).unwrap();
+    let middle = bytes.len() - 20;
+    bytes[middle] ^= 0x01;
+    std::fs::write(damaged_file, &bytes).unwrap();
+    let ops = presence_testkit::free_port();
+    let p = start(ops);
+    let (used, stale, damaged) = snapshot_outcomes(ops, second.len(), "second restart").await;
+    assert_eq!(
+        (used, stale, damaged),
+        ((second.len() - 2) as f64, 1.0, 1.0),
+        "seed {seed}: partition {stale_p}'s snapshot is stale, {damaged_p}'s damaged (used, stale, damaged)"
+    );
+    finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
+}

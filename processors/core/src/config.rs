@@ -270,9 +270,16 @@ pub struct ProcessorConfig {
     /// it runs (the re-read beats it holds ahead of its changelog, two restore consumers'
     /// queues). Default 0: one per core, at most 4.
     pub restore_concurrency: usize,
+    /// When the processor stops cleanly (SIGTERM), stage 1 writes each partition's open
+    /// sessions to `<state_dir>/<group_id>.<instance>/sessions-<partition>.snapshot` (28 bytes
+    /// a session), and the next start of the same instance loads a partition from its file
+    /// instead of reading its changelog, if the partition is still at the committed point
+    /// the file was written at (a warm restart). Default true; false writes and reads none.
+    pub shutdown_snapshots: bool,
     /// Where stage 2 keeps those facilities: one file per partition in
     /// `<state_dir>/<group_id>.<instance>/`, a cache of the facilities changelog (emptied
-    /// and rebuilt when the partition is assigned, deleted when it goes), created at start.
+    /// and rebuilt when the partition is assigned, deleted when it goes), created at start;
+    /// and where stage 1 keeps its shutdown snapshots (`shutdown_snapshots`).
     /// Needs a writable local disk. Default `<system temp dir>/presence-state`.
     pub state_dir: PathBuf,
     /// Where `/metrics`, `/healthz` and `/readyz` are served. Default 127.0.0.1:9101.
@@ -340,6 +347,7 @@ impl Default for ProcessorConfig {
             max_buffered_events: 500_000,
             facility_retention: Duration::from_secs(24 * 3600),
             restore_concurrency: 0,
+            shutdown_snapshots: true,
             state_dir: std::env::temp_dir().join("presence-state"),
             ops_listen: ([127, 0, 0, 1], 9101).into(),
         }

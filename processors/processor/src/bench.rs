@@ -172,23 +172,12 @@ pub async fn restore(
     let pid = std::process::id();
     let rss_before = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
     let mut rss_after = 0;
+    let mut last = None;
     for _ in 0..runs {
         for (m, &threads) in modes.iter().enumerate() {
             let stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000)
                 .with_restore_concurrency(threads);
-            let load: Vec<_> = (0..partitions)
-                .map(|q| {
-                    let here = (sessions + parts - 1 - q as usize) / parts;
-                    let committed = Committed {
-                        offset: 3 * here as i64,
-                        checkpoint: Some(crate::stage1::Checkpoint {
-                            t: t0 + 2 * (timeout / 3) + 10,
-                            s: here as i64 + 1,
-                        }),
-                    };
-                    (q, Some(committed))
-                })
-                .collect();
+            let load = partition_load(sessions, partitions, t0, timeout);
             let started = Instant::now();
             let cfg = io_config.clone();
             let stage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -205,8 +194,23 @@ pub async fn restore(
                 open == sessions,
                 "restored {open} sessions, expected {sessions}"
             );
+            last = Some(stage);
         }
     }
+    let warm = match last {
+        Some(stage) => Some(
+            warm_restore(
+                stage,
+                &partition_load(sessions, partitions, t0, timeout),
+                topics,
+                timeout,
+                runs,
+                &io_config,
+            )
+            .await?,
+        ),
+        None => None,
+    };
     let mut lines = vec![format!(
         "restore of {sessions} open sessions (changelog {sessions} records + {} heartbeats re-read from the timeout window) on {partitions} partition(s); writing the test data took {:.1} s; \
          session state {:.1} MiB ({:.1} B a session); this process's RSS {:.0} MiB before the restore, {:.0} MiB with the restored state",
@@ -233,7 +237,122 @@ pub async fn restore(
             median(times[1].clone()) / median(times[0].clone()),
         ));
     }
+    if let Some(w) = warm {
+        let from_changelog = median(times[modes.len() - 1].clone());
+        lines.push(format!(
+            "warm restart from shutdown snapshots ({} at a time): median {:.2} s over {runs} runs (min {:.2} s), ratio {:.3} against the changelog restore above; writing them at shutdown: median {:.2} s, {:.1} MiB on disk ({:.1} B a session)",
+            modes[modes.len() - 1],
+            median(w.load.clone()),
+            w.load.iter().copied().fold(f64::INFINITY, f64::min),
+            median(w.load.clone()) / from_changelog,
+            median(w.write.clone()),
+            w.bytes as f64 / 1048576.0,
+            w.bytes as f64 / sessions.max(1) as f64,
+        ));
+    }
     Ok(lines.join("\n"))
+}
+
+/// What each partition of the restore benchmark's data has committed: the offset after
+/// its three beats a session, and the clock of the last of them.
+fn partition_load(
+    sessions: usize,
+    partitions: i32,
+    t0: i64,
+    timeout: i64,
+) -> Vec<(i32, Option<Committed<crate::stage1::Checkpoint>>)> {
+    let parts = partitions as usize;
+    (0..partitions)
+        .map(|q| {
+            let here = (sessions + parts - 1 - q as usize) / parts;
+            let committed = Committed {
+                offset: 3 * here as i64,
+                checkpoint: Some(crate::stage1::Checkpoint {
+                    t: t0 + 2 * (timeout / 3) + 10,
+                    s: here as i64 + 1,
+                }),
+            };
+            (q, Some(committed))
+        })
+        .collect()
+}
+
+/// Times of the warm restart: writing the shutdown snapshots, then loading them.
+struct Warm {
+    write: Vec<f64>,
+    load: Vec<f64>,
+    bytes: u64,
+}
+
+/// The warm restart of `restored` (as restored from the changelog): each run writes its
+/// shutdown snapshots (as a clean stop does), then a new stage restores every partition from
+/// them, at the default concurrency. Fails unless every snapshot was used.
+async fn warm_restore(
+    restored: crate::stage1::SessionsStage,
+    load: &[(i32, Option<Committed<crate::stage1::Checkpoint>>)],
+    topics: crate::stage1::Topics,
+    timeout: i64,
+    runs: usize,
+    io_config: &rdkafka::config::ClientConfig,
+) -> anyhow::Result<Warm> {
+    let dir = std::env::temp_dir().join(format!(
+        "presence-bench-snapshots-{}-{}",
+        std::process::id(),
+        now_ms()
+    ));
+    std::fs::create_dir_all(&dir)?;
+    let _gone = RemoveDir(dir.clone());
+    let positions: HashMap<i32, i64> = load
+        .iter()
+        .filter_map(|(p, c)| Some((*p, c.as_ref()?.offset)))
+        .collect();
+    let mut warm = Warm {
+        write: Vec::new(),
+        load: Vec::new(),
+        bytes: 0,
+    };
+    let mut stage = restored.with_snapshots(dir.clone());
+    for _ in 0..runs {
+        let started = Instant::now();
+        stage.on_clean_stop(&positions);
+        warm.write.push(started.elapsed().as_secs_f64());
+        warm.bytes = std::fs::read_dir(&dir)?
+            .flatten()
+            .filter_map(|e| e.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let sessions = stage.open_sessions();
+        drop(stage);
+        let fresh =
+            crate::stage1::SessionsStage::new(topics, timeout, 60_000).with_snapshots(dir.clone());
+        let (load, cfg) = (load.to_vec(), io_config.clone());
+        let started = Instant::now();
+        let fresh = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
+            let mut fresh = fresh;
+            fresh.restore_partitions(load, &RestoreIo { config: &cfg })?;
+            Ok(fresh)
+        })
+        .await??;
+        warm.load.push(started.elapsed().as_secs_f64());
+        let [used, stale, damaged] = fresh.snapshot_outcomes();
+        anyhow::ensure!(
+            used == positions.len() as u64 && stale + damaged == 0 && fresh.open_sessions() == sessions,
+            "warm restart: {used} snapshots used, {stale} stale, {damaged} damaged of {}; {} sessions restored of {sessions}",
+            positions.len(),
+            fresh.open_sessions()
+        );
+        stage = fresh;
+    }
+    Ok(warm)
+}
+
+/// Removes a directory when dropped.
+struct RemoveDir(std::path::PathBuf);
+
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
 
 /// What `presence bench throughput` runs.

@@ -39,6 +39,7 @@ pub mod records;
 pub mod restore;
 pub mod runner;
 pub mod sessions;
+pub mod snapshot;
 pub mod soak;
 pub mod stage;
 pub mod stage1;
@@ -109,12 +110,21 @@ fn state_dir(config: &Config) -> anyhow::Result<Option<(std::path::PathBuf, i64)
     if p.facility_retention.is_zero() {
         return Ok(None);
     }
+    let dir = cold::prepare_dir(&p.state_dir, &instance_dir_name(config))?;
+    tracing::info!(dir = %dir.display(), retention = ?p.facility_retention, "stage 2 moves facilities quiet for longer than processor.facility_retention to disk");
+    Ok(Some((dir, p.facility_retention.as_millis().max(1) as i64)))
+}
+
+/// This instance's directory under `processor.state_dir`: `<group_id>.<instance>`, made
+/// safe as a file name.
+fn instance_dir_name(config: &Config) -> String {
+    let p = &config.processor;
     let instance = if p.instance_id.is_empty() {
         presence_core::kafka::hostname()
     } else {
         p.instance_id.clone()
     };
-    let name: String = format!("{}.{instance}", p.group_id)
+    format!("{}.{instance}", p.group_id)
         .chars()
         .map(|c| {
             if c.is_ascii_alphanumeric() || "._-".contains(c) {
@@ -123,10 +133,29 @@ fn state_dir(config: &Config) -> anyhow::Result<Option<(std::path::PathBuf, i64)
                 '_'
             }
         })
-        .collect();
-    let dir = cold::prepare_dir(&p.state_dir, &name)?;
-    tracing::info!(dir = %dir.display(), retention = ?p.facility_retention, "stage 2 moves facilities quiet for longer than processor.facility_retention to disk");
-    Ok(Some((dir, p.facility_retention.as_millis().max(1) as i64)))
+        .collect()
+}
+
+/// Where stage 1's shutdown snapshots go (`processor.shutdown_snapshots`), created now;
+/// `None` when they are off or the directory cannot be made (they only save time: the
+/// processor runs without them, and says so).
+fn snapshot_dir(config: &Config) -> Option<std::path::PathBuf> {
+    let p = &config.processor;
+    if !p.shutdown_snapshots {
+        return None;
+    }
+    if p.state_dir.as_os_str().is_empty() {
+        tracing::warn!("processor.state_dir is empty: no shutdown snapshots, every restart restores stage 1 from its changelog; name a writable local directory, or set processor.shutdown_snapshots = false to silence this");
+        return None;
+    }
+    let dir = p.state_dir.join(instance_dir_name(config));
+    match std::fs::create_dir_all(&dir) {
+        Ok(()) => Some(dir),
+        Err(e) => {
+            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the directory for shutdown snapshots: every restart restores stage 1 from its changelog; point processor.state_dir at a writable local directory, or set processor.shutdown_snapshots = false");
+            None
+        }
+    }
 }
 
 /// Runs both stages until `shutdown`, serving `/metrics`, `/healthz`, `/readyz` on
@@ -175,6 +204,10 @@ pub async fn run_with(
     )
     .with_registry_ids(ids)
     .with_restore_concurrency(config.processor.restore_concurrency);
+    let stage1 = match snapshot_dir(&config) {
+        Some(dir) => stage1.with_snapshots(dir),
+        None => stage1,
+    };
     let stage2 = stage2::FacilitiesStage::new(
         stage2::Topics::of(t),
         sources as usize,

@@ -31,6 +31,9 @@ pub struct Metrics {
     pub partitions_lost: IntCounterVec,
     pub restore_seconds: HistogramVec,
     pub restored_records: IntCounterVec,
+    /// `presence_snapshot_restores_total{outcome}`: stage-1 shutdown snapshots found at
+    /// restore, used or not (`crate::snapshot`).
+    pub snapshot_restores: IntCounterVec,
     pub expiry_delay: Histogram,
     pub transition_latency: Histogram,
     pub buffered_events: IntGauge,
@@ -123,6 +126,12 @@ impl Metrics {
                 "presence_restored_records_total",
                 "Records read while restoring state",
                 &["stage"],
+            ),
+            snapshot_restores: counter_vec(
+                r,
+                "presence_snapshot_restores_total",
+                "Stage-1 shutdown snapshots found when a partition restored: used (its changelog was not read), stale (the partition moved on since it was written) or damaged; the last two restore from the changelog",
+                &["outcome"],
             ),
             expiry_delay: histogram(
                 r,

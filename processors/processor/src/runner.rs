@@ -721,6 +721,10 @@ fn close_on_shutdown<S: Stage>(consumer: StageConsumer<S>, shared: &Mutex<Member
         let mut g = lock(shared);
         if !g.needs_rewind && consumer.client().fatal_error().is_none() {
             g.finish_transaction(&consumer);
+            if !g.needs_rewind && !g.txn.is_open() && g.defect.is_none() {
+                let positions = g.positions.clone();
+                g.stage.on_clean_stop(&positions);
+            }
         } else {
             g.abort("shutdown");
         }

@@ -713,6 +713,138 @@ impl SessionTask {
     }
 }
 
+/// The longest facility or region id a snapshot may hold: a longer length field is damage.
+const SNAPSHOT_MAX_ID_BYTES: usize = 64 * 1024;
+
+/// One session in a snapshot: its key (16 bytes), last seen (8), facility (4).
+const SNAPSHOT_SESSION_BYTES: usize = 28;
+
+/// Why a snapshot's sessions could not be read back.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("damaged: {0}")]
+    Damaged(&'static str),
+}
+
+impl SessionTask {
+    /// Whether [`Self::write_sessions`] can stand for this task: not while it restores, and
+    /// not while it holds sessions from schema-v1 changelog records (their old keys, which
+    /// closing them must tombstone, are not in a snapshot).
+    pub fn can_snapshot(&self) -> bool {
+        self.restore_offsets.is_empty() && self.legacy.is_empty()
+    }
+
+    /// Writes the open sessions for [`Self::read_sessions`]: the facilities they are at
+    /// (count, then each id and region id with its length), then the sessions in expiry
+    /// order (count, then key, last seen and facility of each), little-endian. The clock is
+    /// not in it: the caller keeps it beside (a checkpoint).
+    pub fn write_sessions(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
+        let mut index = vec![NIL; self.facilities.len()];
+        let mut live = 0u32;
+        for (i, n) in self.facility_sessions.iter().enumerate() {
+            if *n > 0 {
+                index[i] = live;
+                live += 1;
+            }
+        }
+        w.write_all(&live.to_le_bytes())?;
+        for (i, (f, r)) in self.facilities.iter().enumerate() {
+            if index[i] == NIL {
+                continue;
+            }
+            for id in [f, r] {
+                w.write_all(&(id.len() as u32).to_le_bytes())?;
+                w.write_all(id.as_bytes())?;
+            }
+        }
+        w.write_all(&(self.open as u64).to_le_bytes())?;
+        let mut buf = [0u8; SNAPSHOT_SESSION_BYTES];
+        let mut i = self.head;
+        while i != NIL {
+            let s = &self.slots[i as usize];
+            buf[..8].copy_from_slice(&s.key[0].to_le_bytes());
+            buf[8..16].copy_from_slice(&s.key[1].to_le_bytes());
+            buf[16..24].copy_from_slice(&s.last_seen.to_le_bytes());
+            buf[24..].copy_from_slice(&index[s.facility as usize].to_le_bytes());
+            w.write_all(&buf)?;
+            i = s.next;
+        }
+        Ok(())
+    }
+
+    /// A task holding the sessions [`Self::write_sessions`] wrote, with its clock at
+    /// `(stream_time, next_seq)`. Anything that cannot have been written so (a facility
+    /// listed twice or without sessions, a session listed twice, out of expiry order or at
+    /// a facility not listed) is an error, never a task that differs from the one written.
+    pub fn read_sessions(
+        partition: i32,
+        timeout_ms: i64,
+        max_future_ms: i64,
+        (stream_time, next_seq): (i64, i64),
+        r: &mut impl std::io::Read,
+    ) -> Result<SessionTask, SnapshotError> {
+        let mut task = SessionTask::new(partition, timeout_ms, max_future_ms);
+        task.set_clock(stream_time, next_seq);
+        let mut word = [0u8; 4];
+        r.read_exact(&mut word)?;
+        let facilities = u32::from_le_bytes(word);
+        let mut id = Vec::new();
+        for n in 0..facilities {
+            let mut ids: [String; 2] = Default::default();
+            for slot in &mut ids {
+                r.read_exact(&mut word)?;
+                let len = u32::from_le_bytes(word) as usize;
+                if len > SNAPSHOT_MAX_ID_BYTES {
+                    return Err(SnapshotError::Damaged("an id longer than any id"));
+                }
+                id.resize(len, 0);
+                r.read_exact(&mut id)?;
+                *slot = String::from_utf8(std::mem::take(&mut id))
+                    .map_err(|_| SnapshotError::Damaged("an id that is not UTF-8"))?;
+            }
+            if task.intern(&ids[0], &ids[1]) != n {
+                return Err(SnapshotError::Damaged("a facility listed twice"));
+            }
+        }
+        let mut count = [0u8; 8];
+        r.read_exact(&mut count)?;
+        let sessions = u64::from_le_bytes(count);
+        // Reserved up to what the file can hold at most; a damaged count fails below.
+        let reserve = sessions.min(1 << 28) as usize;
+        task.slots.reserve_exact(reserve);
+        {
+            let slots = &task.slots;
+            task.table.reserve(reserve, |&j| slots[j as usize].key[0]);
+        }
+        let mut buf = [0u8; SNAPSHOT_SESSION_BYTES];
+        let mut last = i64::MIN;
+        for _ in 0..sessions {
+            r.read_exact(&mut buf)?;
+            let word = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or([0; 8]));
+            let key = [word(0), word(8)];
+            let last_seen = word(16) as i64;
+            let facility = u32::from_le_bytes(buf[24..].try_into().unwrap_or([0xff; 4]));
+            if facility >= facilities {
+                return Err(SnapshotError::Damaged("a session at a facility not listed"));
+            }
+            if last_seen < last {
+                return Err(SnapshotError::Damaged("sessions out of expiry order"));
+            }
+            if task.find(key).is_some() {
+                return Err(SnapshotError::Damaged("a session listed twice"));
+            }
+            last = last_seen;
+            task.insert(key, facility, last_seen);
+        }
+        if task.facility_sessions.contains(&0) {
+            return Err(SnapshotError::Damaged("a facility without sessions"));
+        }
+        Ok(task)
+    }
+}
+
 /// Collects outputs in memory: tests, benchmarks and the runner's per-record buffer.
 #[derive(Default, Debug)]
 pub struct Collected {
@@ -1349,5 +1481,126 @@ mod tests {
             let expected: std::collections::HashMap<SessionKey, (String, String)> = model.iter().map(|((u, s), (f, _))| (session_key(&format!("u{u}"), &format!("s{s}")), (format!("u{u}"), format!("f{f}")))).collect();
             prop_assert_eq!(compacted, expected);
         }
+
+        /// A task read back from its snapshot at any point goes on exactly as the live one:
+        /// the same events and changelog writes for the same beats, then the same expiries.
+        #[test]
+        fn a_snapshot_goes_on_as_the_live_task(
+            beats in proptest::collection::vec((0u8..3, 0u8..8, 0u8..4, 0u32..200, any::<bool>()), 1..300),
+            split in 0usize..300,
+        ) {
+            let split = split.min(beats.len());
+            let mut live = SessionTask::new(0, 10_000, 60_000);
+            let mut warm = None;
+            let (mut live_out, mut warm_out) = (Log::default(), Log::default());
+            let mut now = 0i64;
+            for (i, (u, s, f, dt, is_end)) in beats.into_iter().enumerate() {
+                if i == split {
+                    warm = Some(round_trip(&live));
+                }
+                now += dt as i64 * 100;
+                let (uid, sid, fid) = (format!("u{u}"), format!("s{s}"), format!("f{f}"));
+                let b = Beat { session_id: &sid, user_id: &uid, facility_id: &fid, region_id: "r", kind: if is_end { HeartbeatKind::End } else { HeartbeatKind::Beat } };
+                live.on_heartbeat(i as i64, now, &b, WALL, &mut live_out).unwrap();
+                if let Some(w) = warm.as_mut() {
+                    w.on_heartbeat(i as i64, now, &b, WALL, &mut warm_out).unwrap();
+                }
+            }
+            let mut warm = warm.unwrap_or_else(|| round_trip(&live));
+            let skip = live_out.events.len() - warm_out.events.len();
+            let skip_changelog = live_out.changelog.len() - warm_out.changelog.len();
+            live.advance_to(now + 60_000, &mut live_out);
+            warm.advance_to(now + 60_000, &mut warm_out);
+            let events = |l: &Log, from: usize| -> Vec<(SessionEventKind, String, i64, i64)> {
+                l.events[from..].iter().map(|e| (e.kind, e.facility_id.clone(), e.at, e.source_seq)).collect()
+            };
+            prop_assert_eq!(events(&live_out, skip), events(&warm_out, 0));
+            let changelog = |l: &Log, from: usize| -> Vec<(SessionKey, Option<(String, i64)>)> {
+                l.changelog[from..].iter().map(|(k, s)| (*k, s.as_ref().map(|s| (s.facility_id.clone(), s.last_seen)))).collect()
+            };
+            prop_assert_eq!(changelog(&live_out, skip_changelog), changelog(&warm_out, 0));
+            prop_assert_eq!(warm.open_sessions(), 0);
+            prop_assert_eq!(warm.facilities_held(), 0);
+        }
+    }
+
+    fn round_trip(task: &SessionTask) -> SessionTask {
+        let mut bytes = Vec::new();
+        task.write_sessions(&mut bytes).unwrap();
+        let read = SessionTask::read_sessions(
+            task.partition(),
+            10_000,
+            60_000,
+            (task.stream_time(), task.next_seq()),
+            &mut &bytes[..],
+        )
+        .unwrap();
+        assert_eq!(read.open_sessions(), task.open_sessions());
+        assert_eq!(read.facilities_held(), task.facilities_held());
+        assert_eq!(read.next_expiry(), task.next_expiry());
+        read
+    }
+
+    fn snapshot_of(sessions: &[(&str, &str, i64)]) -> Vec<u8> {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let mut out = Collected::default();
+        for (i, (s, f, ts)) in sessions.iter().enumerate() {
+            t.on_heartbeat(i as i64, *ts, &beat(s, f), WALL, &mut out)
+                .unwrap();
+        }
+        let mut bytes = Vec::new();
+        t.write_sessions(&mut bytes).unwrap();
+        bytes
+    }
+
+    fn read_back(bytes: &[u8]) -> Result<SessionTask, SnapshotError> {
+        SessionTask::read_sessions(0, T, 60_000, (0, 1), &mut &bytes[..])
+    }
+
+    #[test]
+    fn a_snapshot_that_cannot_have_been_written_is_refused() {
+        // Two facilities (ids "f" and "g", region "r"), then sessions of 28 bytes.
+        let bytes = snapshot_of(&[("a", "f", 1_000), ("b", "g", 2_000), ("c", "f", 3_000)]);
+        assert_eq!(read_back(&bytes).unwrap().open_sessions(), 3);
+        let sessions_at = 4 + 2 * (4 + 1 + 4 + 1) + 8;
+        // A facility listed twice: "g" renamed "f".
+        let mut twice = bytes.clone();
+        twice[4 + 10 + 4] = b'f';
+        assert!(matches!(
+            read_back(&twice),
+            Err(SnapshotError::Damaged("a facility listed twice"))
+        ));
+        // A session at a facility not listed.
+        let mut unlisted = bytes.clone();
+        unlisted[sessions_at + 24] = 7;
+        assert!(matches!(
+            read_back(&unlisted),
+            Err(SnapshotError::Damaged(_))
+        ));
+        // Out of expiry order: the second session's last seen before the first's.
+        let mut order = bytes.clone();
+        order[sessions_at + 28 + 16..sessions_at + 28 + 24].copy_from_slice(&0i64.to_le_bytes());
+        assert!(matches!(
+            read_back(&order),
+            Err(SnapshotError::Damaged("sessions out of expiry order"))
+        ));
+        // A session listed twice: the third's key is the second's.
+        let mut dup = bytes.clone();
+        let second: Vec<u8> = dup[sessions_at + 28..sessions_at + 44].to_vec();
+        dup[sessions_at + 56..sessions_at + 72].copy_from_slice(&second);
+        assert!(read_back(&dup).is_err());
+        // Cut short.
+        assert!(matches!(
+            read_back(&bytes[..bytes.len() - 1]),
+            Err(SnapshotError::Io(_))
+        ));
+        // A facility no session is at: the only session at "g" left out.
+        let two = snapshot_of(&[("a", "f", 1_000), ("b", "g", 2_000)]);
+        let mut unused = two[..two.len() - 28].to_vec();
+        unused[sessions_at - 8..sessions_at].copy_from_slice(&1u64.to_le_bytes());
+        assert!(matches!(
+            read_back(&unused),
+            Err(SnapshotError::Damaged("a facility without sessions"))
+        ));
     }
 }

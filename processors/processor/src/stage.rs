@@ -3,7 +3,7 @@
 //! offset), and what it gets for rebuilding a partition ([`RestoreIo`], [`Committed`]).
 //! A stage knows nothing about transactions, rebalances or client rebuilds.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 
 use rdkafka::config::ClientConfig;
 use rdkafka::message::{BorrowedMessage, Message, OwnedHeaders};
@@ -73,6 +73,7 @@ impl Out {
 
 /// A partition's committed offset and the stage's checkpoint stored with it (`None` when
 /// the metadata is not a checkpoint of this stage).
+#[derive(Clone)]
 pub struct Committed<C> {
     pub offset: i64,
     pub checkpoint: Option<C>,
@@ -165,6 +166,10 @@ pub trait Stage: Send + 'static {
     fn on_message(&mut self, message: &BorrowedMessage<'_>, now: i64, out: &mut Vec<Out>);
     /// The partition has no more records for now.
     fn on_eof(&mut self, partition: i32);
+    /// The stage stops cleanly, and its last transaction committed every assigned partition
+    /// at `positions` (partition → next offset), with the checkpoints of the state it holds
+    /// now. Default: nothing.
+    fn on_clean_stop(&mut self, _positions: &HashMap<i32, i64>) {}
     /// Wall-clock work (expiry on caught-up partitions), each partition as far as `clock`
     /// lets it go.
     fn on_tick(&mut self, clock: &Clock<'_>, out: &mut Vec<Out>);

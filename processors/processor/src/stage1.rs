@@ -3,6 +3,8 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::ControlFlow;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use presence_core::codec::{decode, encode};
@@ -19,6 +21,7 @@ use crate::restore::{offset_for_time, read_partition};
 use crate::sessions::{
     key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
+use crate::snapshot::{self, Outcome};
 use crate::stage::{Clock, Committed, Out, RestoreIo, Stage};
 
 #[derive(Clone, Copy)]
@@ -59,7 +62,7 @@ pub const WINDOW_AHEAD_BEATS: usize = 1 << 18;
 const WINDOW_CHUNK_BEATS: usize = 8192;
 
 /// Stored with each committed heartbeats offset: the partition's clock at that point.
-#[derive(Serialize, Deserialize)]
+#[derive(Serialize, Deserialize, Clone)]
 pub struct Checkpoint {
     /// Stream time, ms.
     pub t: i64,
@@ -85,6 +88,11 @@ pub struct SessionsStage {
     ids: Arc<IdCache>,
     /// Partitions restored at once (`processor.restore_concurrency`).
     restore_concurrency: usize,
+    /// Where shutdown snapshots go ([`crate::snapshot`]); `None`: none are written or read.
+    snapshots: Option<PathBuf>,
+    /// Snapshots found at restore since the last publish, by [`Outcome`] (used, stale,
+    /// damaged): restores run on threads of their own.
+    snapshot_outcomes: [AtomicU64; 3],
 }
 
 /// The most stage-1 partitions restored at once by default. One partition's restore keeps
@@ -118,7 +126,17 @@ impl SessionsStage {
             expiry_delays: Vec::new(),
             ids: Arc::new(IdCache::none()),
             restore_concurrency: restore_concurrency(),
+            snapshots: None,
+            snapshot_outcomes: Default::default(),
         }
+    }
+
+    /// Writes a snapshot of each partition's sessions into `dir` when the stage stops
+    /// cleanly, and restores a partition from its snapshot when it is still at that point
+    /// ([`crate::snapshot`]).
+    pub fn with_snapshots(mut self, dir: PathBuf) -> SessionsStage {
+        self.snapshots = Some(dir);
+        self
     }
 
     /// Restores at most `n` partitions at once; 0 is the default ([`restore_concurrency`]),
@@ -136,6 +154,13 @@ impl SessionsStage {
     pub fn with_registry_ids(mut self, ids: Arc<IdCache>) -> SessionsStage {
         self.ids = ids;
         self
+    }
+
+    /// Shutdown snapshots counted at restore and not yet published: used, stale, damaged.
+    pub fn snapshot_outcomes(&self) -> [u64; 3] {
+        self.snapshot_outcomes
+            .each_ref()
+            .map(|n| n.load(Ordering::Relaxed))
     }
 
     /// Heap bytes of every partition's session state (`presence_session_state_bytes`).
@@ -166,6 +191,15 @@ impl SessionsStage {
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<SessionTask> {
         let started = std::time::Instant::now();
+        if let Some(task) = self.warm(partition, committed.as_ref()) {
+            tracing::info!(
+                partition,
+                open_sessions = task.open_sessions(),
+                seconds = started.elapsed().as_secs_f64(),
+                "sessions restored from the shutdown snapshot (the changelog was not read)"
+            );
+            return Ok(task);
+        }
         // Beats after a session's open raised its last-seen without a changelog write; the
         // ones that matter are younger than the timeout at the checkpoint. They are re-read on
         // a second thread while the changelog restores, then applied.
@@ -297,6 +331,53 @@ impl SessionsStage {
             "sessions restored"
         );
         Ok(task)
+    }
+
+    /// `partition`'s shutdown snapshot, if it has one written at `committed`'s point. A
+    /// snapshot that is not (stale, damaged) is logged and counted; the caller restores from
+    /// the changelog.
+    fn warm(
+        &self,
+        partition: i32,
+        committed: Option<&Committed<Checkpoint>>,
+    ) -> Option<SessionTask> {
+        let dir = self.snapshots.as_ref()?;
+        let (offset, checkpoint) = match committed {
+            Some(Committed {
+                offset,
+                checkpoint: Some(c),
+            }) => (*offset, c),
+            // Nothing committed with a checkpoint: whatever a file says is not this state.
+            _ => (-1, &Checkpoint { t: i64::MIN, s: 0 }),
+        };
+        let expected = snapshot::Header {
+            heartbeats: self.topics.heartbeats.to_string(),
+            changelog: self.topics.changelog.to_string(),
+            partition,
+            offset,
+            stream_time: checkpoint.t,
+            next_seq: checkpoint.s,
+            sessions: 0,
+        };
+        let found = snapshot::take(dir, &expected, self.timeout, self.max_future)?;
+        let outcome = match &found {
+            Ok(_) => Outcome::Used,
+            Err((outcome, _)) => *outcome,
+        };
+        self.snapshot_outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
+        match found {
+            Ok(task) => Some(task),
+            Err((outcome, why)) => {
+                tracing::warn!(
+                    partition,
+                    file = %snapshot::path(dir, partition).display(),
+                    outcome = outcome.label(),
+                    why,
+                    "shutdown snapshot not used; restoring from the changelog"
+                );
+                None
+            }
+        }
     }
 
     fn install(&mut self, partition: i32, task: SessionTask) {
@@ -527,6 +608,53 @@ impl Stage for SessionsStage {
         self.caught_up.insert(partition);
     }
 
+    /// A snapshot of each partition at the point its last transaction committed.
+    fn on_clean_stop(&mut self, positions: &HashMap<i32, i64>) {
+        let Some(dir) = &self.snapshots else {
+            return;
+        };
+        let started = std::time::Instant::now();
+        let (mut written, mut sessions) = (0usize, 0usize);
+        for (&p, task) in &self.tasks {
+            let Some(&offset) = positions.get(&p) else {
+                continue;
+            };
+            if !task.can_snapshot() {
+                tracing::info!(
+                    partition = p,
+                    "no shutdown snapshot: the partition holds sessions of schema-v1 changelog records"
+                );
+                continue;
+            }
+            let header = snapshot::Header {
+                heartbeats: self.topics.heartbeats.to_string(),
+                changelog: self.topics.changelog.to_string(),
+                partition: p,
+                offset,
+                stream_time: task.stream_time(),
+                next_seq: task.next_seq(),
+                sessions: task.open_sessions() as u64,
+            };
+            match snapshot::write(dir, &header, task) {
+                Ok(()) => {
+                    written += 1;
+                    sessions += task.open_sessions();
+                }
+                // The next start restores this partition from its changelog, as always.
+                Err(e) => {
+                    tracing::warn!(partition = p, error = %e, "shutdown snapshot not written")
+                }
+            }
+        }
+        tracing::info!(
+            partitions = written,
+            open_sessions = sessions,
+            dir = %dir.display(),
+            seconds = started.elapsed().as_secs_f64(),
+            "shutdown snapshots written"
+        );
+    }
+
     fn on_tick(&mut self, clock: &Clock<'_>, out: &mut Vec<Out>) {
         for p in &self.caught_up {
             let Some(task) = self.tasks.get_mut(p) else {
@@ -620,6 +748,15 @@ impl Stage for SessionsStage {
             self.last_events = Some(std::time::Instant::now());
         }
         self.counts.publish(metrics);
+        for outcome in [Outcome::Used, Outcome::Stale, Outcome::Damaged] {
+            let n = self.snapshot_outcomes[outcome as usize].swap(0, Ordering::Relaxed);
+            if n > 0 {
+                metrics
+                    .snapshot_restores
+                    .with_label_values(&[outcome.label()])
+                    .inc_by(n);
+            }
+        }
         for d in self.expiry_delays.drain(..) {
             metrics.expiry_delay.observe(d.max(0.0));
         }
