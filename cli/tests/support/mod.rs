@@ -531,6 +531,7 @@ pub fn finish(
         terminate(&mut p);
     }
     let got = as_expected(&statuses_to_end(c));
+    presence_core::topics::remove_local_state(c);
     assert!(got == expected, "{what}: {}", diff(expected, &got));
 }
 

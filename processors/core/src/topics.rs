@@ -600,11 +600,31 @@ impl Throwaway {
     }
 }
 
+/// Removes the local state a processor of `c`'s throw-away group left under
+/// `processor.state_dir`: its `<group_id>.<instance>` directories (stage 2's stores, stage 1's
+/// shutdown snapshots).
+pub fn remove_local_state(c: &Config) {
+    let prefix = format!("{}.", c.processor.group_id);
+    let Ok(entries) = std::fs::read_dir(&c.processor.state_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        if entry.file_name().to_string_lossy().starts_with(&prefix) {
+            if let Err(e) = std::fs::remove_dir_all(entry.path()) {
+                tracing::warn!(dir = %entry.path().display(), error = %e, "cannot remove a throw-away group's local state");
+            }
+        }
+    }
+}
+
 impl Drop for Throwaway {
     fn drop(&mut self) {
         let configs = std::mem::take(&mut self.0);
         if configs.is_empty() {
             return;
+        }
+        for c in &configs {
+            remove_local_state(c);
         }
         // A thread of its own: drop may run inside a runtime, which cannot block on another.
         let done = std::thread::spawn(move || {

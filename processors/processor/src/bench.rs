@@ -177,6 +177,8 @@ pub async fn restore(
         for (m, &threads) in modes.iter().enumerate() {
             let stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000)
                 .with_restore_concurrency(threads);
+            // Only one restored state at a time in memory (the RSS below is its).
+            drop(last.take());
             let load = partition_load(sessions, partitions, t0, timeout);
             let started = Instant::now();
             let cfg = io_config.clone();
