@@ -68,19 +68,41 @@ pub fn downstream_consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -
     // Downstream latency: a fetch returns after 10 ms even when it has little.
     c.set("fetch.wait.max.ms", "10")
         // Broker reachability for readiness (BrokerWatch) and the lag metrics.
-        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
-        // A member killed with -9 keeps its partitions until its session expires: with
-        // librdkafka's default (45 s) a restarted notifier left its regions' browsers without
-        // transitions for 45 s (the chaos run's "notifier kill -9" recovery, 45.7 s, and the
-        // sink's, 43.8 s). 10 s, as the processor's stages: several missed heartbeats (one a
-        // second, on librdkafka's own thread, so a slow batch never misses one) before a
-        // member counts as gone, and above the broker's group.min.session.timeout.ms (6 s).
-        .set(
-            "session.timeout.ms",
-            DOWNSTREAM_SESSION_TIMEOUT_MS.to_string(),
-        )
-        .set("heartbeat.interval.ms", "1000");
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
+    // A member killed with -9 keeps its partitions until its session expires: with
+    // librdkafka's default (45 s) a restarted notifier left its regions' browsers without
+    // transitions for 45 s (the chaos run's "notifier kill -9" recovery, 45.7 s, and the
+    // sink's, 43.8 s). 10 s, as the processor's stages: several missed heartbeats (one a
+    // second, on librdkafka's own thread, so a slow batch never misses one) before a
+    // member counts as gone, and above the broker's group.min.session.timeout.ms (6 s).
+    unless_passed(
+        &mut c,
+        k,
+        "session.timeout.ms",
+        DOWNSTREAM_SESSION_TIMEOUT_MS.to_string(),
+    );
+    unless_passed(&mut c, k, "heartbeat.interval.ms", "1000".into());
     c
+}
+
+/// Sets `key` to `value` unless the operator passed the same key through
+/// (`kafka.properties`), whose value then stands: for the timeouts and sizes the processes
+/// choose for themselves but a deployment may know better.
+pub fn unless_passed(c: &mut ClientConfig, k: &KafkaConfig, key: &str, value: String) {
+    if !k.properties.contains_key(key) {
+        c.set(key, value);
+    }
+}
+
+/// The `session.timeout.ms` the stage consumers run with: `kafka.properties`' if given,
+/// else [`STAGE_SESSION_TIMEOUT_MS`].
+pub fn stage_session_timeout(k: &KafkaConfig) -> std::time::Duration {
+    let ms = k
+        .properties
+        .get("session.timeout.ms")
+        .and_then(|v| v.expose().parse().ok())
+        .unwrap_or(STAGE_SESSION_TIMEOUT_MS);
+    std::time::Duration::from_millis(ms)
 }
 
 /// `session.timeout.ms` of the notifier's and the sink's consumers, in ms (see
@@ -96,10 +118,16 @@ pub fn transactional_producer_config(
     transactional_id: &str,
 ) -> ClientConfig {
     let mut c = base_config(k, role);
+    // A crashed instance's open transaction blocks read_committed readers until it times
+    // out; 10 s bounds that stall, and is well above a commit's duration. An operator may
+    // pass a shorter one (kafka.properties) for faster takeovers, see README "Failover".
+    unless_passed(
+        &mut c,
+        k,
+        "transaction.timeout.ms",
+        TRANSACTION_TIMEOUT_MS.to_string(),
+    );
     c.set("transactional.id", transactional_id)
-        // A crashed instance's open transaction blocks read_committed readers until it
-        // times out; 10 s bounds that stall, and is well above a commit's duration.
-        .set("transaction.timeout.ms", TRANSACTION_TIMEOUT_MS)
         .set("linger.ms", "5")
         // Right after a commit the coordinator answers CONCURRENT_TRANSACTIONS until the
         // markers are written; librdkafka retries after retry.backoff.ms (default 100 ms),
@@ -142,9 +170,16 @@ pub fn stage_consumer_config(
         .set("fetch.wait.max.ms", "10")
         // Lag metrics, the group state for the assignment watchdog, and broker
         // reachability (with the producer's).
-        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
-        .set("session.timeout.ms", STAGE_SESSION_TIMEOUT_MS.to_string())
-        .set("heartbeat.interval.ms", "1000");
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
+    // An operator may pass a shorter session (kafka.properties, at least the broker's
+    // group.min.session.timeout.ms) for faster takeovers: see [`stage_session_timeout`].
+    unless_passed(
+        &mut c,
+        k,
+        "session.timeout.ms",
+        STAGE_SESSION_TIMEOUT_MS.to_string(),
+    );
+    unless_passed(&mut c, k, "heartbeat.interval.ms", "1000".into());
     // Prefetch and fetch sizes: the memory budget, which leaves a size passed through in
     // `kafka.properties` alone.
     crate::kafka_memory::stage_consumer(&mut c, k);
@@ -627,6 +662,40 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_stages_timeouts_are_ours_unless_the_operator_passes_them() {
+        let k = KafkaConfig::default();
+        let c = stage_consumer_config(&k, "processor-sessions", "g", "sessions.a");
+        assert_eq!(c.get("session.timeout.ms"), Some("10000"));
+        let p = transactional_producer_config(&k, "processor-sessions", "g.a");
+        assert_eq!(
+            p.get("transaction.timeout.ms"),
+            Some(TRANSACTION_TIMEOUT_MS)
+        );
+        assert_eq!(
+            stage_session_timeout(&k),
+            std::time::Duration::from_millis(STAGE_SESSION_TIMEOUT_MS)
+        );
+        let mut k = KafkaConfig::default();
+        for (key, value) in [
+            ("session.timeout.ms", "6000"),
+            ("transaction.timeout.ms", "6000"),
+        ] {
+            k.properties.insert(key.into(), crate::Secret::new(value));
+        }
+        let c = stage_consumer_config(&k, "processor-sessions", "g", "sessions.a");
+        assert_eq!(c.get("session.timeout.ms"), Some("6000"));
+        assert_eq!(c.get("heartbeat.interval.ms"), Some("1000"));
+        let p = transactional_producer_config(&k, "processor-sessions", "g.a");
+        assert_eq!(p.get("transaction.timeout.ms"), Some("6000"));
+        assert_eq!(
+            stage_session_timeout(&k),
+            std::time::Duration::from_millis(6000)
+        );
+        let d = downstream_consumer_config(&k, "sink", "g");
+        assert_eq!(d.get("session.timeout.ms"), Some("6000"));
+    }
 
     #[test]
     fn a_broker_away_is_transient_and_a_missing_topic_is_not() {

@@ -125,9 +125,7 @@ pub const PRODUCER_BATCH_BYTES: u32 = 256 * 1024;
 
 /// Sets `key` to `value` unless the operator passed the same key through.
 fn budget(c: &mut ClientConfig, k: &KafkaConfig, key: &str, value: u32) {
-    if !k.properties.contains_key(key) {
-        c.set(key, value.to_string());
-    }
+    crate::kafka::unless_passed(c, k, key, value.to_string());
 }
 
 /// The records a stage consumer prefetches for each partition (`queued.min.messages`, as

@@ -45,8 +45,8 @@ use std::time::{Duration, Instant};
 
 use presence_core::config::Config;
 use presence_core::kafka::{
-    restore_consumer_config, stage_consumer_config, transactional_producer_config, BrokerWatch,
-    STAGE_SESSION_TIMEOUT_MS,
+    restore_consumer_config, stage_consumer_config, stage_session_timeout,
+    transactional_producer_config, BrokerWatch,
 };
 use presence_core::metrics::ConsumerLag;
 use presence_core::telemetry::{Health, Pulse};
@@ -80,9 +80,6 @@ const REBUILD_PAUSE: Duration = Duration::from_secs(1);
 /// How long a new consumer waits for its predecessor to finish closing (see [`retire`]).
 const RETIRE_WAIT: Duration = Duration::from_secs(5);
 
-/// The assignment watchdog looks at the group after the consumer has held no partition for
-/// a group session timeout: by then a member that lost its partitions has joined again.
-const ASSIGNMENT_LIMIT: Duration = Duration::from_millis(STAGE_SESSION_TIMEOUT_MS);
 /// When the broker does not describe the group, the watchdog replaces a consumer without
 /// partitions only after this long (an outage is on readiness already).
 const ASSIGNMENT_GIVE_UP: Duration = Duration::from_secs(60);
@@ -302,7 +299,9 @@ fn consume<S: Stage>(
         .min(Duration::from_secs(1))
         .max(base_interval);
     let mut out = Vec::new();
-    let mut watch = AssignmentWatch::new(ASSIGNMENT_LIMIT);
+    // The assignment watchdog looks at the group after the consumer has held no partition
+    // for a group session timeout: by then a member that lost its partitions has joined again.
+    let mut watch = AssignmentWatch::new(stage_session_timeout(&config.kafka));
     let mut held_back = false;
     let topic = lock(shared).topic;
     let lateness = config.processor.allowed_lateness.as_millis() as i64;
