@@ -127,8 +127,13 @@ pub fn transactional_producer_config(
         "transaction.timeout.ms",
         TRANSACTION_TIMEOUT_MS.to_string(),
     );
+    // Every commit waits for the transaction's last records, which are produced just before
+    // it (stage 1's watermarks, one per partition of the transitions topic): a linger only
+    // delays them. Records produced while a request is in flight still batch. 5 ms (the
+    // default) against 0, `presence bench latency --rate 20000 --seconds 60`, five pairs
+    // alternating: p99 507 against 172 ms, p50 80 against 68 ms (medians; README).
+    unless_passed(&mut c, k, "linger.ms", "0".into());
     c.set("transactional.id", transactional_id)
-        .set("linger.ms", "5")
         // Right after a commit the coordinator answers CONCURRENT_TRANSACTIONS until the
         // markers are written; librdkafka retries after retry.backoff.ms (default 100 ms),
         // which would add 100 ms to every commit.
@@ -673,6 +678,7 @@ mod tests {
             p.get("transaction.timeout.ms"),
             Some(TRANSACTION_TIMEOUT_MS)
         );
+        assert_eq!(p.get("linger.ms"), Some("0"));
         assert_eq!(
             stage_session_timeout(&k),
             std::time::Duration::from_millis(STAGE_SESSION_TIMEOUT_MS)
@@ -681,6 +687,7 @@ mod tests {
         for (key, value) in [
             ("session.timeout.ms", "6000"),
             ("transaction.timeout.ms", "6000"),
+            ("linger.ms", "5"),
         ] {
             k.properties.insert(key.into(), crate::Secret::new(value));
         }
@@ -689,6 +696,7 @@ mod tests {
         assert_eq!(c.get("heartbeat.interval.ms"), Some("1000"));
         let p = transactional_producer_config(&k, "processor-sessions", "g.a");
         assert_eq!(p.get("transaction.timeout.ms"), Some("6000"));
+        assert_eq!(p.get("linger.ms"), Some("5"));
         assert_eq!(
             stage_session_timeout(&k),
             std::time::Duration::from_millis(6000)
