@@ -150,7 +150,10 @@ fn snapshot_dir(config: &Config) -> Option<std::path::PathBuf> {
     }
     let dir = p.state_dir.join(instance_dir_name(config));
     match std::fs::create_dir_all(&dir) {
-        Ok(()) => Some(dir),
+        Ok(()) => {
+            snapshot::clear(&dir, true);
+            Some(dir)
+        }
         Err(e) => {
             tracing::warn!(dir = %dir.display(), error = %e, "cannot create the directory for shutdown snapshots: every restart restores stage 1 from its changelog; point processor.state_dir at a writable local directory, or set processor.shutdown_snapshots = false");
             None

@@ -84,6 +84,28 @@ pub fn path(dir: &Path, partition: i32) -> PathBuf {
     dir.join(format!("sessions-{partition}.snapshot"))
 }
 
+/// Removes the snapshots in `dir` (`sessions-*.snapshot`), and with `leftovers_only` only
+/// the temporary files of writes a crash cut short. A clean stop clears the snapshots of the
+/// stop before, which no partition used since (it went to another instance, or moved on):
+/// only one stop's snapshots are ever kept.
+pub fn clear(dir: &Path, leftovers_only: bool) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let ours = name.starts_with("sessions-")
+            && (name.ends_with(".snapshot.tmp")
+                || (!leftovers_only && name.ends_with(".snapshot")));
+        if ours {
+            if let Err(e) = std::fs::remove_file(entry.path()) {
+                tracing::warn!(file = %entry.path().display(), error = %e, "cannot remove an old shutdown snapshot");
+            }
+        }
+    }
+}
+
 /// Writes `task` as the snapshot of `header` (atomically: a temporary file renamed over the
 /// old one). Not synced: a file a crash cut short fails its checksum and is ignored.
 pub fn write(dir: &Path, header: &Header, task: &SessionTask) -> anyhow::Result<()> {
@@ -334,6 +356,22 @@ mod tests {
             take(dir.path(), &expired, TIMEOUT, 60_000),
             Some(Err((Outcome::Stale, _)))
         ));
+    }
+
+    #[test]
+    fn clearing_removes_the_last_stops_snapshots_and_leftovers() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = task(5);
+        write(dir.path(), &header_of(&t, 5), &t).unwrap();
+        let leftover = dir.path().join("sessions-4.snapshot.tmp");
+        let other = dir.path().join("facilities-0.redb");
+        std::fs::write(&leftover, b"cut short").unwrap();
+        std::fs::write(&other, b"not ours").unwrap();
+        clear(dir.path(), true);
+        assert!(!leftover.exists() && path(dir.path(), 3).exists());
+        clear(dir.path(), false);
+        assert!(!path(dir.path(), 3).exists());
+        assert!(other.exists(), "only snapshot files are removed");
     }
 
     #[test]

@@ -614,6 +614,7 @@ impl Stage for SessionsStage {
             return;
         };
         let started = std::time::Instant::now();
+        snapshot::clear(dir, false);
         let (mut written, mut sessions) = (0usize, 0usize);
         for (&p, task) in &self.tasks {
             let Some(&offset) = positions.get(&p) else {
