@@ -390,7 +390,9 @@ async fn a_clean_restart_resumes_from_its_snapshots_exactly() {
         "seed {seed}: half of the output within 60 s of the warm restart"
     );
     assert!(terminate(&mut p).success(), "SIGTERM: exit 0");
-    check_committed_at_kill(&c, &expected, &format!("seed {seed}, second stop"));
+    // What is committed is the oracle's, whether or not the work was done by then (the
+    // tampered snapshots below are the point of this stop).
+    committed_at_kill(&c, &expected, &format!("seed {seed}, second stop"));
 
     // One partition's snapshot swapped for its first one (stale: the partition moved on
     // since), another's damaged; the rest are used.
