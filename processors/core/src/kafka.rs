@@ -75,14 +75,15 @@ pub fn downstream_consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -
     // sink's, 43.8 s). 10 s, as the processor's stages: several missed heartbeats (one a
     // second, on librdkafka's own thread, so a slow batch never misses one) before a
     // member counts as gone, and above the broker's group.min.session.timeout.ms (6 s).
-    unless_passed(
-        &mut c,
-        k,
-        "session.timeout.ms",
-        DOWNSTREAM_SESSION_TIMEOUT_MS.to_string(),
-    );
-    unless_passed(&mut c, k, "heartbeat.interval.ms", "1000".into());
+    group_session(&mut c, k, DOWNSTREAM_SESSION_TIMEOUT_MS);
     c
+}
+
+/// A group member's `session.timeout.ms` (`session_ms`) and a heartbeat a second, unless
+/// the operator passed either through.
+fn group_session(c: &mut ClientConfig, k: &KafkaConfig, session_ms: u64) {
+    unless_passed(c, k, "session.timeout.ms", session_ms.to_string());
+    unless_passed(c, k, "heartbeat.interval.ms", "1000".into());
 }
 
 /// Sets `key` to `value` unless the operator passed the same key through
@@ -178,13 +179,7 @@ pub fn stage_consumer_config(
         .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
     // An operator may pass a shorter session (kafka.properties, at least the broker's
     // group.min.session.timeout.ms) for faster takeovers: see [`stage_session_timeout`].
-    unless_passed(
-        &mut c,
-        k,
-        "session.timeout.ms",
-        STAGE_SESSION_TIMEOUT_MS.to_string(),
-    );
-    unless_passed(&mut c, k, "heartbeat.interval.ms", "1000".into());
+    group_session(&mut c, k, STAGE_SESSION_TIMEOUT_MS);
     // Prefetch and fetch sizes: the memory budget, which leaves a size passed through in
     // `kafka.properties` alone.
     crate::kafka_memory::stage_consumer(&mut c, k);
