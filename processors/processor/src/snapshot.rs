@@ -44,8 +44,8 @@ const IO_BUFFER: usize = 1 << 20;
 /// state at.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
 pub struct Header {
-    /// The heartbeats topic and the changelog topic (a snapshot of other topics of the same
-    /// name is not this one's: a test or a re-created topic).
+    /// The heartbeats and changelog topics it was written for: a snapshot of other topics
+    /// (the same group and instance pointed at other ones) is never used.
     pub heartbeats: String,
     pub changelog: String,
     pub partition: i32,
@@ -53,7 +53,7 @@ pub struct Header {
     pub offset: i64,
     pub stream_time: i64,
     pub next_seq: i64,
-    /// Open sessions written (for the log).
+    /// Open sessions written: a file that holds another number is damaged.
     pub sessions: u64,
 }
 
