@@ -556,6 +556,7 @@ impl Drop for Cleanup {
         use rdkafka::admin::{AdminClient, AdminOptions};
         use rdkafka::client::DefaultClientContext;
         let c = &self.0;
+        presence_core::topics::remove_local_state(c);
         let Some(id) = c.topics.heartbeats.strip_suffix("-heartbeats") else {
             return;
         };
