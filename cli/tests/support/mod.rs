@@ -535,8 +535,9 @@ pub fn finish(
     assert!(got == expected, "{what}: {}", diff(expected, &got));
 }
 
-/// Deletes every topic and consumer group of `c` (all named under one unique id) when
-/// dropped, so a test leaves nothing behind on the broker, also when it fails.
+/// Deletes every topic and consumer group of `c` (all named under one unique id), and the
+/// local state its processors left under `processor.state_dir`, when dropped, so a test
+/// leaves nothing behind, also when it fails.
 pub struct Cleanup(Config, Vec<String>);
 
 impl Cleanup {
