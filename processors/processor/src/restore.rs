@@ -46,6 +46,7 @@ pub fn read_partition(
         _ => low,
     };
     if start >= end {
+        drop_aside(consumer);
         return Ok(0);
     }
     let mut tpl = TopicPartitionList::new();

@@ -83,6 +83,9 @@ const RETIRE_WAIT: Duration = Duration::from_secs(5);
 /// When the broker does not describe the group, the watchdog replaces a consumer without
 /// partitions only after this long (an outage is on readiness already).
 const ASSIGNMENT_GIVE_UP: Duration = Duration::from_secs(60);
+/// How long asking for a partition's end offset at a clean stop may block (each snapshot
+/// the stage writes asks once).
+const END_OFFSET_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long the watchdog's look at the group (members, partitions) may block.
 const GROUP_QUERY_TIMEOUT: Duration = Duration::from_secs(5);
 /// The loop's longest wait for records: ticks, commits and watchdogs run at least this often.
@@ -722,7 +725,13 @@ fn close_on_shutdown<S: Stage>(consumer: StageConsumer<S>, shared: &Mutex<Member
             g.finish_transaction(&consumer);
             if !g.needs_rewind && !g.txn.is_open() && g.defect.is_none() {
                 let positions = g.positions.clone();
-                g.stage.on_clean_stop(&positions);
+                let end_of = |topic: &str, p: i32| {
+                    consumer
+                        .fetch_watermarks(topic, p, END_OFFSET_TIMEOUT)
+                        .ok()
+                        .map(|(_, high)| high)
+                };
+                g.stage.on_clean_stop(&positions, &end_of);
             }
         } else {
             g.abort("shutdown");

@@ -14,9 +14,11 @@
 //!
 //! The file is only a cache: a snapshot is used only if the partition's committed offset
 //! and checkpoint (stream time and next sequence number) are still the ones it was written
-//! at. Any transaction that changed the partition's sessions since moved one of them (a
-//! beat moves the offset; an expiry, which is the only change without a record, takes a
-//! sequence number), whoever made it, so a snapshot that passes stands for the committed
+//! at, and no changelog record was committed past the changelog's end at the stop. Any
+//! transaction that changed the partition's sessions since moved one of the first (a beat
+//! moves the offset; an expiry, which is the only change without a record, takes a
+//! sequence number), whoever made it; the second catches a changelog written from outside
+//! the processor (an upgrade's rewrite). A snapshot that passes stands for the committed
 //! state exactly. Each file is read once and deleted; a damaged one (its xxh3 checksum
 //! over everything before it) or a stale one is logged, counted in
 //! `presence_snapshot_restores_total{outcome}` and ignored, and the partition restores from
@@ -53,6 +55,10 @@ pub struct Header {
     pub offset: i64,
     pub stream_time: i64,
     pub next_seq: i64,
+    /// The changelog partition's end (high watermark) after the last commit: every
+    /// changelog record at or past it was written after the snapshot. A snapshot is used
+    /// only if none was committed there since (a changelog rewritten by hand, an upgrade).
+    pub changelog_end: i64,
     /// Open sessions written: a file that holds another number is damaged.
     pub sessions: u64,
 }
@@ -138,14 +144,15 @@ pub fn write(dir: &Path, header: &Header, task: &SessionTask) -> anyhow::Result<
 }
 
 /// Takes the snapshot of `expected.partition` from `dir` (the file is deleted, whatever it
-/// held): `None` when there is none; the task when it was written at `expected`'s committed
-/// point; otherwise why not.
+/// held): `None` when there is none; the task and its header when it was written at
+/// `expected`'s committed point (its changelog end and session count are not compared);
+/// otherwise why not.
 pub fn take(
     dir: &Path,
     expected: &Header,
     timeout_ms: i64,
     max_future_ms: i64,
-) -> Option<Result<SessionTask, (Outcome, String)>> {
+) -> Option<Result<(SessionTask, Header), (Outcome, String)>> {
     let file = path(dir, expected.partition);
     let opened = match std::fs::File::open(&file) {
         Ok(f) => f,
@@ -164,7 +171,7 @@ fn read(
     expected: &Header,
     timeout_ms: i64,
     max_future_ms: i64,
-) -> Result<SessionTask, (Outcome, String)> {
+) -> Result<(SessionTask, Header), (Outcome, String)> {
     let damaged = |e: SnapshotError| (Outcome::Damaged, e.to_string());
     let mut r = Hashing {
         inner: BufReader::with_capacity(IO_BUFFER, file),
@@ -249,7 +256,7 @@ fn read(
             ),
         ));
     }
-    Ok(task)
+    Ok((task, header))
 }
 
 /// Hashes what goes through it.
@@ -311,6 +318,7 @@ mod tests {
             offset,
             stream_time: t.stream_time(),
             next_seq: t.next_seq(),
+            changelog_end: 42,
             sessions: t.open_sessions() as u64,
         }
     }
@@ -321,9 +329,10 @@ mod tests {
         let t = task(100);
         let header = header_of(&t, 100);
         write(dir.path(), &header, &t).unwrap();
-        let read = take(dir.path(), &header, TIMEOUT, 60_000)
+        let (read, written) = take(dir.path(), &header, TIMEOUT, 60_000)
             .expect("a snapshot is there")
             .unwrap_or_else(|(o, why)| panic!("{o:?}: {why}"));
+        assert_eq!(written, header);
         assert_eq!(read.open_sessions(), 100);
         assert_eq!(read.next_expiry(), t.next_expiry());
         assert_eq!(

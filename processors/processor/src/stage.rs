@@ -79,6 +79,10 @@ pub struct Committed<C> {
     pub checkpoint: Option<C>,
 }
 
+/// A partition's end offset (high watermark) as the broker says now; `None` when it does not
+/// answer.
+pub type EndOf<'a> = dyn Fn(&str, i32) -> Option<i64> + 'a;
+
 /// What the stage's rebuild of a partition needs from Kafka.
 pub struct RestoreIo<'a> {
     pub config: &'a ClientConfig,
@@ -168,8 +172,9 @@ pub trait Stage: Send + 'static {
     fn on_eof(&mut self, partition: i32);
     /// The stage stops cleanly, and its last transaction committed every assigned partition
     /// at `positions` (partition → next offset), with the checkpoints of the state it holds
-    /// now. Default: nothing.
-    fn on_clean_stop(&mut self, _positions: &HashMap<i32, i64>) {}
+    /// now. `end_of(topic, partition)` asks the broker for a partition's end offset (high
+    /// watermark). Default: nothing.
+    fn on_clean_stop(&mut self, _positions: &HashMap<i32, i64>, _end_of: &EndOf<'_>) {}
     /// Wall-clock work (expiry on caught-up partitions), each partition as far as `clock`
     /// lets it go.
     fn on_tick(&mut self, clock: &Clock<'_>, out: &mut Vec<Out>);

@@ -22,7 +22,7 @@ use crate::sessions::{
     key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
 use crate::snapshot::{self, Outcome};
-use crate::stage::{Clock, Committed, Out, RestoreIo, Stage};
+use crate::stage::{Clock, Committed, EndOf, Out, RestoreIo, Stage};
 
 #[derive(Clone, Copy)]
 pub struct Topics {
@@ -191,7 +191,7 @@ impl SessionsStage {
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<SessionTask> {
         let started = std::time::Instant::now();
-        if let Some(task) = self.warm(partition, committed.as_ref()) {
+        if let Some(task) = self.warm(partition, committed.as_ref(), io) {
             tracing::info!(
                 partition,
                 open_sessions = task.open_sessions(),
@@ -340,6 +340,7 @@ impl SessionsStage {
         &self,
         partition: i32,
         committed: Option<&Committed<Checkpoint>>,
+        io: &RestoreIo<'_>,
     ) -> Option<SessionTask> {
         let dir = self.snapshots.as_ref()?;
         let (offset, checkpoint) = match committed {
@@ -357,9 +358,37 @@ impl SessionsStage {
             offset,
             stream_time: checkpoint.t,
             next_seq: checkpoint.s,
+            changelog_end: 0,
             sessions: 0,
         };
-        let found = snapshot::take(dir, &expected, self.timeout, self.max_future)?;
+        let found = snapshot::take(dir, &expected, self.timeout, self.max_future)?.and_then(
+            |(task, header)| {
+                // Nothing committed to the changelog after the snapshot (the offset and the
+                // checkpoint say the stage wrote nothing; this says nobody else did).
+                let after = read_partition(
+                    io.config,
+                    self.topics.changelog,
+                    partition,
+                    Offset::Offset(header.changelog_end),
+                    None,
+                    |_| ControlFlow::Break(()),
+                );
+                match after {
+                    Ok(0) => Ok(task),
+                    Ok(_) => Err((
+                        Outcome::Stale,
+                        format!(
+                            "changelog records were committed after it (past offset {} of {})",
+                            header.changelog_end, self.topics.changelog
+                        ),
+                    )),
+                    Err(e) => Err((
+                        Outcome::Stale,
+                        format!("cannot tell whether the changelog moved on since: {e}"),
+                    )),
+                }
+            },
+        );
         let outcome = match &found {
             Ok(_) => Outcome::Used,
             Err((outcome, _)) => *outcome,
@@ -609,7 +638,7 @@ impl Stage for SessionsStage {
     }
 
     /// A snapshot of each partition at the point its last transaction committed.
-    fn on_clean_stop(&mut self, positions: &HashMap<i32, i64>) {
+    fn on_clean_stop(&mut self, positions: &HashMap<i32, i64>, end_of: &EndOf<'_>) {
         let Some(dir) = &self.snapshots else {
             return;
         };
@@ -627,6 +656,14 @@ impl Stage for SessionsStage {
                 );
                 continue;
             }
+            let Some(changelog_end) = end_of(self.topics.changelog, p) else {
+                tracing::warn!(
+                    partition = p,
+                    topic = self.topics.changelog,
+                    "no shutdown snapshot: the broker did not say where the changelog ends"
+                );
+                continue;
+            };
             let header = snapshot::Header {
                 heartbeats: self.topics.heartbeats.to_string(),
                 changelog: self.topics.changelog.to_string(),
@@ -634,6 +671,7 @@ impl Stage for SessionsStage {
                 offset,
                 stream_time: task.stream_time(),
                 next_seq: task.next_seq(),
+                changelog_end,
                 sessions: task.open_sessions() as u64,
             };
             match snapshot::write(dir, &header, task) {
