@@ -136,9 +136,10 @@ fn instance_dir_name(config: &Config) -> String {
         .collect()
 }
 
-/// Where stage 1's shutdown snapshots go (`processor.shutdown_snapshots`), created now;
-/// `None` when they are off or the directory cannot be made (they only save time: the
-/// processor runs without them, and says so).
+/// Where stage 1's shutdown snapshots go (`processor.shutdown_snapshots`); `None` when they
+/// are off. The directory is made when the stage stops (it only saves time: the processor
+/// runs without it, and says so then); the temporary files of a write a crash cut short
+/// are removed now.
 fn snapshot_dir(config: &Config) -> Option<std::path::PathBuf> {
     let p = &config.processor;
     if !p.shutdown_snapshots {
@@ -149,16 +150,8 @@ fn snapshot_dir(config: &Config) -> Option<std::path::PathBuf> {
         return None;
     }
     let dir = p.state_dir.join(instance_dir_name(config));
-    match std::fs::create_dir_all(&dir) {
-        Ok(()) => {
-            snapshot::clear(&dir, true);
-            Some(dir)
-        }
-        Err(e) => {
-            tracing::warn!(dir = %dir.display(), error = %e, "cannot create the directory for shutdown snapshots: every restart restores stage 1 from its changelog; point processor.state_dir at a writable local directory, or set processor.shutdown_snapshots = false");
-            None
-        }
-    }
+    snapshot::clear(&dir, true);
+    Some(dir)
 }
 
 /// Runs both stages until `shutdown`, serving `/metrics`, `/healthz`, `/readyz` on

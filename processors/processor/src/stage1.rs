@@ -643,6 +643,10 @@ impl Stage for SessionsStage {
             return;
         };
         let started = std::time::Instant::now();
+        if let Err(e) = std::fs::create_dir_all(dir) {
+            tracing::warn!(dir = %dir.display(), error = %e, "no shutdown snapshots: cannot create their directory; the next start restores from the changelogs (point processor.state_dir at a writable local directory, or set processor.shutdown_snapshots = false)");
+            return;
+        }
         snapshot::clear(dir, false);
         let (mut written, mut sessions) = (0usize, 0usize);
         for (&p, task) in &self.tasks {
