@@ -1753,6 +1753,18 @@ mod tests {
     }
 
     #[test]
+    fn shutdown_snapshots_are_on_unless_turned_off() {
+        let on = Config::load_from(None, &env(&[("KAFKA_BROKERS", "b:9092")])).unwrap();
+        assert!(on.processor.shutdown_snapshots);
+        let off = Config::load_from(
+            None,
+            &env(&[("PRESENCE_PROCESSOR__SHUTDOWN_SNAPSHOTS", "false")]),
+        )
+        .unwrap();
+        assert!(!off.processor.shutdown_snapshots);
+    }
+
+    #[test]
     fn an_allowed_lateness_over_half_the_timeout_is_refused() {
         let p = problems_of(&[
             ("PRESENCE_PROCESSOR__SESSION_TIMEOUT", "3s"),
