@@ -200,6 +200,21 @@ pub fn restore_consumer_config(k: &KafkaConfig, role: &str, group: &str) -> Clie
     c
 }
 
+/// Where each partition ends (its high watermark), asked of the broker through `consumer`:
+/// `None` when the broker did not answer within `timeout`. A stage's clean stop keeps it
+/// beside its shutdown snapshots.
+pub fn end_offsets<C: rdkafka::consumer::Consumer<X>, X: ConsumerContext>(
+    consumer: &C,
+    timeout: Duration,
+) -> impl Fn(&str, i32) -> Option<i64> + '_ {
+    move |topic, partition| {
+        consumer
+            .fetch_watermarks(topic, partition, timeout)
+            .ok()
+            .map(|(_, high)| high)
+    }
+}
+
 /// librdkafka's error events as a warning, minus the end-of-partition notices that
 /// consumers with `enable.partition.eof` ask for on purpose.
 pub fn log_client_error(component: &str, error: KafkaError, reason: &str) {

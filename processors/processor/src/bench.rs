@@ -318,12 +318,7 @@ async fn warm_restore(
     let watermarks: rdkafka::consumer::BaseConsumer = io_config.create()?;
     for _ in 0..runs {
         let started = Instant::now();
-        let end_of = |topic: &str, p: i32| {
-            watermarks
-                .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .ok()
-                .map(|(_, high)| high)
-        };
+        let end_of = presence_core::kafka::end_offsets(&watermarks, Duration::from_secs(10));
         stage.on_clean_stop(&positions, &end_of);
         warm.write.push(started.elapsed().as_secs_f64());
         warm.bytes = std::fs::read_dir(&dir)?

@@ -725,12 +725,7 @@ fn close_on_shutdown<S: Stage>(consumer: StageConsumer<S>, shared: &Mutex<Member
             g.finish_transaction(&consumer);
             if !g.needs_rewind && !g.txn.is_open() && g.defect.is_none() {
                 let positions = g.positions.clone();
-                let end_of = |topic: &str, p: i32| {
-                    consumer
-                        .fetch_watermarks(topic, p, END_OFFSET_TIMEOUT)
-                        .ok()
-                        .map(|(_, high)| high)
-                };
+                let end_of = presence_core::kafka::end_offsets(&consumer, END_OFFSET_TIMEOUT);
                 g.stage.on_clean_stop(&positions, &end_of);
             }
         } else {

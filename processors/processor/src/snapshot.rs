@@ -42,19 +42,26 @@ const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Buffer of the file's reads and writes.
 const IO_BUFFER: usize = 1 << 20;
 
-/// What a snapshot belongs to: the partition, and the committed point its sessions are the
-/// state at.
+/// A committed point of a partition: the topics, the committed offset (the next heartbeat
+/// to read) and the checkpoint stored with it. A snapshot stands for the state at one.
 #[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
-pub struct Header {
+pub struct Point {
     /// The heartbeats and changelog topics it was written for: a snapshot of other topics
     /// (the same group and instance pointed at other ones) is never used.
     pub heartbeats: String,
     pub changelog: String,
     pub partition: i32,
-    /// The committed offset (the next heartbeat to read) and the checkpoint stored with it.
     pub offset: i64,
     pub stream_time: i64,
     pub next_seq: i64,
+}
+
+/// What a snapshot holds besides its sessions.
+#[derive(Serialize, Deserialize, Debug, Clone, PartialEq, Eq)]
+pub struct Header {
+    /// The committed point its sessions are the state at.
+    #[serde(flatten)]
+    pub point: Point,
     /// The changelog partition's end (high watermark) after the last commit: every
     /// changelog record at or past it was written after the snapshot. A snapshot is used
     /// only if none was committed there since (a changelog rewritten by hand, an upgrade).
@@ -115,7 +122,7 @@ pub fn clear(dir: &Path, leftovers_only: bool) {
 /// Writes `task` as the snapshot of `header` (atomically: a temporary file renamed over the
 /// old one). Not synced: a file a crash cut short fails its checksum and is ignored.
 pub fn write(dir: &Path, header: &Header, task: &SessionTask) -> anyhow::Result<()> {
-    let target = path(dir, header.partition);
+    let target = path(dir, header.point.partition);
     let temporary = target.with_extension("snapshot.tmp");
     let file = std::fs::File::create(&temporary)
         .map_err(|e| anyhow::anyhow!("cannot create the snapshot {}: {e}", temporary.display()))?;
@@ -143,23 +150,22 @@ pub fn write(dir: &Path, header: &Header, task: &SessionTask) -> anyhow::Result<
     Ok(())
 }
 
-/// Takes the snapshot of `expected.partition` from `dir` (the file is deleted, whatever it
+/// Takes the snapshot of `committed.partition` from `dir` (the file is deleted, whatever it
 /// held): `None` when there is none; the task and its header when it was written at
-/// `expected`'s committed point (its changelog end and session count are not compared);
-/// otherwise why not.
+/// `committed`; otherwise why not.
 pub fn take(
     dir: &Path,
-    expected: &Header,
+    committed: &Point,
     timeout_ms: i64,
     max_future_ms: i64,
 ) -> Option<Result<(SessionTask, Header), (Outcome, String)>> {
-    let file = path(dir, expected.partition);
+    let file = path(dir, committed.partition);
     let opened = match std::fs::File::open(&file) {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
         Err(e) => return Some(Err((Outcome::Damaged, format!("cannot open it: {e}")))),
     };
-    let read = read(opened, expected, timeout_ms, max_future_ms);
+    let read = read(opened, committed, timeout_ms, max_future_ms);
     if let Err(e) = std::fs::remove_file(&file) {
         tracing::warn!(file = %file.display(), error = %e, "cannot delete a snapshot once read; it is ignored at the next restore unless the partition is still at its point");
     }
@@ -168,7 +174,7 @@ pub fn take(
 
 fn read(
     file: std::fs::File,
-    expected: &Header,
+    committed: &Point,
     timeout_ms: i64,
     max_future_ms: i64,
 ) -> Result<(SessionTask, Header), (Outcome, String)> {
@@ -192,45 +198,30 @@ fn read(
     r.read_exact(&mut json).map_err(|e| damaged(e.into()))?;
     let header: Header = serde_json::from_slice(&json)
         .map_err(|e| (Outcome::Damaged, format!("its header does not parse: {e}")))?;
-    let written_at = (
-        &header.heartbeats,
-        &header.changelog,
-        header.partition,
-        header.offset,
-        header.stream_time,
-        header.next_seq,
-    );
-    let committed = (
-        &expected.heartbeats,
-        &expected.changelog,
-        expected.partition,
-        expected.offset,
-        expected.stream_time,
-        expected.next_seq,
-    );
-    if written_at != committed {
+    let written = &header.point;
+    if written != committed {
         return Err((
             Outcome::Stale,
             format!(
                 "written at offset {} (stream time {}, next seq {}) of {}/{}, committed now: offset {} (stream time {}, next seq {}) of {}/{}",
-                header.offset,
-                header.stream_time,
-                header.next_seq,
-                header.heartbeats,
-                header.partition,
-                expected.offset,
-                expected.stream_time,
-                expected.next_seq,
-                expected.heartbeats,
-                expected.partition,
+                written.offset,
+                written.stream_time,
+                written.next_seq,
+                written.heartbeats,
+                written.partition,
+                committed.offset,
+                committed.stream_time,
+                committed.next_seq,
+                committed.heartbeats,
+                committed.partition,
             ),
         ));
     }
     let task = SessionTask::read_sessions(
-        header.partition,
+        written.partition,
         timeout_ms,
         max_future_ms,
-        (header.stream_time, header.next_seq),
+        (written.stream_time, written.next_seq),
         &mut r,
     )
     .map_err(damaged)?;
@@ -312,12 +303,14 @@ mod tests {
 
     fn header_of(t: &SessionTask, offset: i64) -> Header {
         Header {
-            heartbeats: "heartbeats".into(),
-            changelog: "sessions-changelog".into(),
-            partition: t.partition(),
-            offset,
-            stream_time: t.stream_time(),
-            next_seq: t.next_seq(),
+            point: Point {
+                heartbeats: "heartbeats".into(),
+                changelog: "sessions-changelog".into(),
+                partition: t.partition(),
+                offset,
+                stream_time: t.stream_time(),
+                next_seq: t.next_seq(),
+            },
             changelog_end: 42,
             sessions: t.open_sessions() as u64,
         }
@@ -329,7 +322,7 @@ mod tests {
         let t = task(100);
         let header = header_of(&t, 100);
         write(dir.path(), &header, &t).unwrap();
-        let (read, written) = take(dir.path(), &header, TIMEOUT, 60_000)
+        let (read, written) = take(dir.path(), &header.point, TIMEOUT, 60_000)
             .expect("a snapshot is there")
             .unwrap_or_else(|(o, why)| panic!("{o:?}: {why}"));
         assert_eq!(written, header);
@@ -340,7 +333,7 @@ mod tests {
             (t.stream_time(), t.next_seq())
         );
         assert!(
-            take(dir.path(), &header, TIMEOUT, 60_000).is_none(),
+            take(dir.path(), &header.point, TIMEOUT, 60_000).is_none(),
             "read once, then deleted"
         );
     }
@@ -350,8 +343,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let t = task(10);
         write(dir.path(), &header_of(&t, 10), &t).unwrap();
-        let mut moved_on = header_of(&t, 11);
-        moved_on.sessions = 0;
+        let moved_on = header_of(&t, 11).point;
         match take(dir.path(), &moved_on, TIMEOUT, 60_000) {
             Some(Err((Outcome::Stale, why))) => assert!(why.contains("offset 10"), "{why}"),
             other => panic!("expected stale, got {:?}", other.map(|r| r.map(|_| ()))),
@@ -359,7 +351,7 @@ mod tests {
         assert!(!path(dir.path(), 3).exists());
         // Another sequence number at the same offset (an expiry since): stale too.
         write(dir.path(), &header_of(&t, 10), &t).unwrap();
-        let mut expired = header_of(&t, 10);
+        let mut expired = header_of(&t, 10).point;
         expired.next_seq += 1;
         assert!(matches!(
             take(dir.path(), &expired, TIMEOUT, 60_000),
@@ -395,7 +387,7 @@ mod tests {
             assert!(at < bytes.len());
             bytes[at] ^= 0x40;
             std::fs::write(&file, &bytes).unwrap();
-            match take(dir.path(), &header, TIMEOUT, 60_000) {
+            match take(dir.path(), &header.point, TIMEOUT, 60_000) {
                 Some(Err((Outcome::Damaged, _))) | Some(Err((Outcome::Stale, _))) => {}
                 other => panic!(
                     "byte {at} flipped: expected damaged, got {:?}",
@@ -408,14 +400,14 @@ mod tests {
         let bytes = std::fs::read(&file).unwrap();
         std::fs::write(&file, &bytes[..bytes.len() - 3]).unwrap();
         assert!(matches!(
-            take(dir.path(), &header, TIMEOUT, 60_000),
+            take(dir.path(), &header.point, TIMEOUT, 60_000),
             Some(Err((Outcome::Damaged, _)))
         ));
         let mut longer = bytes.clone();
         longer.push(0);
         std::fs::write(&file, &longer).unwrap();
         assert!(matches!(
-            take(dir.path(), &header, TIMEOUT, 60_000),
+            take(dir.path(), &header.point, TIMEOUT, 60_000),
             Some(Err((Outcome::Damaged, _)))
         ));
     }

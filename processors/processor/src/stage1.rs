@@ -351,17 +351,15 @@ impl SessionsStage {
             // Nothing committed with a checkpoint: whatever a file says is not this state.
             _ => (-1, &Checkpoint { t: i64::MIN, s: 0 }),
         };
-        let expected = snapshot::Header {
+        let point = snapshot::Point {
             heartbeats: self.topics.heartbeats.to_string(),
             changelog: self.topics.changelog.to_string(),
             partition,
             offset,
             stream_time: checkpoint.t,
             next_seq: checkpoint.s,
-            changelog_end: 0,
-            sessions: 0,
         };
-        let found = snapshot::take(dir, &expected, self.timeout, self.max_future)?.and_then(
+        let found = snapshot::take(dir, &point, self.timeout, self.max_future)?.and_then(
             |(task, header)| {
                 // Nothing committed to the changelog after the snapshot (the offset and the
                 // checkpoint say the stage wrote nothing; this says nobody else did).
@@ -669,12 +667,14 @@ impl Stage for SessionsStage {
                 continue;
             };
             let header = snapshot::Header {
-                heartbeats: self.topics.heartbeats.to_string(),
-                changelog: self.topics.changelog.to_string(),
-                partition: p,
-                offset,
-                stream_time: task.stream_time(),
-                next_seq: task.next_seq(),
+                point: snapshot::Point {
+                    heartbeats: self.topics.heartbeats.to_string(),
+                    changelog: self.topics.changelog.to_string(),
+                    partition: p,
+                    offset,
+                    stream_time: task.stream_time(),
+                    next_seq: task.next_seq(),
+                },
                 changelog_end,
                 sessions: task.open_sessions() as u64,
             };
