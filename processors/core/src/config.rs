@@ -268,7 +268,7 @@ pub struct ProcessorConfig {
     /// Stage-1 partitions restored at once when this instance is given several (its start, a
     /// takeover, a rewind after an abort). Each one restoring adds up to about 30 MiB while
     /// it runs (the re-read beats it holds ahead of its changelog, two restore consumers'
-    /// queues). Default 0: one per core, at most 4.
+    /// queues). Default 0: two per core, at most 4.
     pub restore_concurrency: usize,
     /// When the processor stops cleanly (SIGTERM), stage 1 writes each partition's open
     /// sessions to `<state_dir>/<group_id>.<instance>/sessions-<partition>.snapshot` (28 bytes
@@ -1221,7 +1221,7 @@ impl ProcessorConfig {
         }
         if self.restore_concurrency > 64 {
             p.push(format!(
-                "processor.restore_concurrency = {}: use 0 (default: one per core, at most 4) to 64",
+                "processor.restore_concurrency = {}: use 0 (default: two per core, at most 4) to 64",
                 self.restore_concurrency
             ));
         }

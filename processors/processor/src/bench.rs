@@ -99,9 +99,9 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// Restore of `partitions` partitions holding `sessions` open sessions between them, each
 /// session beating three times within the timeout: every partition's changelog (one record
 /// per session) plus the re-read of its beats since the checkpoint's timeout window. With
-/// more than one partition, each run restores them all once one after another and once
-/// [`crate::stage1::restore_concurrency`] at a time, alternating, so that the ratio comes
-/// from the same run.
+/// more than one partition, each run restores them all once one after another, once one
+/// per core and once [`crate::stage1::restore_concurrency`] at a time (the default),
+/// alternating, so that the ratios come from the same runs.
 pub async fn restore(
     base: &Config,
     sessions: usize,
@@ -155,13 +155,16 @@ pub async fn restore(
         &format!("{}.restore", c.processor.group_id),
     );
     let topics = crate::stage1::Topics::of(&c.topics, c.topics.facility_partitions);
-    let concurrency = crate::stage1::restore_concurrency();
-    // One after another first, so that a single partition is measured as before.
-    let modes: Vec<usize> = if parts > 1 && concurrency > 1 {
-        vec![1, concurrency]
-    } else {
-        vec![1]
-    };
+    // One after another first, so that a single partition is measured as before; then one
+    // per core; then the default.
+    let mut modes: Vec<usize> = vec![1];
+    if parts > 1 {
+        for threads in [crate::stage1::cores(), crate::stage1::restore_concurrency()] {
+            if threads > *modes.last().unwrap_or(&1) {
+                modes.push(threads);
+            }
+        }
+    }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
     let mut state_bytes = 0;
     // This process's resident memory before and after a restore: what the restored state
@@ -232,11 +235,16 @@ pub async fn restore(
             4.0 * sessions as f64 / median(t.clone()) / 1e6,
         ));
     }
-    if modes.len() > 1 {
+    for m in 1..modes.len() {
         lines.push(format!(
-            "ratio ({} at a time against one after another, same runs): {:.2}",
-            modes[1],
-            median(times[1].clone()) / median(times[0].clone()),
+            "ratio ({} at a time against {}, same runs): {:.2}",
+            modes[m],
+            if modes[m - 1] == 1 {
+                "one after another".to_string()
+            } else {
+                format!("{} at a time", modes[m - 1])
+            },
+            median(times[m].clone()) / median(times[m - 1].clone()),
         ));
     }
     if let Some(w) = warm {
