@@ -71,6 +71,9 @@ struct Sample {
     t: f64,
     instances: usize,
     rss_mib: f64,
+    /// Resident memory less what the allocator holds free (`presence_allocator_free_bytes`):
+    /// what the processes use. NaN when a process does not report it.
+    in_use_mib: f64,
     buffered: f64,
     open_sessions: f64,
     probes: usize,
@@ -298,7 +301,11 @@ pub async fn soak(base: &Config, o: &SoakOptions) -> anyhow::Result<String> {
             let mut s = Sample::default();
             for p in fleet.iter().flatten() {
                 s.instances += 1;
-                s.rss_mib += mib(p.memory().0.rss_kib);
+                let rss = mib(p.memory().0.rss_kib);
+                s.rss_mib += rss;
+                s.in_use_mib += p
+                    .metric("presence_allocator_free_bytes")
+                    .map_or(f64::NAN, |free| rss - free / 1048576.0);
                 s.buffered += p.metric("presence_stage2_buffered_events").unwrap_or(0.0);
                 s.open_sessions += p.metric("presence_open_sessions").unwrap_or(0.0);
             }
@@ -364,12 +371,12 @@ fn signal(pid: u32, sig: libc::c_int) {
 
 fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
     let mut text = String::from(
-        "t_s,instances,rss_mib,stage2_buffered,open_sessions,probes,p50_ms,p99_ms,p999_ms\n",
+        "t_s,instances,rss_mib,stage2_buffered,open_sessions,probes,p50_ms,p99_ms,p999_ms,in_use_mib\n",
     );
     for s in samples {
         let _ = writeln!(
             text,
-            "{:.1},{},{:.1},{:.0},{:.0},{},{:.0},{:.0},{:.0}",
+            "{:.1},{},{:.1},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.1}",
             s.t,
             s.instances,
             s.rss_mib,
@@ -378,7 +385,8 @@ fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
             s.probes,
             s.p50_ms,
             s.p99_ms,
-            s.p999_ms
+            s.p999_ms,
+            s.in_use_mib
         );
     }
     std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
@@ -416,6 +424,7 @@ pub fn replot(o: &SoakOptions) -> anyhow::Result<String> {
                 p50_ms: number(f.get(6).copied()),
                 p99_ms: number(f.get(7).copied()),
                 p999_ms: number(f.get(8).copied()),
+                in_use_mib: number(f.get(9).copied()),
             }
         })
         .collect();
@@ -464,7 +473,12 @@ fn report(
     let early = |s: &&Sample| s.t > 120.0 && s.t <= 420.0;
     let late = |s: &&Sample| s.t > seconds - 300.0;
     let med = |f: fn(&Sample) -> f64, keep: &dyn Fn(&&Sample) -> bool| {
-        let v: Vec<f64> = samples.iter().filter(keep).map(f).collect();
+        let v: Vec<f64> = samples
+            .iter()
+            .filter(keep)
+            .map(f)
+            .filter(|v| v.is_finite())
+            .collect();
         if v.is_empty() {
             f64::NAN
         } else {
@@ -496,6 +510,12 @@ fn report(
             med(|s| s.rss_mib, &early),
             med(|s| s.rss_mib, &late),
             max_of(|s| s.rss_mib),
+        ),
+        format!(
+            "  processor memory in use (RSS less what the allocator holds free): median minutes 2-7 {:.0} MiB, last 5 min {:.0} MiB, max {:.0} MiB",
+            med(|s| s.in_use_mib, &early),
+            med(|s| s.in_use_mib, &late),
+            max_of(|s| s.in_use_mib),
         ),
         format!(
             "  stage-2 buffered events: median minutes 2-7 {:.0}, last 5 min {:.0}, max {:.0}",
@@ -538,24 +558,30 @@ const LATENCY: &str = "probe latency p99 per window, ms (clipped at 4x its media
 /// A panel: its title, what it shows of a sample, its colour.
 type Series = (&'static str, fn(&Sample) -> f64, &'static str);
 
-/// Three panels over time (RSS, stage-2 buffered events, probe p99), faults as dashed lines.
+/// Four panels over time (RSS, memory in use, stage-2 buffered events, probe p99), faults
+/// as dashed lines.
 fn plot(samples: &[Sample], marks: &[Mark], o: &SoakOptions) -> String {
     const W: f64 = 900.0;
     const PANEL: f64 = 170.0;
     const LEFT: f64 = 70.0;
     const TOP: f64 = 40.0;
-    let series: [Series; 3] = [
+    let series: [Series; 4] = [
         (
             "processor resident memory, MiB (all instances)",
             |s| s.rss_mib,
             "#1f77b4",
+        ),
+        (
+            "processor memory in use (resident less the allocator's free), MiB",
+            |s| s.in_use_mib,
+            "#9467bd",
         ),
         ("stage-2 buffered events", |s| s.buffered, "#2ca02c"),
         (LATENCY, |s| s.p99_ms, "#d62728"),
     ];
     let t_max = (o.minutes * 60) as f64;
     let x = |t: f64| LEFT + (t / t_max).clamp(0.0, 1.0) * (W - LEFT - 20.0);
-    let height = TOP + 3.0 * (PANEL + 40.0) + 20.0;
+    let height = TOP + series.len() as f64 * (PANEL + 40.0) + 20.0;
     let mut svg = format!(
         "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{W}\" height=\"{height}\" font-family=\"sans-serif\" font-size=\"12\">\n\
          <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
@@ -636,6 +662,7 @@ mod tests {
             t,
             instances: 1,
             rss_mib: rss,
+            in_use_mib: rss - 10.0,
             buffered: 10.0,
             open_sessions: 100.0,
             probes: 5,
@@ -663,14 +690,14 @@ mod tests {
             fault: Fault::Pause,
         }];
         let svg = plot(&samples, &marks, &o);
-        assert_eq!(svg.matches("<polyline").count(), 3);
+        assert_eq!(svg.matches("<polyline").count(), 4);
         // Six points per series, one dashed line per panel for the fault.
         let first = svg
             .split("points=\"")
             .nth(1)
             .and_then(|p| p.split('"').next());
         assert_eq!(first.map(|p| p.split(' ').count()), Some(6));
-        assert_eq!(svg.matches("stroke-dasharray").count(), 3);
+        assert_eq!(svg.matches("stroke-dasharray").count(), 4);
         assert!(svg.ends_with("</svg>\n"));
     }
 
