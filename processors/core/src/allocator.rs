@@ -76,6 +76,21 @@ pub fn free_held() -> usize {
     0
 }
 
+/// Bytes allocated and not freed yet, in the arenas and in blocks of their own (glibc
+/// `mallinfo2().uordblks + hblkhd`); 0 elsewhere. The heap the process uses: resident
+/// memory above it is code, thread stacks and free memory the allocator still holds (free
+/// bytes are not a measure of that: a trim gives their pages back but they stay counted).
+pub fn allocated() -> usize {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallinfo2 only reads glibc's own statistics.
+    unsafe {
+        let m = libc::mallinfo2();
+        m.uordblks + m.hblkhd
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    0
+}
+
 /// A thread that, every [`TRIM_PERIOD`], gives free arena memory back once more than
 /// [`FREE_HELD_MAX`] of it is held: after a burst (a drained backlog, a restore) the
 /// process's resident memory falls back to what it uses.

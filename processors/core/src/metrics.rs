@@ -218,7 +218,7 @@ pub struct ProcessCollector {
     resident_bytes: IntGauge,
     start_time: prometheus::Gauge,
     threads: IntGauge,
-    allocator_free: IntGauge,
+    allocator_allocated: IntGauge,
 }
 
 impl ProcessCollector {
@@ -251,9 +251,9 @@ impl ProcessCollector {
             "process_threads",
             "Number of OS threads in the process.",
         ));
-        let allocator_free = built(IntGauge::new(
-            "presence_allocator_free_bytes",
-            "Bytes free inside the C allocator's arenas: resident memory this process holds but does not use (the processor gives it back past 32 MiB).",
+        let allocator_allocated = built(IntGauge::new(
+            "presence_allocator_allocated_bytes",
+            "Bytes allocated through the C allocator and not freed: the heap this process uses. Resident memory above it is code, stacks and free memory the allocator holds.",
         ));
         let mut descs = Vec::new();
         for c in [
@@ -264,7 +264,7 @@ impl ProcessCollector {
             &resident_bytes,
             &start_time,
             &threads,
-            &allocator_free,
+            &allocator_allocated,
         ] {
             descs.extend(c.desc().into_iter().cloned());
         }
@@ -277,7 +277,7 @@ impl ProcessCollector {
             resident_bytes,
             start_time,
             threads,
-            allocator_free,
+            allocator_allocated,
         }
     }
 
@@ -295,8 +295,8 @@ impl ProcessCollector {
         self.virtual_bytes.set(s.vsize as i64);
         self.resident_bytes.set(s.rss_pages * page);
         self.threads.set(s.threads);
-        self.allocator_free
-            .set(crate::allocator::free_held().min(i64::MAX as usize) as i64);
+        self.allocator_allocated
+            .set(crate::allocator::allocated().min(i64::MAX as usize) as i64);
         if self.start_time.get() == 0.0 {
             let boot = std::fs::read_to_string("/proc/stat")
                 .ok()?
@@ -343,7 +343,7 @@ impl Collector for ProcessCollector {
             &self.resident_bytes,
             &self.start_time,
             &self.threads,
-            &self.allocator_free,
+            &self.allocator_allocated,
         ] {
             families.extend(c.collect());
         }

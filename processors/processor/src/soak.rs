@@ -71,8 +71,9 @@ struct Sample {
     t: f64,
     instances: usize,
     rss_mib: f64,
-    /// Resident memory less what the allocator holds free (`presence_allocator_free_bytes`):
-    /// what the processes use. NaN when a process does not report it.
+    /// The heap the processes use (`presence_allocator_allocated_bytes`): resident memory
+    /// less code, stacks and what the allocator holds free. NaN when a process does not
+    /// report it.
     in_use_mib: f64,
     buffered: f64,
     open_sessions: f64,
@@ -301,11 +302,10 @@ pub async fn soak(base: &Config, o: &SoakOptions) -> anyhow::Result<String> {
             let mut s = Sample::default();
             for p in fleet.iter().flatten() {
                 s.instances += 1;
-                let rss = mib(p.memory().0.rss_kib);
-                s.rss_mib += rss;
+                s.rss_mib += mib(p.memory().0.rss_kib);
                 s.in_use_mib += p
-                    .metric("presence_allocator_free_bytes")
-                    .map_or(f64::NAN, |free| rss - free / 1048576.0);
+                    .metric("presence_allocator_allocated_bytes")
+                    .map_or(f64::NAN, |bytes| bytes / 1048576.0);
                 s.buffered += p.metric("presence_stage2_buffered_events").unwrap_or(0.0);
                 s.open_sessions += p.metric("presence_open_sessions").unwrap_or(0.0);
             }
@@ -512,7 +512,7 @@ fn report(
             max_of(|s| s.rss_mib),
         ),
         format!(
-            "  processor memory in use (RSS less what the allocator holds free): median minutes 2-7 {:.0} MiB, last 5 min {:.0} MiB, max {:.0} MiB",
+            "  processor heap in use (allocated, not freed): median minutes 2-7 {:.0} MiB, last 5 min {:.0} MiB, max {:.0} MiB",
             med(|s| s.in_use_mib, &early),
             med(|s| s.in_use_mib, &late),
             max_of(|s| s.in_use_mib),
@@ -558,7 +558,7 @@ const LATENCY: &str = "probe latency p99 per window, ms (clipped at 4x its media
 /// A panel: its title, what it shows of a sample, its colour.
 type Series = (&'static str, fn(&Sample) -> f64, &'static str);
 
-/// Four panels over time (RSS, memory in use, stage-2 buffered events, probe p99), faults
+/// Four panels over time (RSS, heap in use, stage-2 buffered events, probe p99), faults
 /// as dashed lines.
 fn plot(samples: &[Sample], marks: &[Mark], o: &SoakOptions) -> String {
     const W: f64 = 900.0;
@@ -572,7 +572,7 @@ fn plot(samples: &[Sample], marks: &[Mark], o: &SoakOptions) -> String {
             "#1f77b4",
         ),
         (
-            "processor memory in use (resident less the allocator's free), MiB",
+            "processor heap in use (allocated, not freed), MiB (all instances)",
             |s| s.in_use_mib,
             "#9467bd",
         ),

@@ -406,6 +406,17 @@ impl SessionsStage {
         self.snapshot_outcomes[outcome as usize].fetch_add(1, Ordering::Relaxed);
         match found {
             Ok(task) => Some(task),
+            // Stale is the usual case once the partition moved on (it went to another
+            // instance, or this one ran on from a kill): said, not warned about.
+            Err((Outcome::Stale, why)) => {
+                tracing::info!(
+                    partition,
+                    file = %snapshot::path(dir, partition).display(),
+                    why,
+                    "shutdown snapshot is stale; restoring from the changelog"
+                );
+                None
+            }
             Err((outcome, why)) => {
                 tracing::warn!(
                     partition,
