@@ -345,6 +345,25 @@ impl SessionsStage {
         Ok(task)
     }
 
+    /// The committed point of `partition` in this stage's topics that a shutdown snapshot
+    /// is written at and checked against.
+    fn point(
+        &self,
+        partition: i32,
+        offset: i64,
+        stream_time: i64,
+        next_seq: i64,
+    ) -> snapshot::Point {
+        snapshot::Point {
+            heartbeats: self.topics.heartbeats.to_string(),
+            changelog: self.topics.changelog.to_string(),
+            partition,
+            offset,
+            stream_time,
+            next_seq,
+        }
+    }
+
     /// `partition`'s shutdown snapshot, if it has one written at `committed`'s point. A
     /// snapshot that is not (stale, damaged) is logged and counted; the caller restores from
     /// the changelog.
@@ -363,14 +382,7 @@ impl SessionsStage {
             // Nothing committed with a checkpoint: whatever a file says is not this state.
             _ => (-1, &Checkpoint { t: i64::MIN, s: 0 }),
         };
-        let point = snapshot::Point {
-            heartbeats: self.topics.heartbeats.to_string(),
-            changelog: self.topics.changelog.to_string(),
-            partition,
-            offset,
-            stream_time: checkpoint.t,
-            next_seq: checkpoint.s,
-        };
+        let point = self.point(partition, offset, checkpoint.t, checkpoint.s);
         let found = snapshot::take(dir, &point, self.timeout, self.max_future)?.and_then(
             |(task, header)| {
                 // Nothing committed to the changelog after the snapshot (the offset and the
@@ -690,14 +702,7 @@ impl Stage for SessionsStage {
                 continue;
             };
             let header = snapshot::Header {
-                point: snapshot::Point {
-                    heartbeats: self.topics.heartbeats.to_string(),
-                    changelog: self.topics.changelog.to_string(),
-                    partition: p,
-                    offset,
-                    stream_time: task.stream_time(),
-                    next_seq: task.next_seq(),
-                },
+                point: self.point(p, offset, task.stream_time(), task.next_seq()),
                 changelog_end,
                 sessions: task.open_sessions() as u64,
             };
