@@ -352,6 +352,7 @@ async fn every_target_is_up_and_every_dashboard_panel_has_data() {
             "process_open_fds ",
             "process_start_time_seconds ",
             "presence_allocator_allocated_bytes ",
+            "presence_allocator_trims_total ",
             "presence_build_info{commit=\"",
             "presence_dependency_up{dependency=\"kafka\"} 1",
         ] {

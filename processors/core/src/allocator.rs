@@ -46,9 +46,9 @@ pub fn bound() {
     }
 }
 
-/// Free memory the arenas may hold before [`trim_when_idle`] gives it back: 32 MiB, about
-/// a third of a million sessions' state, and far below the tens of MiB a backlog's burst of
-/// small librdkafka allocations leaves behind.
+/// Free memory the process may hold beyond its heap before [`trim_when_idle`] gives it back:
+/// 32 MiB, about a third of a million sessions' state, and far below the tens of MiB a
+/// backlog's burst of small librdkafka allocations leaves behind.
 pub const FREE_HELD_MAX: usize = 32 * 1024 * 1024;
 
 /// How often [`trim_when_idle`] looks (one `mallinfo2`, microseconds); a trim, when due,
@@ -63,17 +63,6 @@ pub fn release_free_memory() {
     unsafe {
         libc::malloc_trim(0);
     }
-}
-
-/// Bytes free inside the arenas (glibc `mallinfo2().fordblks`); 0 elsewhere.
-pub fn free_held() -> usize {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallinfo2 only reads glibc's own statistics.
-    unsafe {
-        libc::mallinfo2().fordblks
-    }
-    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
-    0
 }
 
 /// Bytes allocated and not freed yet, in the arenas and in blocks of their own (glibc
@@ -91,19 +80,129 @@ pub fn allocated() -> usize {
     0
 }
 
-/// A thread that, every [`TRIM_PERIOD`], gives free arena memory back once more than
-/// [`FREE_HELD_MAX`] of it is held: after a burst (a drained backlog, a restore) the
-/// process's resident memory falls back to what it uses.
+/// When the trim thread gives memory back. It watches what the process holds beyond its
+/// heap (resident bytes minus [`allocated`]: code, stacks, and free pages the allocator kept)
+/// and trims once that grew [`FREE_HELD_MAX`] past where the last trim left it.
+///
+/// It does not watch glibc's free bytes (`fordblks`): a trim gives their pages back but they
+/// stay counted, so after a restore left 100 MiB free a rule on them trimmed every period
+/// forever, each time locking the arenas for nothing.
+#[derive(Debug)]
+pub struct TrimRule {
+    /// Bytes held beyond the heap where the last trim (or the start) left them; follows them
+    /// down.
+    base: usize,
+}
+
+impl TrimRule {
+    /// Starting from `held` bytes beyond the heap.
+    pub fn new(held: usize) -> TrimRule {
+        TrimRule { base: held }
+    }
+
+    /// Whether a trim is due now that `held` bytes are held beyond the heap.
+    pub fn due(&mut self, held: usize) -> bool {
+        self.base = self.base.min(held);
+        held - self.base > FREE_HELD_MAX
+    }
+
+    /// A trim left `held` bytes beyond the heap: what it could not give back (pages still
+    /// partly in use, code and stacks) is the new base.
+    pub fn trimmed(&mut self, held: usize) {
+        self.base = held;
+    }
+}
+
+/// Trims done by [`trim_when_idle`] in this process (`presence_allocator_trims_total`).
+static TRIMS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// How many times [`trim_when_idle`] gave memory back.
+pub fn trims() -> u64 {
+    TRIMS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// Resident bytes beyond the heap in use (`/proc/self/statm` resident pages minus
+/// [`allocated`]); `None` without `/proc`.
+fn held_beyond_heap() -> Option<usize> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: usize = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf only reads a system constant.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(1) as usize;
+    Some((pages * page).saturating_sub(allocated()))
+}
+
+/// A thread that, every [`TRIM_PERIOD`], gives free arena memory back when [`TrimRule`] says
+/// so: after a burst (a drained backlog, a restore) the process's resident memory falls back
+/// to what it uses, once, not at every period after.
 pub fn trim_when_idle() {
+    let Some(held) = held_beyond_heap() else {
+        return;
+    };
     let spawned = std::thread::Builder::new()
         .name("malloc-trim".into())
-        .spawn(|| loop {
-            std::thread::sleep(TRIM_PERIOD);
-            if free_held() > FREE_HELD_MAX {
-                release_free_memory();
+        .spawn(move || {
+            let mut rule = TrimRule::new(held);
+            loop {
+                std::thread::sleep(TRIM_PERIOD);
+                let Some(held) = held_beyond_heap() else {
+                    continue;
+                };
+                if rule.due(held) {
+                    release_free_memory();
+                    TRIMS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    rule.trimmed(held_beyond_heap().unwrap_or(held));
+                }
             }
         });
     if let Err(e) = spawned {
         tracing::warn!(error = %e, "cannot start the allocator's trim thread; memory freed after bursts stays with the process");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: usize = 1024 * 1024;
+
+    #[test]
+    fn trims_once_after_a_burst_not_at_every_period_after() {
+        let mut rule = TrimRule::new(20 * MIB);
+        assert!(!rule.due(40 * MIB), "20 MiB more is within the bound");
+        assert!(rule.due(140 * MIB), "a restore left 120 MiB free");
+        // The trim gave back all but 10 MiB of pages still partly in use.
+        rule.trimmed(30 * MIB);
+        for _ in 0..10 {
+            assert!(!rule.due(30 * MIB), "nothing more to give back");
+        }
+    }
+
+    #[test]
+    fn trims_again_when_freed_memory_comes_back() {
+        let mut rule = TrimRule::new(20 * MIB);
+        assert!(rule.due(100 * MIB));
+        rule.trimmed(22 * MIB);
+        // The trimmed pages are used and freed again by the next burst.
+        assert!(!rule.due(50 * MIB));
+        assert!(rule.due(60 * MIB));
+    }
+
+    #[test]
+    fn the_base_follows_what_is_held_down() {
+        let mut rule = TrimRule::new(60 * MIB);
+        assert!(!rule.due(10 * MIB));
+        assert!(rule.due(10 * MIB + FREE_HELD_MAX + 1));
+    }
+
+    #[test]
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    fn the_heap_and_what_is_held_beyond_it_are_read_here() {
+        let v = vec![1u8; 8 * MIB];
+        assert!(
+            allocated() >= 8 * MIB,
+            "the 8 MiB vector is in the heap in use"
+        );
+        assert!(held_beyond_heap().is_some());
+        drop(v);
     }
 }

@@ -219,6 +219,7 @@ pub struct ProcessCollector {
     start_time: prometheus::Gauge,
     threads: IntGauge,
     allocator_allocated: IntGauge,
+    allocator_trims: prometheus::IntCounter,
 }
 
 impl ProcessCollector {
@@ -255,6 +256,10 @@ impl ProcessCollector {
             "presence_allocator_allocated_bytes",
             "Bytes allocated through the C allocator and not freed: the heap this process uses. Resident memory above it is code, stacks and free memory the allocator holds.",
         ));
+        let allocator_trims = built(prometheus::IntCounter::new(
+            "presence_allocator_trims_total",
+            "Times the allocator's trim thread gave free memory back to the system (the processor's, after a burst left more than 32 MiB beyond the heap).",
+        ));
         let mut descs = Vec::new();
         for c in [
             &cpu as &dyn Collector,
@@ -265,6 +270,7 @@ impl ProcessCollector {
             &start_time,
             &threads,
             &allocator_allocated,
+            &allocator_trims,
         ] {
             descs.extend(c.desc().into_iter().cloned());
         }
@@ -278,6 +284,7 @@ impl ProcessCollector {
             start_time,
             threads,
             allocator_allocated,
+            allocator_trims,
         }
     }
 
@@ -297,6 +304,11 @@ impl ProcessCollector {
         self.threads.set(s.threads);
         self.allocator_allocated
             .set(crate::allocator::allocated().min(i64::MAX as usize) as i64);
+        let trims = crate::allocator::trims();
+        if trims > self.allocator_trims.get() {
+            self.allocator_trims
+                .inc_by(trims - self.allocator_trims.get());
+        }
         if self.start_time.get() == 0.0 {
             let boot = std::fs::read_to_string("/proc/stat")
                 .ok()?
@@ -344,6 +356,7 @@ impl Collector for ProcessCollector {
             &self.start_time,
             &self.threads,
             &self.allocator_allocated,
+            &self.allocator_trims,
         ] {
             families.extend(c.collect());
         }
