@@ -5,11 +5,11 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use rdkafka::bindings as rdsys;
 use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Message};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// How long a restore may see no progress before it gives up (and is retried).
@@ -26,6 +26,138 @@ impl ClientContext for Quiet {
 
 impl ConsumerContext for Quiet {}
 
+/// A record as a restore reads it, borrowed from librdkafka until the next batch is taken.
+#[derive(Clone, Copy, Debug)]
+pub struct Record<'a> {
+    key: Option<&'a [u8]>,
+    payload: Option<&'a [u8]>,
+    offset: i64,
+    timestamp: Option<i64>,
+}
+
+impl<'a> Record<'a> {
+    pub fn key(&self) -> Option<&'a [u8]> {
+        self.key
+    }
+    /// `None` for a tombstone.
+    pub fn payload(&self) -> Option<&'a [u8]> {
+        self.payload
+    }
+    pub fn offset(&self) -> i64 {
+        self.offset
+    }
+    /// The record's timestamp in ms, as `Timestamp::to_millis` gives it live.
+    pub fn timestamp(&self) -> Option<i64> {
+        self.timestamp
+    }
+}
+
+/// Records taken from librdkafka's queue at once. A restore reads tens of millions of
+/// records, and taking them one by one through the event API cost, per record, a queue
+/// wait with two clock reads, an event wrapper with its reference count, and the client's
+/// poll bookkeeping: ~10% of a restore's CPU (`perf record -a` of a 3 M-session restore,
+/// docs/benchmarks.md). A batch takes what is queued under one call; 1,024 is about a
+/// partition fetch's worth of heartbeats (1 MiB).
+const BATCH: usize = 1024;
+
+/// The messages of one batch, destroyed before the next is taken and when the read ends
+/// (also when the caller stops early or panics), before the queue and the client.
+struct Batch {
+    messages: Vec<*mut rdsys::rd_kafka_message_t>,
+    len: usize,
+}
+
+impl Batch {
+    fn new() -> Batch {
+        Batch {
+            messages: vec![std::ptr::null_mut(); BATCH],
+            len: 0,
+        }
+    }
+
+    /// Takes up to `max` queued messages, waiting up to `timeout_ms` for more until it has
+    /// `max` (librdkafka's batch call waits for a full batch): so the whole batch is taken
+    /// without waiting, and only an empty queue is waited on, for one message.
+    fn take(&mut self, queue: &Queue, timeout_ms: i32, max: usize) -> usize {
+        self.clear();
+        // SAFETY: the queue is alive (`Queue` destroys it on drop, after this batch), and
+        // librdkafka writes at most `max` pointers into the array, which holds BATCH.
+        let n = unsafe {
+            rdsys::rd_kafka_consume_batch_queue(
+                queue.0,
+                timeout_ms,
+                self.messages.as_mut_ptr(),
+                max.min(BATCH),
+            )
+        };
+        self.len = n.max(0) as usize;
+        self.len
+    }
+
+    /// The `i`-th message taken, or the error it carries.
+    fn get(&self, i: usize) -> Result<Record<'_>, KafkaError> {
+        // SAFETY: i < len: librdkafka returned a valid message there, alive until `clear`,
+        // which needs `&mut self` (so not while the returned record borrows the batch).
+        let m = unsafe { &*self.messages[..self.len][i] };
+        if m.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Err(match m.err {
+                rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
+                    KafkaError::PartitionEOF(m.partition)
+                }
+                e => KafkaError::MessageConsumption(e.into()),
+            });
+        }
+        // SAFETY: librdkafka's pointer and length of the message's bytes, or null.
+        let bytes = |ptr: *const u8, len: usize| {
+            (!ptr.is_null()).then(|| unsafe { std::slice::from_raw_parts(ptr, len) })
+        };
+        let mut kind = rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE;
+        // SAFETY: reads the message's own timestamp fields.
+        let ts = unsafe { rdsys::rd_kafka_message_timestamp(m, &mut kind) };
+        let available =
+            kind != rdsys::rd_kafka_timestamp_type_t::RD_KAFKA_TIMESTAMP_NOT_AVAILABLE && ts != -1;
+        Ok(Record {
+            key: bytes(m.key as *const u8, m.key_len),
+            payload: bytes(m.payload as *const u8, m.len),
+            offset: m.offset,
+            timestamp: available.then_some(ts),
+        })
+    }
+
+    fn clear(&mut self) {
+        for &m in &self.messages[..self.len] {
+            // SAFETY: each was returned by the batch call and is destroyed once.
+            unsafe { rdsys::rd_kafka_message_destroy(m) };
+        }
+        self.len = 0;
+    }
+}
+
+impl Drop for Batch {
+    fn drop(&mut self) {
+        self.clear();
+    }
+}
+
+/// The consumer's queue, where its assigned partitions' messages arrive.
+struct Queue(*mut rdsys::rd_kafka_queue_t);
+
+impl Queue {
+    fn of<C: ConsumerContext>(consumer: &BaseConsumer<C>) -> anyhow::Result<Queue> {
+        // SAFETY: the client is alive; the returned reference is released on drop.
+        let q = unsafe { rdsys::rd_kafka_queue_get_consumer(consumer.client().native_ptr()) };
+        anyhow::ensure!(!q.is_null(), "the restore consumer has no consumer queue");
+        Ok(Queue(q))
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // SAFETY: the reference taken in `of`, released once.
+        unsafe { rdsys::rd_kafka_queue_destroy(self.0) };
+    }
+}
+
 /// Calls `f` for each record of `topic`/`partition` from `from` up to `until` (exclusive)
 /// or, without `until`, to the partition's end (read_committed), until `f` says
 /// [`ControlFlow::Break`] (its caller gave up: nothing more to read). Returns the record
@@ -36,7 +168,7 @@ pub fn read_partition(
     partition: i32,
     from: Offset,
     until: Option<i64>,
-    mut f: impl FnMut(&BorrowedMessage<'_>) -> ControlFlow<()>,
+    mut f: impl FnMut(&Record<'_>) -> ControlFlow<()>,
 ) -> anyhow::Result<u64> {
     let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     let (low, high) = consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
@@ -52,41 +184,47 @@ pub fn read_partition(
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(topic, partition, Offset::Offset(start))?;
     consumer.assign(&tpl)?;
+    let queue = Queue::of(&consumer)?;
+    let mut batch = Batch::new();
     let mut n = 0u64;
     let mut progress = Instant::now();
-    loop {
-        match consumer.poll(Duration::from_millis(100)) {
-            Some(Ok(m)) => {
-                if m.offset() >= end {
-                    break;
-                }
-                let flow = f(&m);
-                n += 1;
-                if flow.is_break() {
-                    break;
-                }
-                if n.is_multiple_of(4096) {
-                    progress = Instant::now();
-                }
-                if m.offset() + 1 >= end {
-                    break;
-                }
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) => break,
-            // A broker of the cluster that is away (refused connection, leader moving):
-            // librdkafka reconnects and fetches from the new leader by itself. Giving up here
-            // restarted whole restores for as long as one broker of three was down (chaos
-            // run, seed 4); the no-progress bound below still ends a read that never moves.
-            Some(Err(e)) if presence_core::kafka::is_transient(&e) => {
-                tracing::debug!(topic, partition, error = %e, "restore read: transient broker error; librdkafka retries");
-            }
-            Some(Err(e)) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
-            None if progress.elapsed() > STALL => {
+    'read: loop {
+        // What is queued, without waiting; when nothing is, wait for the next message.
+        if batch.take(&queue, 0, BATCH) == 0 && batch.take(&queue, 100, 1) == 0 {
+            if progress.elapsed() > STALL {
                 anyhow::bail!("reading {topic}/{partition} made no progress for {} s (an open transaction of a dead instance?)", STALL.as_secs())
             }
-            None => {}
+            continue;
+        }
+        progress = Instant::now();
+        for i in 0..batch.len {
+            match batch.get(i) {
+                Ok(m) => {
+                    if m.offset >= end {
+                        break 'read;
+                    }
+                    let flow = f(&m);
+                    n += 1;
+                    if flow.is_break() || m.offset + 1 >= end {
+                        break 'read;
+                    }
+                }
+                Err(KafkaError::PartitionEOF(_)) => break 'read,
+                // A broker of the cluster that is away (refused connection, leader moving):
+                // librdkafka reconnects and fetches from the new leader by itself. Giving up
+                // here restarted whole restores for as long as one broker of three was down
+                // (chaos run, seed 4); the no-progress bound above still ends a read that
+                // never moves.
+                Err(e) if presence_core::kafka::is_transient(&e) => {
+                    tracing::debug!(topic, partition, error = %e, "restore read: transient broker error; librdkafka retries");
+                }
+                Err(e) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
+            }
         }
     }
+    // The messages, then the queue, go before the client.
+    drop(batch);
+    drop(queue);
     drop_aside(consumer);
     Ok(n)
 }

@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::align::{self, Reading};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
-use crate::restore::{offset_for_time, read_partition};
+use crate::restore::{offset_for_time, read_partition, Record};
 use crate::sessions::{
     key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
@@ -472,8 +472,8 @@ impl SessionsStage {
     }
 }
 
-fn window_beat(m: &BorrowedMessage<'_>, ids: &IdCache) -> Option<WindowBeat> {
-    let ts = m.timestamp().to_millis()?;
+fn window_beat(m: &Record<'_>, ids: &IdCache) -> Option<WindowBeat> {
+    let ts = m.timestamp()?;
     let payload = m.payload()?;
     // A failed lookup leaves the id unresolved: the beat was a dead letter live too.
     let _ = ids.ensure_blocking(payload);
