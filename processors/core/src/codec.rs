@@ -548,6 +548,11 @@ impl<'a> BodyReader<'a> {
     }
 
     pub fn read_long(&mut self, field: &str) -> Result<i64, CodecError> {
+        // One byte: every string length under 64 and most enum indexes and counts.
+        if let Some(&b) = self.buf.get(self.pos).filter(|&&b| b < 0x80) {
+            self.pos += 1;
+            return Ok(((b >> 1) as i64) ^ -((b & 1) as i64));
+        }
         let mut n: u64 = 0;
         let mut shift = 0u32;
         loop {

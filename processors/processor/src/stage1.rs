@@ -109,7 +109,9 @@ pub const RESTORE_CONCURRENCY_MAX: usize = 4;
 /// two cores (`presence bench restore --sessions 10000000 --partitions 12`): 29.3 s four at
 /// a time against 35.9 s two at a time (0.82, same runs); 3 M: 8.0 s against 9.9 s, six at
 /// a time 7.5 s. Larger fetches instead (8 MiB a fetch, 64 MiB queues) did as well two at a
-/// time but held 1.2 GiB beside the state.
+/// time but held 1.2 GiB beside the state. Since records are taken from librdkafka in
+/// batches ([`crate::restore`]) a restore waits less and the gain is smaller: 16.6 s four
+/// at a time against 17.3 s two at a time (0.96, same runs), still not a loss.
 pub const RESTORE_CONCURRENCY_PER_CORE: usize = 2;
 
 /// The default of `processor.restore_concurrency`: [`RESTORE_CONCURRENCY_PER_CORE`] per
