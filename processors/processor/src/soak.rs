@@ -75,6 +75,9 @@ struct Sample {
     /// less code, stacks and what the allocator holds free. NaN when a process does not
     /// report it.
     in_use_mib: f64,
+    /// Times the live instances' allocators gave memory back
+    /// (`presence_allocator_trims_total`, summed; a restarted instance counts from 0).
+    trims: f64,
     buffered: f64,
     open_sessions: f64,
     probes: usize,
@@ -306,6 +309,9 @@ pub async fn soak(base: &Config, o: &SoakOptions) -> anyhow::Result<String> {
                 s.in_use_mib += p
                     .metric("presence_allocator_allocated_bytes")
                     .map_or(f64::NAN, |bytes| bytes / 1048576.0);
+                s.trims += p
+                    .metric("presence_allocator_trims_total")
+                    .unwrap_or(f64::NAN);
                 s.buffered += p.metric("presence_stage2_buffered_events").unwrap_or(0.0);
                 s.open_sessions += p.metric("presence_open_sessions").unwrap_or(0.0);
             }
@@ -371,12 +377,12 @@ fn signal(pid: u32, sig: libc::c_int) {
 
 fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
     let mut text = String::from(
-        "t_s,instances,rss_mib,stage2_buffered,open_sessions,probes,p50_ms,p99_ms,p999_ms,in_use_mib\n",
+        "t_s,instances,rss_mib,stage2_buffered,open_sessions,probes,p50_ms,p99_ms,p999_ms,in_use_mib,trims\n",
     );
     for s in samples {
         let _ = writeln!(
             text,
-            "{:.1},{},{:.1},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.1}",
+            "{:.1},{},{:.1},{:.0},{:.0},{},{:.0},{:.0},{:.0},{:.1},{:.0}",
             s.t,
             s.instances,
             s.rss_mib,
@@ -386,7 +392,8 @@ fn write_csv(path: &Path, samples: &[Sample]) -> anyhow::Result<()> {
             s.p50_ms,
             s.p99_ms,
             s.p999_ms,
-            s.in_use_mib
+            s.in_use_mib,
+            s.trims
         );
     }
     std::fs::write(path, text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))
@@ -425,6 +432,7 @@ pub fn replot(o: &SoakOptions) -> anyhow::Result<String> {
                 p99_ms: number(f.get(7).copied()),
                 p999_ms: number(f.get(8).copied()),
                 in_use_mib: number(f.get(9).copied()),
+                trims: number(f.get(10).copied()),
             }
         })
         .collect();
@@ -516,6 +524,12 @@ fn report(
             med(|s| s.in_use_mib, &early),
             med(|s| s.in_use_mib, &late),
             max_of(|s| s.in_use_mib),
+        ),
+        format!(
+            "  processor allocator trims (the live instances' counts, summed): {:.0} at the last sample, max {:.0}; one at every 5 s look would be {:.0}",
+            samples.last().map_or(f64::NAN, |s| s.trims),
+            max_of(|s| s.trims),
+            seconds / presence_core::allocator::TRIM_PERIOD.as_secs_f64(),
         ),
         format!(
             "  stage-2 buffered events: median minutes 2-7 {:.0}, last 5 min {:.0}, max {:.0}",
@@ -663,6 +677,7 @@ mod tests {
             instances: 1,
             rss_mib: rss,
             in_use_mib: rss - 10.0,
+            trims: 1.0,
             buffered: 10.0,
             open_sessions: 100.0,
             probes: 5,
