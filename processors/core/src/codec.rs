@@ -735,7 +735,6 @@ pub fn verify_history<T: AvroRecord>(history_dir: &std::path::Path) -> Result<()
     Ok(())
 }
 
-/// Control characters (C0, DEL, C1), with a byte-wise fast path for ASCII ids.
 /// Whether every byte is printable ASCII (0x20 to 0x7e): what ids and names almost always
 /// are, checked in one pass without branching per byte (a restore reads tens of millions of
 /// ids, and UTF-8 validation then the control-character scan were ~10% of its CPU).
@@ -745,6 +744,7 @@ fn printable_ascii(bytes: &[u8]) -> bool {
         .fold(true, |ok, &b| ok & (b.wrapping_sub(0x20) < 0x5f))
 }
 
+/// Control characters (C0, DEL, C1), with a byte-wise fast path for ASCII ids.
 fn has_control(value: &str) -> bool {
     if value.is_ascii() {
         value.bytes().any(|b| b < 0x20 || b == 0x7f)

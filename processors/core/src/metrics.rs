@@ -258,7 +258,7 @@ impl ProcessCollector {
         ));
         let allocator_trims = built(prometheus::IntCounter::new(
             "presence_allocator_trims_total",
-            "Times the allocator's trim thread gave free memory back to the system (the processor's, after a burst left more than 32 MiB beyond the heap).",
+            "Times the allocator's trim thread gave free memory back to the system (the processor's: once what it holds beyond its heap grew 32 MiB past where the last trim left it).",
         ));
         let mut descs = Vec::new();
         for c in [
