@@ -191,13 +191,10 @@ pub fn read_partition(
     let mut progress = Instant::now();
     'read: loop {
         // What is queued, without waiting; when nothing is, wait for the next message.
-        if batch.take(&queue, 0, BATCH) == 0 && batch.take(&queue, 100, 1) == 0 {
-            if progress.elapsed() > STALL {
-                anyhow::bail!("reading {topic}/{partition} made no progress for {} s (an open transaction of a dead instance?)", STALL.as_secs())
-            }
-            continue;
+        if batch.take(&queue, 0, BATCH) == 0 {
+            batch.take(&queue, 100, 1);
         }
-        progress = Instant::now();
+        let before = n;
         for i in 0..batch.len {
             match batch.get(i) {
                 Ok(m) => {
@@ -214,13 +211,20 @@ pub fn read_partition(
                 // A broker of the cluster that is away (refused connection, leader moving):
                 // librdkafka reconnects and fetches from the new leader by itself. Giving up
                 // here restarted whole restores for as long as one broker of three was down
-                // (chaos run, seed 4); the no-progress bound above still ends a read that
+                // (chaos run, seed 4); the no-progress bound below still ends a read that
                 // never moves.
                 Err(e) if presence_core::kafka::is_transient(&e) => {
                     tracing::debug!(topic, partition, error = %e, "restore read: transient broker error; librdkafka retries");
                 }
                 Err(e) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
             }
+        }
+        // Progress is records handed on: neither an empty wait nor a batch of transient
+        // errors alone is any, so a read that only ever sees a broker away still ends here.
+        if n > before {
+            progress = Instant::now();
+        } else if progress.elapsed() > STALL {
+            anyhow::bail!("reading {topic}/{partition} made no progress for {} s (an open transaction of a dead instance?)", STALL.as_secs())
         }
     }
     // The messages, then the queue, go before the client.
