@@ -113,7 +113,12 @@ pub async fn restore(
     let _topics = Throwaway::of(&c);
     let timeout = c.processor.session_timeout.as_millis() as i64;
     let p = producer(&c)?;
-    let t0 = now_ms() - timeout + 5_000;
+    // Every session beats every third of the timeout (30 s of 90 s, as browsers do), the
+    // beats spread evenly over the interval; the checkpoint is just after the third round.
+    let interval = timeout / 3;
+    let t0 = now_ms() - 3 * interval - 5_000;
+    let stamp =
+        |round: i64, s: usize| t0 + round * interval + s as i64 * interval / sessions as i64;
     let facilities = (sessions / 100).max(1);
     let changelog = c.topics.sessions_changelog();
     let started = Instant::now();
@@ -123,7 +128,7 @@ pub async fn restore(
     for round in 0..3 {
         for s in 0..sessions {
             let h = beat(s, s % facilities, HeartbeatKind::Beat);
-            let ts = t0 + round as i64 * (timeout / 3) + (s as i64 * 10 / sessions as i64);
+            let ts = stamp(round, s);
             send_beat(&p, &c.topics.heartbeats, &h, ts, Some((s % parts) as i32))?;
         }
     }
@@ -134,7 +139,7 @@ pub async fn restore(
             user_id: h.user_id.clone(),
             facility_id: h.facility_id,
             region_id: h.region_id,
-            last_seen: t0,
+            last_seen: stamp(0, s),
             open_offset: (s / parts) as i64,
         };
         let key = key_bytes(&session_key(&h.user_id, &h.session_id));
@@ -166,6 +171,10 @@ pub async fn restore(
         }
     }
     let mut times: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    // The baseline in the same runs: the default concurrency reading the whole window
+    // oldest first, as restores did before they read it newest first (`window`).
+    let mut whole = Vec::new();
+    let mut window_records = [0u64; 2];
     let mut state_bytes = 0;
     // This process's resident memory before and after a restore: what the restored state
     // and the restore's own buffers add (the producer above is dropped by then, and what
@@ -177,12 +186,17 @@ pub async fn restore(
     let (mut rss_after, mut rss_trimmed) = (0, 0);
     let mut last = None;
     for _ in 0..runs {
-        for (m, &threads) in modes.iter().enumerate() {
-            let stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000)
+        let last_mode = modes.len() - 1;
+        for (m, &threads) in modes.iter().chain([modes[last_mode]].iter()).enumerate() {
+            let baseline = m > last_mode;
+            let mut stage = crate::stage1::SessionsStage::new(topics, timeout, 60_000)
                 .with_restore_concurrency(threads);
+            if baseline {
+                stage = stage.reading_whole_windows();
+            }
             // Only one restored state at a time in memory (the RSS below is its).
             drop(last.take());
-            let load = partition_load(sessions, partitions, t0, timeout);
+            let load = partition_load(sessions, partitions, t0 + 3 * interval);
             let started = Instant::now();
             let cfg = io_config.clone();
             let stage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -191,7 +205,12 @@ pub async fn restore(
                 Ok(stage)
             })
             .await??;
-            times[m].push(started.elapsed().as_secs_f64());
+            if baseline {
+                whole.push(started.elapsed().as_secs_f64());
+            } else {
+                times[m].push(started.elapsed().as_secs_f64());
+            }
+            window_records[baseline as usize] = stage.window_records_read();
             let open = stage.open_sessions();
             state_bytes = stage.state_bytes();
             rss_after = crate::measured::Memory::of(pid).map_or(0, |m| m.rss_kib);
@@ -210,7 +229,7 @@ pub async fn restore(
         Some(stage) => Some(
             warm_restore(
                 stage,
-                &partition_load(sessions, partitions, t0, timeout),
+                &partition_load(sessions, partitions, t0 + 3 * interval),
                 topics,
                 timeout,
                 runs,
@@ -221,9 +240,11 @@ pub async fn restore(
         None => None,
     };
     let mut lines = vec![format!(
-        "restore of {sessions} open sessions (changelog {sessions} records + {} heartbeats re-read from the timeout window) on {partitions} partition(s); writing the test data took {:.1} s; \
+        "restore of {sessions} open sessions (changelog {sessions} records; {} heartbeats in the timeout window, of which the restore read {} newest first, all {} oldest first) on {partitions} partition(s); writing the test data took {:.1} s; \
          session state {:.1} MiB ({:.1} B a session); this process's RSS {:.0} MiB before the restore, {:.0} MiB with the restored state ({:.0} MiB once the allocator gives back what the restore freed)",
         3 * sessions,
+        window_records[0],
+        window_records[1],
         written.as_secs_f64(),
         state_bytes as f64 / 1048576.0,
         state_bytes as f64 / sessions.max(1) as f64,
@@ -252,6 +273,14 @@ pub async fn restore(
             median(times[m].clone()) / median(times[m - 1].clone()),
         ));
     }
+    let newest_first = median(times[modes.len() - 1].clone());
+    lines.push(format!(
+        "the whole window oldest first, as before ({} at a time, same runs): median {:.2} s (min {:.2} s); ratio newest first against it {:.2}",
+        modes[modes.len() - 1],
+        median(whole.clone()),
+        whole.iter().copied().fold(f64::INFINITY, f64::min),
+        newest_first / median(whole),
+    ));
     if let Some(w) = warm {
         let from_changelog = median(times[modes.len() - 1].clone());
         lines.push(format!(
@@ -273,8 +302,7 @@ pub async fn restore(
 fn partition_load(
     sessions: usize,
     partitions: i32,
-    t0: i64,
-    timeout: i64,
+    stream_time: i64,
 ) -> Vec<(i32, Option<Committed<crate::stage1::Checkpoint>>)> {
     let parts = partitions as usize;
     (0..partitions)
@@ -283,7 +311,7 @@ fn partition_load(
             let committed = Committed {
                 offset: 3 * here as i64,
                 checkpoint: Some(crate::stage1::Checkpoint {
-                    t: t0 + 2 * (timeout / 3) + 10,
+                    t: stream_time,
                     s: here as i64 + 1,
                 }),
             };

@@ -17,7 +17,8 @@
 //!   around it [`member`] (commit, restore and rewind of the assigned partitions),
 //!   [`txn`] (the transaction state machine and librdkafka's error classes),
 //!   [`rebalance`] (the rebalance callback) and [`watchdog`] (when a client is stuck,
-//!   pure); [`restore`]: reading a partition back; [`align`]: which partitions stage 1 pauses
+//!   pure); [`restore`]: reading a partition back, and [`window`]: how much of the timeout
+//!   window a stage-1 restore reads again (pure); [`align`]: which partitions stage 1 pauses
 //!   so that a backlog is read in step (pure). Client settings live in
 //!   `presence_core::kafka`, one function per role.
 //! - [`metrics`]: every metric the processor exports; [`bench`]: `presence bench`, with
@@ -46,6 +47,7 @@ pub mod stage1;
 pub mod stage2;
 pub mod txn;
 pub mod watchdog;
+pub mod window;
 
 use std::time::Duration;
 

@@ -176,6 +176,10 @@ pub struct SessionTask {
     /// it has no known owner yet; afterwards only the sessions whose owner was found stay
     /// here, so that closing or moving them tombstones the old record. Empty once they close.
     legacy: HashMap<u32, SessionKey>,
+    /// While restoring the window newest first: slots whose last-seen an older beat raised
+    /// ([`Self::refresh_earlier`]), to be put back in expiry order together
+    /// ([`Self::relink_refreshed`]). Empty otherwise.
+    refreshed: Vec<u32>,
 }
 
 /// A beat re-read from the heartbeats during restore, reduced to what refreshing a
@@ -224,6 +228,7 @@ impl SessionTask {
             open: 0,
             restore_offsets: Vec::new(),
             legacy: HashMap::new(),
+            refreshed: Vec::new(),
         }
     }
 
@@ -482,6 +487,114 @@ impl SessionTask {
         let slot = self.slots[i as usize];
         if b.ts > slot.last_seen && self.facility_hash_of(slot.facility) == b.facility {
             self.touch(i, b.ts);
+        }
+    }
+
+    /// Restore: whether sessions of schema v1 came from the changelog. Their owners are
+    /// found by the first beat after their open, so their window is read oldest first.
+    pub fn restores_legacy(&self) -> bool {
+        !self.legacy.is_empty()
+    }
+
+    /// Restore, the window read newest first: given that every record before offset
+    /// `before` is stamped before `t`, the smallest open offset of the sessions that such a
+    /// record could still raise — last seen before `t`, and opened (or moved) before
+    /// `before - 1` — or `None` when no session is left that an older beat could change.
+    /// Walks only the sessions last seen before `t` (the head of the expiry order).
+    pub fn unsettled_from(&self, t: i64, before: i64) -> Option<i64> {
+        let mut oldest: Option<i64> = None;
+        let mut i = self.head;
+        while i != NIL && self.slots[i as usize].last_seen < t {
+            if let Some(&open) = self.restore_offsets.get(i as usize) {
+                if open < before - 1 {
+                    oldest = Some(oldest.map_or(open, |o| o.min(open)));
+                }
+            }
+            i = self.slots[i as usize].next;
+        }
+        oldest
+    }
+
+    /// Restore: [`Self::refresh`] for a beat read after newer ones (the window read newest
+    /// first). The same rule, so the same last-seen whatever the order (it only ever raises
+    /// it to a beat's stamp); the slot goes back into expiry order in
+    /// [`Self::relink_refreshed`], with the others an older stretch of the window raised,
+    /// not one at a time from the tail (the newest sessions are all after it). Not for
+    /// schema-v1 sessions ([`Self::restores_legacy`]).
+    pub fn refresh_earlier(&mut self, b: &WindowBeat) {
+        if b.ts > self.stream_time {
+            return;
+        }
+        let Some(i) = self.find(b.key) else {
+            return;
+        };
+        if self
+            .restore_offsets
+            .get(i as usize)
+            .is_none_or(|&open| b.offset <= open)
+        {
+            return;
+        }
+        let slot = self.slots[i as usize];
+        if b.ts > slot.last_seen && self.facility_hash_of(slot.facility) == b.facility {
+            self.slots[i as usize].last_seen = b.ts;
+            self.refreshed.push(i);
+        }
+    }
+
+    /// Puts the slots [`Self::refresh_earlier`] raised back in expiry order: out of the
+    /// list, sorted by their new last-seen, then merged in from the head in one walk (they
+    /// were last seen before every session the newer beats settled).
+    pub fn relink_refreshed(&mut self) {
+        let mut moved = std::mem::take(&mut self.refreshed);
+        moved.sort_unstable();
+        moved.dedup();
+        for &i in &moved {
+            self.unlink(i);
+        }
+        moved.sort_by_key(|&i| self.slots[i as usize].last_seen);
+        let mut at = self.head;
+        for i in moved {
+            let t = self.slots[i as usize].last_seen;
+            while at != NIL && self.slots[at as usize].last_seen <= t {
+                at = self.slots[at as usize].next;
+            }
+            self.link_before(i, at);
+        }
+    }
+
+    /// The open sessions as the expiry order holds them: key, facility id, last seen.
+    #[cfg(test)]
+    pub(crate) fn in_expiry_order(&self) -> Vec<(SessionKey, String, i64)> {
+        let mut sessions = Vec::with_capacity(self.open);
+        let mut i = self.head;
+        while i != NIL {
+            let slot = self.slots[i as usize];
+            let facility = self.facilities[slot.facility as usize].0.to_string();
+            sessions.push((slot.key, facility, slot.last_seen));
+            i = slot.next;
+        }
+        sessions
+    }
+
+    /// Links slot `i` just before slot `at` (at the tail when `at` is [`NIL`]).
+    fn link_before(&mut self, i: u32, at: u32) {
+        let prev = if at == NIL {
+            self.tail
+        } else {
+            self.slots[at as usize].prev
+        };
+        self.slots[i as usize].prev = prev;
+        self.slots[i as usize].next = at;
+        if prev == NIL {
+            self.head = i;
+        } else {
+            self.slots[prev as usize].next = i;
+        }
+        if at == NIL {
+            self.tail = i;
+        } else {
+            self.slots[at as usize].prev = i;
         }
     }
 

@@ -23,6 +23,7 @@ use crate::sessions::{
 };
 use crate::snapshot::{self, Outcome};
 use crate::stage::{Clock, Committed, EndOf, Out, RestoreIo, Stage};
+use crate::window::{self, Window};
 
 #[derive(Clone, Copy)]
 pub struct Topics {
@@ -88,6 +89,11 @@ pub struct SessionsStage {
     ids: Arc<IdCache>,
     /// Partitions restored at once (`processor.restore_concurrency`).
     restore_concurrency: usize,
+    /// Whether a restore reads the timeout window newest first ([`window`]); off only in
+    /// the benchmark that measures it against the whole window.
+    newest_first: bool,
+    /// Records the restores read again from the heartbeats (the benchmark reports them).
+    window_records: AtomicU64,
     /// Where shutdown snapshots go ([`crate::snapshot`]); `None`: none are written or read.
     snapshots: Option<PathBuf>,
     /// Snapshots found at restore since the last publish, by [`Outcome`] (used, stale,
@@ -140,6 +146,8 @@ impl SessionsStage {
             expiry_delays: Vec::new(),
             ids: Arc::new(IdCache::none()),
             restore_concurrency: restore_concurrency(),
+            newest_first: true,
+            window_records: AtomicU64::new(0),
             snapshots: None,
             snapshot_outcomes: Default::default(),
         }
@@ -161,6 +169,18 @@ impl SessionsStage {
             n => n,
         };
         self
+    }
+
+    /// Restores read the whole timeout window, oldest first, as before [`window`]: the
+    /// baseline of `presence bench restore`.
+    pub fn reading_whole_windows(mut self) -> SessionsStage {
+        self.newest_first = false;
+        self
+    }
+
+    /// Records the restores so far read again from the heartbeats' timeout windows.
+    pub fn window_records_read(&self) -> u64 {
+        self.window_records.load(Ordering::Relaxed)
     }
 
     /// Reads heartbeats in the `confluent` framing too, resolving their ids through `ids`
@@ -215,48 +235,80 @@ impl SessionsStage {
             return Ok(task);
         }
         // Beats after a session's open raised its last-seen without a changelog write; the
-        // ones that matter are younger than the timeout at the checkpoint. They are re-read on
-        // a second thread while the changelog restores, then applied.
+        // ones that matter are younger than the timeout at the checkpoint. They are re-read
+        // newest first (`window`): the newest step on a second thread while the changelog
+        // restores, then older steps only as far back as a session is still unsettled.
+        let step = window::step(self.timeout);
+        let checkpoint = committed.as_ref().and_then(|c| c.checkpoint.clone());
         let window = match &committed {
             Some(Committed {
                 offset,
                 checkpoint: Some(c),
-            }) => offset_for_time(
-                io.config,
-                self.topics.heartbeats,
-                partition,
-                c.t.saturating_sub(self.timeout + 1_000),
-            )?
-            .map(|from| (from, *offset)),
+            }) => {
+                let from_t = c.t.saturating_sub(self.timeout + 1_000);
+                match offset_for_time(io.config, self.topics.heartbeats, partition, from_t)? {
+                    Some(from) => {
+                        let w = Window {
+                            from: from.min(*offset),
+                            from_t,
+                            until: *offset,
+                        };
+                        let (newest, t) = if self.newest_first {
+                            w.newest(c.t, step, |t| {
+                                offset_for_time(io.config, self.topics.heartbeats, partition, t)
+                            })?
+                        } else {
+                            (w.from, w.from_t)
+                        };
+                        Some((w, newest, t))
+                    }
+                    None => None,
+                }
+            }
             _ => None,
         };
         let mut task = SessionTask::new(partition, self.timeout, self.max_future);
         let mut bad = 0u64;
-        let mut window_beats = 0usize;
+        let mut window_records = 0u64;
         let mut changelog_seconds = 0.0;
-        let checkpoint = committed.and_then(|c| c.checkpoint);
+        let heartbeats = self.topics.heartbeats;
+        let ids = &*self.ids;
+        // The beats of `[from, until)`, each to `f`; the records read.
+        let reread = |from: i64, until: i64, f: &mut dyn FnMut(&WindowBeat)| {
+            read_partition(
+                io.config,
+                heartbeats,
+                partition,
+                Offset::Offset(from),
+                Some(until),
+                |m| {
+                    if let Some(b) = window_beat(m, ids) {
+                        f(&b);
+                    }
+                    ControlFlow::Continue(())
+                },
+            )
+        };
         let changelog_records = std::thread::scope(|scope| -> anyhow::Result<u64> {
-            let heartbeats = self.topics.heartbeats;
-            let ids = &*self.ids;
-            // The window's beats can only be applied once the changelog is in, so what the
-            // re-read finds before then waits here, in chunks, up to a bound: past it the
+            // The newest step's beats can only be applied once the changelog is in, so what
+            // the re-read finds before then waits here, in chunks, up to a bound: past it the
             // re-read waits for the changelog, then both go on in step (a million sessions
             // on one partition are ~3 M beats, 170 MB held whole).
             let (chunks, beats_in) = std::sync::mpsc::sync_channel::<Vec<WindowBeat>>(
                 WINDOW_AHEAD_BEATS / WINDOW_CHUNK_BEATS,
             );
-            let reader = scope.spawn(move || -> anyhow::Result<()> {
-                let Some((from, until)) = window else {
-                    return Ok(());
+            let reader = scope.spawn(move || -> anyhow::Result<u64> {
+                let Some((w, newest, _)) = window else {
+                    return Ok(0);
                 };
                 let mut chunk = Vec::with_capacity(WINDOW_CHUNK_BEATS);
                 let mut gone = false;
-                read_partition(
+                let n = read_partition(
                     io.config,
                     heartbeats,
                     partition,
-                    Offset::Offset(from),
-                    Some(until),
+                    Offset::Offset(newest),
+                    Some(w.until),
                     |m| {
                         if let Some(b) = window_beat(m, ids) {
                             chunk.push(b);
@@ -279,7 +331,7 @@ impl SessionsStage {
                     // A send fails only when the restore gave up.
                     let _ = chunks.send(chunk);
                 }
-                Ok(())
+                Ok(n)
             });
             let n = read_partition(
                 io.config,
@@ -314,16 +366,31 @@ impl SessionsStage {
             if let Some(c) = &checkpoint {
                 task.set_clock(c.t, c.s);
             }
+            // Schema-v1 sessions find their owners in offset order: the older part of the
+            // window first, then the newest step.
+            let legacy = task.restores_legacy();
+            if let (true, Some((w, newest, _))) = (legacy, window) {
+                window_records += reread(w.from, newest, &mut |b| task.refresh(b))?;
+            }
             // In offset order; ends when the re-read has sent its last chunk (or failed).
             for chunk in beats_in {
                 for b in &chunk {
                     task.refresh(b);
                 }
-                window_beats += chunk.len();
             }
-            reader
+            window_records += reader
                 .join()
                 .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
+            if let (false, Some((w, newest, t))) = (legacy, window) {
+                window_records += w.refresh_older(
+                    &mut task,
+                    newest,
+                    t,
+                    step,
+                    |t| offset_for_time(io.config, heartbeats, partition, t),
+                    reread,
+                )?;
+            }
             Ok(n)
         })?;
         if bad > 0 {
@@ -335,11 +402,13 @@ impl SessionsStage {
             );
         }
         task.finish_restore();
+        self.window_records
+            .fetch_add(window_records, Ordering::Relaxed);
         tracing::info!(
             partition,
             open_sessions = task.open_sessions(),
             changelog_records,
-            window_beats,
+            window_records,
             changelog_seconds,
             seconds = started.elapsed().as_secs_f64(),
             "sessions restored"
