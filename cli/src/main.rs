@@ -99,6 +99,10 @@ enum Bench {
         partitions: i32,
         #[arg(long, default_value_t = 3)]
         runs: usize,
+        /// Percent of the sessions that went quiet after their first beat (still open,
+        /// waiting for their timeout, as closed tabs do): their older beats are read again.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=100))]
+        quiet: u8,
     },
     /// Processor throughput (as a child process) against a plain consumer's ceiling on the
     /// same topic, with the processor's peak and idle resident memory.
@@ -273,8 +277,10 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                     sessions,
                     partitions,
                     runs,
+                    quiet,
                 } => {
-                    presence_processor::bench::restore(&config, sessions, partitions, runs).await?
+                    presence_processor::bench::restore(&config, sessions, partitions, runs, quiet)
+                        .await?
                 }
                 Bench::Throughput {
                     heartbeats,

@@ -97,8 +97,10 @@ pub(crate) fn percentile(sorted: &[f64], p: f64) -> f64 {
 }
 
 /// Restore of `partitions` partitions holding `sessions` open sessions between them, each
-/// session beating three times within the timeout: every partition's changelog (one record
-/// per session) plus the re-read of its beats since the checkpoint's timeout window. With
+/// session beating three times within the timeout (once, for the `quiet_percent` that went
+/// quiet): every partition's changelog (one record per session) plus the re-read of its
+/// beats since the checkpoint's timeout window, newest first, and in the same runs the
+/// whole window oldest first, as before ([`crate::window`]). With
 /// more than one partition, each run restores them all once one after another, once one
 /// per core and once [`crate::stage1::restore_concurrency`] at a time (the default),
 /// alternating, so that the ratios come from the same runs.
@@ -107,8 +109,13 @@ pub async fn restore(
     sessions: usize,
     partitions: i32,
     runs: usize,
+    quiet_percent: u8,
 ) -> anyhow::Result<String> {
     anyhow::ensure!(partitions >= 1, "--partitions must be at least 1");
+    // Session s went quiet after its first beat when its index in its partition is below
+    // quiet_percent modulo 100 (so that every partition has its share).
+    let parts = partitions as usize;
+    let quiet = |s: usize| (s / parts) % 100 < quiet_percent as usize;
     let c = isolated(base, "restore", partitions).await?;
     let _topics = Throwaway::of(&c);
     let timeout = c.processor.session_timeout.as_millis() as i64;
@@ -122,11 +129,12 @@ pub async fn restore(
     let facilities = (sessions / 100).max(1);
     let changelog = c.topics.sessions_changelog();
     let started = Instant::now();
-    let parts = partitions as usize;
     // Session s lives on partition s % partitions, where it is the (s / partitions)-th.
     // Three beats per session inside the window; the first opens it (offset = that index).
+    let mut ends = vec![0i64; parts];
     for round in 0..3 {
-        for s in 0..sessions {
+        for s in (0..sessions).filter(|&s| round == 0 || !quiet(s)) {
+            ends[s % parts] += 1;
             let h = beat(s, s % facilities, HeartbeatKind::Beat);
             let ts = stamp(round, s);
             send_beat(&p, &c.topics.heartbeats, &h, ts, Some((s % parts) as i32))?;
@@ -196,7 +204,7 @@ pub async fn restore(
             }
             // Only one restored state at a time in memory (the RSS below is its).
             drop(last.take());
-            let load = partition_load(sessions, partitions, t0 + 3 * interval);
+            let load = partition_load(sessions, &ends, t0 + 3 * interval);
             let started = Instant::now();
             let cfg = io_config.clone();
             let stage = tokio::task::spawn_blocking(move || -> anyhow::Result<_> {
@@ -229,7 +237,7 @@ pub async fn restore(
         Some(stage) => Some(
             warm_restore(
                 stage,
-                &partition_load(sessions, partitions, t0 + 3 * interval),
+                &partition_load(sessions, &ends, t0 + 3 * interval),
                 topics,
                 timeout,
                 runs,
@@ -240,9 +248,9 @@ pub async fn restore(
         None => None,
     };
     let mut lines = vec![format!(
-        "restore of {sessions} open sessions (changelog {sessions} records; {} heartbeats in the timeout window, of which the restore read {} newest first, all {} oldest first) on {partitions} partition(s); writing the test data took {:.1} s; \
+        "restore of {sessions} open sessions, {quiet_percent}% of them quiet since their first beat (changelog {sessions} records; {} heartbeats in the timeout window, of which the restore read {} newest first, all {} oldest first) on {partitions} partition(s); writing the test data took {:.1} s; \
          session state {:.1} MiB ({:.1} B a session); this process's RSS {:.0} MiB before the restore, {:.0} MiB with the restored state ({:.0} MiB once the allocator gives back what the restore freed)",
-        3 * sessions,
+        ends.iter().sum::<i64>(),
         window_records[0],
         window_records[1],
         written.as_secs_f64(),
@@ -258,7 +266,7 @@ pub async fn restore(
             "{threads} partition(s) at a time: median {:.2} s over {runs} runs (min {:.2} s; {:.2} M records/s)",
             median(t.clone()),
             t.iter().copied().fold(f64::INFINITY, f64::min),
-            4.0 * sessions as f64 / median(t.clone()) / 1e6,
+            (sessions as u64 + window_records[0]) as f64 / median(t.clone()) / 1e6,
         ));
     }
     for m in 1..modes.len() {
@@ -298,18 +306,18 @@ pub async fn restore(
 }
 
 /// What each partition of the restore benchmark's data has committed: the offset after
-/// its three beats a session, and the clock of the last of them.
+/// its beats (`ends`), and the clock of the last of them.
 fn partition_load(
     sessions: usize,
-    partitions: i32,
+    ends: &[i64],
     stream_time: i64,
 ) -> Vec<(i32, Option<Committed<crate::stage1::Checkpoint>>)> {
-    let parts = partitions as usize;
-    (0..partitions)
+    let parts = ends.len();
+    (0..parts as i32)
         .map(|q| {
             let here = (sessions + parts - 1 - q as usize) / parts;
             let committed = Committed {
-                offset: 3 * here as i64,
+                offset: ends[q as usize],
                 checkpoint: Some(crate::stage1::Checkpoint {
                     t: stream_time,
                     s: here as i64 + 1,

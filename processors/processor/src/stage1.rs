@@ -17,7 +17,7 @@ use serde::{Deserialize, Serialize};
 use crate::align::{self, Reading};
 use crate::metrics::{Counts, Metrics};
 use crate::records::{SessionEvent, SessionState};
-use crate::restore::{offset_for_time, read_partition, Record};
+use crate::restore::{offsets_for_times, read_partition, Record};
 use crate::sessions::{
     key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
 };
@@ -237,7 +237,7 @@ impl SessionsStage {
         // Beats after a session's open raised its last-seen without a changelog write; the
         // ones that matter are younger than the timeout at the checkpoint. They are re-read
         // newest first (`window`): the newest step on a second thread while the changelog
-        // restores, then older steps only as far back as a session is still unsettled.
+        // restores, then the older part only if a session is still unsettled.
         let step = window::step(self.timeout);
         let checkpoint = committed.as_ref().and_then(|c| c.checkpoint.clone());
         let window = match &committed {
@@ -246,24 +246,25 @@ impl SessionsStage {
                 checkpoint: Some(c),
             }) => {
                 let from_t = c.t.saturating_sub(self.timeout + 1_000);
-                match offset_for_time(io.config, self.topics.heartbeats, partition, from_t)? {
-                    Some(from) => {
-                        let w = Window {
-                            from: from.min(*offset),
-                            from_t,
-                            until: *offset,
-                        };
-                        let (newest, t) = if self.newest_first {
-                            w.newest(c.t, step, |t| {
-                                offset_for_time(io.config, self.topics.heartbeats, partition, t)
-                            })?
-                        } else {
-                            (w.from, w.from_t)
-                        };
-                        Some((w, newest, t))
-                    }
-                    None => None,
-                }
+                let newest_t = if self.newest_first {
+                    window::newest_time(c.t, step, from_t)
+                } else {
+                    from_t
+                };
+                let found = offsets_for_times(
+                    io.config,
+                    self.topics.heartbeats,
+                    partition,
+                    &[from_t, newest_t],
+                )?;
+                found[0].map(|from| {
+                    let w = Window {
+                        from: from.min(*offset),
+                        from_t,
+                        until: *offset,
+                    };
+                    (w, w.newest_from(found[1]), newest_t)
+                })
             }
             _ => None,
         };
@@ -271,6 +272,7 @@ impl SessionsStage {
         let mut bad = 0u64;
         let mut window_records = 0u64;
         let mut changelog_seconds = 0.0;
+        let mut newest_seconds = 0.0;
         let heartbeats = self.topics.heartbeats;
         let ids = &*self.ids;
         // The beats of `[from, until)`, each to `f`; the records read.
@@ -381,15 +383,9 @@ impl SessionsStage {
             window_records += reader
                 .join()
                 .map_err(|_| anyhow::anyhow!("the heartbeats re-read panicked"))??;
+            newest_seconds = started.elapsed().as_secs_f64();
             if let (false, Some((w, newest, t))) = (legacy, window) {
-                window_records += w.refresh_older(
-                    &mut task,
-                    newest,
-                    t,
-                    step,
-                    |t| offset_for_time(io.config, heartbeats, partition, t),
-                    reread,
-                )?;
+                window_records += w.refresh_older(&mut task, newest, t, reread)?;
             }
             Ok(n)
         })?;
@@ -410,6 +406,7 @@ impl SessionsStage {
             changelog_records,
             window_records,
             changelog_seconds,
+            newest_seconds,
             seconds = started.elapsed().as_secs_f64(),
             "sessions restored"
         );

@@ -5,31 +5,38 @@
 //! maximum, so the order the beats are read in does not change it. The window holds every
 //! beat that can matter, the timeout and a second back from the checkpoint's stream time:
 //! three beats a session when browsers beat every 30 s against a 90 s timeout. Most
-//! sessions are settled by their newest beat alone, so the window is read newest first,
-//! one [`step`] at a time, and only as far back as some session could still be raised:
+//! sessions are settled by their newest beat alone, so the window is read in two parts:
 //!
-//! - Kafka finds, for a time `t`, the first offset stamped at or after it; every record
-//!   before that offset is stamped before `t` (a broker-side lookup of the log's time index,
-//!   exact whatever the stamps' order). So once the records from there on are applied, a
-//!   session last seen at or after `t` is settled (nothing older can raise it), and so is
-//!   one opened at or after that offset (nothing before its open applies to it).
-//! - Any other session is unsettled ([`SessionTask::unsettled_from`]): the next step back
-//!   is read, starting no earlier than the oldest unsettled session's open.
+//! - the newest [`step`] (a beat interval and a margin), beside the changelog as the whole
+//!   window was. Kafka finds, for a time `t`, the first offset stamped at or after it, and
+//!   every record before that offset is stamped before `t` (the broker's lookup of the
+//!   log's time index, exact whatever the stamps' order). So once the records from there
+//!   on are applied, a session last seen at or after `t` is settled (nothing older can
+//!   raise it), and so is one opened at or after that offset (nothing before its open
+//!   applies to it);
+//! - then, only if a session is unsettled ([`SessionTask::unsettled_from`]), the older part,
+//!   from the oldest unsettled session's open on (or the window's start).
 //!
-//! When every session beat within the last step (the steady state), the restore reads one
-//! step of beats instead of the whole window: 30 M records of a 10 M-session restore
-//! become ~12 M. Sessions that went quiet (closed tabs waiting for their timeout) take the
-//! read back to their last beat, at worst the whole window as before; a missing or skewed
-//! stamp only costs time, never a different state (the property test below).
+//! When every session beat within the last step (the steady state), the restore reads a
+//! third of the window and a margin: 30 M beats of a 10 M-session restore become ~12 M.
+//! Sessions that went quiet (closed tabs waiting for their timeout) take the read back to
+//! the oldest one's open, at worst the whole window as before; a missing or skewed stamp
+//! only costs time, never a different state (the property test below).
 
 use crate::sessions::{SessionTask, WindowBeat};
 
-/// How far back each step of the window reads: a beat interval (a third of the timeout, as
-/// browsers beat every 30 s against the default 90 s) and a margin for beats that come late
-/// (5 s, or a sixth of the timeout when that is less: 35 s of the default 91 s window), so
-/// that the newest step alone settles every session that beats on time.
+/// How far back the newest step of the window reaches: a beat interval (a third of the
+/// timeout, as browsers beat every 30 s against the default 90 s) and a margin for beats
+/// that come late (5 s, or a sixth of the timeout when that is less: 35 s of the default
+/// 91 s window), so that it alone settles every session that beats on time.
 pub fn step(timeout: i64) -> i64 {
     (timeout / 3 + (timeout / 6).min(5_000)).max(1)
+}
+
+/// When the newest step begins: one [`step`] back from the checkpoint's stream time `now`,
+/// no further than the window's start `from_t`.
+pub fn newest_time(now: i64, step: i64, from_t: i64) -> i64 {
+    (now - step).max(from_t)
 }
 
 /// One partition's window: the offsets from `from` (the first stamped at or after
@@ -42,62 +49,33 @@ pub struct Window {
 }
 
 impl Window {
-    /// The newest step, `[offset, until)`, and the time every record before `offset` is
-    /// stamped before: one [`step`] back from the checkpoint's stream time `now`, no further
-    /// than the window. `offset_for_time` is Kafka's lookup (`None`: nothing is stamped at
-    /// or after that time).
-    pub fn newest<E>(
-        &self,
-        now: i64,
-        step: i64,
-        offset_for_time: impl FnOnce(i64) -> Result<Option<i64>, E>,
-    ) -> Result<(i64, i64), E> {
-        let t = now - step;
-        if t <= self.from_t {
-            return Ok((self.from, self.from_t));
-        }
-        let offset = offset_for_time(t)?.map_or(self.until, |o| o.clamp(self.from, self.until));
-        Ok((offset, t))
+    /// Where the newest step begins, given Kafka's lookup for [`newest_time`] (`None`:
+    /// nothing is stamped at or after it): every record before it is stamped before that
+    /// time.
+    pub fn newest_from(&self, found: Option<i64>) -> i64 {
+        found.map_or(self.until, |o| o.clamp(self.from, self.until))
     }
 
     /// With the records from `lower` to `until` applied (every record before `lower`
-    /// stamped before `t`): reads older steps, each `[start, lower)` through `read` (which
-    /// hands each beat to the closure and returns how many records it read), as far back as
-    /// a session is unsettled. Returns the records read. Not for a task that restores
-    /// schema-v1 sessions ([`SessionTask::restores_legacy`]): their owners are found in
-    /// offset order.
+    /// stamped before `t`): reads the older part that some session still needs, in one
+    /// `[start, lower)` through `read` (which hands each beat to the closure and returns how
+    /// many records it read): from the oldest unsettled session's open on, or from the
+    /// window's start. Returns the records read. Not for a task that restores schema-v1
+    /// sessions ([`SessionTask::restores_legacy`]): their owners are found in offset order.
     pub fn refresh_older<E>(
         &self,
         task: &mut SessionTask,
-        mut lower: i64,
-        mut t: i64,
-        step: i64,
-        mut offset_for_time: impl FnMut(i64) -> Result<Option<i64>, E>,
-        mut read: impl FnMut(i64, i64, &mut dyn FnMut(&WindowBeat)) -> Result<u64, E>,
+        lower: i64,
+        t: i64,
+        read: impl FnOnce(i64, i64, &mut dyn FnMut(&WindowBeat)) -> Result<u64, E>,
     ) -> Result<u64, E> {
-        let mut records = 0;
-        while lower > self.from {
-            let Some(oldest) = task.unsettled_from(t, lower) else {
-                break;
-            };
-            let older_t = t - step;
-            let older = if older_t <= self.from_t {
-                self.from
-            } else {
-                offset_for_time(older_t)?.map_or(lower, |o| o.clamp(self.from, lower))
-            };
-            // Nothing before an unsettled session's open applies to it.
-            let start = older.max(oldest.saturating_add(1)).min(lower);
-            records += read(start, lower, &mut |b| task.refresh_earlier(b))?;
-            task.relink_refreshed();
-            // Past the oldest open every unsettled session is settled; at the window's
-            // start there is nothing older to read.
-            if start > older || start == self.from {
-                break;
-            }
-            lower = start;
-            t = older_t;
-        }
+        let Some(oldest) = task.unsettled_from(t, lower) else {
+            return Ok(0);
+        };
+        // Nothing before an unsettled session's open applies to it.
+        let start = self.from.max(oldest.saturating_add(1)).min(lower);
+        let records = read(start, lower, &mut |b| task.refresh_earlier(b))?;
+        task.relink_refreshed();
         Ok(records)
     }
 }
@@ -192,8 +170,8 @@ mod tests {
     }
 
     proptest! {
-        // Many cases: what tells the two reads apart is a session last seen just before a
-        // step's time with an older beat between the two, a narrow draw.
+        // Many cases: what tells the two reads apart is a session last seen just before the
+        // newest step's time with an older beat between the two, a narrow draw.
         #![proptest_config(ProptestConfig::with_cases(2048))]
 
         /// Whatever the stamps' order and the step, the window read newest first restores
@@ -224,9 +202,8 @@ mod tests {
             oldest_first.finish_restore();
 
             let mut newest_first = from_changelog(&l);
-            let (lower, t) = window
-                .newest(l.stream_time, step, |t| Ok::<_, ()>(offset_for_time(&l.stamps, t)))
-                .unwrap();
+            let t = newest_time(l.stream_time, step, from_t);
+            let lower = window.newest_from(offset_for_time(&l.stamps, t));
             for b in in_range(lower, until) {
                 newest_first.refresh(b);
             }
@@ -235,13 +212,15 @@ mod tests {
                     &mut newest_first,
                     lower,
                     t,
-                    step,
-                    |t| Ok::<_, ()>(offset_for_time(&l.stamps, t)),
+                    // Newest first here too: the state must not depend on the order the
+                    // older beats come in.
                     |a, b, f| {
-                        for w in in_range(a, b) {
+                        let mut beats: Vec<_> = in_range(a, b).collect();
+                        beats.reverse();
+                        for w in beats {
                             f(w);
                         }
-                        Ok((b - a) as u64)
+                        Ok::<_, ()>((b - a) as u64)
                     },
                 )
                 .unwrap();
@@ -277,33 +256,23 @@ mod tests {
         };
         let step = step(TIMEOUT);
         let mut task = from_changelog(&l);
-        let (lower, t) = window
-            .newest(l.stream_time, step, |t| {
-                Ok::<_, ()>(offset_for_time(&l.stamps, t))
-            })
-            .unwrap();
+        let t = newest_time(l.stream_time, step, from_t);
+        let lower = window.newest_from(offset_for_time(&l.stamps, t));
         for b in l.beats.iter().filter(|b| b.offset >= lower) {
             task.refresh(b);
         }
         let mut older = 0;
         window
-            .refresh_older(
-                &mut task,
-                lower,
-                t,
-                step,
-                |t| Ok::<_, ()>(offset_for_time(&l.stamps, t)),
-                |a, b, _| {
-                    older += b - a;
-                    Ok((b - a) as u64)
-                },
-            )
+            .refresh_older(&mut task, lower, t, |a, b, _| {
+                older += b - a;
+                Ok::<_, ()>((b - a) as u64)
+            })
             .unwrap();
         // The newest step is 3 s + 1.5 s of the 9 s: fewer than all 30 records.
         assert!(lower > window.from, "the newest step is the whole window");
         assert_eq!(
             older, 0,
-            "older steps were read though every session beat on time"
+            "the older part was read though every session beat on time"
         );
         assert_eq!(task.open_sessions(), 10);
     }
