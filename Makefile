@@ -157,6 +157,7 @@ bench: stack build
 	cargo bench --locked -p presence-processor --bench stage1
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench restore --sessions 1000000
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench restore --sessions 10000000 --partitions 12 --runs 1
+	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench restore --sessions 1000000 --partitions 12 --runs 3 --quiet 1
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench throughput --heartbeats 4000000
 	PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench throughput --heartbeats 8000000 --sessions 1000000 --idle-seconds 3
 	for i in 1 2 3 4 5; do PRESENCE_TELEMETRY__LOG_FILTER=warn $(PRESENCE) bench latency --rate 20000 --seconds 60 || exit 1; done
