@@ -477,17 +477,20 @@ impl SessionTask {
         let Some(i) = self.find(b.key).or_else(|| self.claim_legacy(b)) else {
             return;
         };
-        if self
-            .restore_offsets
-            .get(i as usize)
-            .is_none_or(|&open| b.offset <= open)
-        {
-            return;
-        }
-        let slot = self.slots[i as usize];
-        if b.ts > slot.last_seen && self.facility_hash_of(slot.facility) == b.facility {
+        if self.raises(i, b) {
             self.touch(i, b.ts);
         }
+    }
+
+    /// Whether the re-read beat `b` raises slot `i`'s last-seen: it came after the
+    /// session's open (or move), names its facility, and is newer.
+    fn raises(&self, i: u32, b: &WindowBeat) -> bool {
+        let slot = self.slots[i as usize];
+        self.restore_offsets
+            .get(i as usize)
+            .is_some_and(|&open| b.offset > open)
+            && b.ts > slot.last_seen
+            && self.facility_hash_of(slot.facility) == b.facility
     }
 
     /// Restore: whether sessions of schema v1 came from the changelog. Their owners are
@@ -528,15 +531,7 @@ impl SessionTask {
         let Some(i) = self.find(b.key) else {
             return;
         };
-        if self
-            .restore_offsets
-            .get(i as usize)
-            .is_none_or(|&open| b.offset <= open)
-        {
-            return;
-        }
-        let slot = self.slots[i as usize];
-        if b.ts > slot.last_seen && self.facility_hash_of(slot.facility) == b.facility {
+        if self.raises(i, b) {
             self.slots[i as usize].last_seen = b.ts;
             self.refreshed.push(i);
         }
@@ -575,27 +570,6 @@ impl SessionTask {
             i = slot.next;
         }
         sessions
-    }
-
-    /// Links slot `i` just before slot `at` (at the tail when `at` is [`NIL`]).
-    fn link_before(&mut self, i: u32, at: u32) {
-        let prev = if at == NIL {
-            self.tail
-        } else {
-            self.slots[at as usize].prev
-        };
-        self.slots[i as usize].prev = prev;
-        self.slots[i as usize].next = at;
-        if prev == NIL {
-            self.head = i;
-        } else {
-            self.slots[prev as usize].next = i;
-        }
-        if at == NIL {
-            self.tail = i;
-        } else {
-            self.slots[at as usize].prev = i;
-        }
     }
 
     /// The v1 session `b` names, re-keyed to `b`'s owner, if it has none yet and `b` can be
@@ -797,17 +771,27 @@ impl SessionTask {
         } else {
             self.slots[after as usize].next
         };
-        self.slots[i as usize].prev = after;
-        self.slots[i as usize].next = next;
-        if after == NIL {
+        self.link_before(i, next);
+    }
+
+    /// Links slot `i` just before slot `at` (at the tail when `at` is [`NIL`]).
+    fn link_before(&mut self, i: u32, at: u32) {
+        let prev = if at == NIL {
+            self.tail
+        } else {
+            self.slots[at as usize].prev
+        };
+        self.slots[i as usize].prev = prev;
+        self.slots[i as usize].next = at;
+        if prev == NIL {
             self.head = i;
         } else {
-            self.slots[after as usize].next = i;
+            self.slots[prev as usize].next = i;
         }
-        if next == NIL {
+        if at == NIL {
             self.tail = i;
         } else {
-            self.slots[next as usize].prev = i;
+            self.slots[at as usize].prev = i;
         }
     }
 
