@@ -424,3 +424,105 @@ async fn a_clean_restart_resumes_from_its_snapshots_exactly() {
     );
     finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
 }
+
+/// The reads a restore is made of, on a partition that ends in a committed transaction's
+/// marker: a read to an offset ends there (also when the offset before it is the marker, which
+/// no read_committed consumer sees), at the partition's end when that comes first, and
+/// without waiting when there is nothing to read; the window's lookups find the first offset
+/// stamped at or after a time (every earlier record stamped before it).
+#[tokio::test(flavor = "multi_thread")]
+async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_time() {
+    use presence_processor::restore::{offsets_for_times, read_partition};
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    use rdkafka::topic_partition_list::Offset;
+    use std::ops::ControlFlow;
+
+    let c = setup(TIMEOUT_MS).await;
+    let _cleanup = Cleanup::new(&c);
+    let topic = c.topics.heartbeats.clone();
+    let t0 = now_ms() - 600_000;
+    // Offsets 0, 1 and 2 in a transaction (its commit marker is offset 3), then 4 and 5 plain;
+    // record k stamped t0 + k seconds, in order.
+    let mut tc = presence_core::kafka::idempotent_producer_config(&c.kafka, "test");
+    tc.set(
+        "transactional.id",
+        format!("{}-restore-reads", c.processor.group_id),
+    );
+    let txn: BaseProducer = tc.create().expect("transactional producer");
+    txn.init_transactions(Duration::from_secs(30))
+        .expect("init");
+    txn.begin_transaction().expect("begin");
+    for k in 0..3i64 {
+        txn.send(
+            BaseRecord::to(&topic)
+                .partition(0)
+                .key("k")
+                .payload("v")
+                .timestamp(t0 + k * 1_000),
+        )
+        .expect("send");
+    }
+    txn.commit_transaction(Duration::from_secs(30))
+        .expect("commit");
+    let plain: BaseProducer = presence_core::kafka::idempotent_producer_config(&c.kafka, "test")
+        .create()
+        .expect("producer");
+    for k in 4..6i64 {
+        plain
+            .send(
+                BaseRecord::to(&topic)
+                    .partition(0)
+                    .key("k")
+                    .payload("v")
+                    .timestamp(t0 + k * 1_000),
+            )
+            .expect("send");
+    }
+    plain.flush(Duration::from_secs(30)).expect("flush");
+
+    let config = presence_core::kafka::restore_consumer_config(&c.kafka, "test", "restore-reads");
+    let read = |from: i64, until: Option<i64>| {
+        let mut offsets = Vec::new();
+        let n = read_partition(&config, &topic, 0, Offset::Offset(from), until, |m| {
+            offsets.push(m.offset());
+            ControlFlow::Continue(())
+        })
+        .expect("read");
+        assert_eq!(n as usize, offsets.len());
+        offsets
+    };
+    assert_eq!(read(0, Some(4)), vec![0, 1, 2], "up to the marker");
+    assert_eq!(read(1, Some(3)), vec![1, 2]);
+    assert_eq!(read(2, Some(5)), vec![2, 4], "past the marker");
+    assert_eq!(
+        read(0, Some(100)),
+        vec![0, 1, 2, 4, 5],
+        "to the partition's end"
+    );
+    assert_eq!(read(4, None), vec![4, 5], "to the end, asked of the broker");
+    assert_eq!(read(5, Some(5)), Vec::<i64>::new(), "an empty range");
+
+    // The commit marker (offset 3) is stamped when the transaction committed, now: it is the
+    // first offset stamped at or after any time between its records' and now, though 4 and
+    // 5 after it are older. What a restore relies on holds all the same: every record before
+    // the offset found is stamped before the time (so it reads 4 and 5 in its newest step).
+    let found = offsets_for_times(
+        &config,
+        &topic,
+        0,
+        &[
+            t0 - 1,
+            t0 + 1_500,
+            t0 + 2_000,
+            t0 + 2_500,
+            t0 + 5_000,
+            now_ms() + 3_600_000,
+        ],
+    )
+    .expect("lookups");
+    assert_eq!(
+        found,
+        vec![Some(0), Some(2), Some(2), Some(3), Some(3), None],
+        "the first offset stamped at or after each time"
+    );
+}
