@@ -479,6 +479,18 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
             .expect("send");
     }
     plain.flush(Duration::from_secs(30)).expect("flush");
+    // Offset 6 in a second transaction, its marker 7 the partition's last.
+    txn.begin_transaction().expect("begin");
+    txn.send(
+        BaseRecord::to(&topic)
+            .partition(0)
+            .key("k")
+            .payload("v")
+            .timestamp(t0 + 6_000),
+    )
+    .expect("send");
+    txn.commit_transaction(Duration::from_secs(30))
+        .expect("commit");
 
     let config = presence_core::kafka::restore_consumer_config(&c.kafka, "test", "restore-reads");
     let read = |from: i64, until: Option<i64>| {
@@ -494,12 +506,17 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
     assert_eq!(read(0, Some(4)), vec![0, 1, 2], "up to the marker");
     assert_eq!(read(1, Some(3)), vec![1, 2]);
     assert_eq!(read(2, Some(5)), vec![2, 4], "past the marker");
+    assert_eq!(read(0, Some(6)), vec![0, 1, 2, 4, 5]);
     assert_eq!(
-        read(0, Some(100)),
-        vec![0, 1, 2, 4, 5],
-        "to the partition's end"
+        read(5, Some(8)),
+        vec![5, 6],
+        "to the partition's end, a marker its last offset"
     );
-    assert_eq!(read(4, None), vec![4, 5], "to the end, asked of the broker");
+    assert_eq!(
+        read(4, None),
+        vec![4, 5, 6],
+        "to the end, asked of the broker"
+    );
     assert_eq!(read(5, Some(5)), Vec::<i64>::new(), "an empty range");
 
     // The commit marker (offset 3) is stamped when the transaction committed, now: it is the
@@ -518,6 +535,7 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
             t0 + 5_000,
             now_ms() + 3_600_000,
         ],
+        8,
     )
     .expect("lookups");
     assert_eq!(

@@ -95,18 +95,20 @@ impl Batch {
         self.len
     }
 
-    /// The `i`-th message taken, or the error it carries.
-    fn get(&self, i: usize) -> Result<Record<'_>, KafkaError> {
+    /// The `i`-th message taken, or the error it carries with its offset (for the end of
+    /// a partition, where the fetch stands).
+    fn get(&self, i: usize) -> Result<Record<'_>, (KafkaError, i64)> {
         // SAFETY: i < len: librdkafka returned a valid message there, alive until `clear`,
         // which needs `&mut self` (so not while the returned record borrows the batch).
         let m = unsafe { &*self.messages[..self.len][i] };
         if m.err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
-            return Err(match m.err {
+            let e = match m.err {
                 rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR__PARTITION_EOF => {
                     KafkaError::PartitionEOF(m.partition)
                 }
                 e => KafkaError::MessageConsumption(e.into()),
-            });
+            };
+            return Err((e, m.offset));
         }
         // SAFETY: librdkafka's pointer and length of the message's bytes, or null.
         let bytes = |ptr: *const u8, len: usize| {
@@ -224,16 +226,21 @@ pub fn read_partition(
                         break 'read;
                     }
                 }
-                Err(KafkaError::PartitionEOF(_)) => break 'read,
+                // The end of what the leader serves: the read's end when it is at or past
+                // it. Before it, a leader just elected serves less than was committed for a
+                // while (its high watermark catching up): wait for the rest, which
+                // librdkafka goes on fetching (the no-progress bound below still ends it).
+                Err((KafkaError::PartitionEOF(_), at)) if at >= end => break 'read,
+                Err((KafkaError::PartitionEOF(_), _)) => {}
                 // A broker of the cluster that is away (refused connection, leader moving):
                 // librdkafka reconnects and fetches from the new leader by itself. Giving up
                 // here restarted whole restores for as long as one broker of three was down
                 // (chaos run, seed 4); the no-progress bound below still ends a read that
                 // never moves.
-                Err(e) if presence_core::kafka::is_transient(&e) => {
+                Err((e, _)) if presence_core::kafka::is_transient(&e) => {
                     tracing::debug!(topic, partition, error = %e, "restore read: transient broker error; librdkafka retries");
                 }
-                Err(e) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
+                Err((e, _)) => return Err(anyhow::anyhow!("reading {topic}/{partition}: {e}")),
             }
         }
         // Progress is records handed on: neither an empty wait nor a batch of transient
@@ -263,28 +270,59 @@ fn drop_aside<C: ConsumerContext + 'static>(consumer: BaseConsumer<C>) {
 }
 
 /// For each of `times`, the first offset of `topic`/`partition` stamped at or after it, if
-/// any (every earlier record is stamped before it: the broker's lookup of the log's time
-/// index). One client for all of them: a new client's first request to a broker took
-/// ~0.7 s now and then.
+/// any before `until` (every earlier record is stamped before it: the broker's lookup of the
+/// log's time index). The broker looks only below its end (the last stable offset, for a
+/// read_committed client), which a leader just elected can hold below what was committed
+/// for a while: `None` from such a leader would say nothing about the records before
+/// `until`, so the lookups are asked again until the broker's end has reached `until`
+/// (a chaos run with broker kills once expired sessions up to 40 s early; this could do
+/// it). One
+/// client for all of them: a new client's first request to a broker took ~0.7 s now and
+/// then.
 pub fn offsets_for_times(
     config: &ClientConfig,
     topic: &str,
     partition: i32,
     times: &[i64],
+    until: i64,
 ) -> anyhow::Result<Vec<Option<i64>>> {
     let consumer: BaseConsumer = config.create()?;
-    let found = times
-        .iter()
-        .map(|&ts| -> anyhow::Result<Option<i64>> {
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(topic, partition, Offset::Offset(ts.max(0)))?;
-            let found = consumer.offsets_for_times(tpl, Duration::from_secs(30))?;
-            Ok(found.elements().first().and_then(|e| match e.offset() {
-                Offset::Offset(o) => Some(o),
-                _ => None,
-            }))
-        })
-        .collect();
+    let lookup = |target: Offset| -> anyhow::Result<Option<i64>> {
+        let mut tpl = TopicPartitionList::new();
+        tpl.add_partition_offset(topic, partition, target)?;
+        let found = consumer.offsets_for_times(tpl, Duration::from_secs(30))?;
+        Ok(found.elements().first().and_then(|e| match e.offset() {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        }))
+    };
+    let started = Instant::now();
+    let found = loop {
+        let found = times
+            .iter()
+            .map(|&ts| lookup(Offset::Offset(ts.max(0))))
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        // Offset::End asks for the broker's end the same way (-1 is "latest").
+        let end = lookup(Offset::End)?.unwrap_or(-1);
+        if end >= until {
+            break found;
+        }
+        if started.elapsed() > STALL {
+            drop_aside(consumer);
+            anyhow::bail!(
+                "{topic}/{partition} ends at {end} on its leader, before the committed offset {until}, for {} s: is a broker that held it lost?",
+                STALL.as_secs()
+            );
+        }
+        tracing::debug!(
+            topic,
+            partition,
+            end,
+            until,
+            "the leader's end is behind the committed offset; asking again"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
     drop_aside(consumer);
-    found
+    Ok(found)
 }

@@ -750,8 +750,11 @@ impl SessionTask {
     }
 
     fn touch(&mut self, i: u32, last_seen: i64) {
+        // The tail stays the tail when raised; lowered (a restore's changelog record older
+        // than the slot's time), it may belong further in.
+        let raised = last_seen >= self.slots[i as usize].last_seen;
         self.slots[i as usize].last_seen = last_seen;
-        if self.tail == i {
+        if raised && self.tail == i {
             return;
         }
         self.unlink(i);

@@ -256,6 +256,7 @@ impl SessionsStage {
                     self.topics.heartbeats,
                     partition,
                     &[from_t, newest_t],
+                    *offset,
                 )?;
                 found[0].map(|from| {
                     let w = Window {
