@@ -226,11 +226,14 @@ pub fn read_partition(
                         break 'read;
                     }
                 }
-                // The end of what the leader serves: the read's end when it is at or past
-                // it. Before it, a leader just elected serves less than was committed for a
-                // while (its high watermark catching up): wait for the rest, which
-                // librdkafka goes on fetching (the no-progress bound below still ends it).
-                Err((KafkaError::PartitionEOF(_), at)) if at >= end => break 'read,
+                // The end of what the leader serves. A read to a committed offset waits
+                // past one before that offset: a leader just elected serves less than was
+                // committed for a while (its high watermark catching up), and librdkafka
+                // goes on fetching the rest (the no-progress bound below still ends it). A
+                // read to the end ends there, as it always did.
+                Err((KafkaError::PartitionEOF(_), at)) if until.is_none() || at >= end => {
+                    break 'read
+                }
                 Err((KafkaError::PartitionEOF(_), _)) => {}
                 // A broker of the cluster that is away (refused connection, leader moving):
                 // librdkafka reconnects and fetches from the new leader by itself. Giving up
