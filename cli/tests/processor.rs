@@ -441,8 +441,7 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
     let _cleanup = Cleanup::new(&c);
     let topic = c.topics.heartbeats.clone();
     let t0 = now_ms() - 600_000;
-    // Offsets 0, 1 and 2 in a transaction (its commit marker is offset 3), then 4 and 5 plain;
-    // record k stamped t0 + k seconds, in order.
+    // Offsets 0, 1 and 2 in a transaction (its commit marker is offset 3), then 4 and 5 plain.
     let mut tc = presence_core::kafka::idempotent_producer_config(&c.kafka, "test");
     tc.set(
         "transactional.id",
@@ -451,16 +450,17 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
     let txn: BaseProducer = tc.create().expect("transactional producer");
     txn.init_transactions(Duration::from_secs(30))
         .expect("init");
+    // Record k, stamped t0 + k seconds.
+    let record = |k: i64| {
+        BaseRecord::<str, str>::to(&topic)
+            .partition(0)
+            .key("k")
+            .payload("v")
+            .timestamp(t0 + k * 1_000)
+    };
     txn.begin_transaction().expect("begin");
     for k in 0..3i64 {
-        txn.send(
-            BaseRecord::to(&topic)
-                .partition(0)
-                .key("k")
-                .payload("v")
-                .timestamp(t0 + k * 1_000),
-        )
-        .expect("send");
+        txn.send(record(k)).expect("send");
     }
     txn.commit_transaction(Duration::from_secs(30))
         .expect("commit");
@@ -468,27 +468,12 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
         .create()
         .expect("producer");
     for k in 4..6i64 {
-        plain
-            .send(
-                BaseRecord::to(&topic)
-                    .partition(0)
-                    .key("k")
-                    .payload("v")
-                    .timestamp(t0 + k * 1_000),
-            )
-            .expect("send");
+        plain.send(record(k)).expect("send");
     }
     plain.flush(Duration::from_secs(30)).expect("flush");
     // Offset 6 in a second transaction, its marker 7 the partition's last.
     txn.begin_transaction().expect("begin");
-    txn.send(
-        BaseRecord::to(&topic)
-            .partition(0)
-            .key("k")
-            .payload("v")
-            .timestamp(t0 + 6_000),
-    )
-    .expect("send");
+    txn.send(record(6)).expect("send");
     txn.commit_transaction(Duration::from_secs(30))
         .expect("commit");
 
