@@ -180,10 +180,11 @@ pub fn read_partition(
     }
     let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
     // A read to a given offset starts where it is told (an offset the log no longer holds
-    // starts at its earliest, `auto.offset.reset`) and ends there or at the partition's end
-    // (the end-of-partition event), without asking the broker for the partition's bounds
-    // first: a new client's first watermark query took ~0.7 s now and then (a restore of
-    // 12 partitions of 83 k sessions: one in three), where reading the whole range took 0.1 s.
+    // starts at its earliest, `auto.offset.reset`) and ends there (an end-of-partition
+    // before it is waited past, below), without asking the broker for the partition's
+    // bounds first: a new client's first watermark query took ~0.7 s now and then (a
+    // restore of 12 partitions of 83 k sessions: one in three), where reading the whole
+    // range took 0.1 s.
     let (start, end) = match (from, until) {
         (Offset::Offset(o), Some(u)) => (Offset::Offset(o), u),
         _ => {
@@ -277,11 +278,10 @@ fn drop_aside<C: ConsumerContext + 'static>(consumer: BaseConsumer<C>) {
 /// log's time index). The broker looks only below its end (the last stable offset, for a
 /// read_committed client), which a leader just elected can hold below what was committed
 /// for a while: `None` from such a leader would say nothing about the records before
-/// `until`, so the lookups are asked again until the broker's end has reached `until`
-/// (a chaos run with broker kills once expired sessions up to 40 s early; this could do
-/// it). One
-/// client for all of them: a new client's first request to a broker took ~0.7 s now and
-/// then.
+/// `until`, so the lookups are asked again until the broker's end has reached `until` (a
+/// chaos run with broker kills once expired sessions up to 40 s early; this could do it).
+/// One client for all of them: a new client's first request to a broker took ~0.7 s now
+/// and then.
 pub fn offsets_for_times(
     config: &ClientConfig,
     topic: &str,
