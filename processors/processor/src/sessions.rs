@@ -542,12 +542,12 @@ impl SessionTask {
     /// were last seen before every session the newer beats settled).
     pub fn relink_refreshed(&mut self) {
         let mut moved = std::mem::take(&mut self.refreshed);
-        moved.sort_unstable();
+        // By new last-seen; a slot raised twice is there twice, side by side.
+        moved.sort_unstable_by_key(|&i| (self.slots[i as usize].last_seen, i));
         moved.dedup();
         for &i in &moved {
             self.unlink(i);
         }
-        moved.sort_by_key(|&i| self.slots[i as usize].last_seen);
         let mut at = self.head;
         for i in moved {
             let t = self.slots[i as usize].last_seen;

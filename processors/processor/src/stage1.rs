@@ -261,7 +261,6 @@ impl SessionsStage {
                 found[0].map(|from| {
                     let w = Window {
                         from: from.min(*offset),
-                        from_t,
                         until: *offset,
                     };
                     (w, w.newest_from(found[1]), newest_t)

@@ -39,12 +39,11 @@ pub fn newest_time(now: i64, step: i64, from_t: i64) -> i64 {
     (now - step).max(from_t)
 }
 
-/// One partition's window: the offsets from `from` (the first stamped at or after
-/// `from_t`) up to the committed offset `until`.
+/// One partition's window: the offsets from `from` (the first stamped at or after the
+/// window's start time) up to the committed offset `until`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Window {
     pub from: i64,
-    pub from_t: i64,
     pub until: i64,
 }
 
@@ -192,7 +191,7 @@ mod tests {
             let from_t = l.stream_time - TIMEOUT - 1_000;
             let Some(from) = offset_for_time(&l.stamps, from_t) else { return Ok(()) };
             let from = from.min(until);
-            let window = Window { from, from_t, until };
+            let window = Window { from, until };
             let in_range = |a: i64, b: i64| l.beats.iter().filter(move |w| w.offset >= a && w.offset < b);
 
             let mut oldest_first = from_changelog(&l);
@@ -251,7 +250,6 @@ mod tests {
         let from_t = l.stream_time - TIMEOUT - 1_000;
         let window = Window {
             from: offset_for_time(&l.stamps, from_t).unwrap(),
-            from_t,
             until: records.len() as i64,
         };
         let step = step(TIMEOUT);
