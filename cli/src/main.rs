@@ -131,6 +131,10 @@ enum Bench {
         rate: usize,
         #[arg(long, default_value_t = 30)]
         seconds: u64,
+        /// Seconds at the same rate before the timed run, reported apart: the background
+        /// sessions open in them.
+        #[arg(long, default_value_t = 5)]
+        warmup_seconds: u64,
         /// Also time each probe hop by hop (two more consumers of the broker, which load it
         /// and so lengthen what they measure).
         #[arg(long)]
@@ -303,8 +307,12 @@ async fn run(command: Command, config: Config) -> anyhow::Result<ExitCode> {
                 Bench::Latency {
                     rate,
                     seconds,
+                    warmup_seconds,
                     hops,
-                } => presence_processor::bench::latency(&config, rate, seconds, hops).await?,
+                } => {
+                    presence_processor::bench::latency(&config, rate, seconds, warmup_seconds, hops)
+                        .await?
+                }
                 Bench::Offline {
                     sessions,
                     stop_rate,

@@ -2,7 +2,7 @@
 //! throughput against a plain consumer's ceiling, and heartbeat-to-transition latency.
 //! Each one creates its own topics, so it never disturbs a running pipeline.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -730,14 +730,20 @@ fn committed_total(
         .sum())
 }
 
+/// Sessions that keep the latency bench's background facilities online, beating in turn.
+const BACKGROUND_SESSIONS: usize = 20_000;
+
 /// Heartbeat-to-`facility-status` latency at a steady `rate` heartbeats/s for `seconds`:
 /// background sessions keep their facilities online while probe sessions open fresh
 /// facilities; each probe's ONLINE record is timed from the beat's timestamp to its
-/// arrival at a read_committed consumer.
+/// arrival at a read_committed consumer. The first `warmup` seconds run at the same rate and
+/// are reported apart: the background sessions open in them (at 20 k/s, 20,000 opens and
+/// their changelog writes in the first second), a burst the steady state does not have.
 pub async fn latency(
     base: &Config,
     rate: usize,
     seconds: u64,
+    warmup: u64,
     hops: bool,
 ) -> anyhow::Result<String> {
     let c = isolated(base, "latency", base.topics.heartbeats_partitions).await?;
@@ -782,26 +788,36 @@ pub async fn latency(
     let load = {
         let c = c.clone();
         let stop = shutdown.clone();
-        std::thread::spawn(move || -> anyhow::Result<(u64, HashMap<String, i64>)> {
+        type Sent = (u64, HashMap<String, i64>, HashMap<String, i64>);
+        std::thread::spawn(move || -> anyhow::Result<Sent> {
             // Sent as a Kafka producer with librdkafka's default linger (5 ms) sends: the
             // bench's bulk linger (20 ms) counted up to 20 ms into each probe.
             let mut pc = idempotent_producer_config(&c.kafka, "bench-latency");
             pc.set("linger.ms", "5");
             let p: ThreadedProducer<DefaultProducerContext> = pc.create()?;
-            let sessions = 20_000usize;
+            let sessions = BACKGROUND_SESSIONS;
             let facilities = 500usize;
             let started = Instant::now();
             let mut sent = 0u64;
             let mut probes = HashMap::new();
+            let mut warm_probes = HashMap::new();
             let mut probe = 0usize;
-            while started.elapsed() < Duration::from_secs(seconds) && !stop.is_triggered() {
+            let warm = Duration::from_secs(warmup);
+            let mut warm_sent = 0u64;
+            while started.elapsed() < warm + Duration::from_secs(seconds) && !stop.is_triggered() {
                 let due = (started.elapsed().as_secs_f64() * rate as f64) as u64;
+                let warming = started.elapsed() < warm;
                 while sent < due {
                     let now = now_ms();
                     let h = if sent.is_multiple_of(100) {
                         probe += 1;
                         let h = beat(1_000_000_000 + probe, 100_000 + probe, HeartbeatKind::Beat);
-                        probes.insert(h.facility_id.clone(), now);
+                        let into = if warming {
+                            &mut warm_probes
+                        } else {
+                            &mut probes
+                        };
+                        into.insert(h.facility_id.clone(), now);
                         h
                     } else {
                         let s = (sent as usize) % sessions;
@@ -810,14 +826,17 @@ pub async fn latency(
                     send_beat(&p, &c.topics.heartbeats, &h, now, None)?;
                     sent += 1;
                 }
+                if warming {
+                    warm_sent = sent;
+                }
                 std::thread::sleep(Duration::from_millis(1));
             }
             p.flush(Duration::from_secs(30))?;
-            Ok((sent, probes))
+            Ok((sent - warm_sent, probes, warm_probes))
         })
     };
     let mut arrivals: HashMap<String, (i64, FacilityStatus)> = HashMap::new();
-    let until = Instant::now() + Duration::from_secs(seconds + 10);
+    let until = Instant::now() + Duration::from_secs(warmup + seconds + 10);
     while Instant::now() < until {
         if let Some(Ok(m)) = reader.poll(Duration::from_millis(50)) {
             let at = now_ms();
@@ -828,7 +847,7 @@ pub async fn latency(
             }
         }
     }
-    let (sent, probes) = load
+    let (sent, probes, warm_probes) = load
         .join()
         .map_err(|_| anyhow::anyhow!("load thread panicked"))??;
     // The stages' transaction commits (send offsets, wait for deliveries, commit).
@@ -855,7 +874,9 @@ pub async fn latency(
                                 &format!("{label},le=\"{le}\""),
                             )
                             .unwrap_or(f64::NAN);
-                        format!("{:.0} over {ms} ms", n - within)
+                        // Clamped: the count and the bucket are two scrapes, and commits
+                        // made between them would make the difference negative.
+                        format!("{:.0} over {ms} ms", (n - within).max(0.0))
                     });
                     format!(
                         "{stage} {n:.0} commits ({:.0}/s), mean {:.1} ms ({} ms), {}",
@@ -885,11 +906,16 @@ pub async fn latency(
     let (memory, sampled_peak) = processor.memory();
     tokio::task::spawn_blocking(move || processor.stop()).await??;
     reader.commit_consumer_state(CommitMode::Async).ok();
-    let mut lat: Vec<f64> = probes
-        .iter()
-        .filter_map(|(f, sent_at)| arrivals.get(f).map(|(at, _)| (at - sent_at) as f64))
-        .collect();
-    lat.sort_by(|a, b| a.total_cmp(b));
+    let latencies = |probes: &HashMap<String, i64>| {
+        let mut lat: Vec<f64> = probes
+            .iter()
+            .filter_map(|(f, sent_at)| arrivals.get(f).map(|(at, _)| (at - sent_at) as f64))
+            .collect();
+        lat.sort_by(|a, b| a.total_cmp(b));
+        lat
+    };
+    let lat = latencies(&probes);
+    let warm = latencies(&warm_probes);
     // The part before stage 2's commit: emitted_at - since (since = the beat's timestamp).
     let mut emit: Vec<f64> = arrivals
         .values()
@@ -897,10 +923,12 @@ pub async fn latency(
         .collect();
     emit.sort_by(|a, b| a.total_cmp(b));
     let missing = probes.len() - lat.len();
+    let slow = SlowSeconds::of(&probes, &arrivals, percentile(&lat, 0.99));
     let report = format!(
         "latency at {:.0} heartbeats/s for {seconds} s ({} probes, {missing} not seen): beat timestamp to read_committed arrival \
          p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms, max {:.0} ms (commit interval {} ms); of which beat to stage-2 emission p50 {:.0} ms, p99 {:.0} ms; \
-         processor peak RSS {:.0} MiB\n{hops}\ntransaction commits: {commits}",
+         processor peak RSS {:.0} MiB\n\
+         before it, {warmup} s at the same rate opening the {BACKGROUND_SESSIONS} background sessions (not counted above): {} probes, p50 {:.0} ms, p99 {:.0} ms, max {:.0} ms\n{slow}\n{hops}\ntransaction commits: {commits}",
         sent as f64 / seconds as f64,
         probes.len(),
         percentile(&lat, 0.5),
@@ -911,8 +939,76 @@ pub async fn latency(
         percentile(&emit, 0.5),
         percentile(&emit, 0.99),
         mib(memory.hwm_kib.max(sampled_peak)),
+        warm.len(),
+        percentile(&warm, 0.5),
+        percentile(&warm, 0.99),
+        warm.last().copied().unwrap_or(f64::NAN),
     );
     Ok(report)
+}
+
+/// Where the slowest 1% of probes sit in time: the probes over the run's p99, by the wall
+/// second they were sent in. A tail made of a few seconds in which every probe is late is a
+/// stall (the machine, a pause) and the ones around it are fast; a tail spread over the
+/// whole run is the pipeline's own variance.
+struct SlowSeconds {
+    over_p99: usize,
+    seconds: usize,
+    /// The worst seconds: (second since the epoch, probes over p99 in it, probes sent in it,
+    /// the slowest of them in ms).
+    worst: Vec<(i64, usize, usize, f64)>,
+}
+
+impl SlowSeconds {
+    fn of(
+        sent: &HashMap<String, i64>,
+        arrivals: &HashMap<String, (i64, FacilityStatus)>,
+        p99: f64,
+    ) -> SlowSeconds {
+        let mut by_second: BTreeMap<i64, (usize, usize, f64)> = BTreeMap::new();
+        for (f, &at) in sent {
+            let Some((seen, _)) = arrivals.get(f) else {
+                continue;
+            };
+            let ms = (seen - at) as f64;
+            let s = by_second.entry(at / 1000).or_default();
+            s.1 += 1;
+            if ms > p99 {
+                s.0 += 1;
+                s.2 = s.2.max(ms);
+            }
+        }
+        let mut worst: Vec<_> = by_second
+            .iter()
+            .filter(|(_, s)| s.0 > 0)
+            .map(|(&t, &(over, n, max))| (t, over, n, max))
+            .collect();
+        let over_p99 = worst.iter().map(|w| w.1).sum();
+        let seconds = worst.len();
+        worst.sort_by_key(|w| std::cmp::Reverse(w.1));
+        worst.truncate(5);
+        SlowSeconds {
+            over_p99,
+            seconds,
+            worst,
+        }
+    }
+}
+
+impl std::fmt::Display for SlowSeconds {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the {} probes over p99 were sent in {} different seconds; the worst (UTC, over p99 / sent, slowest):",
+            self.over_p99, self.seconds
+        )?;
+        for (t, over, n, max) in &self.worst {
+            let day = t.rem_euclid(86_400);
+            let (h, m, s) = (day / 3600, day / 60 % 60, day % 60);
+            write!(f, " {h:02}:{m:02}:{s:02} {over}/{n} {max:.0} ms;")?;
+        }
+        Ok(())
+    }
 }
 
 /// Per probe facility: a record's timestamp and when it arrived at a reader.
