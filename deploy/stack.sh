@@ -289,11 +289,18 @@ kafka_node_format() {
     || { cat "$dir/format.log" >&2; die "kafka storage format failed; see $dir/format.log"; }
 }
 
+# The JVM options Kafka's own start script (kafka-run-class.sh) gives a broker. Without
+# MaxGCPauseMillis=20, G1 aims at 200 ms pauses: on this stack it let the young generation
+# grow until each collection stopped the broker for 30-60 ms every 3 s under the latency
+# bench's load, which every request in flight waited out (docs/benchmarks.md, "Latency").
+KAFKA_JVM_OPTS=(-server -XX:+UseG1GC -XX:MaxGCPauseMillis=20 -XX:InitiatingHeapOccupancyPercent=35
+  -XX:+ExplicitGCInvokesConcurrent -Djava.awt.headless=true)
+
 # kafka_node_start <dir> <port> <max heap>: starts a configured, formatted node in the background.
 kafka_node_start() {
   local dir="$1" port="$2" heap="$3"
   say "kafka: starting Apache Kafka $KAFKA_VERSION on 127.0.0.1:$port (log $dir/server.log)"
-  setsid nohup java -Xms256m "-Xmx$heap" -XX:+UseG1GC -Djava.awt.headless=true \
+  setsid nohup java -Xms256m "-Xmx$heap" "${KAFKA_JVM_OPTS[@]}" \
     -Dlog4j2.configurationFile="$dir/log4j2.properties" \
     -cp "$KAFKA_LIBS/*" kafka.Kafka "$dir/server.properties" >"$dir/stdout.log" 2>&1 </dev/null &
   echo $! >"$dir/kafka.pid"
