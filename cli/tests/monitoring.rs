@@ -379,4 +379,22 @@ async fn every_target_is_up_and_every_dashboard_panel_has_data() {
     for child in &mut children {
         child.terminate(Duration::from_secs(30));
     }
+    // Nothing in this run is an error an operator must act on (the undecodable record is a
+    // dead letter, reported as a warning): an ERROR line here is noise that would hide real
+    // ones. The sink's sessions follower logged every end of partition it reached at ERROR
+    // (rdkafka's default context), one a partition per fetch that caught up.
+    for ((process, _), child) in ports.iter().zip(&children) {
+        let errors = child.error_lines();
+        assert!(
+            errors.is_empty(),
+            "the {process} logged {} lines at ERROR during a fault-free run, first:\n{}",
+            errors.len(),
+            errors
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join("\n")
+        );
+    }
 }

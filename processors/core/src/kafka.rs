@@ -226,6 +226,21 @@ pub fn log_client_error(component: &str, error: KafkaError, reason: &str) {
     tracing::warn!(component, error = %error, reason, "Kafka client error");
 }
 
+/// The context of a consumer that asks for end-of-partition notices (`enable.partition.eof`)
+/// and watches nothing else: librdkafka's error events as warnings ([`log_client_error`]),
+/// minus those notices. rdkafka's default context logs every error event at ERROR, each end
+/// of partition included: a follower at the end of its partitions logged one a partition
+/// for every fetch that caught up.
+pub struct QuietEof(pub &'static str);
+
+impl ClientContext for QuietEof {
+    fn error(&self, error: KafkaError, reason: &str) {
+        log_client_error(self.0, error, reason);
+    }
+}
+
+impl ConsumerContext for QuietEof {}
+
 /// How often a client watched by [`BrokerWatch`] reports librdkafka's statistics, in ms
 /// (`statistics.interval.ms`): readiness follows a broker that comes back within this. A
 /// lost connection is reported at once. One second costs one small JSON parse a second.
@@ -570,7 +585,7 @@ impl ClientContext for BrokerWatch {
 
     fn error(&self, error: KafkaError, reason: &str) {
         if !Self::is_connection_error(&error) {
-            tracing::warn!(component = self.component, error = %error, reason, "Kafka client error");
+            log_client_error(self.component, error, reason);
         }
     }
 }

@@ -5,8 +5,8 @@
 use std::ops::ControlFlow;
 use std::time::{Duration, Instant};
 
+use presence_core::kafka::QuietEof;
 use rdkafka::bindings as rdsys;
-use rdkafka::client::ClientContext;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
 use rdkafka::error::KafkaError;
@@ -14,17 +14,6 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 /// How long a restore may see no progress before it gives up (and is retried).
 const STALL: Duration = Duration::from_secs(60);
-
-/// A context that keeps the end-of-partition notices out of the logs.
-struct Quiet;
-
-impl ClientContext for Quiet {
-    fn error(&self, error: KafkaError, reason: &str) {
-        presence_core::kafka::log_client_error("restore", error, reason);
-    }
-}
-
-impl ConsumerContext for Quiet {}
 
 /// A record as a restore reads it, borrowed from librdkafka until the next batch is taken.
 #[derive(Clone, Copy, Debug)]
@@ -178,7 +167,7 @@ pub fn read_partition(
             return Ok(0);
         }
     }
-    let consumer: BaseConsumer<Quiet> = config.create_with_context(Quiet)?;
+    let consumer: BaseConsumer<QuietEof> = config.create_with_context(QuietEof("restore"))?;
     // A read to a given offset starts where it is told (an offset the log no longer holds
     // starts at its earliest, `auto.offset.reset`) and ends there (an end-of-partition
     // before it is waited past, below), without asking the broker for the partition's
@@ -289,7 +278,7 @@ pub fn offsets_for_times(
     times: &[i64],
     until: i64,
 ) -> anyhow::Result<Vec<Option<i64>>> {
-    let consumer: BaseConsumer = config.create()?;
+    let consumer: BaseConsumer<QuietEof> = config.create_with_context(QuietEof("restore"))?;
     let lookup = |target: Offset| -> anyhow::Result<Option<i64>> {
         let mut tpl = TopicPartitionList::new();
         tpl.add_partition_offset(topic, partition, target)?;

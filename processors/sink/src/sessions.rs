@@ -22,7 +22,7 @@ use std::time::Duration;
 use presence_core::codec::decode;
 use presence_core::config::Config;
 use presence_core::delivery::{connect_postgres, Tables};
-use presence_core::kafka::restore_consumer_config;
+use presence_core::kafka::{restore_consumer_config, QuietEof};
 use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionState};
 use presence_core::telemetry::Health;
 use presence_core::Shutdown;
@@ -38,6 +38,10 @@ use tokio_postgres::Client;
 const BATCH: usize = 5000;
 /// Newest beats reach `last_beat` within this (plus the write).
 const LINGER: Duration = Duration::from_millis(200);
+
+/// The follower's consumer: end-of-partition notices (it asks for them to know when the
+/// changelog is read whole) stay out of the logs.
+type Follower = StreamConsumer<QuietEof>;
 
 /// Where a changelog record lives: its partition and key.
 pub type SessionKey = (i32, Vec<u8>);
@@ -131,9 +135,9 @@ pub async fn follow(
     let changelog = config.topics.sessions_changelog();
     let heartbeats = config.topics.heartbeats.clone();
     let group = format!("{}.sessions", config.sink.group_id);
-    let consumer: StreamConsumer = restore_consumer_config(&config.kafka, "sink-sessions", &group)
+    let consumer: Follower = restore_consumer_config(&config.kafka, "sink-sessions", &group)
         .set("fetch.wait.max.ms", "50")
-        .create()?;
+        .create_with_context(QuietEof("sink-sessions"))?;
     let tables = Tables::new(&config.database.schema);
     let mut db = Db {
         config: &config,
@@ -276,7 +280,7 @@ fn read_session(payload: Option<&[u8]>) -> Option<Option<SessionState>> {
 /// `topic`'s partitions, once the broker lists the topic (`what` names it in the logs);
 /// `None` if `shutdown` comes first.
 async fn wait_for_partitions(
-    consumer: &StreamConsumer,
+    consumer: &Follower,
     topic: &str,
     what: &str,
     shutdown: &Shutdown,
@@ -300,7 +304,7 @@ async fn wait_for_partitions(
 
 /// `topic`'s `partitions` at their current ends; `None` if `shutdown` comes first.
 async fn wait_for_ends(
-    consumer: &StreamConsumer,
+    consumer: &Follower,
     topic: &str,
     partitions: &[i32],
     shutdown: &Shutdown,
@@ -333,7 +337,7 @@ async fn every_second<T>(shutdown: &Shutdown, mut attempt: impl FnMut() -> Optio
     }
 }
 
-fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, KafkaError> {
+fn partitions(consumer: &Follower, topic: &str) -> Result<Vec<i32>, KafkaError> {
     let metadata = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     Ok(metadata
         .topics()
@@ -343,7 +347,7 @@ fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, KafkaE
         .collect())
 }
 
-fn fatal_or_transient(consumer: &StreamConsumer, topic: &str, e: KafkaError) -> anyhow::Result<()> {
+fn fatal_or_transient(consumer: &Follower, topic: &str, e: KafkaError) -> anyhow::Result<()> {
     if let Some((code, reason)) = consumer.client().fatal_error() {
         anyhow::bail!("the sessions follower's consumer hit a fatal Kafka error ({code:?}: {reason}) reading {topic}; exiting so that the sink is restarted with a new client");
     }

@@ -1078,6 +1078,16 @@ impl ChildProcess {
         tail(&self.state.log, n)
     }
 
+    /// The lines it has written so far at ERROR level.
+    pub fn error_lines(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.state.log)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.contains(" ERROR "))
+            .map(str::to_string)
+            .collect()
+    }
+
     /// kill -9, and waits for it to be gone. Panics if it had already exited (a crash the
     /// test did not ask for).
     pub fn kill9(&mut self) {
