@@ -916,9 +916,11 @@ pub async fn latency(
     };
     let lat = latencies(&probes);
     let warm = latencies(&warm_probes);
-    // The part before stage 2's commit: emitted_at - since (since = the beat's timestamp).
-    let mut emit: Vec<f64> = arrivals
-        .values()
+    // The part before stage 2's commit: emitted_at - since (since = the beat's timestamp),
+    // for the probes of the timed run.
+    let mut emit: Vec<f64> = probes
+        .keys()
+        .filter_map(|f| arrivals.get(f))
         .map(|(_, s)| (s.emitted_at - s.since) as f64)
         .collect();
     emit.sort_by(|a, b| a.total_cmp(b));
