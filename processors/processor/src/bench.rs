@@ -906,16 +906,25 @@ pub async fn latency(
     let (memory, sampled_peak) = processor.memory();
     tokio::task::spawn_blocking(move || processor.stop()).await??;
     reader.commit_consumer_state(CommitMode::Async).ok();
-    let latencies = |probes: &HashMap<String, i64>| {
-        let mut lat: Vec<f64> = probes
+    // Per probe seen arriving: when it was sent, and its latency (ms).
+    let latencies = |probes: &HashMap<String, i64>| -> Vec<(i64, f64)> {
+        probes
             .iter()
-            .filter_map(|(f, sent_at)| arrivals.get(f).map(|(at, _)| (at - sent_at) as f64))
-            .collect();
-        lat.sort_by(|a, b| a.total_cmp(b));
-        lat
+            .filter_map(|(f, &sent_at)| {
+                arrivals
+                    .get(f)
+                    .map(|(at, _)| (sent_at, (at - sent_at) as f64))
+            })
+            .collect()
     };
-    let lat = latencies(&probes);
-    let warm = latencies(&warm_probes);
+    let sorted = |v: &[(i64, f64)]| {
+        let mut ms: Vec<f64> = v.iter().map(|&(_, ms)| ms).collect();
+        ms.sort_by(|a, b| a.total_cmp(b));
+        ms
+    };
+    let timed = latencies(&probes);
+    let lat = sorted(&timed);
+    let warm = sorted(&latencies(&warm_probes));
     // The part before stage 2's commit: emitted_at - since (since = the beat's timestamp),
     // for the probes of the timed run.
     let mut emit: Vec<f64> = probes
@@ -925,7 +934,7 @@ pub async fn latency(
         .collect();
     emit.sort_by(|a, b| a.total_cmp(b));
     let missing = probes.len() - lat.len();
-    let slow = SlowSeconds::of(&probes, &arrivals, percentile(&lat, 0.99));
+    let slow = SlowSeconds::of(&timed, percentile(&lat, 0.99));
     let report = format!(
         "latency at {:.0} heartbeats/s for {seconds} s ({} probes, {missing} not seen): beat timestamp to read_committed arrival \
          p50 {:.0} ms, p99 {:.0} ms, p99.9 {:.0} ms, max {:.0} ms (commit interval {} ms); of which beat to stage-2 emission p50 {:.0} ms, p99 {:.0} ms; \
@@ -962,17 +971,10 @@ struct SlowSeconds {
 }
 
 impl SlowSeconds {
-    fn of(
-        sent: &HashMap<String, i64>,
-        arrivals: &HashMap<String, (i64, FacilityStatus)>,
-        p99: f64,
-    ) -> SlowSeconds {
+    /// `timed`: per probe, when it was sent and its latency (ms).
+    fn of(timed: &[(i64, f64)], p99: f64) -> SlowSeconds {
         let mut by_second: BTreeMap<i64, (usize, usize, f64)> = BTreeMap::new();
-        for (f, &at) in sent {
-            let Some((seen, _)) = arrivals.get(f) else {
-                continue;
-            };
-            let ms = (seen - at) as f64;
+        for &(at, ms) in timed {
             let s = by_second.entry(at / 1000).or_default();
             s.1 += 1;
             if ms > p99 {
