@@ -334,6 +334,19 @@ pub fn statuses_to_end(c: &Config) -> Vec<FacilityStatus> {
         .collect()
 }
 
+/// The quiet sessions' marks the sessions changelog holds now (records under a mark key,
+/// tombstones not counted), read from the beginning of each partition to its end offset.
+pub fn changelog_marks(c: &Config) -> usize {
+    read_to_end(c, &c.topics.sessions_changelog(), Duration::from_secs(60))
+        .iter()
+        .filter(|m| {
+            m.payload().is_some()
+                && m.key()
+                    .is_some_and(presence_core::records::is_session_mark_key)
+        })
+        .count()
+}
+
 /// Waits (at most `within`) until both stages' groups have committed the end offset of
 /// every partition of their input: the processor has consumed everything there is, so
 /// whatever it would emit for it is emitted. (Stage 1 is idle once its input is consumed,

@@ -284,6 +284,17 @@ impl AvroRecord for FacilityStatus {
     }
 }
 
+/// The byte that follows a session's 16-byte key in the sessions changelog key of its mark:
+/// stage 1's note of a quiet session's last-seen (`schemas/internal/session_mark.avsc`),
+/// kept beside the session's record. Readers of the changelog that want the open sessions
+/// skip these keys ([`is_session_mark_key`]).
+pub const SESSION_MARK_TAG: u8 = b'Q';
+
+/// Whether a sessions changelog key is a session mark's, not a session's.
+pub fn is_session_mark_key(key: &[u8]) -> bool {
+    key.len() == 17 && key[16] == SESSION_MARK_TAG
+}
+
 /// Stage-1 changelog value (`schemas/internal/session_state.avsc`), an internal record: the
 /// processor writes it when a session opens or moves, and the sink reads it back to know who
 /// is online (in the changelog `last_seen` is the event time of the beat that opened the

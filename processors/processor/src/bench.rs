@@ -19,8 +19,8 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use crate::measured::mib;
 use presence_core::topics::Throwaway;
 
-use crate::records::{SessionEvent, SessionEventKind, SessionState};
-use crate::sessions::{key_bytes, session_key};
+use crate::records::{SessionEvent, SessionEventKind, SessionMark, SessionState};
+use crate::sessions::{key_bytes, mark_key_bytes, session_key};
 use crate::stage::{now_ms, Committed, RestoreIo, Stage};
 
 /// The config with fresh topic and group names, provisioned.
@@ -129,15 +129,58 @@ pub async fn restore(
     let facilities = (sessions / 100).max(1);
     let changelog = c.topics.sessions_changelog();
     let started = Instant::now();
+    // The mark the live processor's last walk before the checkpoint wrote for each quiet
+    // session (`window`): first once it was quiet for `quiet_after`, renewed every
+    // `mark_every`; its offset is the partition's last record stamped at or before the
+    // walk, found below as the beats go out (a partition's beats go out in stamp order).
+    let checkpoint_t = t0 + 3 * interval;
+    let (quiet_after, every) = (
+        crate::window::quiet_after(timeout),
+        crate::window::mark_every(timeout),
+    );
+    let mut pending: Vec<Vec<(i64, usize)>> = vec![Vec::new(); parts];
+    for s in (0..sessions).filter(|&s| quiet(s)) {
+        let first = stamp(0, s) + quiet_after;
+        if first <= checkpoint_t {
+            let at = first + (checkpoint_t - first) / every * every;
+            pending[s % parts].push((at, s));
+        }
+    }
+    for p in &mut pending {
+        p.sort_unstable();
+    }
+    let mut next_mark = vec![0usize; parts];
+    let mut marks: Vec<(usize, SessionMark)> = Vec::new();
     // Session s lives on partition s % partitions, where it is the (s / partitions)-th.
     // Three beats per session inside the window; the first opens it (offset = that index).
     let mut ends = vec![0i64; parts];
     for round in 0..3 {
         for s in (0..sessions).filter(|&s| round == 0 || !quiet(s)) {
+            let (part, ts) = (s % parts, stamp(round, s));
+            while let Some(&(at, q)) = pending[part].get(next_mark[part]).filter(|m| m.0 < ts) {
+                let mark = SessionMark {
+                    last_seen: stamp(0, q),
+                    offset: ends[part] - 1,
+                };
+                debug_assert!(at >= mark.last_seen);
+                marks.push((q, mark));
+                next_mark[part] += 1;
+            }
             ends[s % parts] += 1;
             let h = beat(s, s % facilities, HeartbeatKind::Beat);
-            let ts = stamp(round, s);
             send_beat(&p, &c.topics.heartbeats, &h, ts, Some((s % parts) as i32))?;
+        }
+    }
+    for (part, p) in pending.iter().enumerate() {
+        for &(_, q) in &p[next_mark[part]..] {
+            let offset = ends[part] - 1;
+            marks.push((
+                q,
+                SessionMark {
+                    last_seen: stamp(0, q),
+                    offset,
+                },
+            ));
         }
     }
     for s in 0..sessions {
@@ -160,6 +203,19 @@ pub async fn restore(
                 .partition((s % parts) as i32),
         )?;
     }
+    for (s, mark) in &marks {
+        let h = beat(*s, s % facilities, HeartbeatKind::Beat);
+        let key = mark_key_bytes(&session_key(&h.user_id, &h.session_id));
+        let bytes = encode(mark);
+        send(
+            &p,
+            BaseRecord::to(&changelog)
+                .key(&key[..])
+                .payload(&bytes[..])
+                .partition((s % parts) as i32),
+        )?;
+    }
+    let marks = marks.len();
     p.flush(Duration::from_secs(120))?;
     let written = started.elapsed();
     let io_config = presence_core::kafka::restore_consumer_config(
@@ -248,7 +304,7 @@ pub async fn restore(
         None => None,
     };
     let mut lines = vec![format!(
-        "restore of {sessions} open sessions, {quiet_percent}% of them quiet since their first beat (changelog {sessions} records; {} heartbeats in the timeout window, of which the restore read {} newest first, all {} oldest first) on {partitions} partition(s); writing the test data took {:.1} s; \
+        "restore of {sessions} open sessions, {quiet_percent}% of them quiet since their first beat (changelog {sessions} records and {marks} quiet sessions' marks; {} heartbeats in the timeout window, of which the restore read {} newest first, all {} oldest first) on {partitions} partition(s); writing the test data took {:.1} s; \
          session state {:.1} MiB ({:.1} B a session); this process's RSS {:.0} MiB before the restore, {:.0} MiB with the restored state ({:.0} MiB once the allocator gives back what the restore freed)",
         ends.iter().sum::<i64>(),
         window_records[0],

@@ -34,6 +34,8 @@ pub struct Metrics {
     /// `presence_snapshot_restores_total{outcome}`: stage-1 shutdown snapshots found at
     /// restore, used or not (`crate::snapshot`).
     pub snapshot_restores: IntCounterVec,
+    /// `presence_session_marks_total`: quiet sessions' marks written (`crate::window`).
+    pub session_marks: IntCounter,
     pub expiry_delay: Histogram,
     pub transition_latency: Histogram,
     pub buffered_events: IntGauge,
@@ -133,6 +135,11 @@ impl Metrics {
                 "Stage-1 shutdown snapshots found when a partition restored: used (its changelog was not read), stale (the partition moved on since it was written) or damaged; the last two restore from the changelog",
                 &["outcome"],
             ),
+            session_marks: counter(
+                r,
+                "presence_session_marks_total",
+                "Marks of quiet sessions written to the sessions changelog (a session without a beat for most of a restore's newest step, renewed every half step): a restore re-reads only the beats after a mark for its session",
+            ),
             expiry_delay: histogram(
                 r,
                 "presence_expiry_delay_seconds",
@@ -177,6 +184,7 @@ pub struct Counts {
     pub dead_letters: Vec<&'static str>,
     pub online: u64,
     pub offline: u64,
+    pub marks: u64,
 }
 
 pub const OUTCOMES: [&str; 6] = [
@@ -203,6 +211,9 @@ impl Counts {
             m.transitions
                 .with_label_values(&["ONLINE"])
                 .inc_by(std::mem::take(&mut self.online));
+        }
+        if self.marks > 0 {
+            m.session_marks.inc_by(std::mem::take(&mut self.marks));
         }
         if self.offline > 0 {
             m.transitions

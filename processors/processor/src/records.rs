@@ -149,6 +149,37 @@ impl AvroRecord for FacilityState {
     }
 }
 
+/// Stage-1 changelog value under a session's mark key
+/// ([`presence_core::records::session_mark_key`]): the last-seen of a quiet session as of
+/// a heartbeats offset ([`crate::window`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionMark {
+    pub last_seen: i64,
+    pub offset: i64,
+}
+
+impl AvroRecord for SessionMark {
+    const NAME: &'static str = "SessionMark";
+    const SCHEMA: &'static str = include_str!("../../../schemas/internal/session_mark.avsc");
+    const HISTORY: &'static [&'static str] = &[include_str!(
+        "../../../schemas/history/session_mark/v1.avsc"
+    )];
+
+    presence_core::codec_cell!();
+
+    fn write_body(&self, out: &mut Vec<u8>) {
+        write_long(out, self.last_seen);
+        write_long(out, self.offset);
+    }
+
+    fn read_body(r: &mut BodyReader<'_>) -> Result<Self, CodecError> {
+        Ok(SessionMark {
+            last_seen: r.read_long("last_seen")?,
+            offset: r.read_long("offset")?,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -288,7 +319,9 @@ mod tests {
             decode_everywhere::<SessionEvent>(&bytes);
             decode_everywhere::<SessionState>(&bytes);
             decode_everywhere::<FacilityState>(&bytes);
+            decode_everywhere::<SessionMark>(&bytes);
             let _ = crate::sessions::key_from_bytes(&bytes);
+            let _ = crate::sessions::mark_key_from_bytes(&bytes);
         }
 
         /// Damaged versions of valid bodies, behind every version's header: no panic, and
@@ -296,8 +329,11 @@ mod tests {
         #[test]
         fn damaged_records_never_panic_and_whole_ones_round_trip(
             e in session_event(), s in session_state(), f in facility_state(),
+            m in (any::<i64>(), any::<i64>()).prop_map(|(last_seen, offset)| SessionMark { last_seen, offset }),
             how in 0u8..3, at in any::<usize>(), byte in any::<u8>(), tail in vec(any::<u8>(), 1..16),
         ) {
+            prop_assert_eq!(decode::<SessionMark>(&encode(&m)).unwrap(), m);
+            decode_everywhere::<SessionMark>(&damaged(encode(&m), how, at, byte, tail.clone()));
             prop_assert_eq!(&decode::<SessionEvent>(&encode(&e)).unwrap(), &e);
             prop_assert_eq!(&decode::<SessionState>(&encode(&s)).unwrap(), &s);
             prop_assert_eq!(&decode::<FacilityState>(&encode(&f)).unwrap(), &f);
@@ -351,6 +387,7 @@ mod tests {
         verify_history::<SessionEvent>(&history("session_event")).unwrap();
         verify_history::<SessionState>(&history("session_state")).unwrap();
         verify_history::<FacilityState>(&history("facility_state")).unwrap();
+        verify_history::<SessionMark>(&history("session_mark")).unwrap();
     }
 
     /// A changelog record written by schema v1 (before sessions had owners) still decodes,

@@ -21,7 +21,8 @@ use hashbrown::{HashMap, HashTable};
 use presence_core::codec::MAX_ID_BYTES;
 use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionStateRef};
 
-use crate::records::{CloseReason, SessionEvent, SessionEventKind, SessionState};
+use crate::records::{CloseReason, SessionEvent, SessionEventKind, SessionMark, SessionState};
+use crate::window;
 
 /// A session's 128-bit hash over (user id, session id): the in-memory and changelog key.
 /// Collisions are as likely as two random UUIDs being equal.
@@ -79,6 +80,22 @@ pub fn key_from_bytes(b: &[u8]) -> Option<SessionKey> {
     Some([u64::from_le_bytes(lo), u64::from_le_bytes(hi)])
 }
 
+/// The changelog key of a session's mark ([`SessionMark`]): the session's key and
+/// [`presence_core::records::SESSION_MARK_TAG`].
+pub fn mark_key_bytes(key: &SessionKey) -> [u8; 17] {
+    let mut b = [presence_core::records::SESSION_MARK_TAG; 17];
+    b[..16].copy_from_slice(&key_bytes(key));
+    b
+}
+
+/// The session a mark's changelog key names; `None` for any other key.
+pub fn mark_key_from_bytes(b: &[u8]) -> Option<SessionKey> {
+    if !presence_core::records::is_session_mark_key(b) {
+        return None;
+    }
+    key_from_bytes(&b[..16])
+}
+
 /// What stage 1 produces; the runner turns it into Kafka records of the open transaction.
 pub trait SessionOutput {
     /// To stage 2, keyed by facility.
@@ -87,6 +104,11 @@ pub trait SessionOutput {
     fn put_session(&mut self, key: SessionKey, state: SessionState);
     /// Changelog: the session closed.
     fn delete_session(&mut self, key: SessionKey);
+    /// Changelog: the quiet session's last-seen as of an offset ([`SessionTask::mark_quiet`]),
+    /// under its mark key ([`mark_key_bytes`]). Outputs that keep no changelog ignore it.
+    fn put_mark(&mut self, _key: SessionKey, _mark: SessionMark) {}
+    /// Changelog: the session whose mark was written closed.
+    fn delete_mark(&mut self, _key: SessionKey) {}
 }
 
 /// The fields of a heartbeat stage 1 reads, borrowed from the decoded record.
@@ -145,6 +167,15 @@ struct Slot {
     facility: u32,
     prev: u32,
     next: u32,
+    /// When the session's mark was last written ([`mark_stamp`] of the stream time), 0 if
+    /// it never was: then its close writes no mark tombstone. Fills the slot's padding.
+    marked: u32,
+}
+
+/// A stream time in whole seconds, at least 1, for [`Slot::marked`] (u32 seconds since the
+/// epoch last until 2106).
+fn mark_stamp(t: i64) -> u32 {
+    (t / 1000).clamp(1, u32::MAX as i64) as u32
 }
 
 /// The open sessions of one heartbeats partition.
@@ -180,6 +211,15 @@ pub struct SessionTask {
     /// ([`Self::refresh_earlier`]), to be put back in expiry order together
     /// ([`Self::relink_refreshed`]). Empty otherwise.
     refreshed: Vec<u32>,
+    /// While restoring: the newest mark of each session read from the changelog, applied
+    /// once it is read whole ([`Self::apply_marks`]; compaction can leave a mark before the
+    /// record of its session). Empty otherwise.
+    restore_marks: HashMap<SessionKey, SessionMark>,
+    /// The offset of the last heartbeats record applied (every record up to it is in the
+    /// state), or the committed offset's predecessor after a restore; -1 before either.
+    position: i64,
+    /// The stream time of the last walk of [`Self::mark_quiet`].
+    last_mark_walk: i64,
 }
 
 /// A beat re-read from the heartbeats during restore, reduced to what refreshing a
@@ -229,6 +269,9 @@ impl SessionTask {
             restore_offsets: Vec::new(),
             legacy: HashMap::new(),
             refreshed: Vec::new(),
+            restore_marks: HashMap::new(),
+            position: -1,
+            last_mark_walk: i64::MIN,
         }
     }
 
@@ -252,6 +295,12 @@ impl SessionTask {
     pub fn set_clock(&mut self, stream_time: i64, next_seq: i64) {
         self.stream_time = stream_time;
         self.next_seq = next_seq;
+    }
+
+    /// After a restore: the next heartbeats offset to apply (the committed offset), so that
+    /// marks written before the first new record name the point the state stands for.
+    pub fn set_next_offset(&mut self, next: i64) {
+        self.position = self.position.max(next - 1);
     }
 
     /// When the head session expires (the first stream time at which it is closed).
@@ -283,6 +332,7 @@ impl SessionTask {
         wall_now: i64,
         out: &mut impl SessionOutput,
     ) -> Result<Applied, Rejected> {
+        self.position = self.position.max(offset);
         if ts > wall_now.saturating_add(self.max_future) {
             self.record_refusal(offset, beat, out);
             return Err(Rejected {
@@ -321,8 +371,7 @@ impl SessionTask {
                     at,
                     out,
                 );
-                let changelog_key = self.remove(i);
-                out.delete_session(changelog_key);
+                self.close(i, out);
                 Ok(Applied::Closed)
             }
             HeartbeatKind::Beat
@@ -397,11 +446,53 @@ impl SessionTask {
                 deadline,
                 out,
             );
-            let changelog_key = self.remove(self.head);
-            out.delete_session(changelog_key);
+            self.close(self.head, out);
             closed += 1;
         }
         closed
+    }
+
+    /// Writes the mark of each quiet session that needs one ([`crate::window`]): last seen
+    /// more than [`window::quiet_after`] before the stream time, and not marked within
+    /// [`window::mark_every`]. A mark is the session's last-seen as of [`Self::position`],
+    /// so that a restore after this commit re-reads only the beats after it for the
+    /// session instead of going back to its open. Walks the head of the expiry order (the
+    /// quiet sessions only), at most once per [`window::mark_walk`] of stream time. Returns
+    /// the marks written.
+    pub fn mark_quiet(&mut self, out: &mut impl SessionOutput) -> usize {
+        let now = self.stream_time;
+        if self.position < 0
+            || now == i64::MIN
+            || now
+                < self
+                    .last_mark_walk
+                    .saturating_add(window::mark_walk(self.timeout))
+        {
+            return 0;
+        }
+        self.last_mark_walk = now;
+        let quiet_before = now - window::quiet_after(self.timeout);
+        let renew_before = now - window::mark_every(self.timeout);
+        let stamp = mark_stamp(now);
+        let mut written = 0;
+        let mut i = self.head;
+        while i != NIL {
+            let slot = self.slots[i as usize];
+            if slot.last_seen >= quiet_before {
+                break;
+            }
+            if slot.marked == 0 || i64::from(slot.marked) * 1000 <= renew_before {
+                let mark = SessionMark {
+                    last_seen: slot.last_seen,
+                    offset: self.position,
+                };
+                out.put_mark(slot.key, mark);
+                self.slots[i as usize].marked = stamp;
+                written += 1;
+            }
+            i = slot.next;
+        }
+        written
     }
 
     /// A watermark for stage 2: every later event of this partition has `at >= watermark`.
@@ -438,6 +529,43 @@ impl SessionTask {
             self.restore_offsets.resize(i + 1, i64::MAX);
         }
         self.restore_offsets[i] = state.open_offset;
+    }
+
+    /// Restore: a mark read from the changelog (`None`: its tombstone), in log order; kept
+    /// until [`Self::apply_marks`].
+    pub fn restore_mark(&mut self, key: SessionKey, mark: Option<SessionMark>) {
+        match mark {
+            Some(m) => self.restore_marks.insert(key, m),
+            None => self.restore_marks.remove(&key),
+        };
+    }
+
+    /// Restore, once the changelog is read whole and the clock set: each mark raises its
+    /// session's last-seen to the mark's and moves the offset its beats apply after to the
+    /// mark's, as the session record itself would have if it had been written then. Both
+    /// only move forward: a session record written after the mark (a move, a refused
+    /// beat) holds a later offset and a last-seen at least the mark's. A mark of a session
+    /// not open (closed in the same transaction as the mark's tombstone) or of a schema-v1
+    /// record (whose owner is found by the beats after its open) is left out: a mark is a
+    /// hint, and without it the restore reads further back to the same state.
+    pub fn apply_marks(&mut self) {
+        let stamp = mark_stamp(self.stream_time);
+        for (key, m) in std::mem::take(&mut self.restore_marks) {
+            let Some(i) = self.find(key) else {
+                continue;
+            };
+            // Its close tombstones the mark; renewed a `mark_every` after the restore.
+            self.slots[i as usize].marked = stamp;
+            if self.legacy.contains_key(&i) {
+                continue;
+            }
+            if m.last_seen > self.slots[i as usize].last_seen {
+                self.touch(i, m.last_seen);
+            }
+            if let Some(open) = self.restore_offsets.get_mut(i as usize) {
+                *open = (*open).max(m.offset);
+            }
+        }
     }
 
     /// Restore is over: the open offsets are not needed any more, and a v1 session whose
@@ -709,6 +837,7 @@ impl SessionTask {
             facility,
             prev: NIL,
             next: NIL,
+            marked: 0,
         };
         let i = if self.free != NIL {
             let i = self.free;
@@ -733,6 +862,17 @@ impl SessionTask {
         self.open += 1;
         self.facility_sessions[facility as usize] += 1;
         i
+    }
+
+    /// Closes slot `i`: frees it and tombstones its changelog record, and its mark if one
+    /// was written.
+    fn close(&mut self, i: u32, out: &mut impl SessionOutput) {
+        let Slot { key, marked, .. } = self.slots[i as usize];
+        let changelog_key = self.remove(i);
+        out.delete_session(changelog_key);
+        if marked != 0 {
+            out.delete_mark(key);
+        }
     }
 
     /// Frees slot `i`; returns the key of its changelog record (to tombstone).
@@ -816,8 +956,9 @@ impl SessionTask {
 /// The longest facility or region id a snapshot may hold: a longer length field is damage.
 const SNAPSHOT_MAX_ID_BYTES: usize = 64 * 1024;
 
-/// One session in a snapshot: its key (16 bytes), last seen (8), facility (4).
-const SNAPSHOT_SESSION_BYTES: usize = 28;
+/// One session in a snapshot: its key (16 bytes), last seen (8), facility (4), when its
+/// mark was written (4, 0: never).
+const SNAPSHOT_SESSION_BYTES: usize = 32;
 
 /// Why a snapshot's sessions could not be read back.
 #[derive(Debug, thiserror::Error)]
@@ -838,7 +979,7 @@ impl SessionTask {
 
     /// Writes the open sessions for [`Self::read_sessions`]: the facilities they are at
     /// (count, then each id and region id with its length), then the sessions in expiry
-    /// order (count, then key, last seen and facility of each), little-endian. The clock is
+    /// order (count, then key, last seen, facility and mark stamp of each), little-endian. The clock is
     /// not in it: the caller keeps it beside (a checkpoint).
     pub fn write_sessions(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
         let mut index = vec![NIL; self.facilities.len()];
@@ -867,7 +1008,8 @@ impl SessionTask {
             buf[..8].copy_from_slice(&s.key[0].to_le_bytes());
             buf[8..16].copy_from_slice(&s.key[1].to_le_bytes());
             buf[16..24].copy_from_slice(&s.last_seen.to_le_bytes());
-            buf[24..].copy_from_slice(&index[s.facility as usize].to_le_bytes());
+            buf[24..28].copy_from_slice(&index[s.facility as usize].to_le_bytes());
+            buf[28..].copy_from_slice(&s.marked.to_le_bytes());
             w.write_all(&buf)?;
             i = s.next;
         }
@@ -925,7 +1067,8 @@ impl SessionTask {
             let word = |at: usize| u64::from_le_bytes(buf[at..at + 8].try_into().unwrap_or([0; 8]));
             let key = [word(0), word(8)];
             let last_seen = word(16) as i64;
-            let facility = u32::from_le_bytes(buf[24..].try_into().unwrap_or([0xff; 4]));
+            let facility = u32::from_le_bytes(buf[24..28].try_into().unwrap_or([0xff; 4]));
+            let marked = u32::from_le_bytes(buf[28..].try_into().unwrap_or([0; 4]));
             if facility >= facilities {
                 return Err(SnapshotError::Damaged("a session at a facility not listed"));
             }
@@ -936,7 +1079,8 @@ impl SessionTask {
                 return Err(SnapshotError::Damaged("a session listed twice"));
             }
             last = last_seen;
-            task.insert(key, facility, last_seen);
+            let i = task.insert(key, facility, last_seen);
+            task.slots[i as usize].marked = marked;
         }
         if task.facility_sessions.contains(&0) {
             return Err(SnapshotError::Damaged("a facility without sessions"));
@@ -951,6 +1095,8 @@ pub struct Collected {
     pub events: Vec<SessionEvent>,
     pub puts: Vec<(SessionKey, SessionState)>,
     pub deletes: Vec<SessionKey>,
+    /// Marks and their tombstones (`None`), in order.
+    pub marks: Vec<(SessionKey, Option<SessionMark>)>,
 }
 
 impl SessionOutput for Collected {
@@ -962,6 +1108,12 @@ impl SessionOutput for Collected {
     }
     fn delete_session(&mut self, key: SessionKey) {
         self.deletes.push(key);
+    }
+    fn put_mark(&mut self, key: SessionKey, mark: SessionMark) {
+        self.marks.push((key, Some(mark)));
+    }
+    fn delete_mark(&mut self, key: SessionKey) {
+        self.marks.push((key, None));
     }
 }
 
@@ -1501,11 +1653,75 @@ mod tests {
         );
     }
 
+    /// A session without a beat for [`window::quiet_after`] is marked at the next walk,
+    /// with its last-seen and the offset of the last record applied; the mark is renewed
+    /// every [`window::mark_every`] while it stays quiet, and tombstoned when it closes. A
+    /// session that beats on time is never marked, and its close writes no mark tombstone.
+    #[test]
+    fn quiet_sessions_are_marked_renewed_and_their_marks_tombstoned() {
+        let mut t = SessionTask::new(0, T, 60_000);
+        let mut out = Collected::default();
+        let quiet = session_key("u", "quiet");
+        let beating = session_key("u", "beating");
+        t.on_heartbeat(0, 1_000, &beat("quiet", "f"), WALL, &mut out)
+            .unwrap();
+        let mut offset = 1;
+        let mut marks_at = Vec::new();
+        // "beating" beats every 30 s; a commit (and walk) every second for 100 s.
+        for now in (1_000..=101_000).step_by(1_000) {
+            if now % 30_000 == 1_000 {
+                t.on_heartbeat(offset, now, &beat("beating", "f"), WALL, &mut out)
+                    .unwrap();
+                offset += 1;
+            }
+            t.advance_to(now, &mut out);
+            let before = out.marks.len();
+            t.mark_quiet(&mut out);
+            if out.marks.len() > before {
+                marks_at.push(now);
+            }
+        }
+        let puts: Vec<_> = out.marks.iter().filter(|(_, m)| m.is_some()).collect();
+        assert!(
+            puts.iter().all(|(k, m)| *k == quiet
+                && *m
+                    == Some(SessionMark {
+                        last_seen: 1_000,
+                        offset: m.unwrap().offset
+                    })),
+            "only the quiet session is marked, at its last beat: {puts:?}"
+        );
+        // Walks at most every 1.25 s, so every other second here (1 s, 3 s, ...). Quiet
+        // since 1 s: first marked once 32.5 s passed (the walk at 35 s), renewed once 17.5 s
+        // passed (53 s, 71 s, 89 s), closed at its deadline (91 s).
+        assert_eq!(marks_at, [35_000, 53_000, 71_000, 89_000]);
+        assert_eq!(
+            out.deletes,
+            [quiet],
+            "the quiet session closed at its deadline"
+        );
+        assert_eq!(
+            out.marks.last(),
+            Some(&(quiet, None)),
+            "its mark was tombstoned with it"
+        );
+        // Each mark names the last record applied before it: "beating"'s beats at 1 s, 31 s,
+        // 61 s, 91 s are offsets 1 to 4.
+        let offsets: Vec<i64> = puts.iter().map(|(_, m)| m.unwrap().offset).collect();
+        assert_eq!(offsets, [2, 2, 3, 3]);
+        // The session that beat on time closes without a mark tombstone.
+        t.on_heartbeat(offset, 101_500, &end("beating"), WALL, &mut out)
+            .unwrap();
+        assert_eq!(out.deletes, [quiet, beating]);
+        assert_eq!(out.marks.iter().filter(|(_, m)| m.is_none()).count(), 1);
+    }
+
     /// Stage-1 outputs in the order they were made, as the changelog would hold them.
     #[derive(Default)]
     struct Log {
         events: Vec<SessionEvent>,
         changelog: Vec<(SessionKey, Option<SessionState>)>,
+        marks: Vec<(SessionKey, Option<SessionMark>)>,
     }
 
     impl SessionOutput for Log {
@@ -1517,6 +1733,12 @@ mod tests {
         }
         fn delete_session(&mut self, key: SessionKey) {
             self.changelog.push((key, None));
+        }
+        fn put_mark(&mut self, key: SessionKey, mark: SessionMark) {
+            self.marks.push((key, Some(mark)));
+        }
+        fn delete_mark(&mut self, key: SessionKey) {
+            self.marks.push((key, None));
         }
     }
 
@@ -1583,7 +1805,8 @@ mod tests {
         }
 
         /// A task read back from its snapshot at any point goes on exactly as the live one:
-        /// the same events and changelog writes for the same beats, then the same expiries.
+        /// the same events, changelog writes and marks for the same beats and commits,
+        /// then the same expiries (the marks' tombstones among them).
         #[test]
         fn a_snapshot_goes_on_as_the_live_task(
             beats in proptest::collection::vec((0u8..3, 0u8..8, 0u8..4, 0u32..200, any::<bool>()), 1..300),
@@ -1594,9 +1817,17 @@ mod tests {
             let mut warm = None;
             let (mut live_out, mut warm_out) = (Log::default(), Log::default());
             let mut now = 0i64;
+            // Commits (each with its walk for marks) far enough apart that every one walks,
+            // whether the task walked before (live) or not (warm).
+            let mut walked = i64::MIN / 2;
+            let start_warm = |live: &SessionTask, next: i64| {
+                let mut w = round_trip(live);
+                w.set_next_offset(next);
+                w
+            };
             for (i, (u, s, f, dt, is_end)) in beats.into_iter().enumerate() {
                 if i == split {
-                    warm = Some(round_trip(&live));
+                    warm = Some(start_warm(&live, i as i64));
                 }
                 now += dt as i64 * 100;
                 let (uid, sid, fid) = (format!("u{u}"), format!("s{s}"), format!("f{f}"));
@@ -1605,10 +1836,18 @@ mod tests {
                 if let Some(w) = warm.as_mut() {
                     w.on_heartbeat(i as i64, now, &b, WALL, &mut warm_out).unwrap();
                 }
+                if now - walked >= crate::window::mark_walk(10_000) {
+                    walked = now;
+                    live.mark_quiet(&mut live_out);
+                    if let Some(w) = warm.as_mut() {
+                        w.mark_quiet(&mut warm_out);
+                    }
+                }
             }
-            let mut warm = warm.unwrap_or_else(|| round_trip(&live));
+            let mut warm = warm.unwrap_or_else(|| start_warm(&live, split as i64));
             let skip = live_out.events.len() - warm_out.events.len();
             let skip_changelog = live_out.changelog.len() - warm_out.changelog.len();
+            let skip_marks = live_out.marks.len() - warm_out.marks.len();
             live.advance_to(now + 60_000, &mut live_out);
             warm.advance_to(now + 60_000, &mut warm_out);
             let events = |l: &Log, from: usize| -> Vec<(SessionEventKind, String, i64, i64)> {
@@ -1619,6 +1858,7 @@ mod tests {
                 l.changelog[from..].iter().map(|(k, s)| (*k, s.as_ref().map(|s| (s.facility_id.clone(), s.last_seen)))).collect()
             };
             prop_assert_eq!(changelog(&live_out, skip_changelog), changelog(&warm_out, 0));
+            prop_assert_eq!(&live_out.marks[skip_marks..], &warm_out.marks[..]);
             prop_assert_eq!(warm.open_sessions(), 0);
             prop_assert_eq!(warm.facilities_held(), 0);
         }

@@ -9,7 +9,7 @@
 //! memory are exactly what that restore would rebuild. It writes them to
 //! `<processor.state_dir>/<group_id>.<instance>/sessions-<partition>.snapshot`, beside the
 //! offset and checkpoint they belong to, and the next assignment of the partition to this
-//! instance loads the file instead (28 bytes a session, read at disk speed), as Kafka
+//! instance loads the file instead (32 bytes a session, read at disk speed), as Kafka
 //! Streams reuses a state store after a clean shutdown.
 //!
 //! The file is only a cache: a snapshot is used only if the partition's committed offset
@@ -36,7 +36,9 @@ use xxhash_rust::xxh3::Xxh3;
 
 use crate::sessions::{SessionTask, SnapshotError};
 
-const MAGIC: &[u8; 8] = b"PRSNAP01";
+/// 02: each session also holds when its mark was written (a file of 01 is not read: the
+/// partition restores from its changelog).
+const MAGIC: &[u8; 8] = b"PRSNAP02";
 /// A header longer than this is damage (a real one is ~200 bytes).
 const MAX_HEADER_BYTES: usize = 64 * 1024;
 /// Buffer of the file's reads and writes.

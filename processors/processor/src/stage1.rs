@@ -16,10 +16,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::align::{self, Reading};
 use crate::metrics::{Counts, Metrics};
-use crate::records::{SessionEvent, SessionState};
+use crate::records::{SessionEvent, SessionMark, SessionState};
 use crate::restore::{offsets_for_times, read_partition, Record};
 use crate::sessions::{
-    key_bytes, key_from_bytes, Applied, Beat, SessionKey, SessionOutput, SessionTask, WindowBeat,
+    key_bytes, key_from_bytes, mark_key_bytes, mark_key_from_bytes, Applied, Beat, SessionKey,
+    SessionOutput, SessionTask, WindowBeat,
 };
 use crate::snapshot::{self, Outcome};
 use crate::stage::{Clock, Committed, EndOf, Out, RestoreIo, Stage};
@@ -225,7 +226,10 @@ impl SessionsStage {
         io: &RestoreIo<'_>,
     ) -> anyhow::Result<SessionTask> {
         let started = std::time::Instant::now();
-        if let Some(task) = self.warm(partition, committed.as_ref(), io) {
+        // Marks written before the first new record name the committed point.
+        let next_offset = committed.as_ref().map(|c| c.offset);
+        if let Some(mut task) = self.warm(partition, committed.as_ref(), io) {
+            task.set_next_offset(next_offset.unwrap_or(0));
             tracing::info!(
                 partition,
                 open_sessions = task.open_sessions(),
@@ -342,6 +346,14 @@ impl SessionsStage {
                 Offset::Beginning,
                 None,
                 |m| {
+                    if let Some(key) = m.key().and_then(mark_key_from_bytes) {
+                        match m.payload().map(decode::<SessionMark>) {
+                            None => task.restore_mark(key, None),
+                            Some(Ok(mark)) => task.restore_mark(key, Some(mark)),
+                            Some(Err(_)) => bad += 1,
+                        }
+                        return ControlFlow::Continue(());
+                    }
                     let Some(key) = m.key().and_then(key_from_bytes) else {
                         bad += 1;
                         return ControlFlow::Continue(());
@@ -368,6 +380,7 @@ impl SessionsStage {
             if let Some(c) = &checkpoint {
                 task.set_clock(c.t, c.s);
             }
+            task.apply_marks();
             // Schema-v1 sessions find their owners in offset order: the older part of the
             // window first, then the newest step.
             let legacy = task.restores_legacy();
@@ -398,6 +411,7 @@ impl SessionsStage {
             );
         }
         task.finish_restore();
+        task.set_next_offset(next_offset.unwrap_or(0));
         self.window_records
             .fetch_add(window_records, Ordering::Relaxed);
         tracing::info!(
@@ -591,6 +605,22 @@ impl SessionOutput for Emitter<'_> {
             self.topics.changelog,
             Some(self.partition),
             Some(key_bytes(&key).to_vec()),
+            None,
+        ));
+    }
+    fn put_mark(&mut self, key: SessionKey, mark: SessionMark) {
+        self.out.push(Out::record(
+            self.topics.changelog,
+            Some(self.partition),
+            Some(mark_key_bytes(&key).to_vec()),
+            Some(encode(&mark)),
+        ));
+    }
+    fn delete_mark(&mut self, key: SessionKey) {
+        self.out.push(Out::record(
+            self.topics.changelog,
+            Some(self.partition),
+            Some(mark_key_bytes(&key).to_vec()),
             None,
         ));
     }
@@ -815,7 +845,14 @@ impl Stage for SessionsStage {
     }
 
     fn before_commit(&mut self, _now: i64, out: &mut Vec<Out>) {
-        for task in self.tasks.values() {
+        for (&partition, task) in &mut self.tasks {
+            let mut emitter = Emitter {
+                topics: &self.topics,
+                partition,
+                out,
+                expiry_delays: None,
+            };
+            self.counts.marks += task.mark_quiet(&mut emitter) as u64;
             let wm = task.watermark();
             if wm.at == i64::MIN {
                 continue;

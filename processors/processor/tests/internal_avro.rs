@@ -9,7 +9,7 @@ use apache_avro::types::Value;
 use apache_avro::Schema;
 use presence_core::codec::{decode, encode, AvroRecord};
 use presence_processor::records::{
-    CloseReason, FacilityState, SessionEvent, SessionEventKind, SessionState,
+    CloseReason, FacilityState, SessionEvent, SessionEventKind, SessionMark, SessionState,
 };
 use presence_testkit::repo_root;
 use proptest::prelude::*;
@@ -155,6 +155,16 @@ proptest! {
         let f = FacilityState { facility_id, region_id, open_sessions, online, seq, since, pending_offline_since: pending, last_event_at };
         check("facility_state.avsc", &f, facility_state_value(&f));
     }
+
+    #[test]
+    fn session_marks_match_their_schema_file(last_seen in any::<i64>(), offset in any::<i64>()) {
+        let m = SessionMark { last_seen, offset };
+        let expected = Value::Record(vec![
+            ("last_seen".into(), Value::TimestampMillis(last_seen)),
+            ("offset".into(), Value::Long(offset)),
+        ]);
+        check("session_mark.avsc", &m, expected);
+    }
 }
 
 /// The codec's schema for each record is the file's (the same canonical form), so that the
@@ -165,6 +175,7 @@ fn each_codec_uses_its_schema_file() {
         ("session_event.avsc", SessionEvent::SCHEMA),
         ("session_state.avsc", SessionState::SCHEMA),
         ("facility_state.avsc", FacilityState::SCHEMA),
+        ("session_mark.avsc", SessionMark::SCHEMA),
     ] {
         let ours = Schema::parse_str(ours).expect("our schema parses");
         assert_eq!(

@@ -23,7 +23,7 @@ use presence_core::codec::decode;
 use presence_core::config::Config;
 use presence_core::delivery::{connect_postgres, Tables};
 use presence_core::kafka::{restore_consumer_config, QuietEof};
-use presence_core::records::{HeartbeatKind, HeartbeatRef, SessionState};
+use presence_core::records::{is_session_mark_key, HeartbeatKind, HeartbeatRef, SessionState};
 use presence_core::telemetry::Health;
 use presence_core::Shutdown;
 use rdkafka::consumer::{Consumer, StreamConsumer};
@@ -177,6 +177,8 @@ pub async fn follow(
             _ = shutdown.wait() => return Ok(()),
         };
         match m {
+            // Stage 1's marks of quiet sessions are notes for its own restores.
+            Ok(m) if m.key().is_some_and(is_session_mark_key) => {}
             Ok(m) => {
                 let key = (m.partition(), m.key().unwrap_or_default().to_vec());
                 metrics.changes.inc();
@@ -224,8 +226,10 @@ pub async fn follow(
                 Some(Ok(m)) => {
                     n += 1;
                     if m.topic() == changelog {
-                        changed += 1;
-                        if let Some(value) = read_session(m.payload()) {
+                        // A quiet session's mark is no change of who is online.
+                        let session = !m.key().is_some_and(is_session_mark_key);
+                        changed += u64::from(session);
+                        if let Some(value) = session.then(|| read_session(m.payload())).flatten() {
                             changes.session(
                                 (m.partition(), m.key().unwrap_or_default().to_vec()),
                                 value.map(|s| (s, m.offset())),
@@ -263,7 +267,8 @@ pub async fn follow(
 
 /// A changelog value: `Some(Some)` a session, `Some(None)` a tombstone, `None` a record that
 /// does not decode (skipped and logged: the processor wrote it, so this sink is older than
-/// the schema; upgrade it).
+/// the schema; upgrade it). Not for a quiet session's mark (its key says so,
+/// [`is_session_mark_key`]), which is no session.
 fn read_session(payload: Option<&[u8]>) -> Option<Option<SessionState>> {
     let Some(bytes) = payload else {
         return Some(None);

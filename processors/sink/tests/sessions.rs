@@ -38,11 +38,21 @@ impl Producer {
     }
 
     async fn changelog(&self, key: u8, value: Option<&SessionState>) {
+        self.record(&[key; 16], value.map(encode)).await
+    }
+
+    /// A quiet session's mark (its key: the session's and the tag byte) or its tombstone,
+    /// as stage 1 writes them beside the session's record.
+    async fn mark(&self, key: u8, value: Option<Vec<u8>>) {
+        let mut key = [key; 17];
+        key[16] = presence_core::records::SESSION_MARK_TAG;
+        self.record(&key, value).await
+    }
+
+    async fn record(&self, key: &[u8], payload: Option<Vec<u8>>) {
         let topic = self.1.topics.sessions_changelog();
-        let key = [key; 16];
-        let payload = value.map(encode);
         let mut record = FutureRecord::<[u8], Vec<u8>>::to(&topic)
-            .key(&key[..])
+            .key(key)
             .partition(0);
         if let Some(p) = &payload {
             record = record.payload(p);
@@ -144,6 +154,10 @@ async fn open_sessions_follow_the_changelog_and_a_restart_rebuilds_them() {
         ("alice".into(), "f2".into(), t0 + 20_000, t0 + 20_000)
     );
 
+    // Bob's mark (stage 1's note while he is quiet) and its tombstone are not sessions: no
+    // row, no change counted (below), no warning about a record that does not decode.
+    p.mark(2, Some(b"a mark".to_vec())).await;
+    p.mark(2, None).await;
     // Bob closes: his row goes.
     p.changelog(2, None).await;
     wait_for(&config, "bob closed", |r| r.len() == 1).await;
@@ -156,7 +170,8 @@ async fn open_sessions_follow_the_changelog_and_a_restart_rebuilds_them() {
         .await
         .unwrap_or_default();
     assert!(body.contains("open_sessions: ok"), "{body}");
-    // Counted: 2 opens, a move and a close; the two beats read (mallory's included).
+    // Counted: 2 opens, a move and a close (not the mark and its tombstone); the two beats
+    // read (mallory's included).
     let metrics = reqwest::get(format!("http://{}/metrics", config.sink.ops_listen))
         .await
         .expect("metrics")
