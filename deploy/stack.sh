@@ -59,6 +59,14 @@ REGISTRY_VERSION=2.4.2.Final
 REGISTRY_HOME="$CACHE/apicurio-registry-$REGISTRY_VERSION"
 REGISTRY_PORT="${REGISTRY_PORT:-8081}"
 PG_DATA="${PG_DATA:-/var/lib/presence/postgres}"
+# The write path of a sink under a backlog: with PostgreSQL's defaults (max_wal_size 1GB,
+# shared_buffers 128MB) `presence bench sink` filled the WAL allowance every 16-26 s, and
+# each of those checkpoints made every page's next change write a full page image into the
+# WAL (the server log said "checkpoints are occurring too frequently ... Consider increasing
+# max_wal_size"). 4GB of WAL between checkpoints and 512MB of buffers (the history's hot
+# index pages and the current status stay cached) are modest for a database server; change
+# them here, or configure your own server.
+PG_SETTINGS="${PG_SETTINGS:--c max_wal_size=4GB -c shared_buffers=512MB}"
 PG_USER=presence
 PG_PASSWORD=presence
 PG_DB=presence
@@ -514,7 +522,7 @@ pg_up() {
     local tls; tls=$(pg_tls)
     say "postgres: starting on 127.0.0.1:$PG_PORT${tls:+ (TLS only)} (log $PG_DATA/server.log)"
     as_root runuser -u postgres -- "$bin/pg_ctl" -D "$PG_DATA" -l "$PG_DATA/server.log" -w -t 60 \
-      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DATA -c max_connections=200$tls" start >/dev/null \
+      -o "-c listen_addresses=127.0.0.1 -p $PG_PORT -k $PG_DATA -c max_connections=200 $PG_SETTINGS$tls" start >/dev/null \
       || die "postgres did not start; read $PG_DATA/server.log"
   fi
   if ! psql "$(pg_url)" -qAtc 'select 1' >/dev/null 2>&1; then

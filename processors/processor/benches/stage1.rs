@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use presence_core::codec::{codec, encode};
 use presence_core::records::{Heartbeat, HeartbeatKind, HeartbeatRef};
-use presence_processor::records::{SessionEvent, SessionState};
+use presence_processor::records::{SessionEvent, SessionMark, SessionState};
 use presence_processor::sessions::{Beat, SessionKey, SessionOutput, SessionTask};
 
 /// Counts live heap bytes, so memory per session is measured, not estimated.
@@ -41,6 +41,7 @@ static GLOBAL: Counting = Counting;
 #[derive(Default)]
 struct Sink {
     events: u64,
+    marks: u64,
 }
 
 impl SessionOutput for Sink {
@@ -49,6 +50,9 @@ impl SessionOutput for Sink {
     }
     fn put_session(&mut self, _k: SessionKey, _s: SessionState) {}
     fn delete_session(&mut self, _k: SessionKey) {}
+    fn put_mark(&mut self, _k: SessionKey, _m: SessionMark) {
+        self.marks += 1;
+    }
 }
 
 const TIMEOUT: i64 = 90_000;
@@ -56,6 +60,8 @@ const SESSIONS: usize = 100_000;
 const FACILITIES: usize = 2_000;
 const BEATS: usize = 2_000_000;
 const RUNS: usize = 7;
+/// Event time of the first record.
+const START: i64 = 1_764_300_000_000;
 
 fn heartbeat(s: usize, kind: HeartbeatKind) -> Heartbeat {
     Heartbeat {
@@ -70,19 +76,33 @@ fn heartbeat(s: usize, kind: HeartbeatKind) -> Heartbeat {
 }
 
 /// 2M records over 100k sessions, each beating every 30 s of event time; 1 in 200 is a
-/// logout followed by a new login, so opens and closes run through too.
-fn workload() -> Vec<(i64, Vec<u8>)> {
+/// logout followed by a new login, so opens and closes run through too. With `churn`, 1% of
+/// the sessions are replaced each round by new ones without an END (closed tabs): the old
+/// ones wait for their timeout, quiet, about 3% of the open sessions at any time.
+fn workload(churn: bool) -> Vec<(i64, Vec<u8>)> {
     let mut out = Vec::with_capacity(BEATS);
     let step = 30_000 / SESSIONS as i64;
-    let mut t = 1_764_300_000_000i64;
+    let mut t = START;
     for i in 0..BEATS {
-        let s = i % SESSIONS;
+        let (s, round) = (i % SESSIONS, i / SESSIONS);
+        let s = if churn && s % 100 == 0 {
+            s + round * SESSIONS
+        } else {
+            s
+        };
         let kind = if i % 200 == 199 {
             HeartbeatKind::End
         } else {
             HeartbeatKind::Beat
         };
-        out.push((t, encode(&heartbeat(s, kind))));
+        // The churning log beats every 30 s of event time exactly (0.3 ms a record); the
+        // plain one as it always did (1 ms a record).
+        let ts = if churn {
+            START + (i as i64 * 30_000) / SESSIONS as i64
+        } else {
+            t
+        };
+        out.push((ts, encode(&heartbeat(s, kind))));
         t += step.max(1);
     }
     out
@@ -93,7 +113,12 @@ fn median(mut v: Vec<f64>) -> f64 {
     v[v.len() / 2]
 }
 
-fn stage1_rate(work: &[(i64, Vec<u8>)]) -> f64 {
+/// Records a commit takes in the live processor at ~100 k records/s and ~33 commits/s.
+const RECORDS_PER_COMMIT: usize = 3_000;
+
+/// Records per second through stage 1, and the quiet sessions' marks it wrote. `commits`:
+/// each [`RECORDS_PER_COMMIT`] records, the walk a commit makes for marks.
+fn stage1_rate(work: &[(i64, Vec<u8>)], commits: bool) -> (f64, u64) {
     let mut task = SessionTask::new(0, TIMEOUT, 60_000);
     let mut sink = Sink::default();
     let wall = i64::MAX / 2;
@@ -103,10 +128,13 @@ fn stage1_rate(work: &[(i64, Vec<u8>)]) -> f64 {
             panic!("bench data must decode")
         };
         let _ = task.on_heartbeat(offset as i64, *ts, &Beat::of(&h), wall, &mut sink);
+        if commits && offset % RECORDS_PER_COMMIT == 0 {
+            task.mark_quiet(&mut sink);
+        }
     }
     let secs = started.elapsed().as_secs_f64();
     assert!(sink.events > 0 && task.open_sessions() > 0);
-    work.len() as f64 / secs
+    (work.len() as f64 / secs, sink.marks)
 }
 
 fn decode_rate(work: &[(i64, Vec<u8>)]) -> f64 {
@@ -164,17 +192,28 @@ fn main() {
     if std::env::args().any(|a| a == "--list") {
         return;
     }
-    let work = workload();
+    let work = workload(false);
+    let churning = workload(true);
     let (mut full, mut dec, mut generic) = (Vec::new(), Vec::new(), Vec::new());
+    let (mut plain, mut walked, mut marks) = (Vec::new(), Vec::new(), 0);
     for _ in 0..RUNS {
-        full.push(stage1_rate(&work));
+        full.push(stage1_rate(&work, false).0);
         dec.push(decode_rate(&work));
         generic.push(generic_decode_rate(&work));
+        plain.push(stage1_rate(&churning, false).0);
+        let (rate, m) = stage1_rate(&churning, true);
+        walked.push(rate);
+        marks = m;
     }
     let (full, dec, generic) = (median(full), median(dec), median(generic));
+    let (plain, walked) = (median(plain), median(walked));
     println!(
         "stage 1, decode + state machine, one core: {:>12.0} heartbeats/s (median of {RUNS})",
         full
+    );
+    println!(
+        "churning sessions (1% replaced a round, ~3% quiet), with a commit's walk for marks every {RECORDS_PER_COMMIT} records: {walked:>12.0} heartbeats/s against {plain:.0} without the walks ({:.3}x; {marks} marks written)",
+        walked / plain
     );
     println!("baseline: our decoder alone:                {:>12.0} heartbeats/s  (stage 1 = {:.2}x of it)", dec, full / dec);
     println!("baseline: apache-avro generic Value decode: {:>12.0} heartbeats/s  (our decoder = {:.1}x of it)", generic, dec / generic);
