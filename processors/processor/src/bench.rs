@@ -151,19 +151,18 @@ pub async fn restore(
     }
     let mut next_mark = vec![0usize; parts];
     let mut marks: Vec<(usize, SessionMark)> = Vec::new();
+    let mark_of = |q: usize, offset: i64| {
+        let last_seen = stamp(0, q);
+        (q, SessionMark { last_seen, offset })
+    };
     // Session s lives on partition s % partitions, where it is the (s / partitions)-th.
     // Three beats per session inside the window; the first opens it (offset = that index).
     let mut ends = vec![0i64; parts];
     for round in 0..3 {
         for s in (0..sessions).filter(|&s| round == 0 || !quiet(s)) {
             let (part, ts) = (s % parts, stamp(round, s));
-            while let Some(&(at, q)) = pending[part].get(next_mark[part]).filter(|m| m.0 < ts) {
-                let mark = SessionMark {
-                    last_seen: stamp(0, q),
-                    offset: ends[part] - 1,
-                };
-                debug_assert!(at >= mark.last_seen);
-                marks.push((q, mark));
+            while let Some(&(_, q)) = pending[part].get(next_mark[part]).filter(|m| m.0 < ts) {
+                marks.push(mark_of(q, ends[part] - 1));
                 next_mark[part] += 1;
             }
             ends[s % parts] += 1;
@@ -173,14 +172,7 @@ pub async fn restore(
     }
     for (part, p) in pending.iter().enumerate() {
         for &(_, q) in &p[next_mark[part]..] {
-            let offset = ends[part] - 1;
-            marks.push((
-                q,
-                SessionMark {
-                    last_seen: stamp(0, q),
-                    offset,
-                },
-            ));
+            marks.push(mark_of(q, ends[part] - 1));
         }
     }
     for s in 0..sessions {

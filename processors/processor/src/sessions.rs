@@ -461,13 +461,10 @@ impl SessionTask {
     /// the marks written.
     pub fn mark_quiet(&mut self, out: &mut impl SessionOutput) -> usize {
         let now = self.stream_time;
-        if self.position < 0
-            || now == i64::MIN
-            || now
-                < self
-                    .last_mark_walk
-                    .saturating_add(window::mark_walk(self.timeout))
-        {
+        let next_walk = self
+            .last_mark_walk
+            .saturating_add(window::mark_walk(self.timeout));
+        if self.position < 0 || now == i64::MIN || now < next_walk {
             return 0;
         }
         self.last_mark_walk = now;
@@ -979,8 +976,8 @@ impl SessionTask {
 
     /// Writes the open sessions for [`Self::read_sessions`]: the facilities they are at
     /// (count, then each id and region id with its length), then the sessions in expiry
-    /// order (count, then key, last seen, facility and mark stamp of each), little-endian. The clock is
-    /// not in it: the caller keeps it beside (a checkpoint).
+    /// order (count, then key, last seen, facility and mark stamp of each), little-endian.
+    /// The clock is not in it: the caller keeps it beside (a checkpoint).
     pub fn write_sessions(&self, w: &mut impl std::io::Write) -> std::io::Result<()> {
         let mut index = vec![NIL; self.facilities.len()];
         let mut live = 0u32;
@@ -1683,12 +1680,8 @@ mod tests {
         }
         let puts: Vec<_> = out.marks.iter().filter(|(_, m)| m.is_some()).collect();
         assert!(
-            puts.iter().all(|(k, m)| *k == quiet
-                && *m
-                    == Some(SessionMark {
-                        last_seen: 1_000,
-                        offset: m.unwrap().offset
-                    })),
+            puts.iter()
+                .all(|(k, m)| *k == quiet && m.is_some_and(|m| m.last_seen == 1_000)),
             "only the quiet session is marked, at its last beat: {puts:?}"
         );
         // Walks at most every 1.25 s, so every other second here (1 s, 3 s, ...). Quiet

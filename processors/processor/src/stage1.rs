@@ -592,36 +592,27 @@ impl SessionOutput for Emitter<'_> {
         ));
     }
     fn put_session(&mut self, key: SessionKey, state: SessionState) {
-        let (key, value) = (key_bytes(&key).to_vec(), encode(&state));
-        self.out.push(Out::record(
-            self.topics.changelog,
-            Some(self.partition),
-            Some(key),
-            Some(value),
-        ));
+        self.changelog(&key_bytes(&key), Some(encode(&state)));
     }
     fn delete_session(&mut self, key: SessionKey) {
-        self.out.push(Out::record(
-            self.topics.changelog,
-            Some(self.partition),
-            Some(key_bytes(&key).to_vec()),
-            None,
-        ));
+        self.changelog(&key_bytes(&key), None);
     }
     fn put_mark(&mut self, key: SessionKey, mark: SessionMark) {
-        self.out.push(Out::record(
-            self.topics.changelog,
-            Some(self.partition),
-            Some(mark_key_bytes(&key).to_vec()),
-            Some(encode(&mark)),
-        ));
+        self.changelog(&mark_key_bytes(&key), Some(encode(&mark)));
     }
     fn delete_mark(&mut self, key: SessionKey) {
+        self.changelog(&mark_key_bytes(&key), None);
+    }
+}
+
+impl Emitter<'_> {
+    /// A sessions-changelog record of this partition (`None`: a tombstone).
+    fn changelog(&mut self, key: &[u8], value: Option<Vec<u8>>) {
         self.out.push(Out::record(
             self.topics.changelog,
             Some(self.partition),
-            Some(mark_key_bytes(&key).to_vec()),
-            None,
+            Some(key.to_vec()),
+            value,
         ));
     }
 }

@@ -31,7 +31,7 @@
 //! ([`SessionTask::apply_marks`]): the session's beats count only after the mark's offset,
 //! and a mark written within the newest step (the walk renews it well within one) settles
 //! it. Sessions that beat on time are never marked; a quiet one costs a record every half
-//! step for at most the timeout (five at the defaults) and its tombstone.
+//! step for at most the rest of its timeout (four at the defaults) and its tombstone.
 //!
 //! A mark is a hint: a restore without it (an older changelog, a mark older than the step)
 //! reads further back to the same state; a missing or skewed stamp likewise only costs
