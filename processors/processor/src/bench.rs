@@ -175,6 +175,11 @@ pub async fn restore(
             marks.push(mark_of(q, ends[part] - 1));
         }
     }
+    // Session s's changelog records go to its partition.
+    let to_changelog = |s: usize, key: &[u8], value: &[u8]| {
+        let record = BaseRecord::to(&changelog).key(key).payload(value);
+        send(&p, record.partition((s % parts) as i32))
+    };
     for s in 0..sessions {
         let h = beat(s, s % facilities, HeartbeatKind::Beat);
         let state = SessionState {
@@ -186,26 +191,12 @@ pub async fn restore(
             open_offset: (s / parts) as i64,
         };
         let key = key_bytes(&session_key(&h.user_id, &h.session_id));
-        let bytes = encode(&state);
-        send(
-            &p,
-            BaseRecord::to(&changelog)
-                .key(&key[..])
-                .payload(&bytes[..])
-                .partition((s % parts) as i32),
-        )?;
+        to_changelog(s, &key, &encode(&state))?;
     }
     for (s, mark) in &marks {
         let h = beat(*s, s % facilities, HeartbeatKind::Beat);
         let key = mark_key_bytes(&session_key(&h.user_id, &h.session_id));
-        let bytes = encode(mark);
-        send(
-            &p,
-            BaseRecord::to(&changelog)
-                .key(&key[..])
-                .payload(&bytes[..])
-                .partition((s % parts) as i32),
-        )?;
+        to_changelog(*s, &key, &encode(mark))?;
     }
     let marks = marks.len();
     p.flush(Duration::from_secs(120))?;
