@@ -185,6 +185,27 @@ async fn two_instances_one_killed() {
     finish(&c, &expected, reader, vec![a], &format!("seed {seed}"));
 }
 
+/// Sessions of which a tenth went quiet after their first beat, with the marks stage 1
+/// writes for them in the changelog: on the real broker, through the stage's restore (the
+/// changelog's mark keys read, the marks applied before the window), the restore reads only
+/// the newest step of the timeout window. Without the marks applied, the older part goes
+/// back to the quiet sessions' opens: the whole window.
+#[tokio::test(flavor = "multi_thread")]
+async fn quiet_sessions_marks_keep_a_restore_to_the_newest_step() {
+    let _one = serial();
+    let c = setup(TIMEOUT_MS).await;
+    let measured = presence_processor::bench::restore_measured(&c, 3_000, 2, 1, 10)
+        .await
+        .expect("the restore bench at a small scale");
+    let [newest_first, whole] = measured.window_records;
+    eprintln!("{}", measured.report);
+    // The newest step is half of the 3 s window here (1 s beats, a 3 s timeout).
+    assert!(
+        whole > 0 && newest_first * 10 < whole * 7,
+        "read {newest_first} beats newest first, the whole window is {whole}: the quiet sessions' marks did not settle them"
+    );
+}
+
 /// The sum of a counter over its labels in a Prometheus text page.
 fn counter_sum(page: &str, name: &str) -> f64 {
     page.lines()

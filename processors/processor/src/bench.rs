@@ -111,6 +111,31 @@ pub async fn restore(
     runs: usize,
     quiet_percent: u8,
 ) -> anyhow::Result<String> {
+    Ok(
+        restore_measured(base, sessions, partitions, runs, quiet_percent)
+            .await?
+            .report,
+    )
+}
+
+/// What [`restore`] measured.
+pub struct Restored {
+    /// The report it prints.
+    pub report: String,
+    /// Heartbeats the last run's restores read again: reading the window newest first, and
+    /// the whole window oldest first.
+    pub window_records: [u64; 2],
+}
+
+/// [`restore`], with the records read beside the report (a test checks what the marks of
+/// quiet sessions save on a real broker).
+pub async fn restore_measured(
+    base: &Config,
+    sessions: usize,
+    partitions: i32,
+    runs: usize,
+    quiet_percent: u8,
+) -> anyhow::Result<Restored> {
     anyhow::ensure!(partitions >= 1, "--partitions must be at least 1");
     // Session s went quiet after its first beat when its index in its partition is below
     // quiet_percent modulo 100 (so that every partition has its share).
@@ -341,7 +366,10 @@ pub async fn restore(
             w.bytes as f64 / sessions.max(1) as f64,
         ));
     }
-    Ok(lines.join("\n"))
+    Ok(Restored {
+        report: lines.join("\n"),
+        window_records,
+    })
 }
 
 /// What each partition of the restore benchmark's data has committed: the offset after
