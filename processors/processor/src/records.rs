@@ -150,7 +150,7 @@ impl AvroRecord for FacilityState {
 }
 
 /// Stage-1 changelog value under a session's mark key
-/// ([`presence_core::records::session_mark_key`]): the last-seen of a quiet session as of
+/// ([`crate::sessions::mark_key_bytes`]): the last-seen of a quiet session as of
 /// a heartbeats offset ([`crate::window`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionMark {

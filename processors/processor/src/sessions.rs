@@ -454,10 +454,10 @@ impl SessionTask {
 
     /// Writes the mark of each quiet session that needs one ([`crate::window`]): last seen
     /// more than [`window::quiet_after`] before the stream time, and not marked within
-    /// [`window::mark_every`]. A mark is the session's last-seen as of [`Self::position`],
-    /// so that a restore after this commit re-reads only the beats after it for the
-    /// session instead of going back to its open. Walks the head of the expiry order (the
-    /// quiet sessions only), at most once per [`window::mark_walk`] of stream time. Returns
+    /// [`window::mark_every`]. A mark is the session's last-seen as of the last heartbeats
+    /// offset applied, so that a restore after this commit re-reads only the beats after it
+    /// for the session instead of going back to its open. Walks the head of the expiry order
+    /// (the quiet sessions only), at most once per [`window::mark_walk`] of stream time. Returns
     /// the marks written.
     pub fn mark_quiet(&mut self, out: &mut impl SessionOutput) -> usize {
         let now = self.stream_time;
