@@ -137,6 +137,41 @@ fn stage1_rate(work: &[(i64, Vec<u8>)], commits: bool) -> (f64, u64) {
     (work.len() as f64 / secs, sink.marks)
 }
 
+/// Seconds a restore takes to apply the marks of 1% of `n` sessions restored from their
+/// changelog records (in the order of their opens), each mark's last-seen later than 99% of
+/// the opens: as in a long-lived population, where a quiet session last beat recently.
+fn apply_marks_seconds(n: usize) -> f64 {
+    use presence_core::records::SessionStateRef;
+    use presence_processor::sessions::session_key;
+    let mut task = SessionTask::new(0, TIMEOUT, 60_000);
+    let key = |s: usize| session_key("user", &format!("session-{s}"));
+    for s in 0..n {
+        let state = SessionStateRef {
+            session_id: "",
+            user_id: "user",
+            facility_id: "facility",
+            region_id: "region",
+            last_seen: START + s as i64,
+            open_offset: s as i64,
+        };
+        task.restore_session(key(s), state);
+    }
+    for s in (0..n).step_by(100) {
+        let last_seen = START + (n * 99 / 100 + s % 1000) as i64;
+        let mark = SessionMark {
+            last_seen,
+            offset: n as i64,
+        };
+        task.restore_mark(key(s), Some(mark));
+    }
+    task.set_clock(START + n as i64, 1);
+    let started = Instant::now();
+    task.apply_marks();
+    let secs = started.elapsed().as_secs_f64();
+    assert_eq!(task.open_sessions(), n);
+    secs
+}
+
 fn decode_rate(work: &[(i64, Vec<u8>)]) -> f64 {
     let started = Instant::now();
     let mut n = 0usize;
@@ -217,6 +252,11 @@ fn main() {
     );
     println!("baseline: our decoder alone:                {:>12.0} heartbeats/s  (stage 1 = {:.2}x of it)", dec, full / dec);
     println!("baseline: apache-avro generic Value decode: {:>12.0} heartbeats/s  (our decoder = {:.1}x of it)", generic, dec / generic);
+    let applies: Vec<f64> = (0..RUNS).map(|_| apply_marks_seconds(1_000_000)).collect();
+    println!(
+        "restore, the marks of 1% of 1 M sessions applied: {:.1} ms (median of {RUNS})",
+        median(applies) * 1000.0
+    );
     for n in [100_000, 1_000_000, 10_000_000] {
         let (live, estimate) = memory_per_session(n);
         println!("memory with {n:>9} open sessions: {live:.1} bytes/session measured by the allocator ({estimate:.1} by heap_bytes())");

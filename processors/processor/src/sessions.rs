@@ -557,12 +557,18 @@ impl SessionTask {
                 continue;
             }
             if m.last_seen > self.slots[i as usize].last_seen {
-                self.touch(i, m.last_seen);
+                self.slots[i as usize].last_seen = m.last_seen;
+                self.refreshed.push(i);
             }
             if let Some(open) = self.restore_offsets.get_mut(i as usize) {
                 *open = (*open).max(m.offset);
             }
         }
+        // In one merge, not one walk back from the tail each: here the list is in the
+        // changelog's order (opens), and a mark's last-seen is recent, later than most
+        // opens (1 M sessions with 10 k marks: 1.0 s one at a time, 12 ms merged; `cargo
+        // bench --bench stage1`).
+        self.relink_refreshed();
     }
 
     /// Restore is over: the open offsets are not needed any more, and a v1 session whose
@@ -662,9 +668,10 @@ impl SessionTask {
         }
     }
 
-    /// Puts the slots [`Self::refresh_earlier`] raised back in expiry order: out of the
-    /// list, sorted by their new last-seen, then merged in from the head in one walk (they
-    /// were last seen before every session the newer beats settled).
+    /// Puts the slots [`Self::refresh_earlier`] (or [`Self::apply_marks`]) raised back in
+    /// expiry order: out of the list, sorted by their new last-seen, then merged in from the
+    /// head in one walk (for the older beats: they were last seen before every session the
+    /// newer beats settled).
     pub fn relink_refreshed(&mut self) {
         let mut moved = std::mem::take(&mut self.refreshed);
         // By new last-seen; a slot raised twice is there twice, side by side.
