@@ -556,3 +556,64 @@ async fn restore_reads_end_where_told_and_lookups_find_the_first_offset_at_a_tim
         "the first offset stamped at or after each time"
     );
 }
+
+/// A rewind seeks every partition back to its committed offset; librdkafka reports a
+/// partition it cannot seek in that partition's entry, not as the call's error, and such a
+/// partition reads on from where it was (after an abort: past the aborted records, whose
+/// effects the restored state lacks). `seek_each` must fail naming it, and succeed and move
+/// the fetcher back when every seek begins.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_seek_that_cannot_begin_fails_naming_the_partition() {
+    use presence_processor::member::seek_each;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    use rdkafka::message::Message;
+    use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+
+    let c = setup(TIMEOUT_MS).await;
+    let _cleanup = Cleanup::new(&c);
+    let topic = c.topics.heartbeats.clone();
+    let records: Vec<(String, Vec<u8>)> = (0..3).map(|k| (format!("k{k}"), vec![1u8])).collect();
+    presence_testkit::produce_to_partition(&c, &topic, 0, &records).await;
+    let group = format!("{}-seek", c.processor.group_id);
+    let consumer: BaseConsumer = presence_core::kafka::consumer_config(&c.kafka, "test", &group)
+        .create()
+        .expect("consumer");
+    let mut assigned = TopicPartitionList::new();
+    assigned
+        .add_partition_offset(&topic, 0, Offset::Beginning)
+        .expect("offset");
+    consumer.assign(&assigned).expect("assign");
+    let next = |what: &str| -> i64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            assert!(Instant::now() < deadline, "no record of {topic}/0 {what}");
+            if let Some(Ok(m)) = consumer.poll(Duration::from_millis(200)) {
+                return m.offset();
+            }
+        }
+    };
+    assert_eq!(next("at first"), 0);
+    assert_eq!(next("after the first"), 1);
+
+    // Partition 1 is not assigned: its seek cannot begin.
+    let mut both = TopicPartitionList::new();
+    both.add_partition_offset(&topic, 0, Offset::Offset(0))
+        .expect("offset");
+    both.add_partition_offset(&topic, 1, Offset::Offset(0))
+        .expect("offset");
+    let err = seek_each(&consumer, both).expect_err("partition 1 cannot be sought");
+    assert!(
+        err.to_string().contains(&format!("{topic}/1 ")),
+        "the error names the partition: {err}"
+    );
+    assert!(
+        !err.to_string().contains(&format!("{topic}/0 ")),
+        "and not the one that was sought: {err}"
+    );
+
+    let mut back = TopicPartitionList::new();
+    back.add_partition_offset(&topic, 0, Offset::Offset(0))
+        .expect("offset");
+    seek_each(&consumer, back).expect("partition 0 is assigned and fetching");
+    assert_eq!(next("after the seek back"), 0, "read again from the seek");
+}

@@ -82,6 +82,9 @@ def main():
         "acks": "all",
         "compression.type": "lz4",
         "linger.ms": 5,
+        # librdkafka re-sends a failed request's records under a new epoch when a later
+        # request in flight fails too (librdkafka #4953): one in flight never doubles a beat.
+        "max.in.flight.requests.per.connection": 1,
     })
     failures = []
 

@@ -44,7 +44,19 @@ pub fn idempotent_producer_config(k: &KafkaConfig, role: &str) -> ClientConfig {
     let mut c = base_config(k, role);
     c.set("enable.idempotence", "true")
         .set("acks", "all")
-        .set("compression.type", "lz4");
+        .set("compression.type", "lz4")
+        // One produce request in flight per broker connection, not librdkafka's 5.
+        // librdkafka 2.12 (librdkafka issue #4953, fix in PR #4972 not yet released)
+        // answers an OUT_OF_ORDER_SEQUENCE_NUMBER on the second to fifth request in flight,
+        // which follows from the first one failing (a broker killed mid-request), by
+        // bumping the producer's epoch and renumbering everything it sends again. The
+        // broker deduplicates by (producer id, epoch, sequence), so a record of the failed
+        // request that had in fact been written is written a second time, and acknowledged:
+        // the chaos run (seed 4) caught loadgen writing an acknowledged beat twice during a
+        // broker kill. With one request in flight there is no second request to fail that
+        // way; a failed request is retried under the same epoch and sequence and
+        // deduplicated. Batching (linger, up to a MiB a partition) keeps the rate.
+        .set("max.in.flight.requests.per.connection", "1");
     c
 }
 
@@ -269,6 +281,9 @@ pub struct BrokerWatch {
     /// of the clients that share this watch showed it.
     leaders:
         std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), Reachability>>>,
+    /// Per (client, broker node id): that client's connections to that broker
+    /// ([`NodeOutage`]).
+    nodes: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<(String, i32), NodeOutage>>>,
 }
 
 /// Whether one partition's leader was reachable, from statistics (ms since the epoch).
@@ -362,6 +377,69 @@ impl Reachability {
     }
 }
 
+/// One client's connections to one broker, for the hold every partition's clock takes while
+/// a broker is lost.
+///
+/// A producer stalls on every partition, not only on those the lost broker led: measured
+/// on the three-node cluster with an idempotent producer sending to three partitions, one
+/// per broker, the records sent at the moment one broker was killed with -9 were delivered
+/// 7.4–8.8 s later on all three (librdkafka drains and renumbers the whole producer, and
+/// waits for the new leaders), and on the loaded chaos run (seed 4) beats of a partition
+/// whose leader stayed up arrived more than 17 s after their stamp, after its clock had
+/// passed them: a false OFFLINE. So while a broker this client was connected to is lost, and
+/// for `settle` after it is back, every partition's clock stays where it went away; but not
+/// for longer than `cap` while it stays lost (the controller has long since fenced it and
+/// elected new leaders, and producers have found them: a broker lost for good must not stop
+/// expiry for good).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NodeOutage {
+    /// The last statistics that showed a connection to the broker up (0: never).
+    last_up: i64,
+    /// The statistics since then showed none up.
+    lost: bool,
+    /// The last outage shorter than the cap: when it began (the last moment up) and when
+    /// the broker came back.
+    outage_began: i64,
+    back_at: i64,
+}
+
+impl NodeOutage {
+    /// Statistics at `now` showed a connection to the broker up.
+    pub fn saw_up(&mut self, now: i64, cap: i64) {
+        if self.lost && now - self.last_up <= cap {
+            self.outage_began = self.last_up;
+            self.back_at = now;
+        }
+        self.last_up = now;
+        self.lost = false;
+    }
+
+    /// Statistics showed no connection to the broker up. Before the first one was up this
+    /// is a connection still being made, not a loss.
+    pub fn saw_lost(&mut self) {
+        if self.last_up != 0 {
+            self.lost = true;
+        }
+    }
+
+    /// How far a wall-clock-driven clock may go at `now` because of this broker.
+    pub fn limit(&self, now: i64, cap: i64, settle: i64) -> i64 {
+        if self.lost && now - self.last_up <= cap {
+            return self.last_up.min(now);
+        }
+        if self.outage_began != 0 && now - self.back_at < settle {
+            return self.outage_began.min(now);
+        }
+        now
+    }
+}
+
+/// How long a lost broker holds every partition's clock ([`NodeOutage`]): the controller
+/// fences a broker 9 s after its last heartbeat (`broker.session.timeout.ms`), elects new
+/// leaders, and producers find them and deliver what they held; 30 s covers the 17 s and
+/// more the loaded chaos run took.
+pub const NODE_LOSS_HOLD_MS: i64 = 30_000;
+
 /// No broker connection (all down, or this one's transport failed): librdkafka reconnects.
 pub fn is_connection_error(error: &KafkaError) -> bool {
     matches!(
@@ -435,6 +513,7 @@ impl BrokerWatch {
             back_at: Default::default(),
             outage_began: Default::default(),
             leaders: Default::default(),
+            nodes: Default::default(),
         }
     }
 
@@ -477,6 +556,55 @@ impl BrokerWatch {
             self.down("no broker connection is up");
         }
         self.on_leader_stats(statistics, now);
+        self.on_node_stats(statistics, now);
+    }
+
+    /// Per broker node of this client: is some connection to it up? ([`NodeOutage`])
+    fn on_node_stats(&self, statistics: &Statistics, now: i64) {
+        let mut up: std::collections::HashMap<i32, bool> = std::collections::HashMap::new();
+        for b in statistics.brokers.values() {
+            if b.source == "internal" || b.nodeid < 0 {
+                continue;
+            }
+            *up.entry(b.nodeid).or_default() |= b.state == "UP";
+        }
+        let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        let was_held = Self::nodes_limit(&nodes, now) < now;
+        for (node, up) in up {
+            let n = nodes.entry((statistics.name.clone(), node)).or_default();
+            if up {
+                n.saw_up(now, NODE_LOSS_HOLD_MS);
+            } else {
+                n.saw_lost();
+            }
+        }
+        let held = Self::nodes_limit(&nodes, now) < now;
+        if held != was_held {
+            let lost: Vec<i32> = nodes
+                .iter()
+                .filter(|(_, n)| n.lost)
+                .map(|((_, node), _)| *node)
+                .collect();
+            tracing::info!(
+                component = self.component,
+                ?lost,
+                held,
+                "{}",
+                if held {
+                    "a broker was lost: every partition's expiry clock stays where it went away until producers have delivered what they held (at most 30 s while it stays lost, 10 s after it is back)"
+                } else {
+                    "brokers settled: expiry clocks follow the wall clock again"
+                }
+            );
+        }
+    }
+
+    fn nodes_limit(nodes: &std::collections::HashMap<(String, i32), NodeOutage>, now: i64) -> i64 {
+        nodes
+            .values()
+            .map(|n| n.limit(now, NODE_LOSS_HOLD_MS, RECONNECT_SETTLE_MS))
+            .min()
+            .unwrap_or(now)
     }
 
     /// Per partition of every topic the statistics list: is its leader's connection up?
@@ -546,7 +674,10 @@ impl BrokerWatch {
     /// partition's leader is away and until producers have delivered to the new one
     /// ([`Reachability`]).
     pub fn partition_clock_limit(&self, topic: &str, partition: i32, now: i64) -> i64 {
-        let all = self.wall_clock_limit(now);
+        let all = self.wall_clock_limit(now).min({
+            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+            Self::nodes_limit(&nodes, now)
+        });
         let leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
         match leaders.get(&(topic.to_string(), partition)) {
             Some(r) => all.min(r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS)),
@@ -835,6 +966,91 @@ mod tests {
         assert_eq!(r.limit(5_000, DOWN, SETTLE), 5_000);
         r.saw_up(6_000, 1, DOWN);
         assert_eq!(r.limit(6_000, DOWN, SETTLE), 6_000);
+    }
+
+    const CAP: i64 = 30_000;
+
+    #[test]
+    fn a_lost_broker_holds_the_clock_until_it_settles_or_for_the_cap() {
+        // Never up: a connection still being made holds nothing.
+        let mut n = NodeOutage::default();
+        n.saw_lost();
+        assert_eq!(n.limit(5_000, CAP, SETTLE), 5_000);
+        // Up at 10 s, lost after: held at 10 s while lost, up to the cap.
+        n.saw_up(10_000, CAP);
+        assert_eq!(n.limit(10_000, CAP, SETTLE), 10_000);
+        n.saw_lost();
+        assert_eq!(n.limit(12_000, CAP, SETTLE), 10_000);
+        assert_eq!(n.limit(40_000, CAP, SETTLE), 10_000);
+        // Back at 30 s: held at 10 s for the settle, then free.
+        n.saw_up(30_000, CAP);
+        assert_eq!(n.limit(30_000, CAP, SETTLE), 10_000);
+        assert_eq!(n.limit(39_999, CAP, SETTLE), 10_000);
+        assert_eq!(n.limit(40_000, CAP, SETTLE), 40_000);
+    }
+
+    #[test]
+    fn a_broker_lost_for_good_stops_holding_after_the_cap() {
+        let mut n = NodeOutage::default();
+        n.saw_up(10_000, CAP);
+        n.saw_lost();
+        assert_eq!(n.limit(10_000 + CAP, CAP, SETTLE), 10_000);
+        assert_eq!(n.limit(10_001 + CAP, CAP, SETTLE), 10_001 + CAP);
+        // Back much later: its partitions have had other leaders for long; no settle.
+        n.saw_up(100_000, CAP);
+        assert_eq!(n.limit(100_000, CAP, SETTLE), 100_000);
+    }
+
+    /// Statistics of one client (`name`) with one connection per node: (node id, state).
+    fn stats(name: &str, brokers: &[(i32, &str)]) -> Statistics {
+        let brokers: serde_json::Map<String, serde_json::Value> = brokers
+            .iter()
+            .map(|(id, state)| {
+                (
+                    format!("127.0.0.1:{id}/{id}"),
+                    serde_json::json!({
+                        "name": format!("127.0.0.1:{id}/{id}"), "nodeid": id,
+                        "nodename": format!("127.0.0.1:{id}"), "source": "learned",
+                        "state": state, "stateage": 0, "outbuf_cnt": 0, "outbuf_msg_cnt": 0,
+                        "waitresp_cnt": 0, "waitresp_msg_cnt": 0, "tx": 0, "txbytes": 0,
+                        "txerrs": 0, "txretries": 0, "txidle": 0, "req_timeouts": 0, "rx": 0,
+                        "rxbytes": 0, "rxerrs": 0, "rxcorriderrs": 0, "rxpartial": 0,
+                        "rxidle": 0, "zbuf_grow": 0, "buf_grow": 0, "wakeups": 0,
+                        "connects": 1, "disconnects": 0, "req": {}, "toppars": {}
+                    }),
+                )
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({
+            "name": name, "client_id": "presence", "type": "consumer", "ts": 0, "time": 0,
+            "age": 0, "replyq": 0, "msg_cnt": 0, "msg_size": 0, "msg_max": 0,
+            "msg_size_max": 0, "tx": 0, "tx_bytes": 0, "rx": 0, "rx_bytes": 0, "txmsgs": 0,
+            "txmsg_bytes": 0, "rxmsgs": 0, "rxmsg_bytes": 0, "simple_cnt": 0,
+            "metadata_cache_cnt": 0, "brokers": brokers, "topics": {}
+        }))
+        .expect("statistics")
+    }
+
+    /// A broker lost by one client holds every partition's clock, also partitions it does
+    /// not lead; a client that never connected to it holds nothing.
+    #[test]
+    fn a_broker_lost_by_a_client_holds_every_partition() {
+        let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
+        let now = crate::now_ms();
+        watch.on_stats(&stats("c1", &[(1, "UP"), (2, "UP")]));
+        watch.on_stats(&stats("c2", &[(1, "UP"), (3, "INIT")]));
+        assert!(watch.partition_clock_limit("t", 0, now + 100) >= now);
+        watch.on_stats(&stats("c2", &[(1, "UP"), (3, "CONNECT")]));
+        assert!(
+            watch.partition_clock_limit("t", 0, now + 100) >= now,
+            "c2 never had node 3"
+        );
+        watch.on_stats(&stats("c1", &[(1, "UP"), (2, "CONNECT")]));
+        let held = watch.partition_clock_limit("t", 5, now + 5_000);
+        assert!(
+            held <= now + 1_000,
+            "held where node 2 was last up: {held} vs {now}"
+        );
     }
 
     #[test]

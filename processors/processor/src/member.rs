@@ -25,6 +25,39 @@ pub const COMMITTED_OFFSETS_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a seek back to the committed offsets may block.
 pub const SEEK_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Seeks every partition of `tpl` and fails unless each one's seek began. librdkafka
+/// reports a partition it could not seek (its fetcher stopping or not started, a partition
+/// it does not know) in that partition's entry of the returned list, not as the call's
+/// error, and such a partition goes on from wherever its fetcher was: after an abort, past
+/// the records of the aborted transaction, whose effects the restored state no longer has.
+/// The error names each partition and its reason.
+pub fn seek_each<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    tpl: TopicPartitionList,
+) -> anyhow::Result<()> {
+    let result = consumer
+        .seek_partitions(tpl, SEEK_TIMEOUT)
+        .map_err(|e| anyhow::anyhow!("cannot seek: {e}"))?;
+    let failed: Vec<String> = result
+        .elements()
+        .iter()
+        .filter_map(|e| {
+            let err = e.error().err()?;
+            Some(format!(
+                "{}/{} to {:?}: {err}",
+                e.topic(),
+                e.partition(),
+                e.offset()
+            ))
+        })
+        .collect();
+    if failed.is_empty() {
+        Ok(())
+    } else {
+        anyhow::bail!("cannot seek {}", failed.join(", "))
+    }
+}
+
 pub struct Member<S: Stage> {
     pub stage: S,
     pub txn: Txn,
@@ -249,7 +282,7 @@ impl<S: Stage> Member<S> {
             tpl.add_partition_offset(self.topic, p, start)?;
         }
         if tpl.count() > 0 {
-            consumer.seek_partitions(tpl, SEEK_TIMEOUT)?;
+            seek_each(consumer, tpl)?;
         }
         self.needs_rewind = false;
         tracing::info!(

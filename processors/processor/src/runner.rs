@@ -56,7 +56,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
-use crate::member::{Member, SEEK_TIMEOUT};
+use crate::member::{seek_each, Member, SEEK_TIMEOUT};
 use crate::metrics::Metrics;
 use crate::rebalance::{lock, GroupState, StageContext};
 use crate::stage::{now_ms, Clock, Stage};
@@ -539,22 +539,14 @@ fn read_again<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>) {
     if tpl.count() == 0 {
         return;
     }
-    match consumer.seek_partitions(tpl, SEEK_TIMEOUT) {
-        Ok(result) if result.elements().iter().all(|e| e.error().is_ok()) => {
+    match seek_each(consumer, tpl) {
+        Ok(()) => {
             for (p, offset) in seeks {
                 if let Some(next) = g.positions.get_mut(&p) {
                     *next = (*next).min(offset);
                 }
             }
-            tracing::debug!(stage = S::NAME, ?result, "reading again");
-        }
-        Ok(result) => {
-            tracing::error!(
-                stage = S::NAME,
-                ?result,
-                "a seek to read again failed; rewinding"
-            );
-            g.needs_rewind = true;
+            tracing::debug!(stage = S::NAME, "reading again");
         }
         Err(e) => {
             tracing::error!(stage = S::NAME, error = %e, "a seek to read again failed; rewinding");
