@@ -585,6 +585,13 @@ impl BrokerWatch {
                 n.saw_lost();
             }
         }
+        // Forget what no longer holds and has not been seen up for longer than a hold and a
+        // settle: the connections of clients rebuilt or closed, and brokers lost for good
+        // (their cap has passed). Entries of live clients are refreshed every second.
+        nodes.retain(|_, n| {
+            n.limit(now, NODE_LOSS_HOLD_MS, RECONNECT_SETTLE_MS) < now
+                || now - n.last_up <= NODE_LOSS_HOLD_MS + RECONNECT_SETTLE_MS
+        });
         let held = Self::nodes_limit(&nodes, now) < now;
         if held != was_held {
             let lost: Vec<i32> = nodes
@@ -592,17 +599,20 @@ impl BrokerWatch {
                 .filter(|(_, n)| n.lost)
                 .map(|((_, node), _)| *node)
                 .collect();
-            tracing::info!(
-                component = self.component,
-                ?lost,
-                held,
-                "{}",
-                if held {
-                    "a broker was lost: every partition's expiry clock stays where it went away until producers have delivered what they held (at most 30 s while it stays lost, 10 s after it is back)"
-                } else {
+            if held {
+                tracing::info!(
+                    component = self.component,
+                    ?lost,
+                    "a broker was lost: every partition's expiry clock stays where it went away until producers have delivered what they held (at most {} s while it stays lost, {} s after it is back)",
+                    NODE_LOSS_HOLD_MS / 1_000,
+                    RECONNECT_SETTLE_MS / 1_000
+                );
+            } else {
+                tracing::info!(
+                    component = self.component,
                     "brokers settled: expiry clocks follow the wall clock again"
-                }
-            );
+                );
+            }
         }
     }
 
@@ -1063,6 +1073,22 @@ mod tests {
             held < now + 500,
             "held where node 2 was last up ({now}), not at {held}"
         );
+    }
+
+    /// The entries of a client that is gone (rebuilt after a fault) are forgotten once they
+    /// hold nothing, so rebuilds do not grow the watch.
+    #[test]
+    fn a_gone_clients_connections_are_forgotten() {
+        let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
+        let t = 1_000_000;
+        watch.on_node_stats(&stats("old", &[(1, "UP"), (2, "UP")]), t);
+        watch.on_node_stats(&stats("old", &[(1, "UP"), (2, "CONNECT")]), t + 1_000);
+        let later = t + 1_000 + CAP + SETTLE + 1;
+        watch.on_node_stats(&stats("new", &[(1, "UP"), (2, "UP")]), later);
+        let nodes = watch.nodes.lock().unwrap();
+        let mut left: Vec<&(String, i32)> = nodes.keys().collect();
+        left.sort();
+        assert_eq!(left, vec![&("new".to_string(), 1), &("new".to_string(), 2)]);
     }
 
     #[test]
