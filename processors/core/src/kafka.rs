@@ -691,10 +691,7 @@ impl BrokerWatch {
     /// partition's leader is away and until producers have delivered to the new one
     /// ([`Reachability`]).
     pub fn partition_clock_limit(&self, topic: &str, partition: i32, now: i64) -> i64 {
-        let all = self.wall_clock_limit(now).min({
-            let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
-            Self::nodes_limit(&nodes, now)
-        });
+        let all = self.wall_clock_limit(now);
         let leaders = self.leaders.lock().unwrap_or_else(|p| p.into_inner());
         match leaders.get(&(topic.to_string(), partition)) {
             Some(r) => all.min(r.limit(now, Self::down_after(), RECONNECT_SETTLE_MS)),
@@ -711,18 +708,21 @@ impl BrokerWatch {
     /// [`RECONNECT_SETTLE_MS`] after it, no further than where it began. Producers hold
     /// what they could not deliver meanwhile and send it once they reconnect, stamped
     /// before; a session whose beats are in there has not ended, so its deadline must not
-    /// pass on the wall clock before they arrive. Before the first connection and long
-    /// after an outage: `now`.
+    /// pass on the wall clock before they arrive. So, too, while one broker is lost and
+    /// after ([`NodeOutage`]): producers stall on every partition then. Before the first
+    /// connection and long after an outage: `now`.
     pub fn wall_clock_limit(&self, now: i64) -> i64 {
         use std::sync::atomic::Ordering;
-        wall_clock_limit(
+        let all_down = wall_clock_limit(
             now,
             self.last_up.load(Ordering::Relaxed),
             self.back_at.load(Ordering::Relaxed),
             self.outage_began.load(Ordering::Relaxed),
             Self::down_after(),
             RECONNECT_SETTLE_MS,
-        )
+        );
+        let nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
+        all_down.min(Self::nodes_limit(&nodes, now))
     }
 }
 

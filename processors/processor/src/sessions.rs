@@ -557,8 +557,7 @@ impl SessionTask {
                 continue;
             }
             if m.last_seen > self.slots[i as usize].last_seen {
-                self.slots[i as usize].last_seen = m.last_seen;
-                self.refreshed.push(i);
+                self.raise_for_relink(i, m.last_seen);
             }
             if let Some(open) = self.restore_offsets.get_mut(i as usize) {
                 *open = (*open).max(m.offset);
@@ -663,9 +662,15 @@ impl SessionTask {
             return;
         };
         if self.raises(i, b) {
-            self.slots[i as usize].last_seen = b.ts;
-            self.refreshed.push(i);
+            self.raise_for_relink(i, b.ts);
         }
+    }
+
+    /// Raises slot `i`'s last-seen and leaves it where it is in the expiry list, noted for
+    /// [`Self::relink_refreshed`], which must run before the list is walked again.
+    fn raise_for_relink(&mut self, i: u32, last_seen: i64) {
+        self.slots[i as usize].last_seen = last_seen;
+        self.refreshed.push(i);
     }
 
     /// Puts the slots [`Self::refresh_earlier`] (or [`Self::apply_marks`]) raised back in
