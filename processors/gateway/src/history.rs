@@ -131,8 +131,10 @@ impl HistoryReader {
         })
     }
 
-    /// The transitions of `facility` in [from, to). `region`: only rows of that region (the
-    /// region the caller was authorised for), or every row when `None`.
+    /// The transitions of `facility` in [from, to), after the newest before `from` (the state
+    /// the range starts in; newest by `since`, then `seq`, as `facility_spans` picks it: one
+    /// step back on the history's key). `region`: only rows of that region (the region the
+    /// caller was authorised for), or every row when `None`.
     pub async fn read(
         &self,
         facility: &str,
@@ -148,7 +150,7 @@ impl HistoryReader {
         let h = self.tables.history();
         let columns = "facility_id, region_id, status, open_sessions, (extract(epoch from since) * 1000)::bigint, seq, (extract(epoch from emitted_at) * 1000)::bigint";
         let query = format!(
-            "(SELECT {columns} FROM {h} WHERE facility_id = $1 AND ($4::text IS NULL OR region_id = $4) AND since < to_timestamp($2::bigint / 1000.0) ORDER BY seq DESC LIMIT 1)
+            "(SELECT {columns} FROM {h} WHERE facility_id = $1 AND ($4::text IS NULL OR region_id = $4) AND since < to_timestamp($2::bigint / 1000.0) ORDER BY since DESC, seq DESC LIMIT 1)
              UNION ALL
              (SELECT {columns} FROM (SELECT * FROM {h} WHERE facility_id = $1 AND ($4::text IS NULL OR region_id = $4) AND since >= to_timestamp($2::bigint / 1000.0) AND since < to_timestamp($3::bigint / 1000.0) ORDER BY seq LIMIT {MAX_TRANSITIONS}) t)"
         );

@@ -20,11 +20,12 @@ const DAY: i64 = 86_400_000;
 const HOUR: i64 = 3_600_000;
 
 /// The sink's migrations, as it applies them (unqualified names land in the schema).
-const MIGRATIONS: [&str; 4] = [
+const MIGRATIONS: [&str; 5] = [
     include_str!("../../sink/migrations/0001_status_and_history.sql"),
     include_str!("../../sink/migrations/0002_console.sql"),
     include_str!("../../sink/migrations/0003_status_fillfactor.sql"),
     include_str!("../../sink/migrations/0004_facility_id_collate_c.sql"),
+    include_str!("../../sink/migrations/0005_history_one_index.sql"),
 ];
 
 /// A transition: facility, region, since (ms), ONLINE?

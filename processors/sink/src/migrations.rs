@@ -22,6 +22,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "facility_id_collate_c",
         include_str!("../migrations/0004_facility_id_collate_c.sql"),
     ),
+    (
+        5,
+        "history_one_index",
+        include_str!("../migrations/0005_history_one_index.sql"),
+    ),
 ];
 
 /// Creates the schema if needed and applies what is missing; returns the versions applied.

@@ -61,7 +61,7 @@ pub const WRITE: &str = "WITH b AS MATERIALIZED (
 ), history AS (
     INSERT INTO {history} (facility_id, region_id, status, open_sessions, since, seq, emitted_at, kafka_partition, kafka_offset)
     SELECT f, r, s, o, to_timestamp(t::float8 / 1000), q, to_timestamp(e::float8 / 1000), p, k FROM b
-    ON CONFLICT (facility_id, seq) DO NOTHING
+    ON CONFLICT DO NOTHING
 )
 INSERT INTO {current} AS c (facility_id, region_id, status, open_sessions, since, seq, emitted_at)
 SELECT DISTINCT ON (f) f, r, s, o, to_timestamp(t::float8 / 1000), q, to_timestamp(e::float8 / 1000) FROM b

@@ -4,7 +4,8 @@
 //! larger than the default, and refuses a batch with a poison record as a whole while the
 //! record alone is refused and the others alone are written (what the consumer loop does);
 //! connected and migrated at start-up, before any batch, it still asks the first write for
-//! the rewind a new schema needs.
+//! the rewind a new schema needs; a history written before migration 5 keeps its rows under
+//! the one key and still absorbs their replays.
 
 use std::collections::BTreeMap;
 
@@ -352,5 +353,88 @@ async fn prepared_at_start_up_a_new_schema_still_asks_the_first_write_for_a_rewi
     let (current, history) = expected(&batch);
     assert_eq!(db.history().await, history);
     assert_eq!(db.current().await, current);
+    db.drop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_history_written_before_the_one_key_migration_keeps_its_rows_and_absorbs_replays() {
+    let config = isolated_config();
+    let schema = config.database.schema.clone();
+    let (client, connection) = tokio_postgres::connect(config.database.url.expose(), NoTls)
+        .await
+        .expect("PostgreSQL of the shared stack (deploy/stack.sh up)");
+    tokio::spawn(connection);
+    // The schema as a sink before migration 5 left it, with transitions it wrote: 40
+    // facilities at seqs 1..=4, the rows the writer writes for them (the same since).
+    let before = &presence_sink::migrations::MIGRATIONS[..4];
+    let mut sql = format!(
+        "CREATE SCHEMA \"{schema}\"; SET search_path TO \"{schema}\";
+         CREATE TABLE schema_migrations (version integer PRIMARY KEY, name text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now());"
+    );
+    for (version, name, text) in before {
+        sql.push_str(text);
+        sql.push_str(&format!(
+            ";INSERT INTO schema_migrations (version, name) VALUES ({version}, '{name}');"
+        ));
+    }
+    let old = shuffled(40, 4, 7);
+    for r in &old {
+        let s = &r.status;
+        sql.push_str(&format!(
+            "INSERT INTO facility_transitions VALUES ('{}', {}, '{}', '{}', {}, to_timestamp({}::float8 / 1000), now(), {}, {});",
+            s.facility_id,
+            s.seq,
+            s.region_id,
+            status_of(s.seq),
+            s.open_sessions,
+            s.since,
+            r.partition,
+            r.offset
+        ));
+    }
+    sql.push_str("RESET search_path;");
+    client.batch_execute(&sql).await.expect("the old schema");
+
+    // The writer migrates it on its first write, then takes replays of every old row with
+    // new transitions of half the facilities.
+    let mut writer = PostgresWriter::new(&config);
+    writer
+        .write_batch(&[])
+        .await
+        .expect("an existing schema is migrated, not rewound");
+    let mut batch = shuffled(40, 6, 8);
+    batch.retain(|r| r.status.seq <= 4 || r.status.facility_id.as_str() < "f00020");
+    writer
+        .write_batch(&batch)
+        .await
+        .expect("replays and new transitions");
+
+    let db = Db {
+        tables: Tables::new(&schema),
+        config,
+        client,
+    };
+    let (_, history) = expected(&batch);
+    assert_eq!(
+        db.history().await,
+        history,
+        "every old row kept, each replay absorbed, each new transition once"
+    );
+    let indexes: Vec<String> = db
+        .client
+        .query(
+            "SELECT indexdef FROM pg_indexes WHERE schemaname = $1 AND tablename = 'facility_transitions'",
+            &[&schema],
+        )
+        .await
+        .expect("the history's indexes")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert_eq!(indexes.len(), 1, "one index on the history: {indexes:?}");
+    assert!(
+        indexes[0].ends_with("(facility_id, since, seq)"),
+        "the history's key: {indexes:?}"
+    );
     db.drop().await;
 }
