@@ -185,6 +185,116 @@ async fn two_instances_one_killed() {
     finish(&c, &expected, reader, vec![a], &format!("seed {seed}"));
 }
 
+/// An instance killed mid-transaction with a transaction timeout (300 s) far longer than the
+/// whole test may take, and another started after the kill: the killed instance's open
+/// transactions hold stage 2 and the readers at their first records until they are
+/// aborted, so the output completes in time only if the instance taking the partitions over
+/// fences the departed one's transactional ids (`presence_processor::takeover`) instead of
+/// waiting for the coordinator.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to_time_out() {
+    let _one = serial();
+    let seed = test_seed();
+    let (c, expected) = case(seed, 2_000, 100).await;
+    let mut reader = StatusReader::new(&c);
+    let ops = presence_testkit::free_port();
+    let listen = format!("127.0.0.1:{ops}");
+    let long = ("KAFKA_PROPERTY_TRANSACTION_TIMEOUT_MS", "300000");
+    let b_ops = presence_testkit::free_port();
+    let b_listen = format!("127.0.0.1:{b_ops}");
+    // A long commit interval: b's transactions stay open for most of its life, so that the
+    // kill finds one open (checked below).
+    let mut b = watched_processor(
+        &c,
+        "b",
+        &[
+            long,
+            ("PRESENCE_PROCESSOR__OPS_LISTEN", &b_listen),
+            ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "2s"),
+        ],
+    );
+    // Killed as soon as stage 1 has committed its first heartbeats: in the middle of the
+    // backlog, where each transaction has records in it from its first moment (killed when
+    // idle, between transactions, it would leave nothing open to fence).
+    wait_metric(
+        b_ops,
+        "presence_heartbeats_processed_total",
+        "",
+        Duration::from_secs(120),
+        &format!("seed {seed}"),
+    )
+    .await;
+    kill9(&mut b);
+    let killed = Instant::now();
+    let open = transactions_left_open(&c);
+    assert!(
+        open.iter()
+            .any(|(_, committed, written)| committed < written),
+        "seed {seed}: the kill left no transaction open ({open:?}), so it proves nothing"
+    );
+    check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
+    // b stays a member until its session times out (10 s); then a gets every partition.
+    let a = watched_processor(
+        &c,
+        "a",
+        &[long, ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen)],
+    );
+    let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
+    assert!(
+        done,
+        "seed {seed}: output incomplete 120 s after the kill (b's transactions time out after 300 s)\n{}",
+        diff(&expected, &as_expected(&reader.seen))
+    );
+    eprintln!(
+        "seed {seed}: output complete {:?} after the kill",
+        killed.elapsed()
+    );
+    let page = reqwest::get(format!("http://{listen}/metrics"))
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("metrics page");
+    let fences: Vec<&str> = page
+        .lines()
+        .filter(|l| l.starts_with("presence_takeover_fences_total"))
+        .collect();
+    assert!(
+        fences
+            .iter()
+            .any(|l| l.contains("outcome=\"fenced\"") && !l.ends_with(" 0")),
+        "seed {seed}: instance a fenced no departed owner: {fences:?}"
+    );
+    assert!(
+        fences
+            .iter()
+            .all(|l| !l.contains("outcome=\"failed\"") || l.ends_with(" 0")),
+        "seed {seed}: a fence failed: {fences:?}"
+    );
+    finish(&c, &expected, reader, vec![a], &format!("seed {seed}"));
+}
+
+/// Per partition of the session transitions: (partition, last stable offset, high
+/// watermark). A transaction left open holds the first below the second.
+fn transactions_left_open(c: &presence_core::config::Config) -> Vec<(i32, i64, i64)> {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let topic = c.topics.session_transitions();
+    let view = |isolation: &str| -> BaseConsumer {
+        presence_core::kafka::base_config(&c.kafka, "test-offsets")
+            .set("group.id", "test-offsets-unused")
+            .set("isolation.level", isolation)
+            .create()
+            .expect("consumer")
+    };
+    let (committed, written) = (view("read_committed"), view("read_uncommitted"));
+    (0..c.topics.facility_partitions)
+        .filter_map(|p| {
+            let end = |v: &BaseConsumer| v.fetch_watermarks(&topic, p, Duration::from_secs(10));
+            Some((p, end(&committed).ok()?.1, end(&written).ok()?.1))
+        })
+        .collect()
+}
+
 /// Sessions of which a tenth went quiet after their first beat, with the marks stage 1
 /// writes for them in the changelog: on the real broker, through the stage's restore (the
 /// changelog's mark keys read, the marks applied before the window), the restore reads only

@@ -45,6 +45,7 @@ pub mod soak;
 pub mod stage;
 pub mod stage1;
 pub mod stage2;
+pub mod takeover;
 pub mod txn;
 pub mod watchdog;
 pub mod window;

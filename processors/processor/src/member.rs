@@ -14,6 +14,7 @@ use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 
 use crate::metrics::Metrics;
 use crate::stage::{encode_checkpoint, Committed, Out, RestoreIo, Stage};
+use crate::takeover::{Stamped, Successor};
 use crate::txn::Txn;
 use presence_core::metrics::ConsumerLag;
 use presence_core::telemetry::{Health, Pulse};
@@ -79,6 +80,8 @@ pub struct Member<S: Stage> {
     pub health_name: &'static str,
     pub topic: &'static str,
     pub pulse: std::sync::Arc<Pulse>,
+    /// This instance, stamped on every checkpoint, and the fence of a departed one.
+    pub successor: Successor,
 }
 
 impl<S: Stage> Member<S> {
@@ -178,7 +181,13 @@ impl<S: Stage> Member<S> {
             };
             let (offset, checkpoint) = self.stage.commit_point(p, next);
             let metadata = match checkpoint {
-                Some(c) => encode_checkpoint(S::NAME, &c)?,
+                Some(checkpoint) => encode_checkpoint(
+                    S::NAME,
+                    &Stamped {
+                        checkpoint,
+                        instance: Some(self.successor.instance.clone()),
+                    },
+                )?,
                 None => String::new(),
             };
             tpl.add_partition_offset(self.topic, p, Offset::Offset(offset))
@@ -210,6 +219,7 @@ impl<S: Stage> Member<S> {
         };
         let mut load = Vec::new();
         let mut starts = Vec::new();
+        let mut owners = BTreeSet::new();
         for e in committed.elements() {
             let p = e.partition();
             // A partition whose committed offset could not be read (its coordinator moving,
@@ -225,8 +235,11 @@ impl<S: Stage> Member<S> {
             let c = match e.offset() {
                 Offset::Offset(offset) => Some(Committed {
                     offset,
-                    checkpoint: match serde_json::from_str(e.metadata()) {
-                        Ok(c) => Some(c),
+                    checkpoint: match serde_json::from_str::<Stamped<S::Checkpoint>>(e.metadata()) {
+                        Ok(stamped) => {
+                            owners.extend(stamped.instance);
+                            Some(stamped.checkpoint)
+                        }
                         Err(err) => {
                             tracing::warn!(stage = S::NAME, partition = p, error = %err, "committed offset without a presence checkpoint; the stage starts its clock afresh");
                             None
@@ -240,6 +253,18 @@ impl<S: Stage> Member<S> {
                 .map_or(Offset::Beginning, |c| Offset::Offset(c.offset));
             load.push((p, c));
             starts.push((p, start));
+        }
+        // Before the restore reads the changelogs: a departed owner's open transaction
+        // holds them (and stage 2's input) at its first record until it is aborted.
+        let fenced = self.successor.take_over(consumer, &owners);
+        for (outcome, n) in [
+            ("fenced", fenced.fenced.len()),
+            ("failed", fenced.failed.len()),
+        ] {
+            self.metrics
+                .takeover_fences
+                .with_label_values(&[S::NAME, outcome])
+                .inc_by(n as u64);
         }
         let took = {
             // The restore has a progress check of its own (a minute without records).

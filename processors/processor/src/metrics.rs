@@ -29,6 +29,9 @@ pub struct Metrics {
     /// Rebalances in which the group took partitions away without a revoke (the member was
     /// dropped, say frozen past its session timeout): nothing of them was committed.
     pub partitions_lost: IntCounterVec,
+    /// `presence_takeover_fences_total{stage,outcome}`: departed owners of partitions taken
+    /// over whose transactional id was fenced (`crate::takeover`), or could not be.
+    pub takeover_fences: IntCounterVec,
     pub restore_seconds: HistogramVec,
     pub restored_records: IntCounterVec,
     /// `presence_snapshot_restores_total{outcome}`: stage-1 shutdown snapshots found at
@@ -109,6 +112,12 @@ impl Metrics {
                 "presence_partitions_lost_total",
                 "Rebalances in which a stage lost its partitions (dropped from the group, say frozen past its session timeout): its open transaction was aborted and it reads again from the committed offsets",
                 &["stage"],
+            ),
+            takeover_fences: counter_vec(
+                r,
+                "presence_takeover_fences_total",
+                "Departed owners of partitions taken over whose transactional id a restore fenced, so that their open transaction was aborted at once (outcome fenced), or could not fence (failed: their transaction ends at its timeout)",
+                &["stage", "outcome"],
             ),
             watchdog: counter_vec(
                 r,

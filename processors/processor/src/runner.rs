@@ -60,6 +60,7 @@ use crate::member::{seek_each, Member, SEEK_TIMEOUT};
 use crate::metrics::Metrics;
 use crate::rebalance::{lock, GroupState, StageContext};
 use crate::stage::{now_ms, Clock, Stage};
+use crate::takeover::Successor;
 use crate::txn::{Txn, TxnIo};
 use crate::watchdog::{assignment_verdict, AssignmentWatch, GroupView};
 
@@ -153,7 +154,7 @@ pub fn run_stage<S: Stage>(
     );
     let pulse = health.pulse(health_name, STALL);
     let txn = Txn::new(
-        producer_config,
+        producer_config.clone(),
         brokers.clone(),
         TxnIo {
             stage: S::NAME,
@@ -183,6 +184,12 @@ pub fn run_stage<S: Stage>(
         health_name,
         topic,
         pulse: pulse.clone(),
+        successor: Successor {
+            instance: instance.clone(),
+            group: group.clone(),
+            stage: S::NAME,
+            producer: producer_config,
+        },
     }));
     let mut fences: Vec<Instant> = Vec::new();
     loop {
