@@ -84,7 +84,7 @@ pub fn downstream_consumer_config(k: &KafkaConfig, role: &str, group_id: &str) -
     // A member killed with -9 keeps its partitions until its session expires: with
     // librdkafka's default (45 s) a restarted notifier left its regions' browsers without
     // transitions for 45 s (the chaos run's "notifier kill -9" recovery, 45.7 s, and the
-    // sink's, 43.8 s). 10 s, as the processor's stages: several missed heartbeats (one a
+    // sink's, 43.8 s). 10 s: several missed heartbeats (one a
     // second, on librdkafka's own thread, so a slow batch never misses one) before a
     // member counts as gone, and above the broker's group.min.session.timeout.ms (6 s).
     group_session(&mut c, k, DOWNSTREAM_SESSION_TIMEOUT_MS);
@@ -131,9 +131,10 @@ pub fn transactional_producer_config(
     transactional_id: &str,
 ) -> ClientConfig {
     let mut c = base_config(k, role);
-    // A crashed instance's open transaction blocks read_committed readers until it times
-    // out; 10 s bounds that stall, and is well above a commit's duration. An operator may
-    // pass a shorter one (kafka.properties) for faster takeovers, see README "Failover".
+    // A crashed instance's open transaction blocks read_committed readers until the
+    // instance that takes its partitions over fences it (`presence_processor::takeover`),
+    // or, should that fail, until it times out: 10 s bounds that stall, and is well above a
+    // commit's duration.
     unless_passed(
         &mut c,
         k,
@@ -165,10 +166,14 @@ pub fn transactional_producer_config(
 pub const TRANSACTION_TIMEOUT_MS: &str = "10000";
 
 /// `session.timeout.ms` of the stage consumers, in ms: a member that stops heartbeating
-/// (process gone, broker unreachable) loses its partitions after this. 10 s: fail-over
-/// within seconds, and several missed heartbeats (one a second) before a member counts
-/// as gone. The processor's assignment watchdog waits this long, too.
-pub const STAGE_SESSION_TIMEOUT_MS: u64 = 10_000;
+/// (process gone, broker unreachable) loses its partitions after this, and it is most of a
+/// takeover (the new owner fences the departed one's open transaction at once, see
+/// `presence_processor::takeover`, so the transaction timeout no longer adds to it). 8 s:
+/// a takeover under the 10 s issue 11 aims at, eight missed heartbeats (one a second, on
+/// librdkafka's own thread, so a slow batch never misses one) before a member counts as
+/// gone, and above the broker's group.min.session.timeout.ms (6 s). The processor's
+/// assignment watchdog waits this long, too.
+pub const STAGE_SESSION_TIMEOUT_MS: u64 = 8_000;
 
 /// A stage's consumer-group member: read_committed, never commits by itself (offsets go
 /// into the stage's transactions), told where a partition ends (stage 1 expires sessions of
@@ -845,7 +850,10 @@ mod tests {
     fn the_stages_timeouts_are_ours_unless_the_operator_passes_them() {
         let k = KafkaConfig::default();
         let c = stage_consumer_config(&k, "processor-sessions", "g", "sessions.a");
-        assert_eq!(c.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(
+            c.get("session.timeout.ms"),
+            Some(STAGE_SESSION_TIMEOUT_MS.to_string().as_str())
+        );
         let p = transactional_producer_config(&k, "processor-sessions", "g.a");
         assert_eq!(
             p.get("transaction.timeout.ms"),

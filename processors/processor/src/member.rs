@@ -209,6 +209,19 @@ impl<S: Stage> Member<S> {
         consumer: &BaseConsumer<C>,
         partitions: &[i32],
     ) -> anyhow::Result<Vec<(i32, Offset)>> {
+        // First, a departed owner's open transaction aborted: it holds the committed offsets
+        // (its pending offset commit), the changelogs and stage 2's input at its first
+        // record until it ends.
+        let fenced = self.successor.take_over(self.topic, partitions);
+        for (outcome, n) in [
+            ("fenced", fenced.fenced.len()),
+            ("failed", fenced.failed.len()),
+        ] {
+            self.metrics
+                .takeover_fences
+                .with_label_values(&[S::NAME, outcome])
+                .inc_by(n as u64);
+        }
         let mut tpl = TopicPartitionList::new();
         for &p in partitions {
             tpl.add_partition(self.topic, p);
@@ -219,7 +232,6 @@ impl<S: Stage> Member<S> {
         };
         let mut load = Vec::new();
         let mut starts = Vec::new();
-        let mut owners = BTreeSet::new();
         for e in committed.elements() {
             let p = e.partition();
             // A partition whose committed offset could not be read (its coordinator moving,
@@ -236,10 +248,7 @@ impl<S: Stage> Member<S> {
                 Offset::Offset(offset) => Some(Committed {
                     offset,
                     checkpoint: match serde_json::from_str::<Stamped<S::Checkpoint>>(e.metadata()) {
-                        Ok(stamped) => {
-                            owners.extend(stamped.instance);
-                            Some(stamped.checkpoint)
-                        }
+                        Ok(stamped) => Some(stamped.checkpoint),
                         Err(err) => {
                             tracing::warn!(stage = S::NAME, partition = p, error = %err, "committed offset without a presence checkpoint; the stage starts its clock afresh");
                             None
@@ -253,18 +262,6 @@ impl<S: Stage> Member<S> {
                 .map_or(Offset::Beginning, |c| Offset::Offset(c.offset));
             load.push((p, c));
             starts.push((p, start));
-        }
-        // Before the restore reads the changelogs: a departed owner's open transaction
-        // holds them (and stage 2's input) at its first record until it is aborted.
-        let fenced = self.successor.take_over(consumer, &owners);
-        for (outcome, n) in [
-            ("fenced", fenced.fenced.len()),
-            ("failed", fenced.failed.len()),
-        ] {
-            self.metrics
-                .takeover_fences
-                .with_label_values(&[S::NAME, outcome])
-                .inc_by(n as u64);
         }
         let took = {
             // The restore has a progress check of its own (a minute without records).

@@ -189,6 +189,14 @@ pub fn run_stage<S: Stage>(
             group: group.clone(),
             stage: S::NAME,
             producer: producer_config,
+            lookup: presence_core::kafka::consumer_config(
+                &config.kafka,
+                &format!("processor-{}-takeover", S::NAME),
+                &group,
+            )
+            .set("isolation.level", "read_uncommitted")
+            .clone(),
+            looker: None,
         },
     }));
     let mut fences: Vec<Instant> = Vec::new();

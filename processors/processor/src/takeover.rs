@@ -10,8 +10,13 @@
 //! them, would wait that long again before stage 2 or any reader saw what it emits.
 //!
 //! Each committed offset carries the id of the instance that committed it (`i` in the
-//! checkpoint). When a restore finds offsets committed by another instance that has no
-//! member in the group any more, it fences that instance's transactional id: a producer
+//! checkpoint). Before a restore reads the committed offsets, it looks up who committed the
+//! partitions last, and when that is another instance that has no member in the group any
+//! more, it fences that instance's transactional id. The lookup reads the offsets without
+//! waiting for them to be stable: the stage's own read (read_committed, so it asks for
+//! stable offsets) waits while the departed owner's offset commit is pending in its open
+//! transaction, which is the transaction to be fenced (seen in `presence bench failover`:
+//! the stage's read of the committed offsets blocked until that transaction ended). A producer
 //! initialised with it makes the coordinator abort the open transaction and bump the epoch,
 //! at once, so that the departed producer (a zombie that wakes up) can no longer write.
 //! A previous owner still in the group (a scale-out or a rebalance between live instances)
@@ -22,8 +27,9 @@ use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::producer::{BaseProducer, Producer};
+use rdkafka::TopicPartitionList;
 use serde::{Deserialize, Serialize};
 
 /// How long the group's description may take. librdkafka asks every broker for its groups
@@ -58,6 +64,18 @@ pub struct Successor {
     pub stage: &'static str,
     /// The stage's transactional producer settings; a fence replaces the id.
     pub producer: ClientConfig,
+    /// A consumer of the stage's group that never joins it (read_uncommitted: the offsets as
+    /// last committed, pending ones aside), for the lookup and the group's description.
+    pub lookup: ClientConfig,
+    /// Built from `lookup` when first needed, kept for the next takeover.
+    pub looker: Option<BaseConsumer>,
+}
+
+/// The committing instance of a stored checkpoint, whatever the stage's own keys.
+#[derive(Deserialize)]
+struct Owner {
+    #[serde(default)]
+    i: Option<String>,
 }
 
 /// What [`Successor::take_over`] did.
@@ -76,19 +94,45 @@ impl Successor {
         format!("{}.{instance}", self.group)
     }
 
-    /// Fences each of `owners` (instances that committed the partitions just assigned)
-    /// that is not this instance and has no member in the group now. Errors are reported,
-    /// not returned: without the fence the coordinator's timeout does the same, later.
-    pub fn take_over<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        owners: &BTreeSet<String>,
-    ) -> Fenced {
+    /// Fences each instance that last committed one of `partitions` of `topic`, is not this
+    /// instance and has no member in the group now. Errors are reported, not returned:
+    /// without the fence the coordinator's timeout does the same, later.
+    pub fn take_over(&mut self, topic: &str, partitions: &[i32]) -> Fenced {
+        if partitions.is_empty() {
+            return Fenced::default();
+        }
+        if self.looker.is_none() {
+            match self.lookup.create::<BaseConsumer>() {
+                Ok(c) => self.looker = Some(c),
+                Err(e) => {
+                    tracing::warn!(stage = self.stage, error = %e, "cannot create the consumer that looks up the partitions' previous owners; their open transactions, if any, end at their timeout");
+                    return Fenced::default();
+                }
+            }
+        }
+        let Some(looker) = self.looker.as_ref() else {
+            return Fenced::default();
+        };
+        let mut tpl = TopicPartitionList::new();
+        for &p in partitions {
+            tpl.add_partition(topic, p);
+        }
+        let owners: BTreeSet<String> = match looker.committed_offsets(tpl, DESCRIBE_TIMEOUT) {
+            Ok(committed) => committed
+                .elements()
+                .iter()
+                .filter_map(|e| serde_json::from_str::<Owner>(e.metadata()).ok()?.i)
+                .collect(),
+            Err(e) => {
+                tracing::warn!(stage = self.stage, error = %e, "cannot look up who committed the partitions taken over; their open transactions, if any, end at their timeout");
+                return Fenced::default();
+            }
+        };
         let others: BTreeSet<&String> = owners.iter().filter(|o| **o != self.instance).collect();
         if others.is_empty() {
             return Fenced::default();
         }
-        let members = match consumer.fetch_group_list(Some(&self.group), DESCRIBE_TIMEOUT) {
+        let members = match looker.fetch_group_list(Some(&self.group), DESCRIBE_TIMEOUT) {
             Ok(list) => list
                 .groups()
                 .iter()
