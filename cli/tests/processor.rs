@@ -190,7 +190,8 @@ async fn two_instances_one_killed() {
 /// transactions hold stage 2 and the readers at their first records until they are
 /// aborted, so the output completes in time only if the instance taking the partitions over
 /// fences the departed one's transactional ids (`presence_processor::takeover`) instead of
-/// waiting for the coordinator.
+/// waiting for the coordinator. Then a third instance scales the group out and, taking
+/// partitions from a live owner, must fence no one.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to_time_out() {
     let _one = serial();
@@ -271,7 +272,41 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to
             .all(|l| !l.contains("outcome=\"failed\"") || l.ends_with(" 0")),
         "seed {seed}: a fence failed: {fences:?}"
     );
-    finish(&c, &expected, reader, vec![a], &format!("seed {seed}"));
+    // A scale-out: c takes partitions from a, which is alive and still in the group, so c
+    // fences no one and a's producers are never fenced (rebuilt).
+    let c_ops = presence_testkit::free_port();
+    let c_listen = format!("127.0.0.1:{c_ops}");
+    let third = watched_processor(&c, "c", &[("PRESENCE_PROCESSOR__OPS_LISTEN", &c_listen)]);
+    wait_metric(
+        c_ops,
+        "presence_restore_seconds_count",
+        "",
+        Duration::from_secs(60),
+        &format!("seed {seed}: c restored no partition"),
+    )
+    .await;
+    assert_eq!(
+        metric_sum(c_ops, "presence_takeover_fences_total", "").await,
+        0.0,
+        "seed {seed}: c fenced an owner that is still in the group"
+    );
+    assert_eq!(
+        metric_sum(
+            ops,
+            "presence_kafka_client_rebuilds_total",
+            "client=\"producer\""
+        )
+        .await,
+        0.0,
+        "seed {seed}: a's producer was rebuilt: fenced when c took partitions from it"
+    );
+    finish(
+        &c,
+        &expected,
+        reader,
+        vec![a, third],
+        &format!("seed {seed}"),
+    );
 }
 
 /// Per partition of the session transitions: (partition, last stable offset, high

@@ -32,10 +32,11 @@ use rdkafka::producer::{BaseProducer, Producer};
 use rdkafka::TopicPartitionList;
 use serde::{Deserialize, Serialize};
 
-/// How long the group's description may take. librdkafka asks every broker for its groups
-/// and waits for all of them: with one broker down it waits the whole timeout, then answers
-/// with what the others said. Short, so that a takeover during a broker fault loses little.
-const DESCRIBE_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long the lookup of the last committers and the group's description may each take.
+/// For the description librdkafka asks every broker for its groups and waits for all of
+/// them: with one broker down it waits the whole timeout, then answers with what the others
+/// said. Short, so that a takeover during a broker fault loses little.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(3);
 /// How long a fence may take. It waits for the coordinator to write the abort's markers:
 /// milliseconds on a healthy cluster; while the coordinator moves, the departed owner's
 /// transaction holds the readers anyway until a new one aborts it.
@@ -117,7 +118,7 @@ impl Successor {
         for &p in partitions {
             tpl.add_partition(topic, p);
         }
-        let owners: BTreeSet<String> = match looker.committed_offsets(tpl, DESCRIBE_TIMEOUT) {
+        let owners: BTreeSet<String> = match looker.committed_offsets(tpl, LOOKUP_TIMEOUT) {
             Ok(committed) => committed
                 .elements()
                 .iter()
@@ -132,7 +133,7 @@ impl Successor {
         if others.is_empty() {
             return Fenced::default();
         }
-        let members = match looker.fetch_group_list(Some(&self.group), DESCRIBE_TIMEOUT) {
+        let members = match looker.fetch_group_list(Some(&self.group), LOOKUP_TIMEOUT) {
             Ok(list) => list
                 .groups()
                 .iter()
@@ -147,6 +148,9 @@ impl Successor {
             tracing::warn!(stage = self.stage, group = %self.group, ?members, "this instance is not among the group's members as described (member ids are expected to begin with the group instance id); no previous owner is fenced");
             return Fenced::default();
         };
+        if !live.is_empty() {
+            tracing::debug!(stage = self.stage, previous_owners = ?live, "the partitions' previous owners are still in the group; nothing to fence");
+        }
         let (mut fenced, mut failed) = (Vec::new(), Vec::new());
         for instance in departed {
             let id = self.transactional_id(&instance);
