@@ -68,7 +68,10 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
     // Another producer initialises the processor's transactional ids: the broker bumps
     // their epochs, and the processor's producers are fenced at their next request.
     for stage in ["sessions", "facilities"] {
-        let id = format!("{}.{stage}.a", c.processor.group_id);
+        let id = presence_processor::takeover::transactional_id(
+            &format!("{}.{stage}", c.processor.group_id),
+            "a",
+        );
         let thief: BaseProducer = base_config(&c.kafka, "test-thief")
             .set("transactional.id", &id)
             .create()

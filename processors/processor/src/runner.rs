@@ -60,7 +60,7 @@ use crate::member::{seek_each, Member, SEEK_TIMEOUT};
 use crate::metrics::Metrics;
 use crate::rebalance::{lock, GroupState, StageContext};
 use crate::stage::{now_ms, Clock, Stage};
-use crate::takeover::Successor;
+use crate::takeover::{group_instance_id, transactional_id, Successor};
 use crate::txn::{Txn, TxnIo};
 use crate::watchdog::{assignment_verdict, AssignmentWatch, GroupView};
 
@@ -134,7 +134,7 @@ pub fn run_stage<S: Stage>(
     let group = format!("{}.{}", pc.group_id, S::NAME);
     let role = format!("processor-{}", S::NAME);
     let producer_config =
-        transactional_producer_config(&config.kafka, &role, &format!("{group}.{instance}"));
+        transactional_producer_config(&config.kafka, &role, &transactional_id(&group, &instance));
     let restore_config = restore_consumer_config(
         &config.kafka,
         &format!("processor-{}-restore", S::NAME),
@@ -144,7 +144,7 @@ pub fn run_stage<S: Stage>(
         &config.kafka,
         &role,
         &group,
-        &format!("{}.{instance}", S::NAME),
+        &group_instance_id(S::NAME, &instance),
     );
     let topic = stage.input_topic();
     let brokers = BrokerWatch::new(

@@ -90,11 +90,19 @@ pub struct Fenced {
     pub live: Vec<String>,
 }
 
-impl Successor {
-    pub fn transactional_id(&self, instance: &str) -> String {
-        format!("{}.{instance}", self.group)
-    }
+/// The transactional id of `instance`'s producer in the stage whose group is `group`
+/// (`<group_id>.<stage>`): what the stage runs with and what a fence takes over.
+pub fn transactional_id(group: &str, instance: &str) -> String {
+    format!("{group}.{instance}")
+}
 
+/// The `group.instance.id` of `instance`'s consumer in `stage`: what the stage joins with
+/// and what the broker's member ids begin with ([`departed`]).
+pub fn group_instance_id(stage: &str, instance: &str) -> String {
+    format!("{stage}.{instance}")
+}
+
+impl Successor {
     /// Fences each instance that last committed one of `partitions` of `topic`, is not this
     /// instance and has no member in the group now. Errors are reported, not returned:
     /// without the fence the coordinator's timeout does the same, later.
@@ -153,7 +161,7 @@ impl Successor {
         }
         let (mut fenced, mut failed) = (Vec::new(), Vec::new());
         for instance in departed {
-            let id = self.transactional_id(&instance);
+            let id = transactional_id(&self.group, &instance);
             let started = Instant::now();
             match self.fence(&id) {
                 Ok(()) => {
@@ -200,7 +208,7 @@ pub fn departed(
     members: &[String],
 ) -> Option<(Vec<String>, Vec<String>)> {
     let is_member = |instance: &str| {
-        let prefix = format!("{stage}.{instance}-");
+        let prefix = format!("{}-", group_instance_id(stage, instance));
         members.iter().any(|m| {
             m.strip_prefix(&prefix)
                 .is_some_and(|random| random.len() == 22 || random.len() == 36)
