@@ -484,6 +484,35 @@ pub fn is_transient(error: &KafkaError) -> bool {
 /// held, stamped before the outage ended.
 pub const RECONNECT_SETTLE_MS: i64 = 10_000;
 
+/// When librdkafka took `statistics`, on the wall clock (ms since the epoch), given the
+/// wall clock (`wall`, ms) and the monotonic clock (`monotonic_us`, µs) now: statistics carry
+/// librdkafka's monotonic clock (`ts`, CLOCK_MONOTONIC in µs, `rd_clock`) at the moment they
+/// were taken. They wait in the client's queue until it is polled, and a stage's loop does
+/// not poll while it commits or restores: seed 7 of the long chaos run had stage 1 blocked
+/// 9.4 s in a commit whose transaction coordinator had been killed, then read the nine
+/// statistics taken meanwhile in one millisecond, each as if taken then; the first of them
+/// (taken just before the kill, the leader up) made the whole outage look like one second of
+/// statistics, the partitions' clocks followed the wall clock at once, and four beats sent
+/// just before the kill, still on their way to the new leader, were counted at the clock's
+/// time: false OFFLINEs. Statistics whose `ts` is missing or ahead of now are taken now.
+pub fn statistics_taken_at(statistics: &Statistics, wall: i64, monotonic_us: i64) -> i64 {
+    if statistics.ts <= 0 || statistics.ts > monotonic_us {
+        return wall;
+    }
+    wall - (monotonic_us - statistics.ts) / 1_000
+}
+
+/// CLOCK_MONOTONIC now, µs: the clock of librdkafka's statistics (`ts`).
+pub fn monotonic_us() -> i64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime only writes the timespec it is given, which lives on this stack.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut t) };
+    t.tv_sec * 1_000_000 + t.tv_nsec / 1_000
+}
+
 /// [`BrokerWatch::wall_clock_limit`] on plain numbers (ms since the epoch; 0: never).
 pub fn wall_clock_limit(
     now: i64,
@@ -544,14 +573,22 @@ impl BrokerWatch {
     /// a producer between transactions may hold no other. Only librdkafka's internal
     /// pseudo-broker, which is no connection at all, does not.
     pub fn on_stats(&self, statistics: &Statistics) {
+        let now = statistics_taken_at(statistics, crate::now_ms(), monotonic_us());
+        self.on_stats_taken_at(statistics, now);
+    }
+
+    /// [`Self::on_stats`] for statistics taken at `now` (ms since the epoch), which may be
+    /// well before they are read: see [`statistics_taken_at`].
+    pub fn on_stats_taken_at(&self, statistics: &Statistics, now: i64) {
         use std::sync::atomic::Ordering;
-        let now = crate::now_ms();
         let up = statistics
             .brokers
             .values()
             .any(|b| b.source != "internal" && b.state == "UP");
         if up {
-            let before = self.last_up.swap(now, Ordering::Relaxed);
+            // Clients read their statistics at their own pace (a stage's producer at once,
+            // its consumer when the loop polls): a late one never moves `last_up` back.
+            let before = self.last_up.fetch_max(now, Ordering::Relaxed);
             if before != 0 && now - before > Self::down_after() {
                 self.outage_began.store(before, Ordering::Relaxed);
                 self.back_at.store(now, Ordering::Relaxed);
@@ -1085,6 +1122,110 @@ mod tests {
 
     /// The entries of a client that is gone (rebuilt after a fault) are forgotten once they
     /// hold nothing, so rebuilds do not grow the watch.
+    /// A consumer's statistics taken at `ts_us` (librdkafka's monotonic clock): node 2 in
+    /// `state`, leading partition 3 of topic `t`, which the consumer fetches.
+    fn fetching_stats(ts_us: i64, state: &str) -> Statistics {
+        let mut s = serde_json::to_value(stats("consumer", &[(2, state)])).expect("json");
+        let window = serde_json::json!({
+            "min": 0, "max": 0, "avg": 0, "sum": 0, "cnt": 0, "stddev": 0, "hdrsize": 0,
+            "p50": 0, "p75": 0, "p90": 0, "p95": 0, "p99": 0, "p99_99": 0, "outofrange": 0
+        });
+        let mut partition = serde_json::Map::new();
+        for field in [
+            "msgq_cnt",
+            "msgq_bytes",
+            "xmit_msgq_cnt",
+            "xmit_msgq_bytes",
+            "fetchq_cnt",
+            "fetchq_size",
+            "query_offset",
+            "next_offset",
+            "app_offset",
+            "stored_offset",
+            "committed_offset",
+            "eof_offset",
+            "lo_offset",
+            "hi_offset",
+            "ls_offset",
+            "consumer_lag",
+            "consumer_lag_stored",
+            "txmsgs",
+            "txbytes",
+            "rxmsgs",
+            "rxbytes",
+            "msgs",
+            "rx_ver_drops",
+            "msgs_inflight",
+            "next_ack_seq",
+            "next_err_seq",
+            "acked_msgid",
+        ] {
+            partition.insert(field.into(), 0.into());
+        }
+        for (field, value) in [
+            ("partition", serde_json::json!(3)),
+            ("broker", serde_json::json!(2)),
+            ("leader", serde_json::json!(2)),
+            ("desired", serde_json::json!(true)),
+            ("unknown", serde_json::json!(false)),
+            ("fetch_state", serde_json::json!("active")),
+        ] {
+            partition.insert(field.into(), value);
+        }
+        s["ts"] = ts_us.into();
+        s["topics"] = serde_json::json!({ "t": {
+            "topic": "t", "metadata_age": 0, "batchsize": window, "batchcnt": window,
+            "partitions": { "3": partition }
+        }});
+        serde_json::from_value(s).expect("statistics")
+    }
+
+    #[test]
+    fn statistics_count_when_they_were_taken_not_when_they_are_read() {
+        let s = fetching_stats(50_000_000, "UP");
+        assert_eq!(
+            statistics_taken_at(&s, 1_000_000, 59_400_000),
+            1_000_000 - 9_400
+        );
+        // No `ts` (or one from another clock, ahead of now): now.
+        assert_eq!(statistics_taken_at(&s, 1_000_000, 40_000_000), 1_000_000);
+        assert_eq!(
+            statistics_taken_at(&stats("c", &[]), 1_000_000, 59_400_000),
+            1_000_000
+        );
+    }
+
+    /// Seed 7 of the long chaos run: stage 1 blocked 9.4 s in a commit while its partition's
+    /// leader (node 2) was killed and restarted, then read the statistics taken meanwhile all
+    /// at once. Counted when they were taken, they show the outage, and the clock holds where
+    /// the leader went away until producers have had the settle to deliver what they held;
+    /// counted when read (as before), the first of them showed the leader up at the moment of
+    /// reading and the clock ran free at once, past beats still on their way.
+    #[test]
+    fn statistics_read_late_after_a_blocked_loop_still_hold_the_clock() {
+        let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
+        let (wall0, mono0) = (1_000_000_i64, 500_000_000_i64);
+        let taken = |k: i64| mono0 + k * 1_000_000;
+        let states = [
+            "UP", "UP", "DOWN", "CONNECT", "CONNECT", "DOWN", "CONNECT", "CONNECT", "CONNECT", "UP",
+        ];
+        // Read at 9.5 s after the first, one after the other.
+        let (read_wall, read_mono) = (wall0 + 9_500, mono0 + 9_500_000);
+        for (k, state) in states.iter().enumerate() {
+            let s = fetching_stats(taken(k as i64), state);
+            watch.on_stats_taken_at(&s, statistics_taken_at(&s, read_wall, read_mono));
+        }
+        // Up last at 1 s before the outage; back at 9 s: held at 1 s until 19 s.
+        assert_eq!(
+            watch.partition_clock_limit("t", 3, read_wall),
+            wall0 + 1_000
+        );
+        assert_eq!(
+            watch.partition_clock_limit("t", 3, wall0 + 9_000 + SETTLE - 1),
+            wall0 + 1_000
+        );
+    }
+
     #[test]
     fn a_gone_clients_connections_are_forgotten() {
         let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
