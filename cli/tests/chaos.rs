@@ -1755,6 +1755,19 @@ impl Run {
                     .fold(String::new(), |a, l| a + "; " + l)
             ),
         );
+        let broken = broken_watermark_promises(&all);
+        v.row(
+            "session events: none before a watermark its source sent earlier",
+            broken.is_empty(),
+            format!(
+                "{} broken{}",
+                broken.len(),
+                broken
+                    .iter()
+                    .take(3)
+                    .fold(String::new(), |a, l| a + "; " + l)
+            ),
+        );
         if let Some(dir) = kafka_truth.parent() {
             let events = if mismatch.is_empty() {
                 Vec::new()
@@ -2159,6 +2172,47 @@ fn last_per_key(seen: &[Seen]) -> BTreeMap<String, (i64, Status)> {
 /// it was emitted), and every record of `heartbeats` that touched the facility (partition,
 /// offset, timestamp, user, session, kind, `client_sent_at`), so that a failed run can be
 /// read without the cluster it ran on.
+/// Stage 1's promise to stage 2, checked on what stage 2 read (read_committed, log order):
+/// a watermark `w` from source partition `s` in a session-transitions partition says that no
+/// later event of `s` there has `at < w`. Stage 2 applies an event once every source's
+/// watermark has passed it, so a broken promise is an event applied out of order (a session
+/// counted after another that it preceded), and says the fault is stage 1's clock, not stage
+/// 2's ordering. Each broken one: partition/offset, source#seq, its `at` and the watermark.
+fn broken_watermark_promises(all: &[rdkafka::message::OwnedMessage]) -> Vec<String> {
+    let mut promised: BTreeMap<(i32, i32), (i64, i64)> = BTreeMap::new();
+    let mut broken = Vec::new();
+    for m in all {
+        let Ok(e) =
+            decode::<presence_processor::records::SessionEvent>(m.payload().unwrap_or_default())
+        else {
+            continue;
+        };
+        let key = (m.partition(), e.source_partition);
+        if e.kind == presence_processor::records::SessionEventKind::Watermark {
+            let w = promised.entry(key).or_insert((i64::MIN, -1));
+            if e.at > w.0 {
+                *w = (e.at, m.offset());
+            }
+        } else if let Some(&(w, at_offset)) = promised.get(&key) {
+            if e.at < w {
+                broken.push(format!(
+                    "{}/{} {:?} {} src {}#{} at {} < watermark {} (offset {at_offset}, {} ms before)",
+                    m.partition(),
+                    m.offset(),
+                    e.kind,
+                    e.facility_id,
+                    e.source_partition,
+                    e.source_seq,
+                    e.at,
+                    w,
+                    w - e.at
+                ));
+            }
+        }
+    }
+    broken
+}
+
 fn dump_mismatches(
     path: &Path,
     facilities: &[String],
