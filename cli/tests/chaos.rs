@@ -2223,7 +2223,7 @@ fn dump_mismatches(
 ) {
     use std::fmt::Write as _;
     let mut out = String::new();
-    for f in facilities.iter().take(8) {
+    for f in facilities.iter().take(16) {
         let _ = writeln!(
             out,
             "== {f}\nsession events (partition/offset kind reason source#seq at written):"
