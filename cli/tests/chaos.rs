@@ -2324,3 +2324,47 @@ fn compare(expected: &[Expected], got: &[FacilityStatus]) -> (Vec<String>, (i64,
     }
     (differ, late, sample.join("; "))
 }
+
+/// The judge of stage 1's watermark promise, on records as stage 2 reads them: an event of a
+/// source below a watermark that source sent earlier to the same partition is named; one at
+/// the watermark, one from another source, or one in another partition is not.
+#[test]
+fn a_broken_watermark_promise_is_named() {
+    use presence_processor::records::{SessionEvent, SessionEventKind};
+    let record = |partition: i32, offset: i64, kind: SessionEventKind, source: i32, at: i64| {
+        let e = SessionEvent {
+            kind,
+            source_partition: source,
+            source_seq: offset,
+            at,
+            facility_id: "f".into(),
+            region_id: "r".into(),
+            close_reason: None,
+        };
+        rdkafka::message::OwnedMessage::new(
+            Some(presence_core::codec::encode(&e)),
+            None,
+            "t".into(),
+            rdkafka::Timestamp::NotAvailable,
+            partition,
+            offset,
+            None,
+        )
+    };
+    use SessionEventKind::{Opened, Watermark};
+    let kept = [
+        record(0, 1, Watermark, 1, 100),
+        record(0, 2, Opened, 1, 100),
+        record(0, 3, Opened, 2, 50),
+        record(1, 4, Opened, 1, 50),
+    ];
+    assert!(broken_watermark_promises(&kept).is_empty());
+    let broken = [record(0, 1, Watermark, 1, 100), record(0, 2, Opened, 1, 99)];
+    let named = broken_watermark_promises(&broken);
+    assert_eq!(named.len(), 1, "{named:?}");
+    assert!(
+        named[0].starts_with("0/2 Opened f src 1#2 at 99 < watermark 100"),
+        "{}",
+        named[0]
+    );
+}
