@@ -1120,8 +1120,6 @@ mod tests {
         );
     }
 
-    /// The entries of a client that is gone (rebuilt after a fault) are forgotten once they
-    /// hold nothing, so rebuilds do not grow the watch.
     /// A consumer's statistics taken at `ts_us` (librdkafka's monotonic clock): node 2 in
     /// `state`, leading partition 3 of topic `t`, which the consumer fetches.
     fn fetching_stats(ts_us: i64, state: &str) -> Statistics {
@@ -1226,6 +1224,8 @@ mod tests {
         );
     }
 
+    /// The entries of a client that is gone (rebuilt after a fault) are forgotten once they
+    /// hold nothing, so rebuilds do not grow the watch.
     #[test]
     fn a_gone_clients_connections_are_forgotten() {
         let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
