@@ -169,6 +169,70 @@ async fn idle_partition_expires_within_a_fraction_of_a_second_of_the_deadline() 
     );
 }
 
+/// Stage 1 commits a checkpoint (its clock) for every partition it holds, also those that
+/// have received nothing yet: it sends their watermarks from the moment it reaches their end,
+/// and a partition with no checkpoint restarts its clock afresh after a rewind, below the
+/// watermarks already sent (stage 2 would apply an event it had already passed). Before the
+/// fix a partition had no committed offset until its first record.
+#[tokio::test(flavor = "multi_thread")]
+async fn every_partition_commits_its_clock_even_before_its_first_record() {
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    let _one = serial();
+    let c = setup(TIMEOUT_MS as u64).await;
+    let mut reader = StatusReader::new(&c);
+    let mut p = watched_processor(&c, "a", &[]);
+    // One facility, so one heartbeats partition receives a record and the others nothing.
+    let started = now_ms();
+    produce(&c, &[beat("one", "O", HeartbeatKind::Beat, started)]).await;
+    assert!(reader.read_until(Duration::from_secs(60), |s| !s.is_empty()));
+    let group = format!("{}.sessions", c.processor.group_id);
+    let lookup: BaseConsumer =
+        presence_core::kafka::consumer_config(&c.kafka, "test-offsets", &group)
+            .create()
+            .expect("offsets consumer");
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    for q in 0..c.topics.heartbeats_partitions {
+        tpl.add_partition(&c.topics.heartbeats, q);
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let checkpoints = loop {
+        let committed = lookup
+            .committed_offsets(tpl.clone(), Duration::from_secs(15))
+            .expect("committed offsets of stage 1");
+        let checkpoints: Vec<(i32, i64, String)> = committed
+            .elements()
+            .iter()
+            .map(|e| {
+                (
+                    e.partition(),
+                    e.offset().to_raw().unwrap_or(-1),
+                    e.metadata().to_string(),
+                )
+            })
+            .collect();
+        if checkpoints.iter().all(|(_, o, m)| *o >= 0 && !m.is_empty())
+            || std::time::Instant::now() > deadline
+        {
+            break checkpoints;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    terminate(&mut p);
+    for (q, offset, metadata) in &checkpoints {
+        assert!(
+            *offset >= 0,
+            "heartbeats partition {q} has no committed offset after 30 s: {checkpoints:?}"
+        );
+        let checkpoint: serde_json::Value = serde_json::from_str(metadata)
+            .unwrap_or_else(|e| panic!("partition {q}: checkpoint {metadata:?}: {e}"));
+        let t = checkpoint["t"].as_i64().unwrap_or(i64::MIN);
+        assert!(
+            t >= started - TIMEOUT_MS && t <= now_ms(),
+            "partition {q}: its committed clock {t} is not the wall clock's (started {started}): {checkpoints:?}"
+        );
+    }
+}
+
 /// A session's first beat that reaches the processor after the other session's deadline,
 /// but stamped before it and within `processor.allowed_lateness`, counts at its own time:
 /// the facility never went OFFLINE in between. (With the clock on the wall clock itself,

@@ -193,7 +193,15 @@ pub fn stage_consumer_config(
         .set("fetch.wait.max.ms", "10")
         // Lag metrics, the group state for the assignment watchdog, and broker
         // reachability (with the producer's).
-        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS);
+        .set("statistics.interval.ms", BROKER_WATCH_INTERVAL_MS)
+        // A connection to every broker, not only to those leading its partitions, so that
+        // the broker watch sees any broker lost (`NodeOutage`): producers stall on every
+        // partition when one broker dies. Seed 11 of the long chaos run: a broker that led
+        // none of stage 1's partitions (leadership had moved off it after earlier kills) was
+        // killed 70 ms after a session's first beat was stamped; the producer held the beat
+        // 7 s, stage 1 had no connection to that broker and so held no clock, and the beat
+        // was counted at the clock's time: a false OFFLINE. One idle connection per broker.
+        .set("enable.sparse.connections", "false");
     // An operator may pass a shorter session (kafka.properties, at least the broker's
     // group.min.session.timeout.ms) for faster takeovers: see [`stage_session_timeout`].
     group_session(&mut c, k, STAGE_SESSION_TIMEOUT_MS);
@@ -1176,6 +1184,13 @@ mod tests {
             "partitions": { "3": partition }
         }});
         serde_json::from_value(s).expect("statistics")
+    }
+
+    #[test]
+    fn a_stage_consumer_connects_to_every_broker() {
+        let k = crate::config::Config::default().kafka;
+        let c = stage_consumer_config(&k, "sessions", "g.sessions", "sessions.a");
+        assert_eq!(c.get("enable.sparse.connections"), Some("false"));
     }
 
     #[test]

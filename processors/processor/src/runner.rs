@@ -430,7 +430,10 @@ fn consume<S: Stage>(
                     }
                 }
                 Ok(_) => {}
-                Err(KafkaError::PartitionEOF(p)) => g.stage.on_eof(p),
+                Err(KafkaError::PartitionEOF(p)) => {
+                    position_at_end(consumer, &mut g, p);
+                    g.stage.on_eof(p)
+                }
                 Err(KafkaError::MessageConsumptionFatal(code)) => {
                     return Ended::Fatal(
                         consumer
@@ -532,6 +535,35 @@ fn until_commit<S: Stage>(g: &Member<S>, interval: Duration) -> Duration {
         interval
     };
     interval.saturating_sub(g.txn.started().elapsed())
+}
+
+/// How long the loop may wait for an empty partition's offsets ([`position_at_end`]).
+const EMPTY_END_TIMEOUT: Duration = Duration::from_millis(500);
+
+/// A partition restored with nothing committed (a new topic) had no position until its
+/// first record, so its transactions committed no offset and no checkpoint for it, while
+/// stage 1 sent its watermarks from the moment it reached the end. A rewind before that first
+/// record restarted its clock afresh, below the watermarks already sent: a record stamped
+/// before them then made an event that stage 2 had already passed, applied out of order (the
+/// chaos verdict's *none before a watermark its source sent earlier*). At the end of such a
+/// partition, its first offset (the log's start: the partition read from its beginning and
+/// found nothing) is its position until its first record, so that every commit carries its
+/// checkpoint. Not the end offset: a record appended since the end was reached would sit
+/// below it, unread, and a restart from it would skip the record. One offset lookup per empty
+/// partition; if it fails, the partition goes on as before and its first record gives it a
+/// position.
+fn position_at_end<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>, p: i32) {
+    if g.positions.contains_key(&p) || !g.assigned.contains(&p) {
+        return;
+    }
+    match consumer.fetch_watermarks(g.topic, p, EMPTY_END_TIMEOUT) {
+        Ok((low, _)) => {
+            g.positions.insert(p, low);
+        }
+        Err(e) => {
+            tracing::debug!(stage = S::NAME, partition = p, error = %e, "no end offset for an empty partition yet; its first record gives it a position")
+        }
+    }
 }
 
 /// Seeks to the input positions the stage asks to read again (records it let go from
