@@ -561,7 +561,7 @@ fn position_at_end<S: Stage>(consumer: &StageConsumer<S>, g: &mut Member<S>, p: 
             g.positions.insert(p, low);
         }
         Err(e) => {
-            tracing::debug!(stage = S::NAME, partition = p, error = %e, "no end offset for an empty partition yet; its first record gives it a position")
+            tracing::debug!(stage = S::NAME, partition = p, error = %e, "no first offset for an empty partition yet; its first record gives it a position")
         }
     }
 }
