@@ -214,9 +214,13 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to
             ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "2s"),
         ],
     );
-    // Killed as soon as stage 1 has committed its first heartbeats: in the middle of the
-    // backlog, where each transaction has records in it from its first moment (killed when
-    // idle, between transactions, it would leave nothing open to fence).
+    // Killed once stage 1 has committed its first heartbeats (a takeover knows whom to fence
+    // from the instance named in the committed offsets; before b's first commit there is
+    // none, and its transaction waits for the coordinator's timeout), at the moment a
+    // transaction of b's is next seen open on the session transitions (records past the last
+    // stable offset): in the middle of the backlog. Killed just after a commit, before the
+    // next transaction's first records reached the broker, it left nothing open to fence
+    // (CI, seed 380286104).
     wait_metric(
         b_ops,
         "presence_heartbeats_processed_total",
@@ -225,9 +229,22 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to
         &format!("seed {seed}"),
     )
     .await;
+    let watch = TransactionWatch::new(&c);
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !watch.any_open() {
+        presence_testkit::check_processes();
+        assert!(
+            Instant::now() < deadline,
+            "seed {seed}: b left no transaction open on the session transitions within 120 s ({:?})",
+            watch.ends()
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     kill9(&mut b);
     let killed = Instant::now();
-    let open = transactions_left_open(&c);
+    // The transaction seen open may have committed between the look and the kill (a few
+    // milliseconds of a two-second transaction): then this run proves nothing, and says so.
+    let open = watch.ends();
     assert!(
         open.iter()
             .any(|(_, committed, written)| committed < written),
@@ -297,25 +314,50 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to
     );
 }
 
-/// Per partition of the session transitions: (partition, last stable offset, high
-/// watermark). A transaction left open holds the first below the second.
-fn transactions_left_open(c: &presence_core::config::Config) -> Vec<(i32, i64, i64)> {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
-    let topic = c.topics.session_transitions();
-    let view = |isolation: &str| -> BaseConsumer {
-        presence_core::kafka::base_config(&c.kafka, "test-offsets")
-            .set("group.id", "test-offsets-unused")
-            .set("isolation.level", isolation)
-            .create()
-            .expect("consumer")
-    };
-    let (committed, written) = (view("read_committed"), view("read_uncommitted"));
-    (0..c.topics.facility_partitions)
-        .filter_map(|p| {
-            let end = |v: &BaseConsumer| v.fetch_watermarks(&topic, p, Duration::from_secs(10));
-            Some((p, end(&committed).ok()?.1, end(&written).ok()?.1))
-        })
-        .collect()
+/// The ends of the session transitions' partitions as a read_committed and a
+/// read_uncommitted reader see them. A transaction left open holds the first below the
+/// second.
+struct TransactionWatch {
+    topic: String,
+    partitions: i32,
+    committed: rdkafka::consumer::BaseConsumer,
+    written: rdkafka::consumer::BaseConsumer,
+}
+
+impl TransactionWatch {
+    fn new(c: &presence_core::config::Config) -> TransactionWatch {
+        let view = |isolation: &str| {
+            presence_core::kafka::base_config(&c.kafka, "test-offsets")
+                .set("group.id", "test-offsets-unused")
+                .set("isolation.level", isolation)
+                .create()
+                .expect("consumer")
+        };
+        TransactionWatch {
+            topic: c.topics.session_transitions(),
+            partitions: c.topics.facility_partitions,
+            committed: view("read_committed"),
+            written: view("read_uncommitted"),
+        }
+    }
+
+    /// Per partition: (partition, last stable offset, high watermark).
+    fn ends(&self) -> Vec<(i32, i64, i64)> {
+        use rdkafka::consumer::{BaseConsumer, Consumer};
+        (0..self.partitions)
+            .filter_map(|p| {
+                let end =
+                    |v: &BaseConsumer| v.fetch_watermarks(&self.topic, p, Duration::from_secs(10));
+                Some((p, end(&self.committed).ok()?.1, end(&self.written).ok()?.1))
+            })
+            .collect()
+    }
+
+    fn any_open(&self) -> bool {
+        self.ends()
+            .iter()
+            .any(|(_, committed, written)| committed < written)
+    }
 }
 
 /// Sessions of which a tenth went quiet after their first beat, with the marks stage 1
