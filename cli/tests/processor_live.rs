@@ -176,7 +176,6 @@ async fn idle_partition_expires_within_a_fraction_of_a_second_of_the_deadline() 
 /// fix a partition had no committed offset until its first record.
 #[tokio::test(flavor = "multi_thread")]
 async fn every_partition_commits_its_clock_even_before_its_first_record() {
-    use rdkafka::consumer::{BaseConsumer, Consumer};
     let _one = serial();
     let c = setup(TIMEOUT_MS as u64).await;
     let mut reader = StatusReader::new(&c);
@@ -186,30 +185,10 @@ async fn every_partition_commits_its_clock_even_before_its_first_record() {
     produce(&c, &[beat("one", "O", HeartbeatKind::Beat, started)]).await;
     assert!(reader.read_until(Duration::from_secs(60), |s| !s.is_empty()));
     let group = format!("{}.sessions", c.processor.group_id);
-    let lookup: BaseConsumer =
-        presence_core::kafka::consumer_config(&c.kafka, "test-offsets", &group)
-            .create()
-            .expect("offsets consumer");
-    let mut tpl = rdkafka::TopicPartitionList::new();
-    for q in 0..c.topics.heartbeats_partitions {
-        tpl.add_partition(&c.topics.heartbeats, q);
-    }
     let deadline = std::time::Instant::now() + Duration::from_secs(30);
     let checkpoints = loop {
-        let committed = lookup
-            .committed_offsets(tpl.clone(), Duration::from_secs(15))
-            .expect("committed offsets of stage 1");
-        let checkpoints: Vec<(i32, i64, String)> = committed
-            .elements()
-            .iter()
-            .map(|e| {
-                (
-                    e.partition(),
-                    e.offset().to_raw().unwrap_or(-1),
-                    e.metadata().to_string(),
-                )
-            })
-            .collect();
+        let checkpoints =
+            presence_testkit::committed_with_metadata(&c, &group, &c.topics.heartbeats);
         if checkpoints.iter().all(|(_, o, m)| *o >= 0 && !m.is_empty())
             || std::time::Instant::now() > deadline
         {

@@ -502,6 +502,15 @@ pub fn read_to_end_until(
 /// The offsets `group` has committed on `topic`, `(partition, offset)`; -1001 (invalid)
 /// where it has committed none.
 pub fn committed_offsets(c: &Config, group: &str, topic: &str) -> Vec<(i32, i64)> {
+    committed_with_metadata(c, group, topic)
+        .into_iter()
+        .map(|(p, offset, _)| (p, offset))
+        .collect()
+}
+
+/// [`committed_offsets`] with each offset's metadata (a stage's checkpoint): per partition
+/// `(partition, offset, metadata)`, -1001 (librdkafka's "invalid") where none is committed.
+pub fn committed_with_metadata(c: &Config, group: &str, topic: &str) -> Vec<(i32, i64, String)> {
     use rdkafka::consumer::{BaseConsumer, Consumer};
     use rdkafka::topic_partition_list::TopicPartitionList;
     // A client of the group that never joins it: it only fetches the group's offsets.
@@ -519,7 +528,13 @@ pub fn committed_offsets(c: &Config, group: &str, topic: &str) -> Vec<(i32, i64)
     committed
         .elements_for_topic(topic)
         .iter()
-        .map(|e| (e.partition(), e.offset().to_raw().unwrap_or(-1001)))
+        .map(|e| {
+            (
+                e.partition(),
+                e.offset().to_raw().unwrap_or(-1001),
+                e.metadata().to_string(),
+            )
+        })
         .collect()
 }
 
