@@ -6,8 +6,9 @@
 //! - [`migrations`]: versioned SQL in `migrations/`, applied in order at start-up under an
 //!   advisory lock, each once (table `schema_migrations`).
 //! - [`postgres_writer`]: a batch split by facility over a few connections; on each, one
-//!   prepared statement over arrays, one transaction: history rows `ON CONFLICT DO NOTHING`
-//!   and a current-status upsert that only moves forward in `seq`.
+//!   prepared statement over arrays, one transaction: history rows inserted (a replay, which
+//!   fails on the history's key, is written again with `ON CONFLICT DO NOTHING`) and a
+//!   current-status upsert that only moves forward in `seq`.
 //! - The consumer loop (batches, the next one read while the current one is written,
 //!   retries, commits after PostgreSQL took the batch) is `presence_core::downstream`,
 //!   shared with the notifier.
