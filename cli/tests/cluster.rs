@@ -312,3 +312,82 @@ async fn a_broker_lost_again_after_coming_back_holds_the_clocks() {
         eprintln!("{line}");
     }
 }
+
+/// A broker killed with -9 and started again only after the lost-broker hold's cap
+/// (`NODE_LOSS_HOLD_MS`, 30 s): do producers deliver promptly between the cap's end and the
+/// broker's return, and after it? Seed 12 of the long chaos run (session 22) lost two
+/// facilities to records stamped in that window and delivered seconds later. Printed: the
+/// worst send → delivery delay of the records sent in each window.
+/// `cargo test -p presence --test cluster -- --ignored --nocapture a_late_return`
+#[ignore = "a measurement (about 2 minutes); run it by name"]
+#[tokio::test(flavor = "multi_thread")]
+async fn a_late_return_of_a_killed_broker_stalls_producers() {
+    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+    use std::time::Instant;
+
+    let _one = serial();
+    let cluster = Cluster::start();
+    let c = replicated_topics(&cluster, |_| {}).await;
+    let topic = c.topics.heartbeats.clone();
+    let producer: FutureProducer =
+        presence_core::kafka::idempotent_producer_config(&c.kafka, "test")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+    let partitions: Vec<i32> = producer
+        .client()
+        .fetch_metadata(Some(&topic), Duration::from_secs(15))
+        .expect("metadata")
+        .topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| p.id())
+        .collect();
+    let victim = 3u8;
+    let start = Instant::now();
+    let (mut killed_at, mut restarted_at) = (None, None);
+    let mut sent = Vec::new();
+    let mut i = 0usize;
+    while start.elapsed() < Duration::from_secs(90) {
+        if killed_at.is_none() && start.elapsed() > Duration::from_secs(10) {
+            cluster.kill(victim);
+            killed_at = Some(start.elapsed());
+        }
+        if restarted_at.is_none() && start.elapsed() > Duration::from_secs(50) {
+            cluster.restart(victim);
+            restarted_at = Some(start.elapsed());
+        }
+        let p = partitions[i % partitions.len()];
+        let at = start.elapsed();
+        let delivery = producer
+            .send_result(FutureRecord::to(&topic).partition(p).key("k").payload("v"))
+            .map_err(|(e, _)| e)
+            .expect("queued");
+        let done =
+            tokio::spawn(async move { (matches!(delivery.await, Ok(Ok(_))), Instant::now()) });
+        sent.push((at, done));
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (killed_at, restarted_at) = (killed_at.expect("killed"), restarted_at.expect("restarted"));
+    let mut worst = [0f64; 4];
+    for (at, done) in sent {
+        let (ok, when) = done.await.expect("delivery task");
+        assert!(ok, "a record sent at {at:?} was not delivered");
+        let delay = (when - start).saturating_sub(at).as_secs_f64();
+        let window = if at < killed_at {
+            0
+        } else if at < killed_at + Duration::from_secs(30) {
+            1
+        } else if at < restarted_at {
+            2
+        } else {
+            3
+        };
+        worst[window] = worst[window].max(delay);
+    }
+    eprintln!(
+        "killed at {killed_at:?}, restarted at {restarted_at:?}; worst delivery delay of records sent: before the kill {:.1} s, in the 30 s after it {:.1} s, from then to the restart {:.1} s, after the restart {:.1} s",
+        worst[0], worst[1], worst[2], worst[3]
+    );
+}
