@@ -96,6 +96,53 @@ async fn broker_and_processor_kills_on_a_replicated_cluster_change_nothing() {
     assert!(got == expected, "{}", diff(&expected, &got));
 }
 
+/// A producer as loadgen's (`idempotent_producer_config`, a 5 ms linger) for `c`'s
+/// heartbeats topic, and each partition's leader: `(partition, leader node)`.
+fn loadgen_producer(
+    c: &presence_core::config::Config,
+) -> (rdkafka::producer::FutureProducer, Vec<(i32, i32)>) {
+    use rdkafka::producer::Producer;
+    let producer: rdkafka::producer::FutureProducer =
+        presence_core::kafka::idempotent_producer_config(&c.kafka, "test")
+            .set("linger.ms", "5")
+            .create()
+            .expect("producer");
+    let leaders = producer
+        .client()
+        .fetch_metadata(Some(&c.topics.heartbeats), Duration::from_secs(15))
+        .expect("metadata")
+        .topics()[0]
+        .partitions()
+        .iter()
+        .map(|p| (p.id(), p.leader()))
+        .collect();
+    (producer, leaders)
+}
+
+/// Sends one record to `partition` of `topic`; the task ends with whether it was delivered,
+/// and when.
+fn send_timed(
+    producer: &rdkafka::producer::FutureProducer,
+    topic: &str,
+    partition: i32,
+) -> tokio::task::JoinHandle<(bool, std::time::Instant)> {
+    let delivery = producer
+        .send_result(
+            rdkafka::producer::FutureRecord::to(topic)
+                .partition(partition)
+                .key("k")
+                .payload("v"),
+        )
+        .map_err(|(e, _)| e)
+        .expect("queued");
+    tokio::spawn(async move {
+        (
+            matches!(delivery.await, Ok(Ok(_))),
+            std::time::Instant::now(),
+        )
+    })
+}
+
 /// The measurement behind `NodeOutage`: an idempotent producer as the gateway's and
 /// loadgen's (`idempotent_producer_config`, loadgen's 5 ms linger) sends one record every
 /// 10 ms round-robin to the heartbeats partitions, one led by each node; after 10 s the
@@ -109,7 +156,6 @@ async fn broker_and_processor_kills_on_a_replicated_cluster_change_nothing() {
 #[ignore = "a measurement (about 2 minutes); run it by name"]
 #[tokio::test(flavor = "multi_thread")]
 async fn producer_stalls_on_every_partition_within_the_hold_when_one_broker_dies() {
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
     use std::collections::BTreeMap;
     use std::time::Instant;
 
@@ -117,20 +163,7 @@ async fn producer_stalls_on_every_partition_within_the_hold_when_one_broker_dies
     let cluster = Cluster::start();
     let c = replicated_topics(&cluster, |_| {}).await;
     let topic = c.topics.heartbeats.clone();
-    let producer: FutureProducer =
-        presence_core::kafka::idempotent_producer_config(&c.kafka, "test")
-            .set("linger.ms", "5")
-            .create()
-            .expect("producer");
-    let leaders: Vec<(i32, i32)> = producer
-        .client()
-        .fetch_metadata(Some(&topic), Duration::from_secs(15))
-        .expect("metadata")
-        .topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| (p.id(), p.leader()))
-        .collect();
+    let (producer, leaders) = loadgen_producer(&c);
     let victim = leaders
         .iter()
         .find(|(p, _)| *p == 0)
@@ -147,13 +180,7 @@ async fn producer_stalls_on_every_partition_within_the_hold_when_one_broker_dies
         }
         let p = leaders[i % leaders.len()].0;
         let at = start.elapsed();
-        let delivery = producer
-            .send_result(FutureRecord::to(&topic).partition(p).key("k").payload("v"))
-            .map_err(|(e, _)| e)
-            .expect("queued");
-        let done =
-            tokio::spawn(async move { (matches!(delivery.await, Ok(Ok(_))), Instant::now()) });
-        sent.push((p, at, done));
+        sent.push((p, at, send_timed(&producer, &topic, p)));
         i += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -322,27 +349,14 @@ async fn a_broker_lost_again_after_coming_back_holds_the_clocks() {
 #[ignore = "a measurement (about 2 minutes); run it by name"]
 #[tokio::test(flavor = "multi_thread")]
 async fn a_late_return_of_a_killed_broker_stalls_producers() {
-    use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
     use std::time::Instant;
 
     let _one = serial();
     let cluster = Cluster::start();
     let c = replicated_topics(&cluster, |_| {}).await;
     let topic = c.topics.heartbeats.clone();
-    let producer: FutureProducer =
-        presence_core::kafka::idempotent_producer_config(&c.kafka, "test")
-            .set("linger.ms", "5")
-            .create()
-            .expect("producer");
-    let partitions: Vec<i32> = producer
-        .client()
-        .fetch_metadata(Some(&topic), Duration::from_secs(15))
-        .expect("metadata")
-        .topics()[0]
-        .partitions()
-        .iter()
-        .map(|p| p.id())
-        .collect();
+    let (producer, leaders) = loadgen_producer(&c);
+    let partitions: Vec<i32> = leaders.iter().map(|(p, _)| *p).collect();
     let victim = 3u8;
     let start = Instant::now();
     let (mut killed_at, mut restarted_at) = (None, None);
@@ -359,13 +373,7 @@ async fn a_late_return_of_a_killed_broker_stalls_producers() {
         }
         let p = partitions[i % partitions.len()];
         let at = start.elapsed();
-        let delivery = producer
-            .send_result(FutureRecord::to(&topic).partition(p).key("k").payload("v"))
-            .map_err(|(e, _)| e)
-            .expect("queued");
-        let done =
-            tokio::spawn(async move { (matches!(delivery.await, Ok(Ok(_))), Instant::now()) });
-        sent.push((at, done));
+        sent.push((at, send_timed(&producer, &topic, p)));
         i += 1;
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
