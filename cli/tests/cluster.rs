@@ -345,8 +345,10 @@ async fn a_broker_lost_again_after_coming_back_holds_the_clocks() {
 /// A broker killed with -9 and started again only after the lost-broker hold's cap
 /// (`NODE_LOSS_HOLD_MS`, 30 s): do producers deliver promptly between the cap's end and the
 /// broker's return, and after it? Seed 12 of the long chaos run (session 22) lost two
-/// facilities to records stamped in that window and delivered seconds later. Printed: the
-/// worst send → delivery delay of the records sent in each window.
+/// facilities to records stamped in that window whose events stage 1 wrote 7 s later.
+/// Printed: the worst send → delivery delay of the records sent in each window. Measured
+/// (session 22, idle cluster, restart 38 s after the kill): 6.4 s in the 30 s after the kill,
+/// 0.0 s from then to the restart, 0.2 s after it: no stall there.
 /// `cargo test -p presence --test cluster -- --ignored --nocapture a_late_return`
 #[ignore = "a measurement (about 2 minutes); run it by name"]
 #[tokio::test(flavor = "multi_thread")]

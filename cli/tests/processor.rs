@@ -246,8 +246,7 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to
     // milliseconds of a two-second transaction): then this run proves nothing, and says so.
     let open = watch.ends();
     assert!(
-        open.iter()
-            .any(|(_, committed, written)| committed < written),
+        TransactionWatch::any_open_in(&open),
         "seed {seed}: the kill left no transaction open ({open:?}), so it proves nothing"
     );
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, kill of b"));
@@ -354,8 +353,12 @@ impl TransactionWatch {
     }
 
     fn any_open(&self) -> bool {
-        self.ends()
-            .iter()
+        Self::any_open_in(&self.ends())
+    }
+
+    /// Whether some partition of `ends` ([`Self::ends`]) has a transaction open.
+    fn any_open_in(ends: &[(i32, i64, i64)]) -> bool {
+        ends.iter()
             .any(|(_, committed, written)| committed < written)
     }
 }

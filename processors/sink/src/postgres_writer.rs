@@ -100,8 +100,8 @@ struct Connection {
 pub struct PostgresWriter {
     database: DatabaseConfig,
     schema: String,
-    /// [`WRITE`] for this schema's tables (`{replay}` left to fill).
-    sql: String,
+    /// [`WRITE`] for this schema's tables, in its two forms: [`FIRST_TIME`] and [`REPLAY`].
+    sql: [String; 2],
     /// Empty until the first write, and after a connection died (all are made anew).
     connections: Vec<Connection>,
     /// The schema was created (a new or emptied database) and the rewind that follows has
@@ -116,9 +116,12 @@ impl PostgresWriter {
         PostgresWriter {
             database: config.database.clone(),
             schema: config.database.schema.clone(),
-            sql: WRITE
-                .replace("{history}", &tables.history())
-                .replace("{current}", &tables.current()),
+            sql: [FIRST_TIME, REPLAY].map(|form| {
+                WRITE
+                    .replace("{history}", &tables.history())
+                    .replace("{current}", &tables.current())
+                    .replace("{replay}", form)
+            }),
             connections: Vec::new(),
             created: false,
         }
@@ -151,12 +154,9 @@ impl PostgresWriter {
                         .await
                         .map_err(WriteError::Retry)?,
                 };
-                let (first_sql, replay_sql) = (
-                    self.sql.replace("{replay}", FIRST_TIME),
-                    self.sql.replace("{replay}", REPLAY),
-                );
+                let [first_sql, replay_sql] = &self.sql;
                 let (first_time, replay) =
-                    futures::try_join!(client.prepare(&first_sql), client.prepare(&replay_sql))
+                    futures::try_join!(client.prepare(first_sql), client.prepare(replay_sql))
                         .map_err(|e| {
                             WriteError::Retry(format!(
                                 "cannot prepare the sink's write statement: {}",
