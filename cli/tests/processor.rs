@@ -13,7 +13,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use presence_testkit::oracle::{oracle, Expected};
-use presence_testkit::sim::{generate, SimConfig};
+use presence_testkit::sim::{generate, SimConfig, SimRecord};
 use presence_testkit::ChildProcess;
 use support::*;
 
@@ -27,6 +27,25 @@ async fn case(
     sessions: usize,
     facilities: usize,
 ) -> (presence_core::config::Config, Vec<Expected>) {
+    let (c, log, expected) = unproduced_case(seed, sessions, facilities).await;
+    let started = Instant::now();
+    produce(&c, &log).await;
+    eprintln!(
+        "seed {seed}: {} heartbeats produced in {:?}, {} transitions expected",
+        log.len(),
+        started.elapsed(),
+        expected.len()
+    );
+    (c, expected)
+}
+
+/// A case's topics, its heartbeats (in the past, not yet produced) and the oracle's
+/// transitions for them.
+async fn unproduced_case(
+    seed: u64,
+    sessions: usize,
+    facilities: usize,
+) -> (presence_core::config::Config, Vec<SimRecord>, Vec<Expected>) {
     let c = setup(TIMEOUT_MS).await;
     let log = generate(&SimConfig::compressed(
         seed,
@@ -39,15 +58,7 @@ async fn case(
         "the log must lie in the past"
     );
     let expected = oracle(&log, TIMEOUT_MS as i64);
-    let started = Instant::now();
-    produce(&c, &log).await;
-    eprintln!(
-        "seed {seed}: {} heartbeats produced in {:?}, {} transitions expected",
-        log.len(),
-        started.elapsed(),
-        expected.len()
-    );
-    (c, expected)
+    (c, log, expected)
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -196,54 +207,52 @@ async fn two_instances_one_killed() {
 async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to_time_out() {
     let _one = serial();
     let seed = test_seed();
-    let (c, expected) = case(seed, 2_000, 100).await;
+    // Twice the other tests' backlog: b must still be in it after both stages' first commits.
+    let (c, expected) = case(seed, 4_000, 100).await;
     let mut reader = StatusReader::new(&c);
     let ops = presence_testkit::free_port();
     let listen = format!("127.0.0.1:{ops}");
     let long = ("KAFKA_PROPERTY_TRANSACTION_TIMEOUT_MS", "300000");
     let b_ops = presence_testkit::free_port();
     let b_listen = format!("127.0.0.1:{b_ops}");
-    // A long commit interval: b's transactions stay open for most of its life, so that the
-    // kill finds one open (checked below).
     let mut b = watched_processor(
         &c,
         "b",
-        &[
-            long,
-            ("PRESENCE_PROCESSOR__OPS_LISTEN", &b_listen),
-            ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "2s"),
-        ],
+        &[long, ("PRESENCE_PROCESSOR__OPS_LISTEN", &b_listen)],
     );
-    // Killed once stage 1 has committed its first heartbeats (a takeover knows whom to fence
-    // from the instance named in the committed offsets; before b's first commit there is
-    // none, and its transaction waits for the coordinator's timeout), at the moment a
-    // transaction of b's is next seen open on the session transitions (records past the last
-    // stable offset): in the middle of the backlog. Killed just after a commit, before the
-    // next transaction's first records reached the broker, it left nothing open to fence
-    // (CI, seed 380286104).
-    wait_metric(
-        b_ops,
-        "presence_heartbeats_processed_total",
-        "",
-        Duration::from_secs(120),
-        &format!("seed {seed}"),
-    )
-    .await;
-    let watch = TransactionWatch::new(&c);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !watch.any_open() {
-        presence_testkit::check_processes();
-        assert!(
-            Instant::now() < deadline,
-            "seed {seed}: b left no transaction open on the session transitions within 120 s ({:?})",
-            watch.ends()
-        );
-        tokio::time::sleep(Duration::from_millis(5)).await;
+    let started = Instant::now();
+    // Killed once both of its stages have committed (a takeover knows whom to fence from
+    // the instance named in the stage's committed offsets; before b's first commit in a
+    // stage there is none, and that stage's transaction waits for the coordinator's
+    // timeout: a run killed after stage 1's first commit but before stage 2's waited the
+    // 300 s), with a transaction open. Killed at a guessed moment it left nothing open to
+    // fence, twice on CI: just after a commit (seed 380286104), and once b had caught up with
+    // the backlog, when its only transactions are idle commits of a few milliseconds (seed
+    // 514174334). So b is frozen (SIGSTOP) as soon as a transaction of its is seen open, and
+    // killed if one is still open while it cannot commit; else let go and watched again.
+    for stage in ["sessions", "facilities"] {
+        wait_metric(
+            b_ops,
+            "presence_transaction_commit_seconds_count",
+            &format!("stage=\"{stage}\""),
+            Duration::from_secs(120),
+            &format!("seed {seed}"),
+        )
+        .await;
     }
+    let committed = started.elapsed();
+    let watch = TransactionWatch::new(&c);
+    assert!(
+        watch.freeze_with_one_open(&b, Duration::from_secs(120)),
+        "seed {seed}: b left no transaction open within 120 s of its first commit ({:?})",
+        watch.ends()
+    );
+    eprintln!(
+        "seed {seed}: b committed first {committed:?} after its start, frozen with a transaction open {:?} after",
+        started.elapsed()
+    );
     kill9(&mut b);
     let killed = Instant::now();
-    // The transaction seen open may have committed between the look and the kill (a few
-    // milliseconds of a two-second transaction): then this run proves nothing, and says so.
     let open = watch.ends();
     assert!(
         TransactionWatch::any_open_in(&open),
@@ -313,15 +322,17 @@ async fn a_killed_instance_is_taken_over_without_waiting_for_its_transactions_to
     );
 }
 
-/// The ends of the session transitions' partitions as a read_committed and a
-/// read_uncommitted reader see them. A transaction left open holds the first below the
-/// second.
+/// The ends of the partitions stage 1 writes (its session transitions and its changelog)
+/// as a read_committed and a read_uncommitted reader see them. A transaction left open holds
+/// the first below the second.
 struct TransactionWatch {
-    topic: String,
-    partitions: i32,
+    topics: Vec<(String, i32)>,
     committed: rdkafka::consumer::BaseConsumer,
     written: rdkafka::consumer::BaseConsumer,
 }
+
+/// A partition's (topic, partition, last stable offset, high watermark).
+type End = (String, i32, i64, i64);
 
 impl TransactionWatch {
     fn new(c: &presence_core::config::Config) -> TransactionWatch {
@@ -333,21 +344,31 @@ impl TransactionWatch {
                 .expect("consumer")
         };
         TransactionWatch {
-            topic: c.topics.session_transitions(),
-            partitions: c.topics.facility_partitions,
+            topics: vec![
+                (c.topics.session_transitions(), c.topics.facility_partitions),
+                (
+                    c.topics.sessions_changelog(),
+                    c.topics.heartbeats_partitions,
+                ),
+            ],
             committed: view("read_committed"),
             written: view("read_uncommitted"),
         }
     }
 
-    /// Per partition: (partition, last stable offset, high watermark).
-    fn ends(&self) -> Vec<(i32, i64, i64)> {
+    fn ends(&self) -> Vec<End> {
         use rdkafka::consumer::{BaseConsumer, Consumer};
-        (0..self.partitions)
-            .filter_map(|p| {
-                let end =
-                    |v: &BaseConsumer| v.fetch_watermarks(&self.topic, p, Duration::from_secs(10));
-                Some((p, end(&self.committed).ok()?.1, end(&self.written).ok()?.1))
+        self.topics
+            .iter()
+            .flat_map(|(topic, partitions)| (0..*partitions).map(move |p| (topic, p)))
+            .filter_map(|(topic, p)| {
+                let end = |v: &BaseConsumer| v.fetch_watermarks(topic, p, Duration::from_secs(10));
+                Some((
+                    topic.clone(),
+                    p,
+                    end(&self.committed).ok()?.1,
+                    end(&self.written).ok()?.1,
+                ))
             })
             .collect()
     }
@@ -356,10 +377,31 @@ impl TransactionWatch {
         Self::any_open_in(&self.ends())
     }
 
+    /// Within `within`, freezes `p` (SIGSTOP) as soon as a transaction is seen open and
+    /// gives true if one is still open with `p` frozen; `p` is let go (SIGCONT) otherwise.
+    fn freeze_with_one_open(&self, p: &ChildProcess, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            presence_testkit::check_processes();
+            if self.any_open() {
+                p.signal("STOP");
+                // Two looks in a row that agree: a commit b sent just before it froze has
+                // had a round trip to land.
+                let (first, second) = (self.ends(), self.ends());
+                if first == second && Self::any_open_in(&second) {
+                    return true;
+                }
+                p.signal("CONT");
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        false
+    }
+
     /// Whether some partition of `ends` ([`Self::ends`]) has a transaction open.
-    fn any_open_in(ends: &[(i32, i64, i64)]) -> bool {
+    fn any_open_in(ends: &[End]) -> bool {
         ends.iter()
-            .any(|(_, committed, written)| committed < written)
+            .any(|(_, _, committed, written)| committed < written)
     }
 }
 
@@ -416,14 +458,7 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
         reader.read_until(Duration::from_secs(60), |s| !s.is_empty()),
         "seed {seed}: no output within 60 s"
     );
-    let signal = |sig: &str| {
-        let sent = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(p.id().to_string())
-            .status();
-        assert!(sent.is_ok_and(|s| s.success()), "kill -{sig}");
-    };
-    signal("STOP");
+    p.signal("STOP");
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, SIGSTOP"));
     // The fault itself, not a wait for something: frozen past session.timeout.ms (10 s)
     // and past transaction.timeout.ms (10 s) plus the broker's scan for timed-out
@@ -431,7 +466,7 @@ async fn a_processor_frozen_past_its_transaction_timeout_recovers_exactly() {
     // deploy/stack.sh, 10 s on a broker left at the default), so the broker has dropped it
     // from the group and aborted its open transactions.
     std::thread::sleep(Duration::from_secs(22));
-    signal("CONT");
+    p.signal("CONT");
     let done = reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len());
     assert!(
         done,
@@ -541,7 +576,7 @@ async fn snapshot_outcomes(ops: u16, n: usize, what: &str) -> (f64, f64, f64) {
 async fn a_clean_restart_resumes_from_its_snapshots_exactly() {
     let _one = serial();
     let seed = test_seed();
-    let (c, expected) = case(seed, 4_000, 200).await;
+    let (c, expected) = case(seed, 4_000, 100).await;
     let state = tempfile::tempdir().expect("a temporary state directory");
     let state_dir = state.path().display().to_string();
     let start = |ops: u16| {

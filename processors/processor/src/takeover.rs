@@ -22,6 +22,12 @@
 //! A previous owner still in the group (a scale-out or a rebalance between live instances)
 //! finished its transaction before giving the partition up and is left alone. A fence
 //! that fails costs nothing but time: the coordinator's timeout still aborts the transaction.
+//!
+//! What it cannot see: an instance that dies in its first transaction of a stage, before it
+//! ever committed there, is named in no committed offset of that stage (its pending offsets
+//! are invisible until committed), so its transaction ends at the coordinator's timeout
+//! (`transaction.timeout.ms`, 10 s by default, `presence_core::kafka`). Kafka's
+//! ListTransactions (KIP-664) would name it; librdkafka does not offer it yet.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};

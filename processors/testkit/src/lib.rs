@@ -1088,6 +1088,20 @@ impl ChildProcess {
         self.child().id()
     }
 
+    /// Sends it `sig` (`STOP`, `CONT`, …) with kill(1); panics if that fails.
+    pub fn signal(&self, sig: &str) {
+        let sent = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.id().to_string())
+            .status();
+        assert!(
+            sent.is_ok_and(|s| s.success()),
+            "kill -{sig} {} ({}) failed",
+            self.id(),
+            self.what
+        );
+    }
+
     /// The last `n` lines it wrote.
     pub fn log_tail(&self, n: usize) -> String {
         tail(&self.state.log, n)
