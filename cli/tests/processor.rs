@@ -13,7 +13,7 @@ mod support;
 use std::time::{Duration, Instant};
 
 use presence_testkit::oracle::{oracle, Expected};
-use presence_testkit::sim::{generate, SimConfig, SimRecord};
+use presence_testkit::sim::{generate, SimConfig};
 use presence_testkit::ChildProcess;
 use support::*;
 
@@ -27,25 +27,6 @@ async fn case(
     sessions: usize,
     facilities: usize,
 ) -> (presence_core::config::Config, Vec<Expected>) {
-    let (c, log, expected) = unproduced_case(seed, sessions, facilities).await;
-    let started = Instant::now();
-    produce(&c, &log).await;
-    eprintln!(
-        "seed {seed}: {} heartbeats produced in {:?}, {} transitions expected",
-        log.len(),
-        started.elapsed(),
-        expected.len()
-    );
-    (c, expected)
-}
-
-/// A case's topics, its heartbeats (in the past, not yet produced) and the oracle's
-/// transitions for them.
-async fn unproduced_case(
-    seed: u64,
-    sessions: usize,
-    facilities: usize,
-) -> (presence_core::config::Config, Vec<SimRecord>, Vec<Expected>) {
     let c = setup(TIMEOUT_MS).await;
     let log = generate(&SimConfig::compressed(
         seed,
@@ -58,7 +39,15 @@ async fn unproduced_case(
         "the log must lie in the past"
     );
     let expected = oracle(&log, TIMEOUT_MS as i64);
-    (c, log, expected)
+    let started = Instant::now();
+    produce(&c, &log).await;
+    eprintln!(
+        "seed {seed}: {} heartbeats produced in {:?}, {} transitions expected",
+        log.len(),
+        started.elapsed(),
+        expected.len()
+    );
+    (c, expected)
 }
 
 #[tokio::test(flavor = "multi_thread")]
