@@ -417,6 +417,14 @@ impl Reachability {
 /// for longer than `cap` while it stays lost (the controller has long since fenced it and
 /// elected new leaders, and producers have found them: a broker lost for good must not stop
 /// expiry for good).
+///
+/// A connection up for less than a statistics interval is seen by its count of
+/// disconnects (librdkafka counts one only for a connection that was up): seed 12 of the
+/// long chaos run killed broker 3, which came back, and 29 s later killed it again 0.3 s
+/// after the stage clients had reconnected to it, before any statistics showed the new
+/// connection up. The watch still had the first loss, whose cap ran out a second later,
+/// and the partitions' clocks followed the wall clock while producers held 8 s of beats:
+/// two false OFFLINEs.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct NodeOutage {
     /// The last statistics that showed a connection to the broker up (0: never).
@@ -427,6 +435,12 @@ pub struct NodeOutage {
     /// the broker came back.
     outage_began: i64,
     back_at: i64,
+    /// The client's disconnects from the broker in the last statistics that listed it (0
+    /// once it is not listed: librdkafka forgets a broker absent from the metadata, and
+    /// counts afresh when it learns it again).
+    disconnects: i64,
+    /// When the last statistics that listed the broker were taken (0: never).
+    seen_at: i64,
 }
 
 impl NodeOutage {
@@ -446,6 +460,13 @@ impl NodeOutage {
         if self.last_up != 0 {
             self.lost = true;
         }
+    }
+
+    /// Statistics showed no connection to the broker up, and more disconnects than those
+    /// taken at `before`: a connection was up after `before`, and is lost.
+    pub fn saw_lost_since(&mut self, before: i64) {
+        self.last_up = self.last_up.max(before);
+        self.lost = true;
     }
 
     /// How far a wall-clock-driven clock may go at `now` because of this broker.
@@ -627,8 +648,8 @@ impl BrokerWatch {
     /// broker only when it needs it) says neither, so a coordinator that moved away from a
     /// broker this client has no other connection to is not a lost broker.
     fn on_node_stats(&self, statistics: &Statistics, now: i64) {
-        // node id -> (some connection up, some connection down or reconnecting)
-        let mut seen: std::collections::HashMap<i32, (bool, bool)> =
+        // node id -> (some connection up, some connection down or reconnecting, disconnects)
+        let mut seen: std::collections::HashMap<i32, (bool, bool, i64)> =
             std::collections::HashMap::new();
         for b in statistics.brokers.values() {
             if b.source == "internal" || b.nodeid < 0 {
@@ -637,13 +658,34 @@ impl BrokerWatch {
             let s = seen.entry(b.nodeid).or_default();
             s.0 |= b.state == "UP";
             s.1 |= b.state != "UP" && b.state != "INIT";
+            s.2 += b.disconnects.unwrap_or(0);
         }
+        let client = &statistics.name;
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let was_held = Self::nodes_limit(&nodes, now) < now;
-        for (node, (up, down)) in seen {
-            let n = nodes.entry((statistics.name.clone(), node)).or_default();
+        // When this client's previous statistics were taken.
+        let before = nodes
+            .iter()
+            .filter(|((c, _), _)| c == client)
+            .map(|(_, n)| n.seen_at)
+            .max()
+            .filter(|t| *t > 0)
+            .unwrap_or(now)
+            .min(now);
+        for ((c, node), n) in nodes.iter_mut() {
+            if c == client && !seen.contains_key(node) {
+                n.disconnects = 0;
+            }
+        }
+        for (node, (up, down, disconnects)) in seen {
+            let n = nodes.entry((client.clone(), node)).or_default();
+            let dropped = disconnects > n.disconnects;
+            n.disconnects = disconnects;
+            n.seen_at = now;
             if up {
                 n.saw_up(now, NODE_LOSS_HOLD_MS);
+            } else if dropped {
+                n.saw_lost_since(before);
             } else if down {
                 n.saw_lost();
             }
@@ -1086,9 +1128,15 @@ mod tests {
 
     /// Statistics of one client (`name`) with one connection per node: (node id, state).
     fn stats(name: &str, brokers: &[(i32, &str)]) -> Statistics {
+        let counted: Vec<(i32, &str, i64)> = brokers.iter().map(|(id, s)| (*id, *s, 0)).collect();
+        stats_counted(name, &counted)
+    }
+
+    /// [`stats`] with each connection's count of disconnects: (node id, state, disconnects).
+    fn stats_counted(name: &str, brokers: &[(i32, &str, i64)]) -> Statistics {
         let brokers: serde_json::Map<String, serde_json::Value> = brokers
             .iter()
-            .map(|(id, state)| {
+            .map(|(id, state, disconnects)| {
                 (
                     format!("127.0.0.1:{id}/{id}"),
                     serde_json::json!({
@@ -1099,7 +1147,7 @@ mod tests {
                         "txerrs": 0, "txretries": 0, "txidle": 0, "req_timeouts": 0, "rx": 0,
                         "rxbytes": 0, "rxerrs": 0, "rxcorriderrs": 0, "rxpartial": 0,
                         "rxidle": 0, "zbuf_grow": 0, "buf_grow": 0, "wakeups": 0,
-                        "connects": 1, "disconnects": 0, "req": {}, "toppars": {}
+                        "connects": 1, "disconnects": disconnects, "req": {}, "toppars": {}
                     }),
                 )
             })
@@ -1139,6 +1187,40 @@ mod tests {
             held < now + 500,
             "held where node 2 was last up ({now}), not at {held}"
         );
+    }
+
+    /// A broker lost, back, and lost again within a statistics interval of the client
+    /// reconnecting to it (seed 12 of the long chaos run): the second loss holds the clocks
+    /// from the client's statistics before it, not only until the first loss's cap runs out.
+    /// Also when the client forgot the broker while it was away and learned it again.
+    #[test]
+    fn a_broker_lost_again_before_statistics_showed_it_back_holds_the_clock() {
+        for forgotten in [false, true] {
+            let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
+            let t = 1_000_000;
+            let sample = |at: i64, node3: Option<(&str, i64)>| {
+                let mut brokers = vec![(1, "UP", 0)];
+                brokers.extend(node3.map(|(state, d)| (3, state, d)));
+                watch.on_node_stats(&stats_counted("c", &brokers), at);
+            };
+            sample(t, Some(("UP", 0)));
+            sample(t + 1_000, Some(("CONNECT", 1)));
+            for k in 2..29 {
+                sample(t + k * 1_000, (!forgotten).then_some(("CONNECT", 1)));
+            }
+            // Reconnected after 29 s and lost again before 30 s.
+            let again = if forgotten { 1 } else { 2 };
+            sample(t + 30_000, Some(("CONNECT", again)));
+            assert_eq!(
+                watch.wall_clock_limit(t + 32_000),
+                t + 28_000,
+                "held where the client's statistics before the second loss were taken (forgotten: {forgotten})"
+            );
+            // Back after 8 s: held there until the settle has passed.
+            sample(t + 38_000, Some(("UP", again)));
+            assert_eq!(watch.wall_clock_limit(t + 47_999), t + 28_000);
+            assert_eq!(watch.wall_clock_limit(t + 48_000), t + 48_000);
+        }
     }
 
     /// A consumer's statistics taken at `ts_us` (librdkafka's monotonic clock): node 2 in
