@@ -690,11 +690,15 @@ impl BrokerWatch {
                 n.saw_lost();
             }
         }
-        // Forget what no longer holds and has not been seen up for longer than a hold and a
-        // settle: the connections of clients rebuilt or closed, and brokers lost for good
-        // (their cap has passed). Entries of live clients are refreshed every second.
-        nodes.retain(|_, n| {
-            n.limit(now, NODE_LOSS_HOLD_MS, RECONNECT_SETTLE_MS) < now
+        // Forget what no longer holds, has not been seen up for longer than a hold and a
+        // settle, and is not in these statistics: the connections of clients rebuilt or
+        // closed, and brokers lost for good (their cap has passed) once librdkafka forgets
+        // them. One still listed is kept with its count of disconnects, which, counted
+        // afresh, would look like a new loss. Entries of live clients are refreshed every
+        // second.
+        nodes.retain(|(c, _), n| {
+            (c == client && n.seen_at == now)
+                || n.limit(now, NODE_LOSS_HOLD_MS, RECONNECT_SETTLE_MS) < now
                 || now - n.last_up <= NODE_LOSS_HOLD_MS + RECONNECT_SETTLE_MS
         });
         let held = Self::nodes_limit(&nodes, now) < now;
@@ -1220,6 +1224,28 @@ mod tests {
             sample(t + 38_000, Some(("UP", again)));
             assert_eq!(watch.wall_clock_limit(t + 47_999), t + 28_000);
             assert_eq!(watch.wall_clock_limit(t + 48_000), t + 48_000);
+        }
+    }
+
+    /// A broker lost for good that the client still lists (a connection it keeps trying)
+    /// holds for the cap once, not again each time its entry would be forgotten.
+    #[test]
+    fn a_broker_lost_for_good_and_still_listed_holds_once() {
+        let watch = BrokerWatch::new(&Health::new(&prometheus::Registry::new()), "test", "b");
+        let t = 1_000_000;
+        let sample = |at: i64, node2: (&str, i64)| {
+            let (state, d) = node2;
+            watch.on_node_stats(&stats_counted("c", &[(1, "UP", 0), (2, state, d)]), at);
+        };
+        sample(t, ("UP", 0));
+        sample(t + 1_000, ("CONNECT", 1));
+        assert_eq!(watch.wall_clock_limit(t + 2_000), t);
+        for k in 2..200 {
+            let at = t + k * 1_000;
+            sample(at, ("CONNECT", 1));
+            if at > t + CAP {
+                assert_eq!(watch.wall_clock_limit(at), at, "held again at {k} s");
+            }
         }
     }
 
