@@ -435,9 +435,9 @@ pub struct NodeOutage {
     /// the broker came back.
     outage_began: i64,
     back_at: i64,
-    /// The client's disconnects from the broker in the last statistics that listed it (0
-    /// once it is not listed: librdkafka forgets a broker absent from the metadata, and
-    /// counts afresh when it learns it again).
+    /// The client's disconnects from the broker in the last statistics that listed it; read
+    /// as 0 when the client's previous statistics did not list it (librdkafka forgets a
+    /// broker absent from the metadata, and counts afresh when it learns it again).
     disconnects: i64,
     /// When the last statistics that listed the broker were taken (0: never).
     seen_at: i64,
@@ -664,22 +664,22 @@ impl BrokerWatch {
         let mut nodes = self.nodes.lock().unwrap_or_else(|p| p.into_inner());
         let was_held = Self::nodes_limit(&nodes, now) < now;
         // When this client's previous statistics were taken.
-        let before = nodes
+        let previous = nodes
             .iter()
             .filter(|((c, _), _)| c == client)
             .map(|(_, n)| n.seen_at)
             .max()
-            .filter(|t| *t > 0)
-            .unwrap_or(now)
-            .min(now);
-        for ((c, node), n) in nodes.iter_mut() {
-            if c == client && !seen.contains_key(node) {
-                n.disconnects = 0;
-            }
-        }
+            .filter(|t| *t > 0);
+        let before = previous.unwrap_or(now).min(now);
         for (node, (up, down, disconnects)) in seen {
             let n = nodes.entry((client.clone(), node)).or_default();
-            let dropped = disconnects > n.disconnects;
+            // A node those statistics did not list is counted afresh.
+            let counted = if Some(n.seen_at) == previous {
+                n.disconnects
+            } else {
+                0
+            };
+            let dropped = disconnects > counted;
             n.disconnects = disconnects;
             n.seen_at = now;
             if up {

@@ -1095,8 +1095,8 @@ impl ChildProcess {
             .arg(self.id().to_string())
             .status();
         assert!(
-            sent.is_ok_and(|s| s.success()),
-            "kill -{sig} {} ({}) failed",
+            sent.as_ref().is_ok_and(|s| s.success()),
+            "kill -{sig} {} ({}): {sent:?}",
             self.id(),
             self.what
         );
@@ -1171,16 +1171,7 @@ impl ChildProcess {
     /// with status 0 (a clean shutdown).
     pub fn terminate(&mut self, within: std::time::Duration) -> std::process::ExitStatus {
         check_processes();
-        let pid = self.id();
-        let sent = std::process::Command::new("kill")
-            .arg("-TERM")
-            .arg(pid.to_string())
-            .status();
-        assert!(
-            sent.as_ref().is_ok_and(|s| s.success()),
-            "kill -TERM {pid} ({}): {sent:?}",
-            self.what
-        );
+        self.signal("TERM");
         let status = self.wait_exit(within);
         assert!(
             status.success(),
