@@ -151,9 +151,25 @@ impl Drop for Queue {
 }
 
 /// Calls `f` for each record of `topic`/`partition` from `from` up to `until` (exclusive)
-/// or, without `until`, to the partition's end (read_committed), until `f` says
-/// [`ControlFlow::Break`] (its caller gave up: nothing more to read). Returns the record
-/// count.
+/// or, without `until`, to the partition's end, until `f` says [`ControlFlow::Break`] (its
+/// caller gave up: nothing more to read). Returns the record count.
+///
+/// The end, read_committed, is where no transaction is open any more: every record
+/// committed is read, those committed *behind* a transaction still open too. A
+/// read_committed client sees nothing past the partition's last stable offset (the first
+/// record of its oldest open transaction), and both its end-of-partition and the end the
+/// broker answers it stand there; a read that ended at the first of them missed the records
+/// committed after it. So a read to the end ends at an end-of-partition only where the
+/// partition's high watermark is too (no transaction open); below it, it waits for the
+/// transaction to end (committed, its records come; aborted, they never do). That is how a
+/// restore sees the whole of a transaction already committed whose commit marker has not
+/// reached this partition yet (markers are written partition by partition after the commit
+/// returns, and a broker killed meanwhile delays them by its failover): its offsets may
+/// already be readable, and a state read without its records is older than they say
+/// (seed 7 of the long chaos run). A transaction that never ends holds the read until the
+/// no-progress bound gives up; the owners' open transactions are ended before a restore
+/// (taken over: fenced; their own: committed or aborted), a dead instance's by
+/// `transaction.timeout.ms`.
 pub fn read_partition(
     config: &ClientConfig,
     topic: &str,
@@ -168,36 +184,22 @@ pub fn read_partition(
         }
     }
     let consumer: BaseConsumer<QuietEof> = config.create_with_context(QuietEof("restore"))?;
-    // A read to a given offset starts where it is told (an offset the log no longer holds
-    // starts at its earliest, `auto.offset.reset`) and ends there (an end-of-partition
-    // before it is waited past, below), without asking the broker for the partition's
-    // bounds first: a new client's first watermark query took ~0.7 s now and then (a
-    // restore of 12 partitions of 83 k sessions: one in three), where reading the whole
-    // range took 0.1 s.
-    let (start, end) = match (from, until) {
-        (Offset::Offset(o), Some(u)) => (Offset::Offset(o), u),
-        _ => {
-            let (low, high) =
-                consumer.fetch_watermarks(topic, partition, Duration::from_secs(30))?;
-            let end = until.map_or(high, |u| u.min(high));
-            let start = match from {
-                Offset::Offset(o) => o.max(low),
-                _ => low,
-            };
-            if start >= end {
-                drop_aside(consumer);
-                return Ok(0);
-            }
-            (Offset::Offset(start), end)
-        }
-    };
+    // A read starts where it is told (an offset the log no longer holds starts at its
+    // earliest, `auto.offset.reset`) without asking the broker for the partition's bounds
+    // first: a new client's first watermark query took ~0.7 s now and then (a restore of 12
+    // partitions of 83 k sessions: one in three), where reading the whole range took 0.1 s;
+    // and what it answers a read_committed client is the last stable offset, not the end.
+    let end = until.unwrap_or(i64::MAX);
     let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, partition, start)?;
+    tpl.add_partition_offset(topic, partition, from)?;
     consumer.assign(&tpl)?;
     let queue = Queue::of(&consumer)?;
     let mut batch = Batch::new();
     let mut n = 0u64;
     let mut progress = Instant::now();
+    // Where a transaction open on the partition held the read: (last stable offset, high
+    // watermark), for the log and the no-progress error.
+    let mut held: Option<(i64, i64)> = None;
     'read: loop {
         // What is queued, without waiting; when nothing is, wait for the next message.
         if batch.take(&queue, 0, BATCH) == 0 {
@@ -216,13 +218,22 @@ pub fn read_partition(
                         break 'read;
                     }
                 }
-                // The end of what the leader serves. A read to a committed offset waits
-                // past one before that offset: a leader just elected serves less than was
-                // committed for a while (its high watermark catching up), and librdkafka
-                // goes on fetching the rest (the no-progress bound below still ends it). A
-                // read to the end ends there, as it always did.
-                Err((KafkaError::PartitionEOF(_), at)) if until.is_none() || at >= end => {
-                    break 'read
+                // The end of what the leader serves, read_committed. A read to a committed
+                // offset waits past one before that offset: a leader just elected serves
+                // less than was committed for a while (its high watermark catching up), and
+                // librdkafka goes on fetching the rest (the no-progress bound below still
+                // ends it).
+                Err((KafkaError::PartitionEOF(_), at)) if at >= end => break 'read,
+                Err((KafkaError::PartitionEOF(_), at)) if until.is_none() => {
+                    match high_watermark(&consumer, topic, partition) {
+                        Some(high) if at < high => {
+                            if held.is_none() {
+                                tracing::info!(topic, partition, last_stable = at, high_watermark = high, "a transaction is open on the partition: the read to its end waits for it to end (records committed after it are behind it)");
+                            }
+                            held = Some((at, high));
+                        }
+                        _ => break 'read,
+                    }
                 }
                 Err((KafkaError::PartitionEOF(_), _)) => {}
                 // A broker of the cluster that is away (refused connection, leader moving):
@@ -241,7 +252,16 @@ pub fn read_partition(
         if n > before {
             progress = Instant::now();
         } else if progress.elapsed() > STALL {
-            anyhow::bail!("reading {topic}/{partition} made no progress for {} s (an open transaction of a dead instance?)", STALL.as_secs())
+            match held {
+                Some((at, high)) => anyhow::bail!(
+                    "reading {topic}/{partition} made no progress for {} s: a transaction open on it holds its last stable offset at {at}, below its high watermark {high} (a dead instance's, until transaction.timeout.ms ends it; one that never ends is a broker fault: see kafka-transactions.sh --list)",
+                    STALL.as_secs()
+                ),
+                None => anyhow::bail!(
+                    "reading {topic}/{partition} made no progress for {} s (its leader away?)",
+                    STALL.as_secs()
+                ),
+            }
         }
     }
     // The messages, then the queue, go before the client.
@@ -249,6 +269,29 @@ pub fn read_partition(
     drop(queue);
     drop_aside(consumer);
     Ok(n)
+}
+
+/// The partition's high watermark as `consumer`'s last fetch answered it (librdkafka keeps
+/// it whatever the isolation level, beside the last stable offset a read_committed fetch
+/// ends at); `None` before any fetch answered.
+fn high_watermark<C: ConsumerContext>(
+    consumer: &BaseConsumer<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<i64> {
+    let topic = std::ffi::CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: the client is alive; librdkafka only writes the two offsets given.
+    let err = unsafe {
+        rdsys::rd_kafka_get_watermark_offsets(
+            consumer.client().native_ptr(),
+            topic.as_ptr(),
+            partition,
+            &mut low,
+            &mut high,
+        )
+    };
+    (err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR && high >= 0).then_some(high)
 }
 
 /// Drops `consumer` on a thread of its own. librdkafka takes about 100 ms to destroy a
