@@ -26,8 +26,10 @@
 //! What it cannot see: an instance that dies in its first transaction of a stage, before it
 //! ever committed there, is named in no committed offset of that stage (its pending offsets
 //! are invisible until committed), so its transaction ends at the coordinator's timeout
-//! (`transaction.timeout.ms`, 10 s by default, `presence_core::kafka`). Kafka's
-//! ListTransactions (KIP-664) would name it; librdkafka does not offer it yet.
+//! (`transaction.timeout.ms`, 10 s by default, `presence_core::kafka`), and the restore of a
+//! partition it wrote waits for that ([`crate::restore::read_partition`] reads a changelog to
+//! where no transaction is open). Kafka's ListTransactions (KIP-664) would name it; librdkafka
+//! does not offer it yet.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
