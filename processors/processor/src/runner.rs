@@ -344,6 +344,14 @@ fn consume<S: Stage>(
                     format!("replacing the transactional producer after a fatal error: {reason}"),
                 );
                 g.txn.rebuild("fatal");
+                // The open transaction died with the producer (the fence aborted it): what
+                // the stage applied since the last commit is read again from the committed
+                // state, even when the new producer is ready at once. Seed 7's long run, a
+                // rerun: a producer fenced between two commits was replaced in 0.08 s, the
+                // state kept two transitions whose records the fence had aborted, and their
+                // facilities' `seq` skipped them.
+                g.consumed_since_commit = false;
+                g.needs_rewind = true;
             }
             // While the producer is replaced the loop goes on polling (the consumer's group
             // session and rebalances must be served, or it loses its partitions to a
