@@ -67,16 +67,7 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
     .await;
     steal_transactional_ids(&c, "a");
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, fencing"));
-    let n = wait_metric(
-        ops,
-        "presence_kafka_client_rebuilds_total",
-        "client=\"producer\"",
-        Duration::from_secs(60),
-        &format!("seed {seed}"),
-    )
-    .await;
-    eprintln!("seed {seed}: producer rebuilds {n}");
-    finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
+    finish_once_rebuilt(&c, &expected, reader, p, ops, "producer", seed).await;
 }
 
 /// The same while stage 2 emits, its transactions open for a second at a time with
@@ -86,7 +77,8 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
 /// the state of the transaction the fence had aborted (it rewound only when the new producer
 /// was not ready at once), and that transaction's transitions were never written again: the
 /// facilities' `seq` skipped them (seed 7's long run, a rerun). One steal does not always
-/// land so (one run in three failed before the fix), so the ids are stolen five times.
+/// land so (with one, a run in three failed before the fix), so the ids are stolen five
+/// times (4 runs of 6 failed before the fix).
 #[tokio::test(flavor = "multi_thread")]
 async fn a_producer_fenced_inside_an_open_transaction_rewinds_and_nothing_changes() {
     let _one = serial();
@@ -138,6 +130,29 @@ async fn a_producer_fenced_inside_an_open_transaction_rewinds_and_nothing_change
     terminate(&mut p);
     let got = as_expected(&statuses_to_end(&c));
     assert!(got == expected, "seed {seed}: {}", diff(&expected, &got));
+}
+
+/// Waits for the processor behind `ops` to have rebuilt a `client` ("producer" or
+/// "consumer": the fatal path was taken), then [`finish`]es.
+async fn finish_once_rebuilt(
+    c: &Config,
+    expected: &[Expected],
+    reader: StatusReader,
+    p: presence_testkit::ChildProcess,
+    ops: u16,
+    client: &str,
+    seed: u64,
+) {
+    let n = wait_metric(
+        ops,
+        "presence_kafka_client_rebuilds_total",
+        &format!("client=\"{client}\""),
+        Duration::from_secs(60),
+        &format!("seed {seed}"),
+    )
+    .await;
+    eprintln!("seed {seed}: {client} rebuilds {n}");
+    finish(c, expected, reader, vec![p], &format!("seed {seed}"));
 }
 
 /// Another producer initialises `instance`'s transactional ids: the broker bumps their
@@ -206,14 +221,5 @@ async fn a_static_member_fenced_by_its_instance_id_rejoins_and_nothing_changes()
     // processor's rebuilt consumer takes the place back by fencing it in turn.
     drop(impostor);
     check_committed_at_kill(&c, &expected, &format!("seed {seed}, fencing"));
-    let n = wait_metric(
-        ops,
-        "presence_kafka_client_rebuilds_total",
-        "client=\"consumer\"",
-        Duration::from_secs(60),
-        &format!("seed {seed}"),
-    )
-    .await;
-    eprintln!("seed {seed}: consumer rebuilds {n}");
-    finish(&c, &expected, reader, vec![p], &format!("seed {seed}"));
+    finish_once_rebuilt(&c, &expected, reader, p, ops, "consumer", seed).await;
 }
