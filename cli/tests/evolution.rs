@@ -130,12 +130,13 @@ async fn v1_and_v2_records_through_an_upgrade_and_a_roll_back() {
     let fast = ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "20ms");
     let pinned = [("PRESENCE_SCHEMA_WRITE_VERSIONS", PIN_V1), fast];
     let current = [fast];
-    // (what, environment, kill once the output has passed this many transitions)
+    // (what, environment, kill once the output has passed this many transitions). The
+    // second kill leaves half the output to come: at two thirds, a restart that replayed
+    // the rest in one burst had finished it before the kill landed (a CI dry run of e7b325a,
+    // whose restores skip a watermark query).
     type Env<'a> = &'a [(&'a str, &'a str)];
-    let phases: [(&str, Env, usize); 2] = [
-        ("pinned to v1", &pinned, n / 3),
-        ("on v2", &current, 2 * n / 3),
-    ];
+    let phases: [(&str, Env, usize); 2] =
+        [("pinned to v1", &pinned, n / 4), ("on v2", &current, n / 2)];
     let mut committed = 0;
     for (what, env, mark) in phases {
         let mut p = watched_processor(&c, "a", env);
