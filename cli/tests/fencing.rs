@@ -44,16 +44,7 @@ async fn a_producer_fenced_by_its_transactional_id_is_rebuilt_and_nothing_change
     let (c, expected) = case(seed).await;
     let _cleanup = Cleanup::new(&c);
     let reader = StatusReader::new(&c);
-    let ops = presence_testkit::free_port();
-    let listen = format!("127.0.0.1:{ops}");
-    let p = watched_processor(
-        &c,
-        "a",
-        &[
-            ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen),
-            ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "20ms"),
-        ],
-    );
+    let (ops, p) = instance_a(&c, "20ms");
     // Steal as soon as stage 1 has committed its first heartbeats, while the backlog is
     // still being worked through: waiting for the first transition let a fast (quiet)
     // machine finish the whole output before the thief landed.
@@ -86,16 +77,7 @@ async fn a_producer_fenced_inside_an_open_transaction_rewinds_and_nothing_change
     let (c, expected) = case(seed).await;
     let _cleanup = Cleanup::new(&c);
     let mut reader = StatusReader::new(&c);
-    let ops = presence_testkit::free_port();
-    let listen = format!("127.0.0.1:{ops}");
-    let mut p = watched_processor(
-        &c,
-        "a",
-        &[
-            ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen),
-            ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "1s"),
-        ],
-    );
+    let (ops, mut p) = instance_a(&c, "1s");
     let rebuilds = "presence_kafka_client_rebuilds_total";
     for k in 1..=5 {
         assert!(
@@ -107,15 +89,15 @@ async fn a_producer_fenced_inside_an_open_transaction_rewinds_and_nothing_change
         steal_transactional_ids(&c, "a");
         // A producer replaced before the next steal (the other stage's, if it has not
         // noticed yet, is fenced by the next steal as well).
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while metric_sum(ops, rebuilds, "client=\"producer\"").await < before + 1.0 {
-            presence_testkit::check_processes();
-            assert!(
-                Instant::now() < deadline,
-                "seed {seed}: steal {k}: no producer replaced within 60 s"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_metric_above(
+            ops,
+            rebuilds,
+            "client=\"producer\"",
+            before,
+            Duration::from_secs(60),
+            &format!("seed {seed}: steal {k}: a producer replaced"),
+        )
+        .await;
     }
     // Stage 1's idle commits, a second apart, keep stage 2's input a transaction ahead of
     // stage 2's own commits, a second apart too, so `finish`'s wait for both stages to have
@@ -130,6 +112,22 @@ async fn a_producer_fenced_inside_an_open_transaction_rewinds_and_nothing_change
     terminate(&mut p);
     let got = as_expected(&statuses_to_end(&c));
     assert!(got == expected, "seed {seed}: {}", diff(&expected, &got));
+}
+
+/// Instance "a" with its ops endpoint on a port of its own (returned) and the stages'
+/// `commit_interval`.
+fn instance_a(c: &Config, commit_interval: &str) -> (u16, presence_testkit::ChildProcess) {
+    let ops = presence_testkit::free_port();
+    let listen = format!("127.0.0.1:{ops}");
+    let p = watched_processor(
+        c,
+        "a",
+        &[
+            ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen),
+            ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", commit_interval),
+        ],
+    );
+    (ops, p)
 }
 
 /// Waits for the processor behind `ops` to have rebuilt a `client` ("producer" or
@@ -180,16 +178,7 @@ async fn a_static_member_fenced_by_its_instance_id_rejoins_and_nothing_changes()
     let (c, expected) = case(seed).await;
     let _cleanup = Cleanup::new(&c);
     let mut reader = StatusReader::new(&c);
-    let ops = presence_testkit::free_port();
-    let listen = format!("127.0.0.1:{ops}");
-    let p = watched_processor(
-        &c,
-        "a",
-        &[
-            ("PRESENCE_PROCESSOR__OPS_LISTEN", &listen),
-            ("PRESENCE_PROCESSOR__COMMIT_INTERVAL", "20ms"),
-        ],
-    );
+    let (ops, p) = instance_a(&c, "20ms");
     assert!(
         reader.read_until(Duration::from_secs(120), |s| s.len() >= expected.len() / 5),
         "seed {seed}: a fifth of the output within 120 s"

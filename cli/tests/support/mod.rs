@@ -689,11 +689,23 @@ pub async fn wait_metric(
     within: Duration,
     what: &str,
 ) -> f64 {
+    wait_metric_above(ops, metric, having, 0.0, within, what).await
+}
+
+/// [`wait_metric`] until the sum is above `floor`.
+pub async fn wait_metric_above(
+    ops: u16,
+    metric: &str,
+    having: &str,
+    floor: f64,
+    within: Duration,
+    what: &str,
+) -> f64 {
     let deadline = Instant::now() + within;
     loop {
         presence_testkit::check_processes();
         let n = metric_sum(ops, metric, having).await;
-        if n > 0.0 {
+        if n > floor {
             return n;
         }
         assert!(
